@@ -1,0 +1,348 @@
+// Package auth is the single mochi hook of fleetgate's broker. It takes the
+// identity from the verified client certificate, checks it against the
+// registry's in-memory view (known serial, not revoked, device active),
+// requires the MQTT client ID to equal the identity, and evaluates every
+// publish and subscribe against the ACL policy. Deny by default.
+//
+// mochi ORs the answers of all hooks providing OnConnectAuthenticate and
+// OnACLCheck, so no other hook providing those may ever be registered:
+// broker.New refuses to start if one is.
+package auth
+
+import (
+	"bytes"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/fleetgate/fleetgate/broker/acl"
+	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/internal/identity"
+)
+
+// Directory is the registry view the hook consults. Implementations must be
+// safe for concurrent use and answer from memory: the calls sit on the
+// handshake and publish hot paths.
+type Directory interface {
+	// CertStatus reports a serial the registry issued; ok false if never.
+	CertStatus(serial string) (registry.CertStatus, bool)
+	// DeviceStatus reports a device's group and state; ok false if unknown.
+	DeviceStatus(id string) (registry.DeviceStatus, bool)
+}
+
+// Reasons for refusing a connection, used in logs and metric labels.
+const (
+	ReasonNoCert         = "no_cert"
+	ReasonNoIdentity     = "no_identity"
+	ReasonUnknownSerial  = "unknown_serial"
+	ReasonRevoked        = "revoked"
+	ReasonSuspended      = "suspended"
+	ReasonUnknownDevice  = "unknown_device"
+	ReasonExpired        = "expired"
+	ReasonClientIDDiffer = "client_id_mismatch"
+	ReasonIdentityDiffer = "identity_mismatch"
+)
+
+// Errors returned by Check.
+var (
+	ErrNoCert         = errors.New("no verified client certificate")
+	ErrUnknownSerial  = errors.New("certificate serial was never issued by the registry")
+	ErrRevoked        = errors.New("certificate revoked")
+	ErrSuspended      = errors.New("device suspended")
+	ErrUnknownDevice  = errors.New("device unknown to the registry")
+	ErrExpired        = errors.New("certificate expired")
+	ErrIdentityDiffer = errors.New("certificate identity differs from the registry record")
+)
+
+// Reason maps a Check error to its reason label.
+func Reason(err error) string {
+	switch {
+	case errors.Is(err, ErrNoCert):
+		return ReasonNoCert
+	case errors.Is(err, ErrUnknownSerial):
+		return ReasonUnknownSerial
+	case errors.Is(err, ErrRevoked):
+		return ReasonRevoked
+	case errors.Is(err, ErrSuspended):
+		return ReasonSuspended
+	case errors.Is(err, ErrUnknownDevice):
+		return ReasonUnknownDevice
+	case errors.Is(err, ErrExpired):
+		return ReasonExpired
+	case errors.Is(err, ErrIdentityDiffer):
+		return ReasonIdentityDiffer
+	}
+	return ReasonNoIdentity
+}
+
+// Metrics are the hook's counters; nil functions are skipped.
+type Metrics struct {
+	AuthFailure func(reason string)
+	ACLDenied   func(direction string)
+	Connected   func(role identity.Role, delta int)
+}
+
+// Options configure the hook.
+type Options struct {
+	TrustDomain string
+	Directory   Directory
+	// Policy returns the policy in force (it may be swapped at run time).
+	Policy  func() *acl.Policy
+	Logger  *slog.Logger
+	Now     func() time.Time
+	Metrics Metrics
+}
+
+// Session is what the hook knows of one connected client.
+type Session struct {
+	Identity identity.Identity
+	Serial   string
+	NotAfter time.Time
+	Client   *mqtt.Client
+}
+
+// Hook is the one authentication/ACL hook.
+type Hook struct {
+	mqtt.HookBase
+	o        Options
+	sessions sync.Map // *mqtt.Client -> *Session
+	count    atomic.Int64
+}
+
+// New returns the hook.
+func New(o Options) *Hook {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &Hook{o: o}
+}
+
+// ID implements mqtt.Hook.
+func (h *Hook) ID() string { return "fleetgate-auth" }
+
+// Provides implements mqtt.Hook.
+func (h *Hook) Provides(b byte) bool {
+	return bytes.Contains([]byte{
+		mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish, mqtt.OnDisconnect,
+	}, []byte{b})
+}
+
+// Check verifies a certificate that crypto/tls already verified against the
+// issuing CA: identity, registry serial, revocation, expiry, device state.
+// It is called at the TLS handshake (VerifyConnection, also on resumption)
+// and again at CONNECT.
+func (h *Hook) Check(leaf *x509.Certificate) (identity.Identity, error) {
+	if leaf == nil {
+		return identity.Identity{}, ErrNoCert
+	}
+	id, err := identity.FromCertificate(leaf, h.o.TrustDomain)
+	if err != nil {
+		return id, err
+	}
+	st, ok := h.o.Directory.CertStatus(serialString(leaf))
+	switch {
+	case !ok:
+		return id, ErrUnknownSerial
+	case st.Revoked:
+		return id, ErrRevoked
+	case st.Identity != id:
+		return id, ErrIdentityDiffer
+	case !h.o.Now().Before(leaf.NotAfter):
+		return id, ErrExpired
+	}
+	if id.Role == identity.RoleDevice {
+		ds, ok := h.o.Directory.DeviceStatus(id.Name)
+		switch {
+		case !ok:
+			return id, ErrUnknownDevice
+		case ds.State == registry.StateRevoked:
+			return id, ErrRevoked
+		case ds.State == registry.StateSuspended:
+			return id, ErrSuspended
+		case ds.State != registry.StateActive:
+			return id, ErrUnknownDevice
+		}
+	}
+	return id, nil
+}
+
+// VerifyConnection is installed as tls.Config.VerifyConnection.
+func (h *Hook) VerifyConnection(cs tls.ConnectionState) error {
+	var leaf *x509.Certificate
+	if len(cs.VerifiedChains) > 0 && len(cs.VerifiedChains[0]) > 0 {
+		leaf = cs.VerifiedChains[0][0]
+	}
+	id, err := h.Check(leaf)
+	if err != nil {
+		h.refuse("tls", id, "", err)
+		return err
+	}
+	return nil
+}
+
+// ConnState exposes the TLS state of a client's connection.
+type ConnState interface {
+	ConnectionState() tls.ConnectionState
+}
+
+// OnConnectAuthenticate implements mqtt.Hook.
+func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	// CONNECT is processed: free the connection's slot among unauthenticated
+	// ones, whatever the outcome.
+	if r, ok := cl.Net.Conn.(interface{ Release() }); ok {
+		defer r.Release()
+	}
+	cs, ok := cl.Net.Conn.(ConnState)
+	if !ok {
+		h.refuse("connect", identity.Identity{}, cl.Net.Remote, ErrNoCert)
+		return false
+	}
+	state := cs.ConnectionState()
+	var leaf *x509.Certificate
+	if len(state.VerifiedChains) > 0 && len(state.VerifiedChains[0]) > 0 {
+		leaf = state.VerifiedChains[0][0]
+	}
+	id, err := h.Check(leaf)
+	if err != nil {
+		h.refuse("connect", id, cl.Net.Remote, err)
+		return false
+	}
+	if cl.ID != id.Name { // clients may not pick their own ID
+		h.o.Logger.Warn("connection refused", "reason", ReasonClientIDDiffer, "identity", id.String(), "client_id", cl.ID, "remote", cl.Net.Remote)
+		if h.o.Metrics.AuthFailure != nil {
+			h.o.Metrics.AuthFailure(ReasonClientIDDiffer)
+		}
+		return false
+	}
+	h.sessions.Store(cl, &Session{Identity: id, Serial: serialString(leaf), NotAfter: leaf.NotAfter, Client: cl})
+	h.count.Add(1)
+	if h.o.Metrics.Connected != nil {
+		h.o.Metrics.Connected(id.Role, 1)
+	}
+	return true
+}
+
+func (h *Hook) refuse(stage string, id identity.Identity, remote string, err error) {
+	reason := Reason(err)
+	h.o.Logger.Warn("connection refused", "stage", stage, "reason", reason, "identity", id.String(), "remote", remote, "err", err)
+	if h.o.Metrics.AuthFailure != nil {
+		h.o.Metrics.AuthFailure(reason)
+	}
+}
+
+// OnDisconnect implements mqtt.Hook.
+func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	if v, ok := h.sessions.LoadAndDelete(cl); ok {
+		h.count.Add(-1)
+		if h.o.Metrics.Connected != nil {
+			h.o.Metrics.Connected(v.(*Session).Identity.Role, -1)
+		}
+	}
+}
+
+// Session returns what the hook knows of cl.
+func (h *Hook) Session(cl *mqtt.Client) (*Session, bool) {
+	v, ok := h.sessions.Load(cl)
+	if !ok {
+		return nil, false
+	}
+	return v.(*Session), true
+}
+
+// Sessions calls fn for every authenticated session.
+func (h *Hook) Sessions(fn func(*Session) bool) {
+	h.sessions.Range(func(_, v any) bool { return fn(v.(*Session)) })
+}
+
+// subject builds the ACL subject of a session, reading the device's current
+// group, so group changes apply without reconnect. ok is false if the
+// device is no longer active.
+func (h *Hook) subject(s *Session) (acl.Subject, bool) {
+	sub := acl.Subject{Role: s.Identity.Role, ID: s.Identity.Name}
+	if s.Identity.Role == identity.RoleDevice {
+		ds, ok := h.o.Directory.DeviceStatus(s.Identity.Name)
+		if !ok || ds.State != registry.StateActive {
+			return sub, false
+		}
+		sub.Group = ds.Group
+	}
+	return sub, true
+}
+
+// OnACLCheck implements mqtt.Hook: deny unless the policy allows. Called by
+// mochi for publish (write), subscribe (read, a filter) and delivery (read,
+// a topic).
+func (h *Hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	s, ok := h.Session(cl)
+	if !ok {
+		return false
+	}
+	sub, ok := h.subject(s)
+	if !ok {
+		return false
+	}
+	p := h.o.Policy()
+	var d acl.Decision
+	if write {
+		d = p.CheckPublish(sub, topic, false)
+	} else {
+		d = p.CheckSubscribe(sub, topic)
+	}
+	if !d.Allowed {
+		dir := "subscribe"
+		if write {
+			dir = "publish"
+		}
+		h.o.Logger.Info("acl denied", "identity", s.Identity.String(), "direction", dir, "topic", topic, "remote", cl.Net.Remote)
+		if h.o.Metrics.ACLDenied != nil {
+			h.o.Metrics.ACLDenied(dir)
+		}
+	}
+	return d.Allowed
+}
+
+// OnPublish implements mqtt.Hook: the retain flag needs a rule granting
+// retain.
+func (h *Hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if !pk.FixedHeader.Retain || cl.Net.Inline {
+		return pk, nil
+	}
+	s, ok := h.Session(cl)
+	if ok {
+		if sub, ok := h.subject(s); ok && h.o.Policy().CheckPublish(sub, pk.TopicName, true).Allowed {
+			return pk, nil
+		}
+	}
+	if h.o.Metrics.ACLDenied != nil {
+		h.o.Metrics.ACLDenied("retain")
+	}
+	h.o.Logger.Info("acl denied", "identity", sessionName(s), "direction", "retain", "topic", pk.TopicName, "remote", cl.Net.Remote)
+	if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
+		return pk, packets.ErrNotAuthorized
+	}
+	return pk, packets.ErrRejectPacket
+}
+
+func sessionName(s *Session) string {
+	if s == nil {
+		return ""
+	}
+	return s.Identity.String()
+}
+
+// Count returns the number of authenticated sessions.
+func (h *Hook) Count() int64 { return h.count.Load() }
+
+func serialString(c *x509.Certificate) string {
+	return c.SerialNumber.Text(16)
+}

@@ -1,0 +1,275 @@
+// Package broker is fleetgate's MQTT broker: mochi-mqtt v2 embedded behind an
+// mTLS listener with a handshake+CONNECT deadline, with exactly one
+// authentication/ACL hook (broker/auth), persistence in badger, and live
+// enforcement of revocation: when the registry revokes or suspends, the
+// broker closes the affected sessions at once.
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sync/atomic"
+	"time"
+
+	badgerdb "github.com/dgraph-io/badger/v4"
+	mqtt "github.com/mochi-mqtt/server/v2"
+	badgerhook "github.com/mochi-mqtt/server/v2/hooks/storage/badger"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/fleetgate/fleetgate/broker/acl"
+	"github.com/fleetgate/fleetgate/broker/auth"
+	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/internal/identity"
+)
+
+// Config configures the broker.
+type Config struct {
+	// Addr is the mTLS listen address (default ":8883").
+	Addr        string
+	CA          *ca.Authority
+	ServerCert  tls.Certificate
+	Registry    *registry.Registry
+	Policy      *acl.Policy
+	Logger      *slog.Logger
+	Metrics     prometheus.Registerer
+	Now         func() time.Time
+	// PersistDir holds mochi's badger store; empty: no persistence.
+	PersistDir string
+	// HandshakeTimeout bounds TLS handshake + CONNECT (default 10s).
+	HandshakeTimeout time.Duration
+	// MaxPending caps connections that have not completed TLS + CONNECT
+	// (default 1024).
+	MaxPending int
+	// MaxPacketSize in bytes (default 256 KiB).
+	MaxPacketSize uint32
+}
+
+// Broker is a running or runnable broker.
+type Broker struct {
+	cfg    Config
+	log    *slog.Logger
+	server *mqtt.Server
+	hook   *auth.Hook
+	ln     *listener
+	policy atomic.Pointer[acl.Policy]
+	m      metrics
+}
+
+type metrics struct {
+	authFailures *prometheus.CounterVec
+	aclDenied    *prometheus.CounterVec
+	connected    *prometheus.GaugeVec
+	closed       *prometheus.CounterVec
+}
+
+// New builds a broker; Run starts it.
+func New(cfg Config) (*Broker, error) {
+	var errs []error
+	if cfg.CA == nil {
+		errs = append(errs, errors.New("broker: CA is required"))
+	}
+	if cfg.Registry == nil {
+		errs = append(errs, errors.New("broker: Registry is required"))
+	}
+	if len(cfg.ServerCert.Certificate) == 0 {
+		errs = append(errs, errors.New("broker: server certificate is required"))
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	if cfg.Addr == "" {
+		cfg.Addr = ":8883"
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Policy == nil {
+		cfg.Policy = acl.Default()
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = 10 * time.Second
+	}
+	if cfg.MaxPending <= 0 {
+		cfg.MaxPending = 1024
+	}
+	if cfg.MaxPacketSize == 0 {
+		cfg.MaxPacketSize = 256 << 10
+	}
+	b := &Broker{cfg: cfg, log: cfg.Logger.With("component", "broker")}
+	b.policy.Store(cfg.Policy)
+	b.initMetrics()
+
+	b.hook = auth.New(auth.Options{
+		TrustDomain: cfg.CA.TrustDomain,
+		Directory:   cfg.Registry,
+		Policy:      b.policy.Load,
+		Logger:      b.log,
+		Now:         cfg.Now,
+		Metrics: auth.Metrics{
+			AuthFailure: func(r string) { b.m.authFailures.WithLabelValues(r).Inc() },
+			ACLDenied:   func(d string) { b.m.aclDenied.WithLabelValues(d).Inc() },
+			Connected:   func(r identity.Role, d int) { b.m.connected.WithLabelValues(string(r)).Add(float64(d)) },
+		},
+	})
+
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumPacketSize = cfg.MaxPacketSize
+	caps.MaximumSessionExpiryInterval = 7 * 24 * 3600
+	caps.MaximumClientWritesPending = 1024
+	b.server = mqtt.New(&mqtt.Options{
+		Capabilities:             caps,
+		Logger:                   b.log,
+		InlineClient:             true,
+		ClientNetWriteBufferSize: 4096,
+		ClientNetReadBufferSize:  4096,
+	})
+	if err := b.addHook(b.hook, nil); err != nil {
+		return nil, fmt.Errorf("broker: add auth hook: %w", err)
+	}
+	if cfg.PersistDir != "" {
+		bo := badgerdb.DefaultOptions(filepath.Clean(cfg.PersistDir)).WithLogger(nil).
+			WithMemTableSize(16 << 20).WithNumMemtables(2).WithBlockCacheSize(16 << 20).WithValueLogFileSize(64 << 20)
+		if err := b.addHook(new(badgerhook.Hook), &badgerhook.Options{Path: cfg.PersistDir, Options: &bo}); err != nil {
+			return nil, fmt.Errorf("broker: persistence in %s: %w", cfg.PersistDir, err)
+		}
+	}
+
+	tcfg := &tls.Config{
+		MinVersion:       tls.VersionTLS13,
+		Certificates:     []tls.Certificate{cfg.ServerCert},
+		ClientAuth:       tls.RequireAndVerifyClientCert,
+		ClientCAs:        cfg.CA.ClientCAs(),
+		VerifyConnection: b.hook.VerifyConnection,
+	}
+	b.ln = &listener{id: "mtls", addr: cfg.Addr, tls: tcfg, timeout: cfg.HandshakeTimeout,
+		pending: make(chan struct{}, cfg.MaxPending), log: b.log,
+		onRefuse: func(r string) { b.m.authFailures.WithLabelValues(r).Inc() }}
+	if err := b.server.AddListener(b.ln); err != nil {
+		return nil, fmt.Errorf("broker: listen %s: %w", cfg.Addr, err)
+	}
+	cfg.Registry.Watch(b.onRegistryEvent)
+	return b, nil
+}
+
+// ErrSecondAuthHook: a hook other than the auth hook provides
+// authentication or ACL decisions.
+var ErrSecondAuthHook = errors.New("broker: only the fleetgate auth hook may provide authentication or ACL checks")
+
+// addHook is the only way hooks are added. It enforces DESIGN.md: mochi ORs
+// the answers of hooks, so a second hook providing authentication or ACL
+// (mochi's auth.AllowHook, say) would open the broker.
+func (b *Broker) addHook(h mqtt.Hook, config any) error {
+	if h != mqtt.Hook(b.hook) && (h.Provides(mqtt.OnConnectAuthenticate) || h.Provides(mqtt.OnACLCheck)) {
+		return fmt.Errorf("%w: %s", ErrSecondAuthHook, h.ID())
+	}
+	return b.server.AddHook(h, config)
+}
+
+func (b *Broker) initMetrics() {
+	b.m = metrics{
+		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fleetgate_broker_auth_failures_total",
+			Help: "Refused TLS handshakes and CONNECTs by reason."}, []string{"reason"}),
+		aclDenied: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fleetgate_broker_acl_denied_total",
+			Help: "Denied publish/subscribe/retain by direction."}, []string{"direction"}),
+		connected: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "fleetgate_broker_connections",
+			Help: "Authenticated MQTT connections by role."}, []string{"role"}),
+		closed: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fleetgate_broker_sessions_closed_total",
+			Help: "Live sessions closed by the broker, by reason."}, []string{"reason"}),
+	}
+	if b.cfg.Metrics != nil {
+		for _, c := range []prometheus.Collector{b.m.authFailures, b.m.aclDenied, b.m.connected, b.m.closed} {
+			_ = b.cfg.Metrics.Register(c)
+		}
+	}
+}
+
+// Addr returns the listening address (after Run started listening).
+func (b *Broker) Addr() string { return b.ln.Address() }
+
+// SetPolicy swaps the policy in force; sessions are kept.
+func (b *Broker) SetPolicy(p *acl.Policy) { b.policy.Store(p) }
+
+// Policy returns the policy in force.
+func (b *Broker) Policy() *acl.Policy { return b.policy.Load() }
+
+// Connected reports whether identity name currently has a session.
+func (b *Broker) Connected(name string) bool {
+	found := false
+	b.hook.Sessions(func(s *auth.Session) bool {
+		if s.Identity.Name == name {
+			found = true
+			return false
+		}
+		return true
+	})
+	return found
+}
+
+// Start listens and serves in the background. Use Run for a blocking call.
+func (b *Broker) Start() error {
+	if err := b.server.Serve(); err != nil {
+		return fmt.Errorf("broker: serve: %w", err)
+	}
+	b.log.Info("broker listening", "addr", b.Addr())
+	return nil
+}
+
+// Run serves until ctx is done, then closes every session and the store.
+func (b *Broker) Run(ctx context.Context) error {
+	if err := b.Start(); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	return b.Close()
+}
+
+// Close stops the broker and waits for its client goroutines.
+func (b *Broker) Close() error {
+	err := b.server.Close()
+	b.ln.wg.Wait()
+	return err
+}
+
+// onRegistryEvent closes the live sessions a revocation or suspension
+// concerns. It runs on the registry's committing goroutine, before the
+// revoke call returns to its caller.
+func (b *Broker) onRegistryEvent(ev registry.Event) {
+	var match func(*auth.Session) bool
+	reason := ""
+	switch {
+	case ev.Kind == registry.EventCertRevoked:
+		match = func(s *auth.Session) bool { return s.Serial == ev.Serial }
+		reason = "revoked"
+	case ev.Kind == registry.EventDeviceChanged && (ev.State == registry.StateRevoked || ev.State == registry.StateSuspended):
+		match = func(s *auth.Session) bool {
+			return s.Identity.Role == identity.RoleDevice && s.Identity.Name == ev.DeviceID
+		}
+		reason = string(ev.State)
+	default:
+		return
+	}
+	b.hook.Sessions(func(s *auth.Session) bool {
+		if match(s) {
+			b.closeSession(s, reason)
+		}
+		return true
+	})
+}
+
+func (b *Broker) closeSession(s *auth.Session, reason string) {
+	b.log.Info("closing session", "identity", s.Identity.String(), "reason", reason, "remote", s.Client.Net.Remote)
+	b.m.closed.WithLabelValues(reason).Inc()
+	// [MQTT-3.14.2-1] reason 0x98 administrative action for MQTT 5 clients;
+	// mochi sends DISCONNECT only to v5 clients and then closes.
+	_ = b.server.DisconnectClient(s.Client, packets.ErrAdministrativeAction)
+	s.Client.Stop(packets.ErrAdministrativeAction)
+}

@@ -1,0 +1,159 @@
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/listeners"
+
+	"github.com/fleetgate/fleetgate/broker/auth"
+)
+
+// listener is an mTLS listener for mochi that, unlike listeners.TCP, performs
+// the TLS handshake itself under a deadline that also covers the CONNECT
+// packet (mochi sets none before CONNECT), and caps the number of
+// connections that have not yet finished both.
+type listener struct {
+	id       string
+	addr     string
+	tls      *tls.Config
+	timeout  time.Duration
+	pending  chan struct{} // semaphore of unauthenticated connections
+	log      *slog.Logger
+	onRefuse func(reason string)
+
+	ln     net.Listener
+	closed atomic.Bool
+	wg     sync.WaitGroup
+}
+
+// conn is a client connection; Release frees its pending slot once CONNECT
+// was processed.
+type conn struct {
+	*tls.Conn
+	release func()
+}
+
+// Release frees the connection's slot among unauthenticated connections.
+func (c *conn) Release() { c.release() }
+
+func (l *listener) ID() string       { return l.id }
+func (l *listener) Protocol() string { return "tcp+mtls" }
+func (l *listener) Address() string {
+	if l.ln != nil {
+		return l.ln.Addr().String()
+	}
+	return l.addr
+}
+
+func (l *listener) Init(*slog.Logger) error {
+	ln, err := net.Listen("tcp", l.addr)
+	if err != nil {
+		return err
+	}
+	l.ln = ln
+	return nil
+}
+
+func (l *listener) Serve(establish listeners.EstablishFn) {
+	for {
+		raw, err := l.ln.Accept()
+		if err != nil {
+			if l.closed.Load() || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			l.log.Warn("accept failed", "err", err)
+			time.Sleep(10 * time.Millisecond) // e.g. EMFILE: back off, keep serving
+			continue
+		}
+		select {
+		case l.pending <- struct{}{}:
+		default:
+			// Too many connections still in handshake or before CONNECT.
+			l.onRefuse("pending_limit")
+			raw.Close()
+			continue
+		}
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			var once sync.Once
+			release := func() { once.Do(func() { <-l.pending }) }
+			defer release()
+			l.handle(raw, release, establish)
+		}()
+	}
+}
+
+func (l *listener) handle(raw net.Conn, release func(), establish listeners.EstablishFn) {
+	deadline := time.Now().Add(l.timeout)
+	_ = raw.SetDeadline(deadline) // mochi replaces it with the keepalive deadline after CONNECT
+	tc := tls.Server(raw, l.tls)
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	err := tc.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		reason := handshakeReason(err)
+		l.log.Warn("tls handshake refused", "reason", reason, "remote", raw.RemoteAddr().String(), "err", err)
+		l.onRefuse(reason)
+		tc.Close()
+		return
+	}
+	c := &conn{Conn: tc, release: release}
+	if err := establish(l.id, c); err != nil && !isClosedErr(err) {
+		l.log.Debug("client connection ended", "remote", raw.RemoteAddr().String(), "err", err)
+	}
+}
+
+func isClosedErr(err error) bool {
+	return errors.Is(err, net.ErrClosed)
+}
+
+// handshakeReason classifies a failed server handshake for logs and metrics.
+func handshakeReason(err error) string {
+	var inv x509.CertificateInvalidError
+	var ua x509.UnknownAuthorityError
+	var ne net.Error
+	switch {
+	case errors.As(err, &ua):
+		return "unknown_ca"
+	case errors.As(err, &inv):
+		switch inv.Reason {
+		case x509.Expired:
+			return "expired"
+		case x509.IncompatibleUsage:
+			return "wrong_key_usage"
+		}
+		return "invalid_cert"
+	case errors.As(err, &ne) && ne.Timeout():
+		return "handshake_timeout"
+	case strings.Contains(err.Error(), "didn't provide a certificate"):
+		// crypto/tls has no sentinel for this; the text is stable since Go 1.0.
+		return "no_cert"
+	case errors.Is(err, auth.ErrRevoked), errors.Is(err, auth.ErrSuspended), errors.Is(err, auth.ErrUnknownSerial),
+		errors.Is(err, auth.ErrUnknownDevice), errors.Is(err, auth.ErrExpired), errors.Is(err, auth.ErrIdentityDiffer):
+		return auth.Reason(err)
+	}
+	var rh tls.RecordHeaderError
+	if errors.As(err, &rh) {
+		return "not_tls"
+	}
+	return "handshake_failed"
+}
+
+func (l *listener) Close(closeClients listeners.CloseFn) {
+	if l.closed.CompareAndSwap(false, true) {
+		closeClients(l.id)
+		if l.ln != nil {
+			l.ln.Close()
+		}
+	}
+}

@@ -1,0 +1,333 @@
+// Command fleetgate is the fleetgate server and operator CLI: init, serve,
+// tokens, services, devices, audit. It only wires packages together.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/fleetgate/fleetgate/enroll/adminclient"
+	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/internal/config"
+	"github.com/fleetgate/fleetgate/internal/gateway"
+	"github.com/fleetgate/fleetgate/internal/identity"
+)
+
+func main() {
+	if err := root().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "fleetgate:", err)
+		os.Exit(1)
+	}
+}
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func root() *cobra.Command {
+	r := &cobra.Command{
+		Use:           "fleetgate",
+		Short:         "TPM-bound device enrollment and an mTLS MQTT broker for IoT fleets",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), auditCmd())
+	return r
+}
+
+func initCmd() *cobra.Command {
+	var dataDir, td, operator string
+	var hosts []string
+	c := &cobra.Command{
+		Use:   "init",
+		Short: "Create the PKI (root CA, issuing CA, server and operator certificates) in a data directory",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if ca.Initialized(dataDir) {
+				fmt.Fprintf(cmd.OutOrStdout(), "%s already holds a CA; nothing was changed (fleetgate init never overwrites a CA).\n", dataDir)
+				return nil
+			}
+			res, err := ca.Init(dataDir, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator})
+			if err != nil {
+				return err
+			}
+			reg, err := registry.Open(filepath.Join(dataDir, gateway.RegistryDir), registry.Options{})
+			if err != nil {
+				return err
+			}
+			defer reg.Close()
+			op := res.Operator
+			if err := reg.RecordCertificate(&registry.Certificate{Serial: ca.SerialString(op.SerialNumber),
+				Role: identity.RoleOperator, Name: operator, NotBefore: op.NotBefore, NotAfter: op.NotAfter, DER: op.Raw}); err != nil {
+				return err
+			}
+			reg.Audit(registry.AuditRecord{Actor: "init", Action: "init", Outcome: registry.OutcomeOK, Reason: "trust domain " + td})
+			out := cmd.OutOrStdout()
+			fmt.Fprintf(out, "Initialised %s (trust domain %s)\n", dataDir, td)
+			fmt.Fprintf(out, "  root CA (P-384):      %s  key %s (0600: move it offline)\n", ca.RootCertFile, ca.RootKeyFile)
+			fmt.Fprintf(out, "  issuing CA (P-256):   %s\n", ca.IssuingCertFile)
+			fmt.Fprintf(out, "  server certificate:   %s for %v\n", ca.ServerCertFile, hosts)
+			fmt.Fprintf(out, "  operator certificate: %s (%s)\n", ca.OperatorCertFile, operator)
+			return nil
+		},
+	}
+	c.Flags().StringVar(&dataDir, "data-dir", envOr("FLEETGATE_DATA_DIR", config.DefaultDataDir), "data directory (env FLEETGATE_DATA_DIR)")
+	c.Flags().StringVar(&td, "trust-domain", envOr("FLEETGATE_TRUST_DOMAIN", "fleetgate.local"), "trust domain of the SPIFFE identities")
+	c.Flags().StringSliceVar(&hosts, "host", []string{"localhost", "127.0.0.1", "::1"}, "host names and IPs of the server certificate")
+	c.Flags().StringVar(&operator, "operator", "admin", "name of the first operator")
+	return c
+}
+
+func serveCmd() *cobra.Command {
+	c := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the enrollment API and the MQTT broker",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := config.LoadServe(cmd.Flags(), os.Getenv)
+			if err != nil {
+				return fmt.Errorf("configuration:\n%w", err)
+			}
+			log := newLogger(cfg.LogLevel, cfg.LogFormat)
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			err = gateway.Run(ctx, gateway.Config{
+				DataDir: cfg.DataDir, MQTTAddr: cfg.MQTTAddr, APIAddr: cfg.APIAddr, MetricsAddr: cfg.MetricsAddr,
+				Only: cfg.Only, DeviceCertTTL: cfg.DeviceCertTTL, HandshakeTimeout: cfg.HandshakeTimeout,
+				MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize, AddrFile: cfg.AddrFile,
+			}, log)
+			if err == nil {
+				log.Info("fleetgate stopped")
+			}
+			return err
+		},
+	}
+	config.ServeFlags(c.Flags(), config.Defaults())
+	return c
+}
+
+func newLogger(level, format string) *slog.Logger {
+	var l slog.Level
+	_ = l.UnmarshalText([]byte(level))
+	o := &slog.HandlerOptions{Level: l}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, o))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, o))
+}
+
+// adminFlags are the flags of every command that calls the admin API.
+type adminFlags struct {
+	server, dataDir, cert, key, caFile string
+}
+
+func (a *adminFlags) add(c *cobra.Command) {
+	c.PersistentFlags().StringVar(&a.server, "server", envOr("FLEETGATE_SERVER", "https://localhost:8443"), "enrollment/admin API URL (env FLEETGATE_SERVER)")
+	c.PersistentFlags().StringVar(&a.dataDir, "data-dir", envOr("FLEETGATE_DATA_DIR", config.DefaultDataDir), "data directory holding the operator certificate")
+	c.PersistentFlags().StringVar(&a.cert, "cert", "", "operator certificate (default: from the data directory)")
+	c.PersistentFlags().StringVar(&a.key, "key", "", "operator key (default: from the data directory)")
+	c.PersistentFlags().StringVar(&a.caFile, "ca", "", "CA certificate to trust (default: from the data directory)")
+}
+
+func (a *adminFlags) client() (*adminclient.Client, error) {
+	cr := adminclient.FromDataDir(a.dataDir)
+	if a.cert != "" {
+		cr.CertFile = a.cert
+	}
+	if a.key != "" {
+		cr.KeyFile = a.key
+	}
+	if a.caFile != "" {
+		cr.CAFile = a.caFile
+	}
+	return adminclient.New(a.server, cr)
+}
+
+func ctxTimeout(cmd *cobra.Command) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(cmd.Context(), 30*time.Second)
+}
+
+func tokensCmd() *cobra.Command {
+	var af adminFlags
+	c := &cobra.Command{Use: "tokens", Short: "Bootstrap tokens for devices without TPM"}
+	af.add(c)
+	var device, group string
+	var ttl time.Duration
+	var jsonOut bool
+	create := &cobra.Command{
+		Use:   "create",
+		Short: "Mint a one-time bootstrap token bound to a device ID",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := af.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout(cmd)
+			defer cancel()
+			t, err := cl.CreateToken(ctx, api.TokenCreateRequest{DeviceID: device, Group: group, TTL: ttl})
+			if err != nil {
+				return err
+			}
+			if jsonOut {
+				return json.NewEncoder(cmd.OutOrStdout()).Encode(t)
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), t.Token)
+			fmt.Fprintf(cmd.ErrOrStderr(), "token for device %s (group %s), single use, expires %s\n", t.DeviceID, t.Group, t.ExpiresAt.Format(time.RFC3339))
+			return nil
+		},
+	}
+	create.Flags().StringVar(&device, "device", "", "device ID (required)")
+	create.Flags().StringVar(&group, "group", "default", "device group")
+	create.Flags().DurationVar(&ttl, "ttl", 24*time.Hour, "token lifetime")
+	create.Flags().BoolVar(&jsonOut, "json", false, "print JSON")
+	_ = create.MarkFlagRequired("device")
+	c.AddCommand(create)
+	return c
+}
+
+func servicesCmd() *cobra.Command {
+	var af adminFlags
+	c := &cobra.Command{Use: "services", Short: "Certificates for backend services"}
+	af.add(c)
+	var name, out string
+	var ttl time.Duration
+	issue := &cobra.Command{
+		Use:   "issue",
+		Short: "Issue a service certificate (key generated by the server, written 0600)",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := identity.ValidateName(name); err != nil {
+				return err
+			}
+			cl, err := af.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout(cmd)
+			defer cancel()
+			r, err := cl.IssueService(ctx, api.ServiceIssueRequest{Name: name, TTL: ttl})
+			if err != nil {
+				return err
+			}
+			if out == "" {
+				out = filepath.Join(af.dataDir, "services", name)
+			}
+			if err := os.MkdirAll(out, 0o700); err != nil {
+				return err
+			}
+			files := []struct {
+				name string
+				data string
+				mode os.FileMode
+			}{{"cert.pem", r.CertificateChainPEM, 0o644}, {"key.pem", r.PrivateKeyPEM, 0o600}, {"ca.pem", r.CACertificatesPEM, 0o644}}
+			for _, f := range files {
+				if err := os.WriteFile(filepath.Join(out, f.name), []byte(f.data), f.mode); err != nil {
+					return err
+				}
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "service %s: %s/{cert,key,ca}.pem (serial %s, expires %s)\n", r.Identity, out, r.Serial, r.NotAfter.Format(time.RFC3339))
+			return nil
+		},
+	}
+	issue.Flags().StringVar(&name, "name", "", "service name (required)")
+	issue.Flags().StringVar(&out, "out", "", "output folder (default <data-dir>/services/<name>)")
+	issue.Flags().DurationVar(&ttl, "ttl", 0, "certificate lifetime (default: the server's)")
+	_ = issue.MarkFlagRequired("name")
+	c.AddCommand(issue)
+	return c
+}
+
+func devicesCmd() *cobra.Command {
+	var af adminFlags
+	c := &cobra.Command{Use: "devices", Short: "Devices in the registry"}
+	af.add(c)
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List devices",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := af.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout(cmd)
+			defer cancel()
+			ds, err := cl.Devices(ctx)
+			if err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tGROUP\tSTATE\tMETHOD\tSERIAL\tEXPIRES")
+			for _, d := range ds {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", d.ID, d.Group, d.State, d.AttestationMethod, d.Serial, d.NotAfter.Format(time.DateOnly))
+			}
+			return tw.Flush()
+		},
+	}
+	show := &cobra.Command{
+		Use:   "show ID",
+		Short: "Show one device",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := af.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout(cmd)
+			defer cancel()
+			d, err := cl.Device(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			enc := json.NewEncoder(cmd.OutOrStdout())
+			enc.SetIndent("", "  ")
+			return enc.Encode(d)
+		},
+	}
+	c.AddCommand(list, show)
+	return c
+}
+
+func auditCmd() *cobra.Command {
+	var af adminFlags
+	var device string
+	var limit int
+	c := &cobra.Command{
+		Use:   "audit",
+		Short: "Show the audit log",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := af.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout(cmd)
+			defer cancel()
+			recs, err := cl.Audit(ctx, device, limit)
+			if err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "SEQ\tTIME\tACTOR\tACTION\tDEVICE\tOUTCOME\tREASON")
+			for _, a := range recs {
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Seq, a.Time.Format(time.RFC3339), a.Actor, a.Action, a.DeviceID, a.Outcome, a.Reason)
+			}
+			return tw.Flush()
+		},
+	}
+	af.add(c)
+	c.Flags().StringVar(&device, "device", "", "only this device")
+	c.Flags().IntVar(&limit, "limit", 0, "only the newest N")
+	return c
+}
+

@@ -1,0 +1,148 @@
+package devicesdk
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+)
+
+// ConnectOptions tune the MQTT connection.
+type ConnectOptions struct {
+	// BrokerAddr is host:port of the broker's mTLS listener.
+	BrokerAddr string
+	// ServerName overrides the TLS server name (default: host of BrokerAddr).
+	ServerName string
+	// CleanSession false keeps subscriptions and queued QoS 1 messages
+	// across reconnects (default false: persistent session).
+	CleanSession bool
+	KeepAlive    time.Duration
+	// AutoReconnect reconnects with backoff after a lost connection.
+	AutoReconnect bool
+	OnConnect     func()
+	OnLost        func(error)
+}
+
+// Client is a connected device.
+type Client struct {
+	id string
+	c  paho.Client
+}
+
+// Connect opens an MQTT session to the broker with the device certificate.
+// The client ID is the device ID, as the broker requires.
+func (d *Device) Connect(ctx context.Context, o ConnectOptions) (*Client, error) {
+	sn := o.ServerName
+	if sn == "" {
+		host, _, err := net.SplitHostPort(o.BrokerAddr)
+		if err != nil {
+			return nil, fmt.Errorf("devicesdk: broker address %q: %w", o.BrokerAddr, err)
+		}
+		sn = host
+	}
+	tcfg, err := d.TLSConfig(sn)
+	if err != nil {
+		return nil, err
+	}
+	if o.KeepAlive <= 0 {
+		o.KeepAlive = 60 * time.Second
+	}
+	opts := paho.NewClientOptions().
+		AddBroker("tls://" + o.BrokerAddr).
+		SetClientID(d.cfg.DeviceID).
+		SetTLSConfig(tcfg).
+		SetCleanSession(o.CleanSession).
+		SetKeepAlive(o.KeepAlive).
+		SetConnectTimeout(15 * time.Second).
+		SetAutoReconnect(o.AutoReconnect).
+		SetConnectRetry(false).
+		SetOrderMatters(false)
+	if o.OnConnect != nil {
+		opts.SetOnConnectHandler(func(paho.Client) { o.OnConnect() })
+	}
+	if o.OnLost != nil {
+		opts.SetConnectionLostHandler(func(_ paho.Client, err error) { o.OnLost(err) })
+	}
+	c := paho.NewClient(opts)
+	if err := wait(ctx, c.Connect()); err != nil {
+		return nil, fmt.Errorf("devicesdk: connect %s: %w", o.BrokerAddr, err)
+	}
+	return &Client{id: d.cfg.DeviceID, c: c}, nil
+}
+
+// ErrTimeout: the context ended before the broker answered.
+var ErrTimeout = errors.New("devicesdk: no answer from broker")
+
+func wait(ctx context.Context, t paho.Token) error {
+	select {
+	case <-t.Done():
+		return t.Error()
+	case <-ctx.Done():
+		return fmt.Errorf("%w: %v", ErrTimeout, ctx.Err())
+	}
+}
+
+// Topic names of a device (DESIGN.md).
+func TelemetryTopic(id, name string) string { return "devices/" + id + "/telemetry/" + name }
+
+// StateTopic is where a device publishes its (retained) state.
+func StateTopic(id string) string { return "devices/" + id + "/state" }
+
+// CommandsFilter is the filter of a device's commands.
+func CommandsFilter(id string) string { return "devices/" + id + "/commands/#" }
+
+// BroadcastFilter is the filter of a group's broadcasts.
+func BroadcastFilter(group string) string { return "groups/" + group + "/broadcast/#" }
+
+// PublishTelemetry publishes to devices/<id>/telemetry/<name>.
+func (c *Client) PublishTelemetry(ctx context.Context, name string, qos byte, payload []byte) error {
+	return c.Publish(ctx, TelemetryTopic(c.id, name), qos, false, payload)
+}
+
+// PublishState publishes the device state, retained.
+func (c *Client) PublishState(ctx context.Context, payload []byte) error {
+	return c.Publish(ctx, StateTopic(c.id), 1, true, payload)
+}
+
+// Publish publishes to any topic (the broker's policy decides).
+func (c *Client) Publish(ctx context.Context, topic string, qos byte, retain bool, payload []byte) error {
+	return wait(ctx, c.c.Publish(topic, qos, retain, payload))
+}
+
+// Message is a received message.
+type Message struct {
+	Topic   string
+	Payload []byte
+}
+
+// SubscribeCommands subscribes to devices/<id>/commands/#.
+func (c *Client) SubscribeCommands(ctx context.Context, qos byte, fn func(Message)) error {
+	return c.Subscribe(ctx, CommandsFilter(c.id), qos, fn)
+}
+
+// ErrSubscriptionRefused: the broker refused the filter (SUBACK 0x80).
+var ErrSubscriptionRefused = errors.New("devicesdk: subscription refused by broker")
+
+// Subscribe subscribes to any filter (the broker's policy decides).
+func (c *Client) Subscribe(ctx context.Context, filter string, qos byte, fn func(Message)) error {
+	t := c.c.Subscribe(filter, qos, func(_ paho.Client, m paho.Message) {
+		fn(Message{Topic: m.Topic(), Payload: m.Payload()})
+	})
+	if err := wait(ctx, t); err != nil {
+		return err
+	}
+	st := t.(*paho.SubscribeToken)
+	if code, ok := st.Result()[filter]; ok && code >= 0x80 {
+		return fmt.Errorf("%w: %s (code 0x%02x)", ErrSubscriptionRefused, filter, code)
+	}
+	return nil
+}
+
+// IsConnected reports whether the session is up.
+func (c *Client) IsConnected() bool { return c.c.IsConnectionOpen() }
+
+// Close disconnects cleanly.
+func (c *Client) Close() { c.c.Disconnect(250) }

@@ -1,0 +1,164 @@
+package enroll
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"errors"
+	"net/http"
+	"strconv"
+
+	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/internal/identity"
+)
+
+// Admin API errors.
+var (
+	errNoClientCert = errors.New("no verified client certificate")
+	errNotOperator  = errors.New("certificate is not an operator's")
+)
+
+// Authenticate returns the identity of the verified client certificate of r,
+// if the registry knows its serial and it is not revoked or expired.
+func (s *Server) Authenticate(r *http.Request) (identity.Identity, error) {
+	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
+		return identity.Identity{}, apiErr(http.StatusUnauthorized, "client_cert_required", "a client certificate issued by this fleetgate is required", errNoClientCert)
+	}
+	leaf := r.TLS.VerifiedChains[0][0]
+	id, err := identity.FromCertificate(leaf, s.cfg.CA.TrustDomain)
+	if err != nil {
+		return identity.Identity{}, apiErr(http.StatusUnauthorized, "client_cert_identity", "client certificate carries no valid identity", err)
+	}
+	st, ok := s.cfg.Registry.CertStatus(ca.SerialString(leaf.SerialNumber))
+	switch {
+	case !ok:
+		return identity.Identity{}, apiErr(http.StatusUnauthorized, "client_cert_unknown", "client certificate was not issued by this registry", nil)
+	case st.Revoked:
+		return identity.Identity{}, apiErr(http.StatusUnauthorized, "client_cert_revoked", "client certificate is revoked", nil)
+	case st.Identity != id:
+		return identity.Identity{}, apiErr(http.StatusUnauthorized, "client_cert_identity", "client certificate identity does not match the registry", nil)
+	}
+	return id, nil
+}
+
+// admin wraps a handler that only operators may call.
+func (s *Server) admin(h func(http.ResponseWriter, *http.Request, identity.Identity)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		id, err := s.Authenticate(r)
+		if err == nil && id.Role != identity.RoleOperator {
+			err = apiErr(http.StatusForbidden, "operator_required", "the admin API is for operator certificates only", errNotOperator)
+		}
+		if err != nil {
+			e := asAPIError(err)
+			s.cfg.Registry.Audit(registry.AuditRecord{Actor: id.String(), Action: "admin " + r.Method + " " + r.URL.Path, Outcome: registry.OutcomeDenied, Reason: e.Code, Remote: r.RemoteAddr})
+			s.writeError(w, r, e, "")
+			return
+		}
+		h(w, r, id)
+	}
+}
+
+func (s *Server) handleServiceIssue(w http.ResponseWriter, r *http.Request, op identity.Identity) {
+	var req api.ServiceIssueRequest
+	if err := decodeJSON(r, &req); err != nil {
+		s.writeError(w, r, asAPIError(err), "")
+		return
+	}
+	id, err := identity.New(identity.RoleService, req.Name)
+	if err != nil {
+		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_name", err.Error(), err), "")
+		return
+	}
+	resp := api.ServiceIssueResponse{Identity: id.URI(s.cfg.CA.TrustDomain).String(), CACertificatesPEM: s.cfg.CA.RootPEM()}
+	var pub any
+	if len(req.CSR) > 0 {
+		csr, err := ca.CheckCSR(req.CSR)
+		if err != nil {
+			s.writeError(w, r, asAPIError(csrError(err)), "")
+			return
+		}
+		pub = csr.PublicKey
+	} else {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			s.writeError(w, r, asAPIError(err), "")
+			return
+		}
+		kp, err := ca.KeyPEM(k)
+		if err != nil {
+			s.writeError(w, r, asAPIError(err), "")
+			return
+		}
+		pub = k.Public()
+		resp.PrivateKeyPEM = string(kp)
+	}
+	ttl := req.TTL
+	if ttl <= 0 || ttl > s.cfg.ServiceCertTTL {
+		ttl = s.cfg.ServiceCertTTL
+	}
+	cert, err := s.cfg.CA.Issue(id, pub, ttl)
+	if err != nil {
+		s.writeError(w, r, asAPIError(csrError(err)), "")
+		return
+	}
+	rec := certRecord(cert, id)
+	if err := s.cfg.Registry.RecordCertificate(rec); err != nil {
+		s.writeError(w, r, asAPIError(err), "")
+		return
+	}
+	s.cfg.Registry.Audit(registry.AuditRecord{Actor: op.String(), Action: "service.issue", Outcome: registry.OutcomeOK, Reason: id.String(), Serial: rec.Serial, Remote: r.RemoteAddr})
+	s.log.Info("service certificate issued", "service", id.Name, "serial", rec.Serial, logKeyActor, op.String())
+	resp.CertificateChainPEM = s.cfg.CA.ChainPEM(cert)
+	resp.Serial = rec.Serial
+	resp.NotAfter = cert.NotAfter
+	writeJSON(w, http.StatusCreated, resp)
+}
+
+func toAPIDevice(d registry.Device) api.Device {
+	return api.Device{ID: d.ID, Group: d.Group, State: string(d.State), AttestationMethod: d.AttestationMethod,
+		Serial: d.CurrentSerial, NotAfter: d.NotAfter, CreatedAt: d.CreatedAt}
+}
+
+func (s *Server) handleDeviceList(w http.ResponseWriter, r *http.Request, _ identity.Identity) {
+	ds, err := s.cfg.Registry.Devices()
+	if err != nil {
+		s.writeError(w, r, asAPIError(err), "")
+		return
+	}
+	out := make([]api.Device, 0, len(ds))
+	for _, d := range ds {
+		out = append(out, toAPIDevice(d))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) handleDeviceShow(w http.ResponseWriter, r *http.Request, _ identity.Identity) {
+	id := r.PathValue("id")
+	if err := identity.ValidateName(id); err != nil {
+		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err), "")
+		return
+	}
+	d, err := s.cfg.Registry.Device(id)
+	if err != nil {
+		s.writeError(w, r, asAPIError(registryError(err)), id)
+		return
+	}
+	writeJSON(w, http.StatusOK, toAPIDevice(*d))
+}
+
+func (s *Server) handleAudit(w http.ResponseWriter, r *http.Request, _ identity.Identity) {
+	dev := r.URL.Query().Get("device")
+	limit, _ := strconv.Atoi(r.URL.Query().Get("limit"))
+	recs, err := s.cfg.Registry.AuditLog(dev, limit)
+	if err != nil {
+		s.writeError(w, r, asAPIError(err), "")
+		return
+	}
+	out := make([]api.AuditRecord, 0, len(recs))
+	for _, a := range recs {
+		out = append(out, api.AuditRecord(a))
+	}
+	writeJSON(w, http.StatusOK, out)
+}

@@ -1,0 +1,145 @@
+// Package adminclient is the operator side of the admin API: the CLI's
+// `tokens`, `services` and `devices` commands call the server through it,
+// over mTLS with an operator certificate.
+package adminclient
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/enroll/ca"
+)
+
+// Client calls the admin API.
+type Client struct {
+	base string
+	http *http.Client
+}
+
+// Credentials name the operator certificate, its key and the CA to trust.
+type Credentials struct {
+	CertFile, KeyFile, CAFile string
+}
+
+// FromDataDir returns the credentials `fleetgate init` wrote in dataDir.
+func FromDataDir(dataDir string) Credentials {
+	return Credentials{
+		CertFile: filepath.Join(dataDir, ca.OperatorCertFile),
+		KeyFile:  filepath.Join(dataDir, ca.OperatorKeyFile),
+		CAFile:   filepath.Join(dataDir, ca.RootCertFile),
+	}
+}
+
+// New returns a client of the server at baseURL (https://host:port).
+func New(baseURL string, c Credentials) (*Client, error) {
+	cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("operator certificate: %w", err)
+	}
+	caPEM, err := os.ReadFile(c.CAFile)
+	if err != nil {
+		return nil, fmt.Errorf("CA file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, fmt.Errorf("CA file %s: no certificate", c.CAFile)
+	}
+	return &Client{base: baseURL, http: &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, Certificates: []tls.Certificate{cert}},
+	}}}, nil
+}
+
+// Error is an error answer.
+type Error struct {
+	Status  int
+	Code    string
+	Message string
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("server said %d %s: %s", e.Status, e.Code, e.Message) }
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode/100 != 2 {
+		var ae api.Error
+		if json.Unmarshal(b, &ae) != nil {
+			ae.Message = string(b)
+		}
+		return &Error{Status: resp.StatusCode, Code: ae.Code, Message: ae.Message}
+	}
+	if out != nil {
+		return json.Unmarshal(b, out)
+	}
+	return nil
+}
+
+// CreateToken mints a bootstrap token.
+func (c *Client) CreateToken(ctx context.Context, req api.TokenCreateRequest) (*api.TokenCreateResponse, error) {
+	var out api.TokenCreateResponse
+	return &out, c.do(ctx, http.MethodPost, api.PathAdminTokens, req, &out)
+}
+
+// IssueService issues a service certificate.
+func (c *Client) IssueService(ctx context.Context, req api.ServiceIssueRequest) (*api.ServiceIssueResponse, error) {
+	var out api.ServiceIssueResponse
+	return &out, c.do(ctx, http.MethodPost, api.PathAdminServices, req, &out)
+}
+
+// Devices lists devices.
+func (c *Client) Devices(ctx context.Context) ([]api.Device, error) {
+	var out []api.Device
+	return out, c.do(ctx, http.MethodGet, api.PathAdminDevices, nil, &out)
+}
+
+// Device shows one device.
+func (c *Client) Device(ctx context.Context, id string) (*api.Device, error) {
+	var out api.Device
+	return &out, c.do(ctx, http.MethodGet, api.PathAdminDevices+"/"+url.PathEscape(id), nil, &out)
+}
+
+// Audit returns audit records, optionally of one device.
+func (c *Client) Audit(ctx context.Context, device string, limit int) ([]api.AuditRecord, error) {
+	q := url.Values{}
+	if device != "" {
+		q.Set("device", device)
+	}
+	if limit > 0 {
+		q.Set("limit", fmt.Sprint(limit))
+	}
+	var out []api.AuditRecord
+	return out, c.do(ctx, http.MethodGet, api.PathAdminAudit+"?"+q.Encode(), nil, &out)
+}

@@ -1,0 +1,452 @@
+// Package attest verifies, on the enrollment server, what a device claims
+// about its TPM. It is pure: no TPM, no I/O, no clock of its own.
+//
+// The checks, in the order the server applies them (chain, then residency,
+// then possession):
+//  1. VerifyEKCertificate: the EK certificate chains to a configured TPM
+//     manufacturer root; EKPublicFromCert gives the EK public area. The
+//     server never uses an EK public key the device merely claims.
+//  2. VerifyAKPublic and MakeCredential: the AK is a restricted signing key
+//     bound to its TPM; the credential can only be activated by the TPM that
+//     holds both that EK and that AK (TPM 2.0 Part 1, 24).
+//  3. VerifyCertify: the AK certified the TLS key (TPM2_Certify) with the
+//     server's nonce; the TLS key is a non-exportable, non-restricted ECC
+//     P-256 signing key; and it is the key in the CSR.
+//
+// Every input is untrusted and decoded defensively: lengths are exact,
+// encodings must be canonical, every decoded structure is nil-checked, and a
+// panic inside go-tpm's reflection-based decoder is turned into ErrMalformed.
+package attest
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/sha512"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"math/big"
+
+	"github.com/google/go-tpm/tpm2"
+)
+
+// SecretSize is the size of the credential secret MakeCredential generates.
+const SecretSize = 32
+
+// MinNonceSize is the smallest nonce VerifyCertify accepts.
+const MinNonceSize = 16
+
+// safely runs f and turns a panic into ErrMalformed. go-tpm's decoder is
+// reflection-based and not hardened against hostile input; a crafted
+// structure must not take the server down.
+func safely(what string, f func() error) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("attest: decode %s: %w: panic: %v", what, ErrMalformed, r)
+		}
+	}()
+	return f()
+}
+
+// decodePublic decodes a TPM2B_PUBLIC. It returns the public area and its
+// inner TPMT_PUBLIC bytes, which must be exactly the canonical encoding of
+// the decoded structure (so that the name computed from the structure is the
+// name of the bytes the TPM hashed).
+func decodePublic(what string, b []byte) (*tpm2.TPMTPublic, error) {
+	var pub *tpm2.TPMTPublic
+	err := safely(what, func() error {
+		p2b, err := tpm2.Unmarshal[tpm2.TPM2BPublic](b)
+		if err != nil {
+			return err
+		}
+		if p2b == nil {
+			return errors.New("nil TPM2B_PUBLIC")
+		}
+		inner := p2b.Bytes()
+		if len(inner) == 0 || len(b) != 2+len(inner) {
+			return errors.New("TPM2B_PUBLIC size does not match its contents")
+		}
+		pub, err = p2b.Contents()
+		if err != nil {
+			return err
+		}
+		if pub == nil {
+			return errors.New("nil TPMT_PUBLIC")
+		}
+		if !bytes.Equal(tpm2.Marshal(*pub), inner) {
+			return errNotCanonical
+		}
+		return nil
+	})
+	if err != nil {
+		if errors.Is(err, ErrMalformed) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("attest: decode %s: %w: %w", what, ErrMalformed, err)
+	}
+	return pub, nil
+}
+
+// Name returns the TPM name of a public area: nameAlg || H_nameAlg(public)
+// (TPM 2.0 Part 1, 16).
+func Name(pub *tpm2.TPMTPublic) ([]byte, error) {
+	if pub == nil {
+		return nil, fmt.Errorf("attest: name of nil public area: %w", ErrMalformed)
+	}
+	var name []byte
+	err := safely("public area", func() error {
+		n, err := tpm2.ObjectName(pub)
+		if err != nil {
+			return err
+		}
+		if n == nil {
+			return errors.New("nil name")
+		}
+		name = n.Buffer
+		return nil
+	})
+	if err != nil {
+		if errors.Is(err, ErrMalformed) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("attest: name: %w: %w", ErrKeyType, err)
+	}
+	return name, nil
+}
+
+// hashFor maps the name and signature hash algorithms this package accepts.
+func hashFor(alg tpm2.TPMIAlgHash) (func() hash.Hash, crypto.Hash, bool) {
+	switch alg {
+	case tpm2.TPMAlgSHA256:
+		return sha256.New, crypto.SHA256, true
+	case tpm2.TPMAlgSHA384:
+		return sha512.New384, crypto.SHA384, true
+	case tpm2.TPMAlgSHA512:
+		return sha512.New, crypto.SHA512, true
+	}
+	return nil, 0, false
+}
+
+// eccKey returns the ECDSA public key of an ECC public area on an accepted
+// curve, checking that the point is on the curve.
+func eccKey(what string, pub *tpm2.TPMTPublic, curves ...tpm2.TPMECCCurve) (*ecdsa.PublicKey, *tpm2.TPMSECCParms, error) {
+	if pub.Type != tpm2.TPMAlgECC {
+		return nil, nil, fmt.Errorf("attest: %s is algorithm %#x, want ECC: %w", what, uint16(pub.Type), ErrKeyType)
+	}
+	params, err := pub.Parameters.ECCDetail()
+	if err != nil || params == nil {
+		return nil, nil, fmt.Errorf("attest: %s ECC parameters: %w", what, ErrMalformed)
+	}
+	var curve elliptic.Curve
+	for _, c := range curves {
+		if params.CurveID == c {
+			switch c {
+			case tpm2.TPMECCNistP256:
+				curve = elliptic.P256()
+			case tpm2.TPMECCNistP384:
+				curve = elliptic.P384()
+			}
+		}
+	}
+	if curve == nil {
+		return nil, nil, fmt.Errorf("attest: %s curve %#x: %w", what, uint16(params.CurveID), ErrKeyType)
+	}
+	pt, err := pub.Unique.ECC()
+	if err != nil || pt == nil {
+		return nil, nil, fmt.Errorf("attest: %s ECC point: %w", what, ErrMalformed)
+	}
+	size := (curve.Params().BitSize + 7) / 8
+	if len(pt.X.Buffer) != size || len(pt.Y.Buffer) != size {
+		return nil, nil, fmt.Errorf("attest: %s ECC point has wrong coordinate size: %w", what, ErrMalformed)
+	}
+	key := &ecdsa.PublicKey{
+		Curve: curve,
+		X:     new(big.Int).SetBytes(pt.X.Buffer),
+		Y:     new(big.Int).SetBytes(pt.Y.Buffer),
+	}
+	// ECDH performs the on-curve check crypto/ecdsa leaves to Verify.
+	if _, err := key.ECDH(); err != nil {
+		return nil, nil, fmt.Errorf("attest: %s ECC point: %w: %w", what, ErrMalformed, err)
+	}
+	return key, params, nil
+}
+
+// checkNameAlg accepts SHA-256 and stronger name algorithms.
+func checkNameAlg(what string, pub *tpm2.TPMTPublic) error {
+	if _, _, ok := hashFor(pub.NameAlg); !ok {
+		return fmt.Errorf("attest: %s name algorithm %#x: %w", what, uint16(pub.NameAlg), ErrKeyType)
+	}
+	return nil
+}
+
+// nonExportable reports whether the key was generated in its TPM and can
+// never leave it (TPM 2.0 Part 1, 27.2: fixedTPM, fixedParent,
+// sensitiveDataOrigin).
+func nonExportable(a tpm2.TPMAObject) bool {
+	return a.FixedTPM && a.FixedParent && a.SensitiveDataOrigin
+}
+
+// VerifyAKPublic decodes an AK public area (TPM2B_PUBLIC) and checks that it
+// is a restricted, signing-only ECC key (P-256 or P-384, ECDSA with SHA-256
+// or SHA-384) that was generated in, and cannot leave, its TPM. A restricted
+// signing key only signs digests the TPM computed itself, so it cannot be
+// made to sign a forged TPMS_ATTEST (Part 1, 25.2.3).
+//
+// Known limitation: RSA AKs are not supported (ErrKeyType).
+func VerifyAKPublic(akPubBytes []byte) (*tpm2.TPMTPublic, error) {
+	pub, err := decodePublic("AK public", akPubBytes)
+	if err != nil {
+		return nil, err
+	}
+	if pub.Type != tpm2.TPMAlgECC {
+		return nil, fmt.Errorf("attest: AK is algorithm %#x, want ECC: %w", uint16(pub.Type), ErrKeyType)
+	}
+	a := pub.ObjectAttributes
+	if !a.Restricted {
+		return nil, fmt.Errorf("attest: AK: %w", ErrAKNotRestricted)
+	}
+	if !a.SignEncrypt || a.Decrypt {
+		return nil, fmt.Errorf("attest: AK must be signing only (sign=%t decrypt=%t): %w", a.SignEncrypt, a.Decrypt, ErrAKAttributes)
+	}
+	if !nonExportable(a) {
+		return nil, fmt.Errorf("attest: AK (fixedTPM=%t fixedParent=%t sensitiveDataOrigin=%t): %w: %w",
+			a.FixedTPM, a.FixedParent, a.SensitiveDataOrigin, ErrAKAttributes, ErrKeyExportable)
+	}
+	if err := checkNameAlg("AK", pub); err != nil {
+		return nil, err
+	}
+	_, params, err := eccKey("AK", pub, tpm2.TPMECCNistP256, tpm2.TPMECCNistP384)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := akSigHash(params); err != nil {
+		return nil, err
+	}
+	return pub, nil
+}
+
+// akSigHash returns the hash of a restricted ECC AK's ECDSA scheme.
+func akSigHash(params *tpm2.TPMSECCParms) (tpm2.TPMIAlgHash, error) {
+	if params.Scheme.Scheme != tpm2.TPMAlgECDSA {
+		return 0, fmt.Errorf("attest: AK scheme %#x, want ECDSA: %w", uint16(params.Scheme.Scheme), ErrKeyType)
+	}
+	d, err := params.Scheme.Details.ECDSA()
+	if err != nil || d == nil {
+		return 0, fmt.Errorf("attest: AK ECDSA scheme details: %w", ErrMalformed)
+	}
+	if d.HashAlg != tpm2.TPMAlgSHA256 && d.HashAlg != tpm2.TPMAlgSHA384 {
+		return 0, fmt.Errorf("attest: AK scheme hash %#x: %w", uint16(d.HashAlg), ErrKeyType)
+	}
+	return d.HashAlg, nil
+}
+
+// MakeCredential encrypts a fresh random secret (SecretSize bytes) to the EK
+// so that only the TPM holding that EK and an object named akName can recover
+// it (TPM2_MakeCredential in software, Part 1, 24.4). credBlob and encSecret
+// are the contents of the TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET
+// (without size prefix), as TPM2_ActivateCredential takes them. The server
+// keeps secret and compares it in constant time with what the device returns.
+// ekPub must come from EKPublicFromCert on a verified certificate; akName
+// from Name on a verified AK public. rand nil means crypto/rand.
+func MakeCredential(rnd io.Reader, ekPub *tpm2.TPMTPublic, akName []byte) (credBlob, encSecret, secret []byte, err error) {
+	if rnd == nil {
+		rnd = rand.Reader
+	}
+	if ekPub == nil {
+		return nil, nil, nil, fmt.Errorf("attest: make credential: nil EK public: %w", ErrMalformed)
+	}
+	if len(akName) < 2 {
+		return nil, nil, nil, fmt.Errorf("attest: make credential: AK name too short: %w", ErrMalformed)
+	}
+	alg := tpm2.TPMIAlgHash(uint16(akName[0])<<8 | uint16(akName[1]))
+	newHash, _, ok := hashFor(alg)
+	if !ok || len(akName) != 2+newHash().Size() {
+		return nil, nil, nil, fmt.Errorf("attest: make credential: AK name is not a SHA-2 name: %w", ErrMalformed)
+	}
+	key, err := tpm2.ImportEncapsulationKey(ekPub)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("attest: tpm2.ImportEncapsulationKey: %w: %w", ErrKeyType, err)
+	}
+	secret = make([]byte, SecretSize)
+	if _, err := io.ReadFull(rnd, secret); err != nil {
+		return nil, nil, nil, fmt.Errorf("attest: credential secret: %w", err)
+	}
+	credBlob, encSecret, err = tpm2.CreateCredential(rnd, key, akName, secret)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("attest: tpm2.CreateCredential: %w", err)
+	}
+	return credBlob, encSecret, secret, nil
+}
+
+// VerifyCertify verifies TPM2_Certify evidence: that the AK (from
+// VerifyAKPublic, already bound to the EK by credential activation) signed
+// attestBytes (TPM2B_ATTEST) with sigBytes (TPMT_SIGNATURE); that the
+// attestation is a TPM-generated certification qualified with nonce; that the
+// certified name is the name of tlsPubBytes (TPM2B_PUBLIC); that this key is
+// a non-exportable, non-restricted, signing-only ECC NIST P-256 key; and
+// that it is csrPublicKey.
+func VerifyCertify(akPub *tpm2.TPMTPublic, tlsPubBytes, attestBytes, sigBytes, nonce []byte, csrPublicKey crypto.PublicKey) error {
+	if akPub == nil {
+		return fmt.Errorf("attest: verify certify: nil AK public: %w", ErrMalformed)
+	}
+	akKey, akParams, err := eccKey("AK", akPub, tpm2.TPMECCNistP256, tpm2.TPMECCNistP384)
+	if err != nil {
+		return err
+	}
+	akHash, err := akSigHash(akParams)
+	if err != nil {
+		return err
+	}
+
+	// Authenticate the attestation before interpreting it.
+	attested, err := decodeAttest(attestBytes)
+	if err != nil {
+		return err
+	}
+	if err := verifyECDSA(akKey, akHash, attested.raw, sigBytes); err != nil {
+		return err
+	}
+	att := attested.att
+	if att.Magic != tpm2.TPMGeneratedValue {
+		return fmt.Errorf("attest: attestation magic %#x: %w", uint32(att.Magic), ErrMalformed)
+	}
+	if att.Type != tpm2.TPMSTAttestCertify {
+		return fmt.Errorf("attest: attestation type %#x: %w", uint16(att.Type), ErrAttestType)
+	}
+	if len(nonce) < MinNonceSize || subtle.ConstantTimeCompare(att.ExtraData.Buffer, nonce) != 1 {
+		return fmt.Errorf("attest: certify qualifying data: %w", ErrNonceMismatch)
+	}
+	info, err := att.Attested.Certify()
+	if err != nil || info == nil {
+		return fmt.Errorf("attest: certify info: %w", ErrMalformed)
+	}
+
+	// Residency: the certified object is the presented public area.
+	tlsPub, err := decodePublic("TLS key public", tlsPubBytes)
+	if err != nil {
+		return err
+	}
+	if err := checkNameAlg("TLS key", tlsPub); err != nil {
+		return err
+	}
+	tlsName, err := Name(tlsPub)
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(info.Name.Buffer, tlsName) {
+		return fmt.Errorf("attest: certified name is not the TLS key's: %w", ErrCertifyNameMismatch)
+	}
+	tlsKey, tlsParams, err := eccKey("TLS key", tlsPub, tpm2.TPMECCNistP256)
+	if err != nil {
+		return err
+	}
+	a := tlsPub.ObjectAttributes
+	if !nonExportable(a) {
+		return fmt.Errorf("attest: TLS key (fixedTPM=%t fixedParent=%t sensitiveDataOrigin=%t): %w",
+			a.FixedTPM, a.FixedParent, a.SensitiveDataOrigin, ErrKeyExportable)
+	}
+	if !a.SignEncrypt || a.Decrypt || a.Restricted {
+		return fmt.Errorf("attest: TLS key (sign=%t decrypt=%t restricted=%t) must be a non-restricted signing key: %w",
+			a.SignEncrypt, a.Decrypt, a.Restricted, ErrKeyAttributes)
+	}
+	if s := tlsParams.Scheme.Scheme; s != tpm2.TPMAlgNull && s != tpm2.TPMAlgECDSA {
+		return fmt.Errorf("attest: TLS key scheme %#x, want ECDSA or NULL: %w", uint16(s), ErrKeyType)
+	}
+
+	// Possession: the CSR is for this key (its signature is checked by the
+	// caller when it parses the CSR).
+	if !tlsKey.Equal(csrPublicKey) {
+		return fmt.Errorf("attest: CSR public key %T: %w", csrPublicKey, ErrCSRKeyMismatch)
+	}
+	return nil
+}
+
+type decodedAttest struct {
+	att *tpm2.TPMSAttest
+	raw []byte // the signed TPMS_ATTEST bytes
+}
+
+func decodeAttest(b []byte) (*decodedAttest, error) {
+	var d decodedAttest
+	err := safely("TPM2B_ATTEST", func() error {
+		a2b, err := tpm2.Unmarshal[tpm2.TPM2BAttest](b)
+		if err != nil {
+			return err
+		}
+		if a2b == nil {
+			return errors.New("nil TPM2B_ATTEST")
+		}
+		d.raw = a2b.Bytes()
+		if len(d.raw) == 0 || len(b) != 2+len(d.raw) {
+			return errors.New("TPM2B_ATTEST size does not match its contents")
+		}
+		d.att, err = a2b.Contents()
+		if err != nil {
+			return err
+		}
+		if d.att == nil {
+			return errors.New("nil TPMS_ATTEST")
+		}
+		if !bytes.Equal(tpm2.Marshal(*d.att), d.raw) {
+			return errNotCanonical
+		}
+		return nil
+	})
+	if err != nil {
+		if errors.Is(err, ErrMalformed) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("attest: decode TPM2B_ATTEST: %w: %w", ErrMalformed, err)
+	}
+	return &d, nil
+}
+
+// verifyECDSA checks a TPMT_SIGNATURE by key over msg hashed with hashAlg
+// (the AK's scheme hash; a signature naming another hash is refused).
+func verifyECDSA(key *ecdsa.PublicKey, hashAlg tpm2.TPMIAlgHash, msg, sigBytes []byte) error {
+	var r, s *big.Int
+	err := safely("TPMT_SIGNATURE", func() error {
+		sig, err := tpm2.Unmarshal[tpm2.TPMTSignature](sigBytes)
+		if err != nil {
+			return err
+		}
+		if sig == nil {
+			return errors.New("nil TPMT_SIGNATURE")
+		}
+		if !bytes.Equal(tpm2.Marshal(*sig), sigBytes) {
+			return errNotCanonical
+		}
+		if sig.SigAlg != tpm2.TPMAlgECDSA {
+			return fmt.Errorf("signature algorithm %#x, want ECDSA: %w", uint16(sig.SigAlg), ErrCertifySignature)
+		}
+		ecc, err := sig.Signature.ECDSA()
+		if err != nil || ecc == nil {
+			return errors.New("no ECDSA signature")
+		}
+		if ecc.Hash != hashAlg {
+			return fmt.Errorf("signature hash %#x, want the AK's %#x: %w", uint16(ecc.Hash), uint16(hashAlg), ErrCertifySignature)
+		}
+		r = new(big.Int).SetBytes(ecc.SignatureR.Buffer)
+		s = new(big.Int).SetBytes(ecc.SignatureS.Buffer)
+		return nil
+	})
+	if err != nil {
+		if errors.Is(err, ErrMalformed) || errors.Is(err, ErrCertifySignature) {
+			return fmt.Errorf("attest: certify signature: %w", err)
+		}
+		return fmt.Errorf("attest: decode TPMT_SIGNATURE: %w: %w", ErrMalformed, err)
+	}
+	newHash, _, _ := hashFor(hashAlg)
+	h := newHash()
+	h.Write(msg)
+	if !ecdsa.Verify(key, h.Sum(nil), r, s) {
+		return fmt.Errorf("attest: certify signature does not verify with the AK: %w", ErrCertifySignature)
+	}
+	return nil
+}

@@ -1,0 +1,39 @@
+package enroll
+
+import (
+	"errors"
+	"net/http"
+)
+
+// Error is an API error: an HTTP status and a stable code for the caller,
+// a public message, and the internal cause that is logged (and audited) but
+// never sent.
+type Error struct {
+	Status int
+	Code   string
+	Msg    string
+	Err    error
+}
+
+func (e *Error) Error() string {
+	if e.Err != nil {
+		return e.Code + ": " + e.Msg + ": " + e.Err.Error()
+	}
+	return e.Code + ": " + e.Msg
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+func apiErr(status int, code, msg string, cause error) *Error {
+	return &Error{Status: status, Code: code, Msg: msg, Err: cause}
+}
+
+// asAPIError maps any error to an *Error; unknown errors become 500s whose
+// detail stays in the log.
+func asAPIError(err error) *Error {
+	var e *Error
+	if errors.As(err, &e) {
+		return e
+	}
+	return apiErr(http.StatusInternalServerError, "internal", "internal error", err)
+}

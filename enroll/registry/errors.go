@@ -1,0 +1,26 @@
+package registry
+
+import "errors"
+
+// Sentinel errors of the registry. Callers test them with errors.Is.
+var (
+	// ErrNotFound: no such device, certificate or token.
+	ErrNotFound = errors.New("registry: not found")
+	// ErrTokenUnknown: no token with this ID, or its secret does not match.
+	ErrTokenUnknown = errors.New("registry: unknown token")
+	// ErrTokenExpired: the token's lifetime is over.
+	ErrTokenExpired = errors.New("registry: token expired")
+	// ErrTokenUsed: the token was already redeemed (single use).
+	ErrTokenUsed = errors.New("registry: token already used")
+	// ErrTokenDevice: the token was minted for another device.
+	ErrTokenDevice = errors.New("registry: token bound to another device")
+	// ErrDeviceRevoked: the device is revoked; nothing is issued for it.
+	ErrDeviceRevoked = errors.New("registry: device revoked")
+	// ErrDeviceSuspended: the device is suspended.
+	ErrDeviceSuspended = errors.New("registry: device suspended")
+	// ErrDuplicateSerial: a certificate with this serial is already recorded.
+	ErrDuplicateSerial = errors.New("registry: duplicate serial")
+	// ErrConflict: a concurrent transaction changed the same records; the
+	// caller may retry.
+	ErrConflict = errors.New("registry: concurrent update, retry")
+)

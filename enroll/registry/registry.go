@@ -1,0 +1,436 @@
+// Package registry is fleetgate's source of truth: devices, issued
+// certificates, bootstrap tokens and the append-only audit log, stored in
+// badger. It also keeps an in-memory index of certificate serials and device
+// states, in step with every commit, that the broker consults on each
+// handshake and ACL check without touching disk.
+package registry
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	badger "github.com/dgraph-io/badger/v4"
+
+	"github.com/fleetgate/fleetgate/internal/identity"
+)
+
+// Key prefixes.
+const (
+	pfxDevice = "dev/"
+	pfxCert   = "cert/"
+	pfxToken  = "tok/"
+	pfxAudit  = "audit/"
+	seqAudit  = "seq/audit"
+)
+
+// Registry is safe for concurrent use.
+type Registry struct {
+	db   *badger.DB
+	log  *slog.Logger
+	now  func() time.Time
+	aseq *badger.Sequence
+	// auditMu orders audit appends so that sequence order is commit order.
+	auditMu sync.Mutex
+
+	mu      sync.RWMutex
+	certs   map[string]CertStatus
+	devices map[string]DeviceStatus
+	watchMu sync.Mutex
+	watch   []func(Event)
+}
+
+// Options configure Open.
+type Options struct {
+	Logger *slog.Logger
+	Now    func() time.Time
+	// InMemory runs badger without disk (tests of pure logic only).
+	InMemory bool
+}
+
+// Open opens (or creates) the registry in dir and loads the in-memory index.
+func Open(dir string, o Options) (*Registry, error) {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	bo := badger.DefaultOptions(dir).WithLogger(nil).WithInMemory(o.InMemory).
+		// A registry is small; keep its memory footprint modest.
+		WithMemTableSize(8 << 20).WithNumMemtables(2).WithBlockCacheSize(8 << 20).
+		WithValueLogFileSize(64 << 20).WithSyncWrites(true)
+	if o.InMemory {
+		bo.Dir, bo.ValueDir = "", ""
+	}
+	db, err := badger.Open(bo)
+	if err != nil {
+		return nil, fmt.Errorf("registry: open badger %s: %w", dir, err)
+	}
+	seq, err := db.GetSequence([]byte(seqAudit), 1)
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("registry: audit sequence: %w", err)
+	}
+	r := &Registry{db: db, log: o.Logger, now: o.Now, aseq: seq,
+		certs: map[string]CertStatus{}, devices: map[string]DeviceStatus{}}
+	if err := r.loadIndex(); err != nil {
+		seq.Release()
+		db.Close()
+		return nil, err
+	}
+	return r, nil
+}
+
+// Close releases the database.
+func (r *Registry) Close() error {
+	r.aseq.Release()
+	return r.db.Close()
+}
+
+func (r *Registry) loadIndex() error {
+	return r.db.View(func(txn *badger.Txn) error {
+		if err := iterate(txn, pfxCert, func(c *Certificate) error {
+			r.certs[c.Serial] = CertStatus{Identity: c.Identity(), NotAfter: c.NotAfter, Revoked: c.Revoked}
+			return nil
+		}); err != nil {
+			return err
+		}
+		return iterate(txn, pfxDevice, func(d *Device) error {
+			r.devices[d.ID] = DeviceStatus{Group: d.Group, State: d.State}
+			return nil
+		})
+	})
+}
+
+// Watch registers fn to be called after every committed change, in commit
+// order per goroutine. fn must not block for long: it runs on the
+// committing goroutine.
+func (r *Registry) Watch(fn func(Event)) {
+	r.watchMu.Lock()
+	r.watch = append(r.watch, fn)
+	r.watchMu.Unlock()
+}
+
+func (r *Registry) emit(evs ...Event) {
+	r.watchMu.Lock()
+	ws := r.watch
+	r.watchMu.Unlock()
+	for _, ev := range evs {
+		for _, fn := range ws {
+			fn(ev)
+		}
+	}
+}
+
+// CertStatus returns the in-memory view of a serial. ok is false if the
+// registry never issued it.
+func (r *Registry) CertStatus(serial string) (CertStatus, bool) {
+	r.mu.RLock()
+	s, ok := r.certs[serial]
+	r.mu.RUnlock()
+	return s, ok
+}
+
+// DeviceStatus returns the in-memory view of a device.
+func (r *Registry) DeviceStatus(id string) (DeviceStatus, bool) {
+	r.mu.RLock()
+	s, ok := r.devices[id]
+	r.mu.RUnlock()
+	return s, ok
+}
+
+// ---- tokens ----
+
+// HashTokenSecret is the stored form of a token secret.
+func HashTokenSecret(secret []byte) []byte {
+	h := sha256.Sum256(secret)
+	return h[:]
+}
+
+// CreateToken stores t. A token for a revoked device is refused.
+func (r *Registry) CreateToken(t Token, actor string) error {
+	err := r.update(func(txn *badger.Txn) error {
+		var d Device
+		switch err := get(txn, pfxDevice+t.DeviceID, &d); {
+		case err == nil:
+			if d.State == StateRevoked {
+				return fmt.Errorf("%w: %s", ErrDeviceRevoked, t.DeviceID)
+			}
+		case !errors.Is(err, ErrNotFound):
+			return err
+		}
+		return put(txn, pfxToken+t.ID, &t)
+	})
+	r.Audit(AuditRecord{Actor: actor, Action: "token.create", DeviceID: t.DeviceID, Outcome: outcome(err), Reason: reason(err)})
+	return err
+}
+
+// TokenRedemption is what RedeemToken hands the signing callback.
+type TokenRedemption struct {
+	Device Device
+	Token  Token
+}
+
+// RedeemToken checks a token (constant-time comparison of the secret hash,
+// expiry, single use, device binding, device state) and, in the same
+// transaction, marks it used, creates or updates the device and records the
+// certificate that sign returns. Nothing is recorded if any step fails, and
+// a token can be redeemed at most once even under concurrent requests.
+func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, sign func(TokenRedemption) (*Certificate, error)) (*Certificate, error) {
+	var out *Certificate
+	var dev Device
+	err := r.update(func(txn *badger.Txn) error {
+		now := r.now()
+		var t Token
+		if err := get(txn, pfxToken+tokenID, &t); err != nil {
+			if errors.Is(err, ErrNotFound) {
+				return ErrTokenUnknown
+			}
+			return err
+		}
+		if subtle.ConstantTimeCompare(t.Hash, HashTokenSecret(secret)) != 1 {
+			return ErrTokenUnknown
+		}
+		if !t.UsedAt.IsZero() {
+			return ErrTokenUsed
+		}
+		if !now.Before(t.ExpiresAt) {
+			return ErrTokenExpired
+		}
+		if t.DeviceID != deviceID {
+			return ErrTokenDevice
+		}
+		switch err := get(txn, pfxDevice+deviceID, &dev); {
+		case errors.Is(err, ErrNotFound):
+			dev = Device{ID: deviceID, Group: t.Group, CreatedAt: now}
+		case err != nil:
+			return err
+		}
+		switch dev.State {
+		case StateRevoked:
+			return ErrDeviceRevoked
+		case StateSuspended:
+			return ErrDeviceSuspended
+		}
+		c, err := sign(TokenRedemption{Device: dev, Token: t})
+		if err != nil {
+			return err
+		}
+		t.UsedAt = now
+		if err := put(txn, pfxToken+t.ID, &t); err != nil {
+			return err
+		}
+		if t.Group != "" {
+			dev.Group = t.Group
+		}
+		dev.State = StateActive
+		dev.AttestationMethod = MethodToken
+		if err := r.recordCert(txn, c, &dev, now); err != nil {
+			return err
+		}
+		out = c
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	r.indexCert(out, &dev)
+	return out, nil
+}
+
+// ---- certificates ----
+
+// RecordCertificate records a certificate that does not belong to a device
+// (service, operator).
+func (r *Registry) RecordCertificate(c *Certificate) error {
+	if c.Role == identity.RoleDevice {
+		return errors.New("registry: device certificates are recorded by enrollment")
+	}
+	if err := r.update(func(txn *badger.Txn) error { return r.recordCert(txn, c, nil, r.now()) }); err != nil {
+		return err
+	}
+	r.indexCert(c, nil)
+	return nil
+}
+
+func (r *Registry) recordCert(txn *badger.Txn, c *Certificate, dev *Device, now time.Time) error {
+	if _, err := txn.Get([]byte(pfxCert + c.Serial)); err == nil {
+		return fmt.Errorf("%w: %s", ErrDuplicateSerial, c.Serial)
+	} else if !errors.Is(err, badger.ErrKeyNotFound) {
+		return err
+	}
+	c.IssuedAt = now
+	if err := put(txn, pfxCert+c.Serial, c); err != nil {
+		return err
+	}
+	if dev != nil {
+		dev.CurrentSerial = c.Serial
+		dev.NotAfter = c.NotAfter
+		dev.UpdatedAt = now
+		if err := put(txn, pfxDevice+dev.ID, dev); err != nil {
+			return err
+		}
+		// Index certificates by device for revocation.
+		if err := txn.Set([]byte("devcert/"+dev.ID+"/"+c.Serial), nil); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (r *Registry) indexCert(c *Certificate, dev *Device) {
+	r.mu.Lock()
+	r.certs[c.Serial] = CertStatus{Identity: c.Identity(), NotAfter: c.NotAfter, Revoked: c.Revoked}
+	if dev != nil {
+		r.devices[dev.ID] = DeviceStatus{Group: dev.Group, State: dev.State}
+	}
+	r.mu.Unlock()
+	evs := []Event{{Kind: EventCertIssued, Serial: c.Serial}}
+	if dev != nil {
+		evs = append(evs, Event{Kind: EventDeviceChanged, DeviceID: dev.ID, State: dev.State})
+	}
+	r.emit(evs...)
+}
+
+// Certificate returns the record of serial.
+func (r *Registry) Certificate(serial string) (*Certificate, error) {
+	var c Certificate
+	if err := r.db.View(func(txn *badger.Txn) error { return get(txn, pfxCert+serial, &c) }); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// ---- devices ----
+
+// Device returns the record of id.
+func (r *Registry) Device(id string) (*Device, error) {
+	var d Device
+	if err := r.db.View(func(txn *badger.Txn) error { return get(txn, pfxDevice+id, &d) }); err != nil {
+		return nil, err
+	}
+	return &d, nil
+}
+
+// Devices lists all devices, sorted by ID.
+func (r *Registry) Devices() ([]Device, error) {
+	var out []Device
+	err := r.db.View(func(txn *badger.Txn) error {
+		return iterate(txn, pfxDevice, func(d *Device) error { out = append(out, *d); return nil })
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, err
+}
+
+// ---- audit ----
+
+// Audit appends a record. It never fails the caller: an audit write error is
+// logged at error level (and the record with it).
+func (r *Registry) Audit(a AuditRecord) {
+	r.auditMu.Lock()
+	defer r.auditMu.Unlock()
+	seq, err := r.aseq.Next()
+	if err == nil {
+		a.Seq = seq
+		if a.Time.IsZero() {
+			a.Time = r.now()
+		}
+		err = r.update(func(txn *badger.Txn) error {
+			var k [8]byte
+			binary.BigEndian.PutUint64(k[:], seq)
+			return put(txn, pfxAudit+string(k[:]), &a)
+		})
+	}
+	if err != nil {
+		r.log.Error("audit write failed", "err", err, "action", a.Action, "device", a.DeviceID, "outcome", a.Outcome, "reason", a.Reason)
+	}
+}
+
+// AuditLog returns audit records in order, optionally only those of one
+// device, at most limit (0: all) of the newest.
+func (r *Registry) AuditLog(deviceID string, limit int) ([]AuditRecord, error) {
+	var out []AuditRecord
+	err := r.db.View(func(txn *badger.Txn) error {
+		return iterate(txn, pfxAudit, func(a *AuditRecord) error {
+			if deviceID == "" || a.DeviceID == deviceID {
+				out = append(out, *a)
+			}
+			return nil
+		})
+	})
+	if limit > 0 && len(out) > limit {
+		out = out[len(out)-limit:]
+	}
+	return out, err
+}
+
+// ---- helpers ----
+
+func (r *Registry) update(fn func(*badger.Txn) error) error {
+	err := r.db.Update(fn)
+	if errors.Is(err, badger.ErrConflict) {
+		return ErrConflict
+	}
+	return err
+}
+
+func get(txn *badger.Txn, key string, v any) error {
+	it, err := txn.Get([]byte(key))
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return ErrNotFound
+	}
+	if err != nil {
+		return fmt.Errorf("registry: get %s: %w", strings.SplitN(key, "/", 2)[0], err)
+	}
+	return it.Value(func(b []byte) error { return json.Unmarshal(b, v) })
+}
+
+func put(txn *badger.Txn, key string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("registry: encode: %w", err)
+	}
+	return txn.Set([]byte(key), b)
+}
+
+func iterate[T any](txn *badger.Txn, prefix string, fn func(*T) error) error {
+	it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte(prefix), PrefetchValues: true, PrefetchSize: 64})
+	defer it.Close()
+	for it.Rewind(); it.Valid(); it.Next() {
+		if !bytes.HasPrefix(it.Item().Key(), []byte(prefix)) {
+			break
+		}
+		var v T
+		if err := it.Item().Value(func(b []byte) error { return json.Unmarshal(b, &v) }); err != nil {
+			return fmt.Errorf("registry: decode %s: %w", it.Item().Key(), err)
+		}
+		if err := fn(&v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func outcome(err error) string {
+	if err != nil {
+		return OutcomeDenied
+	}
+	return OutcomeOK
+}
+
+func reason(err error) string {
+	if err != nil {
+		return err.Error()
+	}
+	return ""
+}

@@ -1,0 +1,376 @@
+// Package enroll is fleetgate's enrollment service: the HTTPS API through
+// which devices obtain certificates (bootstrap token today; TPM attestation
+// in attest/) and the admin API operators use over mTLS. It verifies, asks
+// ca/ to sign, records in registry/ and only then answers.
+package enroll
+
+import (
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/internal/identity"
+)
+
+// Log keys.
+const (
+	logKeyDevice = "device"
+	logKeyRemote = "remote"
+	logKeyCode   = "code"
+	logKeyErr    = "err"
+	logKeyActor  = "actor"
+)
+
+// Config configures a Server.
+type Config struct {
+	CA       *ca.Authority
+	Registry *registry.Registry
+	Logger   *slog.Logger
+	// Metrics receives the service's collectors; nil: not registered.
+	Metrics prometheus.Registerer
+	// DeviceCertTTL is the device certificate lifetime (default 90 days).
+	DeviceCertTTL time.Duration
+	// MaxTokenTTL bounds bootstrap token lifetimes (default 30 days).
+	MaxTokenTTL time.Duration
+	// ServiceCertTTL is the service certificate lifetime (default 1 year).
+	ServiceCertTTL time.Duration
+}
+
+// Server serves the enrollment and admin APIs.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	mux     *http.ServeMux
+	enrolls *prometheus.CounterVec
+}
+
+// New returns a Server.
+func New(cfg Config) (*Server, error) {
+	if cfg.CA == nil || cfg.Registry == nil {
+		return nil, errors.New("enroll: CA and Registry are required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.DeviceCertTTL <= 0 {
+		cfg.DeviceCertTTL = ca.DefaultDeviceLifetime
+	}
+	if cfg.MaxTokenTTL <= 0 {
+		cfg.MaxTokenTTL = 30 * 24 * time.Hour
+	}
+	if cfg.ServiceCertTTL <= 0 {
+		cfg.ServiceCertTTL = 365 * 24 * time.Hour
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger, mux: http.NewServeMux()}
+	s.enrolls = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "fleetgate_enrollments_total",
+		Help: "Enrollment attempts by method and outcome (ok or the failure code).",
+	}, []string{"method", "outcome"})
+	if cfg.Metrics != nil {
+		if err := cfg.Metrics.Register(s.enrolls); err != nil {
+			return nil, fmt.Errorf("enroll: register metrics: %w", err)
+		}
+	}
+	s.mux.HandleFunc("POST "+api.PathEnrollToken, s.handleTokenEnroll)
+	s.mux.HandleFunc("GET "+api.PathCACerts, s.handleCACerts)
+	s.mux.HandleFunc("POST "+api.PathAdminTokens, s.admin(s.handleTokenCreate))
+	s.mux.HandleFunc("POST "+api.PathAdminServices, s.admin(s.handleServiceIssue))
+	s.mux.HandleFunc("GET "+api.PathAdminDevices, s.admin(s.handleDeviceList))
+	s.mux.HandleFunc("GET "+api.PathAdminDevices+"/{id}", s.admin(s.handleDeviceShow))
+	s.mux.HandleFunc("GET "+api.PathAdminAudit, s.admin(s.handleAudit))
+	return s, nil
+}
+
+// Handler returns the HTTP handler.
+func (s *Server) Handler() http.Handler { return s.mux }
+
+// TLSConfig returns the server's TLS configuration: its certificate, TLS 1.3
+// at least... 1.2 for EST clients, client certificates verified if given
+// (required by the admin API and renewal, checked per handler).
+func (s *Server) TLSConfig(serverCert tls.Certificate) *tls.Config {
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS12,
+		Certificates: []tls.Certificate{serverCert},
+		ClientAuth:   tls.VerifyClientCertIfGiven,
+		ClientCAs:    s.cfg.CA.ClientCAs(),
+	}
+}
+
+// ---- token enrollment ----
+
+func (s *Server) handleTokenEnroll(w http.ResponseWriter, r *http.Request) {
+	var req api.TokenEnrollRequest
+	deviceID := ""
+	resp, err := func() (*api.EnrollResponse, error) {
+		if err := decodeJSON(r, &req); err != nil {
+			return nil, err
+		}
+		deviceID = req.DeviceID
+		if err := identity.ValidateName(req.DeviceID); err != nil {
+			return nil, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err)
+		}
+		tokID, secret, err := ParseToken(req.Token)
+		if err != nil {
+			return nil, apiErr(http.StatusUnauthorized, "token_invalid", "bootstrap token is malformed", err)
+		}
+		csr, err := ca.CheckCSR(req.CSR)
+		if err != nil {
+			return nil, csrError(err)
+		}
+		id := identity.Identity{Role: identity.RoleDevice, Name: req.DeviceID}
+		var cert *x509.Certificate
+		rec, err := s.cfg.Registry.RedeemToken(tokID, secret, req.DeviceID, func(tr registry.TokenRedemption) (*registry.Certificate, error) {
+			var err error
+			cert, err = s.cfg.CA.Issue(id, csr.PublicKey, s.cfg.DeviceCertTTL)
+			if err != nil {
+				return nil, err
+			}
+			return certRecord(cert, id), nil
+		})
+		if err != nil {
+			return nil, registryError(err)
+		}
+		return s.enrollResponse(req.DeviceID, cert, rec), nil
+	}()
+	s.finish(w, r, "token", "enroll.token", deviceID, resp, err)
+}
+
+func (s *Server) enrollResponse(deviceID string, cert *x509.Certificate, rec *registry.Certificate) *api.EnrollResponse {
+	return &api.EnrollResponse{
+		DeviceID:            deviceID,
+		Identity:            cert.URIs[0].String(),
+		CertificateChainPEM: s.cfg.CA.ChainPEM(cert),
+		CACertificatesPEM:   s.cfg.CA.RootPEM(),
+		Serial:              rec.Serial,
+		NotAfter:            cert.NotAfter,
+	}
+}
+
+// finish writes the response, counts and audits the outcome of an
+// enrollment-type request.
+func (s *Server) finish(w http.ResponseWriter, r *http.Request, method, action, deviceID string, resp any, err error) {
+	if err != nil {
+		e := asAPIError(err)
+		s.enrolls.WithLabelValues(method, e.Code).Inc()
+		s.cfg.Registry.Audit(registry.AuditRecord{Actor: "device", Action: action, DeviceID: auditDeviceID(deviceID), Outcome: registry.OutcomeDenied, Reason: e.Code + ": " + causeText(e), Remote: r.RemoteAddr})
+		s.writeError(w, r, e, deviceID)
+		return
+	}
+	s.enrolls.WithLabelValues(method, "ok").Inc()
+	serial := ""
+	if er, ok := resp.(*api.EnrollResponse); ok {
+		serial = er.Serial
+	}
+	s.cfg.Registry.Audit(registry.AuditRecord{Actor: "device", Action: action, DeviceID: deviceID, Outcome: registry.OutcomeOK, Remote: r.RemoteAddr, Serial: serial})
+	s.log.Info("certificate issued", logKeyDevice, deviceID, "method", method, "serial", serial, logKeyRemote, r.RemoteAddr)
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// auditDeviceID keeps only a valid device ID in the audit log: an attacker's
+// garbage is described in the reason, not used as a key.
+func auditDeviceID(id string) string {
+	if identity.ValidateName(id) != nil {
+		return ""
+	}
+	return id
+}
+
+func causeText(e *Error) string {
+	if e.Err != nil {
+		return e.Err.Error()
+	}
+	return e.Msg
+}
+
+func csrError(err error) error {
+	switch {
+	case errors.Is(err, ca.ErrMalformedCSR):
+		return apiErr(http.StatusBadRequest, "csr_malformed", "CSR is not a valid DER PKCS#10 request", err)
+	case errors.Is(err, ca.ErrCSRSignature):
+		return apiErr(http.StatusBadRequest, "csr_signature_invalid", "CSR signature does not verify with its public key", err)
+	case errors.Is(err, ca.ErrWeakKey):
+		return apiErr(http.StatusBadRequest, "csr_key_not_allowed", "CSR key must be ECDSA P-256/P-384 or RSA >= 2048: "+err.Error(), err)
+	}
+	return err
+}
+
+func registryError(err error) error {
+	switch {
+	case errors.Is(err, registry.ErrTokenUnknown):
+		return apiErr(http.StatusUnauthorized, "token_unknown", "bootstrap token is not valid", err)
+	case errors.Is(err, registry.ErrTokenExpired):
+		return apiErr(http.StatusUnauthorized, "token_expired", "bootstrap token has expired", err)
+	case errors.Is(err, registry.ErrTokenUsed):
+		return apiErr(http.StatusUnauthorized, "token_used", "bootstrap token was already used", err)
+	case errors.Is(err, registry.ErrTokenDevice):
+		return apiErr(http.StatusForbidden, "token_device_mismatch", "bootstrap token was minted for another device", err)
+	case errors.Is(err, registry.ErrDeviceRevoked):
+		return apiErr(http.StatusForbidden, "device_revoked", "device is revoked", err)
+	case errors.Is(err, registry.ErrDeviceSuspended):
+		return apiErr(http.StatusForbidden, "device_suspended", "device is suspended", err)
+	case errors.Is(err, registry.ErrNotFound):
+		return apiErr(http.StatusNotFound, "not_found", "not found", err)
+	case errors.Is(err, registry.ErrConflict):
+		return apiErr(http.StatusConflict, "conflict", "concurrent request for the same record; retry", err)
+	}
+	return err
+}
+
+func certRecord(c *x509.Certificate, id identity.Identity) *registry.Certificate {
+	return &registry.Certificate{
+		Serial: ca.SerialString(c.SerialNumber), Role: id.Role, Name: id.Name,
+		NotBefore: c.NotBefore, NotAfter: c.NotAfter, DER: c.Raw,
+	}
+}
+
+// ---- CA certificates ----
+
+func (s *Server) handleCACerts(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "application/pem-certificate-chain")
+	io.WriteString(w, s.cfg.CA.RootPEM())
+	w.Write(ca.CertPEM(s.cfg.CA.Issuing))
+}
+
+// ---- bootstrap tokens ----
+
+const tokenPrefix = "fgt_"
+
+// NewToken returns a token string and its ID and secret. The token is
+// fgt_<16 hex ID>_<43 base64url secret>; only SHA-256(secret) is stored.
+func NewToken(rnd io.Reader) (token, id string, secret []byte, err error) {
+	idb := make([]byte, 8)
+	secret = make([]byte, 32)
+	if _, err = io.ReadFull(rnd, idb); err != nil {
+		return
+	}
+	if _, err = io.ReadFull(rnd, secret); err != nil {
+		return
+	}
+	id = hex.EncodeToString(idb)
+	token = tokenPrefix + id + "_" + base64.RawURLEncoding.EncodeToString(secret)
+	return
+}
+
+// ErrTokenFormat: the string is not a fleetgate bootstrap token.
+var ErrTokenFormat = errors.New("enroll: malformed bootstrap token")
+
+// ParseToken splits a token into ID and secret.
+func ParseToken(tok string) (id string, secret []byte, err error) {
+	rest, ok := strings.CutPrefix(tok, tokenPrefix)
+	if !ok {
+		return "", nil, ErrTokenFormat
+	}
+	id, sec, ok := strings.Cut(rest, "_")
+	if !ok || len(id) != 16 {
+		return "", nil, ErrTokenFormat
+	}
+	if _, err := hex.DecodeString(id); err != nil {
+		return "", nil, ErrTokenFormat
+	}
+	secret, err = base64.RawURLEncoding.DecodeString(sec)
+	if err != nil || len(secret) != 32 {
+		return "", nil, ErrTokenFormat
+	}
+	return id, secret, nil
+}
+
+func (s *Server) handleTokenCreate(w http.ResponseWriter, r *http.Request, op identity.Identity) {
+	var req api.TokenCreateRequest
+	if err := decodeJSON(r, &req); err != nil {
+		s.writeError(w, r, asAPIError(err), "")
+		return
+	}
+	if err := identity.ValidateName(req.DeviceID); err != nil {
+		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err), "")
+		return
+	}
+	if req.Group == "" {
+		req.Group = "default"
+	}
+	if err := identity.ValidateName(req.Group); err != nil {
+		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_group", "group: "+err.Error(), err), "")
+		return
+	}
+	if req.TTL <= 0 {
+		req.TTL = 24 * time.Hour
+	}
+	if req.TTL > s.cfg.MaxTokenTTL {
+		s.writeError(w, r, apiErr(http.StatusBadRequest, "ttl_too_long", fmt.Sprintf("token TTL %s exceeds the maximum %s", req.TTL, s.cfg.MaxTokenTTL), nil), "")
+		return
+	}
+	tok, id, secret, err := NewToken(rand.Reader)
+	if err != nil {
+		s.writeError(w, r, asAPIError(err), "")
+		return
+	}
+	now := s.cfg.CA.Now()
+	t := registry.Token{ID: id, Hash: registry.HashTokenSecret(secret), DeviceID: req.DeviceID, Group: req.Group,
+		CreatedBy: op.String(), CreatedAt: now, ExpiresAt: now.Add(req.TTL)}
+	if err := s.cfg.Registry.CreateToken(t, op.String()); err != nil {
+		s.writeError(w, r, asAPIError(registryError(err)), req.DeviceID)
+		return
+	}
+	s.log.Info("bootstrap token created", logKeyDevice, req.DeviceID, "group", req.Group, "expires", t.ExpiresAt, logKeyActor, op.String())
+	writeJSON(w, http.StatusCreated, api.TokenCreateResponse{Token: tok, DeviceID: req.DeviceID, Group: req.Group, ExpiresAt: t.ExpiresAt})
+}
+
+// ---- helpers ----
+
+func decodeJSON(r *http.Request, v any) error {
+	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
+		return apiErr(http.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Type must be application/json", nil)
+	}
+	body := http.MaxBytesReader(nil, r.Body, api.MaxBodyBytes)
+	dec := json.NewDecoder(body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return apiErr(http.StatusRequestEntityTooLarge, "body_too_large", fmt.Sprintf("request body exceeds %d bytes", api.MaxBodyBytes), err)
+		}
+		return apiErr(http.StatusBadRequest, "malformed_json", "request body is not valid JSON for this endpoint: "+err.Error(), err)
+	}
+	if dec.More() {
+		return apiErr(http.StatusBadRequest, "malformed_json", "request body has trailing data", nil)
+	}
+	return nil
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func (s *Server) writeError(w http.ResponseWriter, r *http.Request, e *Error, deviceID string) {
+	lvl := slog.LevelWarn
+	if e.Status >= 500 {
+		lvl = slog.LevelError
+	}
+	s.log.Log(r.Context(), lvl, "request refused", "path", r.URL.Path, logKeyCode, e.Code, logKeyDevice, auditDeviceID(deviceID), logKeyRemote, r.RemoteAddr, logKeyErr, e.Err)
+	writeJSON(w, e.Status, api.Error{Code: e.Code, Message: e.Msg})
+}
+
+func remoteIP(r *http.Request) string {
+	h, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return h
+}

@@ -1,0 +1,204 @@
+// Package config layers fleetgate's server configuration: built-in defaults,
+// then an optional YAML file, then FLEETGATE_* environment variables, then
+// command-line flags. Every problem found is reported at once, each with
+// where the value came from.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+	"gopkg.in/yaml.v3"
+)
+
+// Serve is the configuration of `fleetgate serve`.
+type Serve struct {
+	DataDir          string        `yaml:"data_dir"`
+	MQTTAddr         string        `yaml:"mqtt_addr"`
+	APIAddr          string        `yaml:"api_addr"`
+	MetricsAddr      string        `yaml:"metrics_addr"`
+	Only             string        `yaml:"only"`
+	DeviceCertTTL    time.Duration `yaml:"device_cert_ttl"`
+	HandshakeTimeout time.Duration `yaml:"handshake_timeout"`
+	MaxPending       int           `yaml:"max_pending"`
+	MaxPacketSize    uint32        `yaml:"max_packet_size"`
+	LogLevel         string        `yaml:"log_level"`
+	LogFormat        string        `yaml:"log_format"`
+	AddrFile         string        `yaml:"addr_file"`
+}
+
+// DefaultDataDir is used when nothing else names one.
+const DefaultDataDir = "./fleetgate-data"
+
+// EnvPrefix prefixes every environment variable.
+const EnvPrefix = "FLEETGATE_"
+
+// Defaults returns the built-in defaults.
+func Defaults() Serve {
+	return Serve{
+		DataDir: DefaultDataDir, MQTTAddr: ":8883", APIAddr: ":8443", MetricsAddr: "127.0.0.1:9090",
+		DeviceCertTTL: 90 * 24 * time.Hour, HandshakeTimeout: 10 * time.Second, MaxPending: 1024,
+		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text",
+	}
+}
+
+// ServeFlags defines the serve flags on fs, with defaults d.
+func ServeFlags(fs *pflag.FlagSet, d Serve) {
+	fs.String("config", "", "YAML configuration file")
+	fs.String("data-dir", d.DataDir, "data directory (CA, registry, broker state)")
+	fs.String("mqtt-addr", d.MQTTAddr, "MQTT mTLS listen address")
+	fs.String("api-addr", d.APIAddr, "enrollment HTTPS API listen address")
+	fs.String("metrics-addr", d.MetricsAddr, "/healthz, /readyz and /metrics listen address (empty: off)")
+	fs.String("only", d.Only, "run only one part: broker or enroll")
+	fs.Duration("device-cert-ttl", d.DeviceCertTTL, "device certificate lifetime")
+	fs.Duration("handshake-timeout", d.HandshakeTimeout, "deadline for TLS handshake plus MQTT CONNECT")
+	fs.Int("max-pending", d.MaxPending, "connections allowed in TLS handshake or before CONNECT")
+	fs.Uint32("max-packet-size", d.MaxPacketSize, "largest MQTT packet in bytes")
+	fs.String("log-level", d.LogLevel, "debug, info, warn or error")
+	fs.String("log-format", d.LogFormat, "text or json")
+	fs.String("addr-file", d.AddrFile, "write bound addresses as JSON to this file once serving")
+}
+
+// keys are the layered settings, by flag name.
+var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only", "device-cert-ttl",
+	"handshake-timeout", "max-pending", "max-packet-size", "log-level", "log-format", "addr-file"}
+
+// LoadServe layers YAML file (if --config or FLEETGATE_CONFIG names one),
+// environment and flags over the defaults, and validates the result.
+func LoadServe(fs *pflag.FlagSet, getenv func(string) string) (Serve, error) {
+	cfg := Defaults()
+	var errs []error
+	path, _ := fs.GetString("config")
+	if !fs.Changed("config") && getenv(EnvPrefix+"CONFIG") != "" {
+		path = getenv(EnvPrefix + "CONFIG")
+	}
+	if path != "" {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return cfg, fmt.Errorf("config file: %w", err)
+		}
+		dec := yaml.NewDecoder(bytes.NewReader(b))
+		dec.KnownFields(true)
+		if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+			errs = append(errs, fmt.Errorf("%s: %w", path, err))
+		}
+	}
+	// Environment and flags both go through the flag's own parser, so the
+	// syntax is the same everywhere.
+	for _, k := range keys {
+		f := fs.Lookup(k)
+		if f == nil {
+			continue
+		}
+		src := ""
+		val := ""
+		switch {
+		case f.Changed:
+			src, val = "flag --"+k, f.Value.String()
+		case getenv(envName(k)) != "":
+			src, val = "env "+envName(k), getenv(envName(k))
+			if err := f.Value.Set(val); err != nil {
+				errs = append(errs, fmt.Errorf("%s=%q: %w", src, val, err))
+				continue
+			}
+		default:
+			continue
+		}
+		if err := assign(&cfg, k, f); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", src, err))
+		}
+	}
+	errs = append(errs, cfg.Validate()...)
+	return cfg, errors.Join(errs...)
+}
+
+func envName(flag string) string {
+	return EnvPrefix + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
+}
+
+func assign(c *Serve, k string, f *pflag.Flag) error {
+	fs := pflag.NewFlagSet("", pflag.ContinueOnError)
+	fs.AddFlag(f)
+	var err error
+	switch k {
+	case "data-dir":
+		c.DataDir, err = fs.GetString(k)
+	case "mqtt-addr":
+		c.MQTTAddr, err = fs.GetString(k)
+	case "api-addr":
+		c.APIAddr, err = fs.GetString(k)
+	case "metrics-addr":
+		c.MetricsAddr, err = fs.GetString(k)
+	case "only":
+		c.Only, err = fs.GetString(k)
+	case "device-cert-ttl":
+		c.DeviceCertTTL, err = fs.GetDuration(k)
+	case "handshake-timeout":
+		c.HandshakeTimeout, err = fs.GetDuration(k)
+	case "max-pending":
+		c.MaxPending, err = fs.GetInt(k)
+	case "max-packet-size":
+		c.MaxPacketSize, err = fs.GetUint32(k)
+	case "log-level":
+		c.LogLevel, err = fs.GetString(k)
+	case "log-format":
+		c.LogFormat, err = fs.GetString(k)
+	case "addr-file":
+		c.AddrFile, err = fs.GetString(k)
+	}
+	return err
+}
+
+// Validate returns every problem of c.
+func (c Serve) Validate() []error {
+	var errs []error
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("data_dir: must not be empty"))
+	}
+	checkAddr := func(name, v string, optional bool) {
+		if v == "" && optional {
+			return
+		}
+		if _, _, err := net.SplitHostPort(v); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %q is not host:port: %w", name, v, err))
+		}
+	}
+	checkAddr("mqtt_addr", c.MQTTAddr, false)
+	checkAddr("api_addr", c.APIAddr, false)
+	checkAddr("metrics_addr", c.MetricsAddr, true)
+	switch c.Only {
+	case "", "broker", "enroll":
+	default:
+		errs = append(errs, fmt.Errorf("only: %q (want broker, enroll or empty)", c.Only))
+	}
+	if c.DeviceCertTTL < time.Minute {
+		errs = append(errs, fmt.Errorf("device_cert_ttl: %s is shorter than a minute", c.DeviceCertTTL))
+	}
+	if c.HandshakeTimeout <= 0 {
+		errs = append(errs, errors.New("handshake_timeout: must be positive"))
+	}
+	if c.MaxPending <= 0 {
+		errs = append(errs, errors.New("max_pending: must be positive"))
+	}
+	if c.MaxPacketSize < 128 {
+		errs = append(errs, fmt.Errorf("max_packet_size: %d is below 128 bytes", c.MaxPacketSize))
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("log_level: %q (want debug, info, warn or error)", c.LogLevel))
+	}
+	switch c.LogFormat {
+	case "text", "json":
+	default:
+		errs = append(errs, fmt.Errorf("log_format: %q (want text or json)", c.LogFormat))
+	}
+	return errs
+}

@@ -1,0 +1,207 @@
+// Package gateway assembles one fleetgate server process: the enrollment
+// HTTPS API, the MQTT broker, and the health/metrics listener, over one data
+// directory. Every part runs until the context ends; the first failure
+// stops the rest, and Run waits for all of them.
+package gateway
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/fleetgate/fleetgate/broker"
+	"github.com/fleetgate/fleetgate/enroll"
+	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/enroll/registry"
+)
+
+// Parts a process can run.
+const (
+	OnlyAll    = ""
+	OnlyBroker = "broker"
+	OnlyEnroll = "enroll"
+)
+
+// Config of one server process.
+type Config struct {
+	DataDir     string
+	MQTTAddr    string
+	APIAddr     string
+	MetricsAddr string
+	// Only runs one part ("broker" or "enroll"); empty runs both.
+	Only             string
+	DeviceCertTTL    time.Duration
+	HandshakeTimeout time.Duration
+	MaxPending       int
+	MaxPacketSize    uint32
+	// AddrFile, if set, receives the bound addresses as JSON once every
+	// listener is up (useful with port 0).
+	AddrFile string
+}
+
+// Addrs are the bound addresses, as written to AddrFile.
+type Addrs struct {
+	MQTT    string `json:"mqtt,omitempty"`
+	API     string `json:"api,omitempty"`
+	Metrics string `json:"metrics,omitempty"`
+}
+
+// Paths inside a data directory.
+const (
+	RegistryDir = "registry"
+	BrokerDir   = "broker"
+)
+
+// Run serves until ctx is done.
+func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	authority, err := ca.Load(cfg.DataDir, ca.Options{})
+	if err != nil {
+		return err
+	}
+	serverCert, err := tls.LoadX509KeyPair(filepath.Join(cfg.DataDir, ca.ServerCertFile), filepath.Join(cfg.DataDir, ca.ServerKeyFile))
+	if err != nil {
+		return fmt.Errorf("server TLS certificate: %w", err)
+	}
+	reg, err := registry.Open(filepath.Join(cfg.DataDir, RegistryDir), registry.Options{Logger: log.With("component", "registry")})
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+
+	promReg := prometheus.NewRegistry()
+	promReg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var wg sync.WaitGroup
+	var addrs Addrs
+	var ready []func() bool
+	fail := func(err error) {
+		if err != nil && !errors.Is(err, context.Canceled) {
+			cancel(err)
+		}
+	}
+
+	if cfg.Only != OnlyEnroll {
+		b, err := broker.New(broker.Config{
+			Addr: cfg.MQTTAddr, CA: authority, ServerCert: serverCert, Registry: reg,
+			Logger: log, Metrics: promReg, PersistDir: filepath.Join(cfg.DataDir, BrokerDir),
+			HandshakeTimeout: cfg.HandshakeTimeout, MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize,
+		})
+		if err != nil {
+			return err
+		}
+		if err := b.Start(); err != nil {
+			return err
+		}
+		addrs.MQTT = b.Addr()
+		ready = append(ready, func() bool { return true })
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-ctx.Done()
+			if err := b.Close(); err != nil {
+				log.Warn("broker close", "err", err)
+			}
+		}()
+	}
+
+	if cfg.Only != OnlyBroker {
+		es, err := enroll.New(enroll.Config{CA: authority, Registry: reg, Logger: log.With("component", "enroll"),
+			Metrics: promReg, DeviceCertTTL: cfg.DeviceCertTTL})
+		if err != nil {
+			return err
+		}
+		ln, err := net.Listen("tcp", cfg.APIAddr)
+		if err != nil {
+			cancel(err)
+			wg.Wait()
+			return fmt.Errorf("enrollment API listen %s: %w", cfg.APIAddr, err)
+		}
+		addrs.API = ln.Addr().String()
+		srv := &http.Server{Handler: es.Handler(), TLSConfig: es.TLSConfig(serverCert),
+			ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
+			IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10,
+			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
+		log.Info("enrollment API listening", "addr", addrs.API)
+		serveHTTP(ctx, &wg, srv, ln, true, fail)
+	}
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		for _, r := range ready {
+			if !r() {
+				http.Error(w, "not ready", http.StatusServiceUnavailable)
+				return
+			}
+		}
+		w.Write([]byte("ready\n"))
+	})
+	mux.Handle("/metrics", promhttp.HandlerFor(promReg, promhttp.HandlerOpts{Registry: promReg}))
+	if cfg.MetricsAddr != "" {
+		ln, err := net.Listen("tcp", cfg.MetricsAddr)
+		if err != nil {
+			cancel(err)
+			wg.Wait()
+			return fmt.Errorf("metrics listen %s: %w", cfg.MetricsAddr, err)
+		}
+		addrs.Metrics = ln.Addr().String()
+		log.Info("metrics listening", "addr", addrs.Metrics)
+		serveHTTP(ctx, &wg, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln, false, fail)
+	}
+
+	if cfg.AddrFile != "" {
+		b, _ := json.Marshal(addrs)
+		tmp := cfg.AddrFile + ".tmp"
+		if err := os.WriteFile(tmp, b, 0o644); err == nil {
+			err = os.Rename(tmp, cfg.AddrFile)
+		}
+		if err != nil {
+			log.Warn("write addr file", "err", err)
+		}
+	}
+	log.Info("fleetgate serving", "mqtt", addrs.MQTT, "api", addrs.API, "metrics", addrs.Metrics, "data_dir", cfg.DataDir)
+	<-ctx.Done()
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return nil
+}
+
+func serveHTTP(ctx context.Context, wg *sync.WaitGroup, srv *http.Server, ln net.Listener, useTLS bool, fail func(error)) {
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		var err error
+		if useTLS {
+			err = srv.ServeTLS(ln, "", "")
+		} else {
+			err = srv.Serve(ln)
+		}
+		if !errors.Is(err, http.ErrServerClosed) {
+			fail(err)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		<-ctx.Done()
+		sctx, c := context.WithTimeout(context.Background(), 5*time.Second)
+		defer c()
+		_ = srv.Shutdown(sctx)
+	}()
+}
