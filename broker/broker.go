@@ -31,14 +31,14 @@ import (
 // Config configures the broker.
 type Config struct {
 	// Addr is the mTLS listen address (default ":8883").
-	Addr        string
-	CA          *ca.Authority
-	ServerCert  tls.Certificate
-	Registry    *registry.Registry
-	Policy      *acl.Policy
-	Logger      *slog.Logger
-	Metrics     prometheus.Registerer
-	Now         func() time.Time
+	Addr       string
+	CA         *ca.Authority
+	ServerCert tls.Certificate
+	Registry   *registry.Registry
+	Policy     *acl.Policy
+	Logger     *slog.Logger
+	Metrics    prometheus.Registerer
+	Now        func() time.Time
 	// PersistDir holds mochi's badger store; empty: no persistence.
 	PersistDir string
 	// HandshakeTimeout bounds TLS handshake + CONNECT (default 10s).

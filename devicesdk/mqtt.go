@@ -73,10 +73,20 @@ func (d *Device) Connect(ctx context.Context, o ConnectOptions) (*Client, error)
 	return &Client{id: d.cfg.DeviceID, c: c}, nil
 }
 
-// ErrTimeout: the context ended before the broker answered.
+// ErrTimeout: the broker did not answer in time (or ctx ended).
 var ErrTimeout = errors.New("devicesdk: no answer from broker")
 
+// DefaultTimeout bounds a wait for the broker when ctx has no deadline. A
+// broker closes an MQTT 3.1.1 connection on a refused QoS 1/2 publish (3.1.1
+// has no negative PUBACK), and paho then never completes the token.
+const DefaultTimeout = 30 * time.Second
+
 func wait(ctx context.Context, t paho.Token) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, DefaultTimeout)
+		defer cancel()
+	}
 	select {
 	case <-t.Done():
 		return t.Error()

@@ -19,7 +19,6 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/enroll/ca"
-	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/internal/config"
 	"github.com/fleetgate/fleetgate/internal/gateway"
 	"github.com/fleetgate/fleetgate/internal/identity"
@@ -61,21 +60,9 @@ func initCmd() *cobra.Command {
 				fmt.Fprintf(cmd.OutOrStdout(), "%s already holds a CA; nothing was changed (fleetgate init never overwrites a CA).\n", dataDir)
 				return nil
 			}
-			res, err := ca.Init(dataDir, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator})
-			if err != nil {
+			if _, err := gateway.Init(dataDir, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator}); err != nil {
 				return err
 			}
-			reg, err := registry.Open(filepath.Join(dataDir, gateway.RegistryDir), registry.Options{})
-			if err != nil {
-				return err
-			}
-			defer reg.Close()
-			op := res.Operator
-			if err := reg.RecordCertificate(&registry.Certificate{Serial: ca.SerialString(op.SerialNumber),
-				Role: identity.RoleOperator, Name: operator, NotBefore: op.NotBefore, NotAfter: op.NotAfter, DER: op.Raw}); err != nil {
-				return err
-			}
-			reg.Audit(registry.AuditRecord{Actor: "init", Action: "init", Outcome: registry.OutcomeOK, Reason: "trust domain " + td})
 			out := cmd.OutOrStdout()
 			fmt.Fprintf(out, "Initialised %s (trust domain %s)\n", dataDir, td)
 			fmt.Fprintf(out, "  root CA (P-384):      %s  key %s (0600: move it offline)\n", ca.RootCertFile, ca.RootKeyFile)
@@ -330,4 +317,3 @@ func auditCmd() *cobra.Command {
 	c.Flags().IntVar(&limit, "limit", 0, "only the newest N")
 	return c
 }
-

@@ -21,6 +21,9 @@ var (
 	// ErrKeyState means the key state directory is inconsistent or its
 	// files do not decode as TPM2B_PUBLIC / TPM2B_PRIVATE.
 	ErrKeyState = errors.New("tpmkey: key state invalid")
+	// ErrKeyLoad means the TPM refused to load a stored key blob: it was
+	// wrapped by another TPM's SRK (or the TPM was cleared), or altered.
+	ErrKeyLoad = errors.New("tpmkey: TPM refused the stored key")
 	// ErrKeyMismatch means the TPM loaded a key whose name differs from the
 	// stored public area (the blobs belong to another TPM or were swapped).
 	ErrKeyMismatch = errors.New("tpmkey: loaded key does not match stored public area")

@@ -244,7 +244,7 @@ func loadBlob(tr transport.TPM, srk *tpm2.CreatePrimaryResponse, b *keyBlob) (tp
 		InPublic:     b.public,
 	}.Execute(tr)
 	if err != nil {
-		return 0, fmt.Errorf("tpm2.Load: %w", err)
+		return 0, fmt.Errorf("tpm2.Load: %w: %w", ErrKeyLoad, err)
 	}
 	if !bytes.Equal(rsp.Name.Buffer, b.name) {
 		flush(tr, rsp.ObjectHandle)

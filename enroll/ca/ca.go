@@ -515,3 +515,12 @@ func writeExclusive(path string, data []byte, mode fs.FileMode) error {
 	}
 	return f.Close()
 }
+
+// NewPool returns a pool holding certs.
+func NewPool(certs ...*x509.Certificate) *x509.CertPool {
+	p := x509.NewCertPool()
+	for _, c := range certs {
+		p.AddCert(c)
+	}
+	return p
+}

@@ -91,10 +91,10 @@ type Instance struct {
 	log        *slog.Logger
 	grace      time.Duration
 
-	cmd    *exec.Cmd
-	out    *cappedBuffer
-	done   chan struct{} // closed once the process has been reaped
-	waitMu sync.Mutex
+	cmd     *exec.Cmd
+	out     *cappedBuffer
+	done    chan struct{} // closed once the process has been reaped
+	waitMu  sync.Mutex
 	waitErr error
 
 	stopOnce sync.Once
@@ -151,6 +151,13 @@ func Start(ctx context.Context, opts Options) (*Instance, error) {
 			return nil, err
 		}
 		log.Info("swtpm manufactured", logKeyDir, dir)
+	}
+
+	// swtpm_setup runs its own swtpm on the state and does not wait for it
+	// to exit; that process (no child of ours) may still hold the state
+	// lock for a moment. Wait for the lock instead of racing it.
+	if err := waitStateUnlocked(ctx, stateDir, opts.ReadyTimeout); err != nil {
+		return nil, err
 	}
 
 	inst := &Instance{
@@ -279,6 +286,55 @@ func manufacture(ctx context.Context, dir, stateDir string, m *Manufacturer) (er
 		return fmt.Errorf("swtpm: swtpm_setup wrote no TPM state: %w\n%s", ErrSetupFailed, strings.TrimSpace(out.String()))
 	}
 	return nil
+}
+
+// waitStateUnlocked polls until no process holds swtpm's fcntl write lock on
+// stateDir/.lock (swtpm's dir backend takes it for its lifetime).
+func waitStateUnlocked(ctx context.Context, stateDir string, timeout time.Duration) error {
+	if timeout <= 0 {
+		timeout = DefaultReadyTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	path := filepath.Join(stateDir, ".lock")
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("swtpm: state %s locked by another process: %w: %w", stateDir, ErrNotReady, ctx.Err())
+		case <-timer.C:
+		}
+		free, err := lockFree(path)
+		if err != nil {
+			return err
+		}
+		if free {
+			return nil
+		}
+		timer.Reset(pollInterval)
+	}
+}
+
+// lockFree tries to take and release the write lock on path.
+func lockFree(path string) (bool, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return true, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("swtpm: open state lock: %w", err)
+	}
+	defer f.Close() // also releases our fcntl lock
+	lk := syscall.Flock_t{Type: syscall.F_WRLCK, Whence: io.SeekStart}
+	err = syscall.FcntlFlock(f.Fd(), syscall.F_SETLK, &lk)
+	if errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.EACCES) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("swtpm: probe state lock: %w", err)
+	}
+	return true, nil
 }
 
 // waitReady polls the server socket with TPM2_GetRandom until the TPM

@@ -1,0 +1,31 @@
+package gateway
+
+import (
+	"path/filepath"
+
+	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/internal/identity"
+)
+
+// Init creates the PKI of dataDir and records the operator certificate in
+// the registry (the broker and the admin API accept only certificates the
+// registry knows). It never overwrites a CA: see ca.Init.
+func Init(dataDir string, o ca.InitOptions) (*ca.InitResult, error) {
+	res, err := ca.Init(dataDir, o)
+	if err != nil {
+		return nil, err
+	}
+	reg, err := registry.Open(filepath.Join(dataDir, RegistryDir), registry.Options{})
+	if err != nil {
+		return nil, err
+	}
+	defer reg.Close()
+	op := res.Operator
+	if err := reg.RecordCertificate(&registry.Certificate{Serial: ca.SerialString(op.SerialNumber),
+		Role: identity.RoleOperator, Name: op.Subject.CommonName, NotBefore: op.NotBefore, NotAfter: op.NotAfter, DER: op.Raw}); err != nil {
+		return nil, err
+	}
+	reg.Audit(registry.AuditRecord{Actor: "init", Action: "init", Outcome: registry.OutcomeOK, Reason: "trust domain " + o.TrustDomain})
+	return res, nil
+}

@@ -1,0 +1,235 @@
+// Package testenv starts a real fleetgate gateway for tests: a fresh data
+// directory (real CA, real badger), the enrollment API and the broker on
+// loopback ports, and helpers that enroll devices and services through the
+// real API. Everything stops when the test ends.
+package testenv
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/fleetgate/fleetgate/devicesdk"
+	"github.com/fleetgate/fleetgate/enroll/adminclient"
+	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/internal/gateway"
+)
+
+// Gateway is a running in-process gateway.
+type Gateway struct {
+	DataDir string
+	Addrs   gateway.Addrs
+	CA      *ca.Authority
+	Admin   *adminclient.Client
+	Logs    *SyncBuffer
+	stop    func()
+}
+
+// SyncBuffer is a goroutine-safe log sink tests can search.
+type SyncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *SyncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+// String returns everything written so far.
+func (s *SyncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// Init creates a data directory with a fresh PKI, as `fleetgate init` does.
+func Init(t testing.TB) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "data")
+	if _, err := gateway.Init(dir, ca.InitOptions{TrustDomain: "test.fleetgate", Hosts: []string{"localhost", "127.0.0.1"}}); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// Options tune Start.
+type Options struct {
+	DataDir          string
+	HandshakeTimeout time.Duration
+	MaxPending       int
+	DeviceCertTTL    time.Duration
+}
+
+// Start runs a gateway on loopback until the test ends.
+func Start(t testing.TB, o Options) *Gateway {
+	t.Helper()
+	if o.DataDir == "" {
+		o.DataDir = Init(t)
+	}
+	g := &Gateway{DataDir: o.DataDir, Logs: &SyncBuffer{}}
+	addrFile := filepath.Join(t.TempDir(), "addrs.json")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	log := slog.New(slog.NewTextHandler(g.Logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	go func() {
+		done <- gateway.Run(ctx, gateway.Config{
+			DataDir: o.DataDir, MQTTAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", MetricsAddr: "127.0.0.1:0",
+			HandshakeTimeout: o.HandshakeTimeout, MaxPending: o.MaxPending, DeviceCertTTL: o.DeviceCertTTL,
+			AddrFile: addrFile,
+		}, log)
+	}()
+	var once sync.Once
+	g.stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("gateway: %v", err)
+			}
+		})
+	}
+	t.Cleanup(g.stop)
+	Eventually(t, 20*time.Second, func() error {
+		select {
+		case err := <-done:
+			done <- err
+			t.Fatalf("gateway exited: %v\n%s", err, g.Logs.String())
+		default:
+		}
+		b, err := os.ReadFile(addrFile)
+		if err != nil {
+			return err
+		}
+		return json.Unmarshal(b, &g.Addrs)
+	})
+	var err error
+	if g.CA, err = ca.Load(o.DataDir, ca.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if g.Admin, err = adminclient.New("https://"+g.Addrs.API, adminclient.FromDataDir(o.DataDir)); err != nil {
+		t.Fatal(err)
+	}
+	return g
+}
+
+// Stop stops the gateway now (it is also stopped at test end).
+func (g *Gateway) Stop() { g.stop() }
+
+// URL is the enrollment API base URL.
+func (g *Gateway) URL() string { return "https://" + g.Addrs.API }
+
+// Roots is a pool with the root CA.
+func (g *Gateway) Roots() *x509.CertPool { return g.CA.Roots() }
+
+// Token mints a bootstrap token through the admin API.
+func (g *Gateway) Token(t testing.TB, device, group string, ttl time.Duration) string {
+	t.Helper()
+	r, err := g.Admin.CreateToken(context.Background(), api.TokenCreateRequest{DeviceID: device, Group: group, TTL: ttl})
+	if err != nil {
+		t.Fatalf("create token for %s: %v", device, err)
+	}
+	return r.Token
+}
+
+// Device returns an unenrolled device with a software key.
+func (g *Gateway) Device(t testing.TB, id string) *devicesdk.Device {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), id)
+	key, err := devicesdk.NewSoftwareKey(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := devicesdk.New(devicesdk.Config{DeviceID: id, Key: key, StateDir: dir, EnrollURL: g.URL(), RootCAs: g.Roots()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// EnrollDevice enrolls a software-key device through a token.
+func (g *Gateway) EnrollDevice(t testing.TB, id, group string) *devicesdk.Device {
+	t.Helper()
+	d := g.Device(t, id)
+	if err := d.EnrollWithToken(context.Background(), g.Token(t, id, group, time.Hour)); err != nil {
+		t.Fatalf("enroll %s: %v", id, err)
+	}
+	return d
+}
+
+// Service issues a service certificate through the admin API.
+func (g *Gateway) Service(t testing.TB, name string) tls.Certificate {
+	t.Helper()
+	r, err := g.Admin.IssueService(context.Background(), api.ServiceIssueRequest{Name: name})
+	if err != nil {
+		t.Fatalf("issue service %s: %v", name, err)
+	}
+	c, err := tls.X509KeyPair([]byte(r.CertificateChainPEM), []byte(r.PrivateKeyPEM))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// MQTT connects a paho client with cert and client ID; it fails the test on
+// error unless the caller checks the returned error.
+func (g *Gateway) MQTT(t testing.TB, clientID string, cert *tls.Certificate) (paho.Client, error) {
+	t.Helper()
+	tcfg := &tls.Config{RootCAs: g.Roots(), ServerName: "localhost", MinVersion: tls.VersionTLS12}
+	if cert != nil {
+		// Always send the certificate, even one the server's CA list does
+		// not name (crypto/tls would otherwise send none).
+		tcfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }
+	}
+	opts := paho.NewClientOptions().AddBroker("tls://" + g.Addrs.MQTT).SetClientID(clientID).
+		SetTLSConfig(tcfg).SetCleanSession(true).SetAutoReconnect(false).SetConnectRetry(false).
+		SetConnectTimeout(10 * time.Second).SetOrderMatters(false)
+	c := paho.NewClient(opts)
+	tok := c.Connect()
+	if !tok.WaitTimeout(15 * time.Second) {
+		return nil, errors.New("connect timed out")
+	}
+	if err := tok.Error(); err != nil {
+		return nil, err
+	}
+	t.Cleanup(func() { c.Disconnect(100) })
+	return c, nil
+}
+
+// Metrics returns the /metrics text.
+func (g *Gateway) Metrics(t testing.TB) string {
+	t.Helper()
+	resp, err := httpGet("http://" + g.Addrs.Metrics + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
+}
+
+// Eventually polls fn until it returns nil or the deadline passes.
+func Eventually(t testing.TB, d time.Duration, fn func() error) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	var err error
+	for {
+		if err = fn(); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("condition not met within %s: %v", d, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the Debian packages fleetgate's demo and tests need, only if one
+# is missing. Idempotent; needs root (or sudo) on a Debian/Ubuntu machine.
+set -euo pipefail
+need=()
+command -v swtpm >/dev/null 2>&1 || need+=(swtpm)
+command -v swtpm_setup >/dev/null 2>&1 || need+=(swtpm-tools)
+command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+command -v mosquitto >/dev/null 2>&1 || need+=(mosquitto)
+command -v tpm2_startup >/dev/null 2>&1 || need+=(tpm2-tools)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v go >/dev/null 2>&1 || { echo "Go is required (https://go.dev/dl/); go.mod names the version" >&2; exit 1; }
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "installing: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
