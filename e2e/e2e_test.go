@@ -316,7 +316,7 @@ func (c *collector) wait(t *testing.T, topic, payload string) {
 
 func connectPaho(t *testing.T, addr, id string, cert tls.Certificate, roots *x509.CertPool) paho.Client {
 	t.Helper()
-	c := paho.NewClient(paho.NewClientOptions().AddBroker("tls://"+addr).SetClientID(id).
+	c := paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + addr).SetClientID(id).
 		SetTLSConfig(&tls.Config{RootCAs: roots, ServerName: "localhost", Certificates: []tls.Certificate{cert}}).
 		SetCleanSession(true).SetAutoReconnect(false))
 	if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
