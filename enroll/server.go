@@ -50,7 +50,23 @@ type Config struct {
 	MaxTokenTTL time.Duration
 	// ServiceCertTTL is the service certificate lifetime (default 1 year).
 	ServiceCertTTL time.Duration
+	// TPMRoots are the trusted TPM manufacturer roots (EK certificate
+	// chains). Nil: only pre-registered EKs can enroll (allowlist).
+	TPMRoots *x509.CertPool
+	// TPMPolicy is TPMPolicyAllowlist (default: only EKs registered at
+	// manufacturing) or TPMPolicyManufacturer (any EK chaining to TPMRoots,
+	// with an auto-assigned device ID).
+	TPMPolicy string
+	// ChallengeTTL bounds the time between the two TPM enrollment round
+	// trips (default 60s).
+	ChallengeTTL time.Duration
 }
+
+// TPM enrollment policies.
+const (
+	TPMPolicyAllowlist    = "allowlist"
+	TPMPolicyManufacturer = "manufacturer"
+)
 
 // Server serves the enrollment and admin APIs.
 type Server struct {
@@ -77,6 +93,15 @@ func New(cfg Config) (*Server, error) {
 	if cfg.ServiceCertTTL <= 0 {
 		cfg.ServiceCertTTL = 365 * 24 * time.Hour
 	}
+	if cfg.TPMPolicy == "" {
+		cfg.TPMPolicy = TPMPolicyAllowlist
+	}
+	if cfg.TPMPolicy != TPMPolicyAllowlist && cfg.TPMPolicy != TPMPolicyManufacturer {
+		return nil, fmt.Errorf("enroll: TPM policy %q (want %s or %s)", cfg.TPMPolicy, TPMPolicyAllowlist, TPMPolicyManufacturer)
+	}
+	if cfg.ChallengeTTL <= 0 {
+		cfg.ChallengeTTL = 60 * time.Second
+	}
 	s := &Server{cfg: cfg, log: cfg.Logger, mux: http.NewServeMux()}
 	s.enrolls = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "fleetgate_enrollments_total",
@@ -94,6 +119,8 @@ func New(cfg Config) (*Server, error) {
 	s.mux.HandleFunc("GET "+api.PathAdminDevices, s.admin(s.handleDeviceList))
 	s.mux.HandleFunc("GET "+api.PathAdminDevices+"/{id}", s.admin(s.handleDeviceShow))
 	s.mux.HandleFunc("GET "+api.PathAdminAudit, s.admin(s.handleAudit))
+	s.registerTPMRoutes()
+	s.registerLifecycleRoutes()
 	return s, nil
 }
 

@@ -95,6 +95,7 @@ func serveCmd() *cobra.Command {
 				DataDir: cfg.DataDir, MQTTAddr: cfg.MQTTAddr, APIAddr: cfg.APIAddr, MetricsAddr: cfg.MetricsAddr,
 				Only: cfg.Only, DeviceCertTTL: cfg.DeviceCertTTL, HandshakeTimeout: cfg.HandshakeTimeout,
 				MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize, AddrFile: cfg.AddrFile,
+				TPMRootsDir: cfg.TPMRootsDir, TPMPolicy: cfg.TPMPolicy,
 			}, log)
 			if err == nil {
 				log.Info("fleetgate stopped")
@@ -283,6 +284,8 @@ func devicesCmd() *cobra.Command {
 		},
 	}
 	c.AddCommand(list, show)
+	addEKCommands(c, &af)
+	addLifecycleCommands(c, &af)
 	return c
 }
 

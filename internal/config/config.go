@@ -32,6 +32,8 @@ type Serve struct {
 	LogLevel         string        `yaml:"log_level"`
 	LogFormat        string        `yaml:"log_format"`
 	AddrFile         string        `yaml:"addr_file"`
+	TPMRootsDir      string        `yaml:"tpm_roots"`
+	TPMPolicy        string        `yaml:"tpm_policy"`
 }
 
 // DefaultDataDir is used when nothing else names one.
@@ -45,7 +47,7 @@ func Defaults() Serve {
 	return Serve{
 		DataDir: DefaultDataDir, MQTTAddr: ":8883", APIAddr: ":8443", MetricsAddr: "127.0.0.1:9090",
 		DeviceCertTTL: 90 * 24 * time.Hour, HandshakeTimeout: 10 * time.Second, MaxPending: 1024,
-		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text",
+		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text", TPMPolicy: "allowlist",
 	}
 }
 
@@ -64,11 +66,13 @@ func ServeFlags(fs *pflag.FlagSet, d Serve) {
 	fs.String("log-level", d.LogLevel, "debug, info, warn or error")
 	fs.String("log-format", d.LogFormat, "text or json")
 	fs.String("addr-file", d.AddrFile, "write bound addresses as JSON to this file once serving")
+	fs.String("tpm-roots", d.TPMRootsDir, "folder of PEM files: trusted TPM manufacturer roots for EK certificates")
+	fs.String("tpm-policy", d.TPMPolicy, "allowlist (only EKs registered at manufacturing) or manufacturer (any EK chaining to --tpm-roots)")
 }
 
 // keys are the layered settings, by flag name.
 var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only", "device-cert-ttl",
-	"handshake-timeout", "max-pending", "max-packet-size", "log-level", "log-format", "addr-file"}
+	"handshake-timeout", "max-pending", "max-packet-size", "log-level", "log-format", "addr-file", "tpm-roots", "tpm-policy"}
 
 // LoadServe layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
@@ -152,6 +156,10 @@ func assign(c *Serve, k string, f *pflag.Flag) error {
 		c.LogFormat, err = fs.GetString(k)
 	case "addr-file":
 		c.AddrFile, err = fs.GetString(k)
+	case "tpm-roots":
+		c.TPMRootsDir, err = fs.GetString(k)
+	case "tpm-policy":
+		c.TPMPolicy, err = fs.GetString(k)
 	}
 	return err
 }
@@ -194,6 +202,14 @@ func (c Serve) Validate() []error {
 	case "debug", "info", "warn", "error":
 	default:
 		errs = append(errs, fmt.Errorf("log_level: %q (want debug, info, warn or error)", c.LogLevel))
+	}
+	switch c.TPMPolicy {
+	case "allowlist", "manufacturer":
+	default:
+		errs = append(errs, fmt.Errorf("tpm_policy: %q (want allowlist or manufacturer)", c.TPMPolicy))
+	}
+	if c.TPMPolicy == "manufacturer" && c.TPMRootsDir == "" {
+		errs = append(errs, errors.New("tpm_policy manufacturer needs tpm_roots (the manufacturer CA folder)"))
 	}
 	switch c.LogFormat {
 	case "text", "json":

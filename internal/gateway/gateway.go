@@ -7,6 +7,7 @@ package gateway
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -50,6 +51,10 @@ type Config struct {
 	// AddrFile, if set, receives the bound addresses as JSON once every
 	// listener is up (useful with port 0).
 	AddrFile string
+	// TPMRootsDir holds PEM files of trusted TPM manufacturer roots.
+	TPMRootsDir string
+	// TPMPolicy: "allowlist" (default) or "manufacturer".
+	TPMPolicy string
 }
 
 // Addrs are the bound addresses, as written to AddrFile.
@@ -120,8 +125,12 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 
 	if cfg.Only != OnlyBroker {
+		tpmRoots, err := LoadPEMDir(cfg.TPMRootsDir)
+		if err != nil {
+			return fmt.Errorf("TPM manufacturer roots: %w", err)
+		}
 		es, err := enroll.New(enroll.Config{CA: authority, Registry: reg, Logger: log.With("component", "enroll"),
-			Metrics: promReg, DeviceCertTTL: cfg.DeviceCertTTL})
+			Metrics: promReg, DeviceCertTTL: cfg.DeviceCertTTL, TPMRoots: tpmRoots, TPMPolicy: cfg.TPMPolicy})
 		if err != nil {
 			return err
 		}
@@ -204,4 +213,37 @@ func serveHTTP(ctx context.Context, wg *sync.WaitGroup, srv *http.Server, ln net
 		defer c()
 		_ = srv.Shutdown(sctx)
 	}()
+}
+
+// LoadPEMDir returns a pool of every certificate in the *.pem, *.crt and
+// *.cer files of dir; nil for an empty dir name.
+func LoadPEMDir(dir string) (*x509.CertPool, error) {
+	if dir == "" {
+		return nil, nil
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	n := 0
+	for _, e := range entries {
+		switch filepath.Ext(e.Name()) {
+		case ".pem", ".crt", ".cer":
+		default:
+			continue
+		}
+		certs, err := ca.ReadCertsFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			return nil, err
+		}
+		for _, c := range certs {
+			pool.AddCert(c)
+			n++
+		}
+	}
+	if n == 0 {
+		return nil, fmt.Errorf("no certificate in %s", dir)
+	}
+	return pool, nil
 }

