@@ -20,6 +20,10 @@ const (
 	PathAdminServices = "/v1/admin/services"
 	PathAdminDevices  = "/v1/admin/devices"
 	PathAdminAudit    = "/v1/admin/audit"
+	// PathAdminDevicesRegister registers one TPM EK for a device.
+	PathAdminDevicesRegister = "/v1/admin/devices/register"
+	// PathAdminDevicesImport registers many EKs, all or nothing.
+	PathAdminDevicesImport = "/v1/admin/devices/import"
 )
 
 // MaxBodyBytes is the largest request body the server reads.

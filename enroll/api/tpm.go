@@ -1,6 +1,10 @@
 package api
 
-import "time"
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"time"
+)
 
 // TPM enrollment: two round trips (see docs and enroll/attest).
 //
@@ -63,3 +67,76 @@ type TPMCompleteRequest struct {
 	// CSR is a PKCS#10 certificate request, DER, signed by the TLS key.
 	CSR []byte `json:"csr"`
 }
+
+// EKFingerprint identifies a TPM by its endorsement key: lowercase hex
+// SHA-256 of the EK's DER SubjectPublicKeyInfo (x509.Certificate's
+// RawSubjectPublicKeyInfo). The registry keys EK registrations by it.
+func EKFingerprint(spkiDER []byte) string {
+	h := sha256.Sum256(spkiDER)
+	return hex.EncodeToString(h[:])
+}
+
+// AutoDeviceIDPrefix starts every device ID assigned under the manufacturer
+// policy.
+const AutoDeviceIDPrefix = "tpm-"
+
+// AutoDeviceID is the device ID the server assigns, under the manufacturer
+// policy, to an EK that was not registered: "tpm-" and the first 16 hex
+// digits of its fingerprint. A device computes it from its own EK
+// certificate to know its ID before enrolling.
+func AutoDeviceID(spkiDER []byte) string {
+	return AutoDeviceIDPrefix + EKFingerprint(spkiDER)[:16]
+}
+
+// EKRegisterRequest registers a TPM's endorsement key for a device at
+// manufacturing (admin API, operator mTLS). Answered by EKRegistration.
+type EKRegisterRequest struct {
+	// EKCert is the EK certificate, DER.
+	EKCert   []byte `json:"ek_cert"`
+	DeviceID string `json:"device_id"`
+	// Group defaults to "default".
+	Group string `json:"group,omitempty"`
+	// Line is the line of the import file this entry comes from, echoed in
+	// problems (imports only; optional).
+	Line int `json:"line,omitempty"`
+}
+
+// EKRegistration is one registered EK.
+type EKRegistration struct {
+	DeviceID      string `json:"device_id"`
+	Group         string `json:"group"`
+	EKFingerprint string `json:"ek_fingerprint"`
+}
+
+// EKImportRequest registers many EKs in one transaction: all or none.
+type EKImportRequest struct {
+	Entries []EKRegisterRequest `json:"entries"`
+}
+
+// EKImportResponse answers an import: on success Registered lists every
+// entry; on refusal (status 422, code "import_refused") Problems lists every
+// bad entry and nothing was registered.
+type EKImportResponse struct {
+	Registered []EKRegistration `json:"registered,omitempty"`
+	Problems   []ImportProblem  `json:"problems,omitempty"`
+}
+
+// ImportProblem is one refused entry of an import.
+type ImportProblem struct {
+	// Index is the entry's position in EKImportRequest.Entries.
+	Index int `json:"index"`
+	// Line is the entry's Line, if the client set it.
+	Line     int    `json:"line,omitempty"`
+	DeviceID string `json:"device_id,omitempty"`
+	// Code is a stable reason, e.g. "ek_chain_invalid",
+	// "ek_already_registered", "invalid_device_id".
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// MaxImportEntries bounds one import request.
+const MaxImportEntries = 10000
+
+// MaxImportBodyBytes is the largest import request body the server reads
+// (EK certificates are 1-2 KiB, base64 in JSON).
+const MaxImportBodyBytes = 32 << 20
