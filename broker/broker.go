@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -48,6 +49,9 @@ type Config struct {
 	MaxPending int
 	// MaxPacketSize in bytes (default 256 KiB).
 	MaxPacketSize uint32
+	// SweepInterval is how often sessions whose certificate expired while
+	// connected are closed (default 10s).
+	SweepInterval time.Duration
 }
 
 // Broker is a running or runnable broker.
@@ -59,6 +63,9 @@ type Broker struct {
 	ln     *listener
 	policy atomic.Pointer[acl.Policy]
 	m      metrics
+	stop   chan struct{}
+	wg     sync.WaitGroup
+	once   sync.Once
 }
 
 type metrics struct {
@@ -104,7 +111,10 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.MaxPacketSize == 0 {
 		cfg.MaxPacketSize = 256 << 10
 	}
-	b := &Broker{cfg: cfg, log: cfg.Logger.With("component", "broker")}
+	if cfg.SweepInterval <= 0 {
+		cfg.SweepInterval = 10 * time.Second
+	}
+	b := &Broker{cfg: cfg, log: cfg.Logger.With("component", "broker"), stop: make(chan struct{})}
 	b.policy.Store(cfg.Policy)
 	b.initMetrics()
 
@@ -220,7 +230,39 @@ func (b *Broker) Start() error {
 		return fmt.Errorf("broker: serve: %w", err)
 	}
 	b.log.Info("broker listening", "addr", b.Addr())
+	b.wg.Add(1)
+	go b.sweepLoop()
 	return nil
+}
+
+// sweepLoop closes sessions whose certificate expired while connected.
+func (b *Broker) sweepLoop() {
+	defer b.wg.Done()
+	t := time.NewTicker(b.cfg.SweepInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-b.stop:
+			return
+		case <-t.C:
+			b.SweepExpired()
+		}
+	}
+}
+
+// SweepExpired closes every session whose certificate has expired; it
+// returns how many it closed.
+func (b *Broker) SweepExpired() int {
+	now := b.cfg.Now()
+	n := 0
+	b.hook.Sessions(func(s *auth.Session) bool {
+		if !now.Before(s.NotAfter) {
+			b.closeSession(s, "expired")
+			n++
+		}
+		return true
+	})
+	return n
 }
 
 // Run serves until ctx is done, then closes every session and the store.
@@ -234,8 +276,10 @@ func (b *Broker) Run(ctx context.Context) error {
 
 // Close stops the broker and waits for its client goroutines.
 func (b *Broker) Close() error {
+	b.once.Do(func() { close(b.stop) })
 	err := b.server.Close()
 	b.ln.wg.Wait()
+	b.wg.Wait()
 	return err
 }
 

@@ -358,3 +358,22 @@ func writeFileAtomic(path string, data []byte, mode fs.FileMode) error {
 	}
 	return os.Rename(tmp.Name(), path)
 }
+
+// Renew asks the enrollment server, over mTLS with the current certificate,
+// for a new certificate for the same key, and stores it. The broker
+// connection in use is not touched: the next TLS handshake presents the new
+// certificate.
+func (d *Device) Renew(ctx context.Context) error {
+	if !d.Enrolled() {
+		return ErrNotEnrolled
+	}
+	csr, err := d.CSR()
+	if err != nil {
+		return err
+	}
+	var resp api.EnrollResponse
+	if err := d.post(ctx, api.PathRenew, api.RenewRequest{CSR: csr}, &resp); err != nil {
+		return err
+	}
+	return d.Store(&resp)
+}

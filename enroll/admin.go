@@ -116,9 +116,10 @@ func (s *Server) handleServiceIssue(w http.ResponseWriter, r *http.Request, op i
 	writeJSON(w, http.StatusCreated, resp)
 }
 
-func toAPIDevice(d registry.Device) api.Device {
+func (s *Server) toAPIDevice(d registry.Device) api.Device {
+	online := s.cfg.Online != nil && s.cfg.Online(d.ID)
 	return api.Device{ID: d.ID, Group: d.Group, State: string(d.State), AttestationMethod: d.AttestationMethod,
-		Serial: d.CurrentSerial, NotAfter: d.NotAfter, CreatedAt: d.CreatedAt}
+		Serial: d.CurrentSerial, NotAfter: d.NotAfter, CreatedAt: d.CreatedAt, Online: online}
 }
 
 func (s *Server) handleDeviceList(w http.ResponseWriter, r *http.Request, _ identity.Identity) {
@@ -129,7 +130,7 @@ func (s *Server) handleDeviceList(w http.ResponseWriter, r *http.Request, _ iden
 	}
 	out := make([]api.Device, 0, len(ds))
 	for _, d := range ds {
-		out = append(out, toAPIDevice(d))
+		out = append(out, s.toAPIDevice(d))
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -145,7 +146,7 @@ func (s *Server) handleDeviceShow(w http.ResponseWriter, r *http.Request, _ iden
 		s.writeError(w, r, asAPIError(registryError(err)), id)
 		return
 	}
-	writeJSON(w, http.StatusOK, toAPIDevice(*d))
+	writeJSON(w, http.StatusOK, s.toAPIDevice(*d))
 }
 
 func (s *Server) handleAudit(w http.ResponseWriter, r *http.Request, _ identity.Identity) {

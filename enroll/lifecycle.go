@@ -1,5 +1,343 @@
 package enroll
 
+import (
+	"bytes"
+	"crypto"
+	"crypto/x509"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/smallstep/pkcs7"
+
+	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/internal/identity"
+)
+
 // registerLifecycleRoutes registers revocation, suspension, renewal, CRL
 // and EST endpoints.
-func (s *Server) registerLifecycleRoutes() {}
+func (s *Server) registerLifecycleRoutes() {
+	if s.cfg.CRLValidity <= 0 {
+		s.cfg.CRLValidity = 24 * time.Hour
+	}
+	s.mux.HandleFunc("POST "+api.PathAdminDeviceAction+"{id}/{action}", s.admin(s.handleDeviceAction))
+	s.mux.HandleFunc("POST "+api.PathAdminCertificates+"{serial}/revoke", s.admin(s.handleCertRevoke))
+	s.mux.HandleFunc("POST "+api.PathRenew, s.handleRenew)
+	s.mux.HandleFunc("GET "+api.PathCRL, s.handleCRL)
+	s.mux.HandleFunc("GET "+api.PathESTCACerts, s.handleESTCACerts)
+	s.mux.HandleFunc("POST "+api.PathESTSimpleEnroll, s.handleESTSimpleEnroll)
+	s.mux.HandleFunc("POST "+api.PathESTSimpleReenroll, s.handleESTSimpleReenroll)
+	s.cfg.Registry.Watch(func(ev registry.Event) {
+		if ev.Kind == registry.EventCertRevoked {
+			s.crl.invalidate()
+		}
+	})
+}
+
+// ---- revoke, suspend, resume ----
+
+func (s *Server) handleDeviceAction(w http.ResponseWriter, r *http.Request, op identity.Identity) {
+	id, action := r.PathValue("id"), r.PathValue("action")
+	if err := identity.ValidateName(id); err != nil {
+		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err), "")
+		return
+	}
+	var req api.StateChangeRequest
+	if r.ContentLength != 0 {
+		if err := decodeJSON(r, &req); err != nil {
+			s.writeError(w, r, asAPIError(err), id)
+			return
+		}
+	}
+	resp := api.StateChangeResponse{DeviceID: id}
+	var err error
+	switch action {
+	case "revoke":
+		if req.Reason == "" {
+			s.writeError(w, r, apiErr(http.StatusBadRequest, "reason_required", "revocation needs a reason", nil), id)
+			return
+		}
+		resp.RevokedSerials, err = s.cfg.Registry.RevokeDevice(id, req.Reason, op.String())
+		if err == nil {
+			s.refreshCRL()
+		}
+	case "suspend":
+		err = s.cfg.Registry.SetSuspended(id, true, req.Reason, op.String())
+	case "resume":
+		err = s.cfg.Registry.SetSuspended(id, false, req.Reason, op.String())
+	default:
+		s.writeError(w, r, apiErr(http.StatusNotFound, "unknown_action", "action must be revoke, suspend or resume", nil), id)
+		return
+	}
+	if err != nil {
+		s.writeError(w, r, asAPIError(registryError(err)), id)
+		return
+	}
+	if st, ok := s.cfg.Registry.DeviceStatus(id); ok {
+		resp.State = string(st.State)
+	}
+	// Registry watchers (the in-process broker) ran before the registry
+	// call returned: sessions are closed by now.
+	resp.SessionsClosed = s.cfg.Online != nil && !s.cfg.Online(id)
+	s.log.Info("device "+action, logKeyDevice, id, "reason", req.Reason, logKeyActor, op.String(), "revoked_serials", len(resp.RevokedSerials))
+	writeJSON(w, http.StatusOK, resp)
+}
+
+func (s *Server) handleCertRevoke(w http.ResponseWriter, r *http.Request, op identity.Identity) {
+	serial := strings.ToLower(r.PathValue("serial"))
+	if _, ok := new(big.Int).SetString(serial, 16); !ok {
+		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_serial", "serial must be hexadecimal", nil), "")
+		return
+	}
+	var req api.StateChangeRequest
+	if err := decodeJSON(r, &req); err != nil || req.Reason == "" {
+		s.writeError(w, r, apiErr(http.StatusBadRequest, "reason_required", "revocation needs a JSON body with a reason", err), "")
+		return
+	}
+	if err := s.cfg.Registry.RevokeCertificate(serial, req.Reason, op.String()); err != nil {
+		s.writeError(w, r, asAPIError(registryError(err)), "")
+		return
+	}
+	s.refreshCRL()
+	writeJSON(w, http.StatusOK, api.StateChangeResponse{RevokedSerials: []string{serial}, SessionsClosed: true})
+}
+
+// ---- renewal ----
+
+func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
+	var req api.RenewRequest
+	var id identity.Identity
+	resp, err := func() (*api.EnrollResponse, error) {
+		var err error
+		if id, err = s.Authenticate(r); err != nil {
+			return nil, err
+		}
+		if err := decodeJSON(r, &req); err != nil {
+			return nil, err
+		}
+		return s.renew(r, id, req.CSR)
+	}()
+	s.finish(w, r, "renew", "renew", id.Name, resp, err)
+}
+
+// renew issues a new certificate for the key of the certificate presented
+// over mTLS; shared by /v1/renew and EST simplereenroll.
+func (s *Server) renew(r *http.Request, id identity.Identity, csrDER []byte) (*api.EnrollResponse, error) {
+	if id.Role != identity.RoleDevice {
+		return nil, apiErr(http.StatusForbidden, "device_required", "only devices renew here", nil)
+	}
+	csr, err := ca.CheckCSR(csrDER)
+	if err != nil {
+		return nil, csrError(err)
+	}
+	leaf := r.TLS.VerifiedChains[0][0]
+	type eq interface{ Equal(crypto.PublicKey) bool }
+	if k, ok := leaf.PublicKey.(eq); !ok || !k.Equal(csr.PublicKey) {
+		return nil, apiErr(http.StatusBadRequest, "csr_key_mismatch", "renewal CSR must be for the key of the presented certificate", nil)
+	}
+	var cert *x509.Certificate
+	rec, err := s.cfg.Registry.RecordRenewal(id.Name, ca.SerialString(leaf.SerialNumber), func(d registry.Device) (*registry.Certificate, error) {
+		var err error
+		cert, err = s.cfg.CA.Issue(id, csr.PublicKey, s.cfg.DeviceCertTTL)
+		if err != nil {
+			return nil, err
+		}
+		return certRecord(cert, id), nil
+	})
+	if err != nil {
+		return nil, registryError(err)
+	}
+	return s.enrollResponse(id.Name, cert, rec), nil
+}
+
+// ---- CRL ----
+
+// crlCache holds the signed CRL; it is re-signed after every revocation and
+// when half of its validity has passed.
+type crlCache struct {
+	mu    sync.Mutex
+	der   []byte
+	until time.Time
+	dirty bool
+}
+
+func (c *crlCache) invalidate() {
+	c.mu.Lock()
+	c.dirty = true
+	c.mu.Unlock()
+}
+
+func (s *Server) refreshCRL() {
+	if _, err := s.currentCRL(true); err != nil {
+		s.log.Error("CRL generation failed", logKeyErr, err)
+	}
+}
+
+func (s *Server) currentCRL(force bool) ([]byte, error) {
+	s.crl.mu.Lock()
+	defer s.crl.mu.Unlock()
+	now := s.cfg.CA.Now()
+	if !force && !s.crl.dirty && s.crl.der != nil && now.Before(s.crl.until) {
+		return s.crl.der, nil
+	}
+	revoked, err := s.cfg.Registry.RevokedCertificates(now)
+	if err != nil {
+		return nil, err
+	}
+	entries := make([]ca.Revoked, 0, len(revoked))
+	for _, c := range revoked {
+		n, ok := new(big.Int).SetString(c.Serial, 16)
+		if !ok {
+			continue
+		}
+		entries = append(entries, ca.Revoked{Serial: n, RevokedAt: c.RevokedAt})
+	}
+	num, err := s.cfg.Registry.NextCRLNumber()
+	if err != nil {
+		return nil, err
+	}
+	der, err := s.cfg.CA.CRL(num, entries, s.cfg.CRLValidity)
+	if err != nil {
+		return nil, err
+	}
+	s.crl.der, s.crl.until, s.crl.dirty = der, now.Add(s.cfg.CRLValidity/2), false
+	return der, nil
+}
+
+func (s *Server) handleCRL(w http.ResponseWriter, r *http.Request) {
+	der, err := s.currentCRL(false)
+	if err != nil {
+		s.writeError(w, r, asAPIError(err), "")
+		return
+	}
+	w.Header().Set("Content-Type", api.ContentTypeCRL)
+	w.Header().Set("Cache-Control", "no-cache")
+	w.Write(der)
+}
+
+// ---- EST (RFC 7030) ----
+
+// estError writes an EST error: plain text, as RFC 7030 section 4.2.3
+// allows, with the same status mapping as the JSON API.
+func (s *Server) estError(w http.ResponseWriter, r *http.Request, err error, deviceID string) {
+	e := asAPIError(err)
+	s.log.Warn("EST request refused", "path", r.URL.Path, logKeyCode, e.Code, logKeyDevice, auditDeviceID(deviceID), logKeyRemote, r.RemoteAddr, logKeyErr, e.Err)
+	if e.Status == http.StatusUnauthorized {
+		w.Header().Set("WWW-Authenticate", `Basic realm="fleetgate EST"`)
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(e.Status)
+	fmt.Fprintf(w, "%s: %s\n", e.Code, e.Msg)
+}
+
+// writeCertsOnly writes a base64 PKCS#7 certs-only body (RFC 7030 4.1.3).
+func writeCertsOnly(w http.ResponseWriter, certs ...*x509.Certificate) error {
+	var raw []byte
+	for _, c := range certs {
+		raw = append(raw, c.Raw...)
+	}
+	p7, err := pkcs7.DegenerateCertificate(raw)
+	if err != nil {
+		return fmt.Errorf("pkcs7: %w", err)
+	}
+	w.Header().Set("Content-Type", api.ContentTypePKCS7Certs)
+	w.Header().Set(api.HeaderTransferEncoding, "base64")
+	_, err = io.WriteString(w, base64Lines(p7))
+	return err
+}
+
+func base64Lines(b []byte) string {
+	s := base64.StdEncoding.EncodeToString(b)
+	var out strings.Builder
+	for len(s) > 64 {
+		out.WriteString(s[:64])
+		out.WriteString("\r\n")
+		s = s[64:]
+	}
+	out.WriteString(s)
+	out.WriteString("\r\n")
+	return out.String()
+}
+
+func (s *Server) handleESTCACerts(w http.ResponseWriter, r *http.Request) {
+	if err := writeCertsOnly(w, s.cfg.CA.Issuing, s.cfg.CA.Root); err != nil {
+		s.estError(w, r, err, "")
+	}
+}
+
+// readPKCS10 reads an EST request body: base64 DER PKCS#10.
+func readPKCS10(r *http.Request) ([]byte, error) {
+	ct := r.Header.Get("Content-Type")
+	if ct != "" && !strings.HasPrefix(ct, api.ContentTypePKCS10) {
+		return nil, apiErr(http.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Type must be application/pkcs10", nil)
+	}
+	b, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, api.MaxBodyBytes))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return nil, apiErr(http.StatusRequestEntityTooLarge, "body_too_large", fmt.Sprintf("request body exceeds %d bytes", api.MaxBodyBytes), err)
+		}
+		return nil, apiErr(http.StatusBadRequest, "read_failed", "could not read body", err)
+	}
+	der, err := base64.StdEncoding.DecodeString(string(bytes.Join(bytes.Fields(b), nil)))
+	if err != nil {
+		return nil, apiErr(http.StatusBadRequest, "csr_malformed", "body must be base64-encoded DER PKCS#10", err)
+	}
+	return der, nil
+}
+
+// handleESTSimpleEnroll enrolls with a bootstrap token as HTTP Basic
+// credentials: user = device ID, password = token (RFC 7030 3.2.3).
+func (s *Server) handleESTSimpleEnroll(w http.ResponseWriter, r *http.Request) {
+	user, pass, ok := r.BasicAuth()
+	resp, err := func() (*api.EnrollResponse, error) {
+		if !ok {
+			return nil, apiErr(http.StatusUnauthorized, "credentials_required", "HTTP Basic credentials (device ID, bootstrap token) required", nil)
+		}
+		csr, err := readPKCS10(r)
+		if err != nil {
+			return nil, err
+		}
+		return s.enrollToken(user, pass, csr)
+	}()
+	s.finishEST(w, r, "est", "enroll.est", user, resp, err)
+}
+
+func (s *Server) handleESTSimpleReenroll(w http.ResponseWriter, r *http.Request) {
+	var id identity.Identity
+	resp, err := func() (*api.EnrollResponse, error) {
+		var err error
+		if id, err = s.Authenticate(r); err != nil {
+			return nil, err
+		}
+		csr, err := readPKCS10(r)
+		if err != nil {
+			return nil, err
+		}
+		return s.renew(r, id, csr)
+	}()
+	s.finishEST(w, r, "est-reenroll", "renew.est", id.Name, resp, err)
+}
+
+func (s *Server) finishEST(w http.ResponseWriter, r *http.Request, method, action, deviceID string, resp *api.EnrollResponse, err error) {
+	s.account(r, method, action, deviceID, resp, err)
+	if err != nil {
+		s.estError(w, r, err, deviceID)
+		return
+	}
+	certs, perr := ca.ParseCertsPEM([]byte(resp.CertificateChainPEM))
+	if perr == nil {
+		perr = writeCertsOnly(w, certs...)
+	}
+	if perr != nil {
+		s.log.Error("EST response", logKeyErr, perr)
+	}
+}

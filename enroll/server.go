@@ -60,6 +60,17 @@ type Config struct {
 	// ChallengeTTL bounds the time between the two TPM enrollment round
 	// trips (default 60s).
 	ChallengeTTL time.Duration
+	// Now is the clock of challenge expiry and EK chain checks (default:
+	// the CA's clock).
+	Now func() time.Time
+	// Rand is the randomness of challenge IDs, nonces and credential
+	// secrets (default crypto/rand).
+	Rand io.Reader
+	// Online reports whether a device has a live MQTT session (nil: unknown).
+	Online func(deviceID string) bool
+	// CRLValidity is the CRL's nextUpdate distance (default 24h); the CRL is
+	// re-signed on every revocation and when half of it has passed.
+	CRLValidity time.Duration
 }
 
 // TPM enrollment policies.
@@ -74,6 +85,7 @@ type Server struct {
 	log     *slog.Logger
 	mux     *http.ServeMux
 	enrolls *prometheus.CounterVec
+	crl     crlCache
 }
 
 // New returns a Server.
@@ -101,6 +113,12 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.ChallengeTTL <= 0 {
 		cfg.ChallengeTTL = 60 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = cfg.CA.Now
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Reader
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, mux: http.NewServeMux()}
 	s.enrolls = prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -143,39 +161,44 @@ func (s *Server) TLSConfig(serverCert tls.Certificate) *tls.Config {
 
 func (s *Server) handleTokenEnroll(w http.ResponseWriter, r *http.Request) {
 	var req api.TokenEnrollRequest
-	deviceID := ""
 	resp, err := func() (*api.EnrollResponse, error) {
 		if err := decodeJSON(r, &req); err != nil {
 			return nil, err
 		}
-		deviceID = req.DeviceID
-		if err := identity.ValidateName(req.DeviceID); err != nil {
-			return nil, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err)
-		}
-		tokID, secret, err := ParseToken(req.Token)
-		if err != nil {
-			return nil, apiErr(http.StatusUnauthorized, "token_invalid", "bootstrap token is malformed", err)
-		}
-		csr, err := ca.CheckCSR(req.CSR)
-		if err != nil {
-			return nil, csrError(err)
-		}
-		id := identity.Identity{Role: identity.RoleDevice, Name: req.DeviceID}
-		var cert *x509.Certificate
-		rec, err := s.cfg.Registry.RedeemToken(tokID, secret, req.DeviceID, func(tr registry.TokenRedemption) (*registry.Certificate, error) {
-			var err error
-			cert, err = s.cfg.CA.Issue(id, csr.PublicKey, s.cfg.DeviceCertTTL)
-			if err != nil {
-				return nil, err
-			}
-			return certRecord(cert, id), nil
-		})
-		if err != nil {
-			return nil, registryError(err)
-		}
-		return s.enrollResponse(req.DeviceID, cert, rec), nil
+		return s.enrollToken(req.DeviceID, req.Token, req.CSR)
 	}()
-	s.finish(w, r, "token", "enroll.token", deviceID, resp, err)
+	s.finish(w, r, "token", "enroll.token", req.DeviceID, resp, err)
+}
+
+// enrollToken is token enrollment, shared by the JSON API and EST
+// simpleenroll: device ID, token and CSR checks, then redemption, signing
+// and recording in one registry transaction.
+func (s *Server) enrollToken(deviceID, token string, csrDER []byte) (*api.EnrollResponse, error) {
+	if err := identity.ValidateName(deviceID); err != nil {
+		return nil, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err)
+	}
+	tokID, secret, err := ParseToken(token)
+	if err != nil {
+		return nil, apiErr(http.StatusUnauthorized, "token_invalid", "bootstrap token is malformed", err)
+	}
+	csr, err := ca.CheckCSR(csrDER)
+	if err != nil {
+		return nil, csrError(err)
+	}
+	id := identity.Identity{Role: identity.RoleDevice, Name: deviceID}
+	var cert *x509.Certificate
+	rec, err := s.cfg.Registry.RedeemToken(tokID, secret, deviceID, func(tr registry.TokenRedemption) (*registry.Certificate, error) {
+		var err error
+		cert, err = s.cfg.CA.Issue(id, csr.PublicKey, s.cfg.DeviceCertTTL)
+		if err != nil {
+			return nil, err
+		}
+		return certRecord(cert, id), nil
+	})
+	if err != nil {
+		return nil, registryError(err)
+	}
+	return s.enrollResponse(deviceID, cert, rec), nil
 }
 
 func (s *Server) enrollResponse(deviceID string, cert *x509.Certificate, rec *registry.Certificate) *api.EnrollResponse {
@@ -192,11 +215,20 @@ func (s *Server) enrollResponse(deviceID string, cert *x509.Certificate, rec *re
 // finish writes the response, counts and audits the outcome of an
 // enrollment-type request.
 func (s *Server) finish(w http.ResponseWriter, r *http.Request, method, action, deviceID string, resp any, err error) {
+	s.account(r, method, action, deviceID, resp, err)
+	if err != nil {
+		s.writeError(w, r, asAPIError(err), deviceID)
+		return
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// account counts, audits and logs the outcome of an enrollment-type request.
+func (s *Server) account(r *http.Request, method, action, deviceID string, resp any, err error) {
 	if err != nil {
 		e := asAPIError(err)
 		s.enrolls.WithLabelValues(method, e.Code).Inc()
 		s.cfg.Registry.Audit(registry.AuditRecord{Actor: "device", Action: action, DeviceID: auditDeviceID(deviceID), Outcome: registry.OutcomeDenied, Reason: e.Code + ": " + causeText(e), Remote: r.RemoteAddr})
-		s.writeError(w, r, e, deviceID)
 		return
 	}
 	s.enrolls.WithLabelValues(method, "ok").Inc()
@@ -206,7 +238,6 @@ func (s *Server) finish(w http.ResponseWriter, r *http.Request, method, action, 
 	}
 	s.cfg.Registry.Audit(registry.AuditRecord{Actor: "device", Action: action, DeviceID: deviceID, Outcome: registry.OutcomeOK, Remote: r.RemoteAddr, Serial: serial})
 	s.log.Info("certificate issued", logKeyDevice, deviceID, "method", method, "serial", serial, logKeyRemote, r.RemoteAddr)
-	writeJSON(w, http.StatusOK, resp)
 }
 
 // auditDeviceID keeps only a valid device ID in the audit log: an attacker's
@@ -255,6 +286,8 @@ func registryError(err error) error {
 		return apiErr(http.StatusNotFound, "not_found", "not found", err)
 	case errors.Is(err, registry.ErrConflict):
 		return apiErr(http.StatusConflict, "conflict", "concurrent request for the same record; retry", err)
+	case errors.Is(err, registry.ErrInvalidTransition):
+		return apiErr(http.StatusConflict, "invalid_state", err.Error(), err)
 	}
 	return err
 }

@@ -1,4 +1,499 @@
 package enroll
 
-// registerTPMRoutes registers the TPM attestation enrollment endpoints.
-func (s *Server) registerTPMRoutes() {}
+import (
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/enroll/attest"
+	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/internal/identity"
+)
+
+// TPM enrollment (DESIGN.md, "TPM-bound enrollment"): two round trips.
+//
+// Round 1, POST /v1/enroll/tpm/challenge: chain, then registration and
+// device state, then the AK; the server encrypts a fresh secret to the EK
+// public key taken from the verified EK certificate (never a key the device
+// merely claims) for the AK's name, and keeps a single-use, expiring
+// challenge.
+//
+// Round 2, POST /v1/enroll/tpm/complete: the challenge is taken (single use,
+// whatever the outcome), the activated secret compared in constant time,
+// then the certification of the TLS key by the AK (VerifyCertify), the CSR,
+// and only then is the certificate signed and recorded (registry.RedeemTPM,
+// one transaction that re-checks the device state) and returned.
+//
+// Re-enrollment policy: a device may enroll again (after a factory reset of
+// its TLS key, or to get a new key) when it attests with the EK registered
+// for it and is neither revoked nor suspended. Its earlier certificates stay
+// valid until they expire unless an operator revokes them; the registry's
+// current serial is the newest.
+//
+// Policy TPMPolicyAllowlist: the EK must be registered (and, when TPMRoots
+// are configured, its certificate must also chain to one of them).
+// TPMPolicyManufacturer: the EK certificate must chain to TPMRoots; an
+// unregistered EK gets the device ID api.AutoDeviceID and group "default".
+
+// tpmEnroller serves the TPM enrollment and EK registration endpoints.
+type tpmEnroller struct {
+	s          *Server
+	challenges *challengeStore
+	// latency is the handlers' own timing, by phase and outcome.
+	latency *prometheus.HistogramVec
+}
+
+// TPM enrollment phases (metric label).
+const (
+	phaseChallenge = "challenge"
+	phaseComplete  = "complete"
+)
+
+// registerTPMRoutes registers the TPM attestation enrollment endpoints and
+// the manufacturing registration admin endpoints.
+func (s *Server) registerTPMRoutes() {
+	t := newTPMEnroller(s)
+	if s.cfg.Metrics != nil {
+		if err := s.cfg.Metrics.Register(t.latency); err != nil {
+			s.log.Warn("TPM enrollment latency metric not registered", logKeyErr, err)
+		}
+	}
+	s.mux.HandleFunc("POST "+api.PathTPMChallenge, t.handleChallenge)
+	s.mux.HandleFunc("POST "+api.PathTPMComplete, t.handleComplete)
+	s.mux.HandleFunc("POST "+api.PathAdminDevicesRegister, s.admin(t.handleRegister))
+	s.mux.HandleFunc("POST "+api.PathAdminDevicesImport, s.admin(t.handleImport))
+}
+
+func newTPMEnroller(s *Server) *tpmEnroller {
+	return &tpmEnroller{
+		s:          s,
+		challenges: newChallengeStore(s.cfg.Now, s.cfg.Rand, s.cfg.ChallengeTTL, DefaultMaxChallenges),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "fleetgate_tpm_enroll_seconds",
+			Help:    "Server-side time of TPM enrollment requests, by phase (challenge, complete) and outcome (ok, denied).",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+		}, []string{"phase", "outcome"}),
+	}
+}
+
+func (t *tpmEnroller) observe(phase string, start time.Time, err error) {
+	out := "ok"
+	if err != nil {
+		out = "denied"
+	}
+	t.latency.WithLabelValues(phase, out).Observe(time.Since(start).Seconds())
+}
+
+// ekCheck is the outcome of the EK checks of round 1.
+type ekCheck struct {
+	cert         *x509.Certificate
+	fp           string
+	deviceID     string
+	group        string
+	autoRegister bool
+}
+
+// checkEK verifies the EK certificate (chain when roots are configured),
+// the registration according to policy, and the device state.
+func (t *tpmEnroller) checkEK(ekDER []byte, claimedID string) (*ekCheck, error) {
+	cfg := t.s.cfg
+	var cert *x509.Certificate
+	var err error
+	if cfg.TPMRoots != nil {
+		cert, err = attest.VerifyEKCertificate(ekDER, cfg.TPMRoots, cfg.Now())
+	} else {
+		cert, err = parseEKCert(ekDER)
+	}
+	if err != nil {
+		return nil, attestError(err)
+	}
+	c := &ekCheck{cert: cert, fp: api.EKFingerprint(cert.RawSubjectPublicKeyInfo)}
+	rec, dev, err := cfg.Registry.DeviceByEK(c.fp)
+	switch {
+	case err == nil:
+		c.deviceID, c.group = rec.DeviceID, rec.Group
+		switch dev.State {
+		case registry.StateRevoked:
+			return c, apiErr(http.StatusForbidden, "device_revoked", "device is revoked", registry.ErrDeviceRevoked)
+		case registry.StateSuspended:
+			return c, apiErr(http.StatusForbidden, "device_suspended", "device is suspended", registry.ErrDeviceSuspended)
+		}
+	case errors.Is(err, registry.ErrEKNotRegistered) && cfg.TPMPolicy == TPMPolicyManufacturer:
+		// VerifyEKCertificate ran: TPMRoots is required by this policy.
+		c.deviceID, c.group, c.autoRegister = api.AutoDeviceID(cert.RawSubjectPublicKeyInfo), "default", true
+		if st, ok := cfg.Registry.DeviceStatus(c.deviceID); ok && (st.State == registry.StateRevoked || st.State == registry.StateSuspended) {
+			return c, registryError(stateErr(st.State))
+		}
+	case errors.Is(err, registry.ErrEKNotRegistered):
+		return c, apiErr(http.StatusForbidden, "ek_not_registered", "this TPM's endorsement key is not registered", err)
+	default:
+		return c, registryError(err)
+	}
+	if claimedID != "" && claimedID != c.deviceID {
+		return c, apiErr(http.StatusForbidden, "device_id_mismatch", fmt.Sprintf("this TPM is registered as another device (the request named %q)", claimedID), registry.ErrEKDeviceMismatch)
+	}
+	return c, nil
+}
+
+func stateErr(s registry.DeviceState) error {
+	if s == registry.StateRevoked {
+		return registry.ErrDeviceRevoked
+	}
+	return registry.ErrDeviceSuspended
+}
+
+// parseEKCert parses an EK certificate without a chain (allowlist policy
+// without manufacturer roots: the registration is the trust) and checks its
+// key is one an EK template exists for.
+func parseEKCert(der []byte) (*x509.Certificate, error) {
+	if len(der) == 0 || len(der) > attest.MaxEKCertSize {
+		return nil, fmt.Errorf("enroll: EK certificate is %d bytes: %w", len(der), attest.ErrMalformed)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("enroll: parse EK certificate: %w: %w", attest.ErrMalformed, err)
+	}
+	if _, err := attest.EKPublicFromCert(cert); err != nil {
+		return nil, err
+	}
+	return cert, nil
+}
+
+func (t *tpmEnroller) handleChallenge(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	var req api.TPMChallengeRequest
+	// deviceID names the device in the audit log only once the EK is
+	// known: a claimed ID is not attributed to a device.
+	deviceID := ""
+	resp, err := func() (*api.TPMChallengeResponse, error) {
+		if err := decodeJSON(r, &req); err != nil {
+			return nil, err
+		}
+		if req.DeviceID != "" {
+			if err := identity.ValidateName(req.DeviceID); err != nil {
+				return nil, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err)
+			}
+		}
+		// 1. The TPM is genuine and known.
+		ek, err := t.checkEK(req.EKCert, req.DeviceID)
+		if ek != nil {
+			deviceID = ek.deviceID
+		}
+		if err != nil {
+			return nil, err
+		}
+		// 2. The AK is a restricted signing key; only the TPM holding the
+		// EK and an object of the AK's name can activate the credential.
+		akPub, err := attest.VerifyAKPublic(req.AKPublic)
+		if err != nil {
+			return nil, attestError(err)
+		}
+		akName, err := attest.Name(akPub)
+		if err != nil {
+			return nil, attestError(err)
+		}
+		ekPub, err := attest.EKPublicFromCert(ek.cert)
+		if err != nil {
+			return nil, attestError(err)
+		}
+		credBlob, encSecret, secret, err := attest.MakeCredential(t.s.cfg.Rand, ekPub, akName)
+		if err != nil {
+			return nil, attestError(err)
+		}
+		nonce := make([]byte, 32)
+		if _, err := io.ReadFull(t.s.cfg.Rand, nonce); err != nil {
+			return nil, fmt.Errorf("enroll: nonce: %w", err)
+		}
+		c := &challenge{secret: secret, nonce: nonce, ekFP: ek.fp, deviceID: ek.deviceID, group: ek.group,
+			autoRegister: ek.autoRegister, akPub: akPub}
+		if err := t.challenges.put(c); err != nil {
+			if errors.Is(err, errChallengesFull) {
+				return nil, apiErr(http.StatusServiceUnavailable, "challenge_capacity", "too many enrollments in progress; retry later", err)
+			}
+			return nil, err
+		}
+		return &api.TPMChallengeResponse{ChallengeID: c.id, CredentialBlob: credBlob, EncryptedSecret: encSecret,
+			Nonce: nonce, ExpiresAt: c.expires}, nil
+	}()
+	t.observe(phaseChallenge, start, err)
+	if err != nil {
+		t.s.finish(w, r, "tpm", "enroll.tpm.challenge", deviceID, nil, err)
+		return
+	}
+	t.s.log.Debug("TPM challenge issued", logKeyDevice, deviceID, logKeyRemote, r.RemoteAddr)
+	writeJSON(w, http.StatusOK, resp)
+}
+
+func (t *tpmEnroller) handleComplete(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	var req api.TPMCompleteRequest
+	deviceID := ""
+	resp, err := func() (*api.EnrollResponse, error) {
+		if err := decodeJSON(r, &req); err != nil {
+			return nil, err
+		}
+		c, err := t.challenges.take(req.ChallengeID, req.Secret)
+		if c != nil {
+			deviceID = c.deviceID
+		}
+		switch {
+		case errors.Is(err, errChallengeUnknown):
+			return nil, apiErr(http.StatusUnauthorized, "challenge_unknown", "unknown or already used challenge; start over", err)
+		case errors.Is(err, errChallengeExpired):
+			return nil, apiErr(http.StatusUnauthorized, "challenge_expired", "challenge expired; start over", err)
+		case errors.Is(err, errWrongSecret):
+			return nil, apiErr(http.StatusUnauthorized, "wrong_secret", "activated credential secret is wrong; start over", err)
+		case err != nil:
+			return nil, err
+		}
+		// 3. The TLS key lives in the same TPM, cannot leave it, and is
+		// the CSR's key. The CSR signature is checked by CheckCSR first:
+		// VerifyCertify compares its key.
+		csr, err := ca.CheckCSR(req.CSR)
+		if err != nil {
+			return nil, csrError(err)
+		}
+		if err := attest.VerifyCertify(c.akPub, req.TLSPublic, req.CertifyInfo, req.CertifySignature, c.nonce, csr.PublicKey); err != nil {
+			return nil, attestError(err)
+		}
+		id := identity.Identity{Role: identity.RoleDevice, Name: c.deviceID}
+		var cert *x509.Certificate
+		rec, err := t.s.cfg.Registry.RedeemTPM(registry.TPMRedemption{
+			EKFingerprint: c.ekFP, DeviceID: c.deviceID, AutoRegister: c.autoRegister, Group: c.group,
+		}, func(registry.Device) (*registry.Certificate, error) {
+			var err error
+			cert, err = t.s.cfg.CA.Issue(id, csr.PublicKey, t.s.cfg.DeviceCertTTL)
+			if err != nil {
+				return nil, err
+			}
+			return certRecord(cert, id), nil
+		})
+		if err != nil {
+			return nil, tpmRegistryError(err)
+		}
+		return t.s.enrollResponse(c.deviceID, cert, rec), nil
+	}()
+	t.observe(phaseComplete, start, err)
+	if err != nil {
+		t.s.finish(w, r, "tpm", "enroll.tpm", deviceID, nil, err)
+		return
+	}
+	t.s.finish(w, r, "tpm", "enroll.tpm", deviceID, resp, nil)
+}
+
+// attestError maps a verification failure to its API error: one code per
+// failed check.
+func attestError(err error) error {
+	type m struct {
+		sentinel error
+		code     string
+		msg      string
+	}
+	// Order matters where an error wraps two sentinels: an exportable AK
+	// wraps ErrAKAttributes and ErrKeyExportable.
+	if errors.Is(err, attest.ErrEKChainInvalid) {
+		return apiErr(http.StatusForbidden, "ek_chain_invalid", "EK certificate does not chain to a trusted TPM manufacturer", err)
+	}
+	for _, x := range []m{
+		{attest.ErrAKNotRestricted, "ak_not_restricted", "attestation key is not a restricted signing key"},
+		{attest.ErrAKAttributes, "ak_attributes", "attestation key must be a signing-only key generated in and bound to the TPM"},
+		{attest.ErrKeyExportable, "key_exportable", "TLS key can exist outside the TPM (not fixedTPM, fixedParent, sensitiveDataOrigin)"},
+		{attest.ErrKeyAttributes, "key_attributes", "TLS key must be a non-restricted signing-only key"},
+		{attest.ErrCertifySignature, "certify_signature_invalid", "certification is not signed by the attestation key"},
+		{attest.ErrAttestType, "attest_type", "attestation is not a TPM2_Certify certification"},
+		{attest.ErrNonceMismatch, "nonce_mismatch", "certification does not carry this challenge's nonce"},
+		{attest.ErrCertifyNameMismatch, "certify_name_mismatch", "certified key is not the presented TLS key"},
+		{attest.ErrCSRKeyMismatch, "csr_key_mismatch", "CSR is not for the certified TPM key"},
+		{attest.ErrKeyType, "key_type", "key type, curve, scheme or name algorithm not supported"},
+		{attest.ErrMalformed, "attestation_malformed", "attestation structure does not decode"},
+	} {
+		if errors.Is(err, x.sentinel) {
+			return apiErr(http.StatusBadRequest, x.code, x.msg, err)
+		}
+	}
+	return err
+}
+
+func tpmRegistryError(err error) error {
+	switch {
+	case errors.Is(err, registry.ErrEKNotRegistered):
+		return apiErr(http.StatusForbidden, "ek_not_registered", "this TPM's endorsement key is not registered", err)
+	case errors.Is(err, registry.ErrEKDeviceMismatch), errors.Is(err, registry.ErrDeviceHasEK):
+		return apiErr(http.StatusConflict, "ek_registration_changed", "the EK registration changed during enrollment; start over", err)
+	}
+	return registryError(err)
+}
+
+// ---- manufacturing registration (admin) ----
+
+// checkRegistration validates one registration request: device ID, group,
+// and the EK certificate (chained to TPMRoots when configured).
+func (t *tpmEnroller) checkRegistration(req *api.EKRegisterRequest) (registry.EKRegistration, error) {
+	if err := identity.ValidateName(req.DeviceID); err != nil {
+		return registry.EKRegistration{}, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err)
+	}
+	if req.Group == "" {
+		req.Group = "default"
+	}
+	if err := identity.ValidateName(req.Group); err != nil {
+		return registry.EKRegistration{}, apiErr(http.StatusBadRequest, "invalid_group", "group: "+err.Error(), err)
+	}
+	var cert *x509.Certificate
+	var err error
+	if t.s.cfg.TPMRoots != nil {
+		cert, err = attest.VerifyEKCertificate(req.EKCert, t.s.cfg.TPMRoots, t.s.cfg.Now())
+	} else {
+		cert, err = parseEKCert(req.EKCert)
+	}
+	if err != nil {
+		return registry.EKRegistration{}, attestError(err)
+	}
+	return registry.EKRegistration{Fingerprint: api.EKFingerprint(cert.RawSubjectPublicKeyInfo), DeviceID: req.DeviceID, Group: req.Group}, nil
+}
+
+func registrationError(err error) error {
+	switch {
+	case errors.Is(err, registry.ErrEKRegistered):
+		return apiErr(http.StatusConflict, "ek_already_registered", "this EK is registered for another device", err)
+	case errors.Is(err, registry.ErrDeviceHasEK):
+		return apiErr(http.StatusConflict, "device_has_ek", "this device is bound to another EK", err)
+	case errors.Is(err, registry.ErrDuplicateInImport):
+		return apiErr(http.StatusConflict, "duplicate_entry", "the import names this EK or device twice", err)
+	}
+	return registryError(err)
+}
+
+func (t *tpmEnroller) handleRegister(w http.ResponseWriter, r *http.Request, op identity.Identity) {
+	var req api.EKRegisterRequest
+	if err := decodeJSON(r, &req); err != nil {
+		t.s.writeError(w, r, asAPIError(err), "")
+		return
+	}
+	reg, err := t.checkRegistration(&req)
+	if err == nil {
+		err = t.s.cfg.Registry.RegisterEK(reg, op.String())
+		if err != nil {
+			err = registrationError(err)
+		}
+	}
+	if err != nil {
+		e := asAPIError(err)
+		t.s.cfg.Registry.Audit(registry.AuditRecord{Actor: op.String(), Action: "ek.register", DeviceID: auditDeviceID(req.DeviceID), Outcome: registry.OutcomeDenied, Reason: e.Code + ": " + causeText(e), Remote: r.RemoteAddr})
+		t.s.writeError(w, r, e, req.DeviceID)
+		return
+	}
+	t.s.log.Info("EK registered", logKeyDevice, reg.DeviceID, "group", reg.Group, "ek", reg.Fingerprint, logKeyActor, op.String())
+	writeJSON(w, http.StatusCreated, api.EKRegistration{DeviceID: reg.DeviceID, Group: reg.Group, EKFingerprint: reg.Fingerprint})
+}
+
+func (t *tpmEnroller) handleImport(w http.ResponseWriter, r *http.Request, op identity.Identity) {
+	var req api.EKImportRequest
+	if err := decodeJSONLimit(r, &req, api.MaxImportBodyBytes); err != nil {
+		t.s.writeError(w, r, asAPIError(err), "")
+		return
+	}
+	if len(req.Entries) == 0 || len(req.Entries) > api.MaxImportEntries {
+		t.s.writeError(w, r, apiErr(http.StatusBadRequest, "import_size", fmt.Sprintf("an import holds 1 to %d entries, not %d", api.MaxImportEntries, len(req.Entries)), nil), "")
+		return
+	}
+	var problems []api.ImportProblem
+	problem := func(i int, err error) {
+		e := asAPIError(err)
+		problems = append(problems, api.ImportProblem{Index: i, Line: req.Entries[i].Line, DeviceID: req.Entries[i].DeviceID, Code: e.Code, Message: problemMessage(e)})
+	}
+	regs := make([]registry.EKRegistration, 0, len(req.Entries))
+	idx := make([]int, 0, len(req.Entries)) // regs[k] is entry idx[k]
+	for i := range req.Entries {
+		reg, err := t.checkRegistration(&req.Entries[i])
+		if err != nil {
+			problem(i, err)
+			continue
+		}
+		regs = append(regs, reg)
+		idx = append(idx, i)
+	}
+	// Conflicts among the valid entries and with the registry, so that one
+	// answer reports every bad entry.
+	rp, err := t.s.cfg.Registry.CheckEKImport(regs)
+	if err == nil && len(rp) == 0 && len(problems) == 0 && !req.DryRun {
+		err = t.s.cfg.Registry.ImportEKs(regs, op.String())
+		var ie *registry.ImportError
+		if errors.As(err, &ie) { // changed since the check
+			rp, err = ie.Problems, nil
+		}
+	}
+	if err != nil {
+		if errors.Is(err, registry.ErrImportTooLarge) {
+			err = apiErr(http.StatusRequestEntityTooLarge, "import_too_large", fmt.Sprintf("%d entries do not fit in one transaction; nothing was registered, split the import", len(regs)), err)
+		}
+		t.s.writeError(w, r, asAPIError(err), "")
+		return
+	}
+	for _, p := range rp {
+		problem(idx[p.Index], registrationError(p.Err))
+	}
+	if len(problems) > 0 {
+		slices.SortFunc(problems, func(a, b api.ImportProblem) int { return a.Index - b.Index })
+		if !req.DryRun {
+			t.s.cfg.Registry.Audit(registry.AuditRecord{Actor: op.String(), Action: "ek.import", Outcome: registry.OutcomeDenied,
+				Reason: fmt.Sprintf("import_refused: %d of %d entries bad; nothing registered", len(problems), len(req.Entries)), Remote: r.RemoteAddr})
+		}
+		t.s.log.Warn("EK import refused", "entries", len(req.Entries), "bad", len(problems), logKeyActor, op.String())
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusUnprocessableEntity)
+		_ = json.NewEncoder(w).Encode(struct {
+			api.Error
+			api.EKImportResponse
+		}{api.Error{Code: "import_refused", Message: fmt.Sprintf("%d of %d entries are bad; nothing was registered", len(problems), len(req.Entries))}, api.EKImportResponse{Problems: problems}})
+		return
+	}
+	out := api.EKImportResponse{Registered: make([]api.EKRegistration, len(regs))}
+	for i, reg := range regs {
+		out.Registered[i] = api.EKRegistration{DeviceID: reg.DeviceID, Group: reg.Group, EKFingerprint: reg.Fingerprint}
+	}
+	if req.DryRun {
+		writeJSON(w, http.StatusOK, out)
+		return
+	}
+	t.s.log.Info("EKs imported", "entries", len(regs), logKeyActor, op.String())
+	writeJSON(w, http.StatusCreated, out)
+}
+
+// problemMessage is the public message of an import problem, with the
+// cause for operator-facing detail (the admin API is operator-only).
+func problemMessage(e *Error) string {
+	if e.Err != nil && e.Status < 500 {
+		return e.Msg + ": " + e.Err.Error()
+	}
+	return e.Msg
+}
+
+// decodeJSONLimit is decodeJSON with a larger body limit (imports).
+func decodeJSONLimit(r *http.Request, v any, limit int64) error {
+	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
+		return apiErr(http.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Type must be application/json", nil)
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, limit))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return apiErr(http.StatusRequestEntityTooLarge, "body_too_large", fmt.Sprintf("request body exceeds %d bytes", limit), err)
+		}
+		return apiErr(http.StatusBadRequest, "malformed_json", "request body is not valid JSON for this endpoint: "+err.Error(), err)
+	}
+	if dec.More() {
+		return apiErr(http.StatusBadRequest, "malformed_json", "request body has trailing data", nil)
+	}
+	return nil
+}

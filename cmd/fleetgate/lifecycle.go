@@ -1,7 +1,83 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+)
 
 // addLifecycleCommands adds revoke, suspend and resume to the devices
 // command.
-func addLifecycleCommands(devices *cobra.Command, af *adminFlags) {}
+func addLifecycleCommands(devices *cobra.Command, af *adminFlags) {
+	for _, a := range []struct{ use, short string }{
+		{"revoke", "Revoke a device for good: its certificates go on the CRL, its live session is closed, it cannot reconnect, renew or re-enroll"},
+		{"suspend", "Suspend a device (reversible): its session is closed and it is refused until resumed"},
+		{"resume", "Resume a suspended device"},
+	} {
+		action := a.use
+		var reason string
+		c := &cobra.Command{
+			Use:   action + " ID",
+			Short: a.short,
+			Args:  cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				if action == "revoke" && reason == "" {
+					return fmt.Errorf("--reason is required: the audit log and the CRL keep it")
+				}
+				cl, err := af.client()
+				if err != nil {
+					return err
+				}
+				ctx, cancel := ctxTimeout(cmd)
+				defer cancel()
+				r, err := cl.DeviceAction(ctx, args[0], action, reason)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "device %s: %s", r.DeviceID, r.State)
+				if len(r.RevokedSerials) > 0 {
+					fmt.Fprintf(cmd.OutOrStdout(), "; revoked certificates %v", r.RevokedSerials)
+				}
+				if action != "resume" && r.SessionsClosed {
+					fmt.Fprint(cmd.OutOrStdout(), "; no live session")
+				}
+				fmt.Fprintln(cmd.OutOrStdout())
+				return nil
+			},
+		}
+		c.Flags().StringVar(&reason, "reason", "", "why (kept in the audit log)")
+		devices.AddCommand(c)
+	}
+}
+
+// certificatesCmd revokes single certificates.
+func certificatesCmd() *cobra.Command {
+	var af adminFlags
+	var reason string
+	certs := &cobra.Command{Use: "certificates", Short: "Single certificates"}
+	revoke := &cobra.Command{
+		Use:   "revoke SERIAL",
+		Short: "Revoke one certificate (hex serial), e.g. a service's",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if reason == "" {
+				return fmt.Errorf("--reason is required")
+			}
+			cl, err := af.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout(cmd)
+			defer cancel()
+			if err := cl.RevokeCertificate(ctx, args[0], reason); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "certificate %s revoked\n", args[0])
+			return nil
+		},
+	}
+	revoke.Flags().StringVar(&reason, "reason", "", "why (kept in the audit log)")
+	certs.AddCommand(revoke)
+	af.add(certs)
+	return certs
+}

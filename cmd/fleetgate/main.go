@@ -45,7 +45,7 @@ func root() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), auditCmd())
+	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), certificatesCmd(), auditCmd())
 	return r
 }
 

@@ -111,6 +111,9 @@ type EKRegistration struct {
 // EKImportRequest registers many EKs in one transaction: all or none.
 type EKImportRequest struct {
 	Entries []EKRegisterRequest `json:"entries"`
+	// DryRun checks every entry and reports problems, but registers
+	// nothing (success: status 200 and Registered lists what would be).
+	DryRun bool `json:"dry_run,omitempty"`
 }
 
 // EKImportResponse answers an import: on success Registered lists every

@@ -37,11 +37,9 @@ var (
 type EKRecord struct {
 	// Fingerprint is api.EKFingerprint of the EK public key: lowercase hex
 	// SHA-256 of its DER SubjectPublicKeyInfo.
-	Fingerprint string `json:"fingerprint"`
-	DeviceID    string `json:"device_id"`
-	Group       string `json:"group"`
-	// CertDER is the EK certificate as registered (kept for the record).
-	CertDER      []byte    `json:"cert_der,omitempty"`
+	Fingerprint  string    `json:"fingerprint"`
+	DeviceID     string    `json:"device_id"`
+	Group        string    `json:"group"`
 	RegisteredAt time.Time `json:"registered_at"`
 	RegisteredBy string    `json:"registered_by"`
 	// Auto is set for EKs registered by their first enrollment under the
@@ -54,7 +52,6 @@ type EKRegistration struct {
 	Fingerprint string
 	DeviceID    string
 	Group       string
-	CertDER     []byte
 }
 
 // ImportProblem is one refused entry of an import: Index is its position in
@@ -157,7 +154,7 @@ func (r *Registry) registerEK(txn *badger.Txn, reg EKRegistration, actor string,
 	if err != nil {
 		return Device{}, err
 	}
-	rec := EKRecord{Fingerprint: reg.Fingerprint, DeviceID: reg.DeviceID, Group: dev.Group, CertDER: reg.CertDER, RegisteredAt: now, RegisteredBy: actor}
+	rec := EKRecord{Fingerprint: reg.Fingerprint, DeviceID: reg.DeviceID, Group: dev.Group, RegisteredAt: now, RegisteredBy: actor}
 	if err := put(txn, pfxEK+reg.Fingerprint, &rec); err != nil {
 		return Device{}, err
 	}
@@ -293,7 +290,6 @@ type TPMRedemption struct {
 	// (manufacturer policy). Without it an unknown EK is ErrEKNotRegistered.
 	AutoRegister bool
 	Group        string
-	EKCertDER    []byte
 }
 
 // RedeemTPM records a TPM-attested enrollment. In one transaction it
@@ -319,7 +315,7 @@ func (r *Registry) RedeemTPM(red TPMRedemption, sign func(Device) (*Certificate,
 			if !red.AutoRegister {
 				return fmt.Errorf("%w: %s", ErrEKNotRegistered, red.EKFingerprint)
 			}
-			rec = EKRecord{Fingerprint: red.EKFingerprint, DeviceID: red.DeviceID, Group: red.Group, CertDER: red.EKCertDER,
+			rec = EKRecord{Fingerprint: red.EKFingerprint, DeviceID: red.DeviceID, Group: red.Group,
 				RegisteredAt: now, RegisteredBy: "enroll", Auto: true}
 			if err := put(txn, pfxEK+rec.Fingerprint, &rec); err != nil {
 				return err

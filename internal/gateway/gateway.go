@@ -55,6 +55,8 @@ type Config struct {
 	TPMRootsDir string
 	// TPMPolicy: "allowlist" (default) or "manufacturer".
 	TPMPolicy string
+	// SweepInterval of the broker's expired-session sweep (default 10s).
+	SweepInterval time.Duration
 }
 
 // Addrs are the bound addresses, as written to AddrFile.
@@ -94,6 +96,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	var wg sync.WaitGroup
 	var addrs Addrs
 	var ready []func() bool
+	var online func(string) bool
 	fail := func(err error) {
 		if err != nil && !errors.Is(err, context.Canceled) {
 			cancel(err)
@@ -105,6 +108,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			Addr: cfg.MQTTAddr, CA: authority, ServerCert: serverCert, Registry: reg,
 			Logger: log, Metrics: promReg, PersistDir: filepath.Join(cfg.DataDir, BrokerDir),
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize,
+			SweepInterval: cfg.SweepInterval,
 		})
 		if err != nil {
 			return err
@@ -113,6 +117,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			return err
 		}
 		addrs.MQTT = b.Addr()
+		online = b.Connected
 		ready = append(ready, func() bool { return true })
 		wg.Add(1)
 		go func() {
@@ -130,7 +135,8 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			return fmt.Errorf("TPM manufacturer roots: %w", err)
 		}
 		es, err := enroll.New(enroll.Config{CA: authority, Registry: reg, Logger: log.With("component", "enroll"),
-			Metrics: promReg, DeviceCertTTL: cfg.DeviceCertTTL, TPMRoots: tpmRoots, TPMPolicy: cfg.TPMPolicy})
+			Metrics: promReg, DeviceCertTTL: cfg.DeviceCertTTL, TPMRoots: tpmRoots, TPMPolicy: cfg.TPMPolicy,
+			Online: online})
 		if err != nil {
 			return err
 		}

@@ -72,6 +72,11 @@ type Options struct {
 	HandshakeTimeout time.Duration
 	MaxPending       int
 	DeviceCertTTL    time.Duration
+	SweepInterval    time.Duration
+	// TPMRootsDir holds PEM files of trusted TPM manufacturer roots.
+	TPMRootsDir string
+	// TPMPolicy is "allowlist" (default) or "manufacturer".
+	TPMPolicy string
 }
 
 // Start runs a gateway on loopback until the test ends.
@@ -89,7 +94,8 @@ func Start(t testing.TB, o Options) *Gateway {
 		done <- gateway.Run(ctx, gateway.Config{
 			DataDir: o.DataDir, MQTTAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", MetricsAddr: "127.0.0.1:0",
 			HandshakeTimeout: o.HandshakeTimeout, MaxPending: o.MaxPending, DeviceCertTTL: o.DeviceCertTTL,
-			AddrFile: addrFile,
+			SweepInterval: o.SweepInterval,
+			AddrFile:      addrFile, TPMRootsDir: o.TPMRootsDir, TPMPolicy: o.TPMPolicy,
 		}, log)
 	}()
 	var once sync.Once

@@ -1,0 +1,20 @@
+package adminclient
+
+import (
+	"context"
+	"net/http"
+	"net/url"
+
+	"github.com/fleetgate/fleetgate/enroll/api"
+)
+
+// DeviceAction is "revoke", "suspend" or "resume".
+func (c *Client) DeviceAction(ctx context.Context, id, action, reason string) (*api.StateChangeResponse, error) {
+	var out api.StateChangeResponse
+	return &out, c.do(ctx, http.MethodPost, api.PathAdminDeviceAction+url.PathEscape(id)+"/"+action, api.StateChangeRequest{Reason: reason}, &out)
+}
+
+// RevokeCertificate revokes one certificate by serial (hex).
+func (c *Client) RevokeCertificate(ctx context.Context, serial, reason string) error {
+	return c.do(ctx, http.MethodPost, api.PathAdminCertificates+url.PathEscape(serial)+"/revoke", api.StateChangeRequest{Reason: reason}, nil)
+}

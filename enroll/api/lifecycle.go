@@ -1,0 +1,39 @@
+package api
+
+// Lifecycle paths (admin API, operator mTLS), renewal and EST.
+const (
+	// PathAdminDeviceAction is followed by /{id}/revoke, /suspend or /resume.
+	PathAdminDeviceAction  = "/v1/admin/devices/"
+	PathAdminCertificates  = "/v1/admin/certificates/"
+	PathESTCACerts         = "/.well-known/est/cacerts"
+	PathESTSimpleEnroll    = "/.well-known/est/simpleenroll"
+	PathESTSimpleReenroll  = "/.well-known/est/simplereenroll"
+	ContentTypePKCS7Certs  = "application/pkcs7-mime; smime-type=certs-only"
+	ContentTypePKCS10      = "application/pkcs10"
+	ContentTypeCRL         = "application/pkix-crl"
+	ContentTypeJSON        = "application/json"
+	HeaderTransferEncoding = "Content-Transfer-Encoding"
+)
+
+// StateChangeRequest carries the reason of a revoke, suspend or resume.
+type StateChangeRequest struct {
+	Reason string `json:"reason"`
+}
+
+// StateChangeResponse reports the device's state after the change and the
+// certificates revoked by it.
+type StateChangeResponse struct {
+	DeviceID       string   `json:"device_id,omitempty"`
+	State          string   `json:"state,omitempty"`
+	RevokedSerials []string `json:"revoked_serials,omitempty"`
+	// SessionsClosed is true when the broker in this process closed the
+	// device's live sessions before this response was written.
+	SessionsClosed bool `json:"sessions_closed"`
+}
+
+// RenewRequest renews the certificate presented over mTLS.
+type RenewRequest struct {
+	// CSR is a PKCS#10 request (DER) for the same key as the presented
+	// certificate.
+	CSR []byte `json:"csr"`
+}
