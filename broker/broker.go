@@ -35,11 +35,13 @@ type Config struct {
 	Addr       string
 	CA         *ca.Authority
 	ServerCert tls.Certificate
-	Registry   *registry.Registry
-	Policy     *acl.Policy
-	Logger     *slog.Logger
-	Metrics    prometheus.Registerer
-	Now        func() time.Time
+	// Registry is the registry (in-process) or a replica of it (a broker
+	// running apart: broker/replica).
+	Registry Directory
+	Policy   *acl.Policy
+	Logger   *slog.Logger
+	Metrics  prometheus.Registerer
+	Now      func() time.Time
 	// PersistDir holds mochi's badger store; empty: no persistence.
 	PersistDir string
 	// HandshakeTimeout bounds TLS handshake + CONNECT (default 10s).
@@ -52,6 +54,13 @@ type Config struct {
 	// SweepInterval is how often sessions whose certificate expired while
 	// connected are closed (default 10s).
 	SweepInterval time.Duration
+}
+
+// Directory is what the broker needs of the registry: the in-memory
+// lookups of the auth hook, and change notifications to close sessions.
+type Directory interface {
+	auth.Directory
+	Watch(func(registry.Event))
 }
 
 // Broker is a running or runnable broker.

@@ -98,7 +98,9 @@ func (s *challengeStore) sweep(now time.Time) {
 
 // take removes and returns the challenge id if the secret matches in
 // constant time and it has not expired. It is removed on every attempt, so
-// a replay, or a second guess at the secret, finds nothing.
+// a replay, or a second guess at the secret, finds nothing. On
+// errChallengeExpired and errWrongSecret the challenge is returned too, for
+// the audit record; it must not be used otherwise.
 func (s *challengeStore) take(id string, secret []byte) (*challenge, error) {
 	s.mu.Lock()
 	c, ok := s.m[id]
@@ -108,10 +110,10 @@ func (s *challengeStore) take(id string, secret []byte) (*challenge, error) {
 		return nil, errChallengeUnknown
 	}
 	if !s.now().Before(c.expires) {
-		return nil, errChallengeExpired
+		return c, errChallengeExpired
 	}
 	if subtle.ConstantTimeCompare(c.secret, secret) != 1 {
-		return nil, errWrongSecret
+		return c, errWrongSecret
 	}
 	return c, nil
 }

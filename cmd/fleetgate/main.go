@@ -95,7 +95,7 @@ func serveCmd() *cobra.Command {
 				DataDir: cfg.DataDir, MQTTAddr: cfg.MQTTAddr, APIAddr: cfg.APIAddr, MetricsAddr: cfg.MetricsAddr,
 				Only: cfg.Only, DeviceCertTTL: cfg.DeviceCertTTL, HandshakeTimeout: cfg.HandshakeTimeout,
 				MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize, AddrFile: cfg.AddrFile,
-				TPMRootsDir: cfg.TPMRootsDir, TPMPolicy: cfg.TPMPolicy,
+				TPMRootsDir: cfg.TPMRootsDir, TPMPolicy: cfg.TPMPolicy, EnrollURL: cfg.EnrollURL,
 			}, log)
 			if err == nil {
 				log.Info("fleetgate stopped")

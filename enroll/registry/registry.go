@@ -47,6 +47,7 @@ type Registry struct {
 	devices map[string]DeviceStatus
 	watchMu sync.Mutex
 	watch   []func(Event)
+	changes *changeLog
 }
 
 // Options configure Open.
@@ -82,7 +83,7 @@ func Open(dir string, o Options) (*Registry, error) {
 		return nil, fmt.Errorf("registry: audit sequence: %w", err)
 	}
 	r := &Registry{db: db, log: o.Logger, now: o.Now, aseq: seq,
-		certs: map[string]CertStatus{}, devices: map[string]DeviceStatus{}}
+		certs: map[string]CertStatus{}, devices: map[string]DeviceStatus{}, changes: newChangeLog()}
 	if err := r.loadIndex(); err != nil {
 		seq.Release()
 		db.Close()
@@ -122,6 +123,7 @@ func (r *Registry) Watch(fn func(Event)) {
 }
 
 func (r *Registry) emit(evs ...Event) {
+	r.changes.append(evs)
 	r.watchMu.Lock()
 	ws := r.watch
 	r.watchMu.Unlock()

@@ -34,6 +34,7 @@ type Serve struct {
 	AddrFile         string        `yaml:"addr_file"`
 	TPMRootsDir      string        `yaml:"tpm_roots"`
 	TPMPolicy        string        `yaml:"tpm_policy"`
+	EnrollURL        string        `yaml:"enroll_url"`
 }
 
 // DefaultDataDir is used when nothing else names one.
@@ -47,7 +48,7 @@ func Defaults() Serve {
 	return Serve{
 		DataDir: DefaultDataDir, MQTTAddr: ":8883", APIAddr: ":8443", MetricsAddr: "127.0.0.1:9090",
 		DeviceCertTTL: 90 * 24 * time.Hour, HandshakeTimeout: 10 * time.Second, MaxPending: 1024,
-		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text", TPMPolicy: "allowlist",
+		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text", TPMPolicy: "allowlist", EnrollURL: "https://localhost:8443",
 	}
 }
 
@@ -67,12 +68,13 @@ func ServeFlags(fs *pflag.FlagSet, d Serve) {
 	fs.String("log-format", d.LogFormat, "text or json")
 	fs.String("addr-file", d.AddrFile, "write bound addresses as JSON to this file once serving")
 	fs.String("tpm-roots", d.TPMRootsDir, "folder of PEM files: trusted TPM manufacturer roots for EK certificates")
+	fs.String("enroll-url", d.EnrollURL, "with --only broker: the enrollment service whose registry feed the broker follows")
 	fs.String("tpm-policy", d.TPMPolicy, "allowlist (only EKs registered at manufacturing) or manufacturer (any EK chaining to --tpm-roots)")
 }
 
 // keys are the layered settings, by flag name.
 var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only", "device-cert-ttl",
-	"handshake-timeout", "max-pending", "max-packet-size", "log-level", "log-format", "addr-file", "tpm-roots", "tpm-policy"}
+	"handshake-timeout", "max-pending", "max-packet-size", "log-level", "log-format", "addr-file", "tpm-roots", "tpm-policy", "enroll-url"}
 
 // LoadServe layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
@@ -160,6 +162,8 @@ func assign(c *Serve, k string, f *pflag.Flag) error {
 		c.TPMRootsDir, err = fs.GetString(k)
 	case "tpm-policy":
 		c.TPMPolicy, err = fs.GetString(k)
+	case "enroll-url":
+		c.EnrollURL, err = fs.GetString(k)
 	}
 	return err
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/fleetgate/fleetgate/broker"
+	"github.com/fleetgate/fleetgate/broker/replica"
 	"github.com/fleetgate/fleetgate/enroll"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
@@ -57,6 +58,9 @@ type Config struct {
 	TPMPolicy string
 	// SweepInterval of the broker's expired-session sweep (default 10s).
 	SweepInterval time.Duration
+	// EnrollURL is the enrollment service a broker-only process follows
+	// (its registry change feed), with the operator credentials of DataDir.
+	EnrollURL string
 }
 
 // Addrs are the bound addresses, as written to AddrFile.
@@ -82,11 +86,24 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("server TLS certificate: %w", err)
 	}
-	reg, err := registry.Open(filepath.Join(cfg.DataDir, RegistryDir), registry.Options{Logger: log.With("component", "registry")})
-	if err != nil {
-		return err
+	var reg *registry.Registry
+	var dir broker.Directory
+	var rep *replica.Replica
+	if cfg.Only == OnlyBroker {
+		hc, err := operatorClient(cfg.DataDir)
+		if err != nil {
+			return fmt.Errorf("broker-only needs the operator credentials to follow %s: %w", cfg.EnrollURL, err)
+		}
+		rep = replica.New(cfg.EnrollURL, hc, log.With("component", "replica"))
+		dir = rep
+	} else {
+		reg, err = registry.Open(filepath.Join(cfg.DataDir, RegistryDir), registry.Options{Logger: log.With("component", "registry")})
+		if err != nil {
+			return err
+		}
+		defer reg.Close()
+		dir = reg
 	}
-	defer reg.Close()
 
 	promReg := prometheus.NewRegistry()
 	promReg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -105,7 +122,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 
 	if cfg.Only != OnlyEnroll {
 		b, err := broker.New(broker.Config{
-			Addr: cfg.MQTTAddr, CA: authority, ServerCert: serverCert, Registry: reg,
+			Addr: cfg.MQTTAddr, CA: authority, ServerCert: serverCert, Registry: dir,
 			Logger: log, Metrics: promReg, PersistDir: filepath.Join(cfg.DataDir, BrokerDir),
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize,
 			SweepInterval: cfg.SweepInterval,
@@ -119,6 +136,21 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		addrs.MQTT = b.Addr()
 		online = b.Connected
 		ready = append(ready, func() bool { return true })
+		if rep != nil {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				fail(rep.Run(ctx))
+			}()
+			ready[len(ready)-1] = func() bool {
+				select {
+				case <-rep.Synced():
+					return true
+				default:
+					return false
+				}
+			}
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -252,4 +284,19 @@ func LoadPEMDir(dir string) (*x509.CertPool, error) {
 		return nil, fmt.Errorf("no certificate in %s", dir)
 	}
 	return pool, nil
+}
+
+// operatorClient is an HTTPS client presenting the operator certificate of
+// dataDir and trusting its root CA.
+func operatorClient(dataDir string) (*http.Client, error) {
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dataDir, ca.OperatorCertFile), filepath.Join(dataDir, ca.OperatorKeyFile))
+	if err != nil {
+		return nil, err
+	}
+	root, err := ca.ReadCertFile(filepath.Join(dataDir, ca.RootCertFile))
+	if err != nil {
+		return nil, err
+	}
+	return &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
+		MinVersion: tls.VersionTLS12, RootCAs: ca.NewPool(root), Certificates: []tls.Certificate{cert}}}}, nil
 }
