@@ -220,17 +220,10 @@ func (b *Broker) SetPolicy(p *acl.Policy) { b.policy.Store(p) }
 // Policy returns the policy in force.
 func (b *Broker) Policy() *acl.Policy { return b.policy.Load() }
 
-// Connected reports whether identity name currently has a session.
+// Connected reports whether client ID (identity name) has a live session.
 func (b *Broker) Connected(name string) bool {
-	found := false
-	b.hook.Sessions(func(s *auth.Session) bool {
-		if s.Identity.Name == name {
-			found = true
-			return false
-		}
-		return true
-	})
-	return found
+	s, ok := b.hook.Lookup(name)
+	return ok && s.Online()
 }
 
 // Start listens and serves in the background. Use Run for a blocking call.
@@ -265,7 +258,7 @@ func (b *Broker) SweepExpired() int {
 	now := b.cfg.Now()
 	n := 0
 	b.hook.Sessions(func(s *auth.Session) bool {
-		if !now.Before(s.NotAfter) {
+		if s.Online() && !now.Before(s.NotAfter) {
 			b.closeSession(s, "expired")
 			n++
 		}
@@ -311,7 +304,7 @@ func (b *Broker) onRegistryEvent(ev registry.Event) {
 		return
 	}
 	b.hook.Sessions(func(s *auth.Session) bool {
-		if match(s) {
+		if match(s) && s.Online() {
 			b.closeSession(s, reason)
 		}
 		return true

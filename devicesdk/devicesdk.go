@@ -72,6 +72,9 @@ type Device struct {
 	mu   sync.RWMutex
 	cert *tls.Certificate
 	ca   *x509.CertPool
+
+	routeMu sync.RWMutex
+	routes  []route // message handlers by filter, kept across connections
 }
 
 // New returns a Device, loading a previously stored certificate if any.

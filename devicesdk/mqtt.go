@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -30,6 +31,7 @@ type ConnectOptions struct {
 type Client struct {
 	id string
 	c  paho.Client
+	d  *Device
 }
 
 // Connect opens an MQTT session to the broker with the device certificate.
@@ -60,6 +62,10 @@ func (d *Device) Connect(ctx context.Context, o ConnectOptions) (*Client, error)
 		SetAutoReconnect(o.AutoReconnect).
 		SetConnectRetry(false).
 		SetOrderMatters(false)
+	// One handler for every message: a persistent session may deliver
+	// queued messages right after CONNACK, before this client subscribed
+	// again, and paho acknowledges (and drops) a message nobody handles.
+	opts.SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { d.dispatch(m) })
 	if o.OnConnect != nil {
 		opts.SetOnConnectHandler(func(paho.Client) { o.OnConnect() })
 	}
@@ -70,7 +76,63 @@ func (d *Device) Connect(ctx context.Context, o ConnectOptions) (*Client, error)
 	if err := wait(ctx, c.Connect()); err != nil {
 		return nil, fmt.Errorf("devicesdk: connect %s: %w", o.BrokerAddr, err)
 	}
-	return &Client{id: d.cfg.DeviceID, c: c}, nil
+	return &Client{id: d.cfg.DeviceID, c: c, d: d}, nil
+}
+
+type route struct {
+	filter string
+	fn     func(Message)
+}
+
+// Handle registers fn for messages matching filter, on this and every later
+// connection of the device. A later Handle for the same filter replaces it.
+func (d *Device) Handle(filter string, fn func(Message)) {
+	d.routeMu.Lock()
+	defer d.routeMu.Unlock()
+	for i := range d.routes {
+		if d.routes[i].filter == filter {
+			d.routes[i].fn = fn
+			return
+		}
+	}
+	d.routes = append(d.routes, route{filter, fn})
+}
+
+func (d *Device) dispatch(m paho.Message) {
+	d.routeMu.RLock()
+	defer d.routeMu.RUnlock()
+	for _, r := range d.routes {
+		if topicMatches(stripShare(r.filter), m.Topic()) {
+			r.fn(Message{Topic: m.Topic(), Payload: m.Payload()})
+		}
+	}
+}
+
+func stripShare(f string) string {
+	if rest, ok := strings.CutPrefix(f, "$share/"); ok {
+		if _, after, ok := strings.Cut(rest, "/"); ok {
+			return after
+		}
+	}
+	return f
+}
+
+// topicMatches is MQTT filter matching for a concrete topic.
+func topicMatches(filter, topic string) bool {
+	for {
+		fl, frest, fmore := strings.Cut(filter, "/")
+		if fl == "#" {
+			return true
+		}
+		tl, trest, tmore := strings.Cut(topic, "/")
+		if fl != "+" && fl != tl {
+			return false
+		}
+		if !fmore || !tmore {
+			return fmore == tmore || (tmore == false && frest == "#")
+		}
+		filter, topic = frest, trest
+	}
 }
 
 // ErrTimeout: the broker did not answer in time (or ctx ended).
@@ -138,9 +200,8 @@ var ErrSubscriptionRefused = errors.New("devicesdk: subscription refused by brok
 
 // Subscribe subscribes to any filter (the broker's policy decides).
 func (c *Client) Subscribe(ctx context.Context, filter string, qos byte, fn func(Message)) error {
-	t := c.c.Subscribe(filter, qos, func(_ paho.Client, m paho.Message) {
-		fn(Message{Topic: m.Topic(), Payload: m.Payload()})
-	})
+	c.d.Handle(filter, fn)
+	t := c.c.Subscribe(filter, qos, nil) // delivered through the default handler
 	if err := wait(ctx, t); err != nil {
 		return err
 	}

@@ -932,3 +932,95 @@ func assertNothingIssued(t *testing.T, reg *registry.Registry) {
 		}
 	}
 }
+
+// ---- latency ----
+
+// BenchmarkTPMEnrollment measures TPM enrollment latency per device, one
+// swtpm per device, enrolled one after another against one gateway: end to
+// end as the device sees it (both round trips, ActivateCredential, Certify
+// and the CSR signature in the TPM, HTTPS) and server side as the handlers
+// time themselves (fleetgate_tpm_enroll_seconds). Run it for 50 devices:
+//
+//	go test -run '^$' -bench BenchmarkTPMEnrollment -benchtime 50x ./enroll/
+//
+// The swtpms are started and registered (one bulk import) before the timer
+// starts. No timing is asserted.
+func BenchmarkTPMEnrollment(b *testing.B) {
+	if testing.Short() {
+		b.Skip("starts one swtpm per enrolled device")
+	}
+	if b.N > 500 {
+		b.Fatalf("b.N = %d swtpm processes; use -benchtime 50x", b.N)
+	}
+	m := swtpm.ManufacturerForTest(b)
+	g := testenv.Start(b, testenv.Options{TPMRootsDir: rootsDir(b, m)})
+	n := b.N
+	devs := make([]*tpmDevice, n)
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 8)
+	for i := range devs {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			devs[i] = newTPMDevice(b, m, g.URL(), g.Roots(), fmt.Sprintf("bench-%03d", i))
+		}()
+	}
+	wg.Wait()
+	if b.Failed() {
+		b.FailNow()
+	}
+	entries := make([]api.EKRegisterRequest, n)
+	for i, d := range devs {
+		entries[i] = api.EKRegisterRequest{EKCert: d.keys.EK().CertDER, DeviceID: d.dev.ID(), Group: "bench"}
+	}
+	if _, err := g.Admin.ImportEKs(context.Background(), api.EKImportRequest{Entries: entries}); err != nil {
+		b.Fatal(err)
+	}
+
+	e2e := make([]time.Duration, 0, n)
+	b.ResetTimer()
+	for _, d := range devs {
+		start := time.Now()
+		if err := d.dev.EnrollTPM(context.Background(), d.keys); err != nil {
+			b.Fatal(err)
+		}
+		e2e = append(e2e, time.Since(start))
+	}
+	b.StopTimer()
+
+	slices.Sort(e2e)
+	pct := func(p float64) time.Duration { return e2e[min(len(e2e)-1, int(p*float64(len(e2e))))] }
+	var total time.Duration
+	for _, d := range e2e {
+		total += d
+	}
+	metrics := g.Metrics(b)
+	sum := func(phase, suffix string) float64 {
+		var v float64
+		key := `fleetgate_tpm_enroll_seconds_` + suffix + `{outcome="ok",phase="` + phase + `"} `
+		for _, l := range strings.Split(metrics, "\n") {
+			if strings.HasPrefix(l, key) {
+				fmt.Sscan(strings.TrimPrefix(l, key), &v)
+			}
+		}
+		return v
+	}
+	chS, chN := sum(phaseChallenge, "sum"), sum(phaseChallenge, "count")
+	coS, coN := sum(phaseComplete, "sum"), sum(phaseComplete, "count")
+	if chN != float64(n) || coN != float64(n) {
+		b.Fatalf("handler counts %v/%v, want %d", chN, coN, n)
+	}
+	ms := func(s float64) float64 { return s * 1000 / float64(n) }
+	b.ReportMetric(float64(total.Microseconds())/1000/float64(n), "e2e-ms/device")
+	b.ReportMetric(ms(chS+coS), "server-ms/device")
+	b.Logf("%d devices: end to end mean %v p50 %v p95 %v max %v; server side mean %.2f ms (challenge %.2f ms, complete %.2f ms)",
+		n, total/time.Duration(n), pct(0.5), pct(0.95), e2e[len(e2e)-1], ms(chS+coS), ms(chS), ms(coS))
+}
+
+// Metric label values of fleetgate_tpm_enroll_seconds.
+const (
+	phaseChallenge = "challenge"
+	phaseComplete  = "complete"
+)

@@ -106,13 +106,21 @@ type Session struct {
 	Serial   string
 	NotAfter time.Time
 	Client   *mqtt.Client
+	online   atomic.Bool
 }
+
+// Online reports whether the session has a live connection.
+func (s *Session) Online() bool { return s.online.Load() }
 
 // Hook is the one authentication/ACL hook.
 type Hook struct {
 	mqtt.HookBase
-	o        Options
-	sessions sync.Map // *mqtt.Client -> *Session
+	o Options
+	// sessions maps a client ID (= identity name) to its session. An entry
+	// outlives the connection of a persistent session: mochi delivers
+	// queued QoS 1/2 messages to the offline client object, and each
+	// delivery passes the ACL check, which needs the identity.
+	sessions sync.Map // string -> *Session
 	count    atomic.Int64
 }
 
@@ -133,7 +141,7 @@ func (h *Hook) ID() string { return "fleetgate-auth" }
 // Provides implements mqtt.Hook.
 func (h *Hook) Provides(b byte) bool {
 	return bytes.Contains([]byte{
-		mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish, mqtt.OnDisconnect,
+		mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish, mqtt.OnDisconnect, mqtt.OnClientExpired,
 	}, []byte{b})
 }
 
@@ -224,7 +232,16 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		}
 		return false
 	}
-	h.sessions.Store(cl, &Session{Identity: id, Serial: serialString(leaf), NotAfter: leaf.NotAfter, Client: cl})
+	sess := &Session{Identity: id, Serial: serialString(leaf), NotAfter: leaf.NotAfter, Client: cl}
+	sess.online.Store(true)
+	if old, loaded := h.sessions.Swap(cl.ID, sess); loaded && old.(*Session).online.Swap(false) {
+		// Session takeover: the earlier connection is being closed by mochi.
+		h.count.Add(-1)
+		if h.o.Metrics.Connected != nil {
+			h.o.Metrics.Connected(old.(*Session).Identity.Role, -1)
+		}
+		h.o.Logger.Info("session taken over", "identity", id.String(), "remote", cl.Net.Remote)
+	}
 	h.count.Add(1)
 	if h.o.Metrics.Connected != nil {
 		h.o.Metrics.Connected(id.Role, 1)
@@ -240,28 +257,56 @@ func (h *Hook) refuse(stage string, id identity.Identity, remote string, err err
 	}
 }
 
-// OnDisconnect implements mqtt.Hook.
+// OnDisconnect implements mqtt.Hook. A persistent session stays known
+// (offline) until mochi expires it.
 func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
-	if v, ok := h.sessions.LoadAndDelete(cl); ok {
+	v, ok := h.sessions.Load(cl.ID)
+	if !ok {
+		return
+	}
+	s := v.(*Session)
+	if s.Client != cl {
+		return // an older connection that was taken over
+	}
+	if s.online.Swap(false) {
 		h.count.Add(-1)
 		if h.o.Metrics.Connected != nil {
-			h.o.Metrics.Connected(v.(*Session).Identity.Role, -1)
+			h.o.Metrics.Connected(s.Identity.Role, -1)
 		}
+	}
+	if expire {
+		h.sessions.CompareAndDelete(cl.ID, s)
 	}
 }
 
-// Session returns what the hook knows of cl.
+// OnClientExpired implements mqtt.Hook: a persistent session expired.
+func (h *Hook) OnClientExpired(cl *mqtt.Client) {
+	if v, ok := h.sessions.Load(cl.ID); ok && v.(*Session).Client == cl {
+		h.sessions.CompareAndDelete(cl.ID, v)
+	}
+}
+
+// Session returns what the hook knows of cl, online or not.
 func (h *Hook) Session(cl *mqtt.Client) (*Session, bool) {
-	v, ok := h.sessions.Load(cl)
+	v, ok := h.sessions.Load(cl.ID)
 	if !ok {
 		return nil, false
 	}
 	return v.(*Session), true
 }
 
-// Sessions calls fn for every authenticated session.
+// Sessions calls fn for every known session, online or persistent offline.
 func (h *Hook) Sessions(fn func(*Session) bool) {
 	h.sessions.Range(func(_, v any) bool { return fn(v.(*Session)) })
+}
+
+// Lookup returns the session of a client ID.
+func (h *Hook) Lookup(clientID string) (*Session, bool) {
+	v, ok := h.sessions.Load(clientID)
+	if !ok {
+		return nil, false
+	}
+	return v.(*Session), true
 }
 
 // subject builds the ACL subject of a session, reading the device's current
@@ -281,10 +326,10 @@ func (h *Hook) subject(s *Session) (acl.Subject, bool) {
 
 // OnACLCheck implements mqtt.Hook: deny unless the policy allows. Called by
 // mochi for publish (write), subscribe (read, a filter) and delivery (read,
-// a topic).
+// a topic, also to an offline persistent session).
 func (h *Hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	s, ok := h.Session(cl)
-	if !ok {
+	if !ok || (write && s.Client != cl) {
 		return false
 	}
 	sub, ok := h.subject(s)
