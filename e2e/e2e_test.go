@@ -274,11 +274,15 @@ publish:
 
 	// openssl s_client without a client certificate cannot complete the
 	// handshake.
-	cmd := exec.Command("openssl", "s_client", "-connect", e.srv.addrs.MQTT, "-tls1_3", "-CAfile", filepath.Join(e.dataDir, ca.RootCertFile), "-servername", "localhost")
+	// -ign_eof: in TLS 1.3 the client's side of the handshake completes
+	// before the server's alert; keep reading to see it.
+	sctx, scancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer scancel()
+	cmd := exec.CommandContext(sctx, "openssl", "s_client", "-connect", e.srv.addrs.MQTT, "-tls1_3", "-CAfile", filepath.Join(e.dataDir, ca.RootCertFile), "-servername", "localhost", "-ign_eof")
 	cmd.Stdin = strings.NewReader("")
 	b, _ := cmd.CombinedOutput()
 	o := strings.ToLower(string(b))
-	if !strings.Contains(o, "certificate required") && !strings.Contains(o, "alert") {
+	if !strings.Contains(o, "certificate required") {
 		t.Errorf("openssl s_client without certificate did not fail with an alert:\n%s", b)
 	}
 }
