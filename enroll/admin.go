@@ -5,6 +5,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
 
@@ -119,7 +120,7 @@ func (s *Server) handleServiceIssue(w http.ResponseWriter, r *http.Request, op i
 func (s *Server) toAPIDevice(d registry.Device) api.Device {
 	online := s.cfg.Online != nil && s.cfg.Online(d.ID)
 	return api.Device{ID: d.ID, Group: d.Group, State: string(d.State), AttestationMethod: d.AttestationMethod,
-		Serial: d.CurrentSerial, NotAfter: d.NotAfter, CreatedAt: d.CreatedAt, Online: online}
+		Serial: d.CurrentSerial, NotAfter: d.NotAfter, CreatedAt: d.CreatedAt, Online: online, Tags: d.Tags}
 }
 
 func (s *Server) handleDeviceList(w http.ResponseWriter, r *http.Request, _ identity.Identity) {
@@ -162,4 +163,54 @@ func (s *Server) handleAudit(w http.ResponseWriter, r *http.Request, _ identity.
 		out = append(out, api.AuditRecord(a))
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) handleDeviceUpdate(w http.ResponseWriter, r *http.Request, op identity.Identity) {
+	id := r.PathValue("id")
+	if err := identity.ValidateName(id); err != nil {
+		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err), "")
+		return
+	}
+	var req api.DeviceUpdateRequest
+	if err := decodeJSON(r, &req); err != nil {
+		s.writeError(w, r, asAPIError(err), id)
+		return
+	}
+	if req.Group != "" {
+		if err := identity.ValidateName(req.Group); err != nil {
+			s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_group", "group: "+err.Error(), err), id)
+			return
+		}
+	}
+	for k, v := range req.Tags {
+		// Tags are substituted into topic levels: same rules as names.
+		if identity.ValidateName(k) != nil || identity.ValidateName(v) != nil {
+			s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_tag", fmt.Sprintf("tag %q=%q: keys and values must be [a-z0-9-]{1,64}", k, v), nil), id)
+			return
+		}
+	}
+	d, err := s.cfg.Registry.UpdateAttributes(id, req.Group, req.Tags, op.String())
+	if err != nil {
+		s.writeError(w, r, asAPIError(registryError(err)), id)
+		return
+	}
+	writeJSON(w, http.StatusOK, s.toAPIDevice(*d))
+}
+
+func (s *Server) handlePolicyReload(w http.ResponseWriter, r *http.Request, op identity.Identity) {
+	if s.cfg.ReloadPolicy == nil {
+		s.writeError(w, r, apiErr(http.StatusNotImplemented, "no_broker", "no broker runs in this process; send SIGHUP to the broker process", nil), "")
+		return
+	}
+	n, err := s.cfg.ReloadPolicy()
+	rec := registry.AuditRecord{Actor: op.String(), Action: "policy.reload", Outcome: registry.OutcomeOK, Reason: fmt.Sprintf("%d rules", n)}
+	if err != nil {
+		rec.Outcome, rec.Reason = registry.OutcomeDenied, err.Error()
+	}
+	s.cfg.Registry.Audit(rec)
+	if err != nil {
+		s.writeError(w, r, apiErr(http.StatusUnprocessableEntity, "policy_invalid", "policy refused, the previous one stays in force:\n"+err.Error(), err), "")
+		return
+	}
+	writeJSON(w, http.StatusOK, api.PolicyReloadResponse{Rules: n})
 }

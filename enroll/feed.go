@@ -57,7 +57,7 @@ func snapshotFeed(reg *registry.Registry) api.Feed {
 		f.Certs = append(f.Certs, feedCert(s, c))
 	}
 	for id, d := range devices {
-		f.Devices = append(f.Devices, api.FeedDevice{ID: id, Group: d.Group, State: string(d.State)})
+		f.Devices = append(f.Devices, api.FeedDevice{ID: id, Group: d.Group, State: string(d.State), Tags: d.Tags})
 	}
 	return f
 }
@@ -75,7 +75,7 @@ func changesFeed(reg *registry.Registry, epoch string, version uint64, evs []reg
 		if ev.DeviceID != "" && !seenD[ev.DeviceID] {
 			seenD[ev.DeviceID] = true
 			if d, ok := reg.DeviceStatus(ev.DeviceID); ok {
-				f.Devices = append(f.Devices, api.FeedDevice{ID: ev.DeviceID, Group: d.Group, State: string(d.State)})
+				f.Devices = append(f.Devices, api.FeedDevice{ID: ev.DeviceID, Group: d.Group, State: string(d.State), Tags: d.Tags})
 			}
 		}
 	}

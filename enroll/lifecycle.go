@@ -31,6 +31,8 @@ func (s *Server) registerLifecycleRoutes() {
 	s.mux.HandleFunc("POST "+api.PathAdminDeviceAction+"{id}/{action}", s.admin(s.handleDeviceAction))
 	s.mux.HandleFunc("POST "+api.PathAdminCertificates+"{serial}/revoke", s.admin(s.handleCertRevoke))
 	s.mux.HandleFunc("GET "+api.PathAdminFeed, s.admin(s.handleFeed))
+	s.mux.HandleFunc("PATCH "+api.PathAdminDevices+"/{id}", s.admin(s.handleDeviceUpdate))
+	s.mux.HandleFunc("POST "+api.PathAdminPolicyReload, s.admin(s.handlePolicyReload))
 	s.mux.HandleFunc("POST "+api.PathRenew, s.handleRenew)
 	s.mux.HandleFunc("GET "+api.PathCRL, s.handleCRL)
 	s.mux.HandleFunc("GET "+api.PathESTCACerts, s.handleESTCACerts)

@@ -65,6 +65,8 @@ type Subject struct {
 	Role  identity.Role
 	ID    string
 	Group string
+	// Tags are the device's tags from the registry ({tag:NAME}).
+	Tags map[string]string
 }
 
 // Decision is the outcome of a check and the rule that decided it (-1: the
@@ -83,6 +85,7 @@ const (
 	hashLevel
 	idLevel
 	groupLevel
+	tagLevel
 )
 
 type level struct {
@@ -163,6 +166,12 @@ func compileRule(r Rule) (compiled, error) {
 			c.levels = append(c.levels, level{kind: idLevel})
 		case p == "{group}":
 			c.levels = append(c.levels, level{kind: groupLevel})
+		case strings.HasPrefix(p, "{tag:") && strings.HasSuffix(p, "}"):
+			name := p[len("{tag:") : len(p)-1]
+			if identity.ValidateName(name) != nil {
+				return c, fmt.Errorf("%w: tag name %q in %q must be [a-z0-9-]", ErrInvalidRule, name, r.Filter)
+			}
+			c.levels = append(c.levels, level{kind: tagLevel, lit: name})
 		case strings.ContainsAny(p, "+#{}\x00"):
 			return c, fmt.Errorf("%w: level %q of %q mixes wildcards or braces with text", ErrInvalidRule, p, r.Filter)
 		default:
@@ -296,6 +305,9 @@ func (c *compiled) value(l *level, s *Subject) (string, bool) {
 		return s.ID, safeValue(s.ID)
 	case groupLevel:
 		return s.Group, safeValue(s.Group)
+	case tagLevel:
+		v := s.Tags[l.lit]
+		return v, safeValue(v)
 	}
 	return l.lit, true
 }
@@ -381,32 +393,28 @@ func (p *Policy) Rules() []Rule {
 	return out
 }
 
-// DefaultRules is the topic layout of DESIGN.md.
-func DefaultRules() []Rule {
-	dev := []identity.Role{identity.RoleDevice}
-	svc := []identity.Role{identity.RoleService}
-	op := []identity.Role{identity.RoleOperator}
-	return []Rule{
-		{Name: "device-telemetry", Roles: dev, Access: Publish, Filter: "devices/{id}/telemetry/#"},
-		{Name: "device-state", Roles: dev, Access: Publish | Retain, Filter: "devices/{id}/state"},
-		{Name: "device-commands", Roles: dev, Access: Subscribe, Filter: "devices/{id}/commands/#"},
-		{Name: "device-broadcast", Roles: dev, Access: Subscribe, Filter: "groups/{group}/broadcast/#"},
-		{Name: "service-read-devices", Roles: svc, Access: Subscribe, Filter: "devices/#"},
-		{Name: "service-read-groups", Roles: svc, Access: Subscribe, Filter: "groups/#"},
-		{Name: "service-commands", Roles: svc, Access: Publish, Filter: "devices/+/commands/#"},
-		{Name: "service-broadcast", Roles: svc, Access: Publish, Filter: "groups/+/broadcast/#"},
-		{Name: "service-events", Roles: svc, Access: Subscribe, Filter: "$fleetgate/events/#"},
-		{Name: "operator-all", Roles: op, Access: Publish | Subscribe | Retain, Filter: "#"},
-		{Name: "operator-sys", Roles: op, Access: Subscribe, Filter: "$SYS/#"},
-		{Name: "operator-events", Roles: op, Access: Subscribe, Filter: "$fleetgate/events/#"},
-	}
-}
-
-// Default returns the compiled default policy.
+// Default returns the compiled default policy (DefaultFile).
 func Default() *Policy {
-	p, err := Compile(DefaultRules())
+	p, err := ParseFile("default policy", []byte(DefaultFile))
 	if err != nil {
-		panic(err) // the default rules are constants; a test compiles them
+		panic(err) // a constant; TestDefaultPolicyCompiles keeps it valid
 	}
 	return p
+}
+
+// Explain describes a decision for humans: allow/deny and the rule.
+func (p *Policy) Explain(d Decision) string {
+	verdict := "deny"
+	if d.Allowed {
+		verdict = "allow"
+	}
+	if d.Rule < 0 || d.Rule >= len(p.rules) {
+		return verdict + " (no rule allows it: deny by default)"
+	}
+	r := p.rules[d.Rule]
+	kind := "allow"
+	if r.Effect == Deny {
+		kind = "deny"
+	}
+	return fmt.Sprintf("%s by rule %q (%s %s)", verdict, r.Name, kind, r.Filter)
 }

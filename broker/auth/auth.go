@@ -320,6 +320,7 @@ func (h *Hook) subject(s *Session) (acl.Subject, bool) {
 			return sub, false
 		}
 		sub.Group = ds.Group
+		sub.Tags = ds.Tags
 	}
 	return sub, true
 }

@@ -165,7 +165,7 @@ func (r *Replica) Apply(f api.Feed) error {
 	}
 	for _, d := range f.Devices {
 		prev, had := r.devices[d.ID]
-		st := registry.DeviceStatus{Group: d.Group, State: registry.DeviceState(d.State)}
+		st := registry.DeviceStatus{Group: d.Group, State: registry.DeviceState(d.State), Tags: d.Tags}
 		if had && prev.State == registry.StateRevoked {
 			st.State = registry.StateRevoked // terminal, whatever a stale answer says
 		}

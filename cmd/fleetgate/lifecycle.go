@@ -2,6 +2,9 @@ package main
 
 import (
 	"fmt"
+	"strings"
+
+	"github.com/fleetgate/fleetgate/enroll/api"
 
 	"github.com/spf13/cobra"
 )
@@ -48,6 +51,48 @@ func addLifecycleCommands(devices *cobra.Command, af *adminFlags) {
 		c.Flags().StringVar(&reason, "reason", "", "why (kept in the audit log)")
 		devices.AddCommand(c)
 	}
+	devices.AddCommand(setCmd(af))
+}
+
+// setCmd changes a device's group and tags.
+func setCmd(af *adminFlags) *cobra.Command {
+	var group string
+	var tags []string
+	var clear bool
+	c := &cobra.Command{
+		Use:   "set ID",
+		Short: "Change a device's group and tags (the broker applies them at the device's next publish or subscribe)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req := api.DeviceUpdateRequest{Group: group}
+			if len(tags) > 0 || clear {
+				req.Tags = map[string]string{}
+				for _, t := range tags {
+					k, v, ok := strings.Cut(t, "=")
+					if !ok {
+						return fmt.Errorf("--tag %q: want key=value", t)
+					}
+					req.Tags[k] = v
+				}
+			}
+			cl, err := af.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout(cmd)
+			defer cancel()
+			d, err := cl.UpdateDevice(ctx, args[0], req)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "device %s: group %s, tags %v\n", d.ID, d.Group, d.Tags)
+			return nil
+		},
+	}
+	c.Flags().StringVar(&group, "group", "", "new group")
+	c.Flags().StringSliceVar(&tags, "tag", nil, "tag key=value (repeatable; replaces all tags)")
+	c.Flags().BoolVar(&clear, "clear-tags", false, "remove all tags")
+	return c
 }
 
 // certificatesCmd revokes single certificates.

@@ -45,7 +45,7 @@ func root() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), certificatesCmd(), auditCmd())
+	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), certificatesCmd(), policyCmd(), auditCmd())
 	return r
 }
 
@@ -91,11 +91,24 @@ func serveCmd() *cobra.Command {
 			log := newLogger(cfg.LogLevel, cfg.LogFormat)
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			defer signal.Stop(hup)
+			reload := make(chan struct{}, 1)
+			go func() {
+				for range hup {
+					select {
+					case reload <- struct{}{}:
+					default:
+					}
+				}
+			}()
 			err = gateway.Run(ctx, gateway.Config{
 				DataDir: cfg.DataDir, MQTTAddr: cfg.MQTTAddr, APIAddr: cfg.APIAddr, MetricsAddr: cfg.MetricsAddr,
 				Only: cfg.Only, DeviceCertTTL: cfg.DeviceCertTTL, HandshakeTimeout: cfg.HandshakeTimeout,
 				MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize, AddrFile: cfg.AddrFile,
 				TPMRootsDir: cfg.TPMRootsDir, TPMPolicy: cfg.TPMPolicy, EnrollURL: cfg.EnrollURL,
+				PolicyFile: cfg.PolicyFile, Reload: reload,
 			}, log)
 			if err == nil {
 				log.Info("fleetgate stopped")

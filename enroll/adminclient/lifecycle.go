@@ -18,3 +18,16 @@ func (c *Client) DeviceAction(ctx context.Context, id, action, reason string) (*
 func (c *Client) RevokeCertificate(ctx context.Context, serial, reason string) error {
 	return c.do(ctx, http.MethodPost, api.PathAdminCertificates+url.PathEscape(serial)+"/revoke", api.StateChangeRequest{Reason: reason}, nil)
 }
+
+// ReloadPolicy reloads the broker's policy file.
+func (c *Client) ReloadPolicy(ctx context.Context) (int, error) {
+	var out api.PolicyReloadResponse
+	err := c.do(ctx, http.MethodPost, api.PathAdminPolicyReload, struct{}{}, &out)
+	return out.Rules, err
+}
+
+// UpdateDevice changes a device's group and/or tags.
+func (c *Client) UpdateDevice(ctx context.Context, id string, req api.DeviceUpdateRequest) (*api.Device, error) {
+	var out api.Device
+	return &out, c.do(ctx, http.MethodPatch, api.PathAdminDevices+"/"+url.PathEscape(id), req, &out)
+}

@@ -100,14 +100,15 @@ type ServiceIssueResponse struct {
 
 // Device is the registry's view of a device (admin API).
 type Device struct {
-	ID                string    `json:"id"`
-	Group             string    `json:"group"`
-	State             string    `json:"state"`
-	AttestationMethod string    `json:"attestation_method,omitempty"`
-	Serial            string    `json:"serial,omitempty"`
-	NotAfter          time.Time `json:"not_after,omitzero"`
-	CreatedAt         time.Time `json:"created_at"`
-	Online            bool      `json:"online"`
+	ID                string            `json:"id"`
+	Group             string            `json:"group"`
+	State             string            `json:"state"`
+	AttestationMethod string            `json:"attestation_method,omitempty"`
+	Serial            string            `json:"serial,omitempty"`
+	NotAfter          time.Time         `json:"not_after,omitzero"`
+	CreatedAt         time.Time         `json:"created_at"`
+	Online            bool              `json:"online"`
+	Tags              map[string]string `json:"tags,omitempty"`
 }
 
 // AuditRecord is one entry of the append-only audit log.

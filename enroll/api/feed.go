@@ -27,7 +27,8 @@ type FeedCert struct {
 
 // FeedDevice is the status of one device.
 type FeedDevice struct {
-	ID    string `json:"id"`
-	Group string `json:"group"`
-	State string `json:"state"`
+	ID    string            `json:"id"`
+	Group string            `json:"group"`
+	State string            `json:"state"`
+	Tags  map[string]string `json:"tags,omitempty"`
 }

@@ -37,3 +37,19 @@ type RenewRequest struct {
 	// certificate.
 	CSR []byte `json:"csr"`
 }
+
+// PathAdminPolicyReload reloads the broker's policy file (in-process).
+const PathAdminPolicyReload = "/v1/admin/policy/reload"
+
+// DeviceUpdateRequest changes a device's attributes
+// (PATCH /v1/admin/devices/{id}). Empty group: unchanged; nil tags:
+// unchanged; {} clears them.
+type DeviceUpdateRequest struct {
+	Group string            `json:"group,omitempty"`
+	Tags  map[string]string `json:"tags,omitempty"`
+}
+
+// PolicyReloadResponse reports a reload.
+type PolicyReloadResponse struct {
+	Rules int `json:"rules"`
+}

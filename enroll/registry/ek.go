@@ -370,7 +370,7 @@ func (r *Registry) RedeemTPM(red TPMRedemption, sign func(Device) (*Certificate,
 // indexDevice updates the in-memory view of a device and tells watchers.
 func (r *Registry) indexDevice(d *Device) {
 	r.mu.Lock()
-	r.devices[d.ID] = DeviceStatus{Group: d.Group, State: d.State}
+	r.devices[d.ID] = d.status()
 	r.mu.Unlock()
 	r.emit(Event{Kind: EventDeviceChanged, DeviceID: d.ID, State: d.State})
 }

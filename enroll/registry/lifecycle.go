@@ -61,7 +61,7 @@ func (r *Registry) RevokeDevice(id, reason, actor string) ([]string, error) {
 		return nil, err
 	}
 	r.mu.Lock()
-	r.devices[id] = DeviceStatus{Group: d.Group, State: d.State}
+	r.devices[id] = d.status()
 	for _, s := range serials {
 		st := r.certs[s]
 		st.Revoked = true
@@ -146,7 +146,7 @@ func (r *Registry) SetSuspended(id string, suspend bool, reason, actor string) e
 		return err
 	}
 	r.mu.Lock()
-	r.devices[id] = DeviceStatus{Group: d.Group, State: d.State}
+	r.devices[id] = d.status()
 	r.mu.Unlock()
 	r.emit(Event{Kind: EventDeviceChanged, DeviceID: id, State: d.State})
 	return nil
@@ -243,4 +243,33 @@ func joinReason(reason string, err error) string {
 		return reason + ": " + err.Error()
 	}
 	return reason
+}
+
+// UpdateAttributes sets a device's group (if not empty) and tags (if not
+// nil; an empty map clears them). The broker applies them on the device's
+// next check, without reconnect.
+func (r *Registry) UpdateAttributes(id, group string, tags map[string]string, actor string) (*Device, error) {
+	var d Device
+	err := r.update(func(txn *badger.Txn) error {
+		if err := get(txn, pfxDevice+id, &d); err != nil {
+			return err
+		}
+		if group != "" {
+			d.Group = group
+		}
+		if tags != nil {
+			d.Tags = tags
+		}
+		d.UpdatedAt = r.now()
+		return put(txn, pfxDevice+id, &d)
+	})
+	r.Audit(AuditRecord{Actor: actor, Action: "device.update", DeviceID: id, Outcome: outcome(err), Reason: joinReason(fmt.Sprintf("group=%q tags=%v", group, tags), err)})
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	r.devices[id] = d.status()
+	r.mu.Unlock()
+	r.emit(Event{Kind: EventDeviceChanged, DeviceID: id, State: d.State})
+	return &d, nil
 }

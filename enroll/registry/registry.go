@@ -107,7 +107,7 @@ func (r *Registry) loadIndex() error {
 			return err
 		}
 		return iterate(txn, pfxDevice, func(d *Device) error {
-			r.devices[d.ID] = DeviceStatus{Group: d.Group, State: d.State}
+			r.devices[d.ID] = d.status()
 			return nil
 		})
 	})
@@ -294,7 +294,7 @@ func (r *Registry) indexCert(c *Certificate, dev *Device) {
 	r.mu.Lock()
 	r.certs[c.Serial] = CertStatus{Identity: c.Identity(), NotAfter: c.NotAfter, Revoked: c.Revoked}
 	if dev != nil {
-		r.devices[dev.ID] = DeviceStatus{Group: dev.Group, State: dev.State}
+		r.devices[dev.ID] = dev.status()
 	}
 	r.mu.Unlock()
 	evs := []Event{{Kind: EventCertIssued, Serial: c.Serial}}

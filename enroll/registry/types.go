@@ -104,6 +104,8 @@ type CertStatus struct {
 type DeviceStatus struct {
 	Group string
 	State DeviceState
+	// Tags are shared, never mutated: an update replaces the map.
+	Tags map[string]string
 }
 
 // EventKind says what changed.
@@ -122,4 +124,9 @@ type Event struct {
 	Serial   string
 	DeviceID string
 	State    DeviceState
+}
+
+// status is the in-memory view of d.
+func (d *Device) status() DeviceStatus {
+	return DeviceStatus{Group: d.Group, State: d.State, Tags: d.Tags}
 }

@@ -35,6 +35,7 @@ type Serve struct {
 	TPMRootsDir      string        `yaml:"tpm_roots"`
 	TPMPolicy        string        `yaml:"tpm_policy"`
 	EnrollURL        string        `yaml:"enroll_url"`
+	PolicyFile       string        `yaml:"policy"`
 }
 
 // DefaultDataDir is used when nothing else names one.
@@ -68,13 +69,14 @@ func ServeFlags(fs *pflag.FlagSet, d Serve) {
 	fs.String("log-format", d.LogFormat, "text or json")
 	fs.String("addr-file", d.AddrFile, "write bound addresses as JSON to this file once serving")
 	fs.String("tpm-roots", d.TPMRootsDir, "folder of PEM files: trusted TPM manufacturer roots for EK certificates")
+	fs.String("policy", d.PolicyFile, "topic policy file (YAML); default <data-dir>/policy.yaml if present, else built-in")
 	fs.String("enroll-url", d.EnrollURL, "with --only broker: the enrollment service whose registry feed the broker follows")
 	fs.String("tpm-policy", d.TPMPolicy, "allowlist (only EKs registered at manufacturing) or manufacturer (any EK chaining to --tpm-roots)")
 }
 
 // keys are the layered settings, by flag name.
 var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only", "device-cert-ttl",
-	"handshake-timeout", "max-pending", "max-packet-size", "log-level", "log-format", "addr-file", "tpm-roots", "tpm-policy", "enroll-url"}
+	"handshake-timeout", "max-pending", "max-packet-size", "log-level", "log-format", "addr-file", "tpm-roots", "tpm-policy", "enroll-url", "policy"}
 
 // LoadServe layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
@@ -164,6 +166,8 @@ func assign(c *Serve, k string, f *pflag.Flag) error {
 		c.TPMPolicy, err = fs.GetString(k)
 	case "enroll-url":
 		c.EnrollURL, err = fs.GetString(k)
+	case "policy":
+		c.PolicyFile, err = fs.GetString(k)
 	}
 	return err
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/fleetgate/fleetgate/broker"
+	"github.com/fleetgate/fleetgate/broker/acl"
 	"github.com/fleetgate/fleetgate/broker/replica"
 	"github.com/fleetgate/fleetgate/enroll"
 	"github.com/fleetgate/fleetgate/enroll/ca"
@@ -58,6 +59,12 @@ type Config struct {
 	TPMPolicy string
 	// SweepInterval of the broker's expired-session sweep (default 10s).
 	SweepInterval time.Duration
+	// PolicyFile is the broker's topic policy (YAML, broker/acl). Empty:
+	// <DataDir>/policy.yaml if it exists, else the built-in default.
+	PolicyFile string
+	// Reload, when it receives, reloads the policy file (SIGHUP). A bad
+	// file is refused with every error; the old policy stays.
+	Reload <-chan struct{}
 	// EnrollURL is the enrollment service a broker-only process follows
 	// (its registry change feed), with the operator credentials of DataDir.
 	EnrollURL string
@@ -120,9 +127,16 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 	}
 
+	var reloadPolicy func() (int, error)
 	if cfg.Only != OnlyEnroll {
+		policyPath := PolicyPath(cfg)
+		policy, err := LoadPolicy(policyPath)
+		if err != nil {
+			return err
+		}
 		b, err := broker.New(broker.Config{
-			Addr: cfg.MQTTAddr, CA: authority, ServerCert: serverCert, Registry: dir,
+			Policy: policy,
+			Addr:   cfg.MQTTAddr, CA: authority, ServerCert: serverCert, Registry: dir,
 			Logger: log, Metrics: promReg, PersistDir: filepath.Join(cfg.DataDir, BrokerDir),
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize,
 			SweepInterval: cfg.SweepInterval,
@@ -135,6 +149,30 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 		addrs.MQTT = b.Addr()
 		online = b.Connected
+		reloadPolicy = func() (int, error) {
+			p, err := LoadPolicy(policyPath)
+			if err != nil {
+				log.Error("policy reload refused; the previous policy stays in force", "file", policyPath, "err", err)
+				return 0, err
+			}
+			b.SetPolicy(p)
+			log.Info("policy reloaded", "file", policyPath, "rules", len(p.Rules()))
+			return len(p.Rules()), nil
+		}
+		if cfg.Reload != nil {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					select {
+					case <-ctx.Done():
+						return
+					case <-cfg.Reload:
+						_, _ = reloadPolicy()
+					}
+				}
+			}()
+		}
 		ready = append(ready, func() bool { return true })
 		if rep != nil {
 			wg.Add(1)
@@ -168,7 +206,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 		es, err := enroll.New(enroll.Config{CA: authority, Registry: reg, Logger: log.With("component", "enroll"),
 			Metrics: promReg, DeviceCertTTL: cfg.DeviceCertTTL, TPMRoots: tpmRoots, TPMPolicy: cfg.TPMPolicy,
-			Online: online})
+			Online: online, ReloadPolicy: reloadPolicy})
 		if err != nil {
 			return err
 		}
@@ -299,4 +337,28 @@ func operatorClient(dataDir string) (*http.Client, error) {
 	}
 	return &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
 		MinVersion: tls.VersionTLS12, RootCAs: ca.NewPool(root), Certificates: []tls.Certificate{cert}}}}, nil
+}
+
+// PolicyFileName is the policy file looked for in a data directory.
+const PolicyFileName = "policy.yaml"
+
+// PolicyPath is the policy file cfg names, or the data directory's, or ""
+// (the built-in default).
+func PolicyPath(cfg Config) string {
+	if cfg.PolicyFile != "" {
+		return cfg.PolicyFile
+	}
+	p := filepath.Join(cfg.DataDir, PolicyFileName)
+	if _, err := os.Stat(p); err == nil {
+		return p
+	}
+	return ""
+}
+
+// LoadPolicy loads a policy file; "" is the built-in default.
+func LoadPolicy(path string) (*acl.Policy, error) {
+	if path == "" {
+		return acl.Default(), nil
+	}
+	return acl.LoadFile(path)
 }

@@ -1,0 +1,118 @@
+package acl
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/fleetgate/fleetgate/internal/identity"
+)
+
+func TestDefaultPolicyCompiles(t *testing.T) {
+	if _, err := ParseFile("default", []byte(DefaultFile)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestParseFileReportsEveryErrorWithItsLine(t *testing.T) {
+	bad := `rules:
+  - name: ok
+    roles: [device]
+    allow: [publish]
+    topics: ["devices/{id}/x"]
+  - name: two-effects
+    allow: [publish]
+    deny: [publish]
+    topics: ["a"]
+  - name: bad-role
+    roles: [root]
+    allow: [publish]
+    topics: ["a"]
+  - name: bad-topic
+    allow: [subscribe]
+    topics: ["a/#/b"]
+  - name: bad-access
+    allow: [write]
+    topics: ["a"]
+`
+	_, err := ParseFile("p.yaml", []byte(bad))
+	if err == nil {
+		t.Fatal("bad policy accepted")
+	}
+	for _, want := range []string{"p.yaml:6: rule 2 (two-effects)", "p.yaml:10: rule 3 (bad-role)", "p.yaml:14: rule 4 (bad-topic)", "p.yaml:17: rule 5 (bad-access)"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q:\n%v", want, err)
+		}
+	}
+	if strings.Contains(err.Error(), "rule 1") {
+		t.Errorf("valid rule reported: %v", err)
+	}
+	for _, tc := range []struct{ name, src string }{
+		{"an unknown key is refused", "rules:\n  - name: x\n    alow: [publish]\n    topics: [a]\n"},
+		{"an empty file is refused", ""},
+		{"a file without rules is refused", "rules: []\n"},
+		{"YAML that does not parse is refused", "rules: [\n"},
+		{"a bad tag name is refused", "rules:\n  - allow: [publish]\n    topics: ['a/{tag:Bad_Name}']\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := ParseFile("p.yaml", []byte(tc.src)); err == nil {
+				t.Fatal("accepted")
+			}
+		})
+	}
+}
+
+func TestTagPlaceholder(t *testing.T) {
+	p, err := ParseFile("p", []byte(`rules:
+  - name: site
+    roles: [device]
+    allow: [subscribe]
+    topics: ["sites/{tag:site}/alerts/#"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := Subject{Role: identity.RoleDevice, ID: "d1", Group: "g", Tags: map[string]string{"site": "berlin"}}
+	cases := []struct {
+		name   string
+		s      Subject
+		filter string
+		want   bool
+	}{
+		{"a device reads its site's alerts", d, "sites/berlin/alerts/#", true},
+		{"a device may not read another site's", d, "sites/paris/alerts/#", false},
+		{"a device without the tag gets nothing", Subject{Role: identity.RoleDevice, ID: "d1"}, "sites//alerts/#", false},
+		{"a tag value with a wildcard never matches", Subject{Role: identity.RoleDevice, ID: "d1", Tags: map[string]string{"site": "+"}}, "sites/+/alerts/#", false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := p.CheckSubscribe(tc.s, tc.filter).Allowed; got != tc.want {
+				t.Fatalf("got %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestExplainNamesTheRule(t *testing.T) {
+	p := Default()
+	got := p.Explain(p.CheckPublish(dev, "devices/d1/state", true))
+	if !strings.Contains(got, `allow by rule "device-state"`) {
+		t.Fatalf("explain: %s", got)
+	}
+	got = p.Explain(p.CheckSubscribe(dev, "devices/#"))
+	if !strings.Contains(got, "deny by default") {
+		t.Fatalf("explain: %s", got)
+	}
+}
+
+func FuzzParseFile(f *testing.F) {
+	f.Add(DefaultFile)
+	f.Add("rules:\n  - deny: [subscribe]\n    topics: ['#']\n")
+	f.Fuzz(func(t *testing.T, src string) {
+		p, err := ParseFile("fuzz", []byte(src))
+		if err != nil {
+			return
+		}
+		_ = p.CheckPublish(dev, "devices/d1/telemetry/x", false)
+		_ = p.CheckSubscribe(dev, "devices/#")
+	})
+}
