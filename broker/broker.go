@@ -51,6 +51,16 @@ type Config struct {
 	MaxPending int
 	// MaxPacketSize in bytes (default 256 KiB).
 	MaxPacketSize uint32
+	// Limits per client (zero: DefaultLimits).
+	Limits Limits
+	// MaxPendingPerIP caps unauthenticated connections from one source
+	// address (default 64).
+	MaxPendingPerIP int
+	// MaxQoS is the highest QoS granted (default 2).
+	MaxQoS byte
+	// ReceiveMaximum is the in-flight window of QoS 1/2 messages per client
+	// in each direction (default 256).
+	ReceiveMaximum uint16
 	// SweepInterval is how often sessions whose certificate expired while
 	// connected are closed (default 10s).
 	SweepInterval time.Duration
@@ -82,6 +92,12 @@ type metrics struct {
 	aclDenied    *prometheus.CounterVec
 	connected    *prometheus.GaugeVec
 	closed       *prometheus.CounterVec
+	takeovers    prometheus.Counter
+	limited      *prometheus.CounterVec
+	msgsIn       prometheus.Counter
+	bytesIn      prometheus.Counter
+	msgsOut      prometheus.Counter
+	bytesOut     prometheus.Counter
 }
 
 // New builds a broker; Run starts it.
@@ -123,6 +139,16 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.SweepInterval <= 0 {
 		cfg.SweepInterval = 10 * time.Second
 	}
+	if cfg.MaxPendingPerIP <= 0 {
+		cfg.MaxPendingPerIP = 64
+	}
+	if cfg.MaxQoS == 0 || cfg.MaxQoS > 2 {
+		cfg.MaxQoS = 2
+	}
+	if cfg.ReceiveMaximum == 0 {
+		cfg.ReceiveMaximum = 256
+	}
+	cfg.Limits = cfg.Limits.withDefaults()
 	b := &Broker{cfg: cfg, log: cfg.Logger.With("component", "broker"), stop: make(chan struct{})}
 	b.policy.Store(cfg.Policy)
 	b.initMetrics()
@@ -137,6 +163,7 @@ func New(cfg Config) (*Broker, error) {
 			AuthFailure: func(r string) { b.m.authFailures.WithLabelValues(r).Inc() },
 			ACLDenied:   func(d string) { b.m.aclDenied.WithLabelValues(d).Inc() },
 			Connected:   func(r identity.Role, d int) { b.m.connected.WithLabelValues(string(r)).Add(float64(d)) },
+			Takeover:    func() { b.m.takeovers.Inc() },
 		},
 	})
 
@@ -144,6 +171,9 @@ func New(cfg Config) (*Broker, error) {
 	caps.MaximumPacketSize = cfg.MaxPacketSize
 	caps.MaximumSessionExpiryInterval = 7 * 24 * 3600
 	caps.MaximumClientWritesPending = 1024
+	caps.MaximumQos = cfg.MaxQoS
+	caps.ReceiveMaximum = cfg.ReceiveMaximum
+	caps.MaximumInflight = 4 * cfg.ReceiveMaximum
 	b.server = mqtt.New(&mqtt.Options{
 		Capabilities:             caps,
 		Logger:                   b.log,
@@ -153,6 +183,10 @@ func New(cfg Config) (*Broker, error) {
 	})
 	if err := b.addHook(b.hook, nil); err != nil {
 		return nil, fmt.Errorf("broker: add auth hook: %w", err)
+	}
+	lh := &limitsHook{b: b, l: cfg.Limits, msgsIn: b.m.msgsIn, bytesIn: b.m.bytesIn, msgsOut: b.m.msgsOut, bytesOut: b.m.bytesOut, limited: b.m.limited}
+	if err := b.addHook(lh, nil); err != nil {
+		return nil, fmt.Errorf("broker: add limits hook: %w", err)
 	}
 	if cfg.PersistDir != "" {
 		bo := badgerdb.DefaultOptions(filepath.Clean(cfg.PersistDir)).WithLogger(nil).
@@ -170,8 +204,13 @@ func New(cfg Config) (*Broker, error) {
 		VerifyConnection: b.hook.VerifyConnection,
 	}
 	b.ln = &listener{id: "mtls", addr: cfg.Addr, tls: tcfg, timeout: cfg.HandshakeTimeout,
-		pending: make(chan struct{}, cfg.MaxPending), log: b.log,
-		onRefuse: func(r string) { b.m.authFailures.WithLabelValues(r).Inc() }}
+		pending: make(chan struct{}, cfg.MaxPending), perIP: cfg.MaxPendingPerIP, pendingByIP: map[string]int{}, log: b.log,
+		onRefuse: func(r string) {
+			b.m.authFailures.WithLabelValues(r).Inc()
+			if r == "pending_limit" || r == "pending_per_ip" {
+				b.m.limited.WithLabelValues(r).Inc()
+			}
+		}}
 	if err := b.server.AddListener(b.ln); err != nil {
 		return nil, fmt.Errorf("broker: listen %s: %w", cfg.Addr, err)
 	}
@@ -203,9 +242,18 @@ func (b *Broker) initMetrics() {
 			Help: "Authenticated MQTT connections by role."}, []string{"role"}),
 		closed: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fleetgate_broker_sessions_closed_total",
 			Help: "Live sessions closed by the broker, by reason."}, []string{"reason"}),
+		takeovers: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_session_takeovers_total",
+			Help: "Connections that replaced a live session of the same identity."}),
+		limited: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fleetgate_broker_limit_hits_total",
+			Help: "Clients over a limit, by limit (message_rate, byte_rate, subscriptions, pending, pending_per_ip)."}, []string{"limit"}),
+		msgsIn:   prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_messages_received_total", Help: "PUBLISH packets received."}),
+		bytesIn:  prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_payload_bytes_received_total", Help: "PUBLISH payload bytes received."}),
+		msgsOut:  prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_messages_sent_total", Help: "PUBLISH packets sent."}),
+		bytesOut: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_payload_bytes_sent_total", Help: "PUBLISH payload bytes sent."}),
 	}
 	if b.cfg.Metrics != nil {
-		for _, c := range []prometheus.Collector{b.m.authFailures, b.m.aclDenied, b.m.connected, b.m.closed} {
+		for _, c := range []prometheus.Collector{b.m.authFailures, b.m.aclDenied, b.m.connected, b.m.closed,
+			b.m.takeovers, b.m.limited, b.m.msgsIn, b.m.bytesIn, b.m.msgsOut, b.m.bytesOut} {
 			_ = b.cfg.Metrics.Register(c)
 		}
 	}

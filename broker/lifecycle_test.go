@@ -18,6 +18,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"crypto/x509"
+	"github.com/fleetgate/fleetgate/broker"
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/internal/testenv"
@@ -37,7 +38,8 @@ func certOf(t *testing.T, d *devicesdk.Device) tls.Certificate {
 }
 
 func TestRevokeCutsAHighRatePublisherAtOnce(t *testing.T) {
-	g := testenv.Start(t, testenv.Options{})
+	// Limits high enough that the revocation, not the rate limit, cuts it.
+	g := testenv.Start(t, testenv.Options{Limits: broker.Limits{MsgRate: 1e6, MsgBurst: 1e6, ByteRate: 1e9, ByteBurst: 1e9}})
 	ctx := context.Background()
 	dev := g.EnrollDevice(t, "hot-1", "lab")
 	svcCert := g.Service(t, "backend")

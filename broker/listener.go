@@ -22,13 +22,16 @@ import (
 // packet (mochi sets none before CONNECT), and caps the number of
 // connections that have not yet finished both.
 type listener struct {
-	id       string
-	addr     string
-	tls      *tls.Config
-	timeout  time.Duration
-	pending  chan struct{} // semaphore of unauthenticated connections
-	log      *slog.Logger
-	onRefuse func(reason string)
+	id          string
+	addr        string
+	tls         *tls.Config
+	timeout     time.Duration
+	pending     chan struct{} // semaphore of unauthenticated connections
+	perIP       int
+	ipMu        sync.Mutex
+	pendingByIP map[string]int
+	log         *slog.Logger
+	onRefuse    func(reason string)
 
 	ln     net.Listener
 	closed atomic.Bool
@@ -74,10 +77,18 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 			time.Sleep(10 * time.Millisecond) // e.g. EMFILE: back off, keep serving
 			continue
 		}
+		ip := hostOf(raw.RemoteAddr())
+		if !l.takeIP(ip) {
+			// One source address may not hold many half-open connections.
+			l.onRefuse("pending_per_ip")
+			raw.Close()
+			continue
+		}
 		select {
 		case l.pending <- struct{}{}:
 		default:
 			// Too many connections still in handshake or before CONNECT.
+			l.releaseIP(ip)
 			l.onRefuse("pending_limit")
 			raw.Close()
 			continue
@@ -86,7 +97,7 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 		go func() {
 			defer l.wg.Done()
 			var once sync.Once
-			release := func() { once.Do(func() { <-l.pending }) }
+			release := func() { once.Do(func() { <-l.pending; l.releaseIP(ip) }) }
 			defer release()
 			l.handle(raw, release, establish)
 		}()
@@ -110,6 +121,31 @@ func (l *listener) handle(raw net.Conn, release func(), establish listeners.Esta
 	c := &conn{Conn: tc, release: release}
 	if err := establish(l.id, c); err != nil && !isClosedErr(err) {
 		l.log.Debug("client connection ended", "remote", raw.RemoteAddr().String(), "err", err)
+	}
+}
+
+func hostOf(a net.Addr) string {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.IP.String()
+	}
+	return a.String()
+}
+
+func (l *listener) takeIP(ip string) bool {
+	l.ipMu.Lock()
+	defer l.ipMu.Unlock()
+	if l.pendingByIP[ip] >= l.perIP {
+		return false
+	}
+	l.pendingByIP[ip]++
+	return true
+}
+
+func (l *listener) releaseIP(ip string) {
+	l.ipMu.Lock()
+	defer l.ipMu.Unlock()
+	if l.pendingByIP[ip]--; l.pendingByIP[ip] <= 0 {
+		delete(l.pendingByIP, ip)
 	}
 }
 

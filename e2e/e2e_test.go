@@ -329,3 +329,12 @@ func connectPaho(t *testing.T, addr, id string, cert tls.Certificate, roots *x50
 	t.Cleanup(func() { c.Disconnect(100) })
 	return c
 }
+
+func loadPair(t *testing.T, dir string) tls.Certificate {
+	t.Helper()
+	c, err := tls.LoadX509KeyPair(filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}

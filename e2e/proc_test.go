@@ -127,3 +127,13 @@ func (s *server) stop(t *testing.T) {
 		t.Errorf("fleetgate serve did not stop on SIGTERM within 10s")
 	}
 }
+
+// kill sends SIGKILL to exactly this process and reaps it.
+func (s *server) kill(t *testing.T) {
+	if s.cmd.ProcessState != nil {
+		return
+	}
+	_ = s.cmd.Process.Kill()
+	err := <-s.done
+	s.done <- err
+}

@@ -87,6 +87,7 @@ type Metrics struct {
 	AuthFailure func(reason string)
 	ACLDenied   func(direction string)
 	Connected   func(role identity.Role, delta int)
+	Takeover    func()
 }
 
 // Options configure the hook.
@@ -241,6 +242,9 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 			h.o.Metrics.Connected(old.(*Session).Identity.Role, -1)
 		}
 		h.o.Logger.Info("session taken over", "identity", id.String(), "remote", cl.Net.Remote)
+		if h.o.Metrics.Takeover != nil {
+			h.o.Metrics.Takeover()
+		}
 	}
 	h.count.Add(1)
 	if h.o.Metrics.Connected != nil {
@@ -300,6 +304,25 @@ func (h *Hook) Sessions(fn func(*Session) bool) {
 	h.sessions.Range(func(_, v any) bool { return fn(v.(*Session)) })
 }
 
+// restored returns a session for a persistent device session that mochi
+// restored from storage after a restart and that has not reconnected yet:
+// deliveries to it are checked as the device whose ID is its client ID.
+// Client IDs are identities (enforced at CONNECT), so nothing else could
+// have created it. Services and operators are not restored this way.
+func (h *Hook) restored(cl *mqtt.Client) (*Session, bool) {
+	if cl.Net.Inline || cl.Net.Conn != nil {
+		return nil, false
+	}
+	if _, ok := h.o.Directory.DeviceStatus(cl.ID); !ok {
+		return nil, false
+	}
+	s := &Session{Identity: identity.Identity{Role: identity.RoleDevice, Name: cl.ID}, Client: cl}
+	if v, loaded := h.sessions.LoadOrStore(cl.ID, s); loaded {
+		return v.(*Session), true
+	}
+	return s, true
+}
+
 // Lookup returns the session of a client ID.
 func (h *Hook) Lookup(clientID string) (*Session, bool) {
 	v, ok := h.sessions.Load(clientID)
@@ -330,6 +353,9 @@ func (h *Hook) subject(s *Session) (acl.Subject, bool) {
 // a topic, also to an offline persistent session).
 func (h *Hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	s, ok := h.Session(cl)
+	if !ok && !write {
+		s, ok = h.restored(cl)
+	}
 	if !ok || (write && s.Client != cl) {
 		return false
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/fleetgate/fleetgate/broker"
 	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/enroll/ca"
@@ -109,6 +110,9 @@ func serveCmd() *cobra.Command {
 				MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize, AddrFile: cfg.AddrFile,
 				TPMRootsDir: cfg.TPMRootsDir, TPMPolicy: cfg.TPMPolicy, EnrollURL: cfg.EnrollURL,
 				PolicyFile: cfg.PolicyFile, Reload: reload,
+				Limits: broker.Limits{MsgRate: cfg.MsgRate, MsgBurst: cfg.MsgBurst, ByteRate: cfg.ByteRate,
+					ByteBurst: 4 * int(cfg.ByteRate), MaxSubscriptions: cfg.MaxSubscriptions},
+				MaxPendingPerIP: cfg.MaxPendingPerIP, MaxQoS: byte(cfg.MaxQoS), ReceiveMaximum: uint16(cfg.ReceiveMaximum),
 			}, log)
 			if err == nil {
 				log.Info("fleetgate stopped")

@@ -36,6 +36,13 @@ type Serve struct {
 	TPMPolicy        string        `yaml:"tpm_policy"`
 	EnrollURL        string        `yaml:"enroll_url"`
 	PolicyFile       string        `yaml:"policy"`
+	MsgRate          float64       `yaml:"msg_rate"`
+	MsgBurst         int           `yaml:"msg_burst"`
+	ByteRate         float64       `yaml:"byte_rate"`
+	MaxSubscriptions int           `yaml:"max_subscriptions"`
+	MaxPendingPerIP  int           `yaml:"max_pending_per_ip"`
+	MaxQoS           int           `yaml:"max_qos"`
+	ReceiveMaximum   int           `yaml:"receive_maximum"`
 }
 
 // DefaultDataDir is used when nothing else names one.
@@ -50,6 +57,7 @@ func Defaults() Serve {
 		DataDir: DefaultDataDir, MQTTAddr: ":8883", APIAddr: ":8443", MetricsAddr: "127.0.0.1:9090",
 		DeviceCertTTL: 90 * 24 * time.Hour, HandshakeTimeout: 10 * time.Second, MaxPending: 1024,
 		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text", TPMPolicy: "allowlist", EnrollURL: "https://localhost:8443",
+		MsgRate: 100, MsgBurst: 200, ByteRate: 1 << 20, MaxSubscriptions: 32, MaxPendingPerIP: 64, MaxQoS: 2, ReceiveMaximum: 256,
 	}
 }
 
@@ -69,6 +77,13 @@ func ServeFlags(fs *pflag.FlagSet, d Serve) {
 	fs.String("log-format", d.LogFormat, "text or json")
 	fs.String("addr-file", d.AddrFile, "write bound addresses as JSON to this file once serving")
 	fs.String("tpm-roots", d.TPMRootsDir, "folder of PEM files: trusted TPM manufacturer roots for EK certificates")
+	fs.Float64("msg-rate", d.MsgRate, "per-device PUBLISH rate (messages/s); over it (plus --msg-burst): disconnect, MQTT 5 reason 0x96")
+	fs.Int("msg-burst", d.MsgBurst, "per-device PUBLISH burst above --msg-rate")
+	fs.Float64("byte-rate", d.ByteRate, "per-device payload rate (bytes/s); over it: disconnect, MQTT 5 reason 0x97")
+	fs.Int("max-subscriptions", d.MaxSubscriptions, "subscriptions per client")
+	fs.Int("max-pending-per-ip", d.MaxPendingPerIP, "connections in TLS handshake or before CONNECT from one source address")
+	fs.Int("max-qos", d.MaxQoS, "highest QoS granted (0, 1 or 2)")
+	fs.Int("receive-maximum", d.ReceiveMaximum, "in-flight QoS 1/2 window per client")
 	fs.String("policy", d.PolicyFile, "topic policy file (YAML); default <data-dir>/policy.yaml if present, else built-in")
 	fs.String("enroll-url", d.EnrollURL, "with --only broker: the enrollment service whose registry feed the broker follows")
 	fs.String("tpm-policy", d.TPMPolicy, "allowlist (only EKs registered at manufacturing) or manufacturer (any EK chaining to --tpm-roots)")
@@ -76,7 +91,8 @@ func ServeFlags(fs *pflag.FlagSet, d Serve) {
 
 // keys are the layered settings, by flag name.
 var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only", "device-cert-ttl",
-	"handshake-timeout", "max-pending", "max-packet-size", "log-level", "log-format", "addr-file", "tpm-roots", "tpm-policy", "enroll-url", "policy"}
+	"handshake-timeout", "max-pending", "max-packet-size", "log-level", "log-format", "addr-file", "tpm-roots", "tpm-policy", "enroll-url", "policy",
+	"msg-rate", "msg-burst", "byte-rate", "max-subscriptions", "max-pending-per-ip", "max-qos", "receive-maximum"}
 
 // LoadServe layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
@@ -168,6 +184,20 @@ func assign(c *Serve, k string, f *pflag.Flag) error {
 		c.EnrollURL, err = fs.GetString(k)
 	case "policy":
 		c.PolicyFile, err = fs.GetString(k)
+	case "msg-rate":
+		c.MsgRate, err = fs.GetFloat64(k)
+	case "msg-burst":
+		c.MsgBurst, err = fs.GetInt(k)
+	case "byte-rate":
+		c.ByteRate, err = fs.GetFloat64(k)
+	case "max-subscriptions":
+		c.MaxSubscriptions, err = fs.GetInt(k)
+	case "max-pending-per-ip":
+		c.MaxPendingPerIP, err = fs.GetInt(k)
+	case "max-qos":
+		c.MaxQoS, err = fs.GetInt(k)
+	case "receive-maximum":
+		c.ReceiveMaximum, err = fs.GetInt(k)
 	}
 	return err
 }
@@ -210,6 +240,18 @@ func (c Serve) Validate() []error {
 	case "debug", "info", "warn", "error":
 	default:
 		errs = append(errs, fmt.Errorf("log_level: %q (want debug, info, warn or error)", c.LogLevel))
+	}
+	if c.MsgRate <= 0 || c.MsgBurst <= 0 || c.ByteRate <= 0 {
+		errs = append(errs, errors.New("msg_rate, msg_burst and byte_rate must be positive"))
+	}
+	if c.MaxSubscriptions <= 0 || c.MaxPendingPerIP <= 0 {
+		errs = append(errs, errors.New("max_subscriptions and max_pending_per_ip must be positive"))
+	}
+	if c.MaxQoS < 0 || c.MaxQoS > 2 {
+		errs = append(errs, fmt.Errorf("max_qos: %d (want 0, 1 or 2)", c.MaxQoS))
+	}
+	if c.ReceiveMaximum < 1 || c.ReceiveMaximum > 65535 {
+		errs = append(errs, fmt.Errorf("receive_maximum: %d (want 1-65535)", c.ReceiveMaximum))
 	}
 	switch c.TPMPolicy {
 	case "allowlist", "manufacturer":

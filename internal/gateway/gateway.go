@@ -59,6 +59,11 @@ type Config struct {
 	TPMPolicy string
 	// SweepInterval of the broker's expired-session sweep (default 10s).
 	SweepInterval time.Duration
+	// Limits per client, and connection limits (zero: broker defaults).
+	Limits          broker.Limits
+	MaxPendingPerIP int
+	MaxQoS          byte
+	ReceiveMaximum  uint16
 	// PolicyFile is the broker's topic policy (YAML, broker/acl). Empty:
 	// <DataDir>/policy.yaml if it exists, else the built-in default.
 	PolicyFile string
@@ -139,7 +144,8 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			Addr:   cfg.MQTTAddr, CA: authority, ServerCert: serverCert, Registry: dir,
 			Logger: log, Metrics: promReg, PersistDir: filepath.Join(cfg.DataDir, BrokerDir),
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize,
-			SweepInterval: cfg.SweepInterval,
+			SweepInterval: cfg.SweepInterval, Limits: cfg.Limits, MaxPendingPerIP: cfg.MaxPendingPerIP,
+			MaxQoS: cfg.MaxQoS, ReceiveMaximum: cfg.ReceiveMaximum,
 		})
 		if err != nil {
 			return err

@@ -20,6 +20,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/fleetgate/fleetgate/broker"
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/enroll/api"
@@ -73,6 +74,8 @@ type Options struct {
 	MaxPending       int
 	DeviceCertTTL    time.Duration
 	SweepInterval    time.Duration
+	Limits           broker.Limits
+	MaxPendingPerIP  int
 	// TPMRootsDir holds PEM files of trusted TPM manufacturer roots.
 	TPMRootsDir string
 	// TPMPolicy is "allowlist" (default) or "manufacturer".
@@ -94,8 +97,8 @@ func Start(t testing.TB, o Options) *Gateway {
 		done <- gateway.Run(ctx, gateway.Config{
 			DataDir: o.DataDir, MQTTAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", MetricsAddr: "127.0.0.1:0",
 			HandshakeTimeout: o.HandshakeTimeout, MaxPending: o.MaxPending, DeviceCertTTL: o.DeviceCertTTL,
-			SweepInterval: o.SweepInterval,
-			AddrFile:      addrFile, TPMRootsDir: o.TPMRootsDir, TPMPolicy: o.TPMPolicy,
+			SweepInterval: o.SweepInterval, Limits: o.Limits, MaxPendingPerIP: o.MaxPendingPerIP,
+			AddrFile: addrFile, TPMRootsDir: o.TPMRootsDir, TPMPolicy: o.TPMPolicy,
 		}, log)
 	}()
 	var once sync.Once

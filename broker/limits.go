@@ -1,0 +1,153 @@
+package broker
+
+import (
+	"bytes"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/time/rate"
+)
+
+// Limits bound what one client may cost the broker. Zero values take the
+// defaults of DefaultLimits.
+type Limits struct {
+	// MsgRate is the sustained PUBLISH rate per client (messages/s), with
+	// MsgBurst on top. Over it the client is disconnected: MQTT 5 clients
+	// get DISCONNECT 0x96 (message rate too high). Dropping silently would
+	// hide a misbehaving device; disconnecting makes it visible in metrics
+	// and logs, and its reconnects are slowed by the TLS handshake.
+	MsgRate  float64
+	MsgBurst int
+	// ByteRate is the sustained PUBLISH payload rate per client (bytes/s),
+	// with ByteBurst on top; over it: DISCONNECT 0x97 (quota exceeded).
+	ByteRate  float64
+	ByteBurst int
+	// MaxSubscriptions per client; further filters are refused in the
+	// SUBACK (0x8F for MQTT 5, 0x80 for 3.1.1) and counted.
+	MaxSubscriptions int
+}
+
+// DefaultLimits suit sensors that report every few seconds and a backend
+// that reads the fleet: services and operators are exempt from the
+// per-client message limits (they are few and trusted).
+var DefaultLimits = Limits{MsgRate: 100, MsgBurst: 200, ByteRate: 1 << 20, ByteBurst: 4 << 20, MaxSubscriptions: 32}
+
+func (l Limits) withDefaults() Limits {
+	d := DefaultLimits
+	if l.MsgRate > 0 {
+		d.MsgRate = l.MsgRate
+	}
+	if l.MsgBurst > 0 {
+		d.MsgBurst = l.MsgBurst
+	}
+	if l.ByteRate > 0 {
+		d.ByteRate = l.ByteRate
+	}
+	if l.ByteBurst > 0 {
+		d.ByteBurst = l.ByteBurst
+	}
+	if l.MaxSubscriptions > 0 {
+		d.MaxSubscriptions = l.MaxSubscriptions
+	}
+	return d
+}
+
+// limitsHook enforces Limits and counts traffic. It provides no
+// authentication or ACL decision.
+type limitsHook struct {
+	mqtt.HookBase
+	b       *Broker
+	l       Limits
+	clients sync.Map // *mqtt.Client -> *clientLimits
+
+	msgsIn, bytesIn, msgsOut, bytesOut prometheus.Counter
+	limited                            *prometheus.CounterVec
+}
+
+type clientLimits struct {
+	msgs, bytes *rate.Limiter
+	exempt      bool
+}
+
+func (h *limitsHook) ID() string { return "fleetgate-limits" }
+
+func (h *limitsHook) Provides(b byte) bool {
+	return bytes.Contains([]byte{mqtt.OnPacketRead, mqtt.OnPacketSent, mqtt.OnSubscribe, mqtt.OnDisconnect, mqtt.OnSessionEstablished}, []byte{b})
+}
+
+func (h *limitsHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+	exempt := false
+	if s, ok := h.b.hook.Session(cl); ok {
+		exempt = s.Identity.Role != "device"
+	}
+	h.clients.Store(cl, &clientLimits{
+		msgs:   rate.NewLimiter(rate.Limit(h.l.MsgRate), h.l.MsgBurst),
+		bytes:  rate.NewLimiter(rate.Limit(h.l.ByteRate), h.l.ByteBurst),
+		exempt: exempt,
+	})
+}
+
+func (h *limitsHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) { h.clients.Delete(cl) }
+
+func (h *limitsHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type != packets.Publish {
+		return pk, nil
+	}
+	n := len(pk.Payload)
+	h.msgsIn.Inc()
+	h.bytesIn.Add(float64(n))
+	v, ok := h.clients.Load(cl)
+	if !ok {
+		return pk, nil
+	}
+	c := v.(*clientLimits)
+	if c.exempt {
+		return pk, nil
+	}
+	code := packets.CodeSuccess
+	switch {
+	case !c.msgs.Allow():
+		code = packets.ErrMessageRateTooHigh
+	case !c.bytes.AllowN(time.Now(), n):
+		code = packets.ErrQuotaExceeded
+	default:
+		return pk, nil
+	}
+	reason := "message_rate"
+	if code == packets.ErrQuotaExceeded {
+		reason = "byte_rate"
+	}
+	h.limited.WithLabelValues(reason).Inc()
+	h.b.log.Warn("client over its limit, disconnecting", "reason", reason, "client", cl.ID, "remote", cl.Net.Remote)
+	_ = h.b.server.DisconnectClient(cl, code)
+	return pk, packets.ErrRejectPacket
+}
+
+func (h *limitsHook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, b []byte) {
+	if pk.FixedHeader.Type == packets.Publish {
+		h.msgsOut.Inc()
+		h.bytesOut.Add(float64(len(pk.Payload)))
+	}
+}
+
+// OnSubscribe refuses filters beyond MaxSubscriptions by making them
+// invalid, which mochi answers in the SUBACK.
+func (h *limitsHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	have := cl.State.Subscriptions.Len()
+	for i := range pk.Filters {
+		if _, exists := cl.State.Subscriptions.Get(pk.Filters[i].Filter); exists {
+			continue
+		}
+		if have >= h.l.MaxSubscriptions {
+			h.limited.WithLabelValues("subscriptions").Inc()
+			h.b.log.Warn("subscription refused: limit reached", "client", cl.ID, "filter", pk.Filters[i].Filter, "limit", h.l.MaxSubscriptions)
+			pk.Filters[i].Filter = "" // invalid: refused in the SUBACK
+			continue
+		}
+		have++
+	}
+	return pk
+}

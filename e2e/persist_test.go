@@ -1,0 +1,70 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fleetgate/fleetgate/devicesdk"
+	"github.com/fleetgate/fleetgate/internal/testenv"
+)
+
+// A device with a persistent session is offline; the backend queues QoS 1
+// commands for it; the broker is killed with SIGKILL and restarted; the
+// device reconnects and receives every command.
+func TestQueuedQoS1SurvivesSIGKILL(t *testing.T) {
+	e := initData(t)
+	e.srv = serve(t, e.dataDir)
+	ctx := context.Background()
+	d, _ := e.enroll("sleepy-1", "lab")
+	var mu sync.Mutex
+	got := map[string]bool{}
+	opts := devicesdk.ConnectOptions{BrokerAddr: e.srv.addrs.MQTT, ServerName: "localhost", CleanSession: false}
+	c, err := d.Connect(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SubscribeCommands(ctx, 1, func(devicesdk.Message) {}); err != nil {
+		t.Fatal(err)
+	}
+	// The handler outlives the connection: it receives what the broker
+	// kept for the session after the reconnect.
+	d.Handle(devicesdk.CommandsFilter("sleepy-1"), func(m devicesdk.Message) {
+		mu.Lock()
+		got[string(m.Payload)] = true
+		mu.Unlock()
+	})
+	c.Close() // offline, session kept
+
+	svcDir := t.TempDir()
+	e.admin("services", "issue", "--name", "backend", "--out", svcDir)
+	svcCert := loadPair(t, svcDir)
+	svc := connectPaho(t, e.srv.addrs.MQTT, "backend", svcCert, e.roots)
+	const n = 5
+	for i := range n {
+		tok := svc.Publish("devices/sleepy-1/commands/cfg", 1, false, fmt.Sprintf("cmd-%d", i))
+		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("publish %d: %v", i, tok.Error())
+		}
+	}
+	svc.Disconnect(50)
+
+	e.srv.kill(t)
+	e.srv = serve(t, e.dataDir, "--mqtt-addr", e.srv.addrs.MQTT)
+	opts.BrokerAddr = e.srv.addrs.MQTT
+	c2, err := d.Connect(ctx, opts)
+	if err != nil {
+		t.Fatalf("reconnect after SIGKILL: %v", err)
+	}
+	defer c2.Close()
+	testenv.Eventually(t, 15*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(got) < n {
+			return fmt.Errorf("%d of %d queued commands received: %v", len(got), n, got)
+		}
+		return nil
+	})
+}
