@@ -184,6 +184,11 @@ func New(cfg Config) (*Broker, error) {
 	if err := b.addHook(b.hook, nil); err != nil {
 		return nil, fmt.Errorf("broker: add auth hook: %w", err)
 	}
+	fh := &fanoutFirstHook{b: b}
+	fh.inline = b.server.NewClient(nil, "local", "fleetgate-fanout", true)
+	if err := b.addHook(fh, nil); err != nil {
+		return nil, fmt.Errorf("broker: add fan-out hook: %w", err)
+	}
 	lh := &limitsHook{b: b, l: cfg.Limits, msgsIn: b.m.msgsIn, bytesIn: b.m.bytesIn, msgsOut: b.m.msgsOut, bytesOut: b.m.bytesOut, limited: b.m.limited}
 	if err := b.addHook(lh, nil); err != nil {
 		return nil, fmt.Errorf("broker: add limits hook: %w", err)
