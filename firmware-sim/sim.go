@@ -3,12 +3,16 @@
 // telemetry, answers commands from a simulated backend service, checks
 // that the broker's policy holds, and reports what happened.
 //
-// Devices use software keys through bootstrap-token enrollment (TPM "none").
+// Devices hold their keys in their own swtpm and enroll through TPM
+// attestation (TPM "swtpm"), or use software keys and bootstrap tokens
+// (TPM "none", for fleets larger than the machine holds swtpms for).
 package sim
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -50,6 +54,14 @@ type Config struct {
 	Logger   *slog.Logger
 	// Progress receives human-readable progress lines (nil: none).
 	Progress io.Writer
+	// TPM is TPMSwtpm (default: one swtpm per device, TPM attestation) or
+	// TPMNone (software keys, bootstrap tokens).
+	TPM string
+	// OnFleet, if set, is called with the PIDs of the swtpm processes once
+	// they run (tests use it to check none is left behind).
+	OnFleet func(swtpmPIDs []int)
+
+	roots *x509.CertPool
 }
 
 // Check is one verified property of the run.
@@ -62,6 +74,7 @@ type Check struct {
 // Report is the outcome of a run.
 type Report struct {
 	Devices        int              `json:"devices"`
+	TPM            string           `json:"tpm"`
 	Enrolled       int              `json:"enrolled"`
 	Connected      int              `json:"connected"`
 	EnrollP50      time.Duration    `json:"enroll_p50_ns"`
@@ -101,7 +114,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		cfg.Devices = 3
 	}
 	if cfg.Prefix == "" {
-		cfg.Prefix = "sim"
+		// A fresh prefix per run: devices of an earlier run keep their IDs
+		// (and their registered EKs) in the registry.
+		b := make([]byte, 2)
+		_, _ = rand.Read(b)
+		cfg.Prefix = fmt.Sprintf("sim-%x", b)
 	}
 	if cfg.Group == "" {
 		cfg.Group = "sim"
@@ -114,6 +131,12 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	if cfg.ServerName == "" {
 		cfg.ServerName = "localhost"
+	}
+	if cfg.TPM == "" {
+		cfg.TPM = TPMSwtpm
+	}
+	if cfg.TPM != TPMSwtpm && cfg.TPM != TPMNone {
+		return nil, fmt.Errorf("--tpm %q: want swtpm or none", cfg.TPM)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -140,7 +163,14 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	rep := &Report{Devices: cfg.Devices, DeliveredByDev: map[string]int64{}}
+	rep := &Report{Devices: cfg.Devices, TPM: cfg.TPM, DeliveredByDev: map[string]int64{}}
+	cfg.roots = ca.NewPool(root)
+	fl := &fleet{cfg: cfg, admin: admin}
+	defer func() {
+		if err := fl.Close(); err != nil {
+			cfg.Logger.Error("stopping swtpm processes", "err", err)
+		}
+	}()
 
 	// The backend service: a service certificate, subscribed to all telemetry.
 	svcName := cfg.Prefix + "-backend"
@@ -158,7 +188,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	firstAt := time.Time{}
 	seen := map[string]bool{}
 	pongs := make(chan string, cfg.Devices)
-	roots := ca.NewPool(root)
+	roots := cfg.roots
 	backend := paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + cfg.BrokerAddr).SetClientID(svcName).
 		SetTLSConfig(&tls.Config{RootCAs: roots, ServerName: cfg.ServerName, Certificates: []tls.Certificate{svcCert}, MinVersion: tls.VersionTLS13}).
 		SetCleanSession(true).SetOrderMatters(false))
@@ -196,25 +226,31 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	devs := make([]*device, cfg.Devices)
 	var enrollLat, connLat []time.Duration
 	var errs []error
+	var tdevs []*tpmDevice
+	if cfg.TPM == TPMSwtpm {
+		if tdevs, err = fl.manufacture(ctx, cfg.Devices, progress); err != nil {
+			return nil, err
+		}
+		if cfg.OnFleet != nil {
+			cfg.OnFleet(fl.SwtpmPIDs())
+		}
+	}
 	for i := range devs {
-		id := fmt.Sprintf("%s-%03d", cfg.Prefix, i+1)
+		id := fl.id(i)
 		t0 := time.Now()
-		tok, err := admin.CreateToken(ctx, api.TokenCreateRequest{DeviceID: id, Group: cfg.Group, TTL: time.Hour})
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: token: %w", id, err))
-			continue
+		var d *devicesdk.Device
+		method := "token"
+		if cfg.TPM == TPMSwtpm {
+			d, err = fl.enrollTPM(ctx, tdevs[i])
+			method = "TPM attestation"
+		} else {
+			d, err = fl.enrollToken(ctx, id)
 		}
-		dir := filepath.Join(cfg.WorkDir, id)
-		key, err := devicesdk.NewSoftwareKey(dir)
 		if err != nil {
-			return nil, err
-		}
-		d, err := devicesdk.New(devicesdk.Config{DeviceID: id, Key: key, StateDir: dir, EnrollURL: cfg.ServerURL, RootCAs: roots})
-		if err != nil {
-			return nil, err
-		}
-		if err := d.EnrollWithToken(ctx, tok.Token); err != nil {
-			errs = append(errs, fmt.Errorf("%s: enroll: %w", id, err))
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			errs = append(errs, err)
 			continue
 		}
 		enrollLat = append(enrollLat, time.Since(t0))
@@ -228,7 +264,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		connLat = append(connLat, time.Since(t1))
 		rep.Connected++
 		devs[i] = &device{id: id, dev: d, client: c}
-		progress("device %s enrolled (token) and connected as %s", id, d.Leaf().URIs[0])
+		progress("device %s enrolled (%s) and connected as %s", id, method, d.Leaf().URIs[0])
 	}
 	defer func() {
 		for _, d := range devs {
@@ -384,7 +420,7 @@ func percentiles(ds []time.Duration) (p50, p99 time.Duration) {
 // WriteTable prints the report for humans.
 func (r *Report) WriteTable(w io.Writer) {
 	fmt.Fprintf(w, "\nfleetsim report (%s)\n", r.Elapsed.Round(time.Millisecond))
-	fmt.Fprintf(w, "  devices            %d enrolled, %d connected of %d\n", r.Enrolled, r.Connected, r.Devices)
+	fmt.Fprintf(w, "  devices            %d enrolled, %d connected of %d (keys: %s)\n", r.Enrolled, r.Connected, r.Devices, r.TPM)
 	fmt.Fprintf(w, "  enrollment         p50 %s  p99 %s\n", r.EnrollP50.Round(time.Microsecond), r.EnrollP99.Round(time.Microsecond))
 	fmt.Fprintf(w, "  connect (mTLS)     p50 %s  p99 %s\n", r.ConnectP50.Round(time.Microsecond), r.ConnectP99.Round(time.Microsecond))
 	fmt.Fprintf(w, "  telemetry (QoS 1)  %d sent, %d delivered, %d lost\n", r.Sent, r.Delivered, r.Lost)

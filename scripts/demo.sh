@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_DIR=${DATA_DIR:-./fleetgate-data}
-DEVICES=${DEVICES:-5}
+DEVICES=${DEVICES:-10}
+PREFIX=demo-$(od -An -N2 -tx1 /dev/urandom | tr -d ' \n')
 MQTT_PORT=${MQTT_PORT:-8883}
 API_PORT=${API_PORT:-8443}
 METRICS_PORT=${METRICS_PORT:-9090}
@@ -43,31 +44,36 @@ done
 [ -s "$RUN_DIR/addrs.json" ] || { echo "fleetgate serve did not start"; cat "$RUN_DIR/serve.log"; exit 1; }
 echo "serving (pid $SERVE_PID)"
 
-say "3. fleetsim: $DEVICES devices enroll, connect over mTLS, publish telemetry to a backend service"
+say "3. fleetsim: $DEVICES devices, each with its own swtpm, are registered (EK bulk import), enroll by TPM attestation, connect over mTLS, publish telemetry to a backend service"
 status=0
 $BIN/fleetsim run --data-dir "$DATA_DIR" --server "https://localhost:$API_PORT" --broker "localhost:$MQTT_PORT" \
-  --devices "$DEVICES" --prefix "demo" --messages 5 --json "$RUN_DIR/report.json" || status=$?
+  --devices "$DEVICES" --prefix "$PREFIX" --messages 5 --json "$RUN_DIR/report.json" || status=$?
 
 say "4. what the gateway logged as refused (each refusal has a reason)"
 grep -E "acl denied|refused" "$RUN_DIR/serve.log" | head -5 | cut -c1-220 || true
 
 say "5. the registry: fleetgate devices list"
-$BIN/fleetgate devices list --data-dir "$DATA_DIR" --server "https://localhost:$API_PORT" | head -12
+$BIN/fleetgate devices list --data-dir "$DATA_DIR" --server "https://localhost:$API_PORT" | grep -E "^ID|^$PREFIX" | head -12
 
 t1=$(date +%s.%N)
 cat <<MSG
 
-What you just saw: a CA was created (or reused) in $DATA_DIR; each simulated
-device got a one-time bootstrap token, enrolled for an X.509 certificate
-bound to its key, connected to the MQTT broker with nothing but that
-certificate (mTLS, client ID = device ID), and published telemetry that a
-backend service (its own service certificate) received. A device publishing
-into another device's topic was dropped by the broker's policy, and its
-subscription to another device's commands was refused.
+What you just saw: a CA was created (or reused) in $DATA_DIR. Each simulated
+device got its own software TPM (swtpm) with an EK certificate from a
+simulated TPM manufacturer; the "factory" registered the EKs in one bulk
+import. Each device then proved to the enrollment service that its TLS key
+lives in that TPM (credential activation of its attestation key, TPM2_Certify
+of the TLS key) and got an X.509 certificate for it. It connected to the MQTT
+broker with nothing but that certificate (mTLS, the handshake signed inside
+the TPM, client ID = device ID) and published telemetry that a backend
+service received. A device publishing into another device's topic was
+dropped by the broker's policy; its subscription to another device's
+commands was refused. Every swtpm was stopped when fleetsim ended.
 
 Try next:
   $BIN/fleetgate serve --data-dir $DATA_DIR            # keep a gateway running
-  $BIN/fleetgate tokens create --device my-sensor --group lab
+  $BIN/fleetgate tokens create --device my-sensor --group lab   # a device without TPM
+  $BIN/fleetgate devices revoke <id> --reason test        # cut a device off at once
   $BIN/fleetgate services issue --name backend          # then mosquitto_sub with it
   $BIN/fleetgate audit                                   # every enrollment and refusal
   docs/quickstart.md, docs/architecture.md

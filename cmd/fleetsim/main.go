@@ -60,12 +60,13 @@ func root() *cobra.Command {
 	f.StringVar(&cfg.DataDir, "data-dir", envOr("FLEETGATE_DATA_DIR", config.DefaultDataDir), "gateway data directory (operator credentials, root CA)")
 	f.StringVar(&cfg.WorkDir, "work-dir", "", "where device state is kept (default: a temp dir, removed)")
 	f.IntVar(&cfg.Devices, "devices", 3, "number of devices")
-	f.StringVar(&cfg.Prefix, "prefix", "sim", "device ID prefix")
+	f.StringVar(&cfg.Prefix, "prefix", "", "device ID prefix (default: sim-XXXX, new each run)")
 	f.StringVar(&cfg.Group, "group", "sim", "device group")
 	f.IntVar(&cfg.Messages, "messages", 5, "telemetry messages per device")
 	f.DurationVar(&cfg.Interval, "interval", 0, "pause between a device's messages")
 	f.IntVar(&cfg.Payload, "payload", 64, "telemetry payload size in bytes")
 	f.StringVar(&jsonOut, "json", "", "write the report as JSON to this file")
+	f.StringVar(&cfg.TPM, "tpm", sim.TPMSwtpm, "swtpm: one software TPM per device, TPM attestation; none: software keys and bootstrap tokens")
 	r.AddCommand(run)
 	return r
 }
