@@ -181,6 +181,11 @@ func New(cfg Config) (*Broker, error) {
 		ClientNetWriteBufferSize: 4096,
 		ClientNetReadBufferSize:  4096,
 	})
+	// The events hook goes first: at disconnect it needs the session the
+	// auth hook forgets.
+	if err := b.addHook(&eventsHook{b: b}, nil); err != nil {
+		return nil, fmt.Errorf("broker: add events hook: %w", err)
+	}
 	if err := b.addHook(b.hook, nil); err != nil {
 		return nil, fmt.Errorf("broker: add auth hook: %w", err)
 	}

@@ -273,3 +273,18 @@ func (r *Registry) UpdateAttributes(id, group string, tags map[string]string, ac
 	r.emit(Event{Kind: EventDeviceChanged, DeviceID: id, State: d.State})
 	return &d, nil
 }
+
+// CountExpiring counts unrevoked certificates that expire within d of now
+// (and have not expired yet).
+func (r *Registry) CountExpiring(now time.Time, d time.Duration) int {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	n := 0
+	limit := now.Add(d)
+	for _, c := range r.certs {
+		if !c.Revoked && c.NotAfter.After(now) && !c.NotAfter.After(limit) {
+			n++
+		}
+	}
+	return n
+}

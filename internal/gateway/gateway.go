@@ -120,6 +120,18 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	promReg := prometheus.NewRegistry()
 	promReg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
+	if reg != nil {
+		for _, w := range []struct {
+			label string
+			d     time.Duration
+		}{{"1d", 24 * time.Hour}, {"7d", 7 * 24 * time.Hour}, {"30d", 30 * 24 * time.Hour}} {
+			promReg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "fleetgate_certificates_expiring", Help: "Unrevoked certificates expiring within the window.",
+				ConstLabels: prometheus.Labels{"within": w.label},
+			}, func() float64 { return float64(reg.CountExpiring(time.Now(), w.d)) }))
+		}
+	}
+
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var wg sync.WaitGroup
