@@ -21,10 +21,12 @@ type ConnectOptions struct {
 	// across reconnects (default false: persistent session).
 	CleanSession bool
 	KeepAlive    time.Duration
-	// AutoReconnect reconnects with backoff after a lost connection.
-	AutoReconnect bool
-	OnConnect     func()
-	OnLost        func(error)
+	// AutoReconnect reconnects with backoff after a lost connection, up to
+	// MaxReconnectInterval between attempts (default 30s).
+	AutoReconnect        bool
+	MaxReconnectInterval time.Duration
+	OnConnect            func()
+	OnLost               func(error)
 }
 
 // Client is a connected device.
@@ -52,6 +54,9 @@ func (d *Device) Connect(ctx context.Context, o ConnectOptions) (*Client, error)
 	if o.KeepAlive <= 0 {
 		o.KeepAlive = 60 * time.Second
 	}
+	if o.MaxReconnectInterval <= 0 {
+		o.MaxReconnectInterval = 30 * time.Second
+	}
 	opts := paho.NewClientOptions().
 		AddBroker("tls://" + o.BrokerAddr).
 		SetClientID(d.cfg.DeviceID).
@@ -60,6 +65,7 @@ func (d *Device) Connect(ctx context.Context, o ConnectOptions) (*Client, error)
 		SetKeepAlive(o.KeepAlive).
 		SetConnectTimeout(15 * time.Second).
 		SetAutoReconnect(o.AutoReconnect).
+		SetMaxReconnectInterval(o.MaxReconnectInterval).
 		SetConnectRetry(false).
 		SetOrderMatters(false)
 	// One handler for every message: a persistent session may deliver

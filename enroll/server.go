@@ -5,6 +5,8 @@
 package enroll
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
@@ -111,6 +113,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.TPMPolicy == "" {
 		cfg.TPMPolicy = TPMPolicyAllowlist
 	}
+	if cfg.TPMPolicy == TPMPolicyManufacturer && cfg.TPMRoots == nil {
+		return nil, errors.New("enroll: TPM policy manufacturer needs TPM manufacturer roots: without them any EK certificate would be accepted")
+	}
 	if cfg.TPMPolicy != TPMPolicyAllowlist && cfg.TPMPolicy != TPMPolicyManufacturer {
 		return nil, fmt.Errorf("enroll: TPM policy %q (want %s or %s)", cfg.TPMPolicy, TPMPolicyAllowlist, TPMPolicyManufacturer)
 	}
@@ -187,6 +192,10 @@ func (s *Server) enrollToken(deviceID, token string, csrDER []byte) (*api.Enroll
 	csr, err := ca.CheckCSR(csrDER)
 	if err != nil {
 		return nil, csrError(err)
+	}
+	// DESIGN.md: device certificates are ECDSA P-256.
+	if k, ok := csr.PublicKey.(*ecdsa.PublicKey); !ok || k.Curve != elliptic.P256() {
+		return nil, apiErr(http.StatusBadRequest, "csr_key_not_allowed", "device keys must be ECDSA P-256", nil)
 	}
 	id := identity.Identity{Role: identity.RoleDevice, Name: deviceID}
 	var cert *x509.Certificate
@@ -289,6 +298,8 @@ func registryError(err error) error {
 		return apiErr(http.StatusNotFound, "not_found", "not found", err)
 	case errors.Is(err, registry.ErrConflict):
 		return apiErr(http.StatusConflict, "conflict", "concurrent request for the same record; retry", err)
+	case errors.Is(err, registry.ErrTPMBound):
+		return apiErr(http.StatusForbidden, "device_tpm_bound", "device is bound to a TPM and enrolls by TPM attestation only", err)
 	case errors.Is(err, registry.ErrInvalidTransition):
 		return apiErr(http.StatusConflict, "invalid_state", err.Error(), err)
 	}

@@ -668,6 +668,11 @@ func TestTPMChallengeExpiry(t *testing.T) {
 	clock := &fakeClock{t: time.Now()}
 	url, reg := directServer(t, m.RootPool(), enroll.TPMPolicyAllowlist, clock.Now)
 	d := newTPMDevice(t, m, url, nil, "dev-e")
+	// The clock starts once the EK certificate exists: swtpm dates it to
+	// the second of its creation, which may be after the clock was made.
+	clock.mu.Lock()
+	clock.t = time.Now()
+	clock.mu.Unlock()
 	if err := reg.RegisterEK(registry.EKRegistration{Fingerprint: api.EKFingerprint(d.keys.EK().Cert.RawSubjectPublicKeyInfo), DeviceID: "dev-e", Group: "lab"}, "test"); err != nil {
 		t.Fatal(err)
 	}

@@ -119,6 +119,10 @@ func (f *fleet) manufacture(ctx context.Context, n int, progress func(string, ..
 	}
 	progress("%d swtpm devices manufactured (own state, own EK certificate from a simulated manufacturer CA)", n)
 
+	if f.cfg.SkipRegistration {
+		progress("EKs NOT registered (--register=false): enrollment must be refused")
+		return devs, nil
+	}
 	entries := make([]api.EKRegisterRequest, 0, n)
 	for i, d := range devs {
 		ek, err := d.tpm.EK()

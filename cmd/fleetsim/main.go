@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -28,6 +29,7 @@ func root() *cobra.Command {
 	r := &cobra.Command{Use: "fleetsim", Short: "Simulated IoT fleets against fleetgate", SilenceUsage: true, SilenceErrors: true}
 	var cfg sim.Config
 	var jsonOut string
+	var register bool
 	run := &cobra.Command{
 		Use:   "run",
 		Short: "Enroll, connect and run a simulated fleet; exit 1 if a check fails",
@@ -35,8 +37,12 @@ func root() *cobra.Command {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			cfg.Progress = cmd.OutOrStdout()
+			cfg.SkipRegistration = !register
 			cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 			rep, err := sim.Run(ctx, cfg)
+			if ctx.Err() != nil {
+				return fmt.Errorf("interrupted; every swtpm and gateway this run started was stopped")
+			}
 			if err != nil {
 				return err
 			}
@@ -66,6 +72,12 @@ func root() *cobra.Command {
 	f.DurationVar(&cfg.Interval, "interval", 0, "pause between a device's messages")
 	f.IntVar(&cfg.Payload, "payload", 64, "telemetry payload size in bytes")
 	f.StringVar(&jsonOut, "json", "", "write the report as JSON to this file")
+	f.BoolVar(&register, "register", true, "register the devices' EKs as a factory would (false: enrollment must be refused)")
+	f.StringVar(&cfg.Scenario, "scenario", sim.ScenarioSteady, "steady, revoke, restart, renew or storm")
+	f.Float64Var(&cfg.RevokeFraction, "revoke-fraction", 0.2, "revoke scenario: the fraction of the fleet revoked mid-run")
+	f.BoolVar(&cfg.Spawn, "spawn", false, "start a gateway of fleetsim's own (init + serve in the work dir); restart and renew need it")
+	f.StringVar(&cfg.FleetgateBin, "fleetgate", "", "fleetgate binary for --spawn (default: next to fleetsim, or on PATH)")
+	f.DurationVar(&cfg.CertTTL, "cert-ttl", 20*time.Second, "renew scenario: device certificate lifetime of the spawned gateway")
 	f.StringVar(&cfg.TPM, "tpm", sim.TPMSwtpm, "swtpm: one software TPM per device, TPM attestation; none: software keys and bootstrap tokens")
 	r.AddCommand(run)
 	return r

@@ -20,6 +20,9 @@ var (
 	ErrDeviceSuspended = errors.New("registry: device suspended")
 	// ErrDuplicateSerial: a certificate with this serial is already recorded.
 	ErrDuplicateSerial = errors.New("registry: duplicate serial")
+	// ErrTPMBound: the device has a registered EK and enrolls by TPM
+	// attestation only.
+	ErrTPMBound = errors.New("registry: device is bound to a TPM")
 	// ErrConflict: a concurrent transaction changed the same records; the
 	// caller may retry.
 	ErrConflict = errors.New("registry: concurrent update, retry")

@@ -168,6 +168,11 @@ func (r *Registry) CreateToken(t Token, actor string) error {
 			if d.State == StateRevoked {
 				return fmt.Errorf("%w: %s", ErrDeviceRevoked, t.DeviceID)
 			}
+			// A device bound to a TPM enrolls by attestation only: a token
+			// would let a software key take its identity.
+			if d.EKFingerprint != "" {
+				return fmt.Errorf("%w: %s is bound to a TPM EK; it enrolls by TPM attestation", ErrTPMBound, t.DeviceID)
+			}
 		case !errors.Is(err, ErrNotFound):
 			return err
 		}
@@ -223,6 +228,9 @@ func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, s
 			return ErrDeviceRevoked
 		case StateSuspended:
 			return ErrDeviceSuspended
+		}
+		if dev.EKFingerprint != "" { // registered after the token was minted
+			return ErrTPMBound
 		}
 		c, err := sign(TokenRedemption{Device: dev, Token: t})
 		if err != nil {

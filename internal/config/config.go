@@ -224,8 +224,8 @@ func (c Serve) Validate() []error {
 	default:
 		errs = append(errs, fmt.Errorf("only: %q (want broker, enroll or empty)", c.Only))
 	}
-	if c.DeviceCertTTL < time.Minute {
-		errs = append(errs, fmt.Errorf("device_cert_ttl: %s is shorter than a minute", c.DeviceCertTTL))
+	if c.DeviceCertTTL < 10*time.Second {
+		errs = append(errs, fmt.Errorf("device_cert_ttl: %s is shorter than 10s", c.DeviceCertTTL))
 	}
 	if c.HandshakeTimeout <= 0 {
 		errs = append(errs, errors.New("handshake_timeout: must be positive"))
