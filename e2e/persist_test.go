@@ -2,10 +2,13 @@ package e2e
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"sync"
 	"testing"
 	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/internal/testenv"
@@ -64,6 +67,64 @@ func TestQueuedQoS1SurvivesSIGKILL(t *testing.T) {
 		defer mu.Unlock()
 		if len(got) < n {
 			return fmt.Errorf("%d of %d queued commands received: %v", len(got), n, got)
+		}
+		return nil
+	})
+}
+
+// After a restart, a backend service's persistent session is restored from
+// storage before the service reconnects. Messages published meanwhile (and
+// acknowledged) must wait for it, not be refused for want of a live
+// identity.
+func TestServiceSessionRestoredAfterRestartGetsMessagesPublishedBeforeItReconnects(t *testing.T) {
+	e := initData(t)
+	e.srv = serve(t, e.dataDir)
+	ctx := context.Background()
+	svcDir := t.TempDir()
+	e.admin("services", "issue", "--name", "archiver", "--out", svcDir)
+	svcCert := loadPair(t, svcDir)
+	var mu sync.Mutex
+	got := map[string]bool{}
+	connect := func(addr string) paho.Client {
+		c := paho.NewClient(paho.NewClientOptions().AddBroker("tls://"+addr).SetClientID("archiver").
+			SetTLSConfig(&tls.Config{RootCAs: e.roots, ServerName: "localhost", Certificates: []tls.Certificate{svcCert}}).
+			SetCleanSession(false).SetAutoReconnect(false).
+			SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) {
+				mu.Lock()
+				got[string(m.Payload())] = true
+				mu.Unlock()
+			}))
+		if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("archiver connect: %v", tok.Error())
+		}
+		return c
+	}
+	svc := connect(e.srv.addrs.MQTT)
+	if tok := svc.Subscribe("devices/+/telemetry/#", 1, nil); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatal(tok.Error())
+	}
+	svc.Disconnect(50)
+
+	e.srv.stop(t)
+	e.srv = serve(t, e.dataDir, "--mqtt-addr", e.srv.addrs.MQTT)
+	d, _ := e.enroll("early-1", "lab")
+	c, err := d.Connect(ctx, devicesdk.ConnectOptions{BrokerAddr: e.srv.addrs.MQTT, ServerName: "localhost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i := range 3 {
+		if err := c.PublishTelemetry(ctx, "t", 1, []byte(fmt.Sprintf("m-%d", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	svc2 := connect(e.srv.addrs.MQTT)
+	defer svc2.Disconnect(50)
+	testenv.Eventually(t, 10*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(got) < 3 {
+			return fmt.Errorf("archiver got %v, want m-0..m-2", got)
 		}
 		return nil
 	})

@@ -72,6 +72,15 @@ func (s *Server) handleServiceIssue(w http.ResponseWriter, r *http.Request, op i
 		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_name", err.Error(), err), "")
 		return
 	}
+	// Service names and device IDs are both MQTT client IDs: one namespace.
+	if _, taken := s.cfg.Registry.DeviceStatus(id.Name); taken {
+		s.writeError(w, r, apiErr(http.StatusConflict, "name_taken", fmt.Sprintf("%q is a device ID; service names and device IDs share the MQTT client ID namespace", id.Name), nil), "")
+		return
+	}
+	if role, taken := s.cfg.Registry.PrincipalRole(id.Name); taken && role != identity.RoleService {
+		s.writeError(w, r, apiErr(http.StatusConflict, "name_taken", fmt.Sprintf("%q is an %s's name", id.Name, role), nil), "")
+		return
+	}
 	resp := api.ServiceIssueResponse{Identity: id.URI(s.cfg.CA.TrustDomain).String(), CACertificatesPEM: s.cfg.CA.RootPEM()}
 	var pub any
 	if len(req.CSR) > 0 {

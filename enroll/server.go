@@ -374,6 +374,10 @@ func (s *Server) handleTokenCreate(w http.ResponseWriter, r *http.Request, op id
 		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err), "")
 		return
 	}
+	if _, taken := s.cfg.Registry.PrincipalRole(req.DeviceID); taken {
+		s.writeError(w, r, apiErr(http.StatusConflict, "name_taken", fmt.Sprintf("%q is a service or operator name; device IDs and names share the MQTT client ID namespace", req.DeviceID), nil), "")
+		return
+	}
 	if req.Group == "" {
 		req.Group = "default"
 	}

@@ -35,6 +35,8 @@ type Directory interface {
 	CertStatus(serial string) (registry.CertStatus, bool)
 	// DeviceStatus reports a device's group and state; ok false if unknown.
 	DeviceStatus(id string) (registry.DeviceStatus, bool)
+	// PrincipalRole reports the role of a service or operator name.
+	PrincipalRole(name string) (identity.Role, bool)
 }
 
 // Reasons for refusing a connection, used in logs and metric labels.
@@ -304,19 +306,25 @@ func (h *Hook) Sessions(fn func(*Session) bool) {
 	h.sessions.Range(func(_, v any) bool { return fn(v.(*Session)) })
 }
 
-// restored returns a session for a persistent device session that mochi
-// restored from storage after a restart and that has not reconnected yet:
-// deliveries to it are checked as the device whose ID is its client ID.
-// Client IDs are identities (enforced at CONNECT), so nothing else could
-// have created it. Services and operators are not restored this way.
+// restored returns a session for a persistent session that mochi restored
+// from storage after a restart and whose client has not reconnected yet:
+// deliveries to it are checked as the identity whose name is its client ID
+// (client IDs are identities, enforced at CONNECT, so nothing else could
+// have created it). Without this, messages for a backend service that
+// reconnects after the devices would be refused and lost.
 func (h *Hook) restored(cl *mqtt.Client) (*Session, bool) {
 	if cl.Net.Inline || cl.Net.Conn != nil {
 		return nil, false
 	}
+	id := identity.Identity{Role: identity.RoleDevice, Name: cl.ID}
 	if _, ok := h.o.Directory.DeviceStatus(cl.ID); !ok {
-		return nil, false
+		role, ok := h.o.Directory.PrincipalRole(cl.ID)
+		if !ok {
+			return nil, false
+		}
+		id.Role = role
 	}
-	s := &Session{Identity: identity.Identity{Role: identity.RoleDevice, Name: cl.ID}, Client: cl}
+	s := &Session{Identity: id, Client: cl}
 	if v, loaded := h.sessions.LoadOrStore(cl.ID, s); loaded {
 		return v.(*Session), true
 	}

@@ -38,6 +38,7 @@ type Replica struct {
 	mu      sync.RWMutex
 	certs   map[string]registry.CertStatus
 	devices map[string]registry.DeviceStatus
+	names   map[string]identity.Role
 	epoch   string
 	version uint64
 	synced  chan struct{}
@@ -54,7 +55,7 @@ func New(baseURL string, client *http.Client, log *slog.Logger) *Replica {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Replica{base: baseURL, client: client, log: log, wait: 20 * time.Second,
-		certs: map[string]registry.CertStatus{}, devices: map[string]registry.DeviceStatus{}, synced: make(chan struct{})}
+		certs: map[string]registry.CertStatus{}, devices: map[string]registry.DeviceStatus{}, names: map[string]identity.Role{}, synced: make(chan struct{})}
 }
 
 // Synced is closed once the first snapshot has been applied.
@@ -74,6 +75,14 @@ func (r *Replica) DeviceStatus(id string) (registry.DeviceStatus, bool) {
 	s, ok := r.devices[id]
 	r.mu.RUnlock()
 	return s, ok
+}
+
+// PrincipalRole implements the broker's directory.
+func (r *Replica) PrincipalRole(name string) (identity.Role, bool) {
+	r.mu.RLock()
+	role, ok := r.names[name]
+	r.mu.RUnlock()
+	return role, ok
 }
 
 // Watch registers fn for changes, as registry.Registry.Watch.
@@ -156,6 +165,9 @@ func (r *Replica) Apply(f api.Feed) error {
 		if err != nil {
 			r.mu.Unlock()
 			return fmt.Errorf("%w: %v", ErrBadFeed, err)
+		}
+		if id.Role != identity.RoleDevice {
+			r.names[id.Name] = id.Role
 		}
 		prev, had := r.certs[c.Serial]
 		r.certs[c.Serial] = registry.CertStatus{Identity: id, NotAfter: c.NotAfter, Revoked: c.Revoked || (had && prev.Revoked)}

@@ -45,6 +45,8 @@ type Registry struct {
 	mu      sync.RWMutex
 	certs   map[string]CertStatus
 	devices map[string]DeviceStatus
+	// principals maps service and operator names to their role.
+	principals map[string]identity.Role
 	watchMu sync.Mutex
 	watch   []func(Event)
 	changes *changeLog
@@ -83,7 +85,7 @@ func Open(dir string, o Options) (*Registry, error) {
 		return nil, fmt.Errorf("registry: audit sequence: %w", err)
 	}
 	r := &Registry{db: db, log: o.Logger, now: o.Now, aseq: seq,
-		certs: map[string]CertStatus{}, devices: map[string]DeviceStatus{}, changes: newChangeLog()}
+		certs: map[string]CertStatus{}, devices: map[string]DeviceStatus{}, principals: map[string]identity.Role{}, changes: newChangeLog()}
 	if err := r.loadIndex(); err != nil {
 		seq.Release()
 		db.Close()
@@ -102,6 +104,9 @@ func (r *Registry) loadIndex() error {
 	return r.db.View(func(txn *badger.Txn) error {
 		if err := iterate(txn, pfxCert, func(c *Certificate) error {
 			r.certs[c.Serial] = CertStatus{Identity: c.Identity(), NotAfter: c.NotAfter, Revoked: c.Revoked}
+			if c.Role != identity.RoleDevice {
+				r.principals[c.Name] = c.Role
+			}
 			return nil
 		}); err != nil {
 			return err
@@ -141,6 +146,16 @@ func (r *Registry) CertStatus(serial string) (CertStatus, bool) {
 	s, ok := r.certs[serial]
 	r.mu.RUnlock()
 	return s, ok
+}
+
+// PrincipalRole returns the role of a service or operator name that the
+// registry issued a certificate to. Names share one namespace with device
+// IDs: they are MQTT client IDs.
+func (r *Registry) PrincipalRole(name string) (identity.Role, bool) {
+	r.mu.RLock()
+	role, ok := r.principals[name]
+	r.mu.RUnlock()
+	return role, ok
 }
 
 // DeviceStatus returns the in-memory view of a device.
@@ -301,6 +316,9 @@ func (r *Registry) recordCert(txn *badger.Txn, c *Certificate, dev *Device, now 
 func (r *Registry) indexCert(c *Certificate, dev *Device) {
 	r.mu.Lock()
 	r.certs[c.Serial] = CertStatus{Identity: c.Identity(), NotAfter: c.NotAfter, Revoked: c.Revoked}
+	if c.Role != identity.RoleDevice {
+		r.principals[c.Name] = c.Role
+	}
 	if dev != nil {
 		r.devices[dev.ID] = dev.status()
 	}
