@@ -86,7 +86,7 @@ func TestServiceSessionRestoredAfterRestartGetsMessagesPublishedBeforeItReconnec
 	var mu sync.Mutex
 	got := map[string]bool{}
 	connect := func(addr string) paho.Client {
-		c := paho.NewClient(paho.NewClientOptions().AddBroker("tls://"+addr).SetClientID("archiver").
+		c := paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + addr).SetClientID("archiver").
 			SetTLSConfig(&tls.Config{RootCAs: e.roots, ServerName: "localhost", Certificates: []tls.Certificate{svcCert}}).
 			SetCleanSession(false).SetAutoReconnect(false).
 			SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) {

@@ -47,9 +47,9 @@ type Registry struct {
 	devices map[string]DeviceStatus
 	// principals maps service and operator names to their role.
 	principals map[string]identity.Role
-	watchMu sync.Mutex
-	watch   []func(Event)
-	changes *changeLog
+	watchMu    sync.Mutex
+	watch      []func(Event)
+	changes    *changeLog
 }
 
 // Options configure Open.
