@@ -173,7 +173,10 @@ func New(cfg Config) (*Broker, error) {
 	caps.MaximumClientWritesPending = 1024
 	caps.MaximumQos = cfg.MaxQoS
 	caps.ReceiveMaximum = cfg.ReceiveMaximum
-	caps.MaximumInflight = 4 * cfg.ReceiveMaximum
+	// The store of QoS 1/2 messages per client: mochi drops (after the
+	// publisher's PUBACK) what exceeds it, so it is as large as packet IDs
+	// allow. It costs memory only when a subscriber falls behind.
+	caps.MaximumInflight = 65535
 	b.server = mqtt.New(&mqtt.Options{
 		Capabilities:             caps,
 		Logger:                   b.log,

@@ -23,6 +23,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -115,6 +117,13 @@ type Report struct {
 	Checks        []Check       `json:"checks"`
 	Elapsed       time.Duration `json:"elapsed_ns"`
 	Errors        []string      `json:"errors,omitempty"`
+	// With --spawn: the gateway's resident memory before the devices
+	// connected and with all of them connected, and the difference per
+	// connection.
+	GatewayRSSBeforeKB int64   `json:"gateway_rss_before_kb,omitempty"`
+	GatewayRSSAfterKB  int64   `json:"gateway_rss_after_kb,omitempty"`
+	RSSPerConnectionKB float64 `json:"rss_per_connection_kb,omitempty"`
+	ConnectsPerSec     float64 `json:"connects_per_second"`
 }
 
 // OK reports whether every check passed.
@@ -431,6 +440,10 @@ func (r *run) setup(ctx context.Context) error {
 	}
 	r.devs = make([]*device, cfg.Devices)
 	var enrollLat, connLat []time.Duration
+	if r.gw != nil {
+		runtimeGC()
+		r.rep.GatewayRSSBeforeKB = rssKB(r.gw.cmd.Process.Pid)
+	}
 	var errs []error
 	for i := range r.devs {
 		id := r.fleet.id(i)
@@ -471,6 +484,17 @@ func (r *run) setup(ctx context.Context) error {
 		if cfg.Devices <= 20 || (i+1)%50 == 0 {
 			r.progress("device %s enrolled (%s) and connected as %s [%d/%d]", id, method, d.Leaf().URIs[0], i+1, cfg.Devices)
 		}
+	}
+	if r.gw != nil && r.rep.Connected > 0 {
+		r.rep.GatewayRSSAfterKB = rssKB(r.gw.cmd.Process.Pid)
+		r.rep.RSSPerConnectionKB = float64(r.rep.GatewayRSSAfterKB-r.rep.GatewayRSSBeforeKB) / float64(r.rep.Connected)
+	}
+	var connTotal time.Duration
+	for _, l := range connLat {
+		connTotal += l
+	}
+	if connTotal > 0 {
+		r.rep.ConnectsPerSec = float64(len(connLat)) / connTotal.Seconds()
 	}
 	r.rep.EnrollP50, r.rep.EnrollP99 = percentiles(enrollLat)
 	r.rep.ConnectP50, r.rep.ConnectP99 = percentiles(connLat)
@@ -876,7 +900,10 @@ func (r *Report) WriteTable(w io.Writer) {
 	fmt.Fprintf(w, "\nfleetsim report: scenario %s (%s)\n", r.Scenario, r.Elapsed.Round(time.Millisecond))
 	fmt.Fprintf(w, "  devices            %d enrolled, %d connected of %d (keys: %s)\n", r.Enrolled, r.Connected, r.Devices, r.TPM)
 	fmt.Fprintf(w, "  enrollment         p50 %s  p99 %s\n", r.EnrollP50.Round(time.Microsecond), r.EnrollP99.Round(time.Microsecond))
-	fmt.Fprintf(w, "  connect (mTLS)     p50 %s  p99 %s\n", r.ConnectP50.Round(time.Microsecond), r.ConnectP99.Round(time.Microsecond))
+	fmt.Fprintf(w, "  connect (mTLS)     p50 %s  p99 %s  (%.0f/s one at a time)\n", r.ConnectP50.Round(time.Microsecond), r.ConnectP99.Round(time.Microsecond), r.ConnectsPerSec)
+	if r.GatewayRSSAfterKB > 0 {
+		fmt.Fprintf(w, "  gateway memory     %d KB -> %d KB with %d connections: %.1f KB per connection\n", r.GatewayRSSBeforeKB, r.GatewayRSSAfterKB, r.Connected, r.RSSPerConnectionKB)
+	}
 	fmt.Fprintf(w, "  telemetry (QoS 1)  %d acknowledged, %d delivered, %d lost; %.0f msg/s\n", r.Sent, r.Delivered, r.Lost, r.MsgsPerSec)
 	fmt.Fprintf(w, "  first delivery     %s after start\n", r.FirstDelivery.Round(time.Millisecond))
 	fmt.Fprintln(w, "  checks:")
@@ -891,3 +918,21 @@ func (r *Report) WriteTable(w io.Writer) {
 		fmt.Fprintf(w, "  error: %s\n", e)
 	}
 }
+
+// rssKB reads a process's resident set size from /proc.
+func rssKB(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			n, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return n
+		}
+	}
+	return 0
+}
+
+// runtimeGC is a pause so the gateway settles before the baseline is read.
+func runtimeGC() { time.Sleep(300 * time.Millisecond) }
