@@ -96,3 +96,5 @@ func (m *mqtt5Conn) waitDisconnect(timeout time.Duration) (int, error) {
 	}
 	return -1, fmt.Errorf("no DISCONNECT within %s", timeout)
 }
+
+func newReader(c *tls.Conn) *bufio.Reader { return bufio.NewReader(c) }
