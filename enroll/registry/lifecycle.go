@@ -145,10 +145,7 @@ func (r *Registry) SetSuspended(id string, suspend bool, reason, actor string) e
 	if err != nil {
 		return err
 	}
-	r.mu.Lock()
-	r.devices[id] = d.status()
-	r.mu.Unlock()
-	r.emit(Event{Kind: EventDeviceChanged, DeviceID: id, State: d.State})
+	r.indexDevice(&d)
 	return nil
 }
 
@@ -267,10 +264,7 @@ func (r *Registry) UpdateAttributes(id, group string, tags map[string]string, ac
 	if err != nil {
 		return nil, err
 	}
-	r.mu.Lock()
-	r.devices[id] = d.status()
-	r.mu.Unlock()
-	r.emit(Event{Kind: EventDeviceChanged, DeviceID: id, State: d.State})
+	r.indexDevice(&d)
 	return &d, nil
 }
 
