@@ -24,7 +24,7 @@ import (
 )
 
 type env struct {
-	t       *testing.T
+	t       testing.TB
 	dataDir string
 	srv     *server
 	roots   *x509.CertPool
@@ -68,7 +68,7 @@ func (e *env) enroll(id, group string) (*devicesdk.Device, string) {
 	return d, dir
 }
 
-func initData(t *testing.T) *env {
+func initData(t testing.TB) *env {
 	dataDir := filepath.Join(t.TempDir(), "data")
 	out, err := run(t, bin(t, "fleetgate"), "init", "--data-dir", dataDir, "--trust-domain", "e2e.fleetgate")
 	if err != nil {
@@ -318,7 +318,7 @@ func (c *collector) wait(t *testing.T, topic, payload string) {
 	})
 }
 
-func connectPaho(t *testing.T, addr, id string, cert tls.Certificate, roots *x509.CertPool) paho.Client {
+func connectPaho(t testing.TB, addr, id string, cert tls.Certificate, roots *x509.CertPool) paho.Client {
 	t.Helper()
 	c := paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + addr).SetClientID(id).
 		SetTLSConfig(&tls.Config{RootCAs: roots, ServerName: "localhost", Certificates: []tls.Certificate{cert}}).

@@ -24,7 +24,7 @@ var (
 )
 
 // bin builds the command once per test binary run and returns its path.
-func bin(t *testing.T, name string) string {
+func bin(t testing.TB, name string) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		binDir, buildErr = os.MkdirTemp("", "fleetgate-e2e-bin-")
@@ -43,7 +43,7 @@ func bin(t *testing.T, name string) string {
 }
 
 // run runs a command to completion and returns its combined output.
-func run(t *testing.T, name string, args ...string) (string, error) {
+func run(t testing.TB, name string, args ...string) (string, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -77,7 +77,7 @@ func (l *lockedBuf) String() string { l.mu.Lock(); defer l.mu.Unlock(); return l
 
 // serve starts `fleetgate serve` on loopback ports and waits until it
 // listens. The process is stopped by PID when the test ends.
-func serve(t *testing.T, dataDir string, extra ...string) *server {
+func serve(t testing.TB, dataDir string, extra ...string) *server {
 	t.Helper()
 	addrFile := filepath.Join(t.TempDir(), "addrs.json")
 	args := append([]string{"serve", "--data-dir", dataDir, "--mqtt-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0",
@@ -109,7 +109,7 @@ func serve(t *testing.T, dataDir string, extra ...string) *server {
 
 // stop sends SIGTERM to exactly this process, and SIGKILL if it has not
 // exited after 10 s. Idempotent.
-func (s *server) stop(t *testing.T) {
+func (s *server) stop(t testing.TB) {
 	if s.cmd.ProcessState != nil {
 		return
 	}
@@ -129,7 +129,7 @@ func (s *server) stop(t *testing.T) {
 }
 
 // kill sends SIGKILL to exactly this process and reaps it.
-func (s *server) kill(t *testing.T) {
+func (s *server) kill(t testing.TB) {
 	if s.cmd.ProcessState != nil {
 		return
 	}

@@ -15,7 +15,7 @@ import (
 	"github.com/fleetgate/fleetgate/internal/testenv"
 )
 
-func waitReady(t *testing.T, s *server) {
+func waitReady(t testing.TB, s *server) {
 	t.Helper()
 	testenv.Eventually(t, 20*time.Second, func() error {
 		resp, err := http.Get("http://" + s.addrs.Metrics + "/readyz")
@@ -33,7 +33,7 @@ func waitReady(t *testing.T, s *server) {
 // connectWatched connects d with a paho client that records when the
 // connection is lost. The broker learns of new certificates through the
 // feed, so the first attempts may be refused.
-func connectWatched(t *testing.T, e *env, brokerAddr string, d *devicesdk.Device) (paho.Client, chan time.Time) {
+func connectWatched(t testing.TB, e *env, brokerAddr string, d *devicesdk.Device) (paho.Client, chan time.Time) {
 	t.Helper()
 	cfg, err := d.TLSConfig("localhost")
 	if err != nil {

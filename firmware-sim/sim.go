@@ -267,10 +267,12 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		return nil, err
 	}
 	r.steady(ctx)
+	// Every scenario starts from a fleet shown to work: delivery, a
+	// command round trip, and the policy.
+	r.steadyChecks(ctx)
 	var err error
 	switch cfg.Scenario {
 	case ScenarioSteady:
-		r.steadyChecks(ctx)
 	case ScenarioRevoke:
 		err = r.revoke(ctx)
 	case ScenarioRestart:

@@ -44,13 +44,13 @@ done
 [ -s "$RUN_DIR/addrs.json" ] || { echo "fleetgate serve did not start"; cat "$RUN_DIR/serve.log"; exit 1; }
 echo "serving (pid $SERVE_PID)"
 
-say "3. fleetsim: $DEVICES devices, each with its own swtpm, are registered (EK bulk import), enroll by TPM attestation, connect over mTLS, publish telemetry to a backend service"
+say "3. fleetsim: $DEVICES devices, each with its own swtpm, are registered (EK bulk import), enroll by TPM attestation, connect over mTLS, publish telemetry to a backend service; then one is revoked"
 status=0
 $BIN/fleetsim run --data-dir "$DATA_DIR" --server "https://localhost:$API_PORT" --broker "localhost:$MQTT_PORT" \
-  --devices "$DEVICES" --prefix "$PREFIX" --messages 5 --json "$RUN_DIR/report.json" || status=$?
+  --devices "$DEVICES" --prefix "$PREFIX" --messages 5 --scenario revoke --revoke-fraction 0.1 --json "$RUN_DIR/report.json" || status=$?
 
 say "4. what the gateway logged as refused (each refusal has a reason)"
-grep -E "acl denied|refused" "$RUN_DIR/serve.log" | head -5 | cut -c1-220 || true
+grep -E "acl denied|refused|closing session" "$RUN_DIR/serve.log" | head -6 | cut -c1-200 || true
 
 say "5. the registry: fleetgate devices list"
 $BIN/fleetgate devices list --data-dir "$DATA_DIR" --server "https://localhost:$API_PORT" | grep -E "^ID|^$PREFIX" | head -12
@@ -68,7 +68,10 @@ broker with nothing but that certificate (mTLS, the handshake signed inside
 the TPM, client ID = device ID) and published telemetry that a backend
 service received. A device publishing into another device's topic was
 dropped by the broker's policy; its subscription to another device's
-commands was refused. Every swtpm was stopped when fleetsim ended.
+commands was refused. Then one device was revoked while all kept
+publishing: its session was closed before the revoke call returned, nothing
+it sent afterwards reached the backend, it could not reconnect, and the
+others kept flowing. Every swtpm was stopped when fleetsim ended.
 
 Try next:
   $BIN/fleetgate serve --data-dir $DATA_DIR            # keep a gateway running
