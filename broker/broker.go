@@ -373,6 +373,9 @@ func (b *Broker) onRegistryEvent(ev registry.Event) {
 }
 
 func (b *Broker) closeSession(s *auth.Session, reason string) {
+	if !s.MarkClosing() {
+		return
+	}
 	b.log.Info("closing session", "identity", s.Identity.String(), "reason", reason, "remote", s.Client.Net.Remote)
 	b.m.closed.WithLabelValues(reason).Inc()
 	// [MQTT-3.14.2-1] reason 0x98 administrative action for MQTT 5 clients;

@@ -110,10 +110,15 @@ type Session struct {
 	NotAfter time.Time
 	Client   *mqtt.Client
 	online   atomic.Bool
+	closing  atomic.Bool
 }
 
 // Online reports whether the session has a live connection.
 func (s *Session) Online() bool { return s.online.Load() }
+
+// MarkClosing reports true the first time it is called for a session: a
+// revocation and its certificates' revocations close the session once.
+func (s *Session) MarkClosing() bool { return s.closing.CompareAndSwap(false, true) }
 
 // Hook is the one authentication/ACL hook.
 type Hook struct {
