@@ -382,4 +382,5 @@ func (b *Broker) closeSession(s *auth.Session, reason string) {
 	// mochi sends DISCONNECT only to v5 clients and then closes.
 	_ = b.server.DisconnectClient(s.Client, packets.ErrAdministrativeAction)
 	s.Client.Stop(packets.ErrAdministrativeAction)
+	b.hook.MarkOffline(s)
 }

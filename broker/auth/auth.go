@@ -279,14 +279,21 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	if s.Client != cl {
 		return // an older connection that was taken over
 	}
+	h.MarkOffline(s)
+	if expire {
+		h.sessions.CompareAndDelete(cl.ID, s)
+	}
+}
+
+// MarkOffline records that s has no live connection any more. The broker
+// calls it when it closes a session itself, so that the state is exact when
+// the revoke call returns, before mochi's read loop notices.
+func (h *Hook) MarkOffline(s *Session) {
 	if s.online.Swap(false) {
 		h.count.Add(-1)
 		if h.o.Metrics.Connected != nil {
 			h.o.Metrics.Connected(s.Identity.Role, -1)
 		}
-	}
-	if expire {
-		h.sessions.CompareAndDelete(cl.ID, s)
 	}
 }
 
