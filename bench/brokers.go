@@ -1,0 +1,260 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	_ "embed"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"text/template"
+	"time"
+)
+
+//go:embed mosquitto.conf.tmpl
+var mosquittoConfTmpl string
+
+//go:embed mosquitto.acl.tmpl
+var mosquittoACLTmpl string
+
+// Broker is one running broker process, started by the harness and stopped
+// by its PID.
+type Broker struct {
+	Name    string // "fleetgate" or "mosquitto"
+	MQTT    string // host:port
+	API     string // fleetgate: enrollment/admin API host:port
+	Metrics string
+	PID     int
+
+	cmd  *exec.Cmd
+	done chan struct{}
+	log  *os.File
+}
+
+// Procs records every process the harness started, so that an interrupted
+// run still stops them all (by PID).
+type Procs struct {
+	mu   sync.Mutex
+	live map[int]*Broker
+}
+
+func (p *Procs) add(b *Broker) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.live == nil {
+		p.live = map[int]*Broker{}
+	}
+	p.live[b.PID] = b
+}
+
+func (p *Procs) remove(pid int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.live, pid)
+}
+
+// StopAll stops every process still running.
+func (p *Procs) StopAll() {
+	p.mu.Lock()
+	bs := make([]*Broker, 0, len(p.live))
+	for _, b := range p.live {
+		bs = append(bs, b)
+	}
+	p.mu.Unlock()
+	for _, b := range bs {
+		b.Stop()
+	}
+}
+
+func (p *Procs) start(name string, logPath string, bin string, args ...string) (*Broker, error) {
+	lf, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = lf, lf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // never outlive the harness
+	if err := cmd.Start(); err != nil {
+		lf.Close()
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	b := &Broker{Name: name, PID: cmd.Process.Pid, cmd: cmd, done: make(chan struct{}), log: lf}
+	go func() { cmd.Wait(); close(b.done) }()
+	p.add(b)
+	return b, nil
+}
+
+// Stop sends SIGTERM to the broker's PID, then SIGKILL after 10 s.
+func (b *Broker) Stop() error {
+	if b == nil || b.cmd == nil {
+		return nil
+	}
+	defer func() {
+		if procs != nil {
+			procs.remove(b.PID)
+		}
+		b.log.Close()
+	}()
+	select {
+	case <-b.done:
+		return nil
+	default:
+	}
+	syscall.Kill(b.PID, syscall.SIGTERM)
+	select {
+	case <-b.done:
+		return nil
+	case <-time.After(10 * time.Second):
+	}
+	syscall.Kill(b.PID, syscall.SIGKILL)
+	select {
+	case <-b.done:
+	case <-time.After(5 * time.Second):
+		return fmt.Errorf("%s pid %d did not exit", b.Name, b.PID)
+	}
+	return nil
+}
+
+// Exited reports whether the process has ended.
+func (b *Broker) Exited() bool {
+	select {
+	case <-b.done:
+		return true
+	default:
+		return false
+	}
+}
+
+var procs *Procs
+
+// FleetgateOptions are the serve flags the harness sets.
+var FleetgateServeFlags = []string{
+	// Per-device limits raised: the fan-in scenarios publish far above a
+	// sensor's default 100 msg/s, and all load comes from 127.0.0.1.
+	"--msg-rate", "1e9", "--msg-burst", "1000000000", "--byte-rate", "1e12",
+	"--max-pending", "4096", "--max-pending-per-ip", "4096",
+	// Log refusals and errors only, like mosquitto with
+	// connection_messages false below.
+	"--log-level", "warn",
+}
+
+// StartFleetgate runs `fleetgate serve` on loopback ports chosen by the
+// kernel and waits for its address file.
+func (e *Env) StartFleetgate(ctx context.Context) (*Broker, error) {
+	addrFile := filepath.Join(e.Work, "fleetgate.addr")
+	os.Remove(addrFile)
+	args := append([]string{"serve", "--data-dir", e.DataDir(), "--mqtt-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0",
+		"--metrics-addr", "127.0.0.1:0", "--addr-file", addrFile}, FleetgateServeFlags...)
+	args = append(args, e.ExtraServeFlags...)
+	b, err := procs.start("fleetgate", filepath.Join(e.Work, "fleetgate.log"), e.FleetgateBin, args...)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if raw, err := os.ReadFile(addrFile); err == nil && len(raw) > 0 {
+			var a struct{ MQTT, API, Metrics string }
+			if json.Unmarshal(raw, &a) == nil && a.MQTT != "" {
+				b.MQTT, b.API, b.Metrics = a.MQTT, a.API, a.Metrics
+				return b, nil
+			}
+		}
+		if b.Exited() {
+			return nil, fmt.Errorf("fleetgate exited at start; see %s", filepath.Join(e.Work, "fleetgate.log"))
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			b.Stop()
+			return nil, errors.New("fleetgate did not write its address file in 60 s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// MosquittoBin is the broker compared against.
+var MosquittoBin = "/usr/sbin/mosquitto"
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// writeMosquittoConfig writes the mosquitto configuration for port.
+func (e *Env) writeMosquittoConfig(port int) (string, error) {
+	dir := filepath.Join(e.Work, "mosquitto")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
+	// cafile: root and issuing CA of fleetgate's PKI, so that clients may
+	// send their chain (leaf + issuing) as fleetgate's SDK does.
+	root, err := os.ReadFile(filepath.Join(e.DataDir(), "ca", "root.crt"))
+	if err != nil {
+		return "", err
+	}
+	issuing, err := os.ReadFile(filepath.Join(e.DataDir(), "ca", "issuing.crt"))
+	if err != nil {
+		return "", err
+	}
+	caFile := filepath.Join(dir, "ca.pem")
+	if err := os.WriteFile(caFile, append(append(root, '\n'), issuing...), 0o644); err != nil {
+		return "", err
+	}
+	data := map[string]any{
+		"Port": port, "CAFile": caFile,
+		"CertFile": filepath.Join(e.DataDir(), "tls", "server.crt"), "KeyFile": filepath.Join(e.DataDir(), "tls", "server.key"),
+		"ACLFile": filepath.Join(dir, "acl"), "Backend": BackendName, "Root": os.Getuid() == 0,
+	}
+	for name, src := range map[string]string{"mosquitto.conf": mosquittoConfTmpl, "acl": mosquittoACLTmpl} {
+		var buf bytes.Buffer
+		if err := template.Must(template.New(name).Parse(src)).Execute(&buf, data); err != nil {
+			return "", err
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), buf.Bytes(), 0o644); err != nil {
+			return "", err
+		}
+	}
+	return filepath.Join(dir, "mosquitto.conf"), nil
+}
+
+// StartMosquitto runs mosquitto in the foreground with the harness's
+// configuration and waits until it accepts connections.
+func (e *Env) StartMosquitto(ctx context.Context) (*Broker, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	conf, err := e.writeMosquittoConfig(port)
+	if err != nil {
+		return nil, err
+	}
+	b, err := procs.start("mosquitto", filepath.Join(e.Work, "mosquitto.log"), MosquittoBin, "-c", conf)
+	if err != nil {
+		return nil, err
+	}
+	b.MQTT = fmt.Sprintf("127.0.0.1:%d", port)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", b.MQTT, time.Second)
+		if err == nil {
+			c.Close()
+			return b, nil
+		}
+		if b.Exited() {
+			return nil, fmt.Errorf("mosquitto exited at start; see %s", filepath.Join(e.Work, "mosquitto.log"))
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			b.Stop()
+			return nil, errors.New("mosquitto did not listen in 20 s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
