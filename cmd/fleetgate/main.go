@@ -273,9 +273,13 @@ func devicesCmd() *cobra.Command {
 				return err
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tGROUP\tSTATE\tMETHOD\tSERIAL\tEXPIRES")
+			fmt.Fprintln(tw, "ID\tGROUP\tSTATE\tONLINE\tMETHOD\tSERIAL\tEXPIRES")
 			for _, d := range ds {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", d.ID, d.Group, d.State, d.AttestationMethod, d.Serial, d.NotAfter.Format(time.DateOnly))
+				online := "no"
+				if d.Online {
+					online = "yes"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.ID, d.Group, d.State, online, d.AttestationMethod, d.Serial, d.NotAfter.Format(time.DateOnly))
 			}
 			return tw.Flush()
 		},
