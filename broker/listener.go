@@ -113,7 +113,12 @@ func (l *listener) handle(raw net.Conn, release func(), establish listeners.Esta
 	cancel()
 	if err != nil {
 		reason := handshakeReason(err)
-		l.log.Warn("tls handshake refused", "reason", reason, "remote", raw.RemoteAddr().String(), "err", err)
+		ident := ""
+		var re *auth.RefusedError
+		if errors.As(err, &re) {
+			ident = re.Identity.String()
+		}
+		l.log.Warn("tls handshake refused", "reason", reason, "identity", ident, "remote", raw.RemoteAddr().String(), "err", err)
 		l.onRefuse(reason)
 		tc.Close()
 		return
@@ -158,7 +163,10 @@ func handshakeReason(err error) string {
 	var inv x509.CertificateInvalidError
 	var ua x509.UnknownAuthorityError
 	var ne net.Error
+	var re *auth.RefusedError
 	switch {
+	case errors.As(err, &re):
+		return re.Reason
 	case errors.As(err, &ua):
 		return "unknown_ca"
 	case errors.As(err, &inv):
@@ -174,9 +182,6 @@ func handshakeReason(err error) string {
 	case strings.Contains(err.Error(), "didn't provide a certificate"):
 		// crypto/tls has no sentinel for this; the text is stable since Go 1.0.
 		return "no_cert"
-	case errors.Is(err, auth.ErrRevoked), errors.Is(err, auth.ErrSuspended), errors.Is(err, auth.ErrUnknownSerial),
-		errors.Is(err, auth.ErrUnknownDevice), errors.Is(err, auth.ErrExpired), errors.Is(err, auth.ErrIdentityDiffer):
-		return auth.Reason(err)
 	}
 	var rh tls.RecordHeaderError
 	if errors.As(err, &rh) {

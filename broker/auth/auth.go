@@ -192,7 +192,19 @@ func (h *Hook) Check(leaf *x509.Certificate) (identity.Identity, error) {
 	return id, nil
 }
 
-// VerifyConnection is installed as tls.Config.VerifyConnection.
+// RefusedError is what VerifyConnection returns: the TLS listener, which
+// knows the remote address, logs and counts it with its reason.
+type RefusedError struct {
+	Reason   string
+	Identity identity.Identity
+	Err      error
+}
+
+func (e *RefusedError) Error() string { return e.Err.Error() }
+func (e *RefusedError) Unwrap() error { return e.Err }
+
+// VerifyConnection is installed as tls.Config.VerifyConnection; crypto/tls
+// runs it on full and on resumed handshakes.
 func (h *Hook) VerifyConnection(cs tls.ConnectionState) error {
 	var leaf *x509.Certificate
 	if len(cs.VerifiedChains) > 0 && len(cs.VerifiedChains[0]) > 0 {
@@ -200,8 +212,7 @@ func (h *Hook) VerifyConnection(cs tls.ConnectionState) error {
 	}
 	id, err := h.Check(leaf)
 	if err != nil {
-		h.refuse("tls", id, "", err)
-		return err
+		return &RefusedError{Reason: Reason(err), Identity: id, Err: err}
 	}
 	return nil
 }
