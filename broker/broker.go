@@ -178,11 +178,13 @@ func New(cfg Config) (*Broker, error) {
 	// allow. It costs memory only when a subscriber falls behind.
 	caps.MaximumInflight = 65535
 	b.server = mqtt.New(&mqtt.Options{
-		Capabilities:             caps,
-		Logger:                   b.log,
-		InlineClient:             true,
-		ClientNetWriteBufferSize: 4096,
-		ClientNetReadBufferSize:  4096,
+		Capabilities: caps,
+		Logger:       b.log,
+		InlineClient: true,
+		// Sized for fleets of mostly idle sensors (mochi's defaults suit
+		// throughput): larger packets are read and written through.
+		ClientNetWriteBufferSize: 2048,
+		ClientNetReadBufferSize:  2048,
 	})
 	// The events hook goes first: at disconnect it needs the session the
 	// auth hook forgets.

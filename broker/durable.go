@@ -2,6 +2,8 @@ package broker
 
 import (
 	"bytes"
+	"sync/atomic"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -15,6 +17,9 @@ import (
 // first, through an inline client, and tells mochi to acknowledge the
 // original without fanning it out again (CodeSuccessIgnore).
 //
+// When subscribers fall far behind, publishers wait (backpressure) rather
+// than have their acknowledged messages dropped.
+//
 // Known limitation: the fanned-out copy's origin is the inline client, so
 // an MQTT 5 No Local subscription of the publisher to its own topic also
 // receives the message. fleetgate's default policy never lets a device
@@ -27,6 +32,32 @@ type fanoutFirstHook struct {
 
 func (h *fanoutFirstHook) ID() string { return "fleetgate-fanout-before-ack" }
 
+// inflightHighWater bounds the QoS 1/2 messages the broker holds for
+// subscribers that have not acknowledged them yet. mochi drops a message
+// (after its publisher's PUBACK) when one subscriber holds MaximumInflight
+// (65,535) of them; above this mark QoS 1/2 publishers wait instead, which
+// their TCP connections turn into backpressure. One slow subscriber thus
+// slows every QoS 1/2 publisher, and loses nothing.
+const inflightHighWater = 50_000
+
+// maxBackpressure bounds one publisher's wait; past it the message goes
+// through (and may be dropped by mochi if the subscriber is still full).
+const maxBackpressure = 30 * time.Second
+
+func (h *fanoutFirstHook) backpressure(cl *mqtt.Client) {
+	if atomic.LoadInt64(&h.b.server.Info.Inflight) < inflightHighWater {
+		return
+	}
+	h.b.m.limited.WithLabelValues("backpressure").Inc()
+	deadline := time.Now().Add(maxBackpressure)
+	for atomic.LoadInt64(&h.b.server.Info.Inflight) >= inflightHighWater && time.Now().Before(deadline) {
+		if cl.Closed() {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 func (h *fanoutFirstHook) Provides(b byte) bool {
 	return bytes.Contains([]byte{mqtt.OnPublish}, []byte{b})
 }
@@ -35,6 +66,7 @@ func (h *fanoutFirstHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets
 	if cl.Net.Inline || pk.FixedHeader.Qos == 0 {
 		return pk, nil
 	}
+	h.backpressure(cl)
 	cp := pk.Copy(true)
 	if err := h.b.server.InjectPacket(h.inline, cp); err != nil {
 		// Fall back to mochi's own order rather than lose the message.

@@ -93,18 +93,20 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 			raw.Close()
 			continue
 		}
+		var once sync.Once
+		release := func() { once.Do(func() { <-l.pending; l.releaseIP(ip) }) }
 		l.wg.Add(1)
-		go func() {
-			defer l.wg.Done()
-			var once sync.Once
-			release := func() { once.Do(func() { <-l.pending; l.releaseIP(ip) }) }
-			defer release()
-			l.handle(raw, release, establish)
-		}()
+		go l.handshake(raw, release, establish)
 	}
 }
 
-func (l *listener) handle(raw net.Conn, release func(), establish listeners.EstablishFn) {
+// handshake runs the TLS handshake under the deadline. On success the
+// client's MQTT session runs on a fresh goroutine: this one's stack grew
+// during the handshake's cryptography, and an idle connection should not
+// keep it for its lifetime. That goroutine owns the pending slot (released
+// at CONNECT by the auth hook, or when the connection ends) and the wait
+// group count.
+func (l *listener) handshake(raw net.Conn, release func(), establish listeners.EstablishFn) {
 	deadline := time.Now().Add(l.timeout)
 	_ = raw.SetDeadline(deadline) // mochi replaces it with the keepalive deadline after CONNECT
 	tc := tls.Server(raw, l.tls)
@@ -112,6 +114,8 @@ func (l *listener) handle(raw net.Conn, release func(), establish listeners.Esta
 	err := tc.HandshakeContext(ctx)
 	cancel()
 	if err != nil {
+		defer l.wg.Done()
+		defer release()
 		reason := handshakeReason(err)
 		ident := ""
 		var re *auth.RefusedError
@@ -123,10 +127,13 @@ func (l *listener) handle(raw net.Conn, release func(), establish listeners.Esta
 		tc.Close()
 		return
 	}
-	c := &conn{Conn: tc, release: release}
-	if err := establish(l.id, c); err != nil && !isClosedErr(err) {
-		l.log.Debug("client connection ended", "remote", raw.RemoteAddr().String(), "err", err)
-	}
+	go func() {
+		defer l.wg.Done()
+		defer release()
+		if err := establish(l.id, &conn{Conn: tc, release: release}); err != nil && !isClosedErr(err) {
+			l.log.Debug("client connection ended", "remote", raw.RemoteAddr().String(), "err", err)
+		}
+	}()
 }
 
 func hostOf(a net.Addr) string {
