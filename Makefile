@@ -42,3 +42,9 @@ fuzz:
 
 clean:
 	rm -rf $(BIN)
+
+## bench: fleetgate and mosquitto side by side (docs/performance.md); results under results/
+.PHONY: bench
+bench: deps build
+	$(GO) build -o $(BIN)/ ./cmd/fleetbench
+	$(BIN)/fleetbench --fleetgate $(BIN)/fleetgate --mosquitto $$(command -v mosquitto || echo /usr/sbin/mosquitto) --out results

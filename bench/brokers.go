@@ -159,9 +159,7 @@ func (e *Env) StartFleetgate(ctx context.Context) (*Broker, error) {
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		if raw, err := os.ReadFile(addrFile); err == nil && len(raw) > 0 {
-			var a struct{ MQTT, API, Metrics string }
-			if json.Unmarshal(raw, &a) == nil && a.MQTT != "" {
-				b.MQTT, b.API, b.Metrics = a.MQTT, a.API, a.Metrics
+			if readAddrs(raw, b) == nil {
 				return b, nil
 			}
 		}
@@ -174,6 +172,19 @@ func (e *Env) StartFleetgate(ctx context.Context) (*Broker, error) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// readAddrs reads fleetgate's --addr-file.
+func readAddrs(raw []byte, b *Broker) error {
+	var a struct{ MQTT, API, Metrics string }
+	if err := json.Unmarshal(raw, &a); err != nil {
+		return err
+	}
+	if a.MQTT == "" || a.API == "" {
+		return errors.New("address file without mqtt/api")
+	}
+	b.MQTT, b.API, b.Metrics = a.MQTT, a.API, a.Metrics
+	return nil
 }
 
 // MosquittoBin is the broker compared against.

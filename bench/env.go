@@ -16,6 +16,7 @@ import (
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/firmware-sim/swtpm"
 )
 
 // BackendName is the service identity of the telemetry subscriber.
@@ -31,6 +32,8 @@ type Env struct {
 	Roots   *x509.CertPool
 	Devices []Identity // enrolled devices, reused for both brokers
 	Backend Identity
+
+	tpmMfr *swtpm.Manufacturer
 }
 
 // Identity is a client certificate and its name (client ID = CN = name).

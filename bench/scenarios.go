@@ -291,10 +291,15 @@ func (e *Env) FanIn(ctx context.Context, b *Broker, pubs int, qos byte, d time.D
 	}
 	wg.Wait()
 	pubEnd := time.Now()
-	// drain: until nothing arrived for 1 s (at most 20 s)
-	for i := 0; i < 200 && ctx.Err() == nil; i++ {
+	// drain: until everything sent (QoS 0) or acknowledged (QoS 1) has
+	// arrived, or nothing arrived for 3 s; at most 30 s
+	var want int64
+	for i := range pubs {
+		want += sent[i]
+	}
+	for i := 0; i < 300 && ctx.Err() == nil && recv.Load() < want; i++ {
 		time.Sleep(100 * time.Millisecond)
-		if time.Since(time.Unix(0, lastRecv.Load())) > time.Second {
+		if time.Since(time.Unix(0, lastRecv.Load())) > 3*time.Second {
 			break
 		}
 	}

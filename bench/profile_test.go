@@ -1,0 +1,130 @@
+package bench
+
+// In-process versions of the fan-in and idle scenarios, for profiles:
+// fleetgate exposes no pprof endpoint, so these run the gateway in the test
+// binary (default policy, limits raised as `make bench` does, logging at
+// warn) and drive it with the same load generator:
+//
+//	go test -run '^$' -bench FanInQoS0 -benchtime 1x -cpuprofile cpu.out ./bench/
+//	go tool pprof -top -focus 'mochi|fleetgate/broker' bench.test cpu.out
+//	FLEETBENCH_HEAPPROFILE=heap.out go test -run '^$' -bench Idle -benchtime 1x ./bench/
+//
+// The profile holds the generator's goroutines too (package bench,
+// crypto/tls on the client side); focus on the broker's packages. Nothing
+// here asserts a time.
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/pprof"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fleetgate/fleetgate/broker"
+	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/internal/gateway"
+)
+
+func inProcess(b *testing.B, devices int) (*Env, *Broker) {
+	if testing.Short() {
+		b.Skip("enrolls devices and runs a gateway")
+	}
+	work := b.TempDir()
+	e := &Env{Work: work, Logf: b.Logf}
+	if _, err := gateway.Init(e.DataDir(), ca.InitOptions{TrustDomain: "fleetgate.local", Hosts: []string{"localhost", "127.0.0.1"}}); err != nil {
+		b.Fatal(err)
+	}
+	if err := e.loadRoots(); err != nil {
+		b.Fatal(err)
+	}
+	addrFile := filepath.Join(work, "addrs.json")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- gateway.Run(ctx, gateway.Config{
+			DataDir: e.DataDir(), MQTTAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", MetricsAddr: "127.0.0.1:0", AddrFile: addrFile,
+			MaxPending: 4096, MaxPendingPerIP: 4096,
+			Limits: broker.Limits{MsgRate: 1e9, MsgBurst: 1e9, ByteRate: 1e12, ByteBurst: 1 << 40},
+		}, slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	}()
+	b.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	fg := &Broker{Name: "fleetgate", PID: os.Getpid()}
+	for i := 0; ; i++ {
+		if raw, err := os.ReadFile(addrFile); err == nil && len(raw) > 0 {
+			if err := readAddrs(raw, fg); err == nil {
+				break
+			}
+		}
+		if i > 600 {
+			b.Fatal("gateway did not start")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := e.Enroll(ctx, fg, devices); err != nil {
+		b.Fatal(err)
+	}
+	return e, fg
+}
+
+func report(b *testing.B, v Values) {
+	for k, x := range v {
+		b.ReportMetric(x, strings.ReplaceAll(k, " ", "_"))
+	}
+}
+
+func BenchmarkFanInQoS0(b *testing.B) {
+	e, fg := inProcess(b, 200)
+	b.ResetTimer()
+	v, err := e.FanIn(context.Background(), fg, 200, 0, 5*time.Second, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	report(b, v)
+}
+
+func BenchmarkFanInQoS1(b *testing.B) {
+	e, fg := inProcess(b, 200)
+	b.ResetTimer()
+	v, err := e.FanIn(context.Background(), fg, 200, 1, 5*time.Second, 16)
+	if err != nil {
+		b.Fatal(err)
+	}
+	report(b, v)
+}
+
+// BenchmarkIdle holds FLEETBENCH_IDLE (default 2,000) idle connections and,
+// with FLEETBENCH_HEAPPROFILE set, writes a heap profile while they are
+// connected. RSS here includes the generator's side of the connections.
+func BenchmarkIdle(b *testing.B) {
+	n := 2000
+	if v, err := strconv.Atoi(os.Getenv("FLEETBENCH_IDLE")); err == nil && v > 0 {
+		n = v
+	}
+	e, fg := inProcess(b, n)
+	b.ResetTimer()
+	v, err := e.Idle(context.Background(), fg, n, 64, func() (Values, error) {
+		if p := os.Getenv("FLEETBENCH_HEAPPROFILE"); p != "" {
+			runtime.GC()
+			f, err := os.Create(p)
+			if err != nil {
+				return nil, err
+			}
+			defer f.Close()
+			return nil, pprof.WriteHeapProfile(f)
+		}
+		return nil, nil
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	report(b, v)
+}
