@@ -75,6 +75,11 @@ type Device struct {
 
 	routeMu sync.RWMutex
 	routes  []route // message handlers by filter, kept across connections
+
+	// hc is the enrollment server client for hcCert and hcRoots (under mu).
+	hc      *http.Client
+	hcCert  *tls.Certificate
+	hcRoots *x509.CertPool
 }
 
 // New returns a Device, loading a previously stored certificate if any.
@@ -220,24 +225,34 @@ func (e *APIError) Error() string {
 	return fmt.Sprintf("enrollment server: %d %s: %s", e.Status, e.Code, e.Message)
 }
 
+// httpClient returns the client for the enrollment server. It is kept while
+// the device's certificate and CA stay the same, so the two round trips of a
+// TPM enrollment share one TLS connection; a new certificate (after
+// enrollment or renewal) gets a new client.
 func (d *Device) httpClient() *http.Client {
-	d.mu.RLock()
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	roots := d.ca
-	cert := d.cert
-	d.mu.RUnlock()
 	if roots == nil {
 		roots = d.cfg.RootCAs
 	}
+	if d.hc != nil && d.hcCert == d.cert && d.hcRoots == roots {
+		return d.hc
+	}
+	if d.hc != nil {
+		d.hc.CloseIdleConnections()
+	}
 	tcfg := &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
-	if cert != nil {
-		tcfg.Certificates = []tls.Certificate{*cert}
+	if d.cert != nil {
+		tcfg.Certificates = []tls.Certificate{*d.cert}
 	}
 	c := &http.Client{Timeout: 30 * time.Second}
 	if d.cfg.HTTPClient != nil {
 		cc := *d.cfg.HTTPClient
 		c = &cc
 	}
-	c.Transport = &http.Transport{TLSClientConfig: tcfg, ForceAttemptHTTP2: true}
+	c.Transport = &http.Transport{TLSClientConfig: tcfg, ForceAttemptHTTP2: true, IdleConnTimeout: 90 * time.Second}
+	d.hc, d.hcCert, d.hcRoots = c, d.cert, roots
 	return c
 }
 
@@ -253,7 +268,6 @@ func (d *Device) post(ctx context.Context, path string, in, out any) error {
 	}
 	req.Header.Set("Content-Type", "application/json")
 	c := d.httpClient()
-	defer c.CloseIdleConnections()
 	resp, err := c.Do(req)
 	if err != nil {
 		return fmt.Errorf("devicesdk: POST %s: %w", path, err)
