@@ -380,6 +380,8 @@ func (b *Broker) closeSession(s *auth.Session, reason string) {
 	}
 	b.log.Info("closing session", "identity", s.Identity.String(), "reason", reason, "remote", s.Client.Net.Remote)
 	b.m.closed.WithLabelValues(reason).Inc()
+	// A revoked, suspended or expired client's Last Will is not sent.
+	atomic.StoreUint32(&s.Client.Properties.Will.Flag, 0)
 	// [MQTT-3.14.2-1] reason 0x98 administrative action for MQTT 5 clients;
 	// mochi sends DISCONNECT only to v5 clients and then closes.
 	_ = b.server.DisconnectClient(s.Client, packets.ErrAdministrativeAction)

@@ -50,6 +50,7 @@ const (
 	ReasonExpired        = "expired"
 	ReasonClientIDDiffer = "client_id_mismatch"
 	ReasonIdentityDiffer = "identity_mismatch"
+	ReasonWillDenied     = "will_denied"
 )
 
 // Errors returned by Check.
@@ -149,7 +150,7 @@ func (h *Hook) ID() string { return "fleetgate-auth" }
 // Provides implements mqtt.Hook.
 func (h *Hook) Provides(b byte) bool {
 	return bytes.Contains([]byte{
-		mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish, mqtt.OnDisconnect, mqtt.OnClientExpired,
+		mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish, mqtt.OnDisconnect, mqtt.OnClientExpired, mqtt.OnWill,
 	}, []byte{b})
 }
 
@@ -251,6 +252,21 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		}
 		return false
 	}
+	// A Last Will is a publish the broker makes later on the client's
+	// behalf, and mochi sends it without any ACL check: check it now, with
+	// the client's rights, and refuse the CONNECT if the policy would refuse
+	// the publish. Will delay is not honoured (the will, if any, goes at
+	// once), so no will outlives a revocation.
+	if pk.Connect.WillFlag {
+		if sub, ok := h.subject(&Session{Identity: id}); !ok || !h.o.Policy().CheckPublish(sub, pk.Connect.WillTopic, pk.Connect.WillRetain).Allowed {
+			h.o.Logger.Warn("connection refused", "reason", ReasonWillDenied, "identity", id.String(), "will_topic", pk.Connect.WillTopic, "remote", cl.Net.Remote)
+			if h.o.Metrics.AuthFailure != nil {
+				h.o.Metrics.AuthFailure(ReasonWillDenied)
+			}
+			return false
+		}
+		cl.Properties.Will.WillDelayInterval = 0
+	}
 	sess := &Session{Identity: id, Serial: serialString(leaf), NotAfter: leaf.NotAfter, Client: cl}
 	sess.online.Store(true)
 	if old, loaded := h.sessions.Swap(cl.ID, sess); loaded && old.(*Session).online.Swap(false) {
@@ -294,6 +310,23 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	if expire {
 		h.sessions.CompareAndDelete(cl.ID, s)
 	}
+}
+
+// OnWill implements mqtt.Hook: at the moment mochi is about to send a Last
+// Will, the client must still be allowed to publish it (its device active,
+// the policy unchanged); otherwise the will is emptied and goes nowhere.
+func (h *Hook) OnWill(cl *mqtt.Client, will mqtt.Will) (mqtt.Will, error) {
+	s, ok := h.Session(cl)
+	if ok {
+		if sub, ok := h.subject(s); ok && h.o.Policy().CheckPublish(sub, will.TopicName, will.Retain).Allowed {
+			return will, nil
+		}
+	}
+	h.o.Logger.Info("last will dropped", "client", cl.ID, "topic", will.TopicName)
+	if h.o.Metrics.ACLDenied != nil {
+		h.o.Metrics.ACLDenied("will")
+	}
+	return mqtt.Will{}, nil
 }
 
 // MarkOffline records that s has no live connection any more. The broker
