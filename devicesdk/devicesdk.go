@@ -251,7 +251,8 @@ func (d *Device) httpClient() *http.Client {
 		cc := *d.cfg.HTTPClient
 		c = &cc
 	}
-	c.Transport = &http.Transport{TLSClientConfig: tcfg, ForceAttemptHTTP2: true, IdleConnTimeout: 90 * time.Second}
+	// HTTP/1.1 keep-alive: two small round trips need no HTTP/2.
+	c.Transport = &http.Transport{TLSClientConfig: tcfg, IdleConnTimeout: 90 * time.Second}
 	d.hc, d.hcCert, d.hcRoots = c, d.cert, roots
 	return c
 }

@@ -300,6 +300,10 @@ func registryError(err error) error {
 		return apiErr(http.StatusConflict, "conflict", "concurrent request for the same record; retry", err)
 	case errors.Is(err, registry.ErrTPMBound):
 		return apiErr(http.StatusForbidden, "device_tpm_bound", "device is bound to a TPM and enrolls by TPM attestation only", err)
+	case errors.Is(err, registry.ErrNameTaken):
+		return apiErr(http.StatusConflict, "name_taken", err.Error(), err)
+	case errors.Is(err, registry.ErrRenewalTooSoon):
+		return apiErr(http.StatusTooManyRequests, "renewal_refused", err.Error(), err)
 	case errors.Is(err, registry.ErrInvalidTransition):
 		return apiErr(http.StatusConflict, "invalid_state", err.Error(), err)
 	}

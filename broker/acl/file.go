@@ -122,7 +122,13 @@ func (fr FileRule) rules() ([]Rule, error) {
 		case "subscribe":
 			acc |= Subscribe
 		case "retain":
-			acc |= Publish | Retain
+			// Allowing retain allows the publish it rides on; denying
+			// retain denies only the retain flag.
+			if len(fr.Deny) > 0 {
+				acc |= Retain
+			} else {
+				acc |= Publish | Retain
+			}
 		default:
 			errs = append(errs, fmt.Errorf("unknown access %q (publish, subscribe, retain)", w))
 		}

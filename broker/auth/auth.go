@@ -401,6 +401,14 @@ func (h *Hook) Lookup(clientID string) (*Session, bool) {
 // device is no longer active.
 func (h *Hook) subject(s *Session) (acl.Subject, bool) {
 	sub := acl.Subject{Role: s.Identity.Role, ID: s.Identity.Name}
+	// The session's own certificate, too: revoking one certificate (or its
+	// expiry) ends what its session may do, even before the session is
+	// closed.
+	if s.Serial != "" {
+		if cs, ok := h.o.Directory.CertStatus(s.Serial); !ok || cs.Revoked || !h.o.Now().Before(s.NotAfter) {
+			return sub, false
+		}
+	}
 	if s.Identity.Role == identity.RoleDevice {
 		ds, ok := h.o.Directory.DeviceStatus(s.Identity.Name)
 		if !ok || ds.State != registry.StateActive {

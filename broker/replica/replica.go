@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fleetgate/fleetgate/enroll/api"
@@ -43,6 +44,7 @@ type Replica struct {
 	version uint64
 	synced  chan struct{}
 	once    sync.Once
+	lastOK  atomic.Int64 // unix nanoseconds of the last successful poll
 
 	watchMu sync.Mutex
 	watch   []func(registry.Event)
@@ -56,6 +58,23 @@ func New(baseURL string, client *http.Client, log *slog.Logger) *Replica {
 	}
 	return &Replica{base: baseURL, client: client, log: log, wait: 20 * time.Second,
 		certs: map[string]registry.CertStatus{}, devices: map[string]registry.DeviceStatus{}, names: map[string]identity.Role{}, synced: make(chan struct{})}
+}
+
+// StaleAfter is how long without a successful poll the replica is no
+// longer fresh (a long poll lasts 20 s).
+const StaleAfter = 45 * time.Second
+
+// Fresh reports whether the replica has a snapshot and heard from the feed
+// within StaleAfter. A broker whose replica is not fresh reports not ready
+// (/readyz), so that a load balancer or an operator notices that
+// revocations may not be arriving; it keeps serving with what it knows.
+func (r *Replica) Fresh() bool {
+	select {
+	case <-r.synced:
+	default:
+		return false
+	}
+	return time.Since(time.Unix(0, r.lastOK.Load())) < StaleAfter
 }
 
 // Synced is closed once the first snapshot has been applied.
@@ -100,8 +119,15 @@ func (r *Replica) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
+		if err == nil {
+			r.lastOK.Store(time.Now().UnixNano())
+		}
 		if err != nil {
-			r.log.Warn("registry feed", "err", err, "retry_in", backoff)
+			lvl := slog.LevelWarn
+			if !r.Fresh() {
+				lvl = slog.LevelError // revocations may be missed: alert
+			}
+			r.log.Log(ctx, lvl, "registry feed", "err", err, "retry_in", backoff, "fresh", r.Fresh())
 			select {
 			case <-ctx.Done():
 				return nil

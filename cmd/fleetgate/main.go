@@ -238,7 +238,7 @@ func servicesCmd() *cobra.Command {
 				mode os.FileMode
 			}{{"cert.pem", r.CertificateChainPEM, 0o644}, {"key.pem", r.PrivateKeyPEM, 0o600}, {"ca.pem", r.CACertificatesPEM, 0o644}}
 			for _, f := range files {
-				if err := os.WriteFile(filepath.Join(out, f.name), []byte(f.data), f.mode); err != nil {
+				if err := writeFileMode(filepath.Join(out, f.name), []byte(f.data), f.mode); err != nil {
 					return err
 				}
 			}
@@ -340,4 +340,22 @@ func auditCmd() *cobra.Command {
 	c.Flags().StringVar(&device, "device", "", "only this device")
 	c.Flags().IntVar(&limit, "limit", 0, "only the newest N")
 	return c
+}
+
+// writeFileMode writes data with exactly mode, also when the file existed
+// with a looser one.
+func writeFileMode(path string, data []byte, mode os.FileMode) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
+	if err != nil {
+		return err
+	}
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }

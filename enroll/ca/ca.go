@@ -283,9 +283,12 @@ func (a *Authority) Issue(id identity.Identity, pub crypto.PublicKey, ttl time.D
 	if notAfter.After(a.Issuing.NotAfter) {
 		notAfter = a.Issuing.NotAfter
 	}
+	// Backdated for clock skew, but by little for short lifetimes, so that
+	// renewal at 2/3 of NotBefore..NotAfter stays 2/3 of the real lifetime.
+	bd := min(backdate, ttl/10)
 	tmpl := &x509.Certificate{
 		Subject:     pkix.Name{CommonName: id.Name, OrganizationalUnit: []string{string(id.Role)}},
-		NotBefore:   now.Add(-backdate),
+		NotBefore:   now.Add(-bd),
 		NotAfter:    notAfter,
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},

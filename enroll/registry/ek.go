@@ -92,6 +92,11 @@ func (e *ImportError) Unwrap() []error {
 // device (ErrEKRegistered), a device bound to another EK (ErrDeviceHasEK), a
 // revoked device (ErrDeviceRevoked).
 func (r *Registry) RegisterEK(reg EKRegistration, actor string) error {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
+	if _, taken := r.PrincipalRole(reg.DeviceID); taken {
+		return fmt.Errorf("%w: %q is a service or operator name", ErrNameTaken, reg.DeviceID)
+	}
 	var dev Device
 	err := r.update(func(txn *badger.Txn) error {
 		d, err := r.registerEK(txn, reg, actor, r.now())
@@ -206,6 +211,8 @@ func checkImport(txn *badger.Txn, regs []EKRegistration, now time.Time) ([]Impor
 // entry (not only the first). An import too large for one badger
 // transaction fails with ErrImportTooLarge and applies nothing.
 func (r *Registry) ImportEKs(regs []EKRegistration, actor string) error {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
 	devs := make([]Device, 0, len(regs))
 	err := r.update(func(txn *badger.Txn) error {
 		now := r.now()
@@ -305,6 +312,8 @@ type TPMRedemption struct {
 // Its earlier certificates are not revoked: they stay valid until they
 // expire unless an operator revokes them.
 func (r *Registry) RedeemTPM(red TPMRedemption, sign func(Device) (*Certificate, error)) (*Certificate, error) {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
 	var out *Certificate
 	var dev Device
 	err := r.update(func(txn *badger.Txn) error {

@@ -23,6 +23,12 @@ var (
 	// ErrTPMBound: the device has a registered EK and enrolls by TPM
 	// attestation only.
 	ErrTPMBound = errors.New("registry: device is bound to a TPM")
+	// ErrNameTaken: device IDs and service/operator names share one
+	// namespace (they are MQTT client IDs).
+	ErrNameTaken = errors.New("registry: name already taken")
+	// ErrRenewalTooSoon: the device renewed less than the minimum interval
+	// ago, or not from its current certificate.
+	ErrRenewalTooSoon = errors.New("registry: renewal refused")
 	// ErrConflict: a concurrent transaction changed the same records; the
 	// caller may retry.
 	ErrConflict = errors.New("registry: concurrent update, retry")

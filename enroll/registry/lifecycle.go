@@ -14,70 +14,112 @@ import (
 // revoked device cannot be resumed or suspended).
 var ErrInvalidTransition = errors.New("registry: invalid state transition")
 
-// RevokeDevice revokes a device terminally, and every certificate it was
-// issued, in one transaction. The in-memory index changes before the
-// watchers are told and before RevokeDevice returns, so from that moment no
-// handshake, CONNECT or ACL check admits the device. Revoking a revoked
-// device is not an error and changes nothing.
+// RevokeDevice revokes a device terminally, then every unexpired
+// certificate it was issued. The device's state changes first, in a small
+// transaction, and the in-memory index with it before the watchers are told
+// and before RevokeDevice returns: from that moment no handshake, CONNECT,
+// ACL check, renewal or enrollment admits the device, whatever its
+// certificates. Its certificates are then marked (for the CRL) in
+// transactions of bounded size. Revoking a revoked device is not an error.
 func (r *Registry) RevokeDevice(id, reason, actor string) ([]string, error) {
-	var serials []string
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
 	now := r.now()
 	var d Device
-	err := r.update(func(txn *badger.Txn) error {
-		serials = serials[:0]
+	changed := false
+	err := r.updateRetry(func(txn *badger.Txn) error {
+		changed = false
 		if err := get(txn, pfxDevice+id, &d); err != nil {
 			return err
 		}
 		if d.State == StateRevoked {
 			return nil
 		}
-		d.State = StateRevoked
-		d.UpdatedAt = now
-		if err := put(txn, pfxDevice+id, &d); err != nil {
-			return err
-		}
-		ss, err := deviceSerials(txn, id)
-		if err != nil {
-			return err
-		}
-		for _, s := range ss {
-			var c Certificate
-			if err := get(txn, pfxCert+s, &c); err != nil {
-				return err
-			}
-			if c.Revoked {
-				continue
-			}
-			c.Revoked, c.RevokedAt, c.RevokeReason = true, now, reason
-			if err := put(txn, pfxCert+s, &c); err != nil {
-				return err
-			}
-			serials = append(serials, s)
-		}
-		return nil
+		d.State, d.UpdatedAt, changed = StateRevoked, now, true
+		return put(txn, pfxDevice+id, &d)
 	})
+	if err == nil && changed {
+		r.indexDevice(&d)
+	}
+	var serials []string
+	if err == nil {
+		serials, err = r.revokeCerts(id, reason, now)
+	}
 	r.Audit(AuditRecord{Actor: actor, Action: "device.revoke", DeviceID: id, Outcome: outcome(err), Reason: joinReason(reason, err), Serial: strings.Join(serials, ",")})
-	if err != nil {
+	return serials, err
+}
+
+// revokeBatch bounds one transaction of RevokeDevice.
+const revokeBatch = 256
+
+// revokeCerts marks the unexpired, unrevoked certificates of a device
+// revoked, a batch per transaction, and updates the index and watchers.
+func (r *Registry) revokeCerts(id, reason string, now time.Time) ([]string, error) {
+	var all []string
+	if err := r.db.View(func(txn *badger.Txn) error {
+		var err error
+		all, err = deviceSerials(txn, id)
+		return err
+	}); err != nil {
 		return nil, err
 	}
-	r.mu.Lock()
-	r.devices[id] = d.status()
-	for _, s := range serials {
-		st := r.certs[s]
-		st.Revoked = true
-		r.certs[s] = st
+	var revoked []string
+	for start := 0; start < len(all); start += revokeBatch {
+		batch := all[start:min(start+revokeBatch, len(all))]
+		var done []string
+		err := r.updateRetry(func(txn *badger.Txn) error {
+			done = done[:0]
+			for _, s := range batch {
+				var c Certificate
+				if err := get(txn, pfxCert+s, &c); err != nil {
+					return err
+				}
+				if c.Revoked || !now.Before(c.NotAfter) {
+					continue // expired certificates need no revocation
+				}
+				c.Revoked, c.RevokedAt, c.RevokeReason = true, now, reason
+				if err := put(txn, pfxCert+s, &c); err != nil {
+					return err
+				}
+				done = append(done, s)
+			}
+			return nil
+		})
+		if err != nil {
+			return revoked, err
+		}
+		r.mu.Lock()
+		for _, s := range done {
+			st := r.certs[s]
+			st.Revoked = true
+			r.certs[s] = st
+		}
+		r.mu.Unlock()
+		evs := make([]Event, 0, len(done))
+		for _, s := range done {
+			evs = append(evs, Event{Kind: EventCertRevoked, Serial: s, DeviceID: id})
+		}
+		r.emit(evs...)
+		revoked = append(revoked, done...)
 	}
-	r.mu.Unlock()
-	evs := []Event{{Kind: EventDeviceChanged, DeviceID: id, State: StateRevoked}}
-	for _, s := range serials {
-		evs = append(evs, Event{Kind: EventCertRevoked, Serial: s, DeviceID: id})
+	return revoked, nil
+}
+
+// updateRetry is update, retried a few times on a transaction conflict.
+func (r *Registry) updateRetry(fn func(*badger.Txn) error) error {
+	var err error
+	for range 10 {
+		if err = r.update(fn); !errors.Is(err, ErrConflict) {
+			return err
+		}
 	}
-	r.emit(evs...)
-	return serials, nil
+	return err
 }
 
 // RevokeCertificate revokes one certificate (any role).
 func (r *Registry) RevokeCertificate(serial, reason, actor string) error {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
 	now := r.now()
 	var c Certificate
 	changed := false
@@ -115,6 +157,8 @@ func deviceOf(c *Certificate) string {
 // SetSuspended suspends (true) or resumes (false) a device. Suspension is
 // reversible; a revoked device stays revoked.
 func (r *Registry) SetSuspended(id string, suspend bool, reason, actor string) error {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
 	var d Device
 	action := "device.resume"
 	if suspend {
@@ -149,10 +193,16 @@ func (r *Registry) SetSuspended(id string, suspend bool, reason, actor string) e
 	return nil
 }
 
+// MaxLiveCertificates bounds the unexpired, unrevoked certificates a
+// device may hold; renewal is refused past it.
+const MaxLiveCertificates = 8
+
 // RecordRenewal records a renewed certificate for an active device, in one
 // transaction that re-checks the device's state and that the certificate
 // presented for renewal (oldSerial) is still valid.
 func (r *Registry) RecordRenewal(id, oldSerial string, sign func(Device) (*Certificate, error)) (*Certificate, error) {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
 	var out *Certificate
 	var d Device
 	err := r.update(func(txn *badger.Txn) error {
@@ -174,6 +224,28 @@ func (r *Registry) RecordRenewal(id, oldSerial string, sign func(Device) (*Certi
 		}
 		if old.Revoked {
 			return ErrDeviceRevoked
+		}
+		// Only the current certificate renews: a leaked older sibling
+		// cannot mint new ones, and renewals form one chain.
+		if d.CurrentSerial != oldSerial {
+			return fmt.Errorf("%w: only the device's current certificate can be renewed", ErrRenewalTooSoon)
+		}
+		// A device renewing in a loop cannot pile up certificates (each
+		// one valid for the full lifetime) beyond a handful.
+		serials, err := deviceSerials(txn, id)
+		if err != nil {
+			return err
+		}
+		live := 0
+		now := r.now()
+		for _, s := range serials {
+			var c Certificate
+			if get(txn, pfxCert+s, &c) == nil && !c.Revoked && now.Before(c.NotAfter) {
+				live++
+			}
+		}
+		if live >= MaxLiveCertificates {
+			return fmt.Errorf("%w: the device already holds %d valid certificates", ErrRenewalTooSoon, live)
 		}
 		c, err := sign(d)
 		if err != nil {
@@ -246,6 +318,8 @@ func joinReason(reason string, err error) string {
 // nil; an empty map clears them). The broker applies them on the device's
 // next check, without reconnect.
 func (r *Registry) UpdateAttributes(id, group string, tags map[string]string, actor string) (*Device, error) {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
 	var d Device
 	err := r.update(func(txn *badger.Txn) error {
 		if err := get(txn, pfxDevice+id, &d); err != nil {

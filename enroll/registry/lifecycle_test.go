@@ -160,3 +160,35 @@ func TestAttributesAndExpiryCounts(t *testing.T) {
 		t.Fatalf("expiring within 1h: %d", n)
 	}
 }
+
+func TestRenewalIsBoundedAndOnlyFromTheCurrentCertificate(t *testing.T) {
+	r := openTest(t)
+	first := enrollTestDevice(t, r, "renewer", 1)[0]
+	cur := first
+	renew := func(from string) (string, error) {
+		serialN++
+		s := fmt.Sprintf("cd%08x", serialN)
+		_, err := r.RecordRenewal("renewer", from, func(Device) (*Certificate, error) {
+			return &Certificate{Serial: s, Role: identity.RoleDevice, Name: "renewer", NotAfter: time.Now().Add(time.Hour)}, nil
+		})
+		return s, err
+	}
+	for i := 1; i < MaxLiveCertificates; i++ {
+		s, err := renew(cur)
+		if err != nil {
+			t.Fatalf("renewal %d: %v", i, err)
+		}
+		cur = s
+	}
+	if _, err := renew(cur); !errors.Is(err, ErrRenewalTooSoon) {
+		t.Fatalf("renewal past %d live certificates: %v", MaxLiveCertificates, err)
+	}
+	if _, err := renew(first); !errors.Is(err, ErrRenewalTooSoon) {
+		t.Fatalf("renewal from an older certificate: %v", err)
+	}
+	// Revocation still works, and covers every live certificate.
+	got, err := r.RevokeDevice("renewer", "loop", "op")
+	if err != nil || len(got) != MaxLiveCertificates {
+		t.Fatalf("revoke: %d certificates, %v", len(got), err)
+	}
+}

@@ -42,6 +42,12 @@ type Registry struct {
 	// auditMu orders audit appends so that sequence order is commit order.
 	auditMu sync.Mutex
 
+	// writeMu orders every change of device or certificate state: the
+	// transaction and the in-memory index update that follows it happen
+	// under it, so the index applies changes in commit order (a renewal
+	// that committed before a revocation cannot overwrite it in the index).
+	writeMu sync.Mutex
+
 	mu      sync.RWMutex
 	certs   map[string]CertStatus
 	devices map[string]DeviceStatus
@@ -209,6 +215,8 @@ type TokenRedemption struct {
 // certificate that sign returns. Nothing is recorded if any step fails, and
 // a token can be redeemed at most once even under concurrent requests.
 func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, sign func(TokenRedemption) (*Certificate, error)) (*Certificate, error) {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
 	var out *Certificate
 	var dev Device
 	err := r.update(func(txn *badger.Txn) error {
@@ -247,6 +255,9 @@ func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, s
 		if dev.EKFingerprint != "" { // registered after the token was minted
 			return ErrTPMBound
 		}
+		if _, taken := r.PrincipalRole(deviceID); taken {
+			return fmt.Errorf("%w: %q is a service or operator name", ErrNameTaken, deviceID)
+		}
 		c, err := sign(TokenRedemption{Device: dev, Token: t})
 		if err != nil {
 			return err
@@ -278,8 +289,13 @@ func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, s
 // RecordCertificate records a certificate that does not belong to a device
 // (service, operator).
 func (r *Registry) RecordCertificate(c *Certificate) error {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
 	if c.Role == identity.RoleDevice {
 		return errors.New("registry: device certificates are recorded by enrollment")
+	}
+	if _, taken := r.DeviceStatus(c.Name); taken {
+		return fmt.Errorf("%w: %q is a device ID", ErrNameTaken, c.Name)
 	}
 	if err := r.update(func(txn *badger.Txn) error { return r.recordCert(txn, c, nil, r.now()) }); err != nil {
 		return err

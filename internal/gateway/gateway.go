@@ -198,14 +198,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 				defer wg.Done()
 				fail(rep.Run(ctx))
 			}()
-			ready[len(ready)-1] = func() bool {
-				select {
-				case <-rep.Synced():
-					return true
-				default:
-					return false
-				}
-			}
+			ready[len(ready)-1] = rep.Fresh
 		}
 		wg.Add(1)
 		go func() {
