@@ -1,11 +1,9 @@
 package broker_test
 
 import (
-	"context"
 	"crypto/tls"
 	"fmt"
 	"os"
-	"slices"
 	"strconv"
 	"sync"
 	"testing"
@@ -30,7 +28,6 @@ func BenchmarkRevokeToDisconnect(b *testing.B) {
 		n = v
 	}
 	g := testenv.Start(b, testenv.Options{MaxPending: 4096})
-	ctx := context.Background()
 	type conn struct {
 		id   string
 		lost chan time.Time
@@ -65,32 +62,9 @@ func BenchmarkRevokeToDisconnect(b *testing.B) {
 	if b.Failed() {
 		return
 	}
-	afterReturn := make([]time.Duration, 0, n)
-	fromStart := make([]time.Duration, 0, n)
-	b.ResetTimer()
+	devs := make([]testenv.Revokee, 0, n)
 	for _, cn := range conns {
-		t0 := time.Now()
-		if _, err := g.Admin.DeviceAction(ctx, cn.id, "revoke", "bench"); err != nil {
-			b.Fatal(err)
-		}
-		t1 := time.Now()
-		select {
-		case lost := <-cn.lost:
-			afterReturn = append(afterReturn, max(0, lost.Sub(t1)))
-			fromStart = append(fromStart, lost.Sub(t0))
-		case <-time.After(10 * time.Second):
-			b.Fatalf("%s not disconnected 10s after revoke", cn.id)
-		}
+		devs = append(devs, testenv.Revokee{ID: cn.id, Lost: cn.lost})
 	}
-	b.StopTimer()
-	pct := func(ds []time.Duration, p int) float64 {
-		s := slices.Clone(ds)
-		slices.Sort(s)
-		return float64(s[min(len(s)-1, len(s)*p/100)].Microseconds()) / 1000
-	}
-	b.ReportMetric(pct(afterReturn, 50), "p50-ms-after-return")
-	b.ReportMetric(pct(afterReturn, 99), "p99-ms-after-return")
-	b.ReportMetric(pct(fromStart, 50), "p50-ms-from-call")
-	b.ReportMetric(pct(fromStart, 99), "p99-ms-from-call")
-	b.ReportMetric(float64(n), "devices")
+	testenv.MeasureRevocations(b, g.Admin, devs)
 }

@@ -1,16 +1,15 @@
 package e2e
 
 import (
-	"context"
 	"fmt"
 	"os"
-	"slices"
 	"strconv"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/fleetgate/fleetgate/enroll/adminclient"
+	"github.com/fleetgate/fleetgate/internal/testenv"
 )
 
 // BenchmarkSplitRevokeToDisconnect: broker and enrollment service as two
@@ -58,32 +57,9 @@ func BenchmarkSplitRevokeToDisconnect(b *testing.B) {
 		}()
 	}
 	wg.Wait()
-	ctx := context.Background()
-	var afterReturn, fromStart []time.Duration
-	b.ResetTimer()
+	devs := make([]testenv.Revokee, 0, n)
 	for _, c := range conns {
-		t0 := time.Now()
-		if _, err := admin.DeviceAction(ctx, c.id, "revoke", "bench"); err != nil {
-			b.Fatal(err)
-		}
-		t1 := time.Now()
-		select {
-		case at := <-c.lost:
-			afterReturn = append(afterReturn, max(0, at.Sub(t1)))
-			fromStart = append(fromStart, at.Sub(t0))
-		case <-time.After(10 * time.Second):
-			b.Fatalf("%s not disconnected within 10s of its revocation", c.id)
-		}
+		devs = append(devs, testenv.Revokee{ID: c.id, Lost: c.lost})
 	}
-	b.StopTimer()
-	pct := func(ds []time.Duration, p int) float64 {
-		s := slices.Clone(ds)
-		slices.Sort(s)
-		return float64(s[min(len(s)-1, len(s)*p/100)].Microseconds()) / 1000
-	}
-	b.ReportMetric(pct(afterReturn, 50), "p50-ms-after-return")
-	b.ReportMetric(pct(afterReturn, 99), "p99-ms-after-return")
-	b.ReportMetric(pct(fromStart, 50), "p50-ms-from-call")
-	b.ReportMetric(pct(fromStart, 99), "p99-ms-from-call")
-	b.ReportMetric(float64(n), "devices")
+	testenv.MeasureRevocations(b, admin, devs)
 }
