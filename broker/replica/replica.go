@@ -46,8 +46,8 @@ type Replica struct {
 	once    sync.Once
 	lastOK  atomic.Int64 // unix nanoseconds of the last successful poll
 
-	watchMu sync.Mutex
-	watch   []func(registry.Event)
+	// Watchers (Watch) are told of revocations and state changes.
+	registry.Watchers
 }
 
 // New returns a replica following the feed at baseURL with client (which
@@ -102,13 +102,6 @@ func (r *Replica) PrincipalRole(name string) (identity.Role, bool) {
 	role, ok := r.names[name]
 	r.mu.RUnlock()
 	return role, ok
-}
-
-// Watch registers fn for changes, as registry.Registry.Watch.
-func (r *Replica) Watch(fn func(registry.Event)) {
-	r.watchMu.Lock()
-	r.watch = append(r.watch, fn)
-	r.watchMu.Unlock()
 }
 
 // Run follows the feed until ctx ends.
@@ -217,13 +210,6 @@ func (r *Replica) Apply(f api.Feed) error {
 	if f.Snapshot {
 		r.once.Do(func() { close(r.synced) })
 	}
-	r.watchMu.Lock()
-	ws := r.watch
-	r.watchMu.Unlock()
-	for _, ev := range evs {
-		for _, fn := range ws {
-			fn(ev)
-		}
-	}
+	r.Notify(evs...)
 	return nil
 }

@@ -53,9 +53,10 @@ type Registry struct {
 	devices map[string]DeviceStatus
 	// principals maps service and operator names to their role.
 	principals map[string]identity.Role
-	watchMu    sync.Mutex
-	watch      []func(Event)
-	changes    *changeLog
+	// Watchers are told of every committed change (Watch), after the
+	// in-memory index has it.
+	Watchers
+	changes *changeLog
 }
 
 // Options configure Open.
@@ -124,25 +125,9 @@ func (r *Registry) loadIndex() error {
 	})
 }
 
-// Watch registers fn to be called after every committed change, in commit
-// order per goroutine. fn must not block for long: it runs on the
-// committing goroutine.
-func (r *Registry) Watch(fn func(Event)) {
-	r.watchMu.Lock()
-	r.watch = append(r.watch, fn)
-	r.watchMu.Unlock()
-}
-
 func (r *Registry) emit(evs ...Event) {
 	r.changes.append(evs)
-	r.watchMu.Lock()
-	ws := r.watch
-	r.watchMu.Unlock()
-	for _, ev := range evs {
-		for _, fn := range ws {
-			fn(ev)
-		}
-	}
+	r.Notify(evs...)
 }
 
 // CertStatus returns the in-memory view of a serial. ok is false if the
