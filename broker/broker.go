@@ -8,6 +8,7 @@ package broker
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -64,6 +65,15 @@ type Config struct {
 	// SweepInterval is how often sessions whose certificate expired while
 	// connected are closed (default 10s).
 	SweepInterval time.Duration
+	// Queues are the outbound queue policies by role (zero: DefaultQueues).
+	Queues Queues
+}
+
+// Queues are the outbound queue policies (mochi's per-client queue of
+// packets waiting for the client's socket) of devices and of the other
+// roles (services, operators).
+type Queues struct {
+	Device, Service mqtt.QueuePolicy
 }
 
 // Directory is what the broker needs of the registry: the in-memory
@@ -98,6 +108,7 @@ type metrics struct {
 	bytesIn      prometheus.Counter
 	msgsOut      prometheus.Counter
 	bytesOut     prometheus.Counter
+	dropped      prometheus.Counter
 }
 
 // New builds a broker; Run starts it.
@@ -149,6 +160,7 @@ func New(cfg Config) (*Broker, error) {
 		cfg.ReceiveMaximum = 256
 	}
 	cfg.Limits = cfg.Limits.withDefaults()
+	cfg.Queues = cfg.Queues.withDefaults()
 	b := &Broker{cfg: cfg, log: cfg.Logger.With("component", "broker"), stop: make(chan struct{})}
 	b.policy.Store(cfg.Policy)
 	b.initMetrics()
@@ -170,7 +182,9 @@ func New(cfg Config) (*Broker, error) {
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = cfg.MaxPacketSize
 	caps.MaximumSessionExpiryInterval = 7 * 24 * 3600
-	caps.MaximumClientWritesPending = 1024
+	// The outbound queue of a connection before it is authenticated; then
+	// queuePolicy sizes it by role.
+	caps.MaximumClientWritesPending = int32(cfg.Queues.Device.Size)
 	caps.MaximumQos = cfg.MaxQoS
 	caps.ReceiveMaximum = cfg.ReceiveMaximum
 	// The store of QoS 1/2 messages per client: mochi drops (after the
@@ -183,8 +197,12 @@ func New(cfg Config) (*Broker, error) {
 		InlineClient: true,
 		// Sized for fleets of mostly idle sensors (mochi's defaults suit
 		// throughput): larger packets are read and written through.
-		ClientNetWriteBufferSize: 2048,
-		ClientNetReadBufferSize:  2048,
+		// The read buffer is allocated for each connection's lifetime; the
+		// write buffer only while packets are queued (mochi batches queued
+		// packets up to this size into one TLS write, then frees it).
+		ClientNetWriteBufferSize: 16 << 10,
+		ClientNetReadBufferSize:  1024,
+		ClientQueue:              b.queuePolicy,
 	})
 	// The events hook goes first: at disconnect it needs the session the
 	// auth hook forgets.
@@ -199,7 +217,8 @@ func New(cfg Config) (*Broker, error) {
 	if err := b.addHook(fh, nil); err != nil {
 		return nil, fmt.Errorf("broker: add fan-out hook: %w", err)
 	}
-	lh := &limitsHook{b: b, l: cfg.Limits, msgsIn: b.m.msgsIn, bytesIn: b.m.bytesIn, msgsOut: b.m.msgsOut, bytesOut: b.m.bytesOut, limited: b.m.limited}
+	lh := &limitsHook{b: b, l: cfg.Limits, msgsIn: b.m.msgsIn, bytesIn: b.m.bytesIn, msgsOut: b.m.msgsOut, bytesOut: b.m.bytesOut,
+		dropped: b.m.dropped, limited: b.m.limited}
 	if err := b.addHook(lh, nil); err != nil {
 		return nil, fmt.Errorf("broker: add limits hook: %w", err)
 	}
@@ -219,6 +238,10 @@ func New(cfg Config) (*Broker, error) {
 		VerifyConnection: b.hook.VerifyConnection,
 	}
 	b.ln = &listener{id: "mtls", addr: cfg.Addr, tls: tcfg, timeout: cfg.HandshakeTimeout,
+		roleOf: func(c *x509.Certificate) identity.Role {
+			id, _ := identity.FromCertificate(c, cfg.CA.TrustDomain)
+			return id.Role
+		},
 		pending: make(chan struct{}, cfg.MaxPending), perIP: cfg.MaxPendingPerIP, pendingByIP: map[string]int{}, log: b.log,
 		onRefuse: func(r string) {
 			b.m.authFailures.WithLabelValues(r).Inc()
@@ -231,6 +254,41 @@ func New(cfg Config) (*Broker, error) {
 	}
 	cfg.Registry.Watch(b.onRegistryEvent)
 	return b, nil
+}
+
+// Outbound queues (mochi's per-client queue of packets waiting for the
+// client's socket), by role. A sensor receives a few commands: 32 slots
+// (256 bytes) instead of mochi's 1,024 (8 KiB) for each of a fleet of mostly
+// idle connections. A backend service receives the fleet's telemetry: a deep
+// queue, and when it is full anyway the publishers wait (their read loops
+// stop, which TCP turns into backpressure on the devices) instead of having
+// messages dropped. A QoS 0 message waits at most WaitQos0 for room, then is
+// dropped, and further QoS 0 deliveries to that service are dropped without
+// waiting until it takes a packet again; a QoS 1/2 message waits up to
+// WaitQos12, then the stalled client is disconnected and the message stays
+// in its session (resent on reconnect), never dropped after its PUBACK.
+var DefaultQueues = Queues{
+	Device:  mqtt.QueuePolicy{Size: 32, WaitQos0: 0, WaitQos12: 10 * time.Second},
+	Service: mqtt.QueuePolicy{Size: 4096, WaitQos0: 2 * time.Second, WaitQos12: 30 * time.Second},
+}
+
+func (q Queues) withDefaults() Queues {
+	if q.Device.Size <= 0 {
+		q.Device = DefaultQueues.Device
+	}
+	if q.Service.Size <= 0 {
+		q.Service = DefaultQueues.Service
+	}
+	return q
+}
+
+// queuePolicy is mochi's ClientQueue: it sizes a client's outbound queue by
+// the role of its certificate.
+func (b *Broker) queuePolicy(cl *mqtt.Client) mqtt.QueuePolicy {
+	if c, ok := cl.Net.Conn.(*conn); ok && c.role != identity.RoleDevice && c.role != "" {
+		return b.cfg.Queues.Service
+	}
+	return b.cfg.Queues.Device
 }
 
 // ErrSecondAuthHook: a hook other than the auth hook provides
@@ -265,10 +323,12 @@ func (b *Broker) initMetrics() {
 		bytesIn:  prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_payload_bytes_received_total", Help: "PUBLISH payload bytes received."}),
 		msgsOut:  prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_messages_sent_total", Help: "PUBLISH packets sent."}),
 		bytesOut: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_payload_bytes_sent_total", Help: "PUBLISH payload bytes sent."}),
+		dropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_messages_dropped_total",
+			Help: "QoS 0 messages dropped because a subscriber's outbound queue stayed full (QoS 1/2 are never dropped)."}),
 	}
 	if b.cfg.Metrics != nil {
 		for _, c := range []prometheus.Collector{b.m.authFailures, b.m.aclDenied, b.m.connected, b.m.closed,
-			b.m.takeovers, b.m.limited, b.m.msgsIn, b.m.bytesIn, b.m.msgsOut, b.m.bytesOut} {
+			b.m.takeovers, b.m.limited, b.m.msgsIn, b.m.bytesIn, b.m.msgsOut, b.m.bytesOut, b.m.dropped} {
 			_ = b.cfg.Metrics.Register(c)
 		}
 	}

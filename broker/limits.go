@@ -63,8 +63,8 @@ type limitsHook struct {
 	l       Limits
 	clients sync.Map // *mqtt.Client -> *clientLimits
 
-	msgsIn, bytesIn, msgsOut, bytesOut prometheus.Counter
-	limited                            *prometheus.CounterVec
+	msgsIn, bytesIn, msgsOut, bytesOut, dropped prometheus.Counter
+	limited                                     *prometheus.CounterVec
 }
 
 type clientLimits struct {
@@ -75,7 +75,7 @@ type clientLimits struct {
 func (h *limitsHook) ID() string { return "fleetgate-limits" }
 
 func (h *limitsHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnPacketRead, mqtt.OnPacketSent, mqtt.OnSubscribe, mqtt.OnDisconnect, mqtt.OnSessionEstablished}, []byte{b})
+	return bytes.Contains([]byte{mqtt.OnPacketRead, mqtt.OnPacketSent, mqtt.OnSubscribe, mqtt.OnDisconnect, mqtt.OnSessionEstablished, mqtt.OnPublishDropped}, []byte{b})
 }
 
 func (h *limitsHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
@@ -131,6 +131,13 @@ func (h *limitsHook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, b []byte) 
 		h.msgsOut.Inc()
 		h.bytesOut.Add(float64(len(pk.Payload)))
 	}
+}
+
+// OnPublishDropped counts QoS 0 messages dropped because a subscriber's
+// outbound queue stayed full (see the queue policies in broker.go).
+func (h *limitsHook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
+	h.dropped.Inc()
+	h.b.log.Debug("QoS 0 message dropped: subscriber's queue full", "client", cl.ID, "topic", pk.TopicName)
 }
 
 // OnSubscribe refuses filters beyond MaxSubscriptions by making them

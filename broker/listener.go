@@ -15,6 +15,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 
 	"github.com/fleetgate/fleetgate/broker/auth"
+	"github.com/fleetgate/fleetgate/internal/identity"
 )
 
 // listener is an mTLS listener for mochi that, unlike listeners.TCP, performs
@@ -32,6 +33,9 @@ type listener struct {
 	pendingByIP map[string]int
 	log         *slog.Logger
 	onRefuse    func(reason string)
+	// roleOf names the role of a handshake's verified leaf certificate (the
+	// broker sizes each client's outbound queue by it).
+	roleOf func(*x509.Certificate) identity.Role
 
 	ln     net.Listener
 	closed atomic.Bool
@@ -43,6 +47,7 @@ type listener struct {
 type conn struct {
 	*tls.Conn
 	release func()
+	role    identity.Role // of the verified client certificate
 }
 
 // Release frees the connection's slot among unauthenticated connections.
@@ -127,10 +132,14 @@ func (l *listener) handshake(raw net.Conn, release func(), establish listeners.E
 		tc.Close()
 		return
 	}
+	c := &conn{Conn: tc, release: release}
+	if st := tc.ConnectionState(); l.roleOf != nil && len(st.PeerCertificates) > 0 {
+		c.role = l.roleOf(st.PeerCertificates[0])
+	}
 	go func() {
 		defer l.wg.Done()
 		defer release()
-		if err := establish(l.id, &conn{Conn: tc, release: release}); err != nil && !isClosedErr(err) {
+		if err := establish(l.id, c); err != nil && !isClosedErr(err) {
 			l.log.Debug("client connection ended", "remote", raw.RemoteAddr().String(), "err", err)
 		}
 	}()

@@ -60,7 +60,9 @@ type Config struct {
 	// SweepInterval of the broker's expired-session sweep (default 10s).
 	SweepInterval time.Duration
 	// Limits per client, and connection limits (zero: broker defaults).
-	Limits          broker.Limits
+	Limits broker.Limits
+	// Queues are the broker's outbound queue policies (zero: defaults).
+	Queues          broker.Queues
 	MaxPendingPerIP int
 	MaxQoS          byte
 	ReceiveMaximum  uint16
@@ -156,7 +158,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			Addr:   cfg.MQTTAddr, CA: authority, ServerCert: serverCert, Registry: dir,
 			Logger: log, Metrics: promReg, PersistDir: filepath.Join(cfg.DataDir, BrokerDir),
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize,
-			SweepInterval: cfg.SweepInterval, Limits: cfg.Limits, MaxPendingPerIP: cfg.MaxPendingPerIP,
+			SweepInterval: cfg.SweepInterval, Limits: cfg.Limits, MaxPendingPerIP: cfg.MaxPendingPerIP, Queues: cfg.Queues,
 			MaxQoS: cfg.MaxQoS, ReceiveMaximum: cfg.ReceiveMaximum,
 		})
 		if err != nil {

@@ -75,6 +75,7 @@ type Options struct {
 	DeviceCertTTL    time.Duration
 	SweepInterval    time.Duration
 	Limits           broker.Limits
+	Queues           broker.Queues
 	MaxPendingPerIP  int
 	// TPMRootsDir holds PEM files of trusted TPM manufacturer roots.
 	TPMRootsDir string
@@ -97,7 +98,7 @@ func Start(t testing.TB, o Options) *Gateway {
 		done <- gateway.Run(ctx, gateway.Config{
 			DataDir: o.DataDir, MQTTAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", MetricsAddr: "127.0.0.1:0",
 			HandshakeTimeout: o.HandshakeTimeout, MaxPending: o.MaxPending, DeviceCertTTL: o.DeviceCertTTL,
-			SweepInterval: o.SweepInterval, Limits: o.Limits, MaxPendingPerIP: o.MaxPendingPerIP,
+			SweepInterval: o.SweepInterval, Limits: o.Limits, MaxPendingPerIP: o.MaxPendingPerIP, Queues: o.Queues,
 			AddrFile: addrFile, TPMRootsDir: o.TPMRootsDir, TPMPolicy: o.TPMPolicy,
 		}, log)
 	}()
@@ -193,8 +194,9 @@ func (g *Gateway) Service(t testing.TB, name string) tls.Certificate {
 }
 
 // MQTT connects a paho client with cert and client ID; it fails the test on
-// error unless the caller checks the returned error.
-func (g *Gateway) MQTT(t testing.TB, clientID string, cert *tls.Certificate) (paho.Client, error) {
+// error unless the caller checks the returned error. opts adjust paho's
+// options before connecting.
+func (g *Gateway) MQTT(t testing.TB, clientID string, cert *tls.Certificate, opts ...func(*paho.ClientOptions)) (paho.Client, error) {
 	t.Helper()
 	tcfg := &tls.Config{RootCAs: g.Roots(), ServerName: "localhost", MinVersion: tls.VersionTLS12}
 	if cert != nil {
@@ -202,10 +204,13 @@ func (g *Gateway) MQTT(t testing.TB, clientID string, cert *tls.Certificate) (pa
 		// not name (crypto/tls would otherwise send none).
 		tcfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }
 	}
-	opts := paho.NewClientOptions().AddBroker("tls://" + g.Addrs.MQTT).SetClientID(clientID).
+	o := paho.NewClientOptions().AddBroker("tls://" + g.Addrs.MQTT).SetClientID(clientID).
 		SetTLSConfig(tcfg).SetCleanSession(true).SetAutoReconnect(false).SetConnectRetry(false).
 		SetConnectTimeout(10 * time.Second).SetOrderMatters(false)
-	c := paho.NewClient(opts)
+	for _, fn := range opts {
+		fn(o)
+	}
+	c := paho.NewClient(o)
 	tok := c.Connect()
 	if !tok.WaitTimeout(15 * time.Second) {
 		return nil, errors.New("connect timed out")

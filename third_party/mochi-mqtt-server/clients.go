@@ -155,6 +155,8 @@ type ClientState struct {
 	open            context.Context      // indicate that the client is open for packet exchange
 	cancelOpen      context.CancelFunc   // cancel function for open context
 	outboundQty     int32                // number of messages currently in the outbound queue
+	queue           QueuePolicy          // fleetgate: outbound queue policy (Options.ClientQueue)
+	stalled         atomic.Bool          // fleetgate: a wait for room timed out; cleared by the write loop
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
 }
@@ -200,6 +202,9 @@ func (cl *Client) WriteLoop() {
 				cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
 			}
 			atomic.AddInt32(&cl.State.outboundQty, -1)
+			if cl.State.stalled.Load() {
+				cl.State.stalled.Store(false)
+			}
 		case <-cl.State.open.Done():
 			return
 		}

@@ -129,6 +129,30 @@ type Options struct {
 	// Enable Inline client to allow direct subscribing and publishing from the parent codebase,
 	// with negligible performance difference (disabled by default to prevent confusion in statistics).
 	InlineClient bool `yaml:"inline_client" json:"inline_client"`
+
+	// ClientQueue (fleetgate patch), if set, is called for each connecting
+	// client once its CONNECT has been read and validated, before any hook
+	// sees it and before its write loop starts: it sizes the client's
+	// outbound queue and says how long deliveries wait for room in it.
+	ClientQueue func(cl *Client) QueuePolicy `yaml:"-" json:"-"`
+}
+
+// QueuePolicy (fleetgate patch) is a client's outbound queue: its capacity,
+// and what a delivery does when it is full. Upstream's behaviour is the zero
+// value: Capabilities.MaximumClientWritesPending, and drop at once.
+type QueuePolicy struct {
+	// Size is the capacity of the outbound queue (0 keeps
+	// Capabilities.MaximumClientWritesPending).
+	Size int
+	// WaitQos0 is how long a QoS 0 delivery waits for room; past it the
+	// message is dropped. The publisher's read loop waits meanwhile, which
+	// its TCP connection turns into backpressure. 0 drops at once.
+	WaitQos0 time.Duration
+	// WaitQos12 is how long a QoS 1/2 delivery waits for room. Past it the
+	// client, which has not taken a packet for that long, is disconnected and
+	// the message stays in its in-flight store (a persistent session gets it
+	// on reconnect). 0 drops it at once, as upstream does.
+	WaitQos12 time.Duration
 }
 
 // Server is an MQTT broker server. It should be created with server.New()
@@ -407,7 +431,6 @@ func (s *Server) attachClient(cl *Client, listener string) error {
 	defer s.Listeners.ClientsWg.Done()
 	s.Listeners.ClientsWg.Add(1)
 
-	go cl.WriteLoop()
 	defer cl.Stop(nil)
 
 	pk, err := s.readConnectionPacket(cl)
@@ -433,6 +456,11 @@ func (s *Server) attachClient(cl *Client, listener string) error {
 		}
 		return code // [MQTT-3.2.2-7] [MQTT-3.1.4-6]
 	}
+
+	// fleetgate: the queue is sized before the write loop and any hook can
+	// reach the client; until then packets are written directly.
+	s.sizeQueue(cl)
+	go cl.WriteLoop()
 
 	err = s.hooks.OnConnect(cl, pk)
 	if err != nil {
@@ -998,9 +1026,9 @@ func (s *Server) publishToSubscribers(pk packets.Packet) {
 		}
 	}
 
-	subscribers := s.Topics.Subscribers(pk.TopicName)
+	subscribers := s.Topics.CachedSubscribers(pk.TopicName) // fleetgate: read-only, shared
 	if len(subscribers.Shared) > 0 {
-		subscribers = s.hooks.OnSelectSubscribers(subscribers, pk)
+		subscribers = s.hooks.OnSelectSubscribers(s.Topics.Subscribers(pk.TopicName), pk)
 		if len(subscribers.SharedSelected) == 0 {
 			subscribers.SelectShared()
 		}
@@ -1101,6 +1129,9 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	case cl.State.outbound <- &out:
 		atomic.AddInt32(&cl.State.outboundQty, 1)
 	default:
+		if wait := cl.State.queue.wait(out.FixedHeader.Qos); wait > 0 && !cl.State.stalled.Load() {
+			return out, s.waitForRoom(cl, &out, pk, wait)
+		}
 		atomic.AddInt64(&s.Info.MessagesDropped, 1)
 		cl.ops.hooks.OnPublishDropped(cl, pk)
 		if out.FixedHeader.Qos > 0 {
@@ -1778,4 +1809,55 @@ func minimum(a, b int64) (m int64) {
 		m = b
 	}
 	return
+}
+
+// sizeQueue applies Options.ClientQueue to a client (fleetgate patch).
+func (s *Server) sizeQueue(cl *Client) {
+	if s.Options.ClientQueue == nil {
+		return
+	}
+	q := s.Options.ClientQueue(cl)
+	if q.Size > 0 && q.Size != cap(cl.State.outbound) {
+		cl.State.outbound = make(chan *packets.Packet, q.Size)
+	}
+	cl.State.queue = q
+}
+
+// wait is how long a delivery of the given QoS waits for room.
+func (q QueuePolicy) wait(qos byte) time.Duration {
+	if qos == 0 {
+		return q.WaitQos0
+	}
+	return q.WaitQos12
+}
+
+// waitForRoom (fleetgate patch) waits up to wait for room in the client's
+// full outbound queue. A QoS 0 message that does not fit in time is dropped;
+// for QoS 1/2 the client is disconnected instead and the message stays in
+// its in-flight store, to be resent if the session resumes.
+func (s *Server) waitForRoom(cl *Client, out *packets.Packet, pk packets.Packet, wait time.Duration) error {
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case cl.State.outbound <- out:
+		atomic.AddInt32(&cl.State.outboundQty, 1)
+		return nil
+	case <-t.C:
+	case <-cl.State.open.Done():
+	}
+	if out.FixedHeader.Qos == 0 {
+		// Until its write loop takes a packet again, further QoS 0
+		// deliveries to this client are dropped without waiting: one stuck
+		// subscriber must not make every publisher wait in turn.
+		cl.State.stalled.Store(true)
+		atomic.AddInt64(&s.Info.MessagesDropped, 1)
+		cl.ops.hooks.OnPublishDropped(cl, pk)
+		return packets.ErrPendingClientWritesExceeded
+	}
+	if !cl.Closed() {
+		s.Log.Warn("client stalled: outbound queue full; disconnecting, its session keeps the message",
+			"client", cl.ID, "remote", cl.Net.Remote, "waited", wait)
+		cl.Stop(packets.ErrPendingClientWritesExceeded)
+	}
+	return packets.ErrPendingClientWritesExceeded
 }

@@ -350,6 +350,63 @@ func (s *Subscribers) MergeSharedSelected() {
 type TopicsIndex struct {
 	Retained *packets.Packets
 	root     *particle // a leaf containing a message and more leaves.
+
+	// fleetgate: gen counts changes to subscriptions; cache holds the
+	// subscribers of recently published topics for the current gen.
+	gen   atomic.Uint64
+	cache subscribersCache
+}
+
+// subscribersCache maps a topic name to its subscribers, as computed for
+// one generation of the subscription index (fleetgate patch). Entries are
+// shared and read-only.
+type subscribersCache struct {
+	sync.RWMutex
+	gen uint64
+	m   map[string]*Subscribers
+}
+
+// maxCachedTopics bounds the cache; past it, an arbitrary entry is evicted.
+const maxCachedTopics = 16384
+
+// CachedSubscribers returns the subscribers of topic like Subscribers, from
+// a cache that any subscription change invalidates (fleetgate patch: the
+// uncached lookup allocates maps for every message). The result is shared:
+// callers must not modify it. Results with shared subscriptions are not
+// cached (selecting a shared subscriber mutates the result); callers that
+// need one call Subscribers.
+func (x *TopicsIndex) CachedSubscribers(topic string) *Subscribers {
+	g := x.gen.Load()
+	x.cache.RLock()
+	if x.cache.gen == g {
+		if s, ok := x.cache.m[topic]; ok {
+			x.cache.RUnlock()
+			return s
+		}
+	}
+	x.cache.RUnlock()
+
+	s := x.Subscribers(topic)
+	if len(s.Shared) > 0 {
+		return s
+	}
+	x.cache.Lock()
+	defer x.cache.Unlock()
+	if x.cache.gen > g { // the index changed while s was computed
+		return s
+	}
+	if x.cache.gen < g || x.cache.m == nil {
+		x.cache.gen = g
+		x.cache.m = make(map[string]*Subscribers)
+	}
+	if len(x.cache.m) >= maxCachedTopics {
+		for k := range x.cache.m {
+			delete(x.cache.m, k)
+			break
+		}
+	}
+	x.cache.m[topic] = s
+	return s
 }
 
 // NewTopicsIndex returns a pointer to a new instance of Index.
@@ -368,6 +425,7 @@ func NewTopicsIndex() *TopicsIndex {
 func (x *TopicsIndex) InlineSubscribe(subscription InlineSubscription) bool {
 	x.root.Lock()
 	defer x.root.Unlock()
+	defer x.gen.Add(1) // fleetgate: invalidates CachedSubscribers
 
 	var existed bool
 	n := x.set(subscription.Filter, 0)
@@ -382,6 +440,7 @@ func (x *TopicsIndex) InlineSubscribe(subscription InlineSubscription) bool {
 func (x *TopicsIndex) InlineUnsubscribe(id int, filter string) bool {
 	x.root.Lock()
 	defer x.root.Unlock()
+	defer x.gen.Add(1) // fleetgate: invalidates CachedSubscribers
 
 	particle := x.seek(filter, 0)
 	if particle == nil {
@@ -401,6 +460,7 @@ func (x *TopicsIndex) InlineUnsubscribe(id int, filter string) bool {
 func (x *TopicsIndex) Subscribe(client string, subscription packets.Subscription) bool {
 	x.root.Lock()
 	defer x.root.Unlock()
+	defer x.gen.Add(1) // fleetgate: invalidates CachedSubscribers
 
 	var existed bool
 	prefix, _ := isolateParticle(subscription.Filter, 0)
@@ -423,6 +483,7 @@ func (x *TopicsIndex) Subscribe(client string, subscription packets.Subscription
 func (x *TopicsIndex) Unsubscribe(filter, client string) bool {
 	x.root.Lock()
 	defer x.root.Unlock()
+	defer x.gen.Add(1) // fleetgate: invalidates CachedSubscribers
 
 	var d int
 	prefix, _ := isolateParticle(filter, 0)

@@ -1,0 +1,234 @@
+package mqtt
+
+// Tests of fleetgate's patches (FORK.md): the subscribers cache and the
+// per-client outbound queue policy.
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+func subscriberIDs(s *Subscribers) []string {
+	var ids []string
+	for id := range s.Subscriptions {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
+func TestCachedSubscribersFollowsSubscriptionChanges(t *testing.T) {
+	x := NewTopicsIndex()
+	require.Empty(t, x.CachedSubscribers("devices/d1/telemetry").Subscriptions)
+
+	x.Subscribe("svc", packets.Subscription{Filter: "devices/+/telemetry/#", Qos: 1})
+	require.ElementsMatch(t, []string{"svc"}, subscriberIDs(x.CachedSubscribers("devices/d1/telemetry")))
+	// Served from the cache: the same object.
+	require.Same(t, x.CachedSubscribers("devices/d1/telemetry"), x.CachedSubscribers("devices/d1/telemetry"))
+
+	x.Subscribe("other", packets.Subscription{Filter: "devices/d1/#"})
+	require.ElementsMatch(t, []string{"svc", "other"}, subscriberIDs(x.CachedSubscribers("devices/d1/telemetry")))
+	// A changed subscription (QoS) of an existing subscriber is seen too.
+	x.Subscribe("svc", packets.Subscription{Filter: "devices/+/telemetry/#", Qos: 0})
+	require.Equal(t, byte(0), x.CachedSubscribers("devices/d1/telemetry").Subscriptions["svc"].Qos)
+
+	x.Unsubscribe("devices/+/telemetry/#", "svc")
+	require.ElementsMatch(t, []string{"other"}, subscriberIDs(x.CachedSubscribers("devices/d1/telemetry")))
+	x.Unsubscribe("devices/d1/#", "other")
+	require.Empty(t, x.CachedSubscribers("devices/d1/telemetry").Subscriptions)
+
+	x.InlineSubscribe(InlineSubscription{Subscription: packets.Subscription{Filter: "devices/#", Identifier: 7}})
+	require.Len(t, x.CachedSubscribers("devices/d1/telemetry").InlineSubscriptions, 1)
+	x.InlineUnsubscribe(7, "devices/#")
+	require.Empty(t, x.CachedSubscribers("devices/d1/telemetry").InlineSubscriptions)
+}
+
+func TestCachedSubscribersSharedNotCached(t *testing.T) {
+	x := NewTopicsIndex()
+	x.Subscribe("a", packets.Subscription{Filter: "$share/g/devices/#"})
+	s1 := x.CachedSubscribers("devices/d1/telemetry")
+	require.Len(t, s1.Shared, 1)
+	require.NotSame(t, s1, x.CachedSubscribers("devices/d1/telemetry"), "results with shared subscriptions are mutated by the caller and must be fresh")
+}
+
+func TestCachedSubscribersBounded(t *testing.T) {
+	x := NewTopicsIndex()
+	x.Subscribe("svc", packets.Subscription{Filter: "#"})
+	for i := 0; i < maxCachedTopics+100; i++ {
+		require.Len(t, x.CachedSubscribers(fmt.Sprintf("t/%d", i)).Subscriptions, 1)
+	}
+	x.cache.RLock()
+	n := len(x.cache.m)
+	x.cache.RUnlock()
+	require.LessOrEqual(t, n, maxCachedTopics)
+}
+
+// Subscribing while other goroutines look up: every lookup that starts
+// after a Subscribe returned sees it (run with -race).
+func TestCachedSubscribersConcurrent(t *testing.T) {
+	x := NewTopicsIndex()
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+					_ = x.CachedSubscribers("devices/d1/telemetry")
+				}
+			}
+		}()
+	}
+	for i := 0; i < 200; i++ {
+		id := fmt.Sprintf("c%d", i)
+		x.Subscribe(id, packets.Subscription{Filter: "devices/+/telemetry"})
+		_, ok := x.CachedSubscribers("devices/d1/telemetry").Subscriptions[id]
+		require.True(t, ok, "subscription %s not seen after Subscribe returned", id)
+		x.Unsubscribe("devices/+/telemetry", id)
+		_, ok = x.CachedSubscribers("devices/d1/telemetry").Subscriptions[id]
+		require.False(t, ok, "subscription %s seen after Unsubscribe returned", id)
+	}
+	close(stop)
+	wg.Wait()
+}
+
+// queueClient is a connected client of s whose outbound queue has the given
+// policy and is full; its write loop is not running, so nothing drains it
+// until the test says so.
+func queueClient(t *testing.T, s *Server, q QueuePolicy) (*Client, net.Conn) {
+	r, w := net.Pipe()
+	t.Cleanup(func() { _ = r.Close(); _ = w.Close() })
+	cl := s.NewClient(w, "t", "sub", false)
+	s.Options.ClientQueue = func(*Client) QueuePolicy { return q }
+	s.sizeQueue(cl)
+	require.Equal(t, q.Size, cap(cl.State.outbound))
+	for i := 0; i < q.Size; i++ {
+		cl.State.outbound <- new(packets.Packet)
+	}
+	s.Clients.Add(cl)
+	return cl, r
+}
+
+func TestQueuePolicyQos0WaitsThenDrops(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	cl, _ := queueClient(t, s, QueuePolicy{Size: 2, WaitQos0: 50 * time.Millisecond})
+
+	// Full and nothing drains it: the delivery waits, then is dropped.
+	_, err := s.publishToClient(cl, packets.Subscription{Filter: "a"}, packets.Packet{TopicName: "a"})
+	require.ErrorIs(t, err, packets.ErrPendingClientWritesExceeded)
+	require.EqualValues(t, 1, s.Info.MessagesDropped)
+	require.True(t, cl.State.stalled.Load())
+
+	// Stalled: the next one is dropped without waiting (the timer would
+	// otherwise be paid by every publisher in turn). Shown by a wait that
+	// would outlast the test's deadline.
+	cl.State.queue.WaitQos0 = time.Hour
+	_, err = s.publishToClient(cl, packets.Subscription{Filter: "a"}, packets.Packet{TopicName: "a"})
+	require.ErrorIs(t, err, packets.ErrPendingClientWritesExceeded)
+	require.EqualValues(t, 2, s.Info.MessagesDropped)
+}
+
+func TestQueuePolicyQos0WaitsForRoom(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	cl, _ := queueClient(t, s, QueuePolicy{Size: 2, WaitQos0: time.Hour})
+
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.publishToClient(cl, packets.Subscription{Filter: "a"}, packets.Packet{TopicName: "a", Payload: []byte("x")})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("delivery to a full queue returned before room was made: %v", err)
+	case <-time.After(20 * time.Millisecond):
+	}
+	<-cl.State.outbound // room for one
+	require.NoError(t, <-done)
+	require.Len(t, cl.State.outbound, 2)
+	require.Zero(t, s.Info.MessagesDropped)
+	last := <-cl.State.outbound
+	last = <-cl.State.outbound
+	require.Equal(t, []byte("x"), last.Payload, "the waiting message was queued, not lost")
+}
+
+func TestQueuePolicyQos0WaitEndsWhenClientCloses(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	cl, _ := queueClient(t, s, QueuePolicy{Size: 1, WaitQos0: time.Hour})
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.publishToClient(cl, packets.Subscription{Filter: "a"}, packets.Packet{TopicName: "a"})
+		done <- err
+	}()
+	time.Sleep(20 * time.Millisecond) // let it reach the wait (either way it must return)
+	cl.Stop(errClientStop)
+	err := <-done
+	require.True(t, errors.Is(err, packets.ErrPendingClientWritesExceeded) || errors.Is(err, packets.CodeDisconnect), "%v", err)
+}
+
+func TestQueuePolicyQos1StalledClientDisconnectedMessageKept(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	cl, _ := queueClient(t, s, QueuePolicy{Size: 1, WaitQos12: 50 * time.Millisecond})
+	out, err := s.publishToClient(cl, packets.Subscription{Filter: "a", Qos: 1},
+		packets.Packet{TopicName: "a", FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, Payload: []byte("keep")})
+	require.ErrorIs(t, err, packets.ErrPendingClientWritesExceeded)
+	require.True(t, cl.Closed(), "a client that took nothing for WaitQos12 is disconnected")
+	kept, ok := cl.State.Inflight.Get(out.PacketID)
+	require.True(t, ok, "the QoS 1 message stays in the session's in-flight store")
+	require.Equal(t, []byte("keep"), kept.Payload)
+	require.Zero(t, s.Info.MessagesDropped)
+}
+
+func TestQueuePolicyZeroIsUpstream(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	cl, _ := queueClient(t, s, QueuePolicy{Size: 1})
+	_, err := s.publishToClient(cl, packets.Subscription{Filter: "a", Qos: 1},
+		packets.Packet{TopicName: "a", FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}})
+	require.ErrorIs(t, err, packets.ErrPendingClientWritesExceeded)
+	require.False(t, cl.Closed())
+	require.Zero(t, cl.State.Inflight.Len(), "upstream rolls the in-flight entry back")
+}
+
+// The write loop starts only once the queue is sized, so the resized queue
+// is the one drained: a packet queued after attachClient sized it reaches
+// the wire.
+func TestQueuePolicyAppliedOnConnect(t *testing.T) {
+	s := newServer()
+	sized := make(chan int, 1)
+	s.Options.ClientQueue = func(cl *Client) QueuePolicy {
+		sized <- 1
+		return QueuePolicy{Size: 7, WaitQos0: time.Second}
+	}
+	r, w := net.Pipe()
+	cl := s.NewClient(w, "t", "", false)
+	go func() {
+		_, _ = r.Write(packets.TPacketData[packets.Connect].Get(packets.TConnectMqtt311).RawBytes)
+	}()
+	errs := make(chan error, 1)
+	go func() { errs <- s.attachClient(cl, "t") }()
+	buf := make([]byte, 4)
+	_, err := r.Read(buf) // CONNACK
+	require.NoError(t, err)
+	require.Equal(t, byte(packets.Connack<<4), buf[0])
+	<-sized
+	require.Equal(t, 7, cap(cl.State.outbound))
+	require.Equal(t, time.Second, cl.State.queue.WaitQos0)
+	_ = r.Close()
+	<-errs
+	s.Close()
+}
