@@ -111,7 +111,19 @@ func BenchmarkIdle(b *testing.B) {
 	}
 	e, fg := inProcess(b, n)
 	b.ResetTimer()
+	var before runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
 	v, err := e.Idle(context.Background(), fg, n, 64, func() (Values, error) {
+		var after runtime.MemStats
+		runtime.ReadMemStats(&after)
+		perConn := func(a, b uint64) float64 { return (float64(a) - float64(b)) / float64(n) / 1024 }
+		b.ReportMetric(perConn(after.HeapInuse, before.HeapInuse), "heap_inuse_KB/conn")
+		b.ReportMetric(perConn(after.StackInuse, before.StackInuse), "stack_KB/conn")
+		b.ReportMetric(perConn(after.Sys-after.HeapReleased, before.Sys-before.HeapReleased), "sys_KB/conn")
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		b.ReportMetric(perConn(after.HeapAlloc, before.HeapAlloc), "live_heap_KB/conn")
 		if p := os.Getenv("FLEETBENCH_HEAPPROFILE"); p != "" {
 			runtime.GC()
 			f, err := os.Create(p)

@@ -5,9 +5,13 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -551,6 +555,7 @@ func (e *Env) Idle(ctx context.Context, b *Broker, n, workers int, then func() (
 	if err != nil {
 		return nil, err
 	}
+	goBefore := goMemory(b)
 	meter, _ := startCPU(b.PID)
 	conns := make(idleConns, n)
 	defer conns.Close()
@@ -578,6 +583,14 @@ func (e *Env) Idle(ctx context.Context, b *Broker, n, workers int, then func() (
 		"RSS MB total":       float64(after) / (1 << 20),
 		"broker CPU µs/conn": us(cpu) / float64(n),
 		"connections":        float64(n),
+	}
+	// For a Go broker, where the memory is: heap in use, and goroutine
+	// stacks (from its /metrics).
+	if goAfter := goMemory(b); goBefore != nil && goAfter != nil {
+		for _, k := range []string{"go_memstats_heap_inuse_bytes", "go_memstats_stack_inuse_bytes"} {
+			name := map[string]string{"go_memstats_heap_inuse_bytes": "Go heap KB/conn", "go_memstats_stack_inuse_bytes": "Go stacks KB/conn"}[k]
+			v[name] = (goAfter[k] - goBefore[k]) / 1024 / float64(n)
+		}
 	}
 	if then != nil {
 		w, err := then()
@@ -720,4 +733,33 @@ func (e *Env) EnrollTokens(ctx context.Context, b *Broker, rep, n, workers int) 
 		"server CPU µs/enroll": us(cpu) / float64(n),
 		"per core /s (CPU)":    float64(n) / cpu.Seconds(),
 	}, nil
+}
+
+// goMemory reads the Go runtime's memory gauges from a broker's /metrics
+// (nil for a broker without one).
+func goMemory(b *Broker) map[string]float64 {
+	if b.Metrics == "" {
+		return nil
+	}
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + b.Metrics + "/metrics")
+	if err != nil {
+		return nil
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil
+	}
+	m := map[string]float64{}
+	for _, line := range strings.Split(string(body), "\n") {
+		name, val, ok := strings.Cut(line, " ")
+		if !ok || !strings.HasPrefix(name, "go_memstats_") {
+			continue
+		}
+		if f, err := strconv.ParseFloat(val, 64); err == nil {
+			m[name] = f
+		}
+	}
+	return m
 }

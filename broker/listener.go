@@ -136,13 +136,23 @@ func (l *listener) handshake(raw net.Conn, release func(), establish listeners.E
 	if st := tc.ConnectionState(); l.roleOf != nil && len(st.PeerCertificates) > 0 {
 		c.role = l.roleOf(st.PeerCertificates[0])
 	}
-	go func() {
-		defer l.wg.Done()
-		defer release()
-		if err := establish(l.id, c); err != nil && !isClosedErr(err) {
-			l.log.Debug("client connection ended", "remote", raw.RemoteAddr().String(), "err", err)
-		}
-	}()
+	go l.serve(c, establish)
+}
+
+// serve runs a connection's MQTT session on its own goroutine, which idles
+// for the connection's lifetime: its frames are kept small (the runtime
+// shrinks an idle goroutine's stack to what it uses).
+func (l *listener) serve(c *conn, establish listeners.EstablishFn) {
+	defer l.wg.Done()
+	defer c.release()
+	l.ended(c, establish(l.id, c))
+}
+
+//go:noinline
+func (l *listener) ended(c *conn, err error) {
+	if err != nil && !isClosedErr(err) {
+		l.log.Debug("client connection ended", "remote", c.RemoteAddr().String(), "err", err)
+	}
 }
 
 func hostOf(a net.Addr) string {

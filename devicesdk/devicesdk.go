@@ -189,6 +189,7 @@ func (d *Device) CSR() ([]byte, error) {
 // EnrollWithToken enrolls with a one-time bootstrap token and stores the
 // certificate chain.
 func (d *Device) EnrollWithToken(ctx context.Context, token string) error {
+	defer d.closeIdle()
 	csr, err := d.CSR()
 	if err != nil {
 		return err
@@ -255,6 +256,19 @@ func (d *Device) httpClient() *http.Client {
 	c.Transport = &http.Transport{TLSClientConfig: tcfg, IdleConnTimeout: 90 * time.Second}
 	d.hc, d.hcCert, d.hcRoots = c, d.cert, roots
 	return c
+}
+
+// closeIdle closes the HTTPS connection kept between the round trips of an
+// enrollment or renewal once it is over: a device talks to the enrollment
+// service rarely, and an idle connection held for 90 s by each device of an
+// enrollment wave would hold the server's memory and goroutines for nothing.
+func (d *Device) closeIdle() {
+	d.mu.RLock()
+	hc := d.hc
+	d.mu.RUnlock()
+	if hc != nil {
+		hc.CloseIdleConnections()
+	}
 }
 
 // post sends a JSON request to the enrollment server and decodes the answer.
@@ -382,6 +396,7 @@ func writeFileAtomic(path string, data []byte, mode fs.FileMode) error {
 // connection in use is not touched: the next TLS handshake presents the new
 // certificate.
 func (d *Device) Renew(ctx context.Context) error {
+	defer d.closeIdle()
 	if !d.Enrolled() {
 		return ErrNotEnrolled
 	}

@@ -29,6 +29,7 @@ var ErrKeyNotTPM = errors.New("devicesdk: Config.Key is not the TPM keys' TLS ke
 // registered with another ID. Errors from the server are *APIError with the
 // server's code.
 func (d *Device) EnrollTPM(ctx context.Context, keys *tpmkey.Keys) error {
+	defer d.closeIdle()
 	type eq interface{ Equal(crypto.PublicKey) bool }
 	if k, ok := d.cfg.Key.Public().(eq); !ok || !k.Equal(keys.TLSPublicKey()) {
 		return ErrKeyNotTPM

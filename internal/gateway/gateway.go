@@ -272,6 +272,11 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			log.Warn("write addr file", "err", err)
 		}
 	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		trimMemory(ctx, func() { log.Debug("memory returned to the OS after a burst") })
+	}()
 	log.Info("fleetgate serving", "mqtt", addrs.MQTT, "api", addrs.API, "metrics", addrs.Metrics, "data_dir", cfg.DataDir)
 	<-ctx.Done()
 	wg.Wait()

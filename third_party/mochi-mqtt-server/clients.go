@@ -197,10 +197,7 @@ func (cl *Client) WriteLoop() {
 	for {
 		select {
 		case pk := <-cl.State.outbound:
-			if err := cl.WritePacket(*pk); err != nil {
-				// TODO : Figure out what to do with error
-				cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
-			}
+			cl.writeQueued(pk)
 			atomic.AddInt32(&cl.State.outboundQty, -1)
 			if cl.State.stalled.Load() {
 				cl.State.stalled.Store(false)
@@ -208,6 +205,18 @@ func (cl *Client) WriteLoop() {
 		case <-cl.State.open.Done():
 			return
 		}
+	}
+}
+
+// writeQueued writes one queued packet (fleetgate patch: split out of
+// WriteLoop, whose frame held a copy of the packet, so that an idle write
+// loop waits on the smallest stack).
+//
+//go:noinline
+func (cl *Client) writeQueued(pk *packets.Packet) {
+	if err := cl.WritePacket(*pk); err != nil {
+		// TODO : Figure out what to do with error
+		cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
 	}
 }
 
@@ -382,16 +391,25 @@ func (cl *Client) Read(packetHandler ReadFn) error {
 			return err
 		}
 
-		pk, err := cl.ReadPacket(fh)
-		if err != nil {
-			return err
-		}
-
-		err = packetHandler(cl, pk) // Process inbound packet.
+		err = cl.readAndHandle(fh, packetHandler)
 		if err != nil {
 			return err
 		}
 	}
+}
+
+// readAndHandle reads the rest of a packet and processes it (fleetgate
+// patch: split out of Read, so that the packet, a large struct, lives in
+// this frame and not in the frame of the loop that idles in
+// ReadFixedHeader; see attachClient).
+//
+//go:noinline
+func (cl *Client) readAndHandle(fh *packets.FixedHeader, packetHandler ReadFn) error {
+	pk, err := cl.ReadPacket(fh)
+	if err != nil {
+		return err
+	}
+	return packetHandler(cl, pk) // Process inbound packet.
 }
 
 // Stop instructs the client to shut down all processing goroutines and disconnect.

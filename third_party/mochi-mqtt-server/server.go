@@ -433,75 +433,25 @@ func (s *Server) attachClient(cl *Client, listener string) error {
 
 	defer cl.Stop(nil)
 
-	pk, err := s.readConnectionPacket(cl)
-	if err != nil {
-		return fmt.Errorf("read connection: %w", err)
+	// fleetgate: CONNECT is handled in connectClient, whose large frame is
+	// gone by the time the read loop blocks: a connection idles on a small
+	// stack (the runtime shrinks stacks to what they use).
+	connected, err := s.connectClient(cl, listener)
+	if connected {
+		defer atomic.AddInt64(&s.Info.ClientsConnected, -1)
 	}
-
-	cl.ParseConnect(listener, pk)
-	if atomic.LoadInt64(&s.Info.ClientsConnected) >= s.Options.Capabilities.MaximumClients {
-		if cl.Properties.ProtocolVersion < 5 {
-			s.SendConnack(cl, packets.ErrServerUnavailable, false, nil)
-		} else {
-			s.SendConnack(cl, packets.ErrServerBusy, false, nil)
-		}
-
-		return packets.ErrServerBusy
-	}
-
-	code := s.validateConnect(cl, pk) // [MQTT-3.1.4-1] [MQTT-3.1.4-2]
-	if code != packets.CodeSuccess {
-		if err := s.SendConnack(cl, code, false, nil); err != nil {
-			return fmt.Errorf("invalid connection send ack: %w", err)
-		}
-		return code // [MQTT-3.2.2-7] [MQTT-3.1.4-6]
-	}
-
-	// fleetgate: the queue is sized before the write loop and any hook can
-	// reach the client; until then packets are written directly.
-	s.sizeQueue(cl)
-	go cl.WriteLoop()
-
-	err = s.hooks.OnConnect(cl, pk)
 	if err != nil {
 		return err
 	}
 
-	cl.refreshDeadline(cl.State.Keepalive)
-	if !s.hooks.OnConnectAuthenticate(cl, pk) { // [MQTT-3.1.4-2]
-		err := s.SendConnack(cl, packets.ErrBadUsernameOrPassword, false, nil)
-		if err != nil {
-			return fmt.Errorf("invalid connection send ack: %w", err)
-		}
+	return s.detachClient(cl, listener, cl.Read(s.receivePacket))
+}
 
-		return packets.ErrBadUsernameOrPassword
-	}
-
-	atomic.AddInt64(&s.Info.ClientsConnected, 1)
-	defer atomic.AddInt64(&s.Info.ClientsConnected, -1)
-
-	s.hooks.OnSessionEstablish(cl, pk)
-
-	sessionPresent := s.inheritClientSession(pk, cl)
-	s.Clients.Add(cl) // [MQTT-4.1.0-1]
-
-	err = s.SendConnack(cl, code, sessionPresent, nil) // [MQTT-3.1.4-5] [MQTT-3.2.0-1] [MQTT-3.2.0-2] &[MQTT-3.14.0-1]
-	if err != nil {
-		return fmt.Errorf("ack connection packet: %w", err)
-	}
-
-	s.loop.willDelayed.Delete(cl.ID) // [MQTT-3.1.3-9]
-
-	if sessionPresent {
-		err = cl.ResendInflightMessages(true)
-		if err != nil {
-			return fmt.Errorf("resend inflight: %w", err)
-		}
-	}
-
-	s.hooks.OnSessionEstablished(cl, pk)
-
-	err = cl.Read(s.receivePacket)
+// detachClient ends a client's connection after its read loop returned
+// (fleetgate patch: split out of attachClient to keep its frame small).
+//
+//go:noinline
+func (s *Server) detachClient(cl *Client, listener string, err error) error {
 	if err != nil {
 		s.sendLWT(cl)
 		cl.Stop(err)
@@ -520,6 +470,84 @@ func (s *Server) attachClient(cl *Client, listener string) error {
 	}
 
 	return err
+}
+
+// connectClient reads, validates and authenticates a client's CONNECT,
+// takes over or resumes its session and acknowledges it (fleetgate patch:
+// split out of attachClient). connected reports whether the client was
+// counted in ClientsConnected.
+//
+//go:noinline
+func (s *Server) connectClient(cl *Client, listener string) (connected bool, err error) {
+	pk, err := s.readConnectionPacket(cl)
+	if err != nil {
+		return connected, fmt.Errorf("read connection: %w", err)
+	}
+
+	cl.ParseConnect(listener, pk)
+	if atomic.LoadInt64(&s.Info.ClientsConnected) >= s.Options.Capabilities.MaximumClients {
+		if cl.Properties.ProtocolVersion < 5 {
+			s.SendConnack(cl, packets.ErrServerUnavailable, false, nil)
+		} else {
+			s.SendConnack(cl, packets.ErrServerBusy, false, nil)
+		}
+
+		return connected, packets.ErrServerBusy
+	}
+
+	code := s.validateConnect(cl, pk) // [MQTT-3.1.4-1] [MQTT-3.1.4-2]
+	if code != packets.CodeSuccess {
+		if err := s.SendConnack(cl, code, false, nil); err != nil {
+			return connected, fmt.Errorf("invalid connection send ack: %w", err)
+		}
+		return connected, code // [MQTT-3.2.2-7] [MQTT-3.1.4-6]
+	}
+
+	// fleetgate: the queue is sized before the write loop and any hook can
+	// reach the client; until then packets are written directly.
+	s.sizeQueue(cl)
+	go cl.WriteLoop()
+
+	err = s.hooks.OnConnect(cl, pk)
+	if err != nil {
+		return connected, err
+	}
+
+	cl.refreshDeadline(cl.State.Keepalive)
+	if !s.hooks.OnConnectAuthenticate(cl, pk) { // [MQTT-3.1.4-2]
+		err := s.SendConnack(cl, packets.ErrBadUsernameOrPassword, false, nil)
+		if err != nil {
+			return connected, fmt.Errorf("invalid connection send ack: %w", err)
+		}
+
+		return connected, packets.ErrBadUsernameOrPassword
+	}
+
+	atomic.AddInt64(&s.Info.ClientsConnected, 1)
+	connected = true
+
+	s.hooks.OnSessionEstablish(cl, pk)
+
+	sessionPresent := s.inheritClientSession(pk, cl)
+	s.Clients.Add(cl) // [MQTT-4.1.0-1]
+
+	err = s.SendConnack(cl, code, sessionPresent, nil) // [MQTT-3.1.4-5] [MQTT-3.2.0-1] [MQTT-3.2.0-2] &[MQTT-3.14.0-1]
+	if err != nil {
+		return connected, fmt.Errorf("ack connection packet: %w", err)
+	}
+
+	s.loop.willDelayed.Delete(cl.ID) // [MQTT-3.1.3-9]
+
+	if sessionPresent {
+		err = cl.ResendInflightMessages(true)
+		if err != nil {
+			return connected, fmt.Errorf("resend inflight: %w", err)
+		}
+	}
+
+	s.hooks.OnSessionEstablished(cl, pk)
+
+	return connected, nil
 }
 
 // readConnectionPacket reads the first incoming header for a connection, and if
