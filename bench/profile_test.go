@@ -140,3 +140,23 @@ func BenchmarkIdle(b *testing.B) {
 	}
 	report(b, v)
 }
+
+// BenchmarkConnects runs scenarios 1 and 2 in-process (for a CPU profile of
+// the connect path; the profile holds the generator's TLS client side too:
+// focus on crypto/tls.(*Conn).serverHandshake and the broker packages).
+func BenchmarkConnects(b *testing.B) {
+	e, fg := inProcess(b, 96)
+	for _, resume := range []bool{false, true} {
+		name := "full"
+		if resume {
+			name = "resumed"
+		}
+		b.Run(name, func(b *testing.B) {
+			v, err := e.Connects(context.Background(), fg, 96, 5*time.Second, resume)
+			if err != nil {
+				b.Fatal(err)
+			}
+			report(b, v)
+		})
+	}
+}

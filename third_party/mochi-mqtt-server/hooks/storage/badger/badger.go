@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	badgerdb "github.com/dgraph-io/badger/v4"
@@ -74,6 +75,21 @@ type Hook struct {
 	config   *Options     // options for configuring the BadgerDB instance.
 	gcTicker *time.Ticker // Ticker for BadgerDB garbage collection.
 	db       *badgerdb.DB // the BadgerDB instance.
+	stored   sync.Map     // fleetgate: client IDs with a client record in the store
+}
+
+// ephemeral reports whether a client's session ends with its connection
+// (MQTT 3 clean session, MQTT 5 session expiry 0). fleetgate patch: such a
+// session cannot be restored after a restart, so nothing of it is written
+// to the store — no client record, subscriptions or in-flight messages
+// (upstream wrote a client record at connect, again at disconnect, then
+// deleted it, and every in-flight message). A record left by an earlier
+// persistent session of the same client ID is deleted (clean start).
+func ephemeral(cl *mqtt.Client) bool {
+	if cl.Properties.ProtocolVersion == 5 {
+		return cl.Properties.Props.SessionExpiryInterval == 0
+	}
+	return cl.Properties.Clean
 }
 
 // ID returns the id of the hook.
@@ -155,6 +171,17 @@ func (h *Hook) Init(config any) error {
 		return err
 	}
 
+	// fleetgate: the client IDs that have a record (see ephemeral).
+	if err := h.iterKv(storage.ClientKey, func(value []byte) error {
+		var c storage.Client
+		if err := c.UnmarshalBinary(value); err == nil {
+			h.stored.Store(c.ID, struct{}{})
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+
 	h.gcTicker = time.NewTicker(time.Duration(h.config.GcInterval) * time.Second)
 	go h.gcLoop()
 
@@ -186,6 +213,13 @@ func (h *Hook) updateClient(cl *mqtt.Client) {
 		return
 	}
 
+	if ephemeral(cl) {
+		if _, ok := h.stored.LoadAndDelete(cl.ID); ok {
+			_ = h.delKv(clientKey(cl))
+		}
+		return
+	}
+
 	props := cl.Properties.Props.Copy(false)
 	in := &storage.Client{
 		ID:              cl.ID,
@@ -212,7 +246,9 @@ func (h *Hook) updateClient(cl *mqtt.Client) {
 	err := h.setKv(clientKey(cl), in)
 	if err != nil {
 		h.Log.Error("failed to upsert client data", "error", err, "data", in)
+		return
 	}
+	h.stored.Store(cl.ID, struct{}{})
 }
 
 // OnDisconnect removes a client from the store if their session has expired.
@@ -220,6 +256,10 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 	if h.db == nil {
 		h.Log.Error("", "error", storage.ErrDBFileNotOpen)
 		return
+	}
+
+	if ephemeral(cl) {
+		return // nothing was written for it
 	}
 
 	h.updateClient(cl)
@@ -232,11 +272,15 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 		return
 	}
 
+	h.stored.Delete(cl.ID)
 	_ = h.delKv(clientKey(cl))
 }
 
 // OnSubscribed adds one or more client subscriptions to the store.
 func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
+	if ephemeral(cl) {
+		return // fleetgate: see ephemeral
+	}
 	if h.db == nil {
 		h.Log.Error("", "error", storage.ErrDBFileNotOpen)
 		return
@@ -262,6 +306,9 @@ func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 
 // OnUnsubscribed removes one or more client subscriptions from the store.
 func (h *Hook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
+	if ephemeral(cl) {
+		return // fleetgate: see ephemeral
+	}
 	if h.db == nil {
 		h.Log.Error("", "error", storage.ErrDBFileNotOpen)
 		return
@@ -311,6 +358,9 @@ func (h *Hook) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, r int64) {
 
 // OnQosPublish adds or updates an inflight message in the store.
 func (h *Hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, resends int) {
+	if ephemeral(cl) {
+		return // fleetgate: see ephemeral
+	}
 	if h.db == nil {
 		h.Log.Error("", "error", storage.ErrDBFileNotOpen)
 		return
@@ -345,6 +395,9 @@ func (h *Hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, rese
 
 // OnQosComplete removes a resolved inflight message from the store.
 func (h *Hook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
+	if ephemeral(cl) {
+		return // fleetgate: see ephemeral
+	}
 	if h.db == nil {
 		h.Log.Error("", "error", storage.ErrDBFileNotOpen)
 		return
@@ -395,6 +448,7 @@ func (h *Hook) OnClientExpired(cl *mqtt.Client) {
 		return
 	}
 
+	h.stored.Delete(cl.ID)
 	_ = h.delKv(clientKey(cl))
 }
 

@@ -1,0 +1,95 @@
+package badger
+
+// Tests of fleetgate's patch: ephemeral (clean) sessions are not written.
+
+import (
+	"testing"
+
+	badgerdb "github.com/dgraph-io/badger/v4"
+	"github.com/stretchr/testify/require"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/hooks/storage"
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+func openHook(t *testing.T, dir string) *Hook {
+	h := new(Hook)
+	h.SetOpts(logger, nil)
+	require.NoError(t, h.Init(&Options{Path: dir}))
+	return h
+}
+
+func keyCount(t *testing.T, h *Hook) int {
+	n := 0
+	require.NoError(t, h.db.View(func(txn *badgerdb.Txn) error {
+		it := txn.NewIterator(badgerdb.DefaultIteratorOptions)
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			n++
+		}
+		return nil
+	}))
+	return n
+}
+
+func mkClient(id string, version byte, clean bool, expiry uint32) *mqtt.Client {
+	cl := &mqtt.Client{ID: id, Properties: mqtt.ClientProperties{ProtocolVersion: version, Clean: clean}}
+	cl.Properties.Props.SessionExpiryInterval = expiry
+	return cl
+}
+
+func TestEphemeralSessionsNotWritten(t *testing.T) {
+	h := openHook(t, t.TempDir())
+	defer h.Stop()
+	for _, cl := range []*mqtt.Client{mkClient("v3clean", 4, true, 0), mkClient("v5zero", 5, true, 0), mkClient("v5zero-noclean", 5, false, 0)} {
+		h.OnSessionEstablished(cl, packets.Packet{})
+		h.OnSubscribed(cl, pkf, []byte{1})
+		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 7, TopicName: "a/b/c"}
+		h.OnQosPublish(cl, pk, 0, 0)
+		require.Zero(t, keyCount(t, h), "%s: nothing of an ephemeral session is stored", cl.ID)
+		h.OnQosComplete(cl, pk)
+		h.OnDisconnect(cl, nil, true)
+		require.Zero(t, keyCount(t, h))
+	}
+}
+
+func TestPersistentSessionsWritten(t *testing.T) {
+	h := openHook(t, t.TempDir())
+	defer h.Stop()
+	for _, cl := range []*mqtt.Client{mkClient("v3", 4, false, 0), mkClient("v5", 5, true, 3600)} {
+		h.OnSessionEstablished(cl, packets.Packet{})
+		var c storage.Client
+		require.NoError(t, h.getKv(clientKey(cl), &c), cl.ID)
+		h.OnSubscribed(cl, pkf, []byte{1})
+		var s storage.Subscription
+		require.NoError(t, h.getKv(subscriptionKey(cl, "a/b/c"), &s), cl.ID)
+	}
+}
+
+// A clean start of a client ID whose earlier persistent session is stored
+// deletes that record, also after a restart (the hook learns the stored
+// IDs when it opens), so a restart cannot resurrect the old session.
+func TestCleanStartDeletesStoredSession(t *testing.T) {
+	dir := t.TempDir()
+	h := openHook(t, dir)
+	persistent := mkClient("dev-1", 4, false, 0)
+	h.OnSessionEstablished(persistent, packets.Packet{})
+	h.OnDisconnect(persistent, nil, false)
+	var c storage.Client
+	require.NoError(t, h.getKv(clientKey(persistent), &c))
+	require.NoError(t, h.Stop())
+
+	h = openHook(t, dir)
+	defer h.Stop()
+	stored, err := h.StoredClients()
+	require.NoError(t, err)
+	require.Len(t, stored, 1)
+
+	clean := mkClient("dev-1", 4, true, 0)
+	h.OnSessionEstablished(clean, packets.Packet{})
+	require.ErrorIs(t, h.getKv(clientKey(clean), &c), badgerdb.ErrKeyNotFound)
+	stored, err = h.StoredClients()
+	require.NoError(t, err)
+	require.Empty(t, stored)
+}
