@@ -28,6 +28,11 @@ type Env struct {
 	FleetgateBin    string
 	ExtraServeFlags []string
 	Logf            func(string, ...any)
+	// HybridKeyExchange makes the generator offer Go's default
+	// post-quantum hybrid key exchange (X25519MLKEM768) first. Off: X25519
+	// only, which is what Mosquitto (OpenSSL 3.0) can negotiate, so both
+	// brokers do the same key exchange.
+	HybridKeyExchange bool
 
 	Roots   *x509.CertPool
 	Devices []Identity // enrolled devices, reused for both brokers
@@ -181,11 +186,16 @@ func enrollWithToken(ctx context.Context, id, dir, url string, roots *x509.CertP
 // ClientTLS is the TLS configuration of one identity; cache enables TLS 1.3
 // session resumption.
 func (e *Env) ClientTLS(id Identity, cache tls.ClientSessionCache) *tls.Config {
-	return &tls.Config{
+	c := &tls.Config{
 		MinVersion:         tls.VersionTLS13,
 		RootCAs:            e.Roots,
 		ServerName:         "localhost",
 		Certificates:       []tls.Certificate{id.Cert},
 		ClientSessionCache: cache,
+		CurvePreferences:   []tls.CurveID{tls.X25519},
 	}
+	if e.HybridKeyExchange {
+		c.CurvePreferences = nil // Go's default: X25519MLKEM768, then X25519, ...
+	}
+	return c
 }

@@ -38,6 +38,7 @@ func main() {
 	flag.IntVar(&cfg.EnrollWorkers, "enroll-workers", cfg.EnrollWorkers, "concurrent enrolling devices (7)")
 	flag.IntVar(&cfg.TPMDevices, "tpm-devices", cfg.TPMDevices, "swtpm devices enrolling in a loop (7, TPM path; 0: skip)")
 	flag.IntVar(&cfg.TPMRounds, "tpm-rounds", cfg.TPMRounds, "TPM enrollments per swtpm device per run (7)")
+	hybrid := flag.Bool("hybrid-kex", false, "offer the post-quantum hybrid key exchange X25519MLKEM768 (Mosquitto cannot negotiate it: it then gets X25519, fleetgate the hybrid)")
 	flag.StringVar(&cfg.Scenarios, "scenarios", cfg.Scenarios, "scenarios to run, e.g. 1234567")
 	flag.Parse()
 	bench.MosquittoBin = *mqBin
@@ -60,7 +61,7 @@ func main() {
 	}
 	wd, _ = filepath.Abs(wd)
 	fg, _ := filepath.Abs(*fgBin)
-	env := &bench.Env{Work: wd, FleetgateBin: fg, Logf: logf}
+	env := &bench.Env{Work: wd, FleetgateBin: fg, Logf: logf, HybridKeyExchange: *hybrid}
 	if err := os.MkdirAll(wd, 0o700); err != nil {
 		fatal(err)
 	}
