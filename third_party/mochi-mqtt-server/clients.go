@@ -157,6 +157,8 @@ type ClientState struct {
 	outboundQty     int32                // number of messages currently in the outbound queue
 	queue           QueuePolicy          // fleetgate: outbound queue policy (Options.ClientQueue)
 	stalled         atomic.Bool          // fleetgate: a wait for room timed out; cleared by the write loop
+	lazyWriter      bool                 // fleetgate: queued packets are written by kickWriter's goroutine, not WriteLoop
+	writing         atomic.Bool          // fleetgate: a kickWriter goroutine is running
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
 }
@@ -204,6 +206,44 @@ func (cl *Client) WriteLoop() {
 			}
 		case <-cl.State.open.Done():
 			return
+		}
+	}
+}
+
+// kickWriter makes sure a goroutine writes the client's queued packets
+// (fleetgate patch). Upstream runs WriteLoop for each client's lifetime,
+// one goroutine and its stack per connection even when nothing is ever
+// queued, as for most of a fleet's idle sensors. Here a writer goroutine is
+// started when a packet is queued and none runs, and ends when the queue is
+// empty. Called after each successful enqueue.
+func (cl *Client) kickWriter() {
+	if cl.State.lazyWriter && cl.State.writing.CompareAndSwap(false, true) {
+		go cl.drainQueue()
+	}
+}
+
+// drainQueue writes queued packets until the queue is empty or the client
+// closes.
+func (cl *Client) drainQueue() {
+	for {
+		select {
+		case pk := <-cl.State.outbound:
+			cl.writeQueued(pk)
+			atomic.AddInt32(&cl.State.outboundQty, -1)
+			if cl.State.stalled.Load() {
+				cl.State.stalled.Store(false)
+			}
+		case <-cl.State.open.Done():
+			cl.State.writing.Store(false)
+			return
+		default:
+			cl.State.writing.Store(false)
+			// A packet queued after the empty check above found writing
+			// still set and started no writer: take it on, unless its
+			// sender's kick already started one.
+			if len(cl.State.outbound) == 0 || !cl.State.writing.CompareAndSwap(false, true) {
+				return
+			}
 		}
 	}
 }

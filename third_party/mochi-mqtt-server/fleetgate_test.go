@@ -4,8 +4,10 @@ package mqtt
 // per-client outbound queue policy.
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"testing"
@@ -231,4 +233,65 @@ func TestQueuePolicyAppliedOnConnect(t *testing.T) {
 	_ = r.Close()
 	<-errs
 	s.Close()
+}
+
+// With the lazy writer, packets queued concurrently by many publishers are
+// all written, in spite of writers starting and ending as the queue
+// empties and fills, and no writer goroutine is left once it is empty.
+func TestLazyWriterWritesEverything(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	r, w := net.Pipe()
+	defer r.Close()
+	cl := s.NewClient(w, "t", "sub", false)
+	cl.Properties.ProtocolVersion = 4
+	s.Options.ClientQueue = func(*Client) QueuePolicy { return QueuePolicy{Size: 4, WaitQos0: time.Minute} }
+	s.sizeQueue(cl)
+	cl.State.lazyWriter = true
+	s.Clients.Add(cl)
+
+	const publishers, each = 8, 500
+	got := make(chan int, 1)
+	go func() {
+		n := 0
+		br := bufio.NewReader(r)
+		for n < publishers*each {
+			fh := new(packets.FixedHeader)
+			b, err := br.ReadByte()
+			if err != nil {
+				break
+			}
+			if err := fh.Decode(b); err != nil {
+				break
+			}
+			rem, _, err := packets.DecodeLength(br)
+			if err != nil {
+				break
+			}
+			if _, err := io.CopyN(io.Discard, br, int64(rem)); err != nil {
+				break
+			}
+			if fh.Type == packets.Publish {
+				n++
+			}
+		}
+		got <- n
+	}()
+	var wg sync.WaitGroup
+	for p := 0; p < publishers; p++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				_, err := s.publishToClient(cl, packets.Subscription{Filter: "a"},
+					packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish}, TopicName: "a", Payload: []byte("x")})
+				require.NoError(t, err)
+			}
+		}()
+	}
+	wg.Wait()
+	require.Equal(t, publishers*each, <-got)
+	require.Eventually(t, func() bool { return !cl.State.writing.Load() && len(cl.State.outbound) == 0 },
+		10*time.Second, time.Millisecond, "a writer is left running on an empty queue")
+	require.Zero(t, s.Info.MessagesDropped)
 }

@@ -503,10 +503,11 @@ func (s *Server) connectClient(cl *Client, listener string) (connected bool, err
 		return connected, code // [MQTT-3.2.2-7] [MQTT-3.1.4-6]
 	}
 
-	// fleetgate: the queue is sized before the write loop and any hook can
-	// reach the client; until then packets are written directly.
+	// fleetgate: the queue is sized before any hook can reach the client;
+	// packets queued from then on are written by a writer goroutine that
+	// runs only while the queue has packets (see Client.kickWriter).
 	s.sizeQueue(cl)
-	go cl.WriteLoop()
+	cl.State.lazyWriter = true
 
 	err = s.hooks.OnConnect(cl, pk)
 	if err != nil {
@@ -1156,6 +1157,7 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	select {
 	case cl.State.outbound <- &out:
 		atomic.AddInt32(&cl.State.outboundQty, 1)
+		cl.kickWriter()
 	default:
 		if wait := cl.State.queue.wait(out.FixedHeader.Qos); wait > 0 && !cl.State.stalled.Load() {
 			return out, s.waitForRoom(cl, &out, pk, wait)
@@ -1869,6 +1871,7 @@ func (s *Server) waitForRoom(cl *Client, out *packets.Packet, pk packets.Packet,
 	select {
 	case cl.State.outbound <- out:
 		atomic.AddInt32(&cl.State.outboundQty, 1)
+		cl.kickWriter()
 		return nil
 	case <-t.C:
 	case <-cl.State.open.Done():
