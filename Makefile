@@ -4,6 +4,7 @@ BIN      := bin
 DATA_DIR ?= ./fleetgate-data
 # fleetgate's patched mochi-mqtt (go.mod replaces the module with it; FORK.md)
 MOCHI    := third_party/mochi-mqtt-server
+MOCHI_PATCH_TESTS := Cached|QueuePolicy|LazyWriter|DeferredAcks|Ephemeral|PersistentSessions|CleanStart
 export PATH := /usr/local/go/bin:$(PATH)
 
 .PHONY: all build demo test test-short vet fmt-check deps fuzz clean
@@ -23,7 +24,10 @@ demo: deps build
 ## test: everything, with the race detector; real swtpm, TLS, badger, mosquitto clients
 test: deps vet fmt-check
 	FLEETGATE_REQUIRE_SWTPM=1 FLEETGATE_REQUIRE_TOOLS=1 $(GO) test -race -count=1 -timeout 20m ./...
-	cd $(MOCHI) && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 10m ./...
+	# upstream's suite (some of its tests sleep to order goroutines: no -race), then
+	# the tests of fleetgate's patches with the race detector
+	cd $(MOCHI) && $(GO) vet ./... && $(GO) test -count=1 -timeout 10m ./... && \
+	  $(GO) test -race -count=1 -run '$(MOCHI_PATCH_TESTS)' ./ ./hooks/storage/badger/
 
 test-short:
 	$(GO) test -count=1 ./...

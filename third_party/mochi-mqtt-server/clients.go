@@ -425,6 +425,13 @@ func (cl *Client) Read(packetHandler ReadFn) error {
 		}
 
 		cl.refreshDeadline(cl.State.Keepalive)
+		// fleetgate: nothing more is buffered, so the next read may wait:
+		// write what was deferred first (see writePacket).
+		if cl.Net.bconn != nil && cl.Net.bconn.Buffered() == 0 {
+			if err := cl.flushDeferred(); err != nil {
+				return err
+			}
+		}
 		fh := new(packets.FixedHeader)
 		err = cl.ReadFixedHeader(fh)
 		if err != nil {
@@ -587,6 +594,13 @@ func (cl *Client) ReadPacket(fh *packets.FixedHeader) (pk packets.Packet, err er
 
 // WritePacket encodes and writes a packet to the client.
 func (cl *Client) WritePacket(pk packets.Packet) error {
+	return cl.writePacket(pk, false)
+}
+
+// writePacket writes pk; with mayDefer (fleetgate patch) it may stay in the
+// client's write buffer, to be flushed with the next write or by the read
+// loop before it waits for input (flushDeferred).
+func (cl *Client) writePacket(pk packets.Packet, mayDefer bool) error {
 	if cl.Closed() {
 		return ErrConnectionClosed
 	}
@@ -665,7 +679,7 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 	n, err := func() (int64, error) {
 		cl.Lock()
 		defer cl.Unlock()
-		if len(cl.State.outbound) == 0 {
+		if len(cl.State.outbound) == 0 && !mayDefer {
 			if cl.Net.outbuf == nil {
 				return buf.WriteTo(cl.Net.Conn)
 			}
@@ -705,6 +719,14 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 	cl.ops.hooks.OnPacketSent(cl, pk, buf.Bytes())
 
 	return err
+}
+
+// flushDeferred writes what writePacket left in the write buffer (fleetgate
+// patch).
+func (cl *Client) flushDeferred() error {
+	cl.Lock()
+	defer cl.Unlock()
+	return cl.flushOutbuf()
 }
 
 func (cl *Client) flushOutbuf() (err error) {

@@ -295,3 +295,59 @@ func TestLazyWriterWritesEverything(t *testing.T) {
 		10*time.Second, time.Millisecond, "a writer is left running on an empty queue")
 	require.Zero(t, s.Info.MessagesDropped)
 }
+
+func publishQos1(id uint16) []byte {
+	topic := "a/b"
+	body := []byte{byte(len(topic) >> 8), byte(len(topic))}
+	body = append(body, topic...)
+	body = append(body, byte(id>>8), byte(id), 'x')
+	return append([]byte{packets.Publish<<4 | 0x02, byte(len(body))}, body...)
+}
+
+// Acknowledgements deferred while more input is buffered are all written,
+// and the last one before the read loop waits for input is flushed (a
+// client that sends one PUBLISH and waits for its PUBACK gets it).
+func TestDeferredAcksFlushedBeforeWaiting(t *testing.T) {
+	s := New(&Options{Logger: logger}) // default capabilities: receive maximum 1024
+	require.NoError(t, s.AddHook(new(AllowHook), nil))
+	defer s.Close()
+	r, w := net.Pipe()
+	defer r.Close()
+	cl := s.NewClient(w, "t", "", false)
+	errs := make(chan error, 1)
+	go func() { errs <- s.attachClient(cl, "t") }()
+
+	in := append([]byte{}, packets.TPacketData[packets.Connect].Get(packets.TConnectMqtt311).RawBytes...)
+	for id := uint16(1); id <= 3; id++ {
+		in = append(in, publishQos1(id)...)
+	}
+	go func() { _, _ = r.Write(in) }()
+	br := bufio.NewReader(r)
+	readAck := func() (byte, uint16) {
+		h, err := br.ReadByte()
+		require.NoError(t, err)
+		n, err := br.ReadByte()
+		require.NoError(t, err)
+		b := make([]byte, n)
+		_, err = io.ReadFull(br, b)
+		require.NoError(t, err)
+		if h>>4 == packets.Puback {
+			return h >> 4, uint16(b[0])<<8 | uint16(b[1])
+		}
+		return h >> 4, 0
+	}
+	typ, _ := readAck()
+	require.Equal(t, byte(packets.Connack), typ)
+	for id := uint16(1); id <= 3; id++ {
+		typ, got := readAck()
+		require.Equal(t, byte(packets.Puback), typ)
+		require.Equal(t, id, got)
+	}
+	// One more PUBLISH on its own: its PUBACK must come without further input.
+	go func() { _, _ = r.Write(publishQos1(4)) }()
+	typ, got := readAck()
+	require.Equal(t, byte(packets.Puback), typ)
+	require.Equal(t, uint16(4), got)
+	_ = r.Close()
+	<-errs
+}

@@ -1006,7 +1006,10 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
 	}
 
-	err = cl.WritePacket(ack)
+	// fleetgate: when more of this client's packets are already read, the
+	// acknowledgement joins the next ones in one TLS record and one write;
+	// the read loop flushes before it waits for input (Client.Read).
+	err = cl.writePacket(ack, cl.Net.bconn != nil && cl.Net.bconn.Buffered() > 0)
 	if err != nil {
 		return err
 	}
