@@ -89,6 +89,7 @@ type Broker struct {
 	log    *slog.Logger
 	server *mqtt.Server
 	hook   *auth.Hook
+	events *eventsHook
 	ln     *listener
 	policy atomic.Pointer[acl.Policy]
 	m      metrics
@@ -206,7 +207,8 @@ func New(cfg Config) (*Broker, error) {
 	})
 	// The events hook goes first: at disconnect it needs the session the
 	// auth hook forgets.
-	if err := b.addHook(&eventsHook{b: b}, nil); err != nil {
+	b.events = newEventsHook(b)
+	if err := b.addHook(b.events, nil); err != nil {
 		return nil, fmt.Errorf("broker: add events hook: %w", err)
 	}
 	if err := b.addHook(b.hook, nil); err != nil {
@@ -318,13 +320,13 @@ func (b *Broker) initMetrics() {
 		takeovers: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_session_takeovers_total",
 			Help: "Connections that replaced a live session of the same identity."}),
 		limited: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fleetgate_broker_limit_hits_total",
-			Help: "Clients over a limit, by limit (message_rate, byte_rate, subscriptions, pending, pending_per_ip)."}, []string{"limit"}),
+			Help: "Clients over a limit, by limit (message_rate, byte_rate, subscriptions, pending, pending_per_ip, backpressure, events)."}, []string{"limit"}),
 		msgsIn:   prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_messages_received_total", Help: "PUBLISH packets received."}),
 		bytesIn:  prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_payload_bytes_received_total", Help: "PUBLISH payload bytes received."}),
 		msgsOut:  prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_messages_sent_total", Help: "PUBLISH packets sent."}),
 		bytesOut: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_payload_bytes_sent_total", Help: "PUBLISH payload bytes sent."}),
 		dropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_messages_dropped_total",
-			Help: "QoS 0 messages dropped because a subscriber's outbound queue stayed full (QoS 1/2 are never dropped)."}),
+			Help: "QoS 0 messages dropped because a subscriber's outbound queue stayed full (a QoS 1/2 message is kept in the subscriber's session instead, and the stalled subscriber disconnected)."}),
 	}
 	if b.cfg.Metrics != nil {
 		for _, c := range []prometheus.Collector{b.m.authFailures, b.m.aclDenied, b.m.connected, b.m.closed,
@@ -355,8 +357,12 @@ func (b *Broker) Start() error {
 		return fmt.Errorf("broker: serve: %w", err)
 	}
 	b.log.Info("broker listening", "addr", b.Addr())
-	b.wg.Add(1)
+	b.wg.Add(2)
 	go b.sweepLoop()
+	go func() {
+		defer b.wg.Done()
+		b.events.run(b.stop)
+	}()
 	return nil
 }
 

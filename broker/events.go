@@ -29,9 +29,40 @@ type Event struct {
 	Reason   string    `json:"reason,omitempty"`
 }
 
+// eventsHook publishes the events from one goroutine, in order, through a
+// bounded queue: the connecting or disconnecting client's goroutine never
+// waits for a slow subscriber of the events (a full queue drops the event
+// and counts it in fleetgate_broker_limit_hits_total{limit="events"}).
 type eventsHook struct {
 	mqtt.HookBase
 	b *Broker
+	q chan eventMsg
+}
+
+type eventMsg struct {
+	topic   string
+	payload []byte
+}
+
+// eventsQueue bounds the events waiting to be published.
+const eventsQueue = 4096
+
+func newEventsHook(b *Broker) *eventsHook {
+	return &eventsHook{b: b, q: make(chan eventMsg, eventsQueue)}
+}
+
+// run publishes queued events until stop is closed.
+func (h *eventsHook) run(stop <-chan struct{}) {
+	for {
+		select {
+		case <-stop:
+			return
+		case m := <-h.q:
+			if err := h.b.server.Publish(m.topic, m.payload, false, 1); err != nil {
+				h.b.log.Debug("event not published", "topic", m.topic, "err", err)
+			}
+		}
+	}
 }
 
 func (h *eventsHook) ID() string { return "fleetgate-events" }
@@ -62,7 +93,10 @@ func (h *eventsHook) publish(cl *mqtt.Client, event string, cause error) {
 	}
 	payload, _ := json.Marshal(ev)
 	topic := EventsPrefix + string(s.Identity.Role) + "/" + s.Identity.Name + "/" + event
-	if err := h.b.server.Publish(topic, payload, false, 1); err != nil {
-		h.b.log.Debug("event not published", "topic", topic, "err", err)
+	select {
+	case h.q <- eventMsg{topic: topic, payload: payload}:
+	default:
+		h.b.m.limited.WithLabelValues("events").Inc()
+		h.b.log.Warn("event dropped: events queue full", "topic", topic)
 	}
 }

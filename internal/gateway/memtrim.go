@@ -24,10 +24,12 @@ const (
 	trimQuiet    = 4 << 20
 )
 
-// trimmer decides when to trim from the cumulative bytes allocated.
+// trimmer decides when to trim from the cumulative bytes allocated. Only
+// busy ticks (at least trimQuiet allocated) count towards a burst, so a
+// steady light load — a large fleet's keepalives — never triggers a trim.
 type trimmer struct {
-	last, sinceTrim uint64
-	started         bool
+	last, burst uint64
+	started     bool
 }
 
 // observe takes the cumulative allocation counter at one tick and reports
@@ -39,12 +41,13 @@ func (t *trimmer) observe(total uint64) bool {
 	}
 	d := total - t.last
 	t.last = total
-	t.sinceTrim += d
-	if d < trimQuiet && t.sinceTrim >= trimBurst {
-		t.sinceTrim = 0
-		return true
+	if d >= trimQuiet {
+		t.burst += d
+		return false
 	}
-	return false
+	trim := t.burst >= trimBurst
+	t.burst = 0
+	return trim
 }
 
 // trimMemory runs until ctx is done.

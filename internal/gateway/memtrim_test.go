@@ -28,4 +28,11 @@ func TestTrimmerTrimsOnceAfterBurst(t *testing.T) {
 	if step(trimQuiet*2) || step(0) {
 		t.Fatal("trimmed after a burst smaller than trimBurst")
 	}
+	// A steady light load (just under trimQuiet a tick) never trims, however
+	// long it lasts.
+	for i := 0; i < 1000; i++ {
+		if step(trimQuiet - 1) {
+			t.Fatalf("trimmed under a steady light load (tick %d)", i)
+		}
+	}
 }

@@ -156,7 +156,7 @@ type ClientState struct {
 	cancelOpen      context.CancelFunc   // cancel function for open context
 	outboundQty     int32                // number of messages currently in the outbound queue
 	queue           QueuePolicy          // fleetgate: outbound queue policy (Options.ClientQueue)
-	stalled         atomic.Bool          // fleetgate: a wait for room timed out; cleared by the write loop
+	progress        atomic.Int64         // fleetgate: when the queue was last sized or took a packet (unix ns)
 	lazyWriter      bool                 // fleetgate: queued packets are written by kickWriter's goroutine, not WriteLoop
 	writing         atomic.Bool          // fleetgate: a kickWriter goroutine is running
 	Keepalive       uint16               // the number of seconds the connection can wait
@@ -201,13 +201,24 @@ func (cl *Client) WriteLoop() {
 		case pk := <-cl.State.outbound:
 			cl.writeQueued(pk)
 			atomic.AddInt32(&cl.State.outboundQty, -1)
-			if cl.State.stalled.Load() {
-				cl.State.stalled.Store(false)
-			}
+			cl.State.progress.Store(time.Now().UnixNano())
 		case <-cl.State.open.Done():
 			return
 		}
 	}
+}
+
+// clientPacketIDInUse reports whether packet ID id is in use by an exchange
+// the client started (fleetgate patch). The in-flight store also holds the
+// server's own QoS 1/2 deliveries to the client, whose IDs the server
+// assigns independently of the client's (MQTT 5 §2.2.1): upstream refused
+// a SUBSCRIBE or UNSUBSCRIBE whose ID equalled one of them (0x91), which a
+// persistent session with commands waiting hits at random on reconnect.
+// The client's own exchanges in that store are its QoS 2 publishes awaiting
+// PUBREL (held as the PUBREC sent) and QoS 1 publishes being acknowledged.
+func (cl *Client) clientPacketIDInUse(id uint16) bool {
+	pk, ok := cl.State.Inflight.Get(id)
+	return ok && (pk.FixedHeader.Type == packets.Pubrec || pk.FixedHeader.Type == packets.Puback)
 }
 
 // kickWriter makes sure a goroutine writes the client's queued packets
@@ -218,6 +229,7 @@ func (cl *Client) WriteLoop() {
 // empty. Called after each successful enqueue.
 func (cl *Client) kickWriter() {
 	if cl.State.lazyWriter && cl.State.writing.CompareAndSwap(false, true) {
+		cl.State.progress.Store(time.Now().UnixNano()) // a writer starts now
 		go cl.drainQueue()
 	}
 }
@@ -230,9 +242,7 @@ func (cl *Client) drainQueue() {
 		case pk := <-cl.State.outbound:
 			cl.writeQueued(pk)
 			atomic.AddInt32(&cl.State.outboundQty, -1)
-			if cl.State.stalled.Load() {
-				cl.State.stalled.Store(false)
-			}
+			cl.State.progress.Store(time.Now().UnixNano())
 		case <-cl.State.open.Done():
 			cl.State.writing.Store(false)
 			return
@@ -240,8 +250,11 @@ func (cl *Client) drainQueue() {
 			cl.State.writing.Store(false)
 			// A packet queued after the empty check above found writing
 			// still set and started no writer: take it on, unless its
-			// sender's kick already started one.
-			if len(cl.State.outbound) == 0 || !cl.State.writing.CompareAndSwap(false, true) {
+			// sender's kick already started one. (outboundQty is
+			// incremented by senders before they kick, and read here with
+			// an atomic load, which orders it after the Store above.)
+			if (len(cl.State.outbound) == 0 && atomic.LoadInt32(&cl.State.outboundQty) <= 0) ||
+				!cl.State.writing.CompareAndSwap(false, true) {
 				return
 			}
 		}
@@ -425,9 +438,9 @@ func (cl *Client) Read(packetHandler ReadFn) error {
 		}
 
 		cl.refreshDeadline(cl.State.Keepalive)
-		// fleetgate: nothing more is buffered, so the next read may wait:
-		// write what was deferred first (see writePacket).
-		if cl.Net.bconn != nil && cl.Net.bconn.Buffered() == 0 {
+		// fleetgate: unless a whole packet is buffered, the next read may
+		// wait: write what was deferred first (see writePacket).
+		if cl.Net.bconn != nil && !cl.packetBuffered() {
 			if err := cl.flushDeferred(); err != nil {
 				return err
 			}
@@ -719,6 +732,26 @@ func (cl *Client) writePacket(pk packets.Packet, mayDefer bool) error {
 	cl.ops.hooks.OnPacketSent(cl, pk, buf.Bytes())
 
 	return err
+}
+
+// packetBuffered reports whether a whole packet is buffered, so that
+// reading it cannot wait for the network (fleetgate patch).
+func (cl *Client) packetBuffered() bool {
+	br := cl.Net.bconn
+	n := br.Buffered()
+	if n < 2 {
+		return false
+	}
+	hdr, _ := br.Peek(min(n, 5))
+	rem, mult := 0, 1
+	for i := 1; i < len(hdr); i++ {
+		rem += int(hdr[i]&127) * mult
+		if hdr[i]&128 == 0 {
+			return n >= i+1+rem
+		}
+		mult *= 128
+	}
+	return false
 }
 
 // flushDeferred writes what writePacket left in the write buffer (fleetgate

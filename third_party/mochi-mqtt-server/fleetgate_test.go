@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -70,6 +71,13 @@ func TestCachedSubscribersBounded(t *testing.T) {
 	n := len(x.cache.m)
 	x.cache.RUnlock()
 	require.LessOrEqual(t, n, maxCachedTopics)
+
+	long := "t/" + strings.Repeat("x", maxCachedTopicLen)
+	require.Len(t, x.CachedSubscribers(long).Subscriptions, 1)
+	x.cache.RLock()
+	_, cached := x.cache.m[long]
+	x.cache.RUnlock()
+	require.False(t, cached, "long topics are not cached (memory)")
 }
 
 // Subscribing while other goroutines look up: every lookup that starts
@@ -125,20 +133,40 @@ func queueClient(t *testing.T, s *Server, q QueuePolicy) (*Client, net.Conn) {
 func TestQueuePolicyQos0WaitsThenDrops(t *testing.T) {
 	s := newServer()
 	defer s.Close()
-	cl, _ := queueClient(t, s, QueuePolicy{Size: 2, WaitQos0: 50 * time.Millisecond})
+	cl, _ := queueClient(t, s, QueuePolicy{Size: 2, WaitQos0: 50 * time.Millisecond, WaitQos12: time.Minute})
 
 	// Full and nothing drains it: the delivery waits, then is dropped.
 	_, err := s.publishToClient(cl, packets.Subscription{Filter: "a"}, packets.Packet{TopicName: "a"})
 	require.ErrorIs(t, err, packets.ErrPendingClientWritesExceeded)
 	require.EqualValues(t, 1, s.Info.MessagesDropped)
-	require.True(t, cl.State.stalled.Load())
 
-	// Stalled: the next one is dropped without waiting (the timer would
-	// otherwise be paid by every publisher in turn). Shown by a wait that
-	// would outlast the test's deadline.
-	cl.State.queue.WaitQos0 = time.Hour
-	_, err = s.publishToClient(cl, packets.Subscription{Filter: "a"}, packets.Packet{TopicName: "a"})
+	// Its writer has taken nothing for longer than the wait: the next one is
+	// dropped without waiting (else one stuck subscriber would cost every
+	// publisher a wait per message). A wait of a minute would outlast the
+	// deadline below.
+	cl.State.queue.WaitQos0 = time.Minute
+	cl.State.progress.Store(time.Now().Add(-time.Hour).UnixNano())
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.publishToClient(cl, packets.Subscription{Filter: "a"}, packets.Packet{TopicName: "a"})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, packets.ErrPendingClientWritesExceeded)
+	case <-time.After(20 * time.Second):
+		t.Fatal("a delivery to a stalled subscriber waited again")
+	}
+	require.EqualValues(t, 2, s.Info.MessagesDropped)
+
+	// A QoS 1 message to the same stalled subscriber is not dropped: the
+	// client is disconnected and the message kept for its session.
+	out, err := s.publishToClient(cl, packets.Subscription{Filter: "a", Qos: 1},
+		packets.Packet{TopicName: "a", FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, Payload: []byte("keep")})
 	require.ErrorIs(t, err, packets.ErrPendingClientWritesExceeded)
+	require.True(t, cl.Closed())
+	_, ok := cl.State.Inflight.Get(out.PacketID)
+	require.True(t, ok, "the QoS 1 message stays in the session's in-flight store")
 	require.EqualValues(t, 2, s.Info.MessagesDropped)
 }
 
@@ -290,7 +318,12 @@ func TestLazyWriterWritesEverything(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	require.Equal(t, publishers*each, <-got)
+	select {
+	case n := <-got:
+		require.Equal(t, publishers*each, n)
+	case <-time.After(60 * time.Second):
+		t.Fatal("not every queued packet was written (a writer was lost)")
+	}
 	require.Eventually(t, func() bool { return !cl.State.writing.Load() && len(cl.State.outbound) == 0 },
 		10*time.Second, time.Millisecond, "a writer is left running on an empty queue")
 	require.Zero(t, s.Info.MessagesDropped)
@@ -322,6 +355,7 @@ func TestDeferredAcksFlushedBeforeWaiting(t *testing.T) {
 		in = append(in, publishQos1(id)...)
 	}
 	go func() { _, _ = r.Write(in) }()
+	require.NoError(t, r.SetReadDeadline(time.Now().Add(30*time.Second))) // fail, not hang
 	br := bufio.NewReader(r)
 	readAck := func() (byte, uint16) {
 		h, err := br.ReadByte()
@@ -348,6 +382,40 @@ func TestDeferredAcksFlushedBeforeWaiting(t *testing.T) {
 	typ, got := readAck()
 	require.Equal(t, byte(packets.Puback), typ)
 	require.Equal(t, uint16(4), got)
+	// A QoS 1 PUBLISH followed by a QoS 0 one (no acknowledgement of its
+	// own) and the first half of another: the deferred PUBACK is flushed
+	// before the read loop waits for the rest.
+	qos0 := publishQos1(0)
+	qos0[0] = packets.Publish << 4
+	qos0 = append(qos0[:len(qos0)-3], 'x') // no packet ID at QoS 0
+	qos0[1] = byte(len(qos0) - 2)
+	half := publishQos1(6)[:4]
+	go func() { _, _ = r.Write(append(append(publishQos1(5), qos0...), half...)) }()
+	typ, got = readAck()
+	require.Equal(t, byte(packets.Puback), typ)
+	require.Equal(t, uint16(5), got)
 	_ = r.Close()
 	<-errs
+}
+
+// A SUBSCRIBE whose packet ID equals that of a QoS 1 message the server is
+// delivering to the client is accepted: the two sides assign IDs
+// independently (MQTT 5 §2.2.1).
+func TestSubscribeIDIndependentOfServerDeliveries(t *testing.T) {
+	s := newServer()
+	cl, r, w := newTestClient()
+	cl.Properties.ProtocolVersion = 5
+	cl.State.Inflight.Set(packets.Packet{PacketID: 15, FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}})
+	pkx := *packets.TPacketData[packets.Subscribe].Get(packets.TSubscribeMqtt5).Packet
+	pkx.PacketID = 15
+	go func() {
+		err := s.processPacket(cl, pkx)
+		require.NoError(t, err)
+		_ = w.Close()
+	}()
+	buf, err := io.ReadAll(r)
+	require.NoError(t, err)
+	require.NotEqual(t, packets.TPacketData[packets.Suback].Get(packets.TSubackPacketIDInUse).RawBytes, buf)
+	require.Equal(t, byte(packets.Suback<<4), buf[0])
+	require.NotContains(t, buf[2:], byte(packets.ErrPacketIdentifierInUse.Code), "refused as in use")
 }

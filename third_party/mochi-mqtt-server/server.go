@@ -1006,10 +1006,10 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
 	}
 
-	// fleetgate: when more of this client's packets are already read, the
+	// fleetgate: when the client's next packet is already read whole, the
 	// acknowledgement joins the next ones in one TLS record and one write;
-	// the read loop flushes before it waits for input (Client.Read).
-	err = cl.writePacket(ack, cl.Net.bconn != nil && cl.Net.bconn.Buffered() > 0)
+	// the read loop flushes before it can wait for input (Client.Read).
+	err = cl.writePacket(ack, cl.Net.bconn != nil && cl.packetBuffered())
 	if err != nil {
 		return err
 	}
@@ -1162,7 +1162,7 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		atomic.AddInt32(&cl.State.outboundQty, 1)
 		cl.kickWriter()
 	default:
-		if wait := cl.State.queue.wait(out.FixedHeader.Qos); wait > 0 && !cl.State.stalled.Load() {
+		if wait := cl.State.queue.wait(out.FixedHeader.Qos); wait > 0 {
 			return out, s.waitForRoom(cl, &out, pk, wait)
 		}
 		atomic.AddInt64(&s.Info.MessagesDropped, 1)
@@ -1305,7 +1305,7 @@ func (s *Server) processPubcomp(cl *Client, pk packets.Packet) error {
 func (s *Server) processSubscribe(cl *Client, pk packets.Packet) error {
 	pk = s.hooks.OnSubscribe(cl, pk)
 	code := packets.CodeSuccess
-	if _, ok := cl.State.Inflight.Get(pk.PacketID); ok {
+	if cl.clientPacketIDInUse(pk.PacketID) {
 		code = packets.ErrPacketIdentifierInUse
 	}
 
@@ -1379,7 +1379,7 @@ func (s *Server) processSubscribe(cl *Client, pk packets.Packet) error {
 // processUnsubscribe processes an unsubscribe packet.
 func (s *Server) processUnsubscribe(cl *Client, pk packets.Packet) error {
 	code := packets.CodeSuccess
-	if _, ok := cl.State.Inflight.Get(pk.PacketID); ok {
+	if cl.clientPacketIDInUse(pk.PacketID) {
 		code = packets.ErrPacketIdentifierInUse
 	}
 
@@ -1854,6 +1854,7 @@ func (s *Server) sizeQueue(cl *Client) {
 		cl.State.outbound = make(chan *packets.Packet, q.Size)
 	}
 	cl.State.queue = q
+	cl.State.progress.Store(time.Now().UnixNano())
 }
 
 // wait is how long a delivery of the given QoS waits for room.
@@ -1864,26 +1865,29 @@ func (q QueuePolicy) wait(qos byte) time.Duration {
 	return q.WaitQos12
 }
 
-// waitForRoom (fleetgate patch) waits up to wait for room in the client's
-// full outbound queue. A QoS 0 message that does not fit in time is dropped;
-// for QoS 1/2 the client is disconnected instead and the message stays in
-// its in-flight store, to be resent if the session resumes.
+// waitForRoom (fleetgate patch) waits for room in the client's full
+// outbound queue, at most until `wait` has passed since the client's writer
+// last took a packet: a subscriber that takes nothing costs its publishers
+// one wait in total, not one per message or per publisher. A QoS 0 message
+// that does not fit in time is dropped (and counted); for QoS 1/2 the
+// client is disconnected instead and the message stays in its in-flight
+// store, to be resent if the session resumes — it is never dropped after
+// its publisher's PUBACK.
 func (s *Server) waitForRoom(cl *Client, out *packets.Packet, pk packets.Packet, wait time.Duration) error {
-	t := time.NewTimer(wait)
-	defer t.Stop()
-	select {
-	case cl.State.outbound <- out:
-		atomic.AddInt32(&cl.State.outboundQty, 1)
-		cl.kickWriter()
-		return nil
-	case <-t.C:
-	case <-cl.State.open.Done():
+	left := time.Until(time.Unix(0, cl.State.progress.Load()).Add(wait))
+	if left > 0 {
+		t := time.NewTimer(left)
+		defer t.Stop()
+		select {
+		case cl.State.outbound <- out:
+			atomic.AddInt32(&cl.State.outboundQty, 1)
+			cl.kickWriter()
+			return nil
+		case <-t.C:
+		case <-cl.State.open.Done():
+		}
 	}
 	if out.FixedHeader.Qos == 0 {
-		// Until its write loop takes a packet again, further QoS 0
-		// deliveries to this client are dropped without waiting: one stuck
-		// subscriber must not make every publisher wait in turn.
-		cl.State.stalled.Store(true)
 		atomic.AddInt64(&s.Info.MessagesDropped, 1)
 		cl.ops.hooks.OnPublishDropped(cl, pk)
 		return packets.ErrPendingClientWritesExceeded

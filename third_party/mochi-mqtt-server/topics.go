@@ -367,7 +367,12 @@ type subscribersCache struct {
 }
 
 // maxCachedTopics bounds the cache; past it, an arbitrary entry is evicted.
-const maxCachedTopics = 16384
+// Topics longer than maxCachedTopicLen are not cached, so the cache holds at
+// most a few MiB whatever clients publish to.
+const (
+	maxCachedTopics   = 16384
+	maxCachedTopicLen = 256
+)
 
 // CachedSubscribers returns the subscribers of topic like Subscribers, from
 // a cache that any subscription change invalidates (fleetgate patch: the
@@ -387,7 +392,7 @@ func (x *TopicsIndex) CachedSubscribers(topic string) *Subscribers {
 	x.cache.RUnlock()
 
 	s := x.Subscribers(topic)
-	if len(s.Shared) > 0 {
+	if len(s.Shared) > 0 || len(topic) > maxCachedTopicLen {
 		return s
 	}
 	x.cache.Lock()

@@ -75,7 +75,7 @@ type Hook struct {
 	config   *Options     // options for configuring the BadgerDB instance.
 	gcTicker *time.Ticker // Ticker for BadgerDB garbage collection.
 	db       *badgerdb.DB // the BadgerDB instance.
-	stored   sync.Map     // fleetgate: client IDs with a client record in the store
+	stored   sync.Map     // fleetgate: client IDs that may have records (client, subscriptions, in-flight)
 }
 
 // ephemeral reports whether a client's session ends with its connection
@@ -83,8 +83,10 @@ type Hook struct {
 // session cannot be restored after a restart, so nothing of it is written
 // to the store — no client record, subscriptions or in-flight messages
 // (upstream wrote a client record at connect, again at disconnect, then
-// deleted it, and every in-flight message). A record left by an earlier
-// persistent session of the same client ID is deleted (clean start).
+// deleted it, and every in-flight message). Deletes do not depend on it:
+// every record of a client ID that has any (Hook.stored) is deleted when a
+// session of that ID becomes ephemeral (clean start, MQTT 5 resume or
+// DISCONNECT with expiry 0) or ends, so no restart resurrects it.
 func ephemeral(cl *mqtt.Client) bool {
 	if cl.Properties.ProtocolVersion == 5 {
 		return cl.Properties.Props.SessionExpiryInterval == 0
@@ -171,15 +173,34 @@ func (h *Hook) Init(config any) error {
 		return err
 	}
 
-	// fleetgate: the client IDs that have a record (see ephemeral).
+	// fleetgate: learn the client IDs that have records (see ephemeral),
+	// and delete what a session that ended with its connection left (a
+	// crash, or a version that stored such sessions).
+	var gone []string
 	if err := h.iterKv(storage.ClientKey, func(value []byte) error {
 		var c storage.Client
 		if err := c.UnmarshalBinary(value); err == nil {
 			h.stored.Store(c.ID, struct{}{})
+			if (c.ProtocolVersion == 5 && c.Properties.SessionExpiryInterval == 0) || (c.ProtocolVersion < 5 && c.Clean) {
+				gone = append(gone, c.ID)
+			}
 		}
 		return nil
 	}); err != nil {
 		return err
+	}
+	for _, prefix := range []string{storage.SubscriptionKey, storage.InflightKey} {
+		if err := h.iterKv(prefix, func(value []byte) error {
+			if id := recordClient(prefix, value); id != "" {
+				h.stored.Store(id, struct{}{})
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+	}
+	for _, id := range gone {
+		h.forgetClient(id)
 	}
 
 	h.gcTicker = time.NewTicker(time.Duration(h.config.GcInterval) * time.Second)
@@ -214,9 +235,7 @@ func (h *Hook) updateClient(cl *mqtt.Client) {
 	}
 
 	if ephemeral(cl) {
-		if _, ok := h.stored.LoadAndDelete(cl.ID); ok {
-			_ = h.delKv(clientKey(cl))
-		}
+		h.forgetClient(cl.ID)
 		return
 	}
 
@@ -258,22 +277,16 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 		return
 	}
 
-	if ephemeral(cl) {
-		return // nothing was written for it
+	if errors.Is(cl.StopCause(), packets.ErrSessionTakenOver) {
+		return // fleetgate: the session is the new connection's now; it wrote or deleted the records
+	}
+
+	if expire || ephemeral(cl) {
+		h.forgetClient(cl.ID) // fleetgate: the session ends here, with all its records
+		return
 	}
 
 	h.updateClient(cl)
-
-	if !expire {
-		return
-	}
-
-	if errors.Is(cl.StopCause(), packets.ErrSessionTakenOver) {
-		return
-	}
-
-	h.stored.Delete(cl.ID)
-	_ = h.delKv(clientKey(cl))
 }
 
 // OnSubscribed adds one or more client subscriptions to the store.
@@ -302,12 +315,13 @@ func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 
 		_ = h.setKv(in.ID, in)
 	}
+	h.stored.Store(cl.ID, struct{}{})
 }
 
 // OnUnsubscribed removes one or more client subscriptions from the store.
 func (h *Hook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
-	if ephemeral(cl) {
-		return // fleetgate: see ephemeral
+	if !h.mayHave(cl.ID) {
+		return // fleetgate: nothing stored for this client ID
 	}
 	if h.db == nil {
 		h.Log.Error("", "error", storage.ErrDBFileNotOpen)
@@ -391,12 +405,13 @@ func (h *Hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, rese
 	}
 
 	_ = h.setKv(in.ID, in)
+	h.stored.Store(cl.ID, struct{}{})
 }
 
 // OnQosComplete removes a resolved inflight message from the store.
 func (h *Hook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
-	if ephemeral(cl) {
-		return // fleetgate: see ephemeral
+	if !h.mayHave(cl.ID) {
+		return // fleetgate: nothing stored for this client ID
 	}
 	if h.db == nil {
 		h.Log.Error("", "error", storage.ErrDBFileNotOpen)
@@ -448,8 +463,77 @@ func (h *Hook) OnClientExpired(cl *mqtt.Client) {
 		return
 	}
 
-	h.stored.Delete(cl.ID)
-	_ = h.delKv(clientKey(cl))
+	h.stored.Store(cl.ID, struct{}{}) // whatever this process wrote: delete all
+	h.forgetClient(cl.ID)
+}
+
+// mayHave reports whether client ID id may have records in the store
+// (fleetgate patch).
+func (h *Hook) mayHave(id string) bool {
+	_, ok := h.stored.Load(id)
+	return ok
+}
+
+// recordClient returns the client ID of a subscription or in-flight record.
+func recordClient(prefix string, value []byte) string {
+	if prefix == storage.SubscriptionKey {
+		var sub storage.Subscription
+		if sub.UnmarshalBinary(value) == nil {
+			return sub.Client
+		}
+		return ""
+	}
+	var m storage.Message
+	if m.UnmarshalBinary(value) == nil {
+		return m.Client
+	}
+	return ""
+}
+
+// forgetClient deletes every record of client ID id — its client record,
+// subscriptions and in-flight messages — if it may have any (fleetgate
+// patch).
+func (h *Hook) forgetClient(id string) {
+	if _, ok := h.stored.LoadAndDelete(id); !ok {
+		return
+	}
+	keys := [][]byte{[]byte(storage.ClientKey + "_" + id)}
+	err := h.db.View(func(txn *badgerdb.Txn) error {
+		for _, kind := range []string{storage.SubscriptionKey, storage.InflightKey} {
+			prefix := []byte(kind + "_" + id + ":")
+			it := txn.NewIterator(badgerdb.IteratorOptions{Prefix: prefix})
+			for it.Rewind(); it.Valid(); it.Next() {
+				// Client IDs may contain ':': check the record's owner.
+				var owner string
+				if err := it.Item().Value(func(v []byte) error { owner = recordClient(kind, v); return nil }); err != nil {
+					it.Close()
+					return err
+				}
+				if owner == id {
+					keys = append(keys, it.Item().KeyCopy(nil))
+				}
+			}
+			it.Close()
+		}
+		return nil
+	})
+	if err == nil {
+		wb := h.db.NewWriteBatch()
+		for _, k := range keys {
+			if err = wb.Delete(k); err != nil {
+				break
+			}
+		}
+		if err == nil {
+			err = wb.Flush()
+		} else {
+			wb.Cancel()
+		}
+	}
+	if err != nil {
+		h.stored.Store(id, struct{}{}) // still there: try again next time
+		h.Log.Error("failed to delete client records", "error", err, "client", id)
+	}
 }
 
 // StoredClients returns all stored clients from the store.

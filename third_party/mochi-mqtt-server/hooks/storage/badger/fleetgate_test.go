@@ -93,3 +93,74 @@ func TestCleanStartDeletesStoredSession(t *testing.T) {
 	require.NoError(t, err)
 	require.Empty(t, stored)
 }
+
+// persistentWithRecords stores a persistent session with a subscription and
+// an in-flight message.
+func persistentWithRecords(t *testing.T, h *Hook, cl *mqtt.Client) {
+	before := keyCount(t, h)
+	h.OnSessionEstablished(cl, packets.Packet{})
+	h.OnSubscribed(cl, pkf, []byte{1})
+	h.OnQosPublish(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 9, TopicName: "a/b/c"}, 0, 0)
+	require.Equal(t, before+3, keyCount(t, h))
+}
+
+// An MQTT 5 session made ephemeral at DISCONNECT (session expiry set to 0)
+// leaves nothing behind, also across a restart.
+func TestV5ExpiryZeroAtDisconnectForgetsSession(t *testing.T) {
+	dir := t.TempDir()
+	h := openHook(t, dir)
+	cl := mkClient("v5", 5, false, 3600)
+	persistentWithRecords(t, h, cl)
+	cl.Properties.Props.SessionExpiryInterval = 0 // what mochi's processDisconnect does
+	h.OnDisconnect(cl, nil, true)
+	require.Zero(t, keyCount(t, h))
+	require.NoError(t, h.Stop())
+	h = openHook(t, dir)
+	defer h.Stop()
+	require.Zero(t, keyCount(t, h))
+}
+
+// Resuming a stored session with session expiry 0 (MQTT 5 clean start 0)
+// makes it ephemeral: its stored subscriptions and in-flight messages go,
+// so a restart cannot hand them to a later connection with that ID.
+func TestV5ResumeWithExpiryZeroForgetsStoredRecords(t *testing.T) {
+	h := openHook(t, t.TempDir())
+	defer h.Stop()
+	persistentWithRecords(t, h, mkClient("v5", 5, false, 3600))
+	h.OnSessionEstablished(mkClient("v5", 5, false, 0), packets.Packet{})
+	require.Zero(t, keyCount(t, h))
+}
+
+// A clean connection takes over a persistent one: the old connection's
+// disconnect (after the takeover) does not write its record back.
+func TestTakeoverPersistentByCleanLeavesNothing(t *testing.T) {
+	h := openHook(t, t.TempDir())
+	defer h.Stop()
+	old := mkClient("dev", 4, false, 0)
+	persistentWithRecords(t, h, old)
+	h.OnSessionEstablished(mkClient("dev", 4, true, 0), packets.Packet{})
+	old.Stop(packets.ErrSessionTakenOver)
+	h.OnDisconnect(old, packets.ErrSessionTakenOver, false)
+	require.Zero(t, keyCount(t, h))
+}
+
+// Records that a session ending with its connection left behind (a crash,
+// or an earlier version) are deleted when the store opens; a persistent
+// session's are kept.
+func TestOpenDeletesLeftoverEphemeralSessions(t *testing.T) {
+	dir := t.TempDir()
+	h := openHook(t, dir)
+	clean := mkClient("left", 4, true, 0)
+	require.NoError(t, h.setKv(clientKey(clean), &storage.Client{ID: "left", Clean: true, ProtocolVersion: 4, T: storage.ClientKey}))
+	require.NoError(t, h.setKv(subscriptionKey(clean, "a/b"), &storage.Subscription{ID: subscriptionKey(clean, "a/b"), Client: "left", Filter: "a/b", T: storage.SubscriptionKey}))
+	persistentWithRecords(t, h, mkClient("keep", 4, false, 0))
+	require.Equal(t, 5, keyCount(t, h))
+	require.NoError(t, h.Stop())
+	h = openHook(t, dir)
+	defer h.Stop()
+	require.Equal(t, 3, keyCount(t, h))
+	stored, err := h.StoredClients()
+	require.NoError(t, err)
+	require.Len(t, stored, 1)
+	require.Equal(t, "keep", stored[0].ID)
+}
