@@ -4,10 +4,12 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/enroll/ca"
@@ -24,24 +26,64 @@ var (
 // Authenticate returns the identity of the verified client certificate of r,
 // if the registry knows its serial and it is not revoked or expired.
 func (s *Server) Authenticate(r *http.Request) (identity.Identity, error) {
-	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
-		return identity.Identity{}, apiErr(http.StatusUnauthorized, "client_cert_required", "a client certificate issued by this fleetgate is required", errNoClientCert)
+	id, _, err := s.authenticate(r)
+	return id, err
+}
+
+// authenticate is Authenticate that also returns the verified certificate.
+func (s *Server) authenticate(r *http.Request) (identity.Identity, *x509.Certificate, error) {
+	leaf, err := s.verifiedClientCert(r)
+	if err != nil {
+		return identity.Identity{}, nil, err
 	}
-	leaf := r.TLS.VerifiedChains[0][0]
 	id, err := identity.FromCertificate(leaf, s.cfg.CA.TrustDomain)
 	if err != nil {
-		return identity.Identity{}, apiErr(http.StatusUnauthorized, "client_cert_identity", "client certificate carries no valid identity", err)
+		return identity.Identity{}, nil, apiErr(http.StatusUnauthorized, "client_cert_identity", "client certificate carries no valid identity", err)
 	}
 	st, ok := s.cfg.Registry.CertStatus(ca.SerialString(leaf.SerialNumber))
 	switch {
 	case !ok:
-		return identity.Identity{}, apiErr(http.StatusUnauthorized, "client_cert_unknown", "client certificate was not issued by this registry", nil)
+		return identity.Identity{}, nil, apiErr(http.StatusUnauthorized, "client_cert_unknown", "client certificate was not issued by this registry", nil)
 	case st.Revoked:
-		return identity.Identity{}, apiErr(http.StatusUnauthorized, "client_cert_revoked", "client certificate is revoked", nil)
+		return identity.Identity{}, nil, apiErr(http.StatusUnauthorized, "client_cert_revoked", "client certificate is revoked", nil)
 	case st.Identity != id:
-		return identity.Identity{}, apiErr(http.StatusUnauthorized, "client_cert_identity", "client certificate identity does not match the registry", nil)
+		return identity.Identity{}, nil, apiErr(http.StatusUnauthorized, "client_cert_identity", "client certificate identity does not match the registry", nil)
 	}
-	return id, nil
+	return id, leaf, nil
+}
+
+// verifiedClientCert returns the leaf of r's client certificate chain once
+// it verifies as crypto/tls verifies a client certificate
+// (tls.VerifyClientCertIfGiven): up to the issuing CA as the only root, the
+// other presented certificates as intermediates, for client authentication,
+// at the current time. The TLS configuration (TLSConfig) only requests the
+// certificate; crypto/tls checked that the client holds its key.
+func (s *Server) verifiedClientCert(r *http.Request) (*x509.Certificate, error) {
+	if r.TLS == nil {
+		return nil, apiErr(http.StatusUnauthorized, "client_cert_required", "a client certificate issued by this fleetgate is required", errNoClientCert)
+	}
+	if len(r.TLS.VerifiedChains) > 0 && len(r.TLS.VerifiedChains[0]) > 0 {
+		// Verified at the handshake by a configuration that does so.
+		return r.TLS.VerifiedChains[0][0], nil
+	}
+	certs := r.TLS.PeerCertificates
+	if len(certs) == 0 {
+		return nil, apiErr(http.StatusUnauthorized, "client_cert_required", "a client certificate issued by this fleetgate is required", errNoClientCert)
+	}
+	opts := x509.VerifyOptions{
+		Roots:         s.clientCAs,
+		Intermediates: x509.NewCertPool(),
+		CurrentTime:   time.Now(),
+		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	for _, c := range certs[1:] {
+		opts.Intermediates.AddCert(c)
+	}
+	chains, err := certs[0].Verify(opts)
+	if err != nil || len(chains) == 0 || len(chains[0]) == 0 {
+		return nil, apiErr(http.StatusUnauthorized, "client_cert_invalid", "client certificate does not verify against this fleetgate's CA (unknown issuer, expired or not for client authentication)", err)
+	}
+	return chains[0][0], nil
 }
 
 // admin wraps a handler that only operators may call.

@@ -9,7 +9,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/google/go-tpm/tpm2"
+	"github.com/fleetgate/fleetgate/enroll/attest"
 )
 
 // DefaultMaxChallenges bounds the TPM enrollment challenges held at once.
@@ -39,8 +39,9 @@ type challenge struct {
 	// autoRegister: the EK is not registered and the manufacturer policy
 	// registers it at redemption.
 	autoRegister bool
-	akPub        *tpm2.TPMTPublic
-	expires      time.Time
+	// ak is the verified AK (public area, name and key).
+	ak      *attest.AK
+	expires time.Time
 }
 
 // challengeStore holds pending challenges in memory: random IDs, an expiry,

@@ -119,21 +119,23 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
 	var req api.RenewRequest
 	var id identity.Identity
 	resp, err := func() (*api.EnrollResponse, error) {
+		var leaf *x509.Certificate
 		var err error
-		if id, err = s.Authenticate(r); err != nil {
+		if id, leaf, err = s.authenticate(r); err != nil {
 			return nil, err
 		}
 		if err := decodeJSON(r, &req); err != nil {
 			return nil, err
 		}
-		return s.renew(r, id, req.CSR)
+		return s.renew(id, leaf, req.CSR)
 	}()
 	s.finish(w, r, "renew", "renew", id.Name, resp, err)
 }
 
-// renew issues a new certificate for the key of the certificate presented
-// over mTLS; shared by /v1/renew and EST simplereenroll.
-func (s *Server) renew(r *http.Request, id identity.Identity, csrDER []byte) (*api.EnrollResponse, error) {
+// renew issues a new certificate for the key of leaf, the verified
+// certificate presented over mTLS (authenticate); shared by /v1/renew and
+// EST simplereenroll.
+func (s *Server) renew(id identity.Identity, leaf *x509.Certificate, csrDER []byte) (*api.EnrollResponse, error) {
 	if id.Role != identity.RoleDevice {
 		return nil, apiErr(http.StatusForbidden, "device_required", "only devices renew here", nil)
 	}
@@ -141,7 +143,6 @@ func (s *Server) renew(r *http.Request, id identity.Identity, csrDER []byte) (*a
 	if err != nil {
 		return nil, csrError(err)
 	}
-	leaf := r.TLS.VerifiedChains[0][0]
 	type eq interface{ Equal(crypto.PublicKey) bool }
 	if k, ok := leaf.PublicKey.(eq); !ok || !k.Equal(csr.PublicKey) {
 		return nil, apiErr(http.StatusBadRequest, "csr_key_mismatch", "renewal CSR must be for the key of the presented certificate", nil)
@@ -309,29 +310,31 @@ func (s *Server) handleESTSimpleEnroll(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			return nil, err
 		}
-		return s.enrollToken(user, pass, csr)
+		return s.enrollToken(user, pass, csr, s.issuedAudit(r, "enroll.est", user))
 	}()
-	s.finishEST(w, r, "est", "enroll.est", user, resp, err)
+	s.finishEST(w, r, "est", "enroll.est", user, resp, err, true)
 }
 
 func (s *Server) handleESTSimpleReenroll(w http.ResponseWriter, r *http.Request) {
 	var id identity.Identity
 	resp, err := func() (*api.EnrollResponse, error) {
+		var leaf *x509.Certificate
 		var err error
-		if id, err = s.Authenticate(r); err != nil {
+		if id, leaf, err = s.authenticate(r); err != nil {
 			return nil, err
 		}
 		csr, err := readPKCS10(r)
 		if err != nil {
 			return nil, err
 		}
-		return s.renew(r, id, csr)
+		return s.renew(id, leaf, csr)
 	}()
-	s.finishEST(w, r, "est-reenroll", "renew.est", id.Name, resp, err)
+	s.finishEST(w, r, "est-reenroll", "renew.est", id.Name, resp, err, false)
 }
 
-func (s *Server) finishEST(w http.ResponseWriter, r *http.Request, method, action, deviceID string, resp *api.EnrollResponse, err error) {
-	s.account(r, method, action, deviceID, resp, err)
+// finishEST is finish for EST; okAudited as for account.
+func (s *Server) finishEST(w http.ResponseWriter, r *http.Request, method, action, deviceID string, resp *api.EnrollResponse, err error, okAudited bool) {
+	s.account(r, method, action, deviceID, resp, err, okAudited)
 	if err != nil {
 		s.estError(w, r, err, deviceID)
 		return

@@ -91,6 +91,8 @@ type Server struct {
 	mux     *http.ServeMux
 	enrolls *prometheus.CounterVec
 	crl     crlCache
+	// clientCAs is the root of client certificate chains: the issuing CA.
+	clientCAs *x509.CertPool
 }
 
 // New returns a Server.
@@ -128,7 +130,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Rand == nil {
 		cfg.Rand = rand.Reader
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, mux: http.NewServeMux()}
+	s := &Server{cfg: cfg, log: cfg.Logger, mux: http.NewServeMux(), clientCAs: cfg.CA.ClientCAs()}
 	s.enrolls = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "fleetgate_enrollments_total",
 		Help: "Enrollment attempts by method and outcome (ok or the failure code).",
@@ -154,14 +156,23 @@ func New(cfg Config) (*Server, error) {
 func (s *Server) Handler() http.Handler { return s.mux }
 
 // TLSConfig returns the server's TLS configuration: its certificate, TLS 1.3
-// at least... 1.2 for EST clients, client certificates verified if given
-// (required by the admin API and renewal, checked per handler).
+// at least... 1.2 for EST clients, and client certificates requested.
+//
+// A client certificate is verified where it is used, not at the handshake:
+// the admin API and renewal require one, and Authenticate verifies its chain
+// for them exactly as crypto/tls would (the issuing CA as root, client
+// authentication usage, the current time). Enrollment does not use client
+// certificates (a device presents its current one out of habit when it
+// enrolls again), so verifying them at every handshake was wasted work.
+// crypto/tls still checks, at the handshake, the client's CertificateVerify
+// signature with the presented certificate's key.
 func (s *Server) TLSConfig(serverCert tls.Certificate) *tls.Config {
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS12,
 		Certificates: []tls.Certificate{serverCert},
-		ClientAuth:   tls.VerifyClientCertIfGiven,
-		ClientCAs:    s.cfg.CA.ClientCAs(),
+		ClientAuth:   tls.RequestClientCert,
+		// The CA names sent in the CertificateRequest.
+		ClientCAs: s.clientCAs,
 	}
 }
 
@@ -173,15 +184,16 @@ func (s *Server) handleTokenEnroll(w http.ResponseWriter, r *http.Request) {
 		if err := decodeJSON(r, &req); err != nil {
 			return nil, err
 		}
-		return s.enrollToken(req.DeviceID, req.Token, req.CSR)
+		return s.enrollToken(req.DeviceID, req.Token, req.CSR, s.issuedAudit(r, "enroll.token", req.DeviceID))
 	}()
-	s.finish(w, r, "token", "enroll.token", req.DeviceID, resp, err)
+	s.finishAudited(w, r, "token", "enroll.token", req.DeviceID, resp, err)
 }
 
 // enrollToken is token enrollment, shared by the JSON API and EST
-// simpleenroll: device ID, token and CSR checks, then redemption, signing
-// and recording in one registry transaction.
-func (s *Server) enrollToken(deviceID, token string, csrDER []byte) (*api.EnrollResponse, error) {
+// simpleenroll: device ID, token and CSR checks, then redemption, signing,
+// recording and the success audit record (audit) in one registry
+// transaction.
+func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *registry.AuditRecord) (*api.EnrollResponse, error) {
 	if err := identity.ValidateName(deviceID); err != nil {
 		return nil, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err)
 	}
@@ -199,7 +211,7 @@ func (s *Server) enrollToken(deviceID, token string, csrDER []byte) (*api.Enroll
 	}
 	id := identity.Identity{Role: identity.RoleDevice, Name: deviceID}
 	var cert *x509.Certificate
-	rec, err := s.cfg.Registry.RedeemToken(tokID, secret, deviceID, func(tr registry.TokenRedemption) (*registry.Certificate, error) {
+	rec, err := s.cfg.Registry.RedeemTokenAudited(tokID, secret, deviceID, audit, func(tr registry.TokenRedemption) (*registry.Certificate, error) {
 		var err error
 		cert, err = s.cfg.CA.Issue(id, csr.PublicKey, s.cfg.DeviceCertTTL)
 		if err != nil {
@@ -227,7 +239,18 @@ func (s *Server) enrollResponse(deviceID string, cert *x509.Certificate, rec *re
 // finish writes the response, counts and audits the outcome of an
 // enrollment-type request.
 func (s *Server) finish(w http.ResponseWriter, r *http.Request, method, action, deviceID string, resp any, err error) {
-	s.account(r, method, action, deviceID, resp, err)
+	s.account(r, method, action, deviceID, resp, err, false)
+	s.respond(w, r, deviceID, resp, err)
+}
+
+// finishAudited is finish for a request whose success the registry audited
+// in the issuing transaction (issuedAudit): only a refusal is audited here.
+func (s *Server) finishAudited(w http.ResponseWriter, r *http.Request, method, action, deviceID string, resp any, err error) {
+	s.account(r, method, action, deviceID, resp, err, true)
+	s.respond(w, r, deviceID, resp, err)
+}
+
+func (s *Server) respond(w http.ResponseWriter, r *http.Request, deviceID string, resp any, err error) {
 	if err != nil {
 		s.writeError(w, r, asAPIError(err), deviceID)
 		return
@@ -235,8 +258,16 @@ func (s *Server) finish(w http.ResponseWriter, r *http.Request, method, action, 
 	writeJSON(w, http.StatusOK, resp)
 }
 
-// account counts, audits and logs the outcome of an enrollment-type request.
-func (s *Server) account(r *http.Request, method, action, deviceID string, resp any, err error) {
+// issuedAudit is the audit record of a successful enrollment, written by
+// the registry in the transaction that records the certificate (it adds
+// the serial and the outcome).
+func (s *Server) issuedAudit(r *http.Request, action, deviceID string) *registry.AuditRecord {
+	return &registry.AuditRecord{Actor: "device", Action: action, DeviceID: deviceID, Remote: r.RemoteAddr}
+}
+
+// account counts, audits and logs the outcome of an enrollment-type
+// request. With okAudited, a success was audited by the registry already.
+func (s *Server) account(r *http.Request, method, action, deviceID string, resp any, err error, okAudited bool) {
 	if err != nil {
 		e := asAPIError(err)
 		s.enrolls.WithLabelValues(method, e.Code).Inc()
@@ -248,7 +279,9 @@ func (s *Server) account(r *http.Request, method, action, deviceID string, resp 
 	if er, ok := resp.(*api.EnrollResponse); ok {
 		serial = er.Serial
 	}
-	s.cfg.Registry.Audit(registry.AuditRecord{Actor: "device", Action: action, DeviceID: deviceID, Outcome: registry.OutcomeOK, Remote: r.RemoteAddr, Serial: serial})
+	if !okAudited {
+		s.cfg.Registry.Audit(registry.AuditRecord{Actor: "device", Action: action, DeviceID: deviceID, Outcome: registry.OutcomeOK, Remote: r.RemoteAddr, Serial: serial})
+	}
 	s.log.Info("certificate issued", logKeyDevice, deviceID, "method", method, "serial", serial, logKeyRemote, r.RemoteAddr)
 }
 

@@ -49,6 +49,9 @@ import (
 type tpmEnroller struct {
 	s          *Server
 	challenges *challengeStore
+	// ekCerts verifies EK certificates against TPMRoots (nil without
+	// roots), remembering those that verified (attest.EKCache).
+	ekCerts *attest.EKCache
 	// latency is the handlers' own timing, by phase and outcome.
 	latency *prometheus.HistogramVec
 }
@@ -75,9 +78,14 @@ func (s *Server) registerTPMRoutes() {
 }
 
 func newTPMEnroller(s *Server) *tpmEnroller {
+	var ekCerts *attest.EKCache
+	if s.cfg.TPMRoots != nil {
+		ekCerts = attest.NewEKCache(s.cfg.TPMRoots, nil, attest.DefaultEKCacheSize)
+	}
 	return &tpmEnroller{
 		s:          s,
 		challenges: newChallengeStore(s.cfg.Now, s.cfg.Rand, s.cfg.ChallengeTTL, DefaultMaxChallenges),
+		ekCerts:    ekCerts,
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "fleetgate_tpm_enroll_seconds",
 			Help:    "Server-side time of TPM enrollment requests, by phase (challenge, complete) and outcome (ok, denied).",
@@ -103,14 +111,16 @@ type ekCheck struct {
 	autoRegister bool
 }
 
-// checkEK verifies the EK certificate (chain when roots are configured),
-// the registration according to policy, and the device state.
+// checkEK verifies the EK certificate (chain when roots are configured,
+// through ekCerts: attest.VerifyEKCertificate, answered from its cache for
+// the same certificate bytes while the chain is valid), the registration
+// according to policy, and the device state.
 func (t *tpmEnroller) checkEK(ekDER []byte, claimedID string) (*ekCheck, error) {
 	cfg := t.s.cfg
 	var cert *x509.Certificate
 	var err error
-	if cfg.TPMRoots != nil {
-		cert, err = attest.VerifyEKCertificate(ekDER, cfg.TPMRoots, cfg.Now())
+	if t.ekCerts != nil {
+		cert, err = t.ekCerts.Verify(ekDER, cfg.Now())
 	} else {
 		cert, err = parseEKCert(ekDER)
 	}
@@ -129,7 +139,7 @@ func (t *tpmEnroller) checkEK(ekDER []byte, claimedID string) (*ekCheck, error) 
 			return c, apiErr(http.StatusForbidden, "device_suspended", "device is suspended", registry.ErrDeviceSuspended)
 		}
 	case errors.Is(err, registry.ErrEKNotRegistered) && cfg.TPMPolicy == TPMPolicyManufacturer:
-		// VerifyEKCertificate ran: TPMRoots is required by this policy.
+		// The chain was verified: TPMRoots is required by this policy.
 		c.deviceID, c.group, c.autoRegister = api.AutoDeviceID(cert.RawSubjectPublicKeyInfo), "default", true
 		if st, ok := cfg.Registry.DeviceStatus(c.deviceID); ok && (st.State == registry.StateRevoked || st.State == registry.StateSuspended) {
 			return c, registryError(stateErr(st.State))
@@ -194,11 +204,7 @@ func (t *tpmEnroller) handleChallenge(w http.ResponseWriter, r *http.Request) {
 		}
 		// 2. The AK is a restricted signing key; only the TPM holding the
 		// EK and an object of the AK's name can activate the credential.
-		akPub, err := attest.VerifyAKPublic(req.AKPublic)
-		if err != nil {
-			return nil, attestError(err)
-		}
-		akName, err := attest.Name(akPub)
+		ak, err := attest.VerifyAK(req.AKPublic)
 		if err != nil {
 			return nil, attestError(err)
 		}
@@ -206,7 +212,7 @@ func (t *tpmEnroller) handleChallenge(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			return nil, attestError(err)
 		}
-		credBlob, encSecret, secret, err := attest.MakeCredential(t.s.cfg.Rand, ekPub, akName)
+		credBlob, encSecret, secret, err := attest.MakeCredential(t.s.cfg.Rand, ekPub, ak.Name)
 		if err != nil {
 			return nil, attestError(err)
 		}
@@ -215,7 +221,7 @@ func (t *tpmEnroller) handleChallenge(w http.ResponseWriter, r *http.Request) {
 			return nil, fmt.Errorf("enroll: nonce: %w", err)
 		}
 		c := &challenge{secret: secret, nonce: nonce, ekFP: ek.fp, deviceID: ek.deviceID, group: ek.group,
-			autoRegister: ek.autoRegister, akPub: akPub}
+			autoRegister: ek.autoRegister, ak: ak}
 		if err := t.challenges.put(c); err != nil {
 			if errors.Is(err, errChallengesFull) {
 				return nil, apiErr(http.StatusServiceUnavailable, "challenge_capacity", "too many enrollments in progress; retry later", err)
@@ -263,13 +269,14 @@ func (t *tpmEnroller) handleComplete(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			return nil, csrError(err)
 		}
-		if err := attest.VerifyCertify(c.akPub, req.TLSPublic, req.CertifyInfo, req.CertifySignature, c.nonce, csr.PublicKey); err != nil {
+		if err := c.ak.VerifyCertify(req.TLSPublic, req.CertifyInfo, req.CertifySignature, c.nonce, csr.PublicKey); err != nil {
 			return nil, attestError(err)
 		}
 		id := identity.Identity{Role: identity.RoleDevice, Name: c.deviceID}
 		var cert *x509.Certificate
 		rec, err := t.s.cfg.Registry.RedeemTPM(registry.TPMRedemption{
 			EKFingerprint: c.ekFP, DeviceID: c.deviceID, AutoRegister: c.autoRegister, Group: c.group,
+			Audit: t.s.issuedAudit(r, "enroll.tpm", c.deviceID),
 		}, func(registry.Device) (*registry.Certificate, error) {
 			var err error
 			cert, err = t.s.cfg.CA.Issue(id, csr.PublicKey, t.s.cfg.DeviceCertTTL)
@@ -288,7 +295,7 @@ func (t *tpmEnroller) handleComplete(w http.ResponseWriter, r *http.Request) {
 		t.s.finish(w, r, "tpm", "enroll.tpm", deviceID, nil, err)
 		return
 	}
-	t.s.finish(w, r, "tpm", "enroll.tpm", deviceID, resp, nil)
+	t.s.finishAudited(w, r, "tpm", "enroll.tpm", deviceID, resp, nil)
 }
 
 // attestError maps a verification failure to its API error: one code per

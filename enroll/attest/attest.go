@@ -27,6 +27,7 @@ import (
 	"crypto/sha256"
 	"crypto/sha512"
 	"crypto/subtle"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash"
@@ -54,12 +55,25 @@ func safely(what string, f func() error) (err error) {
 	return f()
 }
 
-// decodePublic decodes a TPM2B_PUBLIC. It returns the public area and its
-// inner TPMT_PUBLIC bytes, which must be exactly the canonical encoding of
-// the decoded structure (so that the name computed from the structure is the
-// name of the bytes the TPM hashed).
-func decodePublic(what string, b []byte) (*tpm2.TPMTPublic, error) {
+// publicArea is a decoded TPM2B_PUBLIC: the public area and its TPM name
+// (nil if its name algorithm is not one this package accepts). Shared
+// through publics: never modified.
+type publicArea struct {
+	pub  *tpm2.TPMTPublic
+	name []byte
+}
+
+// decodePublic decodes a TPM2B_PUBLIC. Its inner TPMT_PUBLIC bytes must be
+// exactly the canonical encoding of the decoded structure, so that the name
+// (computed from those bytes) is the name of the structure checked.
+// Successful decodings are remembered by their exact bytes (publics):
+// decoding is a pure function of them.
+func decodePublic(what string, b []byte) (*publicArea, error) {
+	if pa, ok := publics.get(b); ok {
+		return pa, nil
+	}
 	var pub *tpm2.TPMTPublic
+	var inner []byte
 	err := safely(what, func() error {
 		p2b, err := tpm2.Unmarshal[tpm2.TPM2BPublic](b)
 		if err != nil {
@@ -68,7 +82,7 @@ func decodePublic(what string, b []byte) (*tpm2.TPMTPublic, error) {
 		if p2b == nil {
 			return errors.New("nil TPM2B_PUBLIC")
 		}
-		inner := p2b.Bytes()
+		inner = p2b.Bytes()
 		if len(inner) == 0 || len(b) != 2+len(inner) {
 			return errors.New("TPM2B_PUBLIC size does not match its contents")
 		}
@@ -90,7 +104,24 @@ func decodePublic(what string, b []byte) (*tpm2.TPMTPublic, error) {
 		}
 		return nil, fmt.Errorf("attest: decode %s: %w: %w", what, ErrMalformed, err)
 	}
-	return pub, nil
+	pa := &publicArea{pub: pub, name: nameOfBytes(pub.NameAlg, inner)}
+	publics.put(b, pa)
+	return pa, nil
+}
+
+// nameOfBytes is the TPM name nameAlg || H_nameAlg(tpmtPublic) of the
+// canonical TPMT_PUBLIC bytes, what tpm2.ObjectName computes from the
+// decoded structure; nil for a name algorithm this package refuses.
+func nameOfBytes(alg tpm2.TPMIAlgHash, tpmtPublic []byte) []byte {
+	newHash, _, ok := hashFor(alg)
+	if !ok {
+		return nil
+	}
+	h := newHash()
+	h.Write(tpmtPublic)
+	name := make([]byte, 2, 2+h.Size())
+	binary.BigEndian.PutUint16(name, uint16(alg))
+	return h.Sum(name)
 }
 
 // Name returns the TPM name of a public area: nameAlg || H_nameAlg(public)
@@ -196,14 +227,42 @@ func nonExportable(a tpm2.TPMAObject) bool {
 // is a restricted, signing-only ECC key (P-256 or P-384, ECDSA with SHA-256
 // or SHA-384) that was generated in, and cannot leave, its TPM. A restricted
 // signing key only signs digests the TPM computed itself, so it cannot be
-// made to sign a forged TPMS_ATTEST (Part 1, 25.2.3).
+// made to sign a forged TPMS_ATTEST (Part 1, 25.2.3). It is VerifyAK's
+// Public: the public area must not be modified.
 //
 // Known limitation: RSA AKs are not supported (ErrKeyType).
 func VerifyAKPublic(akPubBytes []byte) (*tpm2.TPMTPublic, error) {
-	pub, err := decodePublic("AK public", akPubBytes)
+	ak, err := VerifyAK(akPubBytes)
 	if err != nil {
 		return nil, err
 	}
+	return ak.Public, nil
+}
+
+// AK is an attestation key that passed VerifyAK. It is immutable and may be
+// shared.
+type AK struct {
+	// Public is the AK's public area. It must not be modified.
+	Public *tpm2.TPMTPublic
+	// Name is the AK's TPM name, nameAlg || H_nameAlg(TPMT_PUBLIC), which
+	// MakeCredential binds the credential to.
+	Name []byte
+	key  *ecdsa.PublicKey
+	hash tpm2.TPMIAlgHash
+}
+
+// VerifyAK is VerifyAKPublic that also returns the AK's name and signing
+// key. Verified AKs are remembered by their exact bytes: the checks are a
+// pure function of them.
+func VerifyAK(akPubBytes []byte) (*AK, error) {
+	if ak, ok := aks.get(akPubBytes); ok {
+		return ak, nil
+	}
+	pa, err := decodePublic("AK public", akPubBytes)
+	if err != nil {
+		return nil, err
+	}
+	pub := pa.pub
 	if pub.Type != tpm2.TPMAlgECC {
 		return nil, fmt.Errorf("attest: AK is algorithm %#x, want ECC: %w", uint16(pub.Type), ErrKeyType)
 	}
@@ -221,14 +280,30 @@ func VerifyAKPublic(akPubBytes []byte) (*tpm2.TPMTPublic, error) {
 	if err := checkNameAlg("AK", pub); err != nil {
 		return nil, err
 	}
-	_, params, err := eccKey("AK", pub, tpm2.TPMECCNistP256, tpm2.TPMECCNistP384)
+	ak, err := akFromPublic(pub)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := akSigHash(params); err != nil {
+	if pa.name == nil { // checkNameAlg accepted it: cannot happen
+		return nil, fmt.Errorf("attest: AK name: %w", ErrKeyType)
+	}
+	ak.Name = pa.name
+	aks.put(akPubBytes, ak)
+	return ak, nil
+}
+
+// akFromPublic returns the AK's ECDSA key and signature hash (without the
+// name).
+func akFromPublic(pub *tpm2.TPMTPublic) (*AK, error) {
+	key, params, err := eccKey("AK", pub, tpm2.TPMECCNistP256, tpm2.TPMECCNistP384)
+	if err != nil {
 		return nil, err
 	}
-	return pub, nil
+	h, err := akSigHash(params)
+	if err != nil {
+		return nil, err
+	}
+	return &AK{Public: pub, key: key, hash: h}, nil
 }
 
 // akSigHash returns the hash of a restricted ECC AK's ECDSA scheme.
@@ -295,21 +370,24 @@ func VerifyCertify(akPub *tpm2.TPMTPublic, tlsPubBytes, attestBytes, sigBytes, n
 	if akPub == nil {
 		return fmt.Errorf("attest: verify certify: nil AK public: %w", ErrMalformed)
 	}
-	akKey, akParams, err := eccKey("AK", akPub, tpm2.TPMECCNistP256, tpm2.TPMECCNistP384)
+	ak, err := akFromPublic(akPub)
 	if err != nil {
 		return err
 	}
-	akHash, err := akSigHash(akParams)
-	if err != nil {
-		return err
-	}
+	return ak.VerifyCertify(tlsPubBytes, attestBytes, sigBytes, nonce, csrPublicKey)
+}
 
+// VerifyCertify is the package's VerifyCertify for an AK from VerifyAK.
+func (ak *AK) VerifyCertify(tlsPubBytes, attestBytes, sigBytes, nonce []byte, csrPublicKey crypto.PublicKey) error {
+	if ak == nil || ak.key == nil {
+		return fmt.Errorf("attest: verify certify: no verified AK: %w", ErrMalformed)
+	}
 	// Authenticate the attestation before interpreting it.
 	attested, err := decodeAttest(attestBytes)
 	if err != nil {
 		return err
 	}
-	if err := verifyECDSA(akKey, akHash, attested.raw, sigBytes); err != nil {
+	if err := verifyECDSA(ak.key, ak.hash, attested.raw, sigBytes); err != nil {
 		return err
 	}
 	att := attested.att
@@ -328,18 +406,15 @@ func VerifyCertify(akPub *tpm2.TPMTPublic, tlsPubBytes, attestBytes, sigBytes, n
 	}
 
 	// Residency: the certified object is the presented public area.
-	tlsPub, err := decodePublic("TLS key public", tlsPubBytes)
+	tls, err := decodePublic("TLS key public", tlsPubBytes)
 	if err != nil {
 		return err
 	}
+	tlsPub := tls.pub
 	if err := checkNameAlg("TLS key", tlsPub); err != nil {
 		return err
 	}
-	tlsName, err := Name(tlsPub)
-	if err != nil {
-		return err
-	}
-	if !bytes.Equal(info.Name.Buffer, tlsName) {
+	if tls.name == nil || !bytes.Equal(info.Name.Buffer, tls.name) {
 		return fmt.Errorf("attest: certified name is not the TLS key's: %w", ErrCertifyNameMismatch)
 	}
 	tlsKey, tlsParams, err := eccKey("TLS key", tlsPub, tpm2.TPMECCNistP256)

@@ -67,34 +67,41 @@ func VerifyEKCertificate(ekDER []byte, roots *x509.CertPool, now time.Time) (*x5
 // VerifyEKCertificateWithIntermediates is VerifyEKCertificate for
 // manufacturers that issue EK certificates from intermediate CAs.
 func VerifyEKCertificateWithIntermediates(ekDER []byte, roots, intermediates *x509.CertPool, now time.Time) (*x509.Certificate, error) {
+	cert, _, err := verifyEK(ekDER, roots, intermediates, now)
+	return cert, err
+}
+
+// verifyEK is VerifyEKCertificateWithIntermediates that also returns the
+// verified chains.
+func verifyEK(ekDER []byte, roots, intermediates *x509.CertPool, now time.Time) (*x509.Certificate, [][]*x509.Certificate, error) {
 	if roots == nil {
-		return nil, fmt.Errorf("attest: verify EK certificate: no manufacturer roots configured: %w", ErrEKChainInvalid)
+		return nil, nil, fmt.Errorf("attest: verify EK certificate: no manufacturer roots configured: %w", ErrEKChainInvalid)
 	}
 	if len(ekDER) == 0 || len(ekDER) > MaxEKCertSize {
-		return nil, fmt.Errorf("attest: EK certificate is %d bytes: %w", len(ekDER), ErrMalformed)
+		return nil, nil, fmt.Errorf("attest: EK certificate is %d bytes: %w", len(ekDER), ErrMalformed)
 	}
 	cert, err := x509.ParseCertificate(ekDER)
 	if err != nil {
-		return nil, fmt.Errorf("attest: parse EK certificate: %w: %w", ErrMalformed, err)
+		return nil, nil, fmt.Errorf("attest: parse EK certificate: %w: %w", ErrMalformed, err)
 	}
 	if cert.IsCA {
-		return nil, fmt.Errorf("attest: EK certificate is a CA certificate: %w", ErrEKChainInvalid)
+		return nil, nil, fmt.Errorf("attest: EK certificate is a CA certificate: %w", ErrEKChainInvalid)
 	}
 	if i := slices.IndexFunc(cert.UnhandledCriticalExtensions, oidSubjectAltName.Equal); i >= 0 {
 		if _, err := EKTPMInfo(cert); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		cert.UnhandledCriticalExtensions = slices.Delete(slices.Clone(cert.UnhandledCriticalExtensions), i, i+1)
 	}
 	if len(cert.ExtKeyUsage) > 0 || len(cert.UnknownExtKeyUsage) > 0 {
 		if !slices.ContainsFunc(cert.UnknownExtKeyUsage, oidTCGKpEKCertificate.Equal) {
-			return nil, fmt.Errorf("attest: EK certificate extended key usage lacks tcg-kp-EKCertificate: %w", ErrEKChainInvalid)
+			return nil, nil, fmt.Errorf("attest: EK certificate extended key usage lacks tcg-kp-EKCertificate: %w", ErrEKChainInvalid)
 		}
 	}
 	if _, err := EKPublicFromCert(cert); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	_, err = cert.Verify(x509.VerifyOptions{
+	chains, err := cert.Verify(x509.VerifyOptions{
 		Roots:         roots,
 		Intermediates: intermediates,
 		CurrentTime:   now,
@@ -102,9 +109,9 @@ func VerifyEKCertificateWithIntermediates(ekDER []byte, roots, intermediates *x5
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
 	})
 	if err != nil {
-		return nil, fmt.Errorf("attest: verify EK certificate: %w: %w", ErrEKChainInvalid, err)
+		return nil, nil, fmt.Errorf("attest: verify EK certificate: %w: %w", ErrEKChainInvalid, err)
 	}
-	return cert, nil
+	return cert, chains, nil
 }
 
 // EKTPMInfo parses the TPM identification from an EK certificate's

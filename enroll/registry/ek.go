@@ -297,6 +297,11 @@ type TPMRedemption struct {
 	// (manufacturer policy). Without it an unknown EK is ErrEKNotRegistered.
 	AutoRegister bool
 	Group        string
+	// Audit, if not nil, is the audit record of the successful enrollment:
+	// it is written in the same transaction as the certificate, with the
+	// certificate's serial and outcome ok. Nothing is written on failure
+	// (the caller audits the refusal).
+	Audit *AuditRecord
 }
 
 // RedeemTPM records a TPM-attested enrollment. In one transaction it
@@ -304,7 +309,8 @@ type TPMRedemption struct {
 // device state (revoked and suspended devices are refused: the device may
 // have been revoked between the two round trips), calls sign, records the
 // certificate, and marks the device active with attestation method tpm.
-// Nothing is recorded if any step fails.
+// Nothing is recorded if any step fails. With red.Audit, the audit record
+// is part of that transaction.
 //
 // Re-enrollment policy: a device that already holds certificates may enroll
 // again (e.g. after a factory reset of its TLS key) when the attested EK is
@@ -316,7 +322,7 @@ func (r *Registry) RedeemTPM(red TPMRedemption, sign func(Device) (*Certificate,
 	defer r.writeMu.Unlock()
 	var out *Certificate
 	var dev Device
-	err := r.update(func(txn *badger.Txn) error {
+	err := r.updateAudited(red.Audit != nil, func(txn *badger.Txn) error {
 		now := r.now()
 		var rec EKRecord
 		switch err := get(txn, pfxEK+red.EKFingerprint, &rec); {
@@ -364,6 +370,9 @@ func (r *Registry) RedeemTPM(red TPMRedemption, sign func(Device) (*Certificate,
 		dev.AttestationMethod = MethodTPM
 		dev.EKFingerprint = red.EKFingerprint
 		if err := r.recordCert(txn, c, &dev, now); err != nil {
+			return err
+		}
+		if err := r.putIssuedAudit(txn, red.Audit, c.Serial); err != nil {
 			return err
 		}
 		out = c

@@ -35,12 +35,16 @@ const (
 
 // Registry is safe for concurrent use.
 type Registry struct {
-	db   *badger.DB
-	log  *slog.Logger
-	now  func() time.Time
-	aseq *badger.Sequence
+	db  *badger.DB
+	log *slog.Logger
+	now func() time.Time
 	// auditMu orders audit appends so that sequence order is commit order.
-	auditMu sync.Mutex
+	// It guards auditNext, the sequence number of the next audit record.
+	// Each record is written together with the next number (key
+	// seqAudit) in one transaction: one synced write per record, no gaps
+	// from leases.
+	auditMu   sync.Mutex
+	auditNext uint64
 
 	// writeMu orders every change of device or certificate state: the
 	// transaction and the in-memory index update that follows it happen
@@ -78,7 +82,12 @@ func Open(dir string, o Options) (*Registry, error) {
 	bo := badger.DefaultOptions(dir).WithLogger(nil).WithInMemory(o.InMemory).
 		// A registry is small; keep its memory footprint modest.
 		WithMemTableSize(8 << 20).WithNumMemtables(2).WithBlockCacheSize(8 << 20).
-		WithValueLogFileSize(64 << 20).WithSyncWrites(true)
+		WithValueLogFileSize(64 << 20).WithSyncWrites(true).
+		// Each compactor wakes every 50 ms, even with nothing to do; the
+		// default 4 cost an idle gateway several ms of CPU per second. Two
+		// (the least badger allows; one prefers L0) are plenty for a
+		// registry's write rate.
+		WithNumCompactors(2)
 	if o.InMemory {
 		bo.Dir, bo.ValueDir = "", ""
 	}
@@ -86,15 +95,13 @@ func Open(dir string, o Options) (*Registry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("registry: open badger %s: %w", dir, err)
 	}
-	seq, err := db.GetSequence([]byte(seqAudit), 1)
-	if err != nil {
-		db.Close()
-		return nil, fmt.Errorf("registry: audit sequence: %w", err)
-	}
-	r := &Registry{db: db, log: o.Logger, now: o.Now, aseq: seq,
+	r := &Registry{db: db, log: o.Logger, now: o.Now,
 		certs: map[string]CertStatus{}, devices: map[string]DeviceStatus{}, principals: map[string]identity.Role{}, changes: newChangeLog()}
 	if err := r.loadIndex(); err != nil {
-		seq.Release()
+		db.Close()
+		return nil, err
+	}
+	if err := r.loadAuditSeq(); err != nil {
 		db.Close()
 		return nil, err
 	}
@@ -103,8 +110,43 @@ func Open(dir string, o Options) (*Registry, error) {
 
 // Close releases the database.
 func (r *Registry) Close() error {
-	r.aseq.Release()
 	return r.db.Close()
+}
+
+// loadAuditSeq sets auditNext past both the stored next number (seqAudit,
+// big-endian uint64: the format of a badger.Sequence lease, which earlier
+// versions used) and the last audit record, so that no number is reused.
+func (r *Registry) loadAuditSeq() error {
+	return r.db.View(func(txn *badger.Txn) error {
+		next := uint64(0)
+		switch it, err := txn.Get([]byte(seqAudit)); {
+		case err == nil:
+			if err := it.Value(func(v []byte) error {
+				if len(v) != 8 {
+					return fmt.Errorf("registry: audit sequence is %d bytes", len(v))
+				}
+				next = binary.BigEndian.Uint64(v)
+				return nil
+			}); err != nil {
+				return err
+			}
+		case !errors.Is(err, badger.ErrKeyNotFound):
+			return fmt.Errorf("registry: audit sequence: %w", err)
+		}
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte(pfxAudit), Reverse: true})
+		defer it.Close()
+		// In reverse, Seek goes to the last key <= the argument.
+		it.Seek(append([]byte(pfxAudit), 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff))
+		if it.Valid() {
+			k := it.Item().Key()
+			if len(k) != len(pfxAudit)+8 {
+				return fmt.Errorf("registry: audit key %q", k)
+			}
+			next = max(next, binary.BigEndian.Uint64(k[len(pfxAudit):])+1)
+		}
+		r.auditNext = next
+		return nil
+	})
 }
 
 func (r *Registry) loadIndex() error {
@@ -200,11 +242,19 @@ type TokenRedemption struct {
 // certificate that sign returns. Nothing is recorded if any step fails, and
 // a token can be redeemed at most once even under concurrent requests.
 func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, sign func(TokenRedemption) (*Certificate, error)) (*Certificate, error) {
+	return r.RedeemTokenAudited(tokenID, secret, deviceID, nil, sign)
+}
+
+// RedeemTokenAudited is RedeemToken that also writes audit, if not nil, as
+// the audit record of the successful enrollment in the same transaction
+// (with the certificate's serial and outcome ok). Nothing is written on
+// failure: the caller audits the refusal.
+func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID string, audit *AuditRecord, sign func(TokenRedemption) (*Certificate, error)) (*Certificate, error) {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	var out *Certificate
 	var dev Device
-	err := r.update(func(txn *badger.Txn) error {
+	err := r.updateAudited(audit != nil, func(txn *badger.Txn) error {
 		now := r.now()
 		var t Token
 		if err := get(txn, pfxToken+tokenID, &t); err != nil {
@@ -257,6 +307,9 @@ func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, s
 		dev.State = StateActive
 		dev.AttestationMethod = MethodToken
 		if err := r.recordCert(txn, c, &dev, now); err != nil {
+			return err
+		}
+		if err := r.putIssuedAudit(txn, audit, c.Serial); err != nil {
 			return err
 		}
 		out = c
@@ -368,21 +421,63 @@ func (r *Registry) Devices() ([]Device, error) {
 func (r *Registry) Audit(a AuditRecord) {
 	r.auditMu.Lock()
 	defer r.auditMu.Unlock()
-	seq, err := r.aseq.Next()
-	if err == nil {
-		a.Seq = seq
-		if a.Time.IsZero() {
-			a.Time = r.now()
-		}
-		err = r.update(func(txn *badger.Txn) error {
-			var k [8]byte
-			binary.BigEndian.PutUint64(k[:], seq)
-			return put(txn, pfxAudit+string(k[:]), &a)
-		})
-	}
+	err := r.update(func(txn *badger.Txn) error { return r.putAudit(txn, &a) })
 	if err != nil {
 		r.log.Error("audit write failed", "err", err, "action", a.Action, "device", a.DeviceID, "outcome", a.Outcome, "reason", a.Reason)
 	}
+}
+
+// putAudit writes a in txn with sequence number auditNext, and auditNext+1
+// as the stored next number, and increments auditNext. The caller holds
+// auditMu from before the transaction until after it ends: sequence order
+// is commit order. A transaction that fails after putAudit leaves a gap in
+// the sequence, never a reused number.
+func (r *Registry) putAudit(txn *badger.Txn, a *AuditRecord) error {
+	a.Seq = r.auditNext
+	if a.Time.IsZero() {
+		a.Time = r.now()
+	}
+	key := make([]byte, len(pfxAudit)+8)
+	copy(key, pfxAudit)
+	binary.BigEndian.PutUint64(key[len(pfxAudit):], a.Seq)
+	b, err := json.Marshal(a)
+	if err != nil {
+		return fmt.Errorf("registry: encode: %w", err)
+	}
+	if err := txn.Set(key, b); err != nil {
+		return err
+	}
+	next := make([]byte, 8)
+	binary.BigEndian.PutUint64(next, a.Seq+1)
+	if err := txn.Set([]byte(seqAudit), next); err != nil {
+		return err
+	}
+	r.auditNext++
+	return nil
+}
+
+// updateAudited is update for a transaction that may append an audit
+// record (putAudit, putIssuedAudit): with audited, auditMu is held around
+// it. Lock order: writeMu, then auditMu.
+func (r *Registry) updateAudited(audited bool, fn func(*badger.Txn) error) error {
+	if !audited {
+		return r.update(fn)
+	}
+	r.auditMu.Lock()
+	defer r.auditMu.Unlock()
+	return r.update(fn)
+}
+
+// putIssuedAudit appends a copy of a as the audit record of the successful
+// issuance of serial, in the issuing transaction txn (nil a: none). The
+// caller runs that transaction with updateAudited.
+func (r *Registry) putIssuedAudit(txn *badger.Txn, a *AuditRecord, serial string) error {
+	if a == nil {
+		return nil
+	}
+	rec := *a
+	rec.Outcome, rec.Serial = OutcomeOK, serial
+	return r.putAudit(txn, &rec)
 }
 
 // AuditLog returns audit records in order, optionally only those of one
