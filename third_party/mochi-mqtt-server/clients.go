@@ -378,6 +378,24 @@ func (cl *Client) ResendInflightMessages(force bool) error {
 			tk.FixedHeader.Dup = true // [MQTT-3.3.1-1] [MQTT-3.3.1-3]
 		}
 
+		// fleetgate patch: an acknowledgement of the client's own publish
+		// (PUBACK, PUBREC, PUBCOMP) caught by a session takeover is not sent
+		// on the new connection: the client may already use that packet ID
+		// for a new message, which the stray acknowledgement would complete
+		// before the broker has it (seen as a QoS 1 message lost after its
+		// PUBACK when a device moved its session to a new certificate). A
+		// client that got no PUBACK resends its PUBLISH; the broker had
+		// fanned the message out before acknowledging it.
+		if t := tk.FixedHeader.Type; t == packets.Puback || t == packets.Pubrec || t == packets.Pubcomp {
+			if t != packets.Pubrec {
+				if ok := cl.State.Inflight.Delete(tk.PacketID); ok {
+					cl.ops.hooks.OnQosComplete(cl, tk)
+					atomic.AddInt64(&cl.ops.info.Inflight, -1)
+				}
+			}
+			continue
+		}
+
 		cl.ops.hooks.OnQosPublish(cl, tk, tk.Created, 0)
 		err := cl.WritePacket(tk)
 		if err != nil {

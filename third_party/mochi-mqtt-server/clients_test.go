@@ -411,7 +411,9 @@ func TestClientResendInflightMessages(t *testing.T) {
 	buf, err := io.ReadAll(r)
 	require.NoError(t, err)
 	require.Equal(t, 0, cl.State.Inflight.Len())
-	require.Equal(t, pk1.RawBytes, buf)
+	// fleetgate: a stray PUBACK is dropped from the session, not resent (it
+	// could complete a new publish of the client with the same ID).
+	require.Empty(t, buf)
 }
 
 func TestClientResendInflightMessagesWriteFailure(t *testing.T) {

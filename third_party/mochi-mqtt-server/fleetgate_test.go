@@ -419,3 +419,26 @@ func TestSubscribeIDIndependentOfServerDeliveries(t *testing.T) {
 	require.Equal(t, byte(packets.Suback<<4), buf[0])
 	require.NotContains(t, buf[2:], byte(packets.ErrPacketIdentifierInUse.Code), "refused as in use")
 }
+
+// On session resume the server resends its own unacknowledged PUBLISH (with
+// DUP) but not an acknowledgement of the client's publish: that one could
+// complete a new message the client sent with the same packet ID.
+func TestResumeResendsPublishNotAcks(t *testing.T) {
+	cl, r, w := newTestClient()
+	cl.State.Inflight.Set(packets.Packet{PacketID: 3, FixedHeader: packets.FixedHeader{Type: packets.Puback}})
+	cl.State.Inflight.Set(packets.Packet{PacketID: 4, FixedHeader: packets.FixedHeader{Type: packets.Pubrec}})
+	cl.State.Inflight.Set(packets.Packet{PacketID: 5, TopicName: "a", FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, Payload: []byte("x")})
+	go func() {
+		require.NoError(t, cl.ResendInflightMessages(true))
+		_ = w.Close()
+	}()
+	buf, err := io.ReadAll(r)
+	require.NoError(t, err)
+	require.NotEmpty(t, buf)
+	require.Equal(t, byte(packets.Publish<<4|0x08|0x02), buf[0], "only the PUBLISH, with DUP")
+	require.Len(t, buf, 2+int(buf[1]), "one packet")
+	_, ok := cl.State.Inflight.Get(3)
+	require.False(t, ok, "the stray PUBACK is dropped from the session")
+	_, ok = cl.State.Inflight.Get(4)
+	require.True(t, ok, "the client's QoS 2 exchange (PUBREC sent) is kept to detect its duplicate")
+}
