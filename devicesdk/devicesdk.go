@@ -226,26 +226,32 @@ func (e *APIError) Error() string {
 	return fmt.Sprintf("enrollment server: %d %s: %s", e.Status, e.Code, e.Message)
 }
 
-// httpClient returns the client for the enrollment server. It is kept while
-// the device's certificate and CA stay the same, so the two round trips of a
-// TPM enrollment share one TLS connection; a new certificate (after
-// enrollment or renewal) gets a new client.
-func (d *Device) httpClient() *http.Client {
+// httpClient returns the client for the enrollment server, presenting the
+// device's certificate when withCert (renewal authenticates with it;
+// enrollment does not use it, and presenting it would cost the device a key
+// signature — a TPM operation — and the server its verification). It is
+// kept while the certificate presented and the CA stay the same, so the two
+// round trips of a TPM enrollment share one TLS connection.
+func (d *Device) httpClient(withCert bool) *http.Client {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	roots := d.ca
 	if roots == nil {
 		roots = d.cfg.RootCAs
 	}
-	if d.hc != nil && d.hcCert == d.cert && d.hcRoots == roots {
+	var cert *tls.Certificate
+	if withCert {
+		cert = d.cert
+	}
+	if d.hc != nil && d.hcCert == cert && d.hcRoots == roots {
 		return d.hc
 	}
 	if d.hc != nil {
 		d.hc.CloseIdleConnections()
 	}
 	tcfg := &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
-	if d.cert != nil {
-		tcfg.Certificates = []tls.Certificate{*d.cert}
+	if cert != nil {
+		tcfg.Certificates = []tls.Certificate{*cert}
 	}
 	c := &http.Client{Timeout: 30 * time.Second}
 	if d.cfg.HTTPClient != nil {
@@ -254,7 +260,7 @@ func (d *Device) httpClient() *http.Client {
 	}
 	// HTTP/1.1 keep-alive: two small round trips need no HTTP/2.
 	c.Transport = &http.Transport{TLSClientConfig: tcfg, IdleConnTimeout: 90 * time.Second}
-	d.hc, d.hcCert, d.hcRoots = c, d.cert, roots
+	d.hc, d.hcCert, d.hcRoots = c, cert, roots
 	return c
 }
 
@@ -273,6 +279,12 @@ func (d *Device) closeIdle() {
 
 // post sends a JSON request to the enrollment server and decodes the answer.
 func (d *Device) post(ctx context.Context, path string, in, out any) error {
+	// Only renewal authenticates with the device's certificate.
+	return d.postAs(ctx, path, in, out, path == api.PathRenew)
+}
+
+// postAs is post, presenting the device's certificate when withCert.
+func (d *Device) postAs(ctx context.Context, path string, in, out any, withCert bool) error {
 	body, err := json.Marshal(in)
 	if err != nil {
 		return err
@@ -282,7 +294,7 @@ func (d *Device) post(ctx context.Context, path string, in, out any) error {
 		return fmt.Errorf("devicesdk: request: %w", err)
 	}
 	req.Header.Set("Content-Type", "application/json")
-	c := d.httpClient()
+	c := d.httpClient(withCert)
 	resp, err := c.Do(req)
 	if err != nil {
 		return fmt.Errorf("devicesdk: POST %s: %w", path, err)
