@@ -442,3 +442,27 @@ func TestResumeResendsPublishNotAcks(t *testing.T) {
 	_, ok = cl.State.Inflight.Get(4)
 	require.True(t, ok, "the client's QoS 2 exchange (PUBREC sent) is kept to detect its duplicate")
 }
+
+// A QoS 1 publish from the client whose packet ID equals that of a pending
+// delivery to the client leaves that delivery in the in-flight store (it
+// is resent if the connection drops before the client acknowledges it).
+func TestClientQos1PublishKeepsPendingDeliveryWithSameID(t *testing.T) {
+	s := New(&Options{Logger: logger}) // default capabilities: receive maximum 1024
+	require.NoError(t, s.AddHook(new(AllowHook), nil))
+	cl, r, w := newTestClient()
+	cl.State.Inflight.ResetReceiveQuota(10)
+	s.Clients.Add(cl)
+	pending := packets.Packet{PacketID: 7, TopicName: "devices/d/commands/x", FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, Payload: []byte("cmd")}
+	cl.State.Inflight.Set(pending)
+	go func() {
+		err := s.processPacket(cl, packets.Packet{PacketID: 7, TopicName: "devices/d/telemetry", FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, Payload: []byte("t")})
+		require.NoError(t, err)
+		_ = w.Close()
+	}()
+	buf, err := io.ReadAll(r)
+	require.NoError(t, err)
+	require.Equal(t, []byte{packets.Puback << 4, 2, 0, 7}, buf, "the publish is acknowledged")
+	got, ok := cl.State.Inflight.Get(7)
+	require.True(t, ok, "the pending delivery with the same ID is still in flight")
+	require.Equal(t, []byte("cmd"), got.Payload)
+}

@@ -953,8 +953,13 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 				ack := s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.ErrPacketIdentifierInUse)
 				return cl.WritePacket(ack)
 			}
-			if ok := cl.State.Inflight.Delete(pk.PacketID); ok { // [MQTT-4.3.2-5]
-				atomic.AddInt64(&s.Info.Inflight, -1)
+			// fleetgate: only the client's own finished exchange is
+			// forgotten; an entry of the server's delivery to the client
+			// with the same ID (assigned independently) stays.
+			if t := pki.FixedHeader.Type; t == packets.Puback || t == packets.Pubcomp {
+				if ok := cl.State.Inflight.Delete(pk.PacketID); ok { // [MQTT-4.3.2-5]
+					atomic.AddInt64(&s.Info.Inflight, -1)
+				}
 			}
 		}
 	}
@@ -1001,9 +1006,18 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		ack = s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.CodeSuccess) // [MQTT-3.3.4-1] [MQTT-4.3.3-8]
 	}
 
-	if ok := cl.State.Inflight.Set(ack); ok {
-		atomic.AddInt64(&s.Info.Inflight, 1)
-		s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
+	// fleetgate patch: a QoS 1 exchange ends with the PUBACK written here,
+	// so it is not recorded in the in-flight store. That store is keyed by
+	// packet ID and also holds the server's own deliveries to this client,
+	// whose IDs are assigned independently: upstream's record-then-delete
+	// of the PUBACK replaced, then deleted, a pending delivery (a command
+	// to a device) with the same ID, in memory and in the storage hook,
+	// and the delivery was never resent. QoS 2 keeps its PUBREC state.
+	if pk.FixedHeader.Qos == 2 {
+		if ok := cl.State.Inflight.Set(ack); ok {
+			atomic.AddInt64(&s.Info.Inflight, 1)
+			s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
+		}
 	}
 
 	// fleetgate: when the client's next packet is already read whole, the
@@ -1015,11 +1029,7 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	}
 
 	if pk.FixedHeader.Qos == 1 {
-		if ok := cl.State.Inflight.Delete(ack.PacketID); ok {
-			atomic.AddInt64(&s.Info.Inflight, -1)
-		}
 		cl.State.Inflight.IncreaseReceiveQuota()
-		s.hooks.OnQosComplete(cl, ack)
 	}
 
 	s.publishToSubscribers(pk)
