@@ -200,8 +200,6 @@ func (cl *Client) WriteLoop() {
 		select {
 		case pk := <-cl.State.outbound:
 			cl.writeQueued(pk)
-			atomic.AddInt32(&cl.State.outboundQty, -1)
-			cl.State.progress.Store(time.Now().UnixNano())
 		case <-cl.State.open.Done():
 			return
 		}
@@ -241,8 +239,6 @@ func (cl *Client) drainQueue() {
 		select {
 		case pk := <-cl.State.outbound:
 			cl.writeQueued(pk)
-			atomic.AddInt32(&cl.State.outboundQty, -1)
-			cl.State.progress.Store(time.Now().UnixNano())
 		case <-cl.State.open.Done():
 			cl.State.writing.Store(false)
 			return
@@ -261,9 +257,10 @@ func (cl *Client) drainQueue() {
 	}
 }
 
-// writeQueued writes one queued packet (fleetgate patch: split out of
-// WriteLoop, whose frame held a copy of the packet, so that an idle write
-// loop waits on the smallest stack).
+// writeQueued writes one packet taken from the queue and accounts for it
+// (fleetgate patch: split out of WriteLoop, whose frame held a copy of the
+// packet, so that an idle write loop waits on the smallest stack; shared by
+// WriteLoop and drainQueue).
 //
 //go:noinline
 func (cl *Client) writeQueued(pk *packets.Packet) {
@@ -271,6 +268,15 @@ func (cl *Client) writeQueued(pk *packets.Packet) {
 		// TODO : Figure out what to do with error
 		cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
 	}
+	atomic.AddInt32(&cl.State.outboundQty, -1)
+	cl.State.progress.Store(time.Now().UnixNano())
+}
+
+// queued accounts for a packet just put in the outbound queue and makes
+// sure a writer takes it (fleetgate patch).
+func (cl *Client) queued() {
+	atomic.AddInt32(&cl.State.outboundQty, 1)
+	cl.kickWriter()
 }
 
 // ParseConnect parses the connect parameters and properties for a client.

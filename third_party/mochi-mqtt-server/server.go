@@ -1169,8 +1169,7 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 
 	select {
 	case cl.State.outbound <- &out:
-		atomic.AddInt32(&cl.State.outboundQty, 1)
-		cl.kickWriter()
+		cl.queued()
 	default:
 		if wait := cl.State.queue.wait(out.FixedHeader.Qos); wait > 0 {
 			return out, s.waitForRoom(cl, &out, pk, wait)
@@ -1890,8 +1889,7 @@ func (s *Server) waitForRoom(cl *Client, out *packets.Packet, pk packets.Packet,
 		defer t.Stop()
 		select {
 		case cl.State.outbound <- out:
-			atomic.AddInt32(&cl.State.outboundQty, 1)
-			cl.kickWriter()
+			cl.queued()
 			return nil
 		case <-t.C:
 		case <-cl.State.open.Done():

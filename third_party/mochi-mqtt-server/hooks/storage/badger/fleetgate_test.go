@@ -164,3 +164,19 @@ func TestOpenDeletesLeftoverEphemeralSessions(t *testing.T) {
 	require.Len(t, stored, 1)
 	require.Equal(t, "keep", stored[0].ID)
 }
+
+// Client IDs may contain ':', the separator of record keys: forgetting
+// client "a" leaves the records of client "a:b" (whose keys start with
+// "a:") alone.
+func TestForgetClientKeepsPrefixSharingIDs(t *testing.T) {
+	h := openHook(t, t.TempDir())
+	defer h.Stop()
+	persistentWithRecords(t, h, mkClient("a", 4, false, 0))
+	persistentWithRecords(t, h, mkClient("a:b", 4, false, 0))
+	h.OnSessionEstablished(mkClient("a", 4, true, 0), packets.Packet{}) // clean start of "a"
+	require.Equal(t, 3, keyCount(t, h), "only a:b's three records remain")
+	stored, err := h.StoredClients()
+	require.NoError(t, err)
+	require.Len(t, stored, 1)
+	require.Equal(t, "a:b", stored[0].ID)
+}
