@@ -1,0 +1,124 @@
+package logguard
+
+import (
+	"strings"
+	"sync"
+	"testing"
+	"time"
+	"unicode/utf8"
+)
+
+func TestClip(t *testing.T) {
+	long := strings.Repeat("A", 64<<10)
+	got := Clip(long, 100)
+	if len(got) > 100+len("…(cut)") || !strings.HasSuffix(got, "…(cut)") {
+		t.Fatalf("64 KiB string clipped to %d bytes: %q", len(got), got[:20])
+	}
+	if got := Clip("abc", 100); got != "abc" {
+		t.Fatalf("short string changed: %q", got)
+	}
+	// control characters and invalid UTF-8 are escaped, so a peer cannot
+	// forge log lines
+	got = Clip("a\nlevel=ERROR msg=forged\x00\xff", 100)
+	if strings.ContainsAny(got, "\n\x00") || !utf8.ValidString(got) {
+		t.Fatalf("not escaped: %q", got)
+	}
+	// cut at a rune boundary
+	got = Clip(strings.Repeat("é", 10), 5)
+	if !utf8.ValidString(got) {
+		t.Fatalf("cut inside a rune: %q", got)
+	}
+}
+
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) now() time.Time         { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) add(d time.Duration)    { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
+func newClock() *clock                  { return &clock{t: time.Unix(1e9, 0)} }
+func (c *clock) opts(o Options) Options { o.Now = c.now; return o }
+
+func TestLimiterBurstAndSummary(t *testing.T) {
+	c := newClock()
+	var got []string
+	var counts []int
+	l := New(c.opts(Options{Burst: 3, Window: time.Minute, Summary: func(k string, n int, _ time.Duration) {
+		got = append(got, k)
+		counts = append(counts, n)
+	}}))
+	allowed := 0
+	for i := 0; i < 1000; i++ {
+		if l.Allow("10.0.0.1") {
+			allowed++
+		}
+	}
+	if allowed != 3 {
+		t.Fatalf("allowed %d of 1000 in one window, want 3", allowed)
+	}
+	if l.Allow("10.0.0.2") != true {
+		t.Fatal("another source shares the first one's budget")
+	}
+	if len(got) != 0 {
+		t.Fatal("summary before the window ended")
+	}
+	c.add(time.Minute)
+	l.Flush()
+	if len(got) != 1 || got[0] != "10.0.0.1" || counts[0] != 997 {
+		t.Fatalf("summaries %v %v, want one for 10.0.0.1 with 997", got, counts)
+	}
+	if l.Tracked() != 0 {
+		t.Fatalf("%d keys still tracked after their window", l.Tracked())
+	}
+	if !l.Allow("10.0.0.1") {
+		t.Fatal("budget not refilled after the window")
+	}
+}
+
+func TestLimiterBoundedKeys(t *testing.T) {
+	c := newClock()
+	suppressed := 0
+	l := New(c.opts(Options{Burst: 1, MaxKeys: 100, Summary: func(_ string, n int, _ time.Duration) { suppressed += n }}))
+	allowed := 0
+	for i := 0; i < 100000; i++ {
+		if l.Allow(strings.Repeat("x", i%7) + string(rune('a'+i%26)) + string(rune(i))) {
+			allowed++
+		}
+	}
+	if l.Tracked() > 101 {
+		t.Fatalf("%d keys tracked, bound is 100 plus the overflow key", l.Tracked())
+	}
+	if allowed > 101 {
+		t.Fatalf("%d events let through with 100 keys of burst 1", allowed)
+	}
+	c.add(2 * time.Minute)
+	l.Flush()
+	if allowed+suppressed != 100000 {
+		t.Fatalf("allowed %d + summarised %d != 100000: events lost from the count", allowed, suppressed)
+	}
+}
+
+func TestLimiterConcurrent(t *testing.T) {
+	l := New(Options{Burst: 10})
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	allowed := 0
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 1000; i++ {
+				if l.Allow("k") {
+					mu.Lock()
+					allowed++
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if allowed != 10 {
+		t.Fatalf("allowed %d under concurrency, want 10", allowed)
+	}
+}
