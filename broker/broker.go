@@ -28,6 +28,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // Config configures the broker.
@@ -71,7 +72,10 @@ type Config struct {
 
 // Queues are the outbound queue policies (mochi's per-client queue of
 // packets waiting for the client's socket) of devices and of the other
-// roles (services, operators).
+// roles (services, operators). Their MaxOffline is the quota of QoS 1/2
+// messages a persistent session holds while its client is offline (0: the
+// default, negative: no quota but mochi's 65,535); see operations.md,
+// "Offline sessions".
 type Queues struct {
 	Device, Service mqtt.QueuePolicy
 }
@@ -94,8 +98,10 @@ type Broker struct {
 	policy atomic.Pointer[acl.Policy]
 	m      metrics
 	stop   chan struct{}
-	wg     sync.WaitGroup
-	once   sync.Once
+	// quotaLog rate-limits the log of offline-quota drops per session.
+	quotaLog *logguard.Limiter
+	wg       sync.WaitGroup
+	once     sync.Once
 }
 
 type metrics struct {
@@ -110,6 +116,7 @@ type metrics struct {
 	msgsOut      prometheus.Counter
 	bytesOut     prometheus.Counter
 	dropped      prometheus.Counter
+	quotaDropped *prometheus.CounterVec
 }
 
 // New builds a broker; Run starts it.
@@ -165,6 +172,8 @@ func New(cfg Config) (*Broker, error) {
 	b := &Broker{cfg: cfg, log: cfg.Logger.With("component", "broker"), stop: make(chan struct{})}
 	b.policy.Store(cfg.Policy)
 	b.initMetrics()
+	b.quotaLog = logguard.New(logguard.Options{Burst: 3, Window: time.Minute, MaxKeys: 1024,
+		Summary: logguard.LogSummary(b.log, "offline session quota full; further messages not queued for it")})
 
 	b.hook = auth.New(auth.Options{
 		TrustDomain: cfg.CA.TrustDomain,
@@ -204,6 +213,7 @@ func New(cfg Config) (*Broker, error) {
 		ClientNetWriteBufferSize: 16 << 10,
 		ClientNetReadBufferSize:  1024,
 		ClientQueue:              b.queuePolicy,
+		OfflineQuotaDropped:      b.offlineQuotaDropped,
 	})
 	// The events hook goes first: at disconnect it needs the session the
 	// auth hook forgets.
@@ -269,28 +279,71 @@ func New(cfg Config) (*Broker, error) {
 // waiting until it takes a packet again; a QoS 1/2 message waits up to
 // WaitQos12, then the stalled client is disconnected and the message stays
 // in its session (resent on reconnect), never dropped after its PUBACK.
+//
+// While a persistent session's client is offline, its session holds at
+// most MaxOffline QoS 1/2 messages (devices 1,000, as Mosquitto's
+// max_queued_messages and EMQX's max_mqueue_len; services 10,000). A
+// message for a full offline session is not stored for it, counted in
+// fleetgate_broker_session_quota_dropped_total{role} and logged (rate
+// limited); the publisher's PUBACK is not held back, nor is any other
+// subscriber's delivery.
 var DefaultQueues = Queues{
-	Device:  mqtt.QueuePolicy{Size: 32, WaitQos0: 0, WaitQos12: 10 * time.Second},
-	Service: mqtt.QueuePolicy{Size: 4096, WaitQos0: 2 * time.Second, WaitQos12: 30 * time.Second},
+	Device:  mqtt.QueuePolicy{Size: 32, WaitQos0: 0, WaitQos12: 10 * time.Second, MaxOffline: 1000},
+	Service: mqtt.QueuePolicy{Size: 4096, WaitQos0: 2 * time.Second, WaitQos12: 30 * time.Second, MaxOffline: 10_000},
 }
 
 func (q Queues) withDefaults() Queues {
-	if q.Device.Size <= 0 {
-		q.Device = DefaultQueues.Device
+	fill := func(p, d mqtt.QueuePolicy) mqtt.QueuePolicy {
+		if p.Size <= 0 {
+			return d
+		}
+		switch {
+		case p.MaxOffline == 0:
+			p.MaxOffline = d.MaxOffline
+		case p.MaxOffline < 0:
+			p.MaxOffline = 0 // mochi: no quota
+		}
+		return p
 	}
-	if q.Service.Size <= 0 {
-		q.Service = DefaultQueues.Service
-	}
+	q.Device = fill(q.Device, DefaultQueues.Device)
+	q.Service = fill(q.Service, DefaultQueues.Service)
 	return q
 }
 
 // queuePolicy is mochi's ClientQueue: it sizes a client's outbound queue by
-// the role of its certificate.
+// the role of its certificate (for a session restored from the store, by
+// its name in the registry).
 func (b *Broker) queuePolicy(cl *mqtt.Client) mqtt.QueuePolicy {
-	if c, ok := cl.Net.Conn.(*conn); ok && c.role != identity.RoleDevice && c.role != "" {
+	if b.clientRole(cl) != identity.RoleDevice {
 		return b.cfg.Queues.Service
 	}
 	return b.cfg.Queues.Device
+}
+
+// clientRole is the role of a client: of its certificate when connected,
+// else of its name in the registry (client ID = identity name, one
+// namespace for all roles).
+func (b *Broker) clientRole(cl *mqtt.Client) identity.Role {
+	if c, ok := cl.Net.Conn.(*conn); ok && c.role != "" {
+		return c.role
+	}
+	if cl.Net.Conn == nil && b.cfg.Registry != nil {
+		if r, ok := b.cfg.Registry.PrincipalRole(cl.ID); ok {
+			return r
+		}
+	}
+	return identity.RoleDevice
+}
+
+// offlineQuotaDropped is mochi's OfflineQuotaDropped: a QoS 1/2 message
+// was not stored for an offline session that holds its quota already.
+func (b *Broker) offlineQuotaDropped(cl *mqtt.Client, pk packets.Packet) {
+	role := string(b.clientRole(cl))
+	b.m.quotaDropped.WithLabelValues(role).Inc()
+	if b.quotaLog.Allow(cl.ID) {
+		b.log.Warn("offline session quota full; message not queued for it", "client", logguard.Clip(cl.ID, 0),
+			"role", role, "topic", logguard.Clip(pk.TopicName, 0), "quota", b.queuePolicy(cl).MaxOffline)
+	}
 }
 
 // ErrSecondAuthHook: a hook other than the auth hook provides
@@ -325,12 +378,14 @@ func (b *Broker) initMetrics() {
 		bytesIn:  prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_payload_bytes_received_total", Help: "PUBLISH payload bytes received."}),
 		msgsOut:  prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_messages_sent_total", Help: "PUBLISH packets sent."}),
 		bytesOut: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_payload_bytes_sent_total", Help: "PUBLISH payload bytes sent."}),
+		quotaDropped: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fleetgate_broker_session_quota_dropped_total",
+			Help: "QoS 1/2 messages not queued for an offline persistent session because it held its quota (Queues MaxOffline), by the session's role; delivered to every other subscriber."}, []string{"role"}),
 		dropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "fleetgate_broker_messages_dropped_total",
 			Help: "QoS 0 messages dropped because a subscriber's outbound queue stayed full (a QoS 1/2 message is kept in the subscriber's session instead, and the stalled subscriber disconnected)."}),
 	}
 	if b.cfg.Metrics != nil {
 		for _, c := range []prometheus.Collector{b.m.authFailures, b.m.aclDenied, b.m.connected, b.m.closed,
-			b.m.takeovers, b.m.limited, b.m.msgsIn, b.m.bytesIn, b.m.msgsOut, b.m.bytesOut, b.m.dropped} {
+			b.m.takeovers, b.m.limited, b.m.msgsIn, b.m.bytesIn, b.m.msgsOut, b.m.bytesOut, b.m.dropped, b.m.quotaDropped} {
 			_ = b.cfg.Metrics.Register(c)
 		}
 	}
@@ -357,8 +412,14 @@ func (b *Broker) Start() error {
 		return fmt.Errorf("broker: serve: %w", err)
 	}
 	b.log.Info("broker listening", "addr", b.Addr())
-	b.wg.Add(2)
+	b.wg.Add(3)
 	go b.sweepLoop()
+	go func() {
+		defer b.wg.Done()
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() { <-b.stop; cancel() }()
+		b.quotaLog.Run(ctx)
+	}()
 	go func() {
 		defer b.wg.Done()
 		b.events.run(b.stop)

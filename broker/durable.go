@@ -2,7 +2,6 @@ package broker
 
 import (
 	"bytes"
-	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -17,8 +16,11 @@ import (
 // first, through an inline client, and tells mochi to acknowledge the
 // original without fanning it out again (CodeSuccessIgnore).
 //
-// When subscribers fall far behind, publishers wait (backpressure) rather
-// than have their acknowledged messages dropped.
+// When an online subscriber falls far behind, the publishers of messages
+// for it wait (backpressure) rather than have their acknowledged messages
+// dropped. An offline persistent session holds at most its quota; past it
+// a message is delivered to every other subscriber and acknowledged, and
+// not queued for that session (counted: session_quota_dropped_total).
 //
 // Known limitation: the fanned-out copy's origin is the inline client, so
 // an MQTT 5 No Local subscription of the publisher to its own topic also
@@ -32,25 +34,56 @@ type fanoutFirstHook struct {
 
 func (h *fanoutFirstHook) ID() string { return "fleetgate-fanout-before-ack" }
 
-// inflightHighWater bounds the QoS 1/2 messages the broker holds for
-// subscribers that have not acknowledged them yet. mochi drops a message
-// (after its publisher's PUBACK) when one subscriber holds MaximumInflight
-// (65,535) of them; above this mark QoS 1/2 publishers wait instead, which
-// their TCP connections turn into backpressure. One slow subscriber thus
-// slows every QoS 1/2 publisher, and loses nothing.
-const inflightHighWater = 50_000
+// sessionHighWater bounds the QoS 1/2 messages the broker holds for one
+// online subscriber that has not acknowledged them yet. mochi drops a
+// message (after its publisher's PUBACK) when one subscriber holds
+// MaximumInflight (65,535) of them; above this mark the publishers of
+// messages for that subscriber wait instead, which their TCP connections
+// turn into backpressure. A slow subscriber thus slows the publishers of
+// what it subscribes to, and loses nothing; publishers of other topics are
+// not held back. Offline sessions never hold publishers back: they have a
+// quota (Queues MaxOffline), past which their messages are counted and not
+// queued for them (broker.go, offlineQuotaDropped).
+//
+// Until issue 11 the mark was broker-wide (50,000 messages held for anyone,
+// offline sessions included), so one backend offline long enough made every
+// QoS 1 publisher of the fleet wait 30 s per message.
+const sessionHighWater = 50_000
 
 // maxBackpressure bounds one publisher's wait; past it the message goes
 // through (and may be dropped by mochi if the subscriber is still full).
 const maxBackpressure = 30 * time.Second
 
-func (h *fanoutFirstHook) backpressure(cl *mqtt.Client) {
-	if atomic.LoadInt64(&h.b.server.Info.Inflight) < inflightHighWater {
+// fullSubscriber reports whether an online subscriber of topic holds
+// sessionHighWater unacknowledged messages.
+func (h *fanoutFirstHook) fullSubscriber(topic string) bool {
+	subs := h.b.server.Topics.CachedSubscribers(topic) // read-only, shared
+	full := func(id string) bool {
+		cl, ok := h.b.server.Clients.Get(id)
+		return ok && !cl.Net.Inline && cl.Net.Conn != nil && !cl.Closed() && cl.State.Inflight.Len() >= sessionHighWater
+	}
+	for id := range subs.Subscriptions {
+		if full(id) {
+			return true
+		}
+	}
+	for _, group := range subs.Shared {
+		for id := range group {
+			if full(id) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func (h *fanoutFirstHook) backpressure(cl *mqtt.Client, topic string) {
+	if !h.fullSubscriber(topic) {
 		return
 	}
 	h.b.m.limited.WithLabelValues("backpressure").Inc()
 	deadline := time.Now().Add(maxBackpressure)
-	for atomic.LoadInt64(&h.b.server.Info.Inflight) >= inflightHighWater && time.Now().Before(deadline) {
+	for h.fullSubscriber(topic) && time.Now().Before(deadline) {
 		if cl.Closed() {
 			return
 		}
@@ -66,7 +99,7 @@ func (h *fanoutFirstHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets
 	if cl.Net.Inline || pk.FixedHeader.Qos == 0 {
 		return pk, nil
 	}
-	h.backpressure(cl)
+	h.backpressure(cl, pk.TopicName)
 	cp := pk.Copy(true)
 	if err := h.b.server.InjectPacket(h.inline, cp); err != nil {
 		// Fall back to mochi's own order rather than lose the message.

@@ -16,6 +16,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/mochi-mqtt/server/v2/hooks/storage"
 	"github.com/mochi-mqtt/server/v2/packets"
 )
 
@@ -465,4 +466,51 @@ func TestClientQos1PublishKeepsPendingDeliveryWithSameID(t *testing.T) {
 	got, ok := cl.State.Inflight.Get(7)
 	require.True(t, ok, "the pending delivery with the same ID is still in flight")
 	require.Equal(t, []byte("cmd"), got.Payload)
+}
+
+// An offline session holds at most QueuePolicy.MaxOffline QoS 1/2
+// messages: the next one is not stored for it, and is reported; an online
+// client with the same policy is not limited by it, and a session restored
+// from the store gets its policy from Options.ClientQueue.
+func TestOfflineQuotaBoundsOfflineSession(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	var dropped []string
+	s.Options.OfflineQuotaDropped = func(cl *Client, pk packets.Packet) { dropped = append(dropped, cl.ID+":"+string(pk.Payload)) }
+	pol := QueuePolicy{Size: 16, WaitQos12: time.Minute, MaxOffline: 2}
+	off, _ := queueClient(t, s, pol)
+	for len(off.State.outbound) > 0 { // queueClient fills it
+		<-off.State.outbound
+	}
+	off.Stop(packets.ErrServerShuttingDown) // offline
+	sub := packets.Subscription{Filter: "a", Qos: 1}
+	msg := func(p string) packets.Packet {
+		return packets.Packet{TopicName: "a", FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, Payload: []byte(p)}
+	}
+	for _, p := range []string{"1", "2"} {
+		_, err := s.publishToClient(off, sub, msg(p))
+		require.ErrorIs(t, err, packets.CodeDisconnect, "stored for the offline session")
+	}
+	_, err := s.publishToClient(off, sub, msg("3"))
+	require.ErrorIs(t, err, packets.ErrQuotaExceeded)
+	require.Equal(t, 2, off.State.Inflight.Len())
+	require.Equal(t, []string{"sub:3"}, dropped)
+	require.EqualValues(t, 1, s.Info.InflightDropped)
+
+	// Online, the same policy bounds nothing but the outbound queue.
+	on := s.NewClient(nil, "t", "on", false)
+	on.State.queue = pol
+	on.Net.Conn, _ = net.Pipe()
+	for _, p := range []string{"1", "2", "3"} {
+		_, err := s.publishToClient(on, sub, msg(p))
+		require.NoError(t, err)
+	}
+	require.Equal(t, 3, on.State.Inflight.Len())
+	require.Len(t, dropped, 1)
+
+	// A restored session is offline from the start and has its quota.
+	s.loadClients([]storage.Client{{ID: "restored", ProtocolVersion: 4}})
+	restored, ok := s.Clients.Get("restored")
+	require.True(t, ok)
+	require.Equal(t, 2, restored.State.queue.MaxOffline)
 }

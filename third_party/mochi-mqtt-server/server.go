@@ -135,6 +135,11 @@ type Options struct {
 	// sees it and before its write loop starts: it sizes the client's
 	// outbound queue and says how long deliveries wait for room in it.
 	ClientQueue func(cl *Client) QueuePolicy `yaml:"-" json:"-"`
+
+	// OfflineQuotaDropped (fleetgate patch), if set, is called for each
+	// QoS 1/2 message not stored for an offline session because the session
+	// holds QueuePolicy.MaxOffline messages already.
+	OfflineQuotaDropped func(cl *Client, pk packets.Packet) `yaml:"-" json:"-"`
 }
 
 // QueuePolicy (fleetgate patch) is a client's outbound queue: its capacity,
@@ -153,6 +158,13 @@ type QueuePolicy struct {
 	// the message stays in its in-flight store (a persistent session gets it
 	// on reconnect). 0 drops it at once, as upstream does.
 	WaitQos12 time.Duration
+	// MaxOffline bounds the QoS 1/2 messages (in-flight entries) a session
+	// holds while its client is offline. A message for a full offline
+	// session is not stored for it (counted in Info.InflightDropped and
+	// reported to Options.OfflineQuotaDropped); delivery to the other
+	// subscribers is unaffected. 0: no bound but Capabilities.MaximumInflight,
+	// as upstream.
+	MaxOffline int
 }
 
 // Server is an MQTT broker server. It should be created with server.New()
@@ -1132,6 +1144,18 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	}
 
 	if out.FixedHeader.Qos > 0 {
+		// fleetgate patch: an offline session holds at most its quota; the
+		// message is not stored for it, and the caller goes on to the
+		// other subscribers.
+		if q := cl.State.queue.MaxOffline; q > 0 && !cl.Net.Inline && (cl.Net.Conn == nil || cl.Closed()) &&
+			cl.State.Inflight.Len() >= q {
+			atomic.AddInt64(&s.Info.InflightDropped, 1)
+			if s.Options.OfflineQuotaDropped != nil {
+				s.Options.OfflineQuotaDropped(cl, pk)
+			}
+			return out, packets.ErrQuotaExceeded
+		}
+
 		if cl.State.Inflight.Len() >= int(s.Options.Capabilities.MaximumInflight) {
 			// add hook?
 			atomic.AddInt64(&s.Info.InflightDropped, 1)
@@ -1734,6 +1758,9 @@ func (s *Server) loadClients(v []storage.Client) {
 			MaximumPacketSize:         c.Properties.MaximumPacketSize,
 		}
 		cl.Properties.Will = Will(c.Will)
+		if s.Options.ClientQueue != nil { // fleetgate: the offline quota of a restored session
+			cl.State.queue = s.Options.ClientQueue(cl)
+		}
 
 		// cancel the context, update cl.State such as disconnected time and stopCause.
 		cl.Stop(packets.ErrServerShuttingDown)
