@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -214,6 +215,7 @@ func New(cfg Config) (*Broker, error) {
 		ClientNetReadBufferSize:  1024,
 		ClientQueue:              b.queuePolicy,
 		OfflineQuotaDropped:      b.offlineQuotaDropped,
+		ServeRetained:            b.serveRetained,
 	})
 	// The events hook goes first: at disconnect it needs the session the
 	// auth hook forgets.
@@ -225,7 +227,7 @@ func New(cfg Config) (*Broker, error) {
 		return nil, fmt.Errorf("broker: add auth hook: %w", err)
 	}
 	fh := &fanoutFirstHook{b: b}
-	fh.inline = b.server.NewClient(nil, "local", "fleetgate-fanout", true)
+	fh.inline = b.server.NewClient(nil, "local", fanoutClientID, true)
 	if err := b.addHook(fh, nil); err != nil {
 		return nil, fmt.Errorf("broker: add fan-out hook: %w", err)
 	}
@@ -412,6 +414,12 @@ func (b *Broker) Start() error {
 		return fmt.Errorf("broker: serve: %w", err)
 	}
 	b.log.Info("broker listening", "addr", b.Addr())
+	// Retained messages of devices revoked while the broker was down (the
+	// store was read by Serve). A broker apart from the registry knows no
+	// device yet; it withholds them at delivery instead (serveRetained).
+	if n := b.server.ClearRetained(func(pk packets.Packet) bool { return b.retainedOfRevoked(pk, "") }); n > 0 {
+		b.log.Info("deleted retained messages of revoked devices", "count", n)
+	}
 	b.wg.Add(3)
 	go b.sweepLoop()
 	go func() {
@@ -499,6 +507,58 @@ func (b *Broker) onRegistryEvent(ev registry.Event) {
 		}
 		return true
 	})
+	// A revoked device's retained messages are deleted (a suspended
+	// device's are withheld while it is suspended: serveRetained).
+	if ev.Kind == registry.EventDeviceChanged && ev.State == registry.StateRevoked {
+		if n := b.server.ClearRetained(func(pk packets.Packet) bool { return b.retainedOfRevoked(pk, ev.DeviceID) }); n > 0 {
+			b.log.Info("deleted retained messages of revoked device", "device", ev.DeviceID, "count", n)
+		}
+	}
+}
+
+// fanoutClientID is the inline client through which QoS 1/2 messages are
+// fanned out before their PUBACK (durable.go). Retained messages stored
+// before the fork kept the publisher's origin name it instead.
+const fanoutClientID = "fleetgate-fanout"
+
+// retainedDevice is the device a retained message is of: its publisher
+// (origin); for a record from before origins were kept through the fan-out
+// client, the device its topic names (devices/<id>/...). "" if none.
+func retainedDevice(pk packets.Packet) string {
+	if pk.Origin != "" && pk.Origin != fanoutClientID {
+		return pk.Origin
+	}
+	if rest, ok := strings.CutPrefix(pk.TopicName, "devices/"); ok {
+		id, _, _ := strings.Cut(rest, "/")
+		return id
+	}
+	return ""
+}
+
+// retainedOfRevoked: pk is a retained message of a revoked device (of
+// device id, if id is not empty).
+func (b *Broker) retainedOfRevoked(pk packets.Packet, id string) bool {
+	dev := retainedDevice(pk)
+	if dev == "" || (id != "" && dev != id) {
+		return false
+	}
+	st, ok := b.cfg.Registry.DeviceStatus(dev)
+	return ok && st.State == registry.StateRevoked
+}
+
+// serveRetained is mochi's ServeRetained: a retained message of a device
+// that is not active (revoked, suspended) is not served. Messages retained
+// by services and operators are served.
+func (b *Broker) serveRetained(_ *mqtt.Client, pk packets.Packet) bool {
+	dev := retainedDevice(pk)
+	if dev == "" {
+		return true
+	}
+	st, ok := b.cfg.Registry.DeviceStatus(dev)
+	if !ok {
+		return true // not a device
+	}
+	return st.State == registry.StateActive
 }
 
 func (b *Broker) closeSession(s *auth.Session, reason string) {

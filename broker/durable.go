@@ -22,10 +22,9 @@ import (
 // a message is delivered to every other subscriber and acknowledged, and
 // not queued for that session (counted: session_quota_dropped_total).
 //
-// Known limitation: the fanned-out copy's origin is the inline client, so
-// an MQTT 5 No Local subscription of the publisher to its own topic also
-// receives the message. fleetgate's default policy never lets a device
-// subscribe to a topic it may publish to.
+// The fanned-out copy keeps the publisher as its origin (the fork keeps an
+// origin an inline client gives), so retained messages name their device
+// and MQTT 5 No Local applies.
 type fanoutFirstHook struct {
 	mqtt.HookBase
 	b      *Broker

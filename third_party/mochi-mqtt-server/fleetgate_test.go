@@ -514,3 +514,81 @@ func TestOfflineQuotaBoundsOfflineSession(t *testing.T) {
 	require.True(t, ok)
 	require.Equal(t, 2, restored.State.queue.MaxOffline)
 }
+
+// retainRecorder records the store's view of retained messages.
+type retainRecorder struct {
+	HookBase
+	mu      sync.Mutex
+	deleted []string
+	served  []string
+}
+
+func (h *retainRecorder) ID() string { return "retain-recorder" }
+func (h *retainRecorder) Provides(b byte) bool {
+	return b == OnRetainMessage || b == OnRetainPublished
+}
+func (h *retainRecorder) OnRetainPublished(cl *Client, pk packets.Packet) {
+	h.mu.Lock()
+	h.served = append(h.served, pk.TopicName)
+	h.mu.Unlock()
+}
+func (h *retainRecorder) OnRetainMessage(cl *Client, pk packets.Packet, r int64) {
+	if r == -1 {
+		h.mu.Lock()
+		h.deleted = append(h.deleted, pk.TopicName)
+		h.mu.Unlock()
+	}
+}
+
+// A message an inline client publishes on behalf of another keeps that
+// origin (fleetgate fans QoS 1/2 messages out through one), so its retained
+// copy names the real publisher; without an origin it is the inline
+// client's own.
+func TestInlineOriginKept(t *testing.T) {
+	s := newServerWithInlineClient()
+	defer s.Close()
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1, Retain: true}, TopicName: "devices/d1/state",
+		Payload: []byte("on"), Origin: "d1", PacketID: 1}
+	require.NoError(t, s.InjectPacket(s.inlineClient, pk))
+	got, ok := s.Topics.Retained.Get("devices/d1/state")
+	require.True(t, ok)
+	require.Equal(t, "d1", got.Origin)
+
+	pk.Origin, pk.TopicName = "", "devices/d2/state"
+	require.NoError(t, s.InjectPacket(s.inlineClient, pk))
+	got, _ = s.Topics.Retained.Get("devices/d2/state")
+	require.Equal(t, InlineClientId, got.Origin)
+}
+
+// ClearRetained deletes the matching retained messages from the index and
+// (through the hooks) the store, and leaves the others; ServeRetained
+// withholds retained messages from a new subscriber without deleting them.
+func TestClearRetainedAndServeRetained(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	rec := new(retainRecorder)
+	require.NoError(t, s.AddHook(rec, nil))
+	for _, o := range []string{"d1", "d2", "d3"} {
+		s.Topics.RetainMessage(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true},
+			TopicName: "devices/" + o + "/state", Payload: []byte("on"), Origin: o})
+	}
+	n := s.ClearRetained(func(pk packets.Packet) bool { return pk.Origin == "d1" })
+	require.Equal(t, 1, n)
+	require.Equal(t, []string{"devices/d1/state"}, rec.deleted)
+	_, ok := s.Topics.Retained.Get("devices/d1/state")
+	require.False(t, ok)
+	require.Len(t, s.Topics.Messages("devices/+/state"), 2)
+	require.EqualValues(t, 2, s.Info.Retained)
+
+	s.Options.ServeRetained = func(_ *Client, pk packets.Packet) bool { return pk.Origin != "d2" }
+	cl, _ := queueClient(t, s, QueuePolicy{Size: 4})
+	for len(cl.State.outbound) > 0 { // queueClient fills it
+		<-cl.State.outbound
+	}
+	s.publishRetainedToClient(cl, packets.Subscription{Filter: "devices/+/state"}, false)
+	rec.mu.Lock()
+	require.Equal(t, []string{"devices/d3/state"}, rec.served, "d2's is withheld")
+	rec.mu.Unlock()
+	_, ok = s.Topics.Retained.Get("devices/d2/state")
+	require.True(t, ok, "withheld, not deleted")
+}

@@ -140,6 +140,12 @@ type Options struct {
 	// QoS 1/2 message not stored for an offline session because the session
 	// holds QueuePolicy.MaxOffline messages already.
 	OfflineQuotaDropped func(cl *Client, pk packets.Packet) `yaml:"-" json:"-"`
+
+	// ServeRetained (fleetgate patch), if set, is asked before a retained
+	// message is sent to a subscriber; false: it is not sent (it stays
+	// retained). The embedding application withholds, say, the retained
+	// messages of a publisher it no longer trusts.
+	ServeRetained func(cl *Client, pk packets.Packet) bool `yaml:"-" json:"-"`
 }
 
 // QueuePolicy (fleetgate patch) is a client's outbound queue: its capacity,
@@ -951,7 +957,13 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		return cl.WritePacket(ack)
 	}
 
-	pk.Origin = cl.ID
+	// fleetgate patch: an inline client may publish on behalf of another
+	// (fleetgate fans a device's QoS 1/2 message out through one before
+	// acknowledging it): the origin it gives is kept, so retained messages
+	// and No Local name the real publisher.
+	if !cl.Net.Inline || pk.Origin == "" {
+		pk.Origin = cl.ID
+	}
 	pk.Created = time.Now().Unix()
 
 	if expiry := minimum(s.Options.Capabilities.MaximumMessageExpiryInterval,
@@ -1221,6 +1233,9 @@ func (s *Server) publishRetainedToClient(cl *Client, sub packets.Subscription, e
 
 	sub.FwdRetainedFlag = true
 	for _, pkv := range s.Topics.Messages(sub.Filter) { // [MQTT-3.8.4-4]
+		if s.Options.ServeRetained != nil && !s.Options.ServeRetained(cl, pkv) { // fleetgate
+			continue
+		}
 		_, err := s.publishToClient(cl, sub, pkv)
 		if err != nil {
 			s.Log.Debug("failed to publish retained message", "error", err, "client", cl.ID, "listener", cl.Net.Listener, "packet", pkv)
@@ -1228,6 +1243,29 @@ func (s *Server) publishRetainedToClient(cl *Client, sub packets.Subscription, e
 		}
 		s.hooks.OnRetainPublished(cl, pkv)
 	}
+}
+
+// ClearRetained (fleetgate patch) deletes every retained message for which
+// match is true, from the topics index and from the store (the hooks'
+// OnRetainMessage, as a retained message with an empty payload does), and
+// returns how many it deleted. A message retained on the same topic
+// meanwhile by someone else is left alone unless it matches too.
+func (s *Server) ClearRetained(match func(pk packets.Packet) bool) int {
+	cl := s.inlineClient
+	if cl == nil {
+		cl = s.NewClient(nil, LocalListener, InlineClientId, true)
+	}
+	n := 0
+	for topic := range s.Topics.Retained.GetAll() {
+		if !s.Topics.deleteRetainedIf(topic, match) {
+			continue
+		}
+		del := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true}, TopicName: topic}
+		s.hooks.OnRetainMessage(cl, del, -1)
+		n++
+	}
+	atomic.StoreInt64(&s.Info.Retained, int64(s.Topics.Retained.Len()))
+	return n
 }
 
 // buildAck builds a standardised ack message for Puback, Pubrec, Pubrel, Pubcomp packets.

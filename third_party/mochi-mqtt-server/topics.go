@@ -541,6 +541,25 @@ func (x *TopicsIndex) RetainMessage(pk packets.Packet) int64 {
 	return out
 }
 
+// deleteRetainedIf (fleetgate patch) deletes the retained message of topic
+// if there is one and match accepts it, atomically with respect to
+// RetainMessage.
+func (x *TopicsIndex) deleteRetainedIf(topic string, match func(packets.Packet) bool) bool {
+	x.root.Lock()
+	defer x.root.Unlock()
+	pk, ok := x.Retained.Get(topic)
+	if !ok || !match(pk) {
+		return false
+	}
+	n := x.set(topic, 0)
+	n.Lock()
+	defer n.Unlock()
+	n.retainPath = ""
+	x.Retained.Delete(topic)
+	x.trim(n)
+	return true
+}
+
 // set creates a topic address in the index and returns the final particle.
 func (x *TopicsIndex) set(topic string, d int) *particle {
 	var key string
