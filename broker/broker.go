@@ -193,6 +193,13 @@ func New(cfg Config) (*Broker, error) {
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = cfg.MaxPacketSize
 	caps.MaximumSessionExpiryInterval = 7 * 24 * 3600
+	// Messages expire only when their publisher says so (MQTT 5 Message
+	// Expiry Interval). mochi's default (one day) gave every message an
+	// expiry its publisher never set, deleted QoS 1/2 messages waiting for
+	// an offline session after a day — acknowledged, and lost — and retained
+	// state after a day; a session's messages now live as long as it does
+	// (at most MaximumSessionExpiryInterval, or its offline quota).
+	caps.MaximumMessageExpiryInterval = 0
 	// The outbound queue of a connection before it is authenticated; then
 	// queuePolicy sizes it by role.
 	caps.MaximumClientWritesPending = int32(cfg.Queues.Device.Size)

@@ -379,7 +379,19 @@ func (cl *Client) ResendInflightMessages(force bool) error {
 		return nil
 	}
 
+	now := time.Now().Unix()
 	for _, tk := range cl.State.Inflight.GetAll(false) {
+		// fleetgate patch: a message that expired while the session was
+		// offline (or waiting for its PUBACK) is not resent [MQTT-3.3.2-5].
+		if tk.FixedHeader.Type == packets.Publish && messageExpired(tk, cl.maximumExpiry(), now) {
+			if ok := cl.State.Inflight.Delete(tk.PacketID); ok {
+				cl.State.Inflight.IncreaseSendQuota()
+				cl.ops.hooks.OnQosDropped(cl, tk)
+				atomic.AddInt64(&cl.ops.info.Inflight, -1)
+			}
+			continue
+		}
+
 		if tk.FixedHeader.Type == packets.Publish {
 			tk.FixedHeader.Dup = true // [MQTT-3.3.1-1] [MQTT-3.3.1-3]
 		}
@@ -429,11 +441,19 @@ func (cl *Client) ClearInflights() {
 	}
 }
 
+// maximumExpiry is the server's maximum message expiry interval (0: none).
+func (cl *Client) maximumExpiry() int64 {
+	if cl.ops == nil || cl.ops.options == nil || cl.ops.options.Capabilities == nil {
+		return 0
+	}
+	return cl.ops.options.Capabilities.MaximumMessageExpiryInterval
+}
+
 // ClearExpiredInflights deletes any inflight messages which have expired.
 func (cl *Client) ClearExpiredInflights(now, maximumExpiry int64) []uint16 {
 	deleted := []uint16{}
 	for _, tk := range cl.State.Inflight.GetAll(false) {
-		expired := tk.ProtocolVersion == 5 && tk.Expiry > 0 && tk.Expiry < now // [MQTT-3.3.2-5]
+		expired := messageExpired(tk, maximumExpiry, now) // [MQTT-3.3.2-5] (fleetgate: also fanned-out and restored messages)
 
 		// If the maximum message expiry interval is set (greater than 0), and the message
 		// retention period exceeds the maximum expiry, the message will be forcibly removed.
@@ -441,6 +461,9 @@ func (cl *Client) ClearExpiredInflights(now, maximumExpiry int64) []uint16 {
 
 		if expired || enforced {
 			if ok := cl.State.Inflight.Delete(tk.PacketID); ok {
+				if tk.FixedHeader.Type == packets.Publish && tk.Expiry >= 0 {
+					cl.State.Inflight.IncreaseSendQuota() // fleetgate: its PUBACK will not return it
+				}
 				cl.ops.hooks.OnQosDropped(cl, tk)
 				atomic.AddInt64(&cl.ops.info.Inflight, -1)
 				deleted = append(deleted, tk.PacketID)
@@ -646,8 +669,20 @@ func (cl *Client) writePacket(pk packets.Packet, mayDefer bool) error {
 		return nil
 	}
 
-	if pk.Expiry > 0 {
-		expiry := pk.Expiry - time.Now().Unix()
+	// fleetgate patch: the interval is counted from the message's creation
+	// and its own interval, which every copy keeps (upstream used Expiry,
+	// lost in the store and in deliveries waiting for send quota), and an
+	// expired message is not written at all (upstream sent it with 1)
+	// [MQTT-3.3.2-5]; its in-flight entry goes with the next expiry sweep.
+	exp := pk.Expiry
+	if e := explicitExpiry(pk, cl.maximumExpiry()); e > 0 && pk.FixedHeader.Type == packets.Publish {
+		if e <= time.Now().Unix() {
+			return nil
+		}
+		exp = e
+	}
+	if exp > 0 {
+		expiry := exp - time.Now().Unix()
 		if expiry < 1 {
 			expiry = 1
 		}

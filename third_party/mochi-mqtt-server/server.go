@@ -41,6 +41,7 @@ var (
 	ErrConnectionClosed       = errors.New("connection not open")                                      // connection is closed
 	ErrInlineClientNotEnabled = errors.New("please set Options.InlineClient=true to use this feature") // inline client is not enabled by default
 	ErrOptionsUnreadable      = errors.New("unable to read options from bytes")
+	ErrMessageExpired         = errors.New("message expired") // fleetgate: not delivered [MQTT-3.3.2-5]
 )
 
 // Capabilities indicates the capabilities and features provided by the server.
@@ -794,11 +795,21 @@ func (s *Server) processPacket(cl *Client, pk packets.Packet) error {
 	if cl.State.Inflight.Len() > 0 && atomic.LoadInt32(&cl.State.Inflight.sendQuota) > 0 {
 		next, ok := cl.State.Inflight.NextImmediate()
 		if ok {
-			_ = cl.WritePacket(next)
-			if ok := cl.State.Inflight.Delete(next.PacketID); ok {
-				atomic.AddInt64(&s.Info.Inflight, -1)
+			// fleetgate patch: the message now sent stays in flight until
+			// the client's PUBACK/PUBREC (upstream deleted it once written,
+			// so it was lost if the connection dropped first, and its
+			// PUBACK returned no send quota); an expired one is dropped.
+			if messageExpired(next, s.Options.Capabilities.MaximumMessageExpiryInterval, time.Now().Unix()) {
+				if ok := cl.State.Inflight.Delete(next.PacketID); ok {
+					atomic.AddInt64(&s.Info.Inflight, -1)
+					s.hooks.OnQosDropped(cl, next)
+				}
+			} else {
+				next.Expiry = 0 // no longer waiting for send quota
+				cl.State.Inflight.Set(next)
+				_ = cl.WritePacket(next)
+				cl.State.Inflight.DecreaseSendQuota()
 			}
-			cl.State.Inflight.DecreaseSendQuota()
 		}
 	}
 
@@ -1118,6 +1129,12 @@ func (s *Server) publishToSubscribers(pk packets.Packet) {
 func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packets.Packet) (packets.Packet, error) {
 	if sub.NoLocal && pk.Origin == cl.ID {
 		return pk, nil // [MQTT-3.8.3-3]
+	}
+
+	// fleetgate patch: an expired message (a retained one, say, before the
+	// expiry sweep) is not delivered [MQTT-3.3.2-5].
+	if messageExpired(pk, s.Options.Capabilities.MaximumMessageExpiryInterval, time.Now().Unix()) {
+		return pk, ErrMessageExpired
 	}
 
 	out := pk.Copy(false)
@@ -1854,7 +1871,7 @@ func (s *Server) clearExpiredClients(dt int64) {
 // clearExpiredRetainedMessage deletes retained messages from topics if they have expired.
 func (s *Server) clearExpiredRetainedMessages(now int64) {
 	for filter, pk := range s.Topics.Retained.GetAll() {
-		expired := pk.ProtocolVersion == 5 && pk.Expiry > 0 && pk.Expiry < now // [MQTT-3.3.2-5]
+		expired := messageExpired(pk, s.Options.Capabilities.MaximumMessageExpiryInterval, now) // [MQTT-3.3.2-5]
 
 		// If the maximum message expiry interval is set (greater than 0), and the message
 		// retention period exceeds the maximum expiry, the message will be forcibly removed.
@@ -1916,6 +1933,31 @@ func minimum(a, b int64) (m int64) {
 		m = b
 	}
 	return
+}
+
+// explicitExpiry (fleetgate patch) is when a PUBLISH with a Message Expiry
+// Interval expires, in unix seconds: the interval (capped by maximum, if
+// set) from its creation; 0 if it has no interval. It is computed from the
+// packet's own Created and interval, which every copy keeps — the fan-out
+// through an inline client, the store, the in-flight store — rather than
+// from Expiry, which the store does not keep and a delivery waiting for
+// send quota overwrites (-1).
+func explicitExpiry(pk packets.Packet, maximum int64) int64 {
+	if pk.Properties.MessageExpiryInterval == 0 || pk.Created == 0 {
+		return 0
+	}
+	return pk.Created + minimum(maximum, int64(pk.Properties.MessageExpiryInterval))
+}
+
+// messageExpired (fleetgate patch) reports whether pk must no longer be
+// delivered [MQTT-3.3.2-5]: its Message Expiry Interval has passed, or
+// (upstream's rule, for packets without an interval) an MQTT 5 packet's
+// Expiry has.
+func messageExpired(pk packets.Packet, maximum, now int64) bool {
+	if e := explicitExpiry(pk, maximum); e > 0 {
+		return e <= now
+	}
+	return pk.ProtocolVersion == 5 && pk.Expiry > 0 && pk.Expiry < now
 }
 
 // sizeQueue applies Options.ClientQueue to a client (fleetgate patch).
