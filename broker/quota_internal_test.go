@@ -1,0 +1,40 @@
+package broker
+
+import (
+	"testing"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+
+	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/internal/identity"
+)
+
+type principals map[string]identity.Role
+
+func (p principals) CertStatus(string) (registry.CertStatus, bool) {
+	return registry.CertStatus{}, false
+}
+func (p principals) DeviceStatus(string) (registry.DeviceStatus, bool) {
+	return registry.DeviceStatus{}, false
+}
+func (p principals) PrincipalRole(n string) (identity.Role, bool) { r, ok := p[n]; return r, ok }
+func (p principals) Watch(func(registry.Event))                   {}
+
+// A session restored from the store has no connection: its offline quota
+// follows its name's role in the registry (a service's session keeps the
+// service quota across a restart), and a name the registry does not know
+// as a service or operator gets the device's, the smaller one.
+func TestOfflineQuotaOfRestoredSessionByRole(t *testing.T) {
+	b := &Broker{cfg: Config{Queues: Queues{}.withDefaults(), Registry: principals{"backend": identity.RoleService}}}
+	if got := b.queuePolicy(&mqtt.Client{ID: "backend"}).MaxOffline; got != DefaultQueues.Service.MaxOffline {
+		t.Errorf("restored service session: quota %d, want %d", got, DefaultQueues.Service.MaxOffline)
+	}
+	if got := b.queuePolicy(&mqtt.Client{ID: "sensor-1"}).MaxOffline; got != DefaultQueues.Device.MaxOffline {
+		t.Errorf("restored device session: quota %d, want %d", got, DefaultQueues.Device.MaxOffline)
+	}
+	// A custom policy without a quota gets the default; a negative one none.
+	q := Queues{Device: mqtt.QueuePolicy{Size: 8}, Service: mqtt.QueuePolicy{Size: 8, MaxOffline: -1}}.withDefaults()
+	if q.Device.MaxOffline != DefaultQueues.Device.MaxOffline || q.Service.MaxOffline != 0 {
+		t.Errorf("withDefaults: %+v", q)
+	}
+}
