@@ -677,3 +677,30 @@ func TestMsgExpirySweepsAndDelivery(t *testing.T) {
 	cl.State.Inflight.Set(expiring(5, "n", 1e6, 0))
 	require.ElementsMatch(t, []uint16{3}, cl.ClearExpiredInflights(now, 0))
 }
+
+// A resumed session's queued messages are resent in the order they were
+// stored, also those stored within one second.
+func TestResumeResendsInOrder(t *testing.T) {
+	cl, r, w := newTestClient()
+	cl.Properties.ProtocolVersion = 5
+	now := time.Now().Unix()
+	const n = 40
+	for i := n; i >= 1; i-- { // the map's order is not the IDs'
+		cl.State.Inflight.Set(packets.Packet{PacketID: uint16(i), TopicName: fmt.Sprintf("t/%02d", i), Payload: []byte("x"),
+			FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, Created: now})
+	}
+	cl.State.Inflight.Set(packets.Packet{PacketID: 100, TopicName: "t/earlier", Payload: []byte("x"),
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, Created: now - 70000}) // 70,000 s: more than uint16
+	go func() {
+		require.NoError(t, cl.ResendInflightMessages(true))
+		_ = w.Close()
+	}()
+	buf, err := io.ReadAll(r)
+	require.NoError(t, err)
+	got := decodePublishes(t, buf)
+	require.Len(t, got, n+1)
+	require.Equal(t, "t/earlier", got[0].TopicName)
+	for i := 1; i <= n; i++ {
+		require.Equal(t, fmt.Sprintf("t/%02d", i), got[i].TopicName)
+	}
+}

@@ -82,8 +82,16 @@ func (i *Inflight) GetAll(immediate bool) []packets.Packet {
 		}
 	}
 
+	// fleetgate patch: in the order the messages were stored — by creation,
+	// then packet ID (assigned in order) — so a resumed session gets its
+	// queued messages in order [MQTT-4.6.0-1]. Upstream compared the low 16
+	// bits of the creation second only: messages of one second came in map
+	// order, and the order broke every 18 hours.
 	sort.Slice(m, func(i, j int) bool {
-		return uint16(m[i].Created) < uint16(m[j].Created)
+		if m[i].Created != m[j].Created {
+			return m[i].Created < m[j].Created
+		}
+		return m[i].PacketID < m[j].PacketID
 	})
 
 	return m
