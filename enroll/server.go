@@ -184,7 +184,7 @@ func (s *Server) handleTokenEnroll(w http.ResponseWriter, r *http.Request) {
 		if err := decodeJSON(r, &req); err != nil {
 			return nil, err
 		}
-		return s.enrollToken(req.DeviceID, req.Token, req.CSR, s.issuedAudit(r, "enroll.token", req.DeviceID))
+		return s.enrollToken(req.DeviceID, req.Token, req.CSR, s.issuedAudit(r, "enroll.token", req.DeviceID), nil)
 	}()
 	s.finishAudited(w, r, "token", "enroll.token", req.DeviceID, resp, err)
 }
@@ -192,8 +192,11 @@ func (s *Server) handleTokenEnroll(w http.ResponseWriter, r *http.Request) {
 // enrollToken is token enrollment, shared by the JSON API and EST
 // simpleenroll: device ID, token and CSR checks, then redemption, signing,
 // recording and the success audit record (audit) in one registry
-// transaction.
-func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *registry.AuditRecord) (*api.EnrollResponse, error) {
+// transaction. prepare, if not nil, is called with the signed certificate
+// inside that transaction, before the token is marked used: it builds the
+// answer (EST's PKCS#7), so that an answer that cannot be built consumes
+// nothing.
+func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *registry.AuditRecord, prepare func(*x509.Certificate) error) (*api.EnrollResponse, error) {
 	if err := identity.ValidateName(deviceID); err != nil {
 		return nil, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err)
 	}
@@ -216,6 +219,11 @@ func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *regis
 		cert, err = s.cfg.CA.Issue(id, csr.PublicKey, s.cfg.DeviceCertTTL)
 		if err != nil {
 			return nil, err
+		}
+		if prepare != nil {
+			if err := prepare(cert); err != nil {
+				return nil, err
+			}
 		}
 		return certRecord(cert, id), nil
 	})

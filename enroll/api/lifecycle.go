@@ -8,6 +8,8 @@ const (
 	PathESTCACerts         = "/.well-known/est/cacerts"
 	PathESTSimpleEnroll    = "/.well-known/est/simpleenroll"
 	PathESTSimpleReenroll  = "/.well-known/est/simplereenroll"
+	PathESTCSRAttrs        = "/.well-known/est/csrattrs"
+	ContentTypeCSRAttrs    = "application/csrattrs"
 	ContentTypePKCS7Certs  = "application/pkcs7-mime; smime-type=certs-only"
 	ContentTypePKCS10      = "application/pkcs10"
 	ContentTypeCRL         = "application/pkix-crl"
