@@ -124,9 +124,10 @@ func TestAuditPageReadsOnlyItsPage(t *testing.T) {
 		}
 	}
 	// Device pages are disjoint and complete too.
-	p1, c1, _ := r.AuditPage(AuditQuery{DeviceID: "dev-b", Limit: 30})
-	p2, c2, _ := r.AuditPage(AuditQuery{DeviceID: "dev-b", Limit: 30, Cursor: c1})
-	if len(p1) != 30 || len(p2) != len(devB)-30 || c2 != "" || p2[0].Seq >= p1[29].Seq {
+	half := len(devB) / 2
+	p1, c1, _ := r.AuditPage(AuditQuery{DeviceID: "dev-b", Limit: half})
+	p2, c2, _ := r.AuditPage(AuditQuery{DeviceID: "dev-b", Limit: len(devB), Cursor: c1})
+	if len(p1) != half || len(p2) != len(devB)-half || c2 != "" || p2[0].Seq >= p1[half-1].Seq {
 		t.Fatalf("device pages: %d + %d of %d, cursors %q %q", len(p1), len(p2), len(devB), c1, c2)
 	}
 
