@@ -15,6 +15,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // Admin API errors.
@@ -95,7 +96,9 @@ func (s *Server) admin(h func(http.ResponseWriter, *http.Request, identity.Ident
 		}
 		if err != nil {
 			e := asAPIError(err)
-			s.cfg.Registry.Audit(registry.AuditRecord{Actor: id.String(), Action: "admin " + r.Method + " " + r.URL.Path, Outcome: registry.OutcomeDenied, Reason: e.Code, Remote: r.RemoteAddr})
+			if s.refusal(r, e) {
+				s.cfg.Registry.AuditBatched(registry.AuditRecord{Actor: id.String(), Action: logguard.Bound("admin "+r.Method+" "+r.URL.Path, maxLoggedField), Outcome: registry.OutcomeDenied, Reason: e.Code, Remote: r.RemoteAddr})
+			}
 			s.writeError(w, r, e, "")
 			return
 		}

@@ -21,6 +21,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // registerLifecycleRoutes registers revocation, suspension, renewal, CRL
@@ -240,7 +241,9 @@ func (s *Server) handleCRL(w http.ResponseWriter, r *http.Request) {
 // allows, with the same status mapping as the JSON API.
 func (s *Server) estError(w http.ResponseWriter, r *http.Request, err error, deviceID string) {
 	e := asAPIError(err)
-	s.log.Warn("EST request refused", "path", r.URL.Path, logKeyCode, e.Code, logKeyDevice, auditDeviceID(deviceID), logKeyRemote, r.RemoteAddr, logKeyErr, e.Err)
+	if s.refusal(r, e) {
+		s.log.Warn("EST request refused", "path", logguard.Bound(r.URL.Path, maxLoggedField), logKeyCode, e.Code, logKeyDevice, auditDeviceID(deviceID), logKeyRemote, r.RemoteAddr, logKeyErr, causeText(e))
+	}
 	if e.Status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Basic realm="fleetgate EST"`)
 	}
@@ -389,6 +392,9 @@ func (e *estBody) prepare(cert *x509.Certificate) error {
 // finishEST is finish for EST; okAudited as for account. body is the
 // prepared answer.
 func (s *Server) finishEST(w http.ResponseWriter, r *http.Request, method, action, deviceID string, resp *api.EnrollResponse, body []byte, err error, okAudited bool) {
+	if err != nil {
+		err = asAPIError(err)
+	}
 	s.account(r, method, action, deviceID, resp, err, okAudited)
 	if err != nil {
 		s.estError(w, r, err, deviceID)

@@ -223,6 +223,8 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		if err != nil {
 			return err
 		}
+		wg.Add(1)
+		go func() { defer wg.Done(); es.Run(ctx) }() // refusal summaries
 		ln, err := net.Listen("tcp", cfg.APIAddr)
 		if err != nil {
 			cancel(err)

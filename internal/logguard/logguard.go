@@ -196,6 +196,21 @@ func (l *Limiter) Flush() {
 	l.report(due)
 }
 
+// FlushAll summarises every key with suppressed events, whether or not its
+// window has ended, and forgets the keys (shutdown, tests).
+func (l *Limiter) FlushAll() {
+	l.mu.Lock()
+	var due []summary
+	for k, e := range l.keys {
+		if e.suppressed > 0 {
+			due = append(due, summary{k, e.suppressed})
+		}
+	}
+	clear(l.keys)
+	l.mu.Unlock()
+	l.report(due)
+}
+
 // Tracked returns the number of keys currently tracked (tests, metrics).
 func (l *Limiter) Tracked() int {
 	l.mu.Lock()

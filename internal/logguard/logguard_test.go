@@ -141,3 +141,25 @@ func TestLimiterConcurrent(t *testing.T) {
 }
 
 func strconvUnquote(s string) (string, error) { return strconv.Unquote(`"` + s + `"`) }
+
+func TestLimiterFlushAll(t *testing.T) {
+	c := newClock()
+	sums := map[string]int{}
+	l := New(c.opts(Options{Burst: 1, Summary: func(k string, n int, _ time.Duration) { sums[k] += n }}))
+	for range 10 {
+		l.Allow("a")
+	}
+	l.Allow("b") // nothing suppressed: no summary
+	l.Flush()
+	if len(sums) != 0 {
+		t.Fatalf("Flush summarised an open window: %v", sums)
+	}
+	l.FlushAll()
+	if len(sums) != 1 || sums["a"] != 9 || l.Tracked() != 0 {
+		t.Fatalf("FlushAll: %v, %d keys tracked", sums, l.Tracked())
+	}
+	l.FlushAll()
+	if sums["a"] != 9 {
+		t.Fatal("FlushAll summarised twice")
+	}
+}
