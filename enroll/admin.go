@@ -204,17 +204,40 @@ func (s *Server) handleDeviceShow(w http.ResponseWriter, r *http.Request, _ iden
 	writeJSON(w, http.StatusOK, s.toAPIDevice(*d))
 }
 
+// handleAudit returns one page of the audit log, newest first: at most
+// limit records (api.DefaultAuditLimit, at most api.MaxAuditLimit) older
+// than cursor, optionally of one device. It reads about as many records as
+// it returns (registry.AuditPage).
 func (s *Server) handleAudit(w http.ResponseWriter, r *http.Request, _ identity.Identity) {
-	dev := r.URL.Query().Get("device")
-	limit, _ := strconv.Atoi(r.URL.Query().Get("limit"))
-	recs, err := s.cfg.Registry.AuditLog(dev, limit)
+	q := r.URL.Query()
+	dev := q.Get("device")
+	if dev != "" {
+		if err := identity.ValidateName(dev); err != nil {
+			s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err), "")
+			return
+		}
+	}
+	limit := api.DefaultAuditLimit
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_limit", "limit must be a positive number", err), "")
+			return
+		}
+		limit = min(n, api.MaxAuditLimit)
+	}
+	recs, next, err := s.cfg.Registry.AuditPage(registry.AuditQuery{DeviceID: dev, Limit: limit, Cursor: q.Get("cursor")})
+	if errors.Is(err, registry.ErrAuditCursor) {
+		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_cursor", "cursor must be the next value of a previous page", err), "")
+		return
+	}
 	if err != nil {
 		s.writeError(w, r, asAPIError(err), "")
 		return
 	}
-	out := make([]api.AuditRecord, 0, len(recs))
+	out := api.AuditPage{Records: make([]api.AuditRecord, 0, len(recs)), Next: next}
 	for _, a := range recs {
-		out = append(out, api.AuditRecord(a))
+		out.Records = append(out.Records, api.AuditRecord(a))
 	}
 	writeJSON(w, http.StatusOK, out)
 }
