@@ -191,9 +191,16 @@ func (s *Server) Run(ctx context.Context) {
 // whether or not its window has ended (tests, shutdown).
 func (s *Server) FlushRefusals() { s.refusals.FlushAll() }
 
-// refusalKey is the limiter's key of a refusal: source address and code.
-// Codes are the server's own, a small fixed set.
-func refusalKey(r *http.Request, code string) string { return remoteIP(r) + " " + code }
+// refusalKey is the limiter's key of a refusal: source and code. Codes are
+// the server's own, a small fixed set. An IPv6 source is its /64: one host
+// usually holds a whole /64, and could otherwise take a budget per address.
+func refusalKey(r *http.Request, code string) string {
+	src := remoteIP(r)
+	if ip := net.ParseIP(src); ip != nil && ip.To4() == nil {
+		src = ip.Mask(net.CIDRMask(64, 128)).String() + "/64"
+	}
+	return src + " " + code
+}
 
 // refusal reports whether the refusal e of r is audited and logged in
 // full; the answer is kept in e, so that the audit record and the log line
