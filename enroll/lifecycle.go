@@ -93,7 +93,7 @@ func (s *Server) handleDeviceAction(w http.ResponseWriter, r *http.Request, op i
 	// Registry watchers (the in-process broker) ran before the registry
 	// call returned: sessions are closed by now.
 	resp.SessionsClosed = s.cfg.Online != nil && !s.cfg.Online(id)
-	s.log.Info("device "+action, logKeyDevice, id, "reason", req.Reason, logKeyActor, op.String(), "revoked_serials", len(resp.RevokedSerials))
+	s.log.Info("device "+action, logKeyDevice, id, "reason", logguard.Bound(req.Reason, maxLoggedCause), logKeyActor, op.String(), "revoked_serials", len(resp.RevokedSerials))
 	writeJSON(w, http.StatusOK, resp)
 }
 
