@@ -263,9 +263,9 @@ func (s *Server) handleTokenEnroll(w http.ResponseWriter, r *http.Request) {
 // simpleenroll: device ID, token and CSR checks, then redemption, signing,
 // recording and the success audit record (audit) in one registry
 // transaction. prepare, if not nil, is called with the signed certificate
-// inside that transaction, before the token is marked used: it builds the
-// answer (EST's PKCS#7), so that an answer that cannot be built consumes
-// nothing.
+// inside that transaction: it builds the answer (EST's PKCS#7), and when it
+// fails nothing commits, so an answer that cannot be built consumes no
+// token.
 func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *registry.AuditRecord, prepare func(*x509.Certificate) error) (*api.EnrollResponse, error) {
 	if err := identity.ValidateName(deviceID); err != nil {
 		return nil, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err)
