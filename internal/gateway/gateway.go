@@ -52,6 +52,9 @@ type Config struct {
 	HandshakeTimeout time.Duration
 	MaxPending       int
 	MaxPacketSize    uint32
+	// TopicAliasMaximum per MQTT 5 client (0: broker default 16; negative:
+	// none).
+	TopicAliasMaximum int
 	// AddrFile, if set, receives the bound addresses as JSON once every
 	// listener is up (useful with port 0).
 	AddrFile string
@@ -162,7 +165,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			Logger: log, Metrics: promReg, PersistDir: filepath.Join(cfg.DataDir, BrokerDir),
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize,
 			SweepInterval: cfg.SweepInterval, Limits: cfg.Limits, MaxPendingPerIP: cfg.MaxPendingPerIP, Queues: cfg.Queues,
-			MaxQoS: cfg.MaxQoS, ReceiveMaximum: cfg.ReceiveMaximum,
+			MaxQoS: cfg.MaxQoS, ReceiveMaximum: cfg.ReceiveMaximum, TopicAliasMaximum: cfg.TopicAliasMaximum,
 		})
 		if err != nil {
 			return err

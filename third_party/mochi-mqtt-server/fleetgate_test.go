@@ -466,3 +466,93 @@ func TestClientQos1PublishKeepsPendingDeliveryWithSameID(t *testing.T) {
 	require.True(t, ok, "the pending delivery with the same ID is still in flight")
 	require.Equal(t, []byte("cmd"), got.Payload)
 }
+
+// topicACLHook allows publishing only under ok/ and records every topic
+// the ACL check saw.
+type topicACLHook struct {
+	HookBase
+	mu   sync.Mutex
+	seen []string
+}
+
+func (h *topicACLHook) ID() string { return "topic-acl" }
+func (h *topicACLHook) Provides(b byte) bool {
+	return b == OnACLCheck || b == OnConnectAuthenticate
+}
+func (h *topicACLHook) OnConnectAuthenticate(*Client, packets.Packet) bool { return true }
+func (h *topicACLHook) OnACLCheck(_ *Client, topic string, write bool) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.seen = append(h.seen, topic)
+	return !write || strings.HasPrefix(topic, "ok/")
+}
+
+func aliasPublish(topic string, alias uint16) packets.Packet {
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish}, TopicName: topic, Payload: []byte("p"), ProtocolVersion: 5}
+	pk.Properties.TopicAlias, pk.Properties.TopicAliasFlag = alias, true
+	return pk
+}
+
+// A topic alias is resolved before the ACL check (which sees the real
+// topic, never the empty one of an alias-only publish); re-setting an alias
+// to a forbidden topic and using it alias-only is checked on that topic;
+// invalid aliases (0, above the maximum, never set) are refused with 0x94;
+// at most TopicAliasMaximum aliases are kept.
+func TestTopicAliasResolvedBeforeTheACLCheck(t *testing.T) {
+	caps := NewDefaultServerCapabilities()
+	caps.TopicAliasMaximum = 4
+	s := New(&Options{Logger: logger, Capabilities: caps})
+	h := new(topicACLHook)
+	require.NoError(t, s.AddHook(h, nil))
+	_, w := net.Pipe()
+	defer w.Close()
+	cl := s.NewClient(w, "t", "alias", false)
+	cl.Properties.ProtocolVersion = 5
+	cl.State.Inflight.ResetReceiveQuota(10)
+	s.Clients.Add(cl)
+
+	require.NoError(t, s.processPacket(cl, aliasPublish("ok/a", 1)))
+	require.NoError(t, s.processPacket(cl, aliasPublish("", 1)))
+	require.NoError(t, s.processPacket(cl, aliasPublish("ok/b", 2)))
+	require.NoError(t, s.processPacket(cl, aliasPublish("secret/x", 2))) // refused by the ACL (QoS 0: dropped)
+	require.NoError(t, s.processPacket(cl, aliasPublish("", 2)))
+	require.Equal(t, []string{"ok/a", "ok/a", "ok/b", "secret/x", "secret/x"}, h.seen)
+
+	for _, pk := range []packets.Packet{aliasPublish("ok/a", 0), aliasPublish("ok/a", 5), aliasPublish("ok/a", 65535), aliasPublish("", 3)} {
+		require.ErrorIs(t, s.processPacket(cl, pk), packets.ErrTopicAliasInvalid, "alias %d topic %q", pk.Properties.TopicAlias, pk.TopicName)
+	}
+	for i := uint16(1); i <= 4; i++ {
+		require.NoError(t, s.processPacket(cl, aliasPublish(fmt.Sprintf("ok/%d", i), i)))
+	}
+	require.Len(t, cl.State.TopicAliases.Inbound.internal, 4)
+}
+
+// With AnnounceLimits, an MQTT 5 CONNACK carries Topic Alias Maximum and
+// Maximum Packet Size; without it (upstream), neither.
+func TestTopicAliasMaximumAnnouncedInConnack(t *testing.T) {
+	for _, announce := range []bool{true, false} {
+		caps := NewDefaultServerCapabilities()
+		caps.TopicAliasMaximum, caps.MaximumPacketSize, caps.AnnounceLimits = 16, 1<<18, announce
+		s := New(&Options{Logger: logger, Capabilities: caps})
+		r, w := net.Pipe()
+		cl := s.NewClient(w, "t", "ack", false)
+		cl.Properties.ProtocolVersion = 5
+		go func() {
+			_ = s.SendConnack(cl, packets.CodeSuccess, false, nil)
+			_ = w.Close()
+		}()
+		buf, err := io.ReadAll(r)
+		require.NoError(t, err)
+		require.Greater(t, len(buf), 2)
+		pk := packets.Packet{ProtocolVersion: 5}
+		require.NoError(t, pk.FixedHeader.Decode(buf[0]))
+		require.NoError(t, pk.ConnackDecode(buf[2:]))
+		if announce {
+			require.Equal(t, uint16(16), pk.Properties.TopicAliasMaximum)
+			require.Equal(t, uint32(1<<18), pk.Properties.MaximumPacketSize)
+		} else {
+			require.Zero(t, pk.Properties.TopicAliasMaximum)
+			require.Zero(t, pk.Properties.MaximumPacketSize)
+		}
+	}
+}

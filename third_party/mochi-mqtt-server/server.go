@@ -61,6 +61,9 @@ type Capabilities struct {
 	RetainAvailable              byte            `yaml:"retain_available" json:"retain_available"`                 // support of retain messages
 	WildcardSubAvailable         byte            `yaml:"wildcard_sub_available" json:"wildcard_sub_available"`     // support of wildcard subscriptions
 	SubIDAvailable               byte            `yaml:"sub_id_available" json:"sub_id_available"`                 // support of subscription identifiers
+	// AnnounceLimits (fleetgate): every successful MQTT 5 CONNACK carries
+	// TopicAliasMaximum and MaximumPacketSize (when not 0).
+	AnnounceLimits bool `yaml:"announce_limits" json:"announce_limits"`
 }
 
 // NewDefaultServerCapabilities defines the default features and capabilities provided by the server.
@@ -702,6 +705,15 @@ func (s *Server) SendConnack(cl *Client, reason packets.Code, present bool, prop
 		properties.AssignedClientID = cl.Properties.Props.AssignedClientID // [MQTT-3.1.3-7] [MQTT-3.2.2-16]
 	}
 
+	// fleetgate: announce the limits the server enforces (MQTT 5 §3.2.2.3):
+	// without Topic Alias Maximum a client may not use aliases at all, and
+	// without Maximum Packet Size it cannot know that a large packet ends
+	// its connection.
+	if s.Options.Capabilities.AnnounceLimits {
+		properties.TopicAliasMaximum = s.Options.Capabilities.TopicAliasMaximum
+		properties.MaximumPacketSize = s.Options.Capabilities.MaximumPacketSize
+	}
+
 	if cl.Properties.Props.SessionExpiryInterval > s.Options.Capabilities.MaximumSessionExpiryInterval {
 		properties.SessionExpiryInterval = s.Options.Capabilities.MaximumSessionExpiryInterval
 		properties.SessionExpiryIntervalFlag = true
@@ -913,6 +925,20 @@ func (s *Server) InjectPacket(cl *Client, pk packets.Packet) error {
 
 // processPublish processes a Publish packet.
 func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
+	// fleetgate: a topic alias is resolved first, so that everything after
+	// (the topic's validity, the ACL check, hooks, delivery) sees the real
+	// topic; upstream checked the ACL on the topic as written (empty in an
+	// alias-only publish) and resolved the alias afterwards. An alias never
+	// set, used without a topic, is invalid (0x94).
+	if pk.Properties.TopicAliasFlag && !cl.Net.Inline {
+		topic, ok := cl.State.TopicAliases.Inbound.Resolve(pk.Properties.TopicAlias, pk.TopicName)
+		if !ok {
+			return packets.ErrTopicAliasInvalid // [MQTT-3.3.2-8] [MQTT-3.3.2-10]
+		}
+		pk.TopicName = topic
+		pk.Properties.TopicAlias, pk.Properties.TopicAliasFlag = 0, false
+	}
+
 	if !cl.Net.Inline && !IsValidFilter(pk.TopicName, true) {
 		return nil
 	}
@@ -962,10 +988,6 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 				}
 			}
 		}
-	}
-
-	if pk.Properties.TopicAliasFlag && pk.Properties.TopicAlias > 0 { // [MQTT-3.3.2-11]
-		pk.TopicName = cl.State.TopicAliases.Inbound.Set(pk.Properties.TopicAlias, pk.TopicName)
 	}
 
 	if pk.FixedHeader.Qos > s.Options.Capabilities.MaximumQos {
