@@ -11,6 +11,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -498,7 +499,7 @@ func aliasPublish(topic string, alias uint16) packets.Packet {
 // to a forbidden topic and using it alias-only is checked on that topic;
 // invalid aliases (0, above the maximum, never set) are refused with 0x94;
 // at most TopicAliasMaximum aliases are kept.
-func TestTopicAliasResolvedBeforeTheACLCheck(t *testing.T) {
+func TestAliasResolvedBeforeTheACLCheck(t *testing.T) {
 	caps := NewDefaultServerCapabilities()
 	caps.TopicAliasMaximum = 4
 	s := New(&Options{Logger: logger, Capabilities: caps})
@@ -529,7 +530,7 @@ func TestTopicAliasResolvedBeforeTheACLCheck(t *testing.T) {
 
 // With AnnounceLimits, an MQTT 5 CONNACK carries Topic Alias Maximum and
 // Maximum Packet Size; without it (upstream), neither.
-func TestTopicAliasMaximumAnnouncedInConnack(t *testing.T) {
+func TestLimitsAnnouncedInConnack(t *testing.T) {
 	for _, announce := range []bool{true, false} {
 		caps := NewDefaultServerCapabilities()
 		caps.TopicAliasMaximum, caps.MaximumPacketSize, caps.AnnounceLimits = 16, 1<<18, announce
@@ -555,4 +556,111 @@ func TestTopicAliasMaximumAnnouncedInConnack(t *testing.T) {
 			require.Zero(t, pk.Properties.MaximumPacketSize)
 		}
 	}
+}
+
+// willGate is an OnWill hook that drops every will while closed, and
+// records the order of OnWill, OnWillSent and OnClientExpired calls.
+type willGate struct {
+	HookBase
+	mu     sync.Mutex
+	open   bool
+	events []string
+}
+
+func (h *willGate) ID() string { return "will-gate" }
+func (h *willGate) Provides(b byte) bool {
+	return b == OnWill || b == OnWillSent || b == OnClientExpired
+}
+func (h *willGate) OnWillSent(cl *Client, _ packets.Packet) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.events = append(h.events, "sent "+cl.ID)
+}
+func (h *willGate) OnWill(cl *Client, will Will) (Will, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.events = append(h.events, "will "+cl.ID)
+	if !h.open {
+		return Will{}, nil
+	}
+	return will, nil
+}
+func (h *willGate) OnClientExpired(cl *Client) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.events = append(h.events, "expired "+cl.ID)
+}
+func (h *willGate) setOpen(v bool) { h.mu.Lock(); h.open = v; h.mu.Unlock() }
+func (h *willGate) log() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]string(nil), h.events...)
+}
+
+// willServer is a server with a willGate.
+func willServer(t *testing.T) (*Server, *willGate) {
+	s := newServer()
+	g := new(willGate)
+	require.NoError(t, s.AddHook(g, nil))
+	return s, g
+}
+
+func delayedWillClient(s *Server, id string, delay uint32) *Client {
+	cl, _, _ := newTestClient()
+	cl.ID = id
+	cl.Properties.Will = Will{Flag: 1, TopicName: "w/" + id, Payload: []byte("will"), WillDelayInterval: delay}
+	s.Clients.Add(cl)
+	return cl
+}
+
+// A delayed will goes through the OnWill hooks when it is due, not when
+// the connection ends: a hook that refuses it by then drops it, one that
+// allows it by then lets it be published.
+func TestDelayedWillHooksRunWhenDue(t *testing.T) {
+	s, g := willServer(t)
+	denied := delayedWillClient(s, "denied", 5)
+	s.sendLWT(denied)
+	require.Empty(t, g.log(), "no hook at disconnect for a delayed will")
+	s.sendDelayedLWT(time.Now().Unix() + 10) // due, gate closed
+	require.Equal(t, []string{"will denied"}, g.log(), "checked when due, not sent")
+	require.Equal(t, 0, s.loop.willDelayed.Len())
+	require.Equal(t, uint32(0), atomic.LoadUint32(&denied.Properties.Will.Flag))
+
+	g.setOpen(true)
+	allowed := delayedWillClient(s, "allowed", 5)
+	s.sendLWT(allowed)
+	s.sendDelayedLWT(time.Now().Unix() + 10)
+	require.Equal(t, []string{"will denied", "will allowed", "sent allowed"}, g.log())
+	require.Equal(t, Will{}, allowed.Properties.Will, "sent [MQTT-3.1.2-10]")
+}
+
+// A delayed will is not sent if its session was taken by a new connection
+// meanwhile, also when the old connection's end is processed after the new
+// CONNECT (the will is scheduled after the new connection cancelled it).
+func TestDelayedWillNotSentAfterANewConnectionTookTheSession(t *testing.T) {
+	s, g := willServer(t)
+	g.setOpen(true)
+	old := delayedWillClient(s, "dev", 5)
+	delayedWillClient(s, "dev", 5) // the new connection holds the ID
+	s.sendLWT(old)                 // the old connection's end, processed late
+	s.sendDelayedLWT(time.Now().Unix() + 10)
+	require.Empty(t, g.log(), "the old connection's will was not considered")
+	require.Equal(t, 0, s.loop.willDelayed.Len())
+	_, ok := s.loop.willOwner.Load("dev")
+	require.False(t, ok, "no reference to the old client kept")
+}
+
+// A session that expires before its will delay ends sends its will first,
+// before the expiry hooks forget the session.
+func TestDelayedWillSentAtSessionExpiry(t *testing.T) {
+	s, g := willServer(t)
+	g.setOpen(true)
+	cl := delayedWillClient(s, "exp", 3600)
+	cl.Properties.ProtocolVersion = 5
+	cl.Properties.Props.SessionExpiryInterval, cl.Properties.Props.SessionExpiryIntervalFlag = 1, true
+	cl.Stop(errors.New("gone"))
+	s.sendLWT(cl)
+	s.clearExpiredClients(time.Now().Unix() + 10)
+	require.Equal(t, []string{"will exp", "sent exp", "expired exp"}, g.log())
+	require.Equal(t, 0, s.loop.willDelayed.Len())
 }

@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -181,6 +182,9 @@ type loop struct {
 	retainedExpiry *time.Ticker     // interval ticker for cleaning retained messages
 	willDelaySend  *time.Ticker     // interval ticker for sending Will Messages with a delay
 	willDelayed    *packets.Packets // activate LWT packets which will be sent after a delay
+	// willOwner (fleetgate): client ID → the *Client whose delayed will
+	// is in willDelayed.
+	willOwner sync.Map
 }
 
 // ops contains server values which can be propagated to other structs.
@@ -541,6 +545,7 @@ func (s *Server) connectClient(cl *Client, listener string) (connected bool, err
 	}
 
 	s.loop.willDelayed.Delete(cl.ID) // [MQTT-3.1.3-9]
+	s.loop.willOwner.Delete(cl.ID)   // fleetgate
 
 	if sessionPresent {
 		err = cl.ResendInflightMessages(true)
@@ -1500,6 +1505,7 @@ func (s *Server) processDisconnect(cl *Client, pk packets.Packet) error {
 	}
 
 	s.loop.willDelayed.Delete(cl.ID) // [MQTT-3.1.3-9] [MQTT-3.1.2-8]
+	s.loop.willOwner.Delete(cl.ID)   // fleetgate
 	cl.Stop(packets.CodeDisconnect)  // [MQTT-3.14.4-2]
 
 	return nil
@@ -1613,7 +1619,38 @@ func (s *Server) sendLWT(cl *Client) {
 		return
 	}
 
+	// fleetgate: a delayed will goes through the OnWill hooks when it is
+	// due (sendDelayedWill), not now: what it may publish is decided when
+	// it is published. Upstream ran the hooks at disconnect and sent the
+	// delayed packet later without them, so a will of a client revoked or
+	// denied by a new policy during the delay was still sent.
+	if cl.Properties.Will.WillDelayInterval > 0 {
+		pk := packets.Packet{
+			FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: cl.Properties.Will.Retain, Qos: cl.Properties.Will.Qos},
+			TopicName:   cl.Properties.Will.TopicName,
+			Payload:     cl.Properties.Will.Payload,
+			Origin:      cl.ID,
+			Created:     time.Now().Unix(),
+		}
+		pk.Connect.WillProperties.WillDelayInterval = cl.Properties.Will.WillDelayInterval
+		pk.Expiry = time.Now().Unix() + int64(pk.Connect.WillProperties.WillDelayInterval)
+		s.loop.willOwner.Store(cl.ID, cl)
+		s.loop.willDelayed.Add(cl.ID, pk)
+		return
+	}
+
+	s.publishWill(cl)
+}
+
+// publishWill runs the OnWill hooks on cl's will and publishes what they
+// return (fleetgate: split out of sendLWT; a will the hooks emptied — no
+// topic — is dropped instead of published to an empty topic).
+func (s *Server) publishWill(cl *Client) {
 	modifiedLWT := s.hooks.OnWill(cl, cl.Properties.Will)
+	if modifiedLWT.TopicName == "" {
+		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+		return
+	}
 
 	pk := packets.Packet{
 		FixedHeader: packets.FixedHeader{
@@ -1628,13 +1665,6 @@ func (s *Server) sendLWT(cl *Client) {
 		},
 		Origin:  cl.ID,
 		Created: time.Now().Unix(),
-	}
-
-	if cl.Properties.Will.WillDelayInterval > 0 {
-		pk.Connect.WillProperties.WillDelayInterval = cl.Properties.Will.WillDelayInterval
-		pk.Expiry = time.Now().Unix() + int64(pk.Connect.WillProperties.WillDelayInterval)
-		s.loop.willDelayed.Add(cl.ID, pk)
-		return
 	}
 
 	if pk.FixedHeader.Retain {
@@ -1802,6 +1832,7 @@ func (s *Server) clearExpiredClients(dt int64) {
 		}
 
 		if disconnected+int64(expire) < dt {
+			s.sendDelayedWill(id) // fleetgate: the session ends: its will is due
 			s.hooks.OnClientExpired(client)
 			s.Clients.Delete(id) // [MQTT-4.1.0-2]
 		}
@@ -1840,17 +1871,31 @@ func (s *Server) clearExpiredInflights(now int64) {
 func (s *Server) sendDelayedLWT(dt int64) {
 	for id, pk := range s.loop.willDelayed.GetAll() {
 		if dt > pk.Expiry {
-			s.publishToSubscribers(pk) // [MQTT-3.1.2-8]
-			if cl, ok := s.Clients.Get(id); ok {
-				if pk.FixedHeader.Retain {
-					s.retainMessage(cl, pk)
-				}
-				cl.Properties.Will = Will{} // [MQTT-3.1.2-10]
-				s.hooks.OnWillSent(cl, pk)
-			}
-			s.loop.willDelayed.Delete(id)
+			s.sendDelayedWill(id)
 		}
 	}
+}
+
+// sendDelayedWill (fleetgate) sends the delayed will of client ID id, if
+// one is pending, through the OnWill hooks (publishWill). Only while the
+// session is still the one of the connection that left it: a new
+// connection that took the session (also one whose CONNECT raced with the
+// old connection's end) cancels it [MQTT-3.1.3-9]; a session already gone
+// sends nothing. Upstream published the stored packet without hooks, to
+// whatever client held the ID.
+func (s *Server) sendDelayedWill(id string) {
+	if _, ok := s.loop.willDelayed.Get(id); !ok {
+		return
+	}
+	s.loop.willDelayed.Delete(id)
+	v, _ := s.loop.willOwner.LoadAndDelete(id)
+	owner, _ := v.(*Client)
+	cl, ok := s.Clients.Get(id)
+	if !ok || owner == nil || cl != owner || atomic.LoadUint32(&owner.Properties.Will.Flag) == 0 {
+		return
+	}
+	s.publishWill(owner)           // [MQTT-3.1.2-8]
+	owner.Properties.Will = Will{} // [MQTT-3.1.2-10]
 }
 
 // Int64toa converts an int64 to a string.
