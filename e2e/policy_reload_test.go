@@ -152,3 +152,52 @@ func TestPolicyReloadLoadsTheFileTheOperatorWrote(t *testing.T) {
 		t.Fatal("policy in force changed after a refused reload")
 	}
 }
+
+// TestPolicyReloadOfADeletedConfiguredFileIsRefused: with --policy FILE,
+// a reload after FILE was deleted fails loudly and names it; the policy
+// in force stays (a device's own telemetry is still allowed, the extra
+// rule of the deleted file still in force).
+func TestPolicyReloadOfADeletedConfiguredFileIsRefused(t *testing.T) {
+	e := initData(t)
+	policyFile := filepath.Join(t.TempDir(), "site-policy.yaml")
+	if err := os.WriteFile(policyFile, []byte(policyWith("debug")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e.srv = serve(t, e.dataDir, "--policy", policyFile)
+	if !strings.Contains(e.srv.log.String(), "file="+policyFile+" file_rules=8") {
+		t.Errorf("start log does not name the policy file:\n%s", e.srv.log.String())
+	}
+	// Even with a data-directory file present: the configured file is
+	// what the operator means.
+	if err := os.WriteFile(filepath.Join(e.dataDir, "policy.yaml"), []byte(acl.DefaultFile), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(policyFile); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run(t, bin(t, "fleetgate"), "policy", "reload", "--data-dir", e.dataDir, "--server", "https://"+e.srv.addrs.API)
+	if err == nil || !strings.Contains(out, policyFile) || !strings.Contains(out, "policy refused") {
+		t.Fatalf("reload of a deleted configured file: err=%v\n%s", err, out)
+	}
+	if !strings.Contains(e.srv.log.String(), `msg="policy reload refused`) {
+		t.Errorf("refusal not logged:\n%s", e.srv.log.String())
+	}
+
+	svcDir := filepath.Join(t.TempDir(), "backend")
+	e.admin("services", "issue", "--name", "backend", "--out", svcDir)
+	recv := newCollector()
+	svc := connectPaho(t, e.srv.addrs.MQTT, "backend", loadPair(t, svcDir), e.roots)
+	if tok := svc.Subscribe("devices/#", 1, recv.handle); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("service subscribe: %v", tok.Error())
+	}
+	d, _ := e.enroll("dbg-2", "lab")
+	c, err := d.Connect(context.Background(), devicesdk.ConnectOptions{BrokerAddr: e.srv.addrs.MQTT, ServerName: "localhost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Publish(context.Background(), "devices/dbg-2/debug/x", 1, false, []byte("still")); err != nil {
+		t.Fatalf("publish under the old policy's extra rule: %v", err)
+	}
+	recv.wait(t, "devices/dbg-2/debug/x", "still")
+}
