@@ -279,8 +279,9 @@ func (s *Server) handlePolicyReload(w http.ResponseWriter, r *http.Request, op i
 		s.writeError(w, r, apiErr(http.StatusNotImplemented, "no_broker", "no broker runs in this process; send SIGHUP to the broker process", nil), "")
 		return
 	}
-	n, err := s.cfg.ReloadPolicy()
-	rec := registry.AuditRecord{Actor: op.String(), Action: "policy.reload", Outcome: registry.OutcomeOK, Reason: fmt.Sprintf("%d rules", n)}
+	res, err := s.cfg.ReloadPolicy()
+	rec := registry.AuditRecord{Actor: op.String(), Action: "policy.reload", Outcome: registry.OutcomeOK,
+		Reason: fmt.Sprintf("%s: %d rules (%d compiled) in force", res.File, res.FileRules, res.Rules)}
 	if err != nil {
 		rec.Outcome, rec.Reason = registry.OutcomeDenied, err.Error()
 	}
@@ -289,5 +290,5 @@ func (s *Server) handlePolicyReload(w http.ResponseWriter, r *http.Request, op i
 		s.writeError(w, r, apiErr(http.StatusUnprocessableEntity, "policy_invalid", "policy refused, the previous one stays in force:\n"+err.Error(), err), "")
 		return
 	}
-	writeJSON(w, http.StatusOK, api.PolicyReloadResponse{Rules: n})
+	writeJSON(w, http.StatusOK, res)
 }

@@ -72,9 +72,9 @@ type Config struct {
 	Rand io.Reader
 	// Online reports whether a device has a live MQTT session (nil: unknown).
 	Online func(deviceID string) bool
-	// ReloadPolicy reloads the broker's policy file and returns its number
-	// of rules (nil: no broker in this process).
-	ReloadPolicy func() (int, error)
+	// ReloadPolicy reloads the broker's policy file and reports which file
+	// and how many rules are in force (nil: no broker in this process).
+	ReloadPolicy func() (api.PolicyReloadResponse, error)
 	// CRLValidity is the CRL's nextUpdate distance (default 24h); the CRL is
 	// re-signed on every revocation and when half of it has passed.
 	CRLValidity time.Duration
