@@ -54,6 +54,10 @@ type Config struct {
 	MaxPending int
 	// MaxPacketSize in bytes (default 256 KiB).
 	MaxPacketSize uint32
+	// TopicAliasMaximum is the number of topic aliases an MQTT 5 client may
+	// set on its publishes (default 16; negative: none). Announced in
+	// CONNACK with MaxPacketSize.
+	TopicAliasMaximum int
 	// Limits per client (zero: DefaultLimits).
 	Limits Limits
 	// MaxPendingPerIP caps unauthenticated connections from one source
@@ -192,6 +196,12 @@ func New(cfg Config) (*Broker, error) {
 
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = cfg.MaxPacketSize
+	// Each alias holds a topic of the client's: a few per client.
+	caps.TopicAliasMaximum = 16
+	if cfg.TopicAliasMaximum != 0 {
+		caps.TopicAliasMaximum = uint16(max(0, min(cfg.TopicAliasMaximum, 65535)))
+	}
+	caps.AnnounceLimits = true
 	caps.MaximumSessionExpiryInterval = 7 * 24 * 3600
 	// Messages expire only when their publisher says so (MQTT 5 Message
 	// Expiry Interval). mochi's default (one day) gave every message an

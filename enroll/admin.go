@@ -15,6 +15,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // Admin API errors.
@@ -95,7 +96,9 @@ func (s *Server) admin(h func(http.ResponseWriter, *http.Request, identity.Ident
 		}
 		if err != nil {
 			e := asAPIError(err)
-			s.cfg.Registry.Audit(registry.AuditRecord{Actor: id.String(), Action: "admin " + r.Method + " " + r.URL.Path, Outcome: registry.OutcomeDenied, Reason: e.Code, Remote: r.RemoteAddr})
+			if s.refusal(r, e) {
+				s.cfg.Registry.AuditBatched(registry.AuditRecord{Actor: id.String(), Action: logguard.Bound("admin "+r.Method+" "+r.URL.Path, maxLoggedField), Outcome: registry.OutcomeDenied, Reason: e.Code, Remote: r.RemoteAddr})
+			}
 			s.writeError(w, r, e, "")
 			return
 		}
@@ -201,17 +204,40 @@ func (s *Server) handleDeviceShow(w http.ResponseWriter, r *http.Request, _ iden
 	writeJSON(w, http.StatusOK, s.toAPIDevice(*d))
 }
 
+// handleAudit returns one page of the audit log, newest first: at most
+// limit records (api.DefaultAuditLimit, at most api.MaxAuditLimit) older
+// than cursor, optionally of one device. It reads about as many records as
+// it returns (registry.AuditPage).
 func (s *Server) handleAudit(w http.ResponseWriter, r *http.Request, _ identity.Identity) {
-	dev := r.URL.Query().Get("device")
-	limit, _ := strconv.Atoi(r.URL.Query().Get("limit"))
-	recs, err := s.cfg.Registry.AuditLog(dev, limit)
+	q := r.URL.Query()
+	dev := q.Get("device")
+	if dev != "" {
+		if err := identity.ValidateName(dev); err != nil {
+			s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err), "")
+			return
+		}
+	}
+	limit := api.DefaultAuditLimit
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_limit", "limit must be a positive number", err), "")
+			return
+		}
+		limit = min(n, api.MaxAuditLimit)
+	}
+	recs, next, err := s.cfg.Registry.AuditPage(registry.AuditQuery{DeviceID: dev, Limit: limit, Cursor: q.Get("cursor")})
+	if errors.Is(err, registry.ErrAuditCursor) {
+		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_cursor", "cursor must be the next value of a previous page", err), "")
+		return
+	}
 	if err != nil {
 		s.writeError(w, r, asAPIError(err), "")
 		return
 	}
-	out := make([]api.AuditRecord, 0, len(recs))
+	out := api.AuditPage{Records: make([]api.AuditRecord, 0, len(recs)), Next: next}
 	for _, a := range recs {
-		out = append(out, api.AuditRecord(a))
+		out.Records = append(out.Records, api.AuditRecord(a))
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -253,8 +279,9 @@ func (s *Server) handlePolicyReload(w http.ResponseWriter, r *http.Request, op i
 		s.writeError(w, r, apiErr(http.StatusNotImplemented, "no_broker", "no broker runs in this process; send SIGHUP to the broker process", nil), "")
 		return
 	}
-	n, err := s.cfg.ReloadPolicy()
-	rec := registry.AuditRecord{Actor: op.String(), Action: "policy.reload", Outcome: registry.OutcomeOK, Reason: fmt.Sprintf("%d rules", n)}
+	res, err := s.cfg.ReloadPolicy()
+	rec := registry.AuditRecord{Actor: op.String(), Action: "policy.reload", Outcome: registry.OutcomeOK,
+		Reason: fmt.Sprintf("%s: %d rules (%d compiled) in force", res.File, res.FileRules, res.Rules)}
 	if err != nil {
 		rec.Outcome, rec.Reason = registry.OutcomeDenied, err.Error()
 	}
@@ -263,5 +290,5 @@ func (s *Server) handlePolicyReload(w http.ResponseWriter, r *http.Request, op i
 		s.writeError(w, r, apiErr(http.StatusUnprocessableEntity, "policy_invalid", "policy refused, the previous one stays in force:\n"+err.Error(), err), "")
 		return
 	}
-	writeJSON(w, http.StatusOK, api.PolicyReloadResponse{Rules: n})
+	writeJSON(w, http.StatusOK, res)
 }

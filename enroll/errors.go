@@ -13,6 +13,9 @@ type Error struct {
 	Code   string
 	Msg    string
 	Err    error
+	// decided and full keep the refusal limiter's answer for this error
+	// (Server.refusal).
+	decided, full bool
 }
 
 func (e *Error) Error() string {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/x509"
+	"encoding/asn1"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -20,6 +21,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // registerLifecycleRoutes registers revocation, suspension, renewal, CRL
@@ -38,6 +40,7 @@ func (s *Server) registerLifecycleRoutes() {
 	s.mux.HandleFunc("GET "+api.PathESTCACerts, s.handleESTCACerts)
 	s.mux.HandleFunc("POST "+api.PathESTSimpleEnroll, s.handleESTSimpleEnroll)
 	s.mux.HandleFunc("POST "+api.PathESTSimpleReenroll, s.handleESTSimpleReenroll)
+	s.mux.HandleFunc("GET "+api.PathESTCSRAttrs, s.handleESTCSRAttrs)
 	s.cfg.Registry.Watch(func(ev registry.Event) {
 		if ev.Kind == registry.EventCertRevoked {
 			s.crl.invalidate()
@@ -90,7 +93,7 @@ func (s *Server) handleDeviceAction(w http.ResponseWriter, r *http.Request, op i
 	// Registry watchers (the in-process broker) ran before the registry
 	// call returned: sessions are closed by now.
 	resp.SessionsClosed = s.cfg.Online != nil && !s.cfg.Online(id)
-	s.log.Info("device "+action, logKeyDevice, id, "reason", req.Reason, logKeyActor, op.String(), "revoked_serials", len(resp.RevokedSerials))
+	s.log.Info("device "+action, logKeyDevice, id, "reason", logguard.Bound(req.Reason, maxLoggedCause), logKeyActor, op.String(), "revoked_serials", len(resp.RevokedSerials))
 	writeJSON(w, http.StatusOK, resp)
 }
 
@@ -127,15 +130,15 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
 		if err := decodeJSON(r, &req); err != nil {
 			return nil, err
 		}
-		return s.renew(id, leaf, req.CSR)
+		return s.renew(id, leaf, req.CSR, nil)
 	}()
 	s.finish(w, r, "renew", "renew", id.Name, resp, err)
 }
 
 // renew issues a new certificate for the key of leaf, the verified
 // certificate presented over mTLS (authenticate); shared by /v1/renew and
-// EST simplereenroll.
-func (s *Server) renew(id identity.Identity, leaf *x509.Certificate, csrDER []byte) (*api.EnrollResponse, error) {
+// EST simplereenroll. prepare is as for enrollToken.
+func (s *Server) renew(id identity.Identity, leaf *x509.Certificate, csrDER []byte, prepare func(*x509.Certificate) error) (*api.EnrollResponse, error) {
 	if id.Role != identity.RoleDevice {
 		return nil, apiErr(http.StatusForbidden, "device_required", "only devices renew here", nil)
 	}
@@ -153,6 +156,11 @@ func (s *Server) renew(id identity.Identity, leaf *x509.Certificate, csrDER []by
 		cert, err = s.cfg.CA.Issue(id, csr.PublicKey, s.cfg.DeviceCertTTL)
 		if err != nil {
 			return nil, err
+		}
+		if prepare != nil {
+			if err := prepare(cert); err != nil {
+				return nil, err
+			}
 		}
 		return certRecord(cert, id), nil
 	})
@@ -233,7 +241,9 @@ func (s *Server) handleCRL(w http.ResponseWriter, r *http.Request) {
 // allows, with the same status mapping as the JSON API.
 func (s *Server) estError(w http.ResponseWriter, r *http.Request, err error, deviceID string) {
 	e := asAPIError(err)
-	s.log.Warn("EST request refused", "path", r.URL.Path, logKeyCode, e.Code, logKeyDevice, auditDeviceID(deviceID), logKeyRemote, r.RemoteAddr, logKeyErr, e.Err)
+	if s.refusal(r, e) {
+		s.log.Warn("EST request refused", "path", logguard.Bound(r.URL.Path, maxLoggedField), logKeyCode, e.Code, logKeyDevice, auditDeviceID(deviceID), logKeyRemote, r.RemoteAddr, logKeyErr, causeText(e))
+	}
 	if e.Status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Basic realm="fleetgate EST"`)
 	}
@@ -242,20 +252,24 @@ func (s *Server) estError(w http.ResponseWriter, r *http.Request, err error, dev
 	fmt.Fprintf(w, "%s: %s\n", e.Code, e.Msg)
 }
 
-// writeCertsOnly writes a base64 PKCS#7 certs-only body (RFC 7030 4.1.3).
-func writeCertsOnly(w http.ResponseWriter, certs ...*x509.Certificate) error {
+// certsOnly returns a base64 PKCS#7 certs-only body (RFC 7030 4.1.3).
+func certsOnly(certs ...*x509.Certificate) ([]byte, error) {
 	var raw []byte
 	for _, c := range certs {
 		raw = append(raw, c.Raw...)
 	}
 	p7, err := pkcs7.DegenerateCertificate(raw)
 	if err != nil {
-		return fmt.Errorf("pkcs7: %w", err)
+		return nil, fmt.Errorf("pkcs7: %w", err)
 	}
-	w.Header().Set("Content-Type", api.ContentTypePKCS7Certs)
+	return []byte(base64Lines(p7)), nil
+}
+
+// writeBase64 writes a base64 body of content type ct.
+func writeBase64(w http.ResponseWriter, ct string, body []byte) {
+	w.Header().Set("Content-Type", ct)
 	w.Header().Set(api.HeaderTransferEncoding, "base64")
-	_, err = io.WriteString(w, base64Lines(p7))
-	return err
+	w.Write(body)
 }
 
 func base64Lines(b []byte) string {
@@ -272,9 +286,39 @@ func base64Lines(b []byte) string {
 }
 
 func (s *Server) handleESTCACerts(w http.ResponseWriter, r *http.Request) {
-	if err := writeCertsOnly(w, s.cfg.CA.Issuing, s.cfg.CA.Root); err != nil {
+	body, err := certsOnly(s.cfg.CA.Issuing, s.cfg.CA.Root)
+	if err != nil {
 		s.estError(w, r, err, "")
+		return
 	}
+	writeBase64(w, api.ContentTypePKCS7Certs, body)
+}
+
+// estCSRAttrs is the CSR attributes answer (RFC 7030 4.5.2): what every
+// enrollment requires, a key of type id-ecPublicKey on curve secp256r1
+// (P-256), encoded as the RFC's example encodes it (an Attribute whose
+// type is id-ecPublicKey and whose value is the curve), and the signature
+// algorithm ecdsa-with-SHA256. The device identity comes from the EST
+// username or the client certificate, never from the CSR, so nothing else
+// is asked for.
+var estCSRAttrs = func() []byte {
+	type attribute struct {
+		Type   asn1.ObjectIdentifier
+		Values []asn1.ObjectIdentifier `asn1:"set"`
+	}
+	der, err := asn1.Marshal([]any{
+		asn1.ObjectIdentifier{1, 2, 840, 10045, 4, 3, 2}, // ecdsa-with-SHA256
+		attribute{Type: asn1.ObjectIdentifier{1, 2, 840, 10045, 2, 1}, // id-ecPublicKey
+			Values: []asn1.ObjectIdentifier{{1, 2, 840, 10045, 3, 1, 7}}}, // secp256r1
+	})
+	if err != nil {
+		panic(err)
+	}
+	return []byte(base64Lines(der))
+}()
+
+func (s *Server) handleESTCSRAttrs(w http.ResponseWriter, r *http.Request) {
+	writeBase64(w, api.ContentTypeCSRAttrs, estCSRAttrs)
 }
 
 // readPKCS10 reads an EST request body: base64 DER PKCS#10.
@@ -302,6 +346,7 @@ func readPKCS10(r *http.Request) ([]byte, error) {
 // credentials: user = device ID, password = token (RFC 7030 3.2.3).
 func (s *Server) handleESTSimpleEnroll(w http.ResponseWriter, r *http.Request) {
 	user, pass, ok := r.BasicAuth()
+	var body estBody
 	resp, err := func() (*api.EnrollResponse, error) {
 		if !ok {
 			return nil, apiErr(http.StatusUnauthorized, "credentials_required", "HTTP Basic credentials (device ID, bootstrap token) required", nil)
@@ -310,13 +355,14 @@ func (s *Server) handleESTSimpleEnroll(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			return nil, err
 		}
-		return s.enrollToken(user, pass, csr, s.issuedAudit(r, "enroll.est", user))
+		return s.enrollToken(user, pass, csr, s.issuedAudit(r, "enroll.est", user), body.prepare)
 	}()
-	s.finishEST(w, r, "est", "enroll.est", user, resp, err, true)
+	s.finishEST(w, r, "est", "enroll.est", user, resp, body.b, err, true)
 }
 
 func (s *Server) handleESTSimpleReenroll(w http.ResponseWriter, r *http.Request) {
 	var id identity.Identity
+	var body estBody
 	resp, err := func() (*api.EnrollResponse, error) {
 		var leaf *x509.Certificate
 		var err error
@@ -327,23 +373,32 @@ func (s *Server) handleESTSimpleReenroll(w http.ResponseWriter, r *http.Request)
 		if err != nil {
 			return nil, err
 		}
-		return s.renew(id, leaf, csr)
+		return s.renew(id, leaf, csr, body.prepare)
 	}()
-	s.finishEST(w, r, "est-reenroll", "renew.est", id.Name, resp, err, false)
+	s.finishEST(w, r, "est-reenroll", "renew.est", id.Name, resp, body.b, err, false)
 }
 
-// finishEST is finish for EST; okAudited as for account.
-func (s *Server) finishEST(w http.ResponseWriter, r *http.Request, method, action, deviceID string, resp *api.EnrollResponse, err error, okAudited bool) {
+// estBody is the answer to simpleenroll and simplereenroll: a certs-only
+// PKCS#7 holding only the issued certificate (RFC 7030 4.2.3; a client may
+// refuse more), built by prepare inside the issuing transaction.
+type estBody struct{ b []byte }
+
+func (e *estBody) prepare(cert *x509.Certificate) error {
+	var err error
+	e.b, err = certsOnly(cert)
+	return err
+}
+
+// finishEST is finish for EST; okAudited as for account. body is the
+// prepared answer.
+func (s *Server) finishEST(w http.ResponseWriter, r *http.Request, method, action, deviceID string, resp *api.EnrollResponse, body []byte, err error, okAudited bool) {
+	if err != nil {
+		err = asAPIError(err)
+	}
 	s.account(r, method, action, deviceID, resp, err, okAudited)
 	if err != nil {
 		s.estError(w, r, err, deviceID)
 		return
 	}
-	certs, perr := ca.ParseCertsPEM([]byte(resp.CertificateChainPEM))
-	if perr == nil {
-		perr = writeCertsOnly(w, certs...)
-	}
-	if perr != nil {
-		s.log.Error("EST response", logKeyErr, perr)
-	}
+	writeBase64(w, api.ContentTypePKCS7Certs, body)
 }

@@ -5,6 +5,7 @@
 package enroll
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -28,6 +29,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // Log keys.
@@ -70,13 +72,30 @@ type Config struct {
 	Rand io.Reader
 	// Online reports whether a device has a live MQTT session (nil: unknown).
 	Online func(deviceID string) bool
-	// ReloadPolicy reloads the broker's policy file and returns its number
-	// of rules (nil: no broker in this process).
-	ReloadPolicy func() (int, error)
+	// ReloadPolicy reloads the broker's policy file and reports which file
+	// and how many rules are in force (nil: no broker in this process).
+	ReloadPolicy func() (api.PolicyReloadResponse, error)
 	// CRLValidity is the CRL's nextUpdate distance (default 24h); the CRL is
 	// re-signed on every revocation and when half of it has passed.
 	CRLValidity time.Duration
+	// RefusalBurst is how many refusals with the same code from one source
+	// address are audited and logged in full per RefusalWindow (default 5);
+	// the rest are counted and summarised in one audit record and one log
+	// line per window. Metrics count every refusal.
+	RefusalBurst int
+	// RefusalWindow is the refusal limiter's window (default 1 minute).
+	RefusalWindow time.Duration
+	// RefusalSources bounds the (source, code) pairs tracked at once
+	// (default 4096); beyond it new ones share one budget.
+	RefusalSources int
 }
+
+// Bounds of peer-chosen text in logs and audit records (the registry
+// bounds every audit field again).
+const (
+	maxLoggedCause = 512
+	maxLoggedField = 128
+)
 
 // TPM enrollment policies.
 const (
@@ -91,6 +110,9 @@ type Server struct {
 	mux     *http.ServeMux
 	enrolls *prometheus.CounterVec
 	crl     crlCache
+	// refusals decides which refusals are audited and logged in full
+	// (refusal); the rest are summarised.
+	refusals *logguard.Limiter
 	// clientCAs is the root of client certificate chains: the issuing CA.
 	clientCAs *x509.CertPool
 }
@@ -131,6 +153,8 @@ func New(cfg Config) (*Server, error) {
 		cfg.Rand = rand.Reader
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, mux: http.NewServeMux(), clientCAs: cfg.CA.ClientCAs()}
+	s.refusals = logguard.New(logguard.Options{Burst: cfg.RefusalBurst, Window: cfg.RefusalWindow,
+		MaxKeys: cfg.RefusalSources, Summary: s.summariseRefusals})
 	s.enrolls = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "fleetgate_enrollments_total",
 		Help: "Enrollment attempts by method and outcome (ok or the failure code).",
@@ -154,6 +178,52 @@ func New(cfg Config) (*Server, error) {
 
 // Handler returns the HTTP handler.
 func (s *Server) Handler() http.Handler { return s.mux }
+
+// Run writes the summaries of suppressed refusals every window until ctx
+// ends, and then those still open. Without it a summary is written when its
+// source is heard from again after the window.
+func (s *Server) Run(ctx context.Context) {
+	s.refusals.Run(ctx)
+	s.refusals.FlushAll()
+}
+
+// FlushRefusals writes the summaries of every suppressed refusal now,
+// whether or not its window has ended (tests, shutdown).
+func (s *Server) FlushRefusals() { s.refusals.FlushAll() }
+
+// refusalKey is the limiter's key of a refusal: source and code. Codes are
+// the server's own, a small fixed set. An IPv6 source is its /64: one host
+// usually holds a whole /64, and could otherwise take a budget per address.
+func refusalKey(r *http.Request, code string) string {
+	src := remoteIP(r)
+	if ip := net.ParseIP(src); ip != nil && ip.To4() == nil {
+		src = ip.Mask(net.CIDRMask(64, 128)).String() + "/64"
+	}
+	return src + " " + code
+}
+
+// refusal reports whether the refusal e of r is audited and logged in
+// full; the answer is kept in e, so that the audit record and the log line
+// of one refusal agree and count once.
+func (s *Server) refusal(r *http.Request, e *Error) bool {
+	if !e.decided {
+		e.decided, e.full = true, s.refusals.Allow(refusalKey(r, e.Code))
+	}
+	return e.full
+}
+
+// summariseRefusals writes one audit record (batched) and one log line for
+// the refusals of key suppressed in the last window.
+func (s *Server) summariseRefusals(key string, n int, window time.Duration) {
+	src, code, _ := strings.Cut(key, " ")
+	what := "refusals"
+	if code != "" {
+		what += " (" + code + ")"
+	}
+	reason := fmt.Sprintf("%d more %s from %s in the last %s", n, what, src, window)
+	s.cfg.Registry.AuditBatched(registry.AuditRecord{Actor: "fleetgate", Action: "refusals.suppressed", Outcome: registry.OutcomeDenied, Reason: reason, Remote: src})
+	s.log.Warn("refusals suppressed", "source", src, logKeyCode, code, "suppressed", n, "window", window.String())
+}
 
 // TLSConfig returns the server's TLS configuration: its certificate, TLS 1.3
 // at least... 1.2 for EST clients, and client certificates requested.
@@ -184,7 +254,7 @@ func (s *Server) handleTokenEnroll(w http.ResponseWriter, r *http.Request) {
 		if err := decodeJSON(r, &req); err != nil {
 			return nil, err
 		}
-		return s.enrollToken(req.DeviceID, req.Token, req.CSR, s.issuedAudit(r, "enroll.token", req.DeviceID))
+		return s.enrollToken(req.DeviceID, req.Token, req.CSR, s.issuedAudit(r, "enroll.token", req.DeviceID), nil)
 	}()
 	s.finishAudited(w, r, "token", "enroll.token", req.DeviceID, resp, err)
 }
@@ -192,8 +262,11 @@ func (s *Server) handleTokenEnroll(w http.ResponseWriter, r *http.Request) {
 // enrollToken is token enrollment, shared by the JSON API and EST
 // simpleenroll: device ID, token and CSR checks, then redemption, signing,
 // recording and the success audit record (audit) in one registry
-// transaction.
-func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *registry.AuditRecord) (*api.EnrollResponse, error) {
+// transaction. prepare, if not nil, is called with the signed certificate
+// inside that transaction: it builds the answer (EST's PKCS#7), and when it
+// fails nothing commits, so an answer that cannot be built consumes no
+// token.
+func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *registry.AuditRecord, prepare func(*x509.Certificate) error) (*api.EnrollResponse, error) {
 	if err := identity.ValidateName(deviceID); err != nil {
 		return nil, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err)
 	}
@@ -217,6 +290,11 @@ func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *regis
 		if err != nil {
 			return nil, err
 		}
+		if prepare != nil {
+			if err := prepare(cert); err != nil {
+				return nil, err
+			}
+		}
 		return certRecord(cert, id), nil
 	})
 	if err != nil {
@@ -239,6 +317,9 @@ func (s *Server) enrollResponse(deviceID string, cert *x509.Certificate, rec *re
 // finish writes the response, counts and audits the outcome of an
 // enrollment-type request.
 func (s *Server) finish(w http.ResponseWriter, r *http.Request, method, action, deviceID string, resp any, err error) {
+	if err != nil {
+		err = asAPIError(err) // one *Error, so one refusal decision
+	}
 	s.account(r, method, action, deviceID, resp, err, false)
 	s.respond(w, r, deviceID, resp, err)
 }
@@ -246,6 +327,9 @@ func (s *Server) finish(w http.ResponseWriter, r *http.Request, method, action, 
 // finishAudited is finish for a request whose success the registry audited
 // in the issuing transaction (issuedAudit): only a refusal is audited here.
 func (s *Server) finishAudited(w http.ResponseWriter, r *http.Request, method, action, deviceID string, resp any, err error) {
+	if err != nil {
+		err = asAPIError(err)
+	}
 	s.account(r, method, action, deviceID, resp, err, true)
 	s.respond(w, r, deviceID, resp, err)
 }
@@ -271,7 +355,10 @@ func (s *Server) account(r *http.Request, method, action, deviceID string, resp 
 	if err != nil {
 		e := asAPIError(err)
 		s.enrolls.WithLabelValues(method, e.Code).Inc()
-		s.cfg.Registry.Audit(registry.AuditRecord{Actor: "device", Action: action, DeviceID: auditDeviceID(deviceID), Outcome: registry.OutcomeDenied, Reason: e.Code + ": " + causeText(e), Remote: r.RemoteAddr})
+		if s.refusal(r, e) {
+			// Not acknowledged to anyone: batched, not a synced write each.
+			s.cfg.Registry.AuditBatched(registry.AuditRecord{Actor: "device", Action: action, DeviceID: auditDeviceID(deviceID), Outcome: registry.OutcomeDenied, Reason: e.Code + ": " + causeText(e), Remote: r.RemoteAddr})
+		}
 		return
 	}
 	s.enrolls.WithLabelValues(method, "ok").Inc()
@@ -294,11 +381,13 @@ func auditDeviceID(id string) string {
 	return id
 }
 
+// causeText is the cause of e for a log line or an audit record, bounded:
+// causes quote what a peer sent (a JSON field name, a CSR's bytes).
 func causeText(e *Error) string {
 	if e.Err != nil {
-		return e.Err.Error()
+		return logguard.Bound(e.Err.Error(), maxLoggedCause)
 	}
-	return e.Msg
+	return logguard.Bound(e.Msg, maxLoggedCause)
 }
 
 func csrError(err error) error {
@@ -459,7 +548,8 @@ func decodeJSON(r *http.Request, v any) error {
 		if errors.As(err, &mbe) {
 			return apiErr(http.StatusRequestEntityTooLarge, "body_too_large", fmt.Sprintf("request body exceeds %d bytes", api.MaxBodyBytes), err)
 		}
-		return apiErr(http.StatusBadRequest, "malformed_json", "request body is not valid JSON for this endpoint: "+err.Error(), err)
+		// The decoder's error quotes the input (an unknown field's name).
+		return apiErr(http.StatusBadRequest, "malformed_json", "request body is not valid JSON for this endpoint: "+logguard.Clip(err.Error(), maxLoggedField), err)
 	}
 	if dec.More() {
 		return apiErr(http.StatusBadRequest, "malformed_json", "request body has trailing data", nil)
@@ -478,7 +568,9 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, e *Error, de
 	if e.Status >= 500 {
 		lvl = slog.LevelError
 	}
-	s.log.Log(r.Context(), lvl, "request refused", "path", r.URL.Path, logKeyCode, e.Code, logKeyDevice, auditDeviceID(deviceID), logKeyRemote, r.RemoteAddr, logKeyErr, e.Err)
+	if s.refusal(r, e) {
+		s.log.Log(r.Context(), lvl, "request refused", "path", logguard.Bound(r.URL.Path, maxLoggedField), logKeyCode, e.Code, logKeyDevice, auditDeviceID(deviceID), logKeyRemote, r.RemoteAddr, logKeyErr, causeText(e))
+	}
 	writeJSON(w, e.Status, api.Error{Code: e.Code, Message: e.Msg})
 }
 

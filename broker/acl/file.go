@@ -42,19 +42,30 @@ type FileRule struct {
 // ParseFile parses and compiles a policy file. Every error is reported,
 // each with its line.
 func ParseFile(name string, data []byte) (*Policy, error) {
+	p, _, err := parseFile(name, data)
+	return p, err
+}
+
+// ParseFileRules is ParseFile that also returns the number of rules written
+// in the file (a rule with several topics compiles into several rules).
+func ParseFileRules(name string, data []byte) (*Policy, int, error) {
+	return parseFile(name, data)
+}
+
+func parseFile(name string, data []byte) (*Policy, int, error) {
 	var root yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(&root); err != nil {
 		if errors.Is(err, io.EOF) {
-			return nil, fmt.Errorf("%s: empty policy", name)
+			return nil, 0, fmt.Errorf("%s: empty policy", name)
 		}
-		return nil, fmt.Errorf("%s: %w", name, err)
+		return nil, 0, fmt.Errorf("%s: %w", name, err)
 	}
 	var errs []error
 	var f File
 	if err := root.Decode(&f); err != nil {
-		return nil, fmt.Errorf("%s: %w", name, err)
+		return nil, 0, fmt.Errorf("%s: %w", name, err)
 	}
 	// Line numbers: yaml.v3 keeps them on nodes, not on decoded values.
 	if len(root.Content) == 1 {
@@ -91,18 +102,30 @@ func ParseFile(name string, data []byte) (*Policy, error) {
 		rules = append(rules, rs...)
 	}
 	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
+		return nil, 0, errors.Join(errs...)
 	}
-	return Compile(rules)
+	p, err := Compile(rules)
+	if err != nil {
+		return nil, 0, err
+	}
+	return p, len(f.Rules), nil
 }
 
 // LoadFile reads and compiles a policy file.
 func LoadFile(path string) (*Policy, error) {
+	p, _, err := LoadFileRules(path)
+	return p, err
+}
+
+// LoadFileRules reads and compiles a policy file, and returns the number
+// of rules written in it (what an operator counts in the file; Policy.Rules
+// has one compiled rule per topic).
+func LoadFileRules(path string) (*Policy, int, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("policy: %w", err)
+		return nil, 0, fmt.Errorf("policy: %w", err)
 	}
-	return ParseFile(path, b)
+	return parseFile(path, b)
 }
 
 func (fr FileRule) rules() ([]Rule, error) {

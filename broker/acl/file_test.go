@@ -1,6 +1,8 @@
 package acl
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -115,4 +117,20 @@ func FuzzParseFile(f *testing.F) {
 		_ = p.CheckPublish(dev, "devices/d1/telemetry/x", false)
 		_ = p.CheckSubscribe(dev, "devices/#")
 	})
+}
+
+// LoadFileRules counts the rules written in the file, not the compiled
+// ones (one per topic).
+func TestLoadFileRulesCountsTheFilesRules(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "policy.yaml")
+	if err := os.WriteFile(path, []byte(DefaultFile), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p, n, err := LoadFileRules(path)
+	if err != nil || n != 7 || len(p.Rules()) != 12 {
+		t.Fatalf("LoadFileRules: %d file rules, %v; want 7 (12 compiled)", n, err)
+	}
+	if _, _, err := LoadFileRules(filepath.Join(t.TempDir(), "missing.yaml")); err == nil {
+		t.Fatal("missing file loaded")
+	}
 }

@@ -255,8 +255,8 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	// A Last Will is a publish the broker makes later on the client's
 	// behalf, and mochi sends it without any ACL check: check it now, with
 	// the client's rights, and refuse the CONNECT if the policy would refuse
-	// the publish. Will delay is not honoured (the will, if any, goes at
-	// once), so no will outlives a revocation.
+	// the publish. A delayed will is checked again (OnWill) when it is due:
+	// a revocation, suspension or policy change during the delay drops it.
 	if pk.Connect.WillFlag {
 		if sub, ok := h.subject(&Session{Identity: id}); !ok || !h.o.Policy().CheckPublish(sub, pk.Connect.WillTopic, pk.Connect.WillRetain).Allowed {
 			h.o.Logger.Warn("connection refused", "reason", ReasonWillDenied, "identity", id.String(), "will_topic", pk.Connect.WillTopic, "remote", cl.Net.Remote)
@@ -265,7 +265,6 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 			}
 			return false
 		}
-		cl.Properties.Will.WillDelayInterval = 0
 	}
 	sess := &Session{Identity: id, Serial: serialString(leaf), NotAfter: leaf.NotAfter, Client: cl}
 	sess.online.Store(true)

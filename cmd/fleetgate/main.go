@@ -312,11 +312,15 @@ func devicesCmd() *cobra.Command {
 
 func auditCmd() *cobra.Command {
 	var af adminFlags
-	var device string
+	var device, cursor string
 	var limit int
+	var all bool
 	c := &cobra.Command{
 		Use:   "audit",
-		Short: "Show the audit log",
+		Short: "Show the audit log, newest first",
+		Long: `Show the audit log, newest first, one page at a time: --limit records
+(default 50) older than --cursor. When there are older records, the command
+that shows the next page is printed on stderr. --all reads every page.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cl, err := af.client()
 			if err != nil {
@@ -324,21 +328,39 @@ func auditCmd() *cobra.Command {
 			}
 			ctx, cancel := ctxTimeout(cmd)
 			defer cancel()
-			recs, err := cl.Audit(ctx, device, limit)
-			if err != nil {
-				return err
-			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SEQ\tTIME\tACTOR\tACTION\tDEVICE\tOUTCOME\tREASON")
-			for _, a := range recs {
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Seq, a.Time.Format(time.RFC3339), a.Actor, a.Action, a.DeviceID, a.Outcome, a.Reason)
+			for {
+				p, err := cl.AuditPage(ctx, device, limit, cursor)
+				if err != nil {
+					return err
+				}
+				for _, a := range p.Records {
+					fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Seq, a.Time.Format(time.RFC3339), a.Actor, a.Action, a.DeviceID, a.Outcome, a.Reason)
+				}
+				cursor = p.Next
+				if !all || cursor == "" {
+					break
+				}
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			if cursor != "" {
+				next := fmt.Sprintf("fleetgate audit --limit %d --cursor %s", limit, cursor)
+				if device != "" {
+					next += " --device " + device
+				}
+				fmt.Fprintf(cmd.ErrOrStderr(), "older records: %s\n", next)
+			}
+			return nil
 		},
 	}
 	af.add(c)
-	c.Flags().StringVar(&device, "device", "", "only this device")
-	c.Flags().IntVar(&limit, "limit", 0, "only the newest N")
+	c.Flags().StringVar(&device, "device", "", "only this device (read through the registry's per-device index)")
+	c.Flags().IntVar(&limit, "limit", 50, fmt.Sprintf("records per page (at most %d)", api.MaxAuditLimit))
+	c.Flags().StringVar(&cursor, "cursor", "", "continue after a previous page (printed by it)")
+	c.Flags().BoolVar(&all, "all", false, "read every page")
 	return c
 }
 

@@ -27,11 +27,11 @@ func policyCmd() *cobra.Command {
 			}
 			ctx, cancel := ctxTimeout(cmd)
 			defer cancel()
-			n, err := cl.ReloadPolicy(ctx)
+			res, err := cl.ReloadPolicyFile(ctx)
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "policy reloaded: %d rules in force\n", n)
+			fmt.Fprintf(cmd.OutOrStdout(), "policy reloaded from %s: %d rules of the file (%d compiled) in force\n", res.File, res.FileRules, res.Rules)
 			return nil
 		},
 	}

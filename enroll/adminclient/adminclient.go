@@ -133,8 +133,10 @@ func (c *Client) Device(ctx context.Context, id string) (*api.Device, error) {
 	return &out, c.do(ctx, http.MethodGet, api.PathAdminDevices+"/"+url.PathEscape(id), nil, &out)
 }
 
-// Audit returns audit records, optionally of one device.
-func (c *Client) Audit(ctx context.Context, device string, limit int) ([]api.AuditRecord, error) {
+// AuditPage returns one page of the audit log, newest first: at most limit
+// records (0: the server's default) older than cursor (empty: the newest),
+// optionally of one device. Its Next is the cursor of the following page.
+func (c *Client) AuditPage(ctx context.Context, device string, limit int, cursor string) (*api.AuditPage, error) {
 	q := url.Values{}
 	if device != "" {
 		q.Set("device", device)
@@ -142,6 +144,31 @@ func (c *Client) Audit(ctx context.Context, device string, limit int) ([]api.Aud
 	if limit > 0 {
 		q.Set("limit", fmt.Sprint(limit))
 	}
+	if cursor != "" {
+		q.Set("cursor", cursor)
+	}
+	var out api.AuditPage
+	return &out, c.do(ctx, http.MethodGet, api.PathAdminAudit+"?"+q.Encode(), nil, &out)
+}
+
+// Audit returns the newest limit audit records (0: all), newest first,
+// optionally of one device, reading as many pages as that takes.
+func (c *Client) Audit(ctx context.Context, device string, limit int) ([]api.AuditRecord, error) {
 	var out []api.AuditRecord
-	return out, c.do(ctx, http.MethodGet, api.PathAdminAudit+"?"+q.Encode(), nil, &out)
+	cursor := ""
+	for {
+		n := api.MaxAuditLimit
+		if limit > 0 {
+			n = min(n, limit-len(out))
+		}
+		p, err := c.AuditPage(ctx, device, n, cursor)
+		if err != nil {
+			return out, err
+		}
+		out = append(out, p.Records...)
+		if p.Next == "" || (limit > 0 && len(out) >= limit) {
+			return out, nil
+		}
+		cursor = p.Next
+	}
 }

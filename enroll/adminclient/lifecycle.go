@@ -19,11 +19,19 @@ func (c *Client) RevokeCertificate(ctx context.Context, serial, reason string) e
 	return c.do(ctx, http.MethodPost, api.PathAdminCertificates+url.PathEscape(serial)+"/revoke", api.StateChangeRequest{Reason: reason}, nil)
 }
 
-// ReloadPolicy reloads the broker's policy file.
+// ReloadPolicy reloads the broker's policy file and returns the number of
+// compiled rules in force.
 func (c *Client) ReloadPolicy(ctx context.Context) (int, error) {
+	out, err := c.ReloadPolicyFile(ctx)
+	return out.Rules, err
+}
+
+// ReloadPolicyFile reloads the broker's policy file and reports which file
+// is in force and its rule counts.
+func (c *Client) ReloadPolicyFile(ctx context.Context) (api.PolicyReloadResponse, error) {
 	var out api.PolicyReloadResponse
 	err := c.do(ctx, http.MethodPost, api.PathAdminPolicyReload, struct{}{}, &out)
-	return out.Rules, err
+	return out, err
 }
 
 // UpdateDevice changes a device's group and/or tags.

@@ -111,6 +111,20 @@ type Device struct {
 	Tags              map[string]string `json:"tags,omitempty"`
 }
 
+// AuditPage is one page of the audit log (GET /v1/admin/audit?device=&limit=&cursor=),
+// newest first. Next, when not empty, is the cursor of the following
+// (older) page.
+type AuditPage struct {
+	Records []AuditRecord `json:"records"`
+	Next    string        `json:"next,omitempty"`
+}
+
+// Audit page sizes: DefaultAuditLimit without limit=, at most MaxAuditLimit.
+const (
+	DefaultAuditLimit = 100
+	MaxAuditLimit     = 1000
+)
+
 // AuditRecord is one entry of the append-only audit log.
 type AuditRecord struct {
 	Seq      uint64    `json:"seq"`

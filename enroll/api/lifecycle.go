@@ -8,6 +8,8 @@ const (
 	PathESTCACerts         = "/.well-known/est/cacerts"
 	PathESTSimpleEnroll    = "/.well-known/est/simpleenroll"
 	PathESTSimpleReenroll  = "/.well-known/est/simplereenroll"
+	PathESTCSRAttrs        = "/.well-known/est/csrattrs"
+	ContentTypeCSRAttrs    = "application/csrattrs"
 	ContentTypePKCS7Certs  = "application/pkcs7-mime; smime-type=certs-only"
 	ContentTypePKCS10      = "application/pkcs10"
 	ContentTypeCRL         = "application/pkix-crl"
@@ -49,7 +51,11 @@ type DeviceUpdateRequest struct {
 	Tags  map[string]string `json:"tags,omitempty"`
 }
 
-// PolicyReloadResponse reports a reload.
+// PolicyReloadResponse reports a reload: the file now in force, the
+// number of rules written in it, and the number of compiled rules (one per
+// topic of a rule).
 type PolicyReloadResponse struct {
-	Rules int `json:"rules"`
+	File      string `json:"file"`
+	FileRules int    `json:"file_rules"`
+	Rules     int    `json:"rules"`
 }

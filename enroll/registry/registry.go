@@ -45,6 +45,9 @@ type Registry struct {
 	// from leases.
 	auditMu   sync.Mutex
 	auditNext uint64
+	// audit holds the queue of batched audit records (AuditBatched), the
+	// flusher and the read counter (audit.go).
+	audit auditState
 
 	// writeMu orders every change of device or certificate state: the
 	// transaction and the in-memory index update that follows it happen
@@ -105,11 +108,18 @@ func Open(dir string, o Options) (*Registry, error) {
 		db.Close()
 		return nil, err
 	}
+	if err := r.indexAuditByDevice(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	r.startAuditFlusher()
 	return r, nil
 }
 
-// Close releases the database.
+// Close writes the batched audit records still queued and releases the
+// database.
 func (r *Registry) Close() error {
+	r.stopAuditFlusher()
 	return r.db.Close()
 }
 
@@ -411,90 +421,6 @@ func (r *Registry) Devices() ([]Device, error) {
 		return iterate(txn, pfxDevice, func(d *Device) error { out = append(out, *d); return nil })
 	})
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
-	return out, err
-}
-
-// ---- audit ----
-
-// Audit appends a record. It never fails the caller: an audit write error is
-// logged at error level (and the record with it).
-func (r *Registry) Audit(a AuditRecord) {
-	r.auditMu.Lock()
-	defer r.auditMu.Unlock()
-	err := r.update(func(txn *badger.Txn) error { return r.putAudit(txn, &a) })
-	if err != nil {
-		r.log.Error("audit write failed", "err", err, "action", a.Action, "device", a.DeviceID, "outcome", a.Outcome, "reason", a.Reason)
-	}
-}
-
-// putAudit writes a in txn with sequence number auditNext, and auditNext+1
-// as the stored next number, and increments auditNext. The caller holds
-// auditMu from before the transaction until after it ends: sequence order
-// is commit order. A transaction that fails after putAudit leaves a gap in
-// the sequence, never a reused number.
-func (r *Registry) putAudit(txn *badger.Txn, a *AuditRecord) error {
-	a.Seq = r.auditNext
-	if a.Time.IsZero() {
-		a.Time = r.now()
-	}
-	key := make([]byte, len(pfxAudit)+8)
-	copy(key, pfxAudit)
-	binary.BigEndian.PutUint64(key[len(pfxAudit):], a.Seq)
-	b, err := json.Marshal(a)
-	if err != nil {
-		return fmt.Errorf("registry: encode: %w", err)
-	}
-	if err := txn.Set(key, b); err != nil {
-		return err
-	}
-	next := make([]byte, 8)
-	binary.BigEndian.PutUint64(next, a.Seq+1)
-	if err := txn.Set([]byte(seqAudit), next); err != nil {
-		return err
-	}
-	r.auditNext++
-	return nil
-}
-
-// updateAudited is update for a transaction that may append an audit
-// record (putAudit, putIssuedAudit): with audited, auditMu is held around
-// it. Lock order: writeMu, then auditMu.
-func (r *Registry) updateAudited(audited bool, fn func(*badger.Txn) error) error {
-	if !audited {
-		return r.update(fn)
-	}
-	r.auditMu.Lock()
-	defer r.auditMu.Unlock()
-	return r.update(fn)
-}
-
-// putIssuedAudit appends a copy of a as the audit record of the successful
-// issuance of serial, in the issuing transaction txn (nil a: none). The
-// caller runs that transaction with updateAudited.
-func (r *Registry) putIssuedAudit(txn *badger.Txn, a *AuditRecord, serial string) error {
-	if a == nil {
-		return nil
-	}
-	rec := *a
-	rec.Outcome, rec.Serial = OutcomeOK, serial
-	return r.putAudit(txn, &rec)
-}
-
-// AuditLog returns audit records in order, optionally only those of one
-// device, at most limit (0: all) of the newest.
-func (r *Registry) AuditLog(deviceID string, limit int) ([]AuditRecord, error) {
-	var out []AuditRecord
-	err := r.db.View(func(txn *badger.Txn) error {
-		return iterate(txn, pfxAudit, func(a *AuditRecord) error {
-			if deviceID == "" || a.DeviceID == deviceID {
-				out = append(out, *a)
-			}
-			return nil
-		})
-	})
-	if limit > 0 && len(out) > limit {
-		out = out[len(out)-limit:]
-	}
 	return out, err
 }
 

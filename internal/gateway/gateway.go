@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -27,6 +28,7 @@ import (
 	"github.com/fleetgate/fleetgate/broker/acl"
 	"github.com/fleetgate/fleetgate/broker/replica"
 	"github.com/fleetgate/fleetgate/enroll"
+	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 )
@@ -50,6 +52,9 @@ type Config struct {
 	HandshakeTimeout time.Duration
 	MaxPending       int
 	MaxPacketSize    uint32
+	// TopicAliasMaximum per MQTT 5 client (0: broker default 16; negative:
+	// none).
+	TopicAliasMaximum int
 	// AddrFile, if set, receives the bound addresses as JSON once every
 	// listener is up (useful with port 0).
 	AddrFile string
@@ -146,20 +151,21 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 	}
 
-	var reloadPolicy func() (int, error)
+	var reloadPolicy func() (api.PolicyReloadResponse, error)
 	if cfg.Only != OnlyEnroll {
 		policyPath := PolicyPath(cfg)
-		policy, err := LoadPolicy(policyPath)
+		policy, fileRules, err := loadPolicy(policyPath)
 		if err != nil {
 			return err
 		}
+		log.Info("policy in force", "file", policyName(policyPath), "file_rules", fileRules, "rules", len(policy.Rules()))
 		b, err := broker.New(broker.Config{
 			Policy: policy,
 			Addr:   cfg.MQTTAddr, CA: authority, ServerCert: serverCert, Registry: dir,
 			Logger: log, Metrics: promReg, PersistDir: filepath.Join(cfg.DataDir, BrokerDir),
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize,
 			SweepInterval: cfg.SweepInterval, Limits: cfg.Limits, MaxPendingPerIP: cfg.MaxPendingPerIP, Queues: cfg.Queues,
-			MaxQoS: cfg.MaxQoS, ReceiveMaximum: cfg.ReceiveMaximum,
+			MaxQoS: cfg.MaxQoS, ReceiveMaximum: cfg.ReceiveMaximum, TopicAliasMaximum: cfg.TopicAliasMaximum,
 		})
 		if err != nil {
 			return err
@@ -169,15 +175,24 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 		addrs.MQTT = b.Addr()
 		online = b.Connected
-		reloadPolicy = func() (int, error) {
-			p, err := LoadPolicy(policyPath)
-			if err != nil {
-				log.Error("policy reload refused; the previous policy stays in force", "file", policyPath, "err", err)
-				return 0, err
+		// A reload reads the file the operator means now: the configured
+		// one, else the data directory's (also when it was written after
+		// the start). Never the built-in default: a reload that finds no
+		// file is refused, and the policy in force stays.
+		reloadPolicy = func() (api.PolicyReloadResponse, error) {
+			path, err := ReloadPolicyPath(cfg)
+			if err == nil {
+				var p *acl.Policy
+				var n int
+				if p, n, err = acl.LoadFileRules(path); err == nil {
+					b.SetPolicy(p)
+					res := api.PolicyReloadResponse{File: path, FileRules: n, Rules: len(p.Rules())}
+					log.Info("policy reloaded", "file", path, "file_rules", n, "rules", res.Rules)
+					return res, nil
+				}
 			}
-			b.SetPolicy(p)
-			log.Info("policy reloaded", "file", policyPath, "rules", len(p.Rules()))
-			return len(p.Rules()), nil
+			log.Error("policy reload refused; the previous policy stays in force", "file", path, "err", err)
+			return api.PolicyReloadResponse{File: path}, err
 		}
 		if cfg.Reload != nil {
 			wg.Add(1)
@@ -223,6 +238,8 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		if err != nil {
 			return err
 		}
+		wg.Add(1)
+		go func() { defer wg.Done(); es.Run(ctx) }() // refusal summaries
 		ln, err := net.Listen("tcp", cfg.APIAddr)
 		if err != nil {
 			cancel(err)
@@ -373,10 +390,41 @@ func PolicyPath(cfg Config) string {
 	return ""
 }
 
+// ReloadPolicyPath is the file a policy reload reads: the configured one
+// (which must still exist), else <DataDir>/policy.yaml if it exists now.
+// Without either it is an error: a reload never falls back to the built-in
+// default silently.
+func ReloadPolicyPath(cfg Config) (string, error) {
+	if cfg.PolicyFile != "" {
+		return cfg.PolicyFile, nil
+	}
+	p := filepath.Join(cfg.DataDir, PolicyFileName)
+	if _, err := os.Stat(p); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return p, fmt.Errorf("no policy file to reload: no --policy is configured and %s does not exist (write it, e.g. from `fleetgate policy default`)", p)
+		}
+		return p, fmt.Errorf("policy: %w", err)
+	}
+	return p, nil
+}
+
 // LoadPolicy loads a policy file; "" is the built-in default.
 func LoadPolicy(path string) (*acl.Policy, error) {
+	p, _, err := loadPolicy(path)
+	return p, err
+}
+
+// loadPolicy is LoadPolicy with the number of rules written in the file.
+func loadPolicy(path string) (*acl.Policy, int, error) {
 	if path == "" {
-		return acl.Default(), nil
+		return acl.ParseFileRules("built-in default", []byte(acl.DefaultFile))
 	}
-	return acl.LoadFile(path)
+	return acl.LoadFileRules(path)
+}
+
+func policyName(path string) string {
+	if path == "" {
+		return "built-in default"
+	}
+	return path
 }

@@ -37,10 +37,44 @@ func Clip(s string, max int) string {
 	q := strconv.Quote(s)
 	q = q[1 : len(q)-1] // keep the escaping, drop the quotes
 	if cut {
-		return q + "…(cut)"
+		return q + cutMarker
 	}
 	return q
 }
+
+// Bound returns s unchanged when it is at most max bytes (DefaultClip when
+// max <= 0) of valid UTF-8 without control characters, and Clip(s, max)
+// otherwise: a readable field stays as it was, anything a peer could use to
+// grow a record or forge a line is shortened and escaped.
+func Bound(s string, max int) string {
+	if max <= 0 {
+		max = DefaultClip
+	}
+	if len(s) <= max && utf8.ValidString(s) {
+		clean := true
+		for _, r := range s {
+			if r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0) || r == 0x2028 || r == 0x2029 {
+				clean = false
+				break
+			}
+		}
+		if clean {
+			return s
+		}
+	}
+	// Clip bounds the input; escaping can make its output up to six times
+	// longer: shorten the input until the output fits too.
+	q := Clip(s, max)
+	for m := max; len(q) > max+len(cutMarker) && m > 1; {
+		if m = m * max / len(q); m < 1 {
+			m = 1
+		}
+		q = Clip(s, m)
+	}
+	return q
+}
+
+const cutMarker = "…(cut)"
 
 // Options configures a Limiter. Zero fields take the defaults.
 type Options struct {
@@ -158,6 +192,21 @@ func (l *Limiter) expireLocked(now time.Time, due []summary) []summary {
 func (l *Limiter) Flush() {
 	l.mu.Lock()
 	due := l.expireLocked(l.o.Now(), nil)
+	l.mu.Unlock()
+	l.report(due)
+}
+
+// FlushAll summarises every key with suppressed events, whether or not its
+// window has ended, and forgets the keys (shutdown, tests).
+func (l *Limiter) FlushAll() {
+	l.mu.Lock()
+	var due []summary
+	for k, e := range l.keys {
+		if e.suppressed > 0 {
+			due = append(due, summary{k, e.suppressed})
+		}
+	}
+	clear(l.keys)
 	l.mu.Unlock()
 	l.report(due)
 }

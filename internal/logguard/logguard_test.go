@@ -1,6 +1,7 @@
 package logguard
 
 import (
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -27,6 +28,22 @@ func TestClip(t *testing.T) {
 	got = Clip(strings.Repeat("é", 10), 5)
 	if !utf8.ValidString(got) {
 		t.Fatalf("cut inside a rune: %q", got)
+	}
+}
+
+func TestBound(t *testing.T) {
+	if got := Bound(`group="lab" tags=map[]`, 100); got != `group="lab" tags=map[]` {
+		t.Fatalf("a clean short string changed: %q", got)
+	}
+	got := Bound(strings.Repeat("A", 64<<10), 100)
+	if len(got) > 100+len("…(cut)") {
+		t.Fatalf("64 KiB string bounded to %d bytes", len(got))
+	}
+	for _, s := range []string{"a\nb", "a\x00", "\xff", "a\u2028b", "a\x1b[31m"} {
+		s, _ = strconvUnquote(s)
+		if got := Bound(s, 100); strings.ContainsAny(got, "\n\x00\x1b\u2028") || !utf8.ValidString(got) {
+			t.Errorf("Bound(%q) = %q: not escaped", s, got)
+		}
 	}
 }
 
@@ -120,5 +137,29 @@ func TestLimiterConcurrent(t *testing.T) {
 	wg.Wait()
 	if allowed != 10 {
 		t.Fatalf("allowed %d under concurrency, want 10", allowed)
+	}
+}
+
+func strconvUnquote(s string) (string, error) { return strconv.Unquote(`"` + s + `"`) }
+
+func TestLimiterFlushAll(t *testing.T) {
+	c := newClock()
+	sums := map[string]int{}
+	l := New(c.opts(Options{Burst: 1, Summary: func(k string, n int, _ time.Duration) { sums[k] += n }}))
+	for range 10 {
+		l.Allow("a")
+	}
+	l.Allow("b") // nothing suppressed: no summary
+	l.Flush()
+	if len(sums) != 0 {
+		t.Fatalf("Flush summarised an open window: %v", sums)
+	}
+	l.FlushAll()
+	if len(sums) != 1 || sums["a"] != 9 || l.Tracked() != 0 {
+		t.Fatalf("FlushAll: %v, %d keys tracked", sums, l.Tracked())
+	}
+	l.FlushAll()
+	if sums["a"] != 9 {
+		t.Fatal("FlushAll summarised twice")
 	}
 }

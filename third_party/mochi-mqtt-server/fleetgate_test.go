@@ -11,6 +11,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -703,4 +704,201 @@ func TestResumeResendsInOrder(t *testing.T) {
 	for i := 1; i <= n; i++ {
 		require.Equal(t, fmt.Sprintf("t/%02d", i), got[i].TopicName)
 	}
+}
+
+// topicACLHook allows publishing only under ok/ and records every topic
+// the ACL check saw.
+type topicACLHook struct {
+	HookBase
+	mu   sync.Mutex
+	seen []string
+}
+
+func (h *topicACLHook) ID() string { return "topic-acl" }
+func (h *topicACLHook) Provides(b byte) bool {
+	return b == OnACLCheck || b == OnConnectAuthenticate
+}
+func (h *topicACLHook) OnConnectAuthenticate(*Client, packets.Packet) bool { return true }
+func (h *topicACLHook) OnACLCheck(_ *Client, topic string, write bool) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.seen = append(h.seen, topic)
+	return !write || strings.HasPrefix(topic, "ok/")
+}
+
+func aliasPublish(topic string, alias uint16) packets.Packet {
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish}, TopicName: topic, Payload: []byte("p"), ProtocolVersion: 5}
+	pk.Properties.TopicAlias, pk.Properties.TopicAliasFlag = alias, true
+	return pk
+}
+
+// A topic alias is resolved before the ACL check (which sees the real
+// topic, never the empty one of an alias-only publish); re-setting an alias
+// to a forbidden topic and using it alias-only is checked on that topic;
+// invalid aliases (0, above the maximum, never set) are refused with 0x94;
+// at most TopicAliasMaximum aliases are kept.
+func TestAliasResolvedBeforeTheACLCheck(t *testing.T) {
+	caps := NewDefaultServerCapabilities()
+	caps.TopicAliasMaximum = 4
+	s := New(&Options{Logger: logger, Capabilities: caps})
+	h := new(topicACLHook)
+	require.NoError(t, s.AddHook(h, nil))
+	_, w := net.Pipe()
+	defer w.Close()
+	cl := s.NewClient(w, "t", "alias", false)
+	cl.Properties.ProtocolVersion = 5
+	cl.State.Inflight.ResetReceiveQuota(10)
+	s.Clients.Add(cl)
+
+	require.NoError(t, s.processPacket(cl, aliasPublish("ok/a", 1)))
+	require.NoError(t, s.processPacket(cl, aliasPublish("", 1)))
+	require.NoError(t, s.processPacket(cl, aliasPublish("ok/b", 2)))
+	require.NoError(t, s.processPacket(cl, aliasPublish("secret/x", 2))) // refused by the ACL (QoS 0: dropped)
+	require.NoError(t, s.processPacket(cl, aliasPublish("", 2)))
+	require.Equal(t, []string{"ok/a", "ok/a", "ok/b", "secret/x", "secret/x"}, h.seen)
+
+	for _, pk := range []packets.Packet{aliasPublish("ok/a", 0), aliasPublish("ok/a", 5), aliasPublish("ok/a", 65535), aliasPublish("", 3)} {
+		require.ErrorIs(t, s.processPacket(cl, pk), packets.ErrTopicAliasInvalid, "alias %d topic %q", pk.Properties.TopicAlias, pk.TopicName)
+	}
+	for i := uint16(1); i <= 4; i++ {
+		require.NoError(t, s.processPacket(cl, aliasPublish(fmt.Sprintf("ok/%d", i), i)))
+	}
+	require.Len(t, cl.State.TopicAliases.Inbound.internal, 4)
+}
+
+// With AnnounceLimits, an MQTT 5 CONNACK carries Topic Alias Maximum and
+// Maximum Packet Size; without it (upstream), neither.
+func TestLimitsAnnouncedInConnack(t *testing.T) {
+	for _, announce := range []bool{true, false} {
+		caps := NewDefaultServerCapabilities()
+		caps.TopicAliasMaximum, caps.MaximumPacketSize, caps.AnnounceLimits = 16, 1<<18, announce
+		s := New(&Options{Logger: logger, Capabilities: caps})
+		r, w := net.Pipe()
+		cl := s.NewClient(w, "t", "ack", false)
+		cl.Properties.ProtocolVersion = 5
+		go func() {
+			_ = s.SendConnack(cl, packets.CodeSuccess, false, nil)
+			_ = w.Close()
+		}()
+		buf, err := io.ReadAll(r)
+		require.NoError(t, err)
+		require.Greater(t, len(buf), 2)
+		pk := packets.Packet{ProtocolVersion: 5}
+		require.NoError(t, pk.FixedHeader.Decode(buf[0]))
+		require.NoError(t, pk.ConnackDecode(buf[2:]))
+		if announce {
+			require.Equal(t, uint16(16), pk.Properties.TopicAliasMaximum)
+			require.Equal(t, uint32(1<<18), pk.Properties.MaximumPacketSize)
+		} else {
+			require.Zero(t, pk.Properties.TopicAliasMaximum)
+			require.Zero(t, pk.Properties.MaximumPacketSize)
+		}
+	}
+}
+
+// willGate is an OnWill hook that drops every will while closed, and
+// records the order of OnWill, OnWillSent and OnClientExpired calls.
+type willGate struct {
+	HookBase
+	mu     sync.Mutex
+	open   bool
+	events []string
+}
+
+func (h *willGate) ID() string { return "will-gate" }
+func (h *willGate) Provides(b byte) bool {
+	return b == OnWill || b == OnWillSent || b == OnClientExpired
+}
+func (h *willGate) OnWillSent(cl *Client, _ packets.Packet) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.events = append(h.events, "sent "+cl.ID)
+}
+func (h *willGate) OnWill(cl *Client, will Will) (Will, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.events = append(h.events, "will "+cl.ID)
+	if !h.open {
+		return Will{}, nil
+	}
+	return will, nil
+}
+func (h *willGate) OnClientExpired(cl *Client) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.events = append(h.events, "expired "+cl.ID)
+}
+func (h *willGate) setOpen(v bool) { h.mu.Lock(); h.open = v; h.mu.Unlock() }
+func (h *willGate) log() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]string(nil), h.events...)
+}
+
+// willServer is a server with a willGate.
+func willServer(t *testing.T) (*Server, *willGate) {
+	s := newServer()
+	g := new(willGate)
+	require.NoError(t, s.AddHook(g, nil))
+	return s, g
+}
+
+func delayedWillClient(s *Server, id string, delay uint32) *Client {
+	cl, _, _ := newTestClient()
+	cl.ID = id
+	cl.Properties.Will = Will{Flag: 1, TopicName: "w/" + id, Payload: []byte("will"), WillDelayInterval: delay}
+	s.Clients.Add(cl)
+	return cl
+}
+
+// A delayed will goes through the OnWill hooks when it is due, not when
+// the connection ends: a hook that refuses it by then drops it, one that
+// allows it by then lets it be published.
+func TestDelayedWillHooksRunWhenDue(t *testing.T) {
+	s, g := willServer(t)
+	denied := delayedWillClient(s, "denied", 5)
+	s.sendLWT(denied)
+	require.Empty(t, g.log(), "no hook at disconnect for a delayed will")
+	s.sendDelayedLWT(time.Now().Unix() + 10) // due, gate closed
+	require.Equal(t, []string{"will denied"}, g.log(), "checked when due, not sent")
+	require.Equal(t, 0, s.loop.willDelayed.Len())
+	require.Equal(t, uint32(0), atomic.LoadUint32(&denied.Properties.Will.Flag))
+
+	g.setOpen(true)
+	allowed := delayedWillClient(s, "allowed", 5)
+	s.sendLWT(allowed)
+	s.sendDelayedLWT(time.Now().Unix() + 10)
+	require.Equal(t, []string{"will denied", "will allowed", "sent allowed"}, g.log())
+	require.Equal(t, Will{}, allowed.Properties.Will, "sent [MQTT-3.1.2-10]")
+}
+
+// A delayed will is not sent if its session was taken by a new connection
+// meanwhile, also when the old connection's end is processed after the new
+// CONNECT (the will is scheduled after the new connection cancelled it).
+func TestDelayedWillNotSentAfterANewConnectionTookTheSession(t *testing.T) {
+	s, g := willServer(t)
+	g.setOpen(true)
+	old := delayedWillClient(s, "dev", 5)
+	delayedWillClient(s, "dev", 5) // the new connection holds the ID
+	s.sendLWT(old)                 // the old connection's end, processed late
+	s.sendDelayedLWT(time.Now().Unix() + 10)
+	require.Empty(t, g.log(), "the old connection's will was not considered")
+	require.Equal(t, 0, s.loop.willDelayed.Len())
+	_, ok := s.loop.willOwner.Load("dev")
+	require.False(t, ok, "no reference to the old client kept")
+}
+
+// A session that expires before its will delay ends sends its will first,
+// before the expiry hooks forget the session.
+func TestDelayedWillSentAtSessionExpiry(t *testing.T) {
+	s, g := willServer(t)
+	g.setOpen(true)
+	cl := delayedWillClient(s, "exp", 3600)
+	cl.Properties.ProtocolVersion = 5
+	cl.Properties.Props.SessionExpiryInterval, cl.Properties.Props.SessionExpiryIntervalFlag = 1, true
+	cl.Stop(errors.New("gone"))
+	s.sendLWT(cl)
+	s.clearExpiredClients(time.Now().Unix() + 10)
+	require.Equal(t, []string{"will exp", "sent exp", "expired exp"}, g.log())
+	require.Equal(t, 0, s.loop.willDelayed.Len())
 }

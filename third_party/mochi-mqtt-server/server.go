@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -62,6 +63,9 @@ type Capabilities struct {
 	RetainAvailable              byte            `yaml:"retain_available" json:"retain_available"`                 // support of retain messages
 	WildcardSubAvailable         byte            `yaml:"wildcard_sub_available" json:"wildcard_sub_available"`     // support of wildcard subscriptions
 	SubIDAvailable               byte            `yaml:"sub_id_available" json:"sub_id_available"`                 // support of subscription identifiers
+	// AnnounceLimits (fleetgate): every successful MQTT 5 CONNACK carries
+	// TopicAliasMaximum and MaximumPacketSize (when not 0).
+	AnnounceLimits bool `yaml:"announce_limits" json:"announce_limits"`
 }
 
 // NewDefaultServerCapabilities defines the default features and capabilities provided by the server.
@@ -197,6 +201,9 @@ type loop struct {
 	retainedExpiry *time.Ticker     // interval ticker for cleaning retained messages
 	willDelaySend  *time.Ticker     // interval ticker for sending Will Messages with a delay
 	willDelayed    *packets.Packets // activate LWT packets which will be sent after a delay
+	// willOwner (fleetgate): client ID → the *Client whose delayed will
+	// is in willDelayed.
+	willOwner sync.Map
 }
 
 // ops contains server values which can be propagated to other structs.
@@ -557,6 +564,7 @@ func (s *Server) connectClient(cl *Client, listener string) (connected bool, err
 	}
 
 	s.loop.willDelayed.Delete(cl.ID) // [MQTT-3.1.3-9]
+	s.loop.willOwner.Delete(cl.ID)   // fleetgate
 
 	if sessionPresent {
 		err = cl.ResendInflightMessages(true)
@@ -719,6 +727,15 @@ func (s *Server) SendConnack(cl *Client, reason packets.Code, present bool, prop
 
 	if cl.Properties.Props.AssignedClientID != "" {
 		properties.AssignedClientID = cl.Properties.Props.AssignedClientID // [MQTT-3.1.3-7] [MQTT-3.2.2-16]
+	}
+
+	// fleetgate: announce the limits the server enforces (MQTT 5 §3.2.2.3):
+	// without Topic Alias Maximum a client may not use aliases at all, and
+	// without Maximum Packet Size it cannot know that a large packet ends
+	// its connection.
+	if s.Options.Capabilities.AnnounceLimits {
+		properties.TopicAliasMaximum = s.Options.Capabilities.TopicAliasMaximum
+		properties.MaximumPacketSize = s.Options.Capabilities.MaximumPacketSize
 	}
 
 	if cl.Properties.Props.SessionExpiryInterval > s.Options.Capabilities.MaximumSessionExpiryInterval {
@@ -942,6 +959,20 @@ func (s *Server) InjectPacket(cl *Client, pk packets.Packet) error {
 
 // processPublish processes a Publish packet.
 func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
+	// fleetgate: a topic alias is resolved first, so that everything after
+	// (the topic's validity, the ACL check, hooks, delivery) sees the real
+	// topic; upstream checked the ACL on the topic as written (empty in an
+	// alias-only publish) and resolved the alias afterwards. An alias never
+	// set, used without a topic, is invalid (0x94).
+	if pk.Properties.TopicAliasFlag && !cl.Net.Inline {
+		topic, ok := cl.State.TopicAliases.Inbound.Resolve(pk.Properties.TopicAlias, pk.TopicName)
+		if !ok {
+			return packets.ErrTopicAliasInvalid // [MQTT-3.3.2-8] [MQTT-3.3.2-10]
+		}
+		pk.TopicName = topic
+		pk.Properties.TopicAlias, pk.Properties.TopicAliasFlag = 0, false
+	}
+
 	if !cl.Net.Inline && !IsValidFilter(pk.TopicName, true) {
 		return nil
 	}
@@ -997,10 +1028,6 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 				}
 			}
 		}
-	}
-
-	if pk.Properties.TopicAliasFlag && pk.Properties.TopicAlias > 0 { // [MQTT-3.3.2-11]
-		pk.TopicName = cl.State.TopicAliases.Inbound.Set(pk.Properties.TopicAlias, pk.TopicName)
 	}
 
 	if pk.FixedHeader.Qos > s.Options.Capabilities.MaximumQos {
@@ -1557,6 +1584,7 @@ func (s *Server) processDisconnect(cl *Client, pk packets.Packet) error {
 	}
 
 	s.loop.willDelayed.Delete(cl.ID) // [MQTT-3.1.3-9] [MQTT-3.1.2-8]
+	s.loop.willOwner.Delete(cl.ID)   // fleetgate
 	cl.Stop(packets.CodeDisconnect)  // [MQTT-3.14.4-2]
 
 	return nil
@@ -1670,7 +1698,38 @@ func (s *Server) sendLWT(cl *Client) {
 		return
 	}
 
+	// fleetgate: a delayed will goes through the OnWill hooks when it is
+	// due (sendDelayedWill), not now: what it may publish is decided when
+	// it is published. Upstream ran the hooks at disconnect and sent the
+	// delayed packet later without them, so a will of a client revoked or
+	// denied by a new policy during the delay was still sent.
+	if cl.Properties.Will.WillDelayInterval > 0 {
+		pk := packets.Packet{
+			FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: cl.Properties.Will.Retain, Qos: cl.Properties.Will.Qos},
+			TopicName:   cl.Properties.Will.TopicName,
+			Payload:     cl.Properties.Will.Payload,
+			Origin:      cl.ID,
+			Created:     time.Now().Unix(),
+		}
+		pk.Connect.WillProperties.WillDelayInterval = cl.Properties.Will.WillDelayInterval
+		pk.Expiry = time.Now().Unix() + int64(pk.Connect.WillProperties.WillDelayInterval)
+		s.loop.willOwner.Store(cl.ID, cl)
+		s.loop.willDelayed.Add(cl.ID, pk)
+		return
+	}
+
+	s.publishWill(cl)
+}
+
+// publishWill runs the OnWill hooks on cl's will and publishes what they
+// return (fleetgate: split out of sendLWT; a will the hooks emptied — no
+// topic — is dropped instead of published to an empty topic).
+func (s *Server) publishWill(cl *Client) {
 	modifiedLWT := s.hooks.OnWill(cl, cl.Properties.Will)
+	if modifiedLWT.TopicName == "" {
+		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+		return
+	}
 
 	pk := packets.Packet{
 		FixedHeader: packets.FixedHeader{
@@ -1685,13 +1744,6 @@ func (s *Server) sendLWT(cl *Client) {
 		},
 		Origin:  cl.ID,
 		Created: time.Now().Unix(),
-	}
-
-	if cl.Properties.Will.WillDelayInterval > 0 {
-		pk.Connect.WillProperties.WillDelayInterval = cl.Properties.Will.WillDelayInterval
-		pk.Expiry = time.Now().Unix() + int64(pk.Connect.WillProperties.WillDelayInterval)
-		s.loop.willDelayed.Add(cl.ID, pk)
-		return
 	}
 
 	if pk.FixedHeader.Retain {
@@ -1862,6 +1914,7 @@ func (s *Server) clearExpiredClients(dt int64) {
 		}
 
 		if disconnected+int64(expire) < dt {
+			s.sendDelayedWill(id) // fleetgate: the session ends: its will is due
 			s.hooks.OnClientExpired(client)
 			s.Clients.Delete(id) // [MQTT-4.1.0-2]
 		}
@@ -1900,17 +1953,31 @@ func (s *Server) clearExpiredInflights(now int64) {
 func (s *Server) sendDelayedLWT(dt int64) {
 	for id, pk := range s.loop.willDelayed.GetAll() {
 		if dt > pk.Expiry {
-			s.publishToSubscribers(pk) // [MQTT-3.1.2-8]
-			if cl, ok := s.Clients.Get(id); ok {
-				if pk.FixedHeader.Retain {
-					s.retainMessage(cl, pk)
-				}
-				cl.Properties.Will = Will{} // [MQTT-3.1.2-10]
-				s.hooks.OnWillSent(cl, pk)
-			}
-			s.loop.willDelayed.Delete(id)
+			s.sendDelayedWill(id)
 		}
 	}
+}
+
+// sendDelayedWill (fleetgate) sends the delayed will of client ID id, if
+// one is pending, through the OnWill hooks (publishWill). Only while the
+// session is still the one of the connection that left it: a new
+// connection that took the session (also one whose CONNECT raced with the
+// old connection's end) cancels it [MQTT-3.1.3-9]; a session already gone
+// sends nothing. Upstream published the stored packet without hooks, to
+// whatever client held the ID.
+func (s *Server) sendDelayedWill(id string) {
+	if _, ok := s.loop.willDelayed.Get(id); !ok {
+		return
+	}
+	s.loop.willDelayed.Delete(id)
+	v, _ := s.loop.willOwner.LoadAndDelete(id)
+	owner, _ := v.(*Client)
+	cl, ok := s.Clients.Get(id)
+	if !ok || owner == nil || cl != owner || atomic.LoadUint32(&owner.Properties.Will.Flag) == 0 {
+		return
+	}
+	s.publishWill(owner)           // [MQTT-3.1.2-8]
+	owner.Properties.Will = Will{} // [MQTT-3.1.2-10]
 }
 
 // Int64toa converts an int64 to a string.

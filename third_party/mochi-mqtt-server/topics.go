@@ -63,6 +63,25 @@ func (a *InboundTopicAliases) Set(id uint16, topic string) string {
 	return topic
 }
 
+// Resolve (fleetgate) applies the Topic Alias of an incoming PUBLISH: with
+// a topic it (re)sets the alias and returns the topic; without one it
+// returns the topic the alias was set to. ok is false for an alias that is
+// 0, above the maximum, or used without a topic before it was set. At most
+// maximum aliases are kept.
+func (a *InboundTopicAliases) Resolve(id uint16, topic string) (string, bool) {
+	if id == 0 || id > a.maximum {
+		return "", false
+	}
+	a.Lock()
+	defer a.Unlock()
+	if topic == "" {
+		existing, ok := a.internal[id]
+		return existing, ok
+	}
+	a.internal[id] = topic
+	return topic, true
+}
+
 // OutboundTopicAliases contains a map of topic aliases sent from the broker to the client.
 type OutboundTopicAliases struct {
 	internal map[string]uint16
