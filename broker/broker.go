@@ -313,8 +313,8 @@ var DefaultQueues = Queues{
 
 func (q Queues) withDefaults() Queues {
 	fill := func(p, d mqtt.QueuePolicy) mqtt.QueuePolicy {
-		if p.Size <= 0 {
-			return d
+		if p.Size <= 0 { // the default queue, with the quota given if any
+			p = mqtt.QueuePolicy{Size: d.Size, WaitQos0: d.WaitQos0, WaitQos12: d.WaitQos12, MaxOffline: p.MaxOffline}
 		}
 		switch {
 		case p.MaxOffline == 0:

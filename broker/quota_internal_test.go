@@ -37,4 +37,11 @@ func TestOfflineQuotaOfRestoredSessionByRole(t *testing.T) {
 	if q.Device.MaxOffline != DefaultQueues.Device.MaxOffline || q.Service.MaxOffline != 0 {
 		t.Errorf("withDefaults: %+v", q)
 	}
+	// Only a quota (fleetgate serve --max-queued-*): the default queue with it.
+	q = Queues{Device: mqtt.QueuePolicy{MaxOffline: 5}, Service: mqtt.QueuePolicy{MaxOffline: -1}}.withDefaults()
+	wantDev, wantSvc := DefaultQueues.Device, DefaultQueues.Service
+	wantDev.MaxOffline, wantSvc.MaxOffline = 5, 0
+	if q.Device != wantDev || q.Service != wantSvc {
+		t.Errorf("withDefaults of quotas only: %+v", q)
+	}
 }

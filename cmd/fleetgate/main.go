@@ -14,6 +14,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/spf13/cobra"
 
 	"github.com/fleetgate/fleetgate/broker"
@@ -113,6 +114,8 @@ func serveCmd() *cobra.Command {
 				Limits: broker.Limits{MsgRate: cfg.MsgRate, MsgBurst: cfg.MsgBurst, ByteRate: cfg.ByteRate,
 					ByteBurst: 4 * int(cfg.ByteRate), MaxSubscriptions: cfg.MaxSubscriptions},
 				MaxPendingPerIP: cfg.MaxPendingPerIP, MaxQoS: byte(cfg.MaxQoS), ReceiveMaximum: uint16(cfg.ReceiveMaximum),
+				Queues: broker.Queues{Device: mqtt.QueuePolicy{MaxOffline: offlineQuota(cfg.MaxQueuedDevice)},
+					Service: mqtt.QueuePolicy{MaxOffline: offlineQuota(cfg.MaxQueuedService)}},
 			}, log)
 			if err == nil {
 				log.Info("fleetgate stopped")
@@ -122,6 +125,15 @@ func serveCmd() *cobra.Command {
 	}
 	config.ServeFlags(c.Flags(), config.Defaults())
 	return c
+}
+
+// offlineQuota maps --max-queued-* (0: no quota) to broker.Queues
+// MaxOffline (0: default, negative: no quota).
+func offlineQuota(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
 }
 
 func newLogger(level, format string) *slog.Logger {

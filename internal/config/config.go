@@ -43,6 +43,10 @@ type Serve struct {
 	MaxPendingPerIP  int           `yaml:"max_pending_per_ip"`
 	MaxQoS           int           `yaml:"max_qos"`
 	ReceiveMaximum   int           `yaml:"receive_maximum"`
+	// MaxQueuedDevice/Service: QoS 1/2 messages an offline persistent
+	// session holds (broker.Queues MaxOffline; 0: no quota).
+	MaxQueuedDevice  int `yaml:"max_queued_device"`
+	MaxQueuedService int `yaml:"max_queued_service"`
 }
 
 // DefaultDataDir is used when nothing else names one.
@@ -58,6 +62,7 @@ func Defaults() Serve {
 		DeviceCertTTL: 90 * 24 * time.Hour, HandshakeTimeout: 10 * time.Second, MaxPending: 1024,
 		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text", TPMPolicy: "allowlist", EnrollURL: "https://localhost:8443",
 		MsgRate: 100, MsgBurst: 200, ByteRate: 1 << 20, MaxSubscriptions: 32, MaxPendingPerIP: 64, MaxQoS: 2, ReceiveMaximum: 256,
+		MaxQueuedDevice: 1000, MaxQueuedService: 10_000,
 	}
 }
 
@@ -84,6 +89,8 @@ func ServeFlags(fs *pflag.FlagSet, d Serve) {
 	fs.Int("max-pending-per-ip", d.MaxPendingPerIP, "connections in TLS handshake or before CONNECT from one source address")
 	fs.Int("max-qos", d.MaxQoS, "highest QoS granted (0, 1 or 2)")
 	fs.Int("receive-maximum", d.ReceiveMaximum, "in-flight QoS 1/2 window per client")
+	fs.Int("max-queued-device", d.MaxQueuedDevice, "QoS 1/2 messages an offline persistent device session holds; past it: not queued for it, counted (0: no quota)")
+	fs.Int("max-queued-service", d.MaxQueuedService, "the same for service and operator sessions")
 	fs.String("policy", d.PolicyFile, "topic policy file (YAML); default <data-dir>/policy.yaml if present, else built-in")
 	fs.String("enroll-url", d.EnrollURL, "with --only broker: the enrollment service whose registry feed the broker follows")
 	fs.String("tpm-policy", d.TPMPolicy, "allowlist (only EKs registered at manufacturing) or manufacturer (any EK chaining to --tpm-roots)")
@@ -92,7 +99,8 @@ func ServeFlags(fs *pflag.FlagSet, d Serve) {
 // keys are the layered settings, by flag name.
 var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only", "device-cert-ttl",
 	"handshake-timeout", "max-pending", "max-packet-size", "log-level", "log-format", "addr-file", "tpm-roots", "tpm-policy", "enroll-url", "policy",
-	"msg-rate", "msg-burst", "byte-rate", "max-subscriptions", "max-pending-per-ip", "max-qos", "receive-maximum"}
+	"msg-rate", "msg-burst", "byte-rate", "max-subscriptions", "max-pending-per-ip", "max-qos", "receive-maximum",
+	"max-queued-device", "max-queued-service"}
 
 // LoadServe layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
@@ -198,6 +206,10 @@ func assign(c *Serve, k string, f *pflag.Flag) error {
 		c.MaxQoS, err = fs.GetInt(k)
 	case "receive-maximum":
 		c.ReceiveMaximum, err = fs.GetInt(k)
+	case "max-queued-device":
+		c.MaxQueuedDevice, err = fs.GetInt(k)
+	case "max-queued-service":
+		c.MaxQueuedService, err = fs.GetInt(k)
 	}
 	return err
 }
@@ -252,6 +264,9 @@ func (c Serve) Validate() []error {
 	}
 	if c.ReceiveMaximum < 1 || c.ReceiveMaximum > 65535 {
 		errs = append(errs, fmt.Errorf("receive_maximum: %d (want 1-65535)", c.ReceiveMaximum))
+	}
+	if c.MaxQueuedDevice < 0 || c.MaxQueuedDevice > 65535 || c.MaxQueuedService < 0 || c.MaxQueuedService > 65535 {
+		errs = append(errs, fmt.Errorf("max_queued_device, max_queued_service: %d, %d (want 0-65535)", c.MaxQueuedDevice, c.MaxQueuedService))
 	}
 	switch c.TPMPolicy {
 	case "allowlist", "manufacturer":
