@@ -280,6 +280,9 @@ func VerifyAK(akPubBytes []byte) (*AK, error) {
 	if err := checkNameAlg("AK", pub); err != nil {
 		return nil, err
 	}
+	if err := checkAuthorization("AK", pub, ErrAKPolicy); err != nil {
+		return nil, err
+	}
 	ak, err := akFromPublic(pub)
 	if err != nil {
 		return nil, err
@@ -303,10 +306,26 @@ func akFromPublic(pub *tpm2.TPMTPublic) (*AK, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := signingOnlyParms("AK", params); err != nil {
+		return nil, err
+	}
 	return &AK{Public: pub, key: key, hash: h}, nil
 }
 
-// akSigHash returns the hash of a restricted ECC AK's ECDSA scheme.
+// curveHash is the one signature hash accepted for a curve: SHA-256 for
+// P-256, SHA-384 for P-384 (the hash whose size matches the curve's).
+func curveHash(c tpm2.TPMECCCurve) tpm2.TPMIAlgHash {
+	switch c {
+	case tpm2.TPMECCNistP256:
+		return tpm2.TPMAlgSHA256
+	case tpm2.TPMECCNistP384:
+		return tpm2.TPMAlgSHA384
+	}
+	return tpm2.TPMAlgNull
+}
+
+// akSigHash returns the hash of a restricted ECC AK's ECDSA scheme, which
+// must be the hash that matches its curve.
 func akSigHash(params *tpm2.TPMSECCParms) (tpm2.TPMIAlgHash, error) {
 	if params.Scheme.Scheme != tpm2.TPMAlgECDSA {
 		return 0, fmt.Errorf("attest: AK scheme %#x, want ECDSA: %w", uint16(params.Scheme.Scheme), ErrKeyType)
@@ -315,10 +334,71 @@ func akSigHash(params *tpm2.TPMSECCParms) (tpm2.TPMIAlgHash, error) {
 	if err != nil || d == nil {
 		return 0, fmt.Errorf("attest: AK ECDSA scheme details: %w", ErrMalformed)
 	}
-	if d.HashAlg != tpm2.TPMAlgSHA256 && d.HashAlg != tpm2.TPMAlgSHA384 {
-		return 0, fmt.Errorf("attest: AK scheme hash %#x: %w", uint16(d.HashAlg), ErrKeyType)
+	if want := curveHash(params.CurveID); d.HashAlg != want {
+		return 0, fmt.Errorf("attest: AK scheme hash %#x on curve %#x, want %#x: %w", uint16(d.HashAlg), uint16(params.CurveID), uint16(want), ErrKeyType)
 	}
 	return d.HashAlg, nil
+}
+
+// signingOnlyParms checks the ECC parameters a signing key has no use for
+// are NULL: no symmetric algorithm and no KDF.
+func signingOnlyParms(what string, params *tpm2.TPMSECCParms) error {
+	if params.Symmetric.Algorithm != tpm2.TPMAlgNull {
+		return fmt.Errorf("attest: %s symmetric algorithm %#x, want NULL: %w", what, uint16(params.Symmetric.Algorithm), ErrKeyType)
+	}
+	if params.KDF.Scheme != tpm2.TPMAlgNull {
+		return fmt.Errorf("attest: %s KDF %#x, want NULL: %w", what, uint16(params.KDF.Scheme), ErrKeyType)
+	}
+	return nil
+}
+
+// checkAuthorization accepts only keys used with their authValue, as the
+// device SDK creates them: empty authPolicy, adminWithPolicy clear and
+// userWithAuth set. A policy could authorize uses outside the enrollment
+// flow (e.g. by another party, or with PolicyDuplicationSelect-style
+// commands), which the server cannot see.
+func checkAuthorization(what string, pub *tpm2.TPMTPublic, sentinel error) error {
+	a := pub.ObjectAttributes
+	if len(pub.AuthPolicy.Buffer) != 0 || a.AdminWithPolicy || !a.UserWithAuth {
+		return fmt.Errorf("attest: %s (authPolicy %d bytes, adminWithPolicy=%t, userWithAuth=%t), want authValue only: %w",
+			what, len(pub.AuthPolicy.Buffer), a.AdminWithPolicy, a.UserWithAuth, sentinel)
+	}
+	return nil
+}
+
+// hierarchies are the handles a primary or external object's qualified
+// name is computed from (TPM 2.0 Part 1, 16.6).
+var hierarchies = []tpm2.TPMHandle{tpm2.TPMRHOwner, tpm2.TPMRHEndorsement, tpm2.TPMRHPlatform, tpm2.TPMRHNull}
+
+// checkQualifiedName checks the certified object's qualified name: the
+// nameAlg of name, the size of its digest, not the name itself, and not
+// the qualified name of a primary or external object of any hierarchy,
+// nameAlg || H(hierarchy handle || name). The TLS key is a child of the SRK,
+// so its qualified name hashes the SRK's qualified name, which the server
+// cannot know but which is none of those.
+func checkQualifiedName(name, qn []byte) error {
+	bad := func(why string) error {
+		return fmt.Errorf("attest: certified qualified name %s: %w", why, ErrCertifyQualifiedName)
+	}
+	if len(qn) != len(name) || len(name) < 2 || !bytes.Equal(qn[:2], name[:2]) {
+		return bad("has another hash algorithm or size than the name")
+	}
+	if bytes.Equal(qn, name) {
+		return bad("equals the name")
+	}
+	newHash, _, ok := hashFor(tpm2.TPMIAlgHash(binary.BigEndian.Uint16(name)))
+	if !ok {
+		return bad("has an unsupported hash algorithm")
+	}
+	for _, h := range hierarchies {
+		d := newHash()
+		_ = binary.Write(d, binary.BigEndian, uint32(h))
+		d.Write(name)
+		if bytes.Equal(qn[2:], d.Sum(nil)) {
+			return bad(fmt.Sprintf("is that of a primary or external object of hierarchy %#x", uint32(h)))
+		}
+	}
+	return nil
 }
 
 // MakeCredential encrypts a fresh random secret (SecretSize bytes) to the EK
@@ -430,8 +510,17 @@ func (ak *AK) VerifyCertify(tlsPubBytes, attestBytes, sigBytes, nonce []byte, cs
 		return fmt.Errorf("attest: TLS key (sign=%t decrypt=%t restricted=%t) must be a non-restricted signing key: %w",
 			a.SignEncrypt, a.Decrypt, a.Restricted, ErrKeyAttributes)
 	}
-	if s := tlsParams.Scheme.Scheme; s != tpm2.TPMAlgNull && s != tpm2.TPMAlgECDSA {
-		return fmt.Errorf("attest: TLS key scheme %#x, want ECDSA or NULL: %w", uint16(s), ErrKeyType)
+	if err := tlsScheme(tlsParams); err != nil {
+		return err
+	}
+	if err := signingOnlyParms("TLS key", tlsParams); err != nil {
+		return err
+	}
+	if err := checkAuthorization("TLS key", tlsPub, ErrKeyPolicy); err != nil {
+		return err
+	}
+	if err := checkQualifiedName(tls.name, info.QualifiedName.Buffer); err != nil {
+		return err
 	}
 
 	// Possession: the CSR is for this key (its signature is checked by the
@@ -440,6 +529,26 @@ func (ak *AK) VerifyCertify(tlsPubBytes, attestBytes, sigBytes, nonce []byte, cs
 		return fmt.Errorf("attest: CSR public key %T: %w", csrPublicKey, ErrCSRKeyMismatch)
 	}
 	return nil
+}
+
+// tlsScheme accepts the TLS key's signing scheme: NULL (the signer names
+// the scheme per signature) or ECDSA with SHA-256, the hash of its P-256
+// curve and of the certificate profile's ecdsa-with-SHA256.
+func tlsScheme(params *tpm2.TPMSECCParms) error {
+	switch params.Scheme.Scheme {
+	case tpm2.TPMAlgNull:
+		return nil
+	case tpm2.TPMAlgECDSA:
+		d, err := params.Scheme.Details.ECDSA()
+		if err != nil || d == nil {
+			return fmt.Errorf("attest: TLS key ECDSA scheme details: %w", ErrMalformed)
+		}
+		if d.HashAlg != tpm2.TPMAlgSHA256 {
+			return fmt.Errorf("attest: TLS key scheme ECDSA with hash %#x, want SHA-256: %w", uint16(d.HashAlg), ErrKeyType)
+		}
+		return nil
+	}
+	return fmt.Errorf("attest: TLS key scheme %#x, want ECDSA-SHA256 or NULL: %w", uint16(params.Scheme.Scheme), ErrKeyType)
 }
 
 type decodedAttest struct {
@@ -506,6 +615,14 @@ func verifyECDSA(key *ecdsa.PublicKey, hashAlg tpm2.TPMIAlgHash, msg, sigBytes [
 		}
 		if ecc.Hash != hashAlg {
 			return fmt.Errorf("signature hash %#x, want the AK's %#x: %w", uint16(ecc.Hash), uint16(hashAlg), ErrCertifySignature)
+		}
+		// A TPM writes R and S at exactly the curve's size (leading
+		// zeros kept); any other length is another encoding of the same
+		// signature, which is refused (signatures are not malleable here).
+		size := (key.Curve.Params().BitSize + 7) / 8
+		if len(ecc.SignatureR.Buffer) != size || len(ecc.SignatureS.Buffer) != size {
+			return fmt.Errorf("signature R and S are %d and %d bytes, want %d: %w",
+				len(ecc.SignatureR.Buffer), len(ecc.SignatureS.Buffer), size, ErrCertifySignature)
 		}
 		r = new(big.Int).SetBytes(ecc.SignatureR.Buffer)
 		s = new(big.Int).SetBytes(ecc.SignatureS.Buffer)

@@ -35,7 +35,7 @@ func TestVerifyEKCertificate(t *testing.T) {
 	}{
 		{name: "An EK certificate from the manufacturer verifies", der: good, roots: pki.roots, now: testNow},
 		{name: "A P-384 EK certificate verifies", der: pki.ekCert(t, &p384Key.PublicKey, nil), roots: pki.roots, now: testNow},
-		{name: "An EK certificate without subjectAltName verifies", der: pki.ekCert(t, &ekKey.PublicKey, func(c *x509.Certificate) { c.ExtraExtensions = nil }), roots: pki.roots, now: testNow},
+		{name: "An EK certificate without subjectAltName is refused", der: pki.ekCert(t, &ekKey.PublicKey, func(c *x509.Certificate) { c.ExtraExtensions = nil }), roots: pki.roots, now: testNow, want: attest.ErrEKSAN},
 		{name: "An EK certificate from an unknown manufacturer is refused", der: other.ekCert(t, &ekKey.PublicKey, nil), roots: pki.roots, now: testNow, want: attest.ErrEKChainInvalid},
 		{name: "No configured roots is refused rather than falling back to system roots", der: good, roots: nil, now: testNow, want: attest.ErrEKChainInvalid},
 		{name: "An expired EK certificate is refused", der: good, roots: pki.roots, now: testNow.Add(2 * time.Hour), want: attest.ErrEKChainInvalid},

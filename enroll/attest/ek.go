@@ -50,15 +50,19 @@ type TPMInfo struct {
 // certificate: its public key is the EK public key the server uses for
 // MakeCredential. roots must not be nil (nil would mean the system roots).
 //
-// EK certificates do not pass crypto/x509's Verify as they are, and two
-// things are handled deliberately rather than by switching checks off:
-//   - the critical subjectAltName holds only a directoryName with the TPM
+// Before the chain, the certificate must be an EK certificate
+// (CheckEKProfile: key usage, extended key usage and the TCG
+// subjectAltName), not a CA, and its key must have an EK template. EK
+// certificates do not pass crypto/x509's Verify as they are, and two things
+// are handled deliberately rather than by switching checks off:
+//   - the subjectAltName holds only a directoryName with the TPM
 //     manufacturer, model and version attributes (Profile 3.2.9), which Go
-//     leaves unhandled. It is parsed and checked here, and only then is that
-//     one OID removed from UnhandledCriticalExtensions; any other unhandled
-//     critical extension still fails verification.
+//     leaves unhandled when it is critical. It is parsed from its bytes and
+//     checked in every case, and only then is that one OID removed from
+//     UnhandledCriticalExtensions; any other unhandled critical extension
+//     still fails verification.
 //   - the extended key usage is tcg-kp-EKCertificate (Profile 3.2.16), which
-//     Go does not know. If the extension is present it must contain that
+//     Go does not know. If the extension is present it must be exactly that
 //     OID; the chain is then verified with ExtKeyUsageAny.
 func VerifyEKCertificate(ekDER []byte, roots *x509.CertPool, now time.Time) (*x509.Certificate, error) {
 	return VerifyEKCertificateWithIntermediates(ekDER, roots, nil, now)
@@ -77,28 +81,8 @@ func verifyEK(ekDER []byte, roots, intermediates *x509.CertPool, now time.Time) 
 	if roots == nil {
 		return nil, nil, fmt.Errorf("attest: verify EK certificate: no manufacturer roots configured: %w", ErrEKChainInvalid)
 	}
-	if len(ekDER) == 0 || len(ekDER) > MaxEKCertSize {
-		return nil, nil, fmt.Errorf("attest: EK certificate is %d bytes: %w", len(ekDER), ErrMalformed)
-	}
-	cert, err := x509.ParseCertificate(ekDER)
+	cert, _, err := parseEK(ekDER)
 	if err != nil {
-		return nil, nil, fmt.Errorf("attest: parse EK certificate: %w: %w", ErrMalformed, err)
-	}
-	if cert.IsCA {
-		return nil, nil, fmt.Errorf("attest: EK certificate is a CA certificate: %w", ErrEKChainInvalid)
-	}
-	if i := slices.IndexFunc(cert.UnhandledCriticalExtensions, oidSubjectAltName.Equal); i >= 0 {
-		if _, err := EKTPMInfo(cert); err != nil {
-			return nil, nil, err
-		}
-		cert.UnhandledCriticalExtensions = slices.Delete(slices.Clone(cert.UnhandledCriticalExtensions), i, i+1)
-	}
-	if len(cert.ExtKeyUsage) > 0 || len(cert.UnknownExtKeyUsage) > 0 {
-		if !slices.ContainsFunc(cert.UnknownExtKeyUsage, oidTCGKpEKCertificate.Equal) {
-			return nil, nil, fmt.Errorf("attest: EK certificate extended key usage lacks tcg-kp-EKCertificate: %w", ErrEKChainInvalid)
-		}
-	}
-	if _, err := EKPublicFromCert(cert); err != nil {
 		return nil, nil, err
 	}
 	chains, err := cert.Verify(x509.VerifyOptions{
@@ -114,18 +98,103 @@ func verifyEK(ekDER []byte, roots, intermediates *x509.CertPool, now time.Time) 
 	return cert, chains, nil
 }
 
+// ParseEKCertificate parses an EK certificate without verifying its chain
+// (the allowlist policy without manufacturer roots, where the registration is
+// the trust) and checks everything else VerifyEKCertificate checks: it is
+// not a CA, it is an EK certificate by the TCG EK Credential Profile
+// (CheckEKProfile), and its key has an EK template. It returns the TPM
+// identification from the subjectAltName.
+func ParseEKCertificate(der []byte) (*x509.Certificate, TPMInfo, error) {
+	return parseEK(der)
+}
+
+// parseEK is ParseEKCertificate. The returned certificate has the TCG
+// subjectAltName removed from UnhandledCriticalExtensions (it was checked
+// here), so that crypto/x509's Verify does not refuse it.
+func parseEK(der []byte) (*x509.Certificate, TPMInfo, error) {
+	if len(der) == 0 || len(der) > MaxEKCertSize {
+		return nil, TPMInfo{}, fmt.Errorf("attest: EK certificate is %d bytes: %w: %w", len(der), ErrEKCertMalformed, ErrMalformed)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, TPMInfo{}, fmt.Errorf("attest: parse EK certificate: %w: %w: %w", ErrEKCertMalformed, ErrMalformed, err)
+	}
+	if cert.IsCA {
+		return nil, TPMInfo{}, fmt.Errorf("attest: EK certificate is a CA certificate: %w", ErrEKChainInvalid)
+	}
+	info, err := CheckEKProfile(cert)
+	if err != nil {
+		return nil, TPMInfo{}, err
+	}
+	if i := slices.IndexFunc(cert.UnhandledCriticalExtensions, oidSubjectAltName.Equal); i >= 0 {
+		cert.UnhandledCriticalExtensions = slices.Delete(slices.Clone(cert.UnhandledCriticalExtensions), i, i+1)
+	}
+	if _, err := EKPublicFromCert(cert); err != nil {
+		return nil, TPMInfo{}, err
+	}
+	return cert, info, nil
+}
+
+// signingKeyUsages are the key usages an EK never has: an EK is a
+// decryption key (TPM 2.0 Part 1, 11.4.7), it cannot sign.
+const signingKeyUsages = x509.KeyUsageDigitalSignature | x509.KeyUsageContentCommitment |
+	x509.KeyUsageCertSign | x509.KeyUsageCRLSign
+
+// CheckEKProfile checks that cert is an EK certificate as the TCG EK
+// Credential Profile 2.3 (section 3.2) defines one, whatever it chains to,
+// and returns the TPM identification it carries:
+//   - key usage (3.2.8) present, with keyEncipherment for an RSA EK and
+//     keyAgreement for an ECC EK, and no signing usage (digitalSignature,
+//     nonRepudiation, keyCertSign, cRLSign);
+//   - extended key usage (3.2.16), if present, exactly tcg-kp-EKCertificate;
+//   - subjectAltName (3.2.9) present, critical or not, holding only
+//     directoryNames of TCG attributes with the TPM manufacturer, model and
+//     version (EKTPMInfo, which parses the extension's bytes itself rather
+//     than trusting what crypto/x509 parsed or marked handled).
+//
+// Failures wrap ErrEKKeyUsage, ErrEKEKU or ErrEKSAN, each together with
+// ErrEKChainInvalid.
+func CheckEKProfile(cert *x509.Certificate) (TPMInfo, error) {
+	ku := cert.KeyUsage
+	var need x509.KeyUsage
+	switch cert.PublicKey.(type) {
+	case *rsa.PublicKey:
+		need = x509.KeyUsageKeyEncipherment
+	case *ecdsa.PublicKey:
+		need = x509.KeyUsageKeyAgreement
+	default:
+		return TPMInfo{}, fmt.Errorf("attest: EK key type %T: %w", cert.PublicKey, ErrKeyType)
+	}
+	if ku&need == 0 || ku&signingKeyUsages != 0 {
+		return TPMInfo{}, fmt.Errorf("attest: EK certificate key usage %#x, want %#x and no signing usage: %w: %w",
+			int(ku), int(need), ErrEKKeyUsage, ErrEKChainInvalid)
+	}
+	if len(cert.ExtKeyUsage) > 0 || len(cert.UnknownExtKeyUsage) > 0 {
+		if len(cert.ExtKeyUsage) > 0 || !slices.ContainsFunc(cert.UnknownExtKeyUsage, oidTCGKpEKCertificate.Equal) ||
+			slices.ContainsFunc(cert.UnknownExtKeyUsage, func(o asn1.ObjectIdentifier) bool { return !o.Equal(oidTCGKpEKCertificate) }) {
+			return TPMInfo{}, fmt.Errorf("attest: EK certificate extended key usage is not exactly tcg-kp-EKCertificate: %w: %w", ErrEKEKU, ErrEKChainInvalid)
+		}
+	}
+	return EKTPMInfo(cert)
+}
+
 // EKTPMInfo parses the TPM identification from an EK certificate's
-// subjectAltName. It fails with ErrEKChainInvalid if the subjectAltName is
-// absent or holds anything but directoryNames of TCG attributes, or lacks
-// the manufacturer, model or version.
+// subjectAltName, from the extension's bytes. It fails with ErrEKSAN (and
+// ErrEKChainInvalid) if the subjectAltName is absent, repeated, or holds
+// anything but directoryNames of TCG attributes, or lacks the manufacturer,
+// model or version.
 func EKTPMInfo(cert *x509.Certificate) (TPMInfo, error) {
 	var info TPMInfo
-	idx := slices.IndexFunc(cert.Extensions, func(e pkix.Extension) bool { return e.Id.Equal(oidSubjectAltName) })
+	isSAN := func(e pkix.Extension) bool { return e.Id.Equal(oidSubjectAltName) }
+	idx := slices.IndexFunc(cert.Extensions, isSAN)
 	if idx < 0 {
-		return info, fmt.Errorf("attest: EK certificate has no subjectAltName: %w", ErrEKChainInvalid)
+		return info, fmt.Errorf("attest: EK certificate has no subjectAltName: %w: %w", ErrEKSAN, ErrEKChainInvalid)
 	}
 	bad := func(why string) (TPMInfo, error) {
-		return TPMInfo{}, fmt.Errorf("attest: EK certificate subjectAltName %s: %w", why, ErrEKChainInvalid)
+		return TPMInfo{}, fmt.Errorf("attest: EK certificate subjectAltName %s: %w: %w", why, ErrEKSAN, ErrEKChainInvalid)
+	}
+	if slices.ContainsFunc(cert.Extensions[idx+1:], isSAN) {
+		return bad("is repeated")
 	}
 	var names asn1.RawValue
 	if rest, err := asn1.Unmarshal(cert.Extensions[idx].Value, &names); err != nil || len(rest) > 0 ||

@@ -44,4 +44,38 @@ var (
 	// ErrCSRKeyMismatch means the CSR's public key is not the certified
 	// TPM key.
 	ErrCSRKeyMismatch = errors.New("attest: CSR key is not the certified key")
+
+	// ErrEKCertMalformed means the EK certificate is empty, too large or
+	// does not parse as an X.509 certificate.
+	ErrEKCertMalformed = errors.New("attest: EK certificate malformed")
+	// ErrEKKeyUsage means the certificate's key usage is not an EK's
+	// (TCG EK Credential Profile 2.3, 3.2.8): keyEncipherment for an RSA EK,
+	// keyAgreement for an ECC EK, and no signing usage. It is wrapped
+	// together with ErrEKChainInvalid.
+	ErrEKKeyUsage = errors.New("attest: EK certificate key usage is not an EK's")
+	// ErrEKSAN means the certificate's subjectAltName is absent or holds
+	// anything but the TCG directoryName with the TPM manufacturer, model
+	// and version (Profile 3.2.9). Wrapped together with ErrEKChainInvalid.
+	ErrEKSAN = errors.New("attest: EK certificate subjectAltName is not the TCG TPM identification")
+	// ErrEKEKU means the certificate has an extended key usage other than
+	// exactly tcg-kp-EKCertificate (Profile 3.2.16). Wrapped together with
+	// ErrEKChainInvalid.
+	ErrEKEKU = errors.New("attest: EK certificate extended key usage is not tcg-kp-EKCertificate")
+	// ErrEKDenied means the TPM (manufacturer, model, firmware version from
+	// the EK certificate) matches a rule of the operator's deny-list.
+	ErrEKDenied = errors.New("attest: TPM is on the deny-list")
+	// ErrEKROCA means the EK is an RSA key whose modulus has the structure
+	// of CVE-2017-15361 (ROCA): its private key can be computed from it.
+	ErrEKROCA = errors.New("attest: EK modulus is ROCA-vulnerable (CVE-2017-15361)")
+	// ErrAKPolicy means the AK can be authorized by a policy (non-empty
+	// authPolicy, adminWithPolicy) or not by its authValue (userWithAuth
+	// clear): it could be used outside the enrollment flow.
+	ErrAKPolicy = errors.New("attest: AK authorization policy not allowed")
+	// ErrKeyPolicy is ErrAKPolicy for the certified TLS key.
+	ErrKeyPolicy = errors.New("attest: TLS key authorization policy not allowed")
+	// ErrCertifyQualifiedName means the certified object's qualified name is
+	// malformed, equals its name, or is the qualified name of a primary or
+	// external object of a hierarchy: the key is not a child key (of the
+	// SRK) as the device SDK creates it.
+	ErrCertifyQualifiedName = errors.New("attest: certified key is not under the expected hierarchy")
 )

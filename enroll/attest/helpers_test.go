@@ -4,6 +4,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -68,7 +69,7 @@ func (e *swEvidence) certify(t testing.TB, typ tpm2.TPMST, nonce, name []byte) {
 		ExtraData:       tpm2.TPM2BData{Buffer: nonce},
 		Attested: tpm2.NewTPMUAttest(tpm2.TPMSTAttestCertify, &tpm2.TPMSCertifyInfo{
 			Name:          tpm2.TPM2BName{Buffer: name},
-			QualifiedName: tpm2.TPM2BName{Buffer: name},
+			QualifiedName: tpm2.TPM2BName{Buffer: childQN(name)},
 		}),
 	}
 	if typ != tpm2.TPMSTAttestCertify {
@@ -77,6 +78,19 @@ func (e *swEvidence) certify(t testing.TB, typ tpm2.TPMST, nonce, name []byte) {
 	raw := tpm2.Marshal(att)
 	e.attest2B = tpm2.Marshal(tpm2.TPM2BAttest(tpm2.BytesAs2B[tpm2.TPMSAttest](raw)))
 	e.signature = signECDSA(t, e.akKey, raw)
+}
+
+// srkQN stands for the qualified name of the device's SRK, a primary key of
+// the owner hierarchy.
+var srkQN = append([]byte{0, 0x0b}, make([]byte, 32)...)
+
+// childQN is the qualified name of an object named name whose parent is
+// the SRK (TPM 2.0 Part 1, 16.6): nameAlg || H(QN(parent) || name).
+func childQN(name []byte) []byte {
+	h := sha256.New()
+	h.Write(srkQN)
+	h.Write(name)
+	return h.Sum([]byte{0, 0x0b})
 }
 
 func signECDSA(t testing.TB, k *ecdsa.PrivateKey, msg []byte) []byte {
@@ -167,13 +181,19 @@ func stdTPMAttrs() []pkix.AttributeTypeAndValue {
 }
 
 // ekCert issues an EK certificate for key; mutate adjusts the template.
-func (p *swPKI) ekCert(t testing.TB, key *ecdsa.PublicKey, mutate func(*x509.Certificate)) []byte {
+// An RSA key gets keyEncipherment, an ECC key keyAgreement, as the TCG EK
+// Credential Profile says.
+func (p *swPKI) ekCert(t testing.TB, key any, mutate func(*x509.Certificate)) []byte {
 	t.Helper()
+	ku := x509.KeyUsageKeyAgreement
+	if _, ok := key.(*rsa.PublicKey); ok {
+		ku = x509.KeyUsageKeyEncipherment
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber:       big.NewInt(2),
 		NotBefore:          testNow.Add(-time.Hour),
 		NotAfter:           testNow.Add(time.Hour),
-		KeyUsage:           x509.KeyUsageKeyAgreement,
+		KeyUsage:           ku,
 		UnknownExtKeyUsage: []asn1.ObjectIdentifier{oidEKCert},
 		ExtraExtensions: []pkix.Extension{
 			{Id: oidSAN, Critical: true, Value: tcgSAN(t, stdTPMAttrs()...)},
