@@ -119,6 +119,18 @@ func (s *challengeStore) take(id string, secret []byte) (*challenge, error) {
 	return c, nil
 }
 
+// discard removes the challenge id, whatever its state, and returns it
+// (nil if there is none): a round-2 request refused before take (a
+// malformed body) consumes its challenge too. The returned challenge is for
+// the audit record only.
+func (s *challengeStore) discard(id string) *challenge {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c := s.m[id]
+	delete(s.m, id)
+	return c
+}
+
 // len is the number of challenges held (tests).
 func (s *challengeStore) len() int {
 	s.mu.Lock()

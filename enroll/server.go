@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/internal/identity"
@@ -61,6 +62,10 @@ type Config struct {
 	// manufacturing) or TPMPolicyManufacturer (any EK chaining to TPMRoots,
 	// with an auto-assigned device ID).
 	TPMPolicy string
+	// TPMDenyList refuses TPMs by the manufacturer, model and firmware
+	// version of their EK certificate (nil: no rules). ROCA-vulnerable RSA
+	// EKs are refused in any case.
+	TPMDenyList *attest.DenyList
 	// ChallengeTTL bounds the time between the two TPM enrollment round
 	// trips (default 60s).
 	ChallengeTTL time.Duration

@@ -1,6 +1,7 @@
 package enroll
 
 import (
+	"bytes"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
@@ -127,6 +128,9 @@ func (t *tpmEnroller) checkEK(ekDER []byte, claimedID string) (*ekCheck, error) 
 	if err != nil {
 		return nil, attestError(err)
 	}
+	if _, err := cfg.TPMDenyList.CheckEK(cert); err != nil {
+		return nil, attestError(err)
+	}
 	c := &ekCheck{cert: cert, fp: api.EKFingerprint(cert.RawSubjectPublicKeyInfo)}
 	rec, dev, err := cfg.Registry.DeviceByEK(c.fp)
 	switch {
@@ -163,20 +167,12 @@ func stateErr(s registry.DeviceState) error {
 }
 
 // parseEKCert parses an EK certificate without a chain (allowlist policy
-// without manufacturer roots: the registration is the trust) and checks its
-// key is one an EK template exists for.
+// without manufacturer roots: the registration is the trust) and checks
+// everything but the chain (attest.ParseEKCertificate): it is an EK
+// certificate by the TCG profile and its key has an EK template.
 func parseEKCert(der []byte) (*x509.Certificate, error) {
-	if len(der) == 0 || len(der) > attest.MaxEKCertSize {
-		return nil, fmt.Errorf("enroll: EK certificate is %d bytes: %w", len(der), attest.ErrMalformed)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, fmt.Errorf("enroll: parse EK certificate: %w: %w", attest.ErrMalformed, err)
-	}
-	if _, err := attest.EKPublicFromCert(cert); err != nil {
-		return nil, err
-	}
-	return cert, nil
+	cert, _, err := attest.ParseEKCertificate(der)
+	return cert, err
 }
 
 func (t *tpmEnroller) handleChallenge(w http.ResponseWriter, r *http.Request) {
@@ -245,7 +241,15 @@ func (t *tpmEnroller) handleComplete(w http.ResponseWriter, r *http.Request) {
 	var req api.TPMCompleteRequest
 	deviceID := ""
 	resp, err := func() (*api.EnrollResponse, error) {
+		body := bufferBody(r, api.MaxBodyBytes)
 		if err := decodeJSON(r, &req); err != nil {
+			// A refused body still consumes the challenge it names, as a
+			// wrong secret would: no second attempt on the same one.
+			for _, id := range challengeIDsIn(body) {
+				if c := t.challenges.discard(id); c != nil && deviceID == "" {
+					deviceID = c.deviceID
+				}
+			}
 			return nil, err
 		}
 		c, err := t.challenges.take(req.ChallengeID, req.Secret)
@@ -308,10 +312,23 @@ func attestError(err error) error {
 	}
 	// Order matters where an error wraps two sentinels: an exportable AK
 	// wraps ErrAKAttributes and ErrKeyExportable.
-	if errors.Is(err, attest.ErrEKChainInvalid) {
-		return apiErr(http.StatusForbidden, "ek_chain_invalid", "EK certificate does not chain to a trusted TPM manufacturer", err)
+	for _, x := range []m{
+		{attest.ErrEKKeyUsage, "ek_key_usage", "certificate is not an EK certificate: its key usage is not an endorsement key's"},
+		{attest.ErrEKSAN, "ek_san_invalid", "certificate is not an EK certificate: its subjectAltName is not the TCG TPM identification"},
+		{attest.ErrEKEKU, "ek_eku_invalid", "certificate is not an EK certificate: its extended key usage is not tcg-kp-EKCertificate"},
+		{attest.ErrEKROCA, "ek_roca", "this TPM's RSA endorsement key is ROCA-vulnerable (CVE-2017-15361)"},
+		{attest.ErrEKDenied, "ek_denied", "this TPM model or firmware is on the operator's deny-list"},
+		{attest.ErrEKChainInvalid, "ek_chain_invalid", "EK certificate does not chain to a trusted TPM manufacturer"},
+	} {
+		if errors.Is(err, x.sentinel) {
+			return apiErr(http.StatusForbidden, x.code, x.msg, err)
+		}
 	}
 	for _, x := range []m{
+		{attest.ErrEKCertMalformed, "ek_cert_malformed", "EK certificate does not parse (DER X.509, at most 16 KiB)"},
+		{attest.ErrAKPolicy, "ak_policy", "attestation key must be usable with its auth value only (no authPolicy, no adminWithPolicy)"},
+		{attest.ErrKeyPolicy, "key_policy", "TLS key must be usable with its auth value only (no authPolicy, no adminWithPolicy)"},
+		{attest.ErrCertifyQualifiedName, "certify_qualified_name", "certified key is not a child key in the TPM's storage hierarchy"},
 		{attest.ErrAKNotRestricted, "ak_not_restricted", "attestation key is not a restricted signing key"},
 		{attest.ErrAKAttributes, "ak_attributes", "attestation key must be a signing-only key generated in and bound to the TPM"},
 		{attest.ErrKeyExportable, "key_exportable", "TLS key can exist outside the TPM (not fixedTPM, fixedParent, sensitiveDataOrigin)"},
@@ -363,6 +380,9 @@ func (t *tpmEnroller) checkRegistration(req *api.EKRegisterRequest) (registry.EK
 		cert, err = parseEKCert(req.EKCert)
 	}
 	if err != nil {
+		return registry.EKRegistration{}, attestError(err)
+	}
+	if _, err := t.s.cfg.TPMDenyList.CheckEK(cert); err != nil {
 		return registry.EKRegistration{}, attestError(err)
 	}
 	return registry.EKRegistration{Fingerprint: api.EKFingerprint(cert.RawSubjectPublicKeyInfo), DeviceID: req.DeviceID, Group: req.Group}, nil
@@ -503,4 +523,55 @@ func decodeJSONLimit(r *http.Request, v any, limit int64) error {
 		return apiErr(http.StatusBadRequest, "malformed_json", "request body has trailing data", nil)
 	}
 	return nil
+}
+
+// bufferBody reads up to limit bytes of r's body, replaces the body with
+// what was read (followed by the read error, e.g. *http.MaxBytesError, so
+// that decodeJSON reports it as before) and returns the bytes.
+func bufferBody(r *http.Request, limit int64) []byte {
+	b, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
+	rd := io.Reader(bytes.NewReader(b))
+	if err != nil {
+		rd = io.MultiReader(rd, errReader{err})
+	}
+	r.Body = io.NopCloser(rd)
+	if int64(len(b)) > limit {
+		b = b[:limit]
+	}
+	return b
+}
+
+type errReader struct{ err error }
+
+func (e errReader) Read([]byte) (int, error) { return 0, e.err }
+
+// maxChallengeIDsInBody bounds how many challenge IDs one refused body can
+// consume.
+const maxChallengeIDsInBody = 4
+
+// challengeIDsIn returns the string values of top-level "challenge_id"
+// members of a JSON object, read token by token up to the first syntax
+// error, so that a body that is refused (malformed, unknown fields, bad
+// base64, trailing data) still names the challenge it was for.
+func challengeIDsIn(body []byte) []string {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return nil
+	}
+	var ids []string
+	for len(ids) < maxChallengeIDsInBody && dec.More() {
+		key, err := dec.Token()
+		if err != nil {
+			break
+		}
+		var v json.RawMessage
+		if err := dec.Decode(&v); err != nil {
+			break
+		}
+		var id string
+		if key == "challenge_id" && json.Unmarshal(v, &id) == nil && id != "" {
+			ids = append(ids, id)
+		}
+	}
+	return ids
 }

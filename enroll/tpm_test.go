@@ -42,6 +42,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/firmware-sim/swtpm"
 	"github.com/fleetgate/fleetgate/internal/testenv"
+	"github.com/fleetgate/fleetgate/internal/testpki"
 )
 
 // ---- fixtures ----
@@ -786,18 +787,9 @@ func TestTPMManufacturerPolicy(t *testing.T) {
 
 // ---- bulk import ----
 
-// selfSignedEK returns a certificate with an EK-shaped key (P-256), for
-// registration tests of a gateway without manufacturer roots.
-func selfSignedEK(tb testing.TB) []byte {
-	tb.Helper()
-	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)},
-		&x509.Certificate{SerialNumber: big.NewInt(1)}, k.Public(), k)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return der
-}
+// selfSignedEK returns a self-signed EK certificate (TCG profile, P-256
+// key), for registration tests of a gateway without manufacturer roots.
+func selfSignedEK(tb testing.TB) []byte { return testpki.SelfSignedEK(tb) }
 
 func TestEKBulkImport(t *testing.T) {
 	t.Parallel()
@@ -836,7 +828,7 @@ func TestEKBulkImport(t *testing.T) {
 	for _, p := range ie.Problems {
 		got[p.Line] = p.Code
 	}
-	want := map[int]string{3: "attestation_malformed", 4: "invalid_device_id", 5: "ek_already_registered", 7: "duplicate_entry",
+	want := map[int]string{3: "ek_cert_malformed", 4: "invalid_device_id", 5: "ek_already_registered", 7: "duplicate_entry",
 		8: "device_has_ek", 9: "invalid_group", 10: "key_type"}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("problems by line %v, want %v", got, want)

@@ -3,30 +3,20 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
 	"encoding/pem"
-	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/fleetgate/fleetgate/internal/testenv"
+	"github.com/fleetgate/fleetgate/internal/testpki"
 )
 
-// writeEK writes a certificate with an EK-shaped key (P-256) as PEM.
+// writeEK writes a self-signed EK certificate (P-256) as PEM.
 func writeEK(t *testing.T, path string) {
 	t.Helper()
-	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)},
-		&x509.Certificate{SerialNumber: big.NewInt(1)}, k.Public(), k)
-	if err != nil {
-		t.Fatal(err)
-	}
+	der := testpki.SelfSignedEK(t) // an EK certificate by the TCG profile
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		t.Fatal(err)
 	}

@@ -122,15 +122,15 @@ func parseEK(der []byte) (*x509.Certificate, TPMInfo, error) {
 	if cert.IsCA {
 		return nil, TPMInfo{}, fmt.Errorf("attest: EK certificate is a CA certificate: %w", ErrEKChainInvalid)
 	}
+	if _, err := EKPublicFromCert(cert); err != nil {
+		return nil, TPMInfo{}, err
+	}
 	info, err := CheckEKProfile(cert)
 	if err != nil {
 		return nil, TPMInfo{}, err
 	}
 	if i := slices.IndexFunc(cert.UnhandledCriticalExtensions, oidSubjectAltName.Equal); i >= 0 {
 		cert.UnhandledCriticalExtensions = slices.Delete(slices.Clone(cert.UnhandledCriticalExtensions), i, i+1)
-	}
-	if _, err := EKPublicFromCert(cert); err != nil {
-		return nil, TPMInfo{}, err
 	}
 	return cert, info, nil
 }

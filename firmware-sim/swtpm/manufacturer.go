@@ -5,8 +5,10 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -213,4 +215,85 @@ func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 		return fmt.Errorf("swtpm: rename %s: %w", path, err)
 	}
 	return nil
+}
+
+// EK certificate profile OIDs (TCG EK Credential Profile 2.3).
+var (
+	oidSubjectAltName     = asn1.ObjectIdentifier{2, 5, 29, 17}
+	oidTCGKpEKCertificate = asn1.ObjectIdentifier{2, 23, 133, 8, 1}
+	oidTPMManufacturer    = asn1.ObjectIdentifier{2, 23, 133, 2, 1}
+	oidTPMModel           = asn1.ObjectIdentifier{2, 23, 133, 2, 2}
+	oidTPMVersion         = asn1.ObjectIdentifier{2, 23, 133, 2, 3}
+)
+
+// TPMIdentity is the TPM identification an EK certificate carries in its
+// subjectAltName.
+type TPMIdentity struct{ Manufacturer, Model, Version string }
+
+// SWTPMIdentity is what swtpm writes into its EK certificates.
+var SWTPMIdentity = TPMIdentity{Manufacturer: "id:00001014", Model: "swtpm", Version: "id:20191023"}
+
+// EKCertTemplate returns a template for an EK certificate of pub that
+// follows the TCG EK Credential Profile as swtpm's do: keyEncipherment
+// (RSA) or keyAgreement (ECC), the tcg-kp-EKCertificate extended key usage,
+// a critical subjectAltName holding one directoryName with id's attributes,
+// not a CA.
+func EKCertTemplate(pub crypto.PublicKey, id TPMIdentity) (*x509.Certificate, error) {
+	rdns := pkix.RDNSequence{
+		{{Type: oidTPMManufacturer, Value: id.Manufacturer}},
+		{{Type: oidTPMModel, Value: id.Model}},
+		{{Type: oidTPMVersion, Value: id.Version}},
+	}
+	rb, err := asn1.Marshal(rdns)
+	if err != nil {
+		return nil, fmt.Errorf("swtpm: EK certificate SAN: %w", err)
+	}
+	san, err := asn1.Marshal([]asn1.RawValue{{Class: asn1.ClassContextSpecific, Tag: 4, IsCompound: true, Bytes: rb}})
+	if err != nil {
+		return nil, fmt.Errorf("swtpm: EK certificate SAN: %w", err)
+	}
+	ku := x509.KeyUsageKeyAgreement
+	if _, ok := pub.(*rsa.PublicKey); ok {
+		ku = x509.KeyUsageKeyEncipherment
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 120))
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	return &x509.Certificate{
+		SerialNumber: serial, Subject: pkix.Name{CommonName: "unknown"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(10 * 365 * 24 * time.Hour),
+		KeyUsage: ku, UnknownExtKeyUsage: []asn1.ObjectIdentifier{oidTCGKpEKCertificate},
+		BasicConstraintsValid: true,
+		ExtraExtensions:       []pkix.Extension{{Id: oidSubjectAltName, Critical: true, Value: san}},
+	}, nil
+}
+
+// IssueEKCert signs an EK certificate for pub with the manufacturer's key,
+// outside any TPM: for tests that need crafted evidence (keys no TPM holds,
+// certificates with a flaw). tmpl is usually EKCertTemplate's, possibly
+// modified. It returns the DER certificate.
+func (m *Manufacturer) IssueEKCert(tmpl *x509.Certificate, pub crypto.PublicKey) ([]byte, error) {
+	keyPEM, err := os.ReadFile(filepath.Join(m.dir, signingKeyFile))
+	if err != nil {
+		return nil, fmt.Errorf("swtpm: read manufacturer key: %w", err)
+	}
+	kb, _ := pem.Decode(keyPEM)
+	if kb == nil {
+		return nil, fmt.Errorf("swtpm: %s: no PEM block: %w", signingKeyFile, ErrManufacturerInvalid)
+	}
+	key, err := x509.ParsePKCS8PrivateKey(kb.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("swtpm: parse manufacturer key: %w", err)
+	}
+	signer, ok := key.(crypto.Signer)
+	if !ok {
+		return nil, fmt.Errorf("swtpm: manufacturer key is %T: %w", key, ErrManufacturerInvalid)
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, m.cert, pub, signer)
+	if err != nil {
+		return nil, fmt.Errorf("swtpm: issue EK certificate: %w", err)
+	}
+	return der, nil
 }

@@ -1,0 +1,238 @@
+package attest
+
+import (
+	"bytes"
+	"crypto/rsa"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"os"
+	"strconv"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+)
+
+// A DenyList refuses TPMs by the identification their EK certificate
+// carries (TCG EK Credential Profile 2.3, 3.2.9: manufacturer, model and
+// firmware version). Operators use it for TPM models or firmware with known
+// flaws. It is read from a YAML file at server start (LoadDenyList):
+//
+//	deny:
+//	  - name: Infineon RSALib (CVE-2017-15361)   # optional, shown in refusals
+//	    manufacturer: id:49465800                # required
+//	    model: SLB9670                           # optional: every model
+//	    versions: [id:00070002]                  # optional
+//	    versions_below: id:0007003E              # optional
+//
+// A rule matches a TPM whose manufacturer (and model, if given) equal the
+// rule's, compared case-insensitively, and whose version is one of versions
+// or below versions_below. A rule without versions and versions_below
+// matches every version. versions_below compares TCG version numbers,
+// "id:" and up to 8 hex digits; a TPM whose version is not in that form
+// matches a rule with versions_below (deny by default).
+//
+// Independently of any list, CheckEK refuses an RSA EK whose modulus has the
+// ROCA structure (ROCAVulnerable): its private key can be computed.
+//
+// A nil *DenyList holds no rules. A DenyList is immutable once parsed and
+// safe for concurrent use.
+type DenyList struct {
+	Rules []DenyRule `yaml:"deny"`
+}
+
+// DenyRule is one rule of a DenyList.
+type DenyRule struct {
+	// Name labels the rule in refusals and in `fleetgate tpm check`; it
+	// defaults to "rule N" (1-based).
+	Name          string   `yaml:"name"`
+	Manufacturer  string   `yaml:"manufacturer"`
+	Model         string   `yaml:"model"`
+	Versions      []string `yaml:"versions"`
+	VersionsBelow string   `yaml:"versions_below"`
+
+	below    uint64
+	hasBelow bool
+}
+
+// MaxDenyListSize bounds a deny-list file.
+const MaxDenyListSize = 1 << 20
+
+// LoadDenyList reads and parses a deny-list file (ParseDenyList).
+func LoadDenyList(path string) (*DenyList, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("TPM deny-list: %w", err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, MaxDenyListSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("TPM deny-list %s: %w", path, err)
+	}
+	if len(b) > MaxDenyListSize {
+		return nil, fmt.Errorf("TPM deny-list %s: larger than %d bytes", path, MaxDenyListSize)
+	}
+	l, err := ParseDenyList(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return l, nil
+}
+
+// ParseDenyList parses a deny-list (one YAML document, see DenyList).
+// Unknown fields, a rule without manufacturer, empty strings and malformed
+// version bounds are refused, every problem in one error. An empty document
+// is an empty list.
+func ParseDenyList(b []byte) (*DenyList, error) {
+	l := &DenyList{}
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(l); err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("TPM deny-list: %w", err)
+	}
+	var extra any
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return nil, errors.New("TPM deny-list: the file must hold one YAML document")
+	}
+	var errs []error
+	for i := range l.Rules {
+		r := &l.Rules[i]
+		where := fmt.Sprintf("TPM deny-list: rule %d", i+1)
+		if r.Name == "" {
+			r.Name = fmt.Sprintf("rule %d", i+1)
+		} else {
+			where += fmt.Sprintf(" (%s)", r.Name)
+		}
+		if strings.TrimSpace(r.Manufacturer) == "" {
+			errs = append(errs, fmt.Errorf("%s: manufacturer is required (e.g. id:49465800)", where))
+		}
+		if r.Model != "" && strings.TrimSpace(r.Model) == "" {
+			errs = append(errs, fmt.Errorf("%s: model is blank", where))
+		}
+		for _, v := range r.Versions {
+			if strings.TrimSpace(v) == "" {
+				errs = append(errs, fmt.Errorf("%s: versions holds an empty version", where))
+			}
+		}
+		if r.VersionsBelow != "" {
+			v, ok := parseTCGVersion(r.VersionsBelow)
+			if !ok {
+				errs = append(errs, fmt.Errorf("%s: versions_below %q is not a TCG version (id: and 1-8 hex digits)", where, r.VersionsBelow))
+			}
+			r.below, r.hasBelow = v, ok
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return l, nil
+}
+
+// parseTCGVersion parses "id:" followed by 1-8 hex digits.
+func parseTCGVersion(s string) (uint64, bool) {
+	h, ok := strings.CutPrefix(strings.ToLower(strings.TrimSpace(s)), "id:")
+	if !ok || len(h) == 0 || len(h) > 8 {
+		return 0, false
+	}
+	v, err := strconv.ParseUint(h, 16, 32)
+	return v, err == nil
+}
+
+func (r *DenyRule) matches(info TPMInfo) bool {
+	if !strings.EqualFold(r.Manufacturer, info.Manufacturer) {
+		return false
+	}
+	if r.Model != "" && !strings.EqualFold(r.Model, info.Model) {
+		return false
+	}
+	if len(r.Versions) == 0 && !r.hasBelow {
+		return true
+	}
+	for _, v := range r.Versions {
+		if strings.EqualFold(v, info.Version) {
+			return true
+		}
+	}
+	if r.hasBelow {
+		v, ok := parseTCGVersion(info.Version)
+		return !ok || v < r.below
+	}
+	return false
+}
+
+// Match returns the first rule that matches info, or nil.
+func (l *DenyList) Match(info TPMInfo) *DenyRule {
+	if l == nil {
+		return nil
+	}
+	for i := range l.Rules {
+		if l.Rules[i].matches(info) {
+			return &l.Rules[i]
+		}
+	}
+	return nil
+}
+
+// CheckEK refuses the TPM of a verified EK certificate (one that passed
+// VerifyEKCertificate or ParseEKCertificate) with ErrEKROCA if its RSA
+// modulus is ROCA-vulnerable, and with ErrEKDenied, returning the rule, if
+// its TPM identification matches a rule. l may be nil.
+func (l *DenyList) CheckEK(cert *x509.Certificate) (*DenyRule, error) {
+	if k, ok := cert.PublicKey.(*rsa.PublicKey); ok && ROCAVulnerable(k.N) {
+		return nil, fmt.Errorf("attest: EK modulus has the ROCA fingerprint: %w", ErrEKROCA)
+	}
+	if l == nil || len(l.Rules) == 0 {
+		return nil, nil
+	}
+	info, err := EKTPMInfo(cert)
+	if err != nil {
+		return nil, err
+	}
+	if r := l.Match(info); r != nil {
+		return r, fmt.Errorf("attest: TPM %s model %q version %s matches deny-list rule %q: %w",
+			info.Manufacturer, info.Model, info.Version, r.Name, ErrEKDenied)
+	}
+	return nil, nil
+}
+
+// rocaPrimes are the small primes of the ROCA fingerprint (Nemec, Sys,
+// Svenda, Klinec, Matyas: "The Return of Coppersmith's Attack", CCS 2017).
+var rocaPrimes = []int64{3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89,
+	97, 101, 103, 107, 109, 113, 127, 131, 137, 139, 149, 151, 157, 163, 167}
+
+// rocaSubgroups[i][x] reports whether x is in the subgroup of Z*_r that
+// 65537 generates, r = rocaPrimes[i].
+var rocaSubgroups = func() [][]bool {
+	out := make([][]bool, len(rocaPrimes))
+	for i, r := range rocaPrimes {
+		in := make([]bool, r)
+		for x := int64(1); !in[x]; x = x * 65537 % r {
+			in[x] = true
+		}
+		out[i] = in
+	}
+	return out
+}()
+
+// ROCAVulnerable reports whether an RSA modulus has the fingerprint of the
+// Infineon RSALib keys of CVE-2017-15361 (ROCA). Their primes are
+// p = k*M + (65537^a mod M), M the product of the first primes, so for each
+// small prime r dividing M, N mod r = 65537^(a+b) mod r lies in the subgroup
+// generated by 65537. A random modulus passes all 38 tests with negligible
+// probability.
+func ROCAVulnerable(n *big.Int) bool {
+	if n == nil || n.Sign() <= 0 {
+		return false
+	}
+	var m, r big.Int
+	for i, p := range rocaPrimes {
+		r.SetInt64(p)
+		m.Mod(n, &r)
+		if !rocaSubgroups[i][m.Int64()] {
+			return false
+		}
+	}
+	return true
+}
