@@ -575,3 +575,13 @@ func challengeIDsIn(body []byte) []string {
 	}
 	return ids
 }
+
+// EKRefusalCode is the API error code the server answers for an error of
+// the EK checks (attest.VerifyEKCertificate, attest.ParseEKCertificate,
+// (*attest.DenyList).CheckEK), "" for nil; `fleetgate tpm check` prints it.
+func EKRefusalCode(err error) string {
+	if err == nil {
+		return ""
+	}
+	return asAPIError(attestError(err)).Code
+}

@@ -47,7 +47,7 @@ func root() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), certificatesCmd(), policyCmd(), auditCmd())
+	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), certificatesCmd(), policyCmd(), auditCmd(), tpmCmd())
 	return r
 }
 
@@ -109,7 +109,7 @@ func serveCmd() *cobra.Command {
 				DataDir: cfg.DataDir, MQTTAddr: cfg.MQTTAddr, APIAddr: cfg.APIAddr, MetricsAddr: cfg.MetricsAddr,
 				Only: cfg.Only, DeviceCertTTL: cfg.DeviceCertTTL, HandshakeTimeout: cfg.HandshakeTimeout,
 				MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize, AddrFile: cfg.AddrFile,
-				TPMRootsDir: cfg.TPMRootsDir, TPMPolicy: cfg.TPMPolicy, EnrollURL: cfg.EnrollURL,
+				TPMRootsDir: cfg.TPMRootsDir, TPMPolicy: cfg.TPMPolicy, TPMDenyListFile: cfg.TPMDenyList, EnrollURL: cfg.EnrollURL,
 				PolicyFile: cfg.PolicyFile, Reload: reload,
 				Limits: broker.Limits{MsgRate: cfg.MsgRate, MsgBurst: cfg.MsgBurst, ByteRate: cfg.ByteRate,
 					ByteBurst: 4 * int(cfg.ByteRate), MaxSubscriptions: cfg.MaxSubscriptions},

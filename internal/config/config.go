@@ -47,6 +47,10 @@ type Serve struct {
 	// session holds (broker.Queues MaxOffline; 0: no quota).
 	MaxQueuedDevice  int `yaml:"max_queued_device"`
 	MaxQueuedService int `yaml:"max_queued_service"`
+	// TPM deny-list: a YAML file of TPMs (manufacturer, model, firmware
+	// version) refused at TPM enrollment and EK registration; read at start,
+	// a bad file stops the server (enroll/attest.DenyList).
+	TPMDenyList string `yaml:"tpm_deny_list"`
 }
 
 // DefaultDataDir is used when nothing else names one.
@@ -94,13 +98,17 @@ func ServeFlags(fs *pflag.FlagSet, d Serve) {
 	fs.String("policy", d.PolicyFile, "topic policy file (YAML); default <data-dir>/policy.yaml if present, else built-in")
 	fs.String("enroll-url", d.EnrollURL, "with --only broker: the enrollment service whose registry feed the broker follows")
 	fs.String("tpm-policy", d.TPMPolicy, "allowlist (only EKs registered at manufacturing) or manufacturer (any EK chaining to --tpm-roots)")
+	// TPM deny-list
+	fs.String("tpm-deny-list", d.TPMDenyList, "YAML file of TPM manufacturers, models and firmware versions refused at enrollment (read at start)")
 }
 
 // keys are the layered settings, by flag name.
 var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only", "device-cert-ttl",
 	"handshake-timeout", "max-pending", "max-packet-size", "log-level", "log-format", "addr-file", "tpm-roots", "tpm-policy", "enroll-url", "policy",
 	"msg-rate", "msg-burst", "byte-rate", "max-subscriptions", "max-pending-per-ip", "max-qos", "receive-maximum",
-	"max-queued-device", "max-queued-service"}
+	"max-queued-device", "max-queued-service",
+	"tpm-deny-list", // TPM deny-list
+}
 
 // LoadServe layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
@@ -210,6 +218,8 @@ func assign(c *Serve, k string, f *pflag.Flag) error {
 		c.MaxQueuedDevice, err = fs.GetInt(k)
 	case "max-queued-service":
 		c.MaxQueuedService, err = fs.GetInt(k)
+	case "tpm-deny-list": // TPM deny-list
+		c.TPMDenyList, err = fs.GetString(k)
 	}
 	return err
 }

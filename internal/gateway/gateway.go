@@ -29,6 +29,7 @@ import (
 	"github.com/fleetgate/fleetgate/broker/replica"
 	"github.com/fleetgate/fleetgate/enroll"
 	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 )
@@ -62,6 +63,9 @@ type Config struct {
 	TPMRootsDir string
 	// TPMPolicy: "allowlist" (default) or "manufacturer".
 	TPMPolicy string
+	// TPMDenyListFile is the TPM deny-list (YAML, enroll/attest.DenyList);
+	// empty: no rules (ROCA-vulnerable EKs are refused anyway).
+	TPMDenyListFile string
 	// SweepInterval of the broker's expired-session sweep (default 10s).
 	SweepInterval time.Duration
 	// Limits per client, and connection limits (zero: broker defaults).
@@ -232,8 +236,15 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		if err != nil {
 			return fmt.Errorf("TPM manufacturer roots: %w", err)
 		}
+		var tpmDeny *attest.DenyList
+		if cfg.TPMDenyListFile != "" {
+			if tpmDeny, err = attest.LoadDenyList(cfg.TPMDenyListFile); err != nil {
+				return err
+			}
+			log.Info("TPM deny-list loaded", "file", cfg.TPMDenyListFile, "rules", len(tpmDeny.Rules))
+		}
 		es, err := enroll.New(enroll.Config{CA: authority, Registry: reg, Logger: log.With("component", "enroll"),
-			Metrics: promReg, DeviceCertTTL: cfg.DeviceCertTTL, TPMRoots: tpmRoots, TPMPolicy: cfg.TPMPolicy,
+			Metrics: promReg, DeviceCertTTL: cfg.DeviceCertTTL, TPMRoots: tpmRoots, TPMPolicy: cfg.TPMPolicy, TPMDenyList: tpmDeny,
 			Online: online, ReloadPolicy: reloadPolicy})
 		if err != nil {
 			return err
