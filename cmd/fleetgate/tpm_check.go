@@ -17,6 +17,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/internal/gateway"
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // errEKRefused makes `fleetgate tpm check` exit with status 1 after it
@@ -96,7 +97,8 @@ func tpmCheck(out io.Writer, ekPath, denyPath, rootsDir string, now time.Time) e
 		}
 		fmt.Fprintf(out, "  fingerprint:  %s\n  auto ID:      %s\n", api.EKFingerprint(cert.RawSubjectPublicKeyInfo), api.AutoDeviceID(cert.RawSubjectPublicKeyInfo))
 		if info, err := attest.EKTPMInfo(cert); err == nil {
-			fmt.Fprintf(out, "  manufacturer: %s\n  model:        %s\n  version:      %s\n", info.Manufacturer, info.Model, info.Version)
+			fmt.Fprintf(out, "  manufacturer: %s\n  model:        %s\n  version:      %s\n",
+				logguard.Clip(info.Manufacturer, 128), logguard.Clip(info.Model, 128), logguard.Clip(info.Version, 128))
 		} else {
 			fmt.Fprintf(out, "  TPM identification: none (%v)\n", err)
 		}

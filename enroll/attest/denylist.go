@@ -13,6 +13,8 @@ import (
 	"strings"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // A DenyList refuses TPMs by the identification their EK certificate
@@ -191,8 +193,10 @@ func (l *DenyList) CheckEK(cert *x509.Certificate) (*DenyRule, error) {
 		return nil, err
 	}
 	if r := l.Match(info); r != nil {
-		return r, fmt.Errorf("attest: TPM %s model %q version %s matches deny-list rule %q: %w",
-			info.Manufacturer, info.Model, info.Version, r.Name, ErrEKDenied)
+		// The attributes come from the certificate: bounded and escaped
+		// for the audit record and the log.
+		return r, fmt.Errorf("attest: TPM %s model %s version %s matches deny-list rule %q: %w",
+			logguard.Clip(info.Manufacturer, 64), logguard.Clip(info.Model, 64), logguard.Clip(info.Version, 64), r.Name, ErrEKDenied)
 	}
 	return nil, nil
 }
