@@ -170,7 +170,10 @@ func TestTPMEKIsAnEK(t *testing.T) {
 	for _, tc := range []struct {
 		ek   []byte
 		want string
-	}{{signingLeaf, "ek_key_usage"}, {dnsSAN, "ek_san_invalid"}, {[]byte("garbage"), "ek_cert_malformed"}} {
+	}{
+		{signingLeaf, "ek_key_usage"}, {dnsSAN, "ek_san_invalid"}, {[]byte("garbage"), "ek_cert_malformed"},
+		{craftedEK(t, m, &rsa.PublicKey{N: testpki.ROCAModulus(t), E: 65537}, nil), "ek_roca"},
+	} {
 		if _, err := g.Admin.RegisterEK(ctx, api.EKRegisterRequest{EKCert: tc.ek, DeviceID: "not-an-ek"}); !isCode(err, tc.want) {
 			t.Errorf("registering without roots: %v, want %s", err, tc.want)
 		}
