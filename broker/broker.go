@@ -54,9 +54,14 @@ type Config struct {
 	MaxPacketSize uint32
 	// Limits per client (zero: DefaultLimits).
 	Limits Limits
-	// MaxPendingPerIP caps unauthenticated connections from one source
-	// address (default 64).
+	// MaxPendingPerIP caps the stalled connections (no complete TLS
+	// ClientHello yet) of one source address; beyond it a new connection
+	// from the address evicts its oldest stalled one (default 64).
+	// Connections past their ClientHello are not capped per address.
 	MaxPendingPerIP int
+	// HelloTimeout bounds the wait for a connection's first complete TLS
+	// ClientHello (default 3s, at most HandshakeTimeout).
+	HelloTimeout time.Duration
 	// MaxQoS is the highest QoS granted (default 2).
 	MaxQoS byte
 	// ReceiveMaximum is the in-flight window of QoS 1/2 messages per client
@@ -144,6 +149,12 @@ func New(cfg Config) (*Broker, error) {
 	}
 	if cfg.MaxPending <= 0 {
 		cfg.MaxPending = 1024
+	}
+	if cfg.HelloTimeout <= 0 {
+		cfg.HelloTimeout = 3 * time.Second
+	}
+	if cfg.HelloTimeout > cfg.HandshakeTimeout {
+		cfg.HelloTimeout = cfg.HandshakeTimeout
 	}
 	if cfg.MaxPacketSize == 0 {
 		cfg.MaxPacketSize = 256 << 10
@@ -244,10 +255,10 @@ func New(cfg Config) (*Broker, error) {
 			id, _ := identity.FromCertificate(c, cfg.CA.TrustDomain)
 			return id.Role
 		},
-		pending: make(chan struct{}, cfg.MaxPending), perIP: cfg.MaxPendingPerIP, pendingByIP: map[string]int{}, log: b.log,
+		helloTimeout: cfg.HelloTimeout, adm: newAdmission(cfg.MaxPending, cfg.MaxPendingPerIP, cfg.HelloTimeout/3), log: b.log,
 		onRefuse: func(r string) {
 			b.m.authFailures.WithLabelValues(r).Inc()
-			if r == "pending_limit" || r == "pending_per_ip" {
+			if r == "pending_limit" || r == "pending_per_ip" || r == "pending_evicted" {
 				b.m.limited.WithLabelValues(r).Inc()
 			}
 		}}

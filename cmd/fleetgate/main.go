@@ -113,6 +113,7 @@ func serveCmd() *cobra.Command {
 				Limits: broker.Limits{MsgRate: cfg.MsgRate, MsgBurst: cfg.MsgBurst, ByteRate: cfg.ByteRate,
 					ByteBurst: 4 * int(cfg.ByteRate), MaxSubscriptions: cfg.MaxSubscriptions},
 				MaxPendingPerIP: cfg.MaxPendingPerIP, MaxQoS: byte(cfg.MaxQoS), ReceiveMaximum: uint16(cfg.ReceiveMaximum),
+				HelloTimeout: cfg.HelloTimeout,
 			}, log)
 			if err == nil {
 				log.Info("fleetgate stopped")

@@ -43,6 +43,10 @@ type Serve struct {
 	MaxPendingPerIP  int           `yaml:"max_pending_per_ip"`
 	MaxQoS           int           `yaml:"max_qos"`
 	ReceiveMaximum   int           `yaml:"receive_maximum"`
+
+	// admission: the broker's admission of connections under floods, and
+	// per-client rates of SUBSCRIBE/UNSUBSCRIBE (docs/operations.md).
+	HelloTimeout time.Duration `yaml:"hello_timeout"`
 }
 
 // DefaultDataDir is used when nothing else names one.
@@ -58,6 +62,8 @@ func Defaults() Serve {
 		DeviceCertTTL: 90 * 24 * time.Hour, HandshakeTimeout: 10 * time.Second, MaxPending: 1024,
 		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text", TPMPolicy: "allowlist", EnrollURL: "https://localhost:8443",
 		MsgRate: 100, MsgBurst: 200, ByteRate: 1 << 20, MaxSubscriptions: 32, MaxPendingPerIP: 64, MaxQoS: 2, ReceiveMaximum: 256,
+		// admission
+		HelloTimeout: 3 * time.Second,
 	}
 }
 
@@ -81,18 +87,22 @@ func ServeFlags(fs *pflag.FlagSet, d Serve) {
 	fs.Int("msg-burst", d.MsgBurst, "per-device PUBLISH burst above --msg-rate")
 	fs.Float64("byte-rate", d.ByteRate, "per-device payload rate (bytes/s); over it: disconnect, MQTT 5 reason 0x97")
 	fs.Int("max-subscriptions", d.MaxSubscriptions, "subscriptions per client")
-	fs.Int("max-pending-per-ip", d.MaxPendingPerIP, "connections in TLS handshake or before CONNECT from one source address")
+	fs.Int("max-pending-per-ip", d.MaxPendingPerIP, "stalled connections (no complete TLS ClientHello yet) per source address; beyond it the address's oldest stalled one is closed")
 	fs.Int("max-qos", d.MaxQoS, "highest QoS granted (0, 1 or 2)")
 	fs.Int("receive-maximum", d.ReceiveMaximum, "in-flight QoS 1/2 window per client")
 	fs.String("policy", d.PolicyFile, "topic policy file (YAML); default <data-dir>/policy.yaml if present, else built-in")
 	fs.String("enroll-url", d.EnrollURL, "with --only broker: the enrollment service whose registry feed the broker follows")
 	fs.String("tpm-policy", d.TPMPolicy, "allowlist (only EKs registered at manufacturing) or manufacturer (any EK chaining to --tpm-roots)")
+	// admission
+	fs.Duration("hello-timeout", d.HelloTimeout, "deadline for a connection's first complete TLS ClientHello (then --handshake-timeout applies)")
 }
 
 // keys are the layered settings, by flag name.
 var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only", "device-cert-ttl",
 	"handshake-timeout", "max-pending", "max-packet-size", "log-level", "log-format", "addr-file", "tpm-roots", "tpm-policy", "enroll-url", "policy",
-	"msg-rate", "msg-burst", "byte-rate", "max-subscriptions", "max-pending-per-ip", "max-qos", "receive-maximum"}
+	"msg-rate", "msg-burst", "byte-rate", "max-subscriptions", "max-pending-per-ip", "max-qos", "receive-maximum",
+	// admission
+	"hello-timeout"}
 
 // LoadServe layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
@@ -198,6 +208,9 @@ func assign(c *Serve, k string, f *pflag.Flag) error {
 		c.MaxQoS, err = fs.GetInt(k)
 	case "receive-maximum":
 		c.ReceiveMaximum, err = fs.GetInt(k)
+	// admission
+	case "hello-timeout":
+		c.HelloTimeout, err = fs.GetDuration(k)
 	}
 	return err
 }
@@ -265,6 +278,10 @@ func (c Serve) Validate() []error {
 	case "text", "json":
 	default:
 		errs = append(errs, fmt.Errorf("log_format: %q (want text or json)", c.LogFormat))
+	}
+	// admission
+	if c.HelloTimeout <= 0 || c.HelloTimeout > c.HandshakeTimeout {
+		errs = append(errs, fmt.Errorf("hello_timeout: %s (want positive, at most handshake_timeout)", c.HelloTimeout))
 	}
 	return errs
 }

@@ -75,6 +75,9 @@ type Config struct {
 	// EnrollURL is the enrollment service a broker-only process follows
 	// (its registry change feed), with the operator credentials of DataDir.
 	EnrollURL string
+	// HelloTimeout bounds the wait for a connection's first complete TLS
+	// ClientHello (zero: broker default).
+	HelloTimeout time.Duration
 }
 
 // Addrs are the bound addresses, as written to AddrFile.
@@ -159,7 +162,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			Logger: log, Metrics: promReg, PersistDir: filepath.Join(cfg.DataDir, BrokerDir),
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize,
 			SweepInterval: cfg.SweepInterval, Limits: cfg.Limits, MaxPendingPerIP: cfg.MaxPendingPerIP, Queues: cfg.Queues,
-			MaxQoS: cfg.MaxQoS, ReceiveMaximum: cfg.ReceiveMaximum,
+			MaxQoS: cfg.MaxQoS, ReceiveMaximum: cfg.ReceiveMaximum, HelloTimeout: cfg.HelloTimeout,
 		})
 		if err != nil {
 			return err
