@@ -177,7 +177,11 @@ func New(cfg Config) (*Broker, error) {
 	b.policy.Store(cfg.Policy)
 	b.initMetrics()
 
+	// Per-packet refusals are logged a few times per client identity and
+	// minute, then summarised (limits.go).
+	refusals := newRefusalLog(b.log)
 	b.hook = auth.New(auth.Options{
+		LogRefusal:  refusals.Allow,
 		TrustDomain: cfg.CA.TrustDomain,
 		Directory:   cfg.Registry,
 		Policy:      b.policy.Load,
@@ -231,7 +235,7 @@ func New(cfg Config) (*Broker, error) {
 		return nil, fmt.Errorf("broker: add fan-out hook: %w", err)
 	}
 	lh := &limitsHook{b: b, l: cfg.Limits, msgsIn: b.m.msgsIn, bytesIn: b.m.bytesIn, msgsOut: b.m.msgsOut, bytesOut: b.m.bytesOut,
-		dropped: b.m.dropped, limited: b.m.limited}
+		dropped: b.m.dropped, limited: b.m.limited, refusals: refusals}
 	if err := b.addHook(lh, nil); err != nil {
 		return nil, fmt.Errorf("broker: add limits hook: %w", err)
 	}

@@ -111,7 +111,8 @@ func serveCmd() *cobra.Command {
 				TPMRootsDir: cfg.TPMRootsDir, TPMPolicy: cfg.TPMPolicy, EnrollURL: cfg.EnrollURL,
 				PolicyFile: cfg.PolicyFile, Reload: reload,
 				Limits: broker.Limits{MsgRate: cfg.MsgRate, MsgBurst: cfg.MsgBurst, ByteRate: cfg.ByteRate,
-					ByteBurst: 4 * int(cfg.ByteRate), MaxSubscriptions: cfg.MaxSubscriptions},
+					ByteBurst: 4 * int(cfg.ByteRate), MaxSubscriptions: cfg.MaxSubscriptions,
+					SubRate: cfg.SubRate, SubBurst: cfg.SubBurst},
 				MaxPendingPerIP: cfg.MaxPendingPerIP, MaxQoS: byte(cfg.MaxQoS), ReceiveMaximum: uint16(cfg.ReceiveMaximum),
 				HelloTimeout: cfg.HelloTimeout,
 			}, log)

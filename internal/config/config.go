@@ -47,6 +47,8 @@ type Serve struct {
 	// admission: the broker's admission of connections under floods, and
 	// per-client rates of SUBSCRIBE/UNSUBSCRIBE (docs/operations.md).
 	HelloTimeout time.Duration `yaml:"hello_timeout"`
+	SubRate      float64       `yaml:"sub_rate"`
+	SubBurst     int           `yaml:"sub_burst"`
 }
 
 // DefaultDataDir is used when nothing else names one.
@@ -63,7 +65,7 @@ func Defaults() Serve {
 		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text", TPMPolicy: "allowlist", EnrollURL: "https://localhost:8443",
 		MsgRate: 100, MsgBurst: 200, ByteRate: 1 << 20, MaxSubscriptions: 32, MaxPendingPerIP: 64, MaxQoS: 2, ReceiveMaximum: 256,
 		// admission
-		HelloTimeout: 3 * time.Second,
+		HelloTimeout: 3 * time.Second, SubRate: 10, SubBurst: 100,
 	}
 }
 
@@ -95,6 +97,8 @@ func ServeFlags(fs *pflag.FlagSet, d Serve) {
 	fs.String("tpm-policy", d.TPMPolicy, "allowlist (only EKs registered at manufacturing) or manufacturer (any EK chaining to --tpm-roots)")
 	// admission
 	fs.Duration("hello-timeout", d.HelloTimeout, "deadline for a connection's first complete TLS ClientHello (then --handshake-timeout applies)")
+	fs.Float64("sub-rate", d.SubRate, "per-device rate of topic filters in SUBSCRIBE/UNSUBSCRIBE (filters/s); over it (plus --sub-burst): disconnect, MQTT 5 reason 0x96")
+	fs.Int("sub-burst", d.SubBurst, "per-device burst of topic filters above --sub-rate")
 }
 
 // keys are the layered settings, by flag name.
@@ -102,7 +106,7 @@ var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only",
 	"handshake-timeout", "max-pending", "max-packet-size", "log-level", "log-format", "addr-file", "tpm-roots", "tpm-policy", "enroll-url", "policy",
 	"msg-rate", "msg-burst", "byte-rate", "max-subscriptions", "max-pending-per-ip", "max-qos", "receive-maximum",
 	// admission
-	"hello-timeout"}
+	"hello-timeout", "sub-rate", "sub-burst"}
 
 // LoadServe layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
@@ -211,6 +215,10 @@ func assign(c *Serve, k string, f *pflag.Flag) error {
 	// admission
 	case "hello-timeout":
 		c.HelloTimeout, err = fs.GetDuration(k)
+	case "sub-rate":
+		c.SubRate, err = fs.GetFloat64(k)
+	case "sub-burst":
+		c.SubBurst, err = fs.GetInt(k)
 	}
 	return err
 }
@@ -282,6 +290,9 @@ func (c Serve) Validate() []error {
 	// admission
 	if c.HelloTimeout <= 0 || c.HelloTimeout > c.HandshakeTimeout {
 		errs = append(errs, fmt.Errorf("hello_timeout: %s (want positive, at most handshake_timeout)", c.HelloTimeout))
+	}
+	if c.SubRate <= 0 || c.SubBurst <= 0 {
+		errs = append(errs, errors.New("sub_rate and sub_burst must be positive"))
 	}
 	return errs
 }
