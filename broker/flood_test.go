@@ -28,18 +28,25 @@ func srcIP(base byte, i int) net.IP { return net.IPv4(127, base, byte(i/250), by
 // a TLS record (a ClientHello that never completes) and, when the broker
 // closes the connection, reconnects at once.
 type flood struct {
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	mu     sync.Mutex
-	live   map[net.Conn]struct{}
-	dials  atomic.Int64 // connections the broker accepted
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	live    map[net.Conn]struct{}
+	dials   atomic.Int64 // connections the broker accepted
+	payload []byte       // what each connection sends
 }
 
 // startFlood runs workers spread over addrs source addresses against addr
-// until stop, each making at most maxDials connections.
-func startFlood(t *testing.T, addr string, addrs []net.IP, workers, maxDials int) *flood {
+// until stop, each making at most maxDials connections and sending payload
+// on each (nil: the start of a ClientHello that never completes).
+func startFlood(t *testing.T, addr string, addrs []net.IP, workers, maxDials int, payload []byte) *flood {
 	ctx, cancel := context.WithCancel(context.Background())
-	f := &flood{cancel: cancel, live: map[net.Conn]struct{}{}}
+	if payload == nil {
+		// A TLS handshake record header announcing 512 bytes, and the
+		// first bytes of a ClientHello.
+		payload = []byte{0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01}
+	}
+	f := &flood{cancel: cancel, live: map[net.Conn]struct{}{}, payload: payload}
 	for w := 0; w < workers; w++ {
 		src := addrs[w%len(addrs)]
 		f.wg.Add(1)
@@ -59,9 +66,7 @@ func startFlood(t *testing.T, addr string, addrs []net.IP, workers, maxDials int
 				}
 				f.live[c] = struct{}{}
 				f.mu.Unlock()
-				// A TLS handshake record header announcing 512 bytes, and
-				// the first bytes of a ClientHello: never completed.
-				_, _ = c.Write([]byte{0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01})
+				_, _ = c.Write(f.payload)
 				f.dials.Add(1)
 				_, _ = io.Copy(io.Discard, c) // until the broker closes it
 				f.mu.Lock()
@@ -130,7 +135,7 @@ func TestHandshakeFloodFromManyAddressesDoesNotLockDevicesOut(t *testing.T) {
 	for i := 0; i < 40; i++ {
 		addrs = append(addrs, srcIP(10, i))
 	}
-	f := startFlood(t, g.Addrs.MQTT, addrs, workers, 20000)
+	f := startFlood(t, g.Addrs.MQTT, addrs, workers, 20000, nil)
 	// The flood holds every slot before the devices try.
 	testenv.Eventually(t, 30*time.Second, func() error {
 		if n := f.dials.Load(); n < 2*maxPending {
@@ -222,7 +227,7 @@ func TestAttackerOnTheFleetsAddressDoesNotLockItOut(t *testing.T) {
 	g := testenv.Start(t, testenv.Options{MaxPendingPerIP: 64})
 	ids, certs := enrollFleet(t, g, "shared", 3)
 	nat := srcIP(31, 0)
-	f := startFlood(t, g.Addrs.MQTT, []net.IP{nat}, 100, 20000)
+	f := startFlood(t, g.Addrs.MQTT, []net.IP{nat}, 100, 20000, nil)
 	// The attacker holds the address's cap of stalled connections, old
 	// enough to be evicted for newcomers, before the devices try.
 	testenv.Eventually(t, 30*time.Second, func() error {

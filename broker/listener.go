@@ -284,8 +284,8 @@ type pending struct {
 	evicted bool
 	reason  string        // why it was evicted (a limit_hits label)
 	since   time.Time     // accepted
-	at      *list.Element // in admission.stalled or admission.handshake
-	atIP    *list.Element // in admission.byIP[ip], while stalled
+	at      *list.Element // in admission.stalled, while stalled
+	atIP    *list.Element // in its address's list of its stage
 }
 
 // admission decides which connections may hold the max slots of pending
@@ -294,10 +294,13 @@ type pending struct {
 //
 //   - a connection is stalled until crypto/tls has read a complete
 //     ClientHello, and stalled connections go first: when every slot is
-//     taken, a new connection evicts the oldest stalled one (then, when
-//     none is stalled, the oldest one still in its TLS handshake); it is
-//     refused only when every slot is held by a connection that finished
-//     its TLS handshake and waits for CONNECT;
+//     taken, a new connection evicts the oldest stalled one. When none is
+//     stalled, it evicts the oldest connection still in its TLS handshake
+//     of the address that has the most connections in their handshake (a
+//     flood replaying ClientHellos costs the broker its half of each
+//     handshake, but cannot push out the handshake of a device on another
+//     address). It is refused only when every slot is held by a
+//     connection that finished its TLS handshake and waits for CONNECT;
 //   - the per-address cap (perIP) counts stalled connections only: at it,
 //     a new connection from that address evicts the address's oldest
 //     stalled one if that has waited for its ClientHello longer than grace
@@ -310,18 +313,19 @@ type pending struct {
 // it is the newest stalled connection for the short time it is stalled; a
 // flood's connections are the oldest, and are evicted first.
 type admission struct {
-	mu        sync.Mutex
-	max       int
-	perIP     int
-	grace     time.Duration
-	n         int       // pending connections, every stage
-	stalled   list.List // no ClientHello yet, oldest first
-	handshake list.List // in TLS handshake, oldest first
-	byIP      map[string]*list.List
+	mu            sync.Mutex
+	max           int
+	perIP         int
+	grace         time.Duration
+	n             int       // pending connections, every stage
+	stalled       list.List // no ClientHello yet, oldest first
+	stalledByIP   map[string]*list.List
+	handshakeByIP map[string]*list.List // in TLS handshake, oldest first
 }
 
 func newAdmission(max, perIP int, grace time.Duration) *admission {
-	return &admission{max: max, perIP: perIP, grace: grace, byIP: map[string]*list.List{}}
+	return &admission{max: max, perIP: perIP, grace: grace,
+		stalledByIP: map[string]*list.List{}, handshakeByIP: map[string]*list.List{}}
 }
 
 // admit admits c from ip, evicting as described; the caller closes the
@@ -329,31 +333,58 @@ func newAdmission(max, perIP int, grace time.Duration) *admission {
 func (a *admission) admit(c net.Conn, ip string, now time.Time) (p *pending, evicted []*pending, reason string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if q := a.byIP[ip]; q != nil && q.Len() >= a.perIP {
+	if q := a.stalledByIP[ip]; q != nil && q.Len() >= a.perIP {
 		if old := q.Front().Value.(*pending); now.Sub(old.since) >= a.grace {
 			evicted = append(evicted, a.evictLocked(old, "pending_per_ip"))
 		}
 	}
 	if a.n >= a.max {
-		switch {
-		case a.stalled.Len() > 0:
-			evicted = append(evicted, a.evictLocked(a.stalled.Front().Value.(*pending), "pending_evicted"))
-		case a.handshake.Len() > 0:
-			evicted = append(evicted, a.evictLocked(a.handshake.Front().Value.(*pending), "pending_evicted"))
-		default:
+		if f := a.stalled.Front(); f != nil {
+			evicted = append(evicted, a.evictLocked(f.Value.(*pending), "pending_evicted"))
+		} else if v := a.handshakeVictimLocked(); v != nil {
+			evicted = append(evicted, a.evictLocked(v, "pending_evicted"))
+		} else {
 			return nil, evicted, "pending_limit"
 		}
 	}
 	p = &pending{conn: c, ip: ip, since: now}
 	p.at = a.stalled.PushBack(p)
-	q := a.byIP[ip]
-	if q == nil {
-		q = list.New()
-		a.byIP[ip] = q
-	}
-	p.atIP = q.PushBack(p)
+	p.atIP = pushIP(a.stalledByIP, ip, p)
 	a.n++
 	return p, evicted, ""
+}
+
+// handshakeVictimLocked returns the oldest connection in its TLS handshake
+// of the address with the most such connections (nil: none). The scan is
+// over addresses with a connection in its handshake, at most max.
+func (a *admission) handshakeVictimLocked() *pending {
+	var victim *pending
+	most := 0
+	for _, q := range a.handshakeByIP {
+		old := q.Front().Value.(*pending)
+		if q.Len() > most || (q.Len() == most && old.since.Before(victim.since)) {
+			victim, most = old, q.Len()
+		}
+	}
+	return victim
+}
+
+func pushIP(m map[string]*list.List, ip string, p *pending) *list.Element {
+	q := m[ip]
+	if q == nil {
+		q = list.New()
+		m[ip] = q
+	}
+	return q.PushBack(p)
+}
+
+func removeIP(m map[string]*list.List, ip string, e *list.Element) {
+	if q := m[ip]; q != nil {
+		q.Remove(e)
+		if q.Len() == 0 {
+			delete(m, ip)
+		}
+	}
 }
 
 // hello moves p out of the stalled stage; false if it was evicted.
@@ -365,7 +396,7 @@ func (a *admission) hello(p *pending) bool {
 	}
 	a.unlinkLocked(p)
 	p.stage = stageHandshake
-	p.at = a.handshake.PushBack(p)
+	p.atIP = pushIP(a.handshakeByIP, p.ip, p)
 	return true
 }
 
@@ -412,21 +443,9 @@ func (a *admission) unlinkLocked(p *pending) {
 	switch p.stage {
 	case stageHello:
 		a.stalled.Remove(p.at)
-		if q := a.byIP[p.ip]; q != nil {
-			q.Remove(p.atIP)
-			if q.Len() == 0 {
-				delete(a.byIP, p.ip)
-			}
-		}
+		removeIP(a.stalledByIP, p.ip, p.atIP)
 	case stageHandshake:
-		a.handshake.Remove(p.at)
+		removeIP(a.handshakeByIP, p.ip, p.atIP)
 	}
 	p.at, p.atIP = nil, nil
-}
-
-// counts returns the pending connections and the stalled ones (tests).
-func (a *admission) counts() (pending, stalled int) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.n, a.stalled.Len()
 }
