@@ -83,3 +83,40 @@ func TestAdmissionEvictsStalledFirstThenTheBusiestAddress(t *testing.T) {
 		t.Fatalf("%d pending after releasing one twice, want 4", a.n)
 	}
 }
+
+// Under fast churn (every stalled connection younger than the grace) the
+// victim comes from the address holding the most stalled connections, so
+// a device's connection, alone on its address, stays even if it is the
+// oldest.
+func TestAdmissionUnderFastChurnEvictsFromTheBusiestAddress(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	a := newAdmission(4, 64, time.Second)
+	admit := func(ip string, ms int) (*pending, []*pending) {
+		t.Helper()
+		c, peer := net.Pipe()
+		peer.Close()
+		p, ev, reason := a.admit(c, ip, t0.Add(time.Duration(ms)*time.Millisecond))
+		if p == nil {
+			t.Fatalf("%s refused: %s", ip, reason)
+		}
+		return p, ev
+	}
+	dev, _ := admit("device", 0)
+	for i := 1; i <= 3; i++ {
+		admit("flood", i)
+	}
+	for i := 4; i < 100; i++ {
+		_, ev := admit("flood", i)
+		if len(ev) != 1 || ev[0].ip != "flood" {
+			t.Fatalf("newcomer %d: want one flood connection evicted, got %d", i, len(ev))
+		}
+	}
+	if dev.evicted {
+		t.Fatal("the device's connection was evicted")
+	}
+	// Past the grace, the oldest stalled connection goes, whoever holds it.
+	_, ev := admit("flood", 1000)
+	if len(ev) != 1 || ev[0] != dev {
+		t.Fatal("a connection stalled past the grace was kept")
+	}
+}

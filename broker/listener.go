@@ -294,7 +294,10 @@ type pending struct {
 //
 //   - a connection is stalled until crypto/tls has read a complete
 //     ClientHello, and stalled connections go first: when every slot is
-//     taken, a new connection evicts the oldest stalled one. When none is
+//     taken, a new connection evicts the oldest stalled one, or, if even
+//     that one is younger than grace (a flood churning fast, while a
+//     device's ClientHello may wait for the CPU), the oldest stalled one
+//     of the address holding the most stalled connections. When none is
 //     stalled, it evicts the oldest connection still in its TLS handshake
 //     of the address that has the most connections in their handshake (a
 //     flood replaying ClientHellos costs the broker its half of each
@@ -340,8 +343,15 @@ func (a *admission) admit(c net.Conn, ip string, now time.Time) (p *pending, evi
 	}
 	if a.n >= a.max {
 		if f := a.stalled.Front(); f != nil {
-			evicted = append(evicted, a.evictLocked(f.Value.(*pending), "pending_evicted"))
-		} else if v := a.handshakeVictimLocked(); v != nil {
+			v := f.Value.(*pending)
+			if now.Sub(v.since) < a.grace {
+				// Fast churn: even the oldest stalled connection is young,
+				// and may be a device whose ClientHello is only waiting
+				// for the CPU. Take it from the address holding the most.
+				v = busiest(a.stalledByIP)
+			}
+			evicted = append(evicted, a.evictLocked(v, "pending_evicted"))
+		} else if v := busiest(a.handshakeByIP); v != nil {
 			evicted = append(evicted, a.evictLocked(v, "pending_evicted"))
 		} else {
 			return nil, evicted, "pending_limit"
@@ -354,13 +364,13 @@ func (a *admission) admit(c net.Conn, ip string, now time.Time) (p *pending, evi
 	return p, evicted, ""
 }
 
-// handshakeVictimLocked returns the oldest connection in its TLS handshake
-// of the address with the most such connections (nil: none). The scan is
-// over addresses with a connection in its handshake, at most max.
-func (a *admission) handshakeVictimLocked() *pending {
+// busiest returns the oldest connection of the address with the most
+// connections in m (ties: the oldest of those addresses'; nil: m is empty).
+// The scan is over addresses with a pending connection, at most max.
+func busiest(m map[string]*list.List) *pending {
 	var victim *pending
 	most := 0
-	for _, q := range a.handshakeByIP {
+	for _, q := range m {
 		old := q.Front().Value.(*pending)
 		if q.Len() > most || (q.Len() == most && old.since.Before(victim.since)) {
 			victim, most = old, q.Len()
