@@ -60,9 +60,14 @@ type Config struct {
 	TopicAliasMaximum int
 	// Limits per client (zero: DefaultLimits).
 	Limits Limits
-	// MaxPendingPerIP caps unauthenticated connections from one source
-	// address (default 64).
+	// MaxPendingPerIP caps the stalled connections (no complete TLS
+	// ClientHello yet) of one source address; beyond it a new connection
+	// from the address evicts its oldest stalled one (default 64).
+	// Connections past their ClientHello are not capped per address.
 	MaxPendingPerIP int
+	// HelloTimeout bounds the wait for a connection's first complete TLS
+	// ClientHello (default 3s, at most HandshakeTimeout).
+	HelloTimeout time.Duration
 	// MaxQoS is the highest QoS granted (default 2).
 	MaxQoS byte
 	// ReceiveMaximum is the in-flight window of QoS 1/2 messages per client
@@ -157,6 +162,12 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.MaxPending <= 0 {
 		cfg.MaxPending = 1024
 	}
+	if cfg.HelloTimeout <= 0 {
+		cfg.HelloTimeout = 3 * time.Second
+	}
+	if cfg.HelloTimeout > cfg.HandshakeTimeout {
+		cfg.HelloTimeout = cfg.HandshakeTimeout
+	}
 	if cfg.MaxPacketSize == 0 {
 		cfg.MaxPacketSize = 256 << 10
 	}
@@ -180,7 +191,11 @@ func New(cfg Config) (*Broker, error) {
 	b.quotaLog = logguard.New(logguard.Options{Burst: 3, Window: time.Minute, MaxKeys: 1024,
 		Summary: logguard.LogSummary(b.log, "offline session quota full; further messages not queued for it")})
 
+	// Per-packet refusals are logged a few times per client identity and
+	// minute, then summarised (limits.go).
+	refusals := newRefusalLog(b.log)
 	b.hook = auth.New(auth.Options{
+		LogRefusal:  refusals.Allow,
 		TrustDomain: cfg.CA.TrustDomain,
 		Directory:   cfg.Registry,
 		Policy:      b.policy.Load,
@@ -249,7 +264,7 @@ func New(cfg Config) (*Broker, error) {
 		return nil, fmt.Errorf("broker: add fan-out hook: %w", err)
 	}
 	lh := &limitsHook{b: b, l: cfg.Limits, msgsIn: b.m.msgsIn, bytesIn: b.m.bytesIn, msgsOut: b.m.msgsOut, bytesOut: b.m.bytesOut,
-		dropped: b.m.dropped, limited: b.m.limited}
+		dropped: b.m.dropped, limited: b.m.limited, refusals: refusals}
 	if err := b.addHook(lh, nil); err != nil {
 		return nil, fmt.Errorf("broker: add limits hook: %w", err)
 	}
@@ -273,10 +288,10 @@ func New(cfg Config) (*Broker, error) {
 			id, _ := identity.FromCertificate(c, cfg.CA.TrustDomain)
 			return id.Role
 		},
-		pending: make(chan struct{}, cfg.MaxPending), perIP: cfg.MaxPendingPerIP, pendingByIP: map[string]int{}, log: b.log,
+		helloTimeout: cfg.HelloTimeout, adm: newAdmission(cfg.MaxPending, cfg.MaxPendingPerIP, cfg.HelloTimeout/3), log: b.log,
 		onRefuse: func(r string) {
 			b.m.authFailures.WithLabelValues(r).Inc()
-			if r == "pending_limit" || r == "pending_per_ip" {
+			if r == "pending_limit" || r == "pending_per_ip" || r == "pending_evicted" {
 				b.m.limited.WithLabelValues(r).Inc()
 			}
 		}}

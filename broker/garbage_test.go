@@ -48,7 +48,7 @@ func TestGarbageOnTheMQTTPortIsClosedAndTheBrokerKeepsServing(t *testing.T) {
 			c.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
 			readUntilClosed(t, c, 5*time.Second)
 		}},
-		{"a silent TCP connection is closed at the handshake deadline", func(t *testing.T) {
+		{"a silent TCP connection is closed at the ClientHello deadline", func(t *testing.T) {
 			c, err := net.Dial("tcp", g.Addrs.MQTT)
 			if err != nil {
 				t.Fatal(err)
@@ -111,7 +111,7 @@ func TestGarbageOnTheMQTTPortIsClosedAndTheBrokerKeepsServing(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := g.Metrics(t)
-	for _, reason := range []string{"not_tls", "handshake_timeout"} {
+	for _, reason := range []string{"not_tls", "hello_timeout"} {
 		if !strings.Contains(m, `fleetgate_broker_auth_failures_total{reason="`+reason+`"}`) {
 			t.Errorf("refusal %s not counted", reason)
 		}

@@ -2,6 +2,8 @@ package broker
 
 import (
 	"bytes"
+	"context"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -9,6 +11,8 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/time/rate"
+
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // Limits bound what one client may cost the broker. Zero values take the
@@ -28,12 +32,21 @@ type Limits struct {
 	// MaxSubscriptions per client; further filters are refused in the
 	// SUBACK (0x8F for MQTT 5, 0x80 for 3.1.1) and counted.
 	MaxSubscriptions int
+	// SubRate is the sustained rate of topic filters a device may send in
+	// SUBSCRIBE and UNSUBSCRIBE packets (filters/s; a packet costs at least
+	// one), with SubBurst on top. Over it the device is disconnected like
+	// a publisher over MsgRate: MQTT 5 clients get DISCONNECT 0x96
+	// (message rate too high). Each filter costs a match-tree update, and
+	// in a persistent session a store write.
+	SubRate  float64
+	SubBurst int
 }
 
 // DefaultLimits suit sensors that report every few seconds and a backend
 // that reads the fleet: services and operators are exempt from the
 // per-client message limits (they are few and trusted).
-var DefaultLimits = Limits{MsgRate: 100, MsgBurst: 200, ByteRate: 1 << 20, ByteBurst: 4 << 20, MaxSubscriptions: 32}
+var DefaultLimits = Limits{MsgRate: 100, MsgBurst: 200, ByteRate: 1 << 20, ByteBurst: 4 << 20, MaxSubscriptions: 32,
+	SubRate: 10, SubBurst: 100}
 
 func (l Limits) withDefaults() Limits {
 	d := DefaultLimits
@@ -52,6 +65,12 @@ func (l Limits) withDefaults() Limits {
 	if l.MaxSubscriptions > 0 {
 		d.MaxSubscriptions = l.MaxSubscriptions
 	}
+	if l.SubRate > 0 {
+		d.SubRate = l.SubRate
+	}
+	if l.SubBurst > 0 {
+		d.SubBurst = l.SubBurst
+	}
 	return d
 }
 
@@ -65,11 +84,63 @@ type limitsHook struct {
 
 	msgsIn, bytesIn, msgsOut, bytesOut, dropped prometheus.Counter
 	limited                                     *prometheus.CounterVec
+
+	// refusals rate-limits the log lines of per-packet refusals per client
+	// identity (see newRefusalLog); Init runs its summaries, Stop ends them.
+	refusals *logguard.Limiter
+	stop     context.CancelFunc
+	wg       sync.WaitGroup
 }
 
 type clientLimits struct {
-	msgs, bytes *rate.Limiter
-	exempt      bool
+	msgs, bytes, subs *rate.Limiter
+	exempt            bool
+}
+
+// newRefusalLog returns the limiter of per-packet refusal log lines
+// (subscriptions over the limit, ACL denials, clients over a rate): five
+// lines per client identity and minute, then one summary line.
+func newRefusalLog(log *slog.Logger) *logguard.Limiter {
+	return logguard.New(logguard.Options{Burst: 5, Window: time.Minute, MaxKeys: 4096,
+		Summary: logguard.LogSummary(log, "client refusals not logged one by one")})
+}
+
+// Init starts the summaries of suppressed refusal log lines.
+func (h *limitsHook) Init(any) error {
+	if h.refusals == nil {
+		return nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	h.stop = cancel
+	h.wg.Add(1)
+	go func() {
+		defer h.wg.Done()
+		h.refusals.Run(ctx)
+	}()
+	return nil
+}
+
+// Stop ends the summaries, writing the last ones.
+func (h *limitsHook) Stop() error {
+	if h.stop != nil {
+		h.stop()
+		h.wg.Wait()
+		h.refusals.Flush()
+	}
+	return nil
+}
+
+// logRefusal reports whether a refusal concerning cl may be logged; the
+// key is its identity, as for the auth hook's ACL denials.
+func (h *limitsHook) logRefusal(cl *mqtt.Client) bool {
+	if h.refusals == nil {
+		return true
+	}
+	key := cl.ID
+	if s, ok := h.b.hook.Session(cl); ok {
+		key = s.Identity.String()
+	}
+	return h.refusals.Allow(key)
 }
 
 func (h *limitsHook) ID() string { return "fleetgate-limits" }
@@ -86,6 +157,7 @@ func (h *limitsHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	h.clients.Store(cl, &clientLimits{
 		msgs:   rate.NewLimiter(rate.Limit(h.l.MsgRate), h.l.MsgBurst),
 		bytes:  rate.NewLimiter(rate.Limit(h.l.ByteRate), h.l.ByteBurst),
+		subs:   rate.NewLimiter(rate.Limit(h.l.SubRate), h.l.SubBurst),
 		exempt: exempt,
 	})
 }
@@ -93,7 +165,11 @@ func (h *limitsHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 func (h *limitsHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) { h.clients.Delete(cl) }
 
 func (h *limitsHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if pk.FixedHeader.Type != packets.Publish {
+	switch pk.FixedHeader.Type {
+	case packets.Subscribe, packets.Unsubscribe:
+		return h.subscribeRead(cl, pk)
+	case packets.Publish:
+	default:
 		return pk, nil
 	}
 	n := len(pk.Payload)
@@ -120,8 +196,34 @@ func (h *limitsHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.P
 	if code == packets.ErrQuotaExceeded {
 		reason = "byte_rate"
 	}
+	return h.overLimit(cl, pk, reason, code)
+}
+
+// subscribeRead applies SubRate to a SUBSCRIBE or UNSUBSCRIBE: each of its
+// filters costs a token.
+func (h *limitsHook) subscribeRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	v, ok := h.clients.Load(cl)
+	if !ok {
+		return pk, nil
+	}
+	c := v.(*clientLimits)
+	if c.exempt {
+		return pk, nil
+	}
+	n := max(len(pk.Filters), 1)
+	if c.subs.AllowN(time.Now(), n) {
+		return pk, nil
+	}
+	return h.overLimit(cl, pk, "subscribe_rate", packets.ErrMessageRateTooHigh)
+}
+
+// overLimit disconnects a client over a rate (MQTT 5: DISCONNECT with code)
+// and rejects the packet.
+func (h *limitsHook) overLimit(cl *mqtt.Client, pk packets.Packet, reason string, code packets.Code) (packets.Packet, error) {
 	h.limited.WithLabelValues(reason).Inc()
-	h.b.log.Warn("client over its limit, disconnecting", "reason", reason, "client", cl.ID, "remote", cl.Net.Remote)
+	if h.logRefusal(cl) {
+		h.b.log.Warn("client over its limit, disconnecting", "reason", reason, "client", logguard.Clip(cl.ID, 0), "remote", cl.Net.Remote)
+	}
 	_ = h.b.server.DisconnectClient(cl, code)
 	return pk, packets.ErrRejectPacket
 }
@@ -150,7 +252,10 @@ func (h *limitsHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Pac
 		}
 		if have >= h.l.MaxSubscriptions {
 			h.limited.WithLabelValues("subscriptions").Inc()
-			h.b.log.Warn("subscription refused: limit reached", "client", cl.ID, "filter", pk.Filters[i].Filter, "limit", h.l.MaxSubscriptions)
+			if h.logRefusal(cl) {
+				h.b.log.Warn("subscription refused: limit reached", "client", logguard.Clip(cl.ID, 0),
+					"filter", logguard.Clip(pk.Filters[i].Filter, 0), "limit", h.l.MaxSubscriptions)
+			}
 			pk.Filters[i].Filter = "" // invalid: refused in the SUBACK
 			continue
 		}

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"container/list"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -16,26 +17,29 @@ import (
 
 	"github.com/fleetgate/fleetgate/broker/auth"
 	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // listener is an mTLS listener for mochi that, unlike listeners.TCP, performs
 // the TLS handshake itself under a deadline that also covers the CONNECT
-// packet (mochi sets none before CONNECT), and caps the number of
-// connections that have not yet finished both.
+// packet (mochi sets none before CONNECT), and admits connections fairly
+// while they have not yet finished both (see admission).
 type listener struct {
-	id          string
-	addr        string
-	tls         *tls.Config
-	timeout     time.Duration
-	pending     chan struct{} // semaphore of unauthenticated connections
-	perIP       int
-	ipMu        sync.Mutex
-	pendingByIP map[string]int
-	log         *slog.Logger
-	onRefuse    func(reason string)
+	id           string
+	addr         string
+	tls          *tls.Config
+	timeout      time.Duration // TLS handshake + CONNECT
+	helloTimeout time.Duration // the first complete ClientHello
+	adm          *admission
+	log          *slog.Logger
+	onRefuse     func(reason string)
 	// roleOf names the role of a handshake's verified leaf certificate (the
 	// broker sizes each client's outbound queue by it).
 	roleOf func(*x509.Certificate) identity.Role
+	// refusals rate-limits the log lines of refused handshakes per source
+	// address (a flood must not become a log flood).
+	refusals   *logguard.Limiter
+	stopLogger context.CancelFunc
 
 	ln     net.Listener
 	closed atomic.Bool
@@ -53,6 +57,14 @@ type conn struct {
 // Release frees the connection's slot among unauthenticated connections.
 func (c *conn) Release() { c.release() }
 
+// admittedConn is the raw connection under the TLS server: the handshake's
+// GetConfigForClient finds its admission entry through it.
+type admittedConn struct {
+	net.Conn
+	p        *pending
+	deadline time.Time // of TLS handshake + CONNECT
+}
+
 func (l *listener) ID() string       { return l.id }
 func (l *listener) Protocol() string { return "tcp+mtls" }
 func (l *listener) Address() string {
@@ -68,6 +80,24 @@ func (l *listener) Init(*slog.Logger) error {
 		return err
 	}
 	l.ln = ln
+	if l.helloTimeout <= 0 {
+		l.helloTimeout = l.timeout
+	}
+	// GetConfigForClient runs once crypto/tls has read and parsed a whole
+	// ClientHello: the connection leaves the stalled stage there.
+	l.tls = l.tls.Clone()
+	l.tls.GetConfigForClient = l.onHello
+	if l.refusals == nil {
+		l.refusals = logguard.New(logguard.Options{Burst: 5, Window: time.Minute, MaxKeys: 4096,
+			Summary: logguard.LogSummary(l.log, "tls handshakes refused, not logged one by one")})
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	l.stopLogger = cancel
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		l.refusals.Run(ctx)
+	}()
 	return nil
 }
 
@@ -82,54 +112,82 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 			time.Sleep(10 * time.Millisecond) // e.g. EMFILE: back off, keep serving
 			continue
 		}
-		ip := hostOf(raw.RemoteAddr())
-		if !l.takeIP(ip) {
-			// One source address may not hold many half-open connections.
-			l.onRefuse("pending_per_ip")
+		p, evicted, reason := l.adm.admit(raw, hostOf(raw.RemoteAddr()), time.Now())
+		for _, e := range evicted {
+			l.onRefuse(e.reason)
+			e.conn.Close()
+		}
+		if p == nil {
+			// Every slot is held by a connection past its ClientHello.
+			l.onRefuse(reason)
 			raw.Close()
 			continue
 		}
-		select {
-		case l.pending <- struct{}{}:
-		default:
-			// Too many connections still in handshake or before CONNECT.
-			l.releaseIP(ip)
-			l.onRefuse("pending_limit")
-			raw.Close()
-			continue
-		}
-		var once sync.Once
-		release := func() { once.Do(func() { <-l.pending; l.releaseIP(ip) }) }
+		release := func() { l.adm.release(p) }
 		l.wg.Add(1)
-		go l.handshake(raw, release, establish)
+		go l.handshake(raw, p, release, establish)
 	}
 }
 
-// handshake runs the TLS handshake under the deadline. On success the
+// onHello is the TLS server's GetConfigForClient: a complete ClientHello
+// arrived, so the connection is no longer stalled. Its deadline becomes the
+// one of handshake + CONNECT. An evicted connection's handshake ends here.
+func (l *listener) onHello(hi *tls.ClientHelloInfo) (*tls.Config, error) {
+	ac, ok := hi.Conn.(*admittedConn)
+	if !ok {
+		return nil, nil
+	}
+	if !l.adm.hello(ac.p) {
+		return nil, errEvicted
+	}
+	_ = ac.Conn.SetDeadline(ac.deadline)
+	return nil, nil
+}
+
+var errEvicted = errors.New("evicted while pending")
+
+// handshake runs the TLS handshake under the deadlines. On success the
 // client's MQTT session runs on a fresh goroutine: this one's stack grew
 // during the handshake's cryptography, and an idle connection should not
 // keep it for its lifetime. That goroutine owns the pending slot (released
 // at CONNECT by the auth hook, or when the connection ends) and the wait
 // group count.
-func (l *listener) handshake(raw net.Conn, release func(), establish listeners.EstablishFn) {
-	deadline := time.Now().Add(l.timeout)
-	_ = raw.SetDeadline(deadline) // mochi replaces it with the keepalive deadline after CONNECT
-	tc := tls.Server(raw, l.tls)
+func (l *listener) handshake(raw net.Conn, p *pending, release func(), establish listeners.EstablishFn) {
+	start := time.Now()
+	deadline := start.Add(l.timeout)
+	// Until a complete ClientHello arrived: the short hello deadline. mochi
+	// replaces the deadline with the keepalive deadline after CONNECT.
+	_ = raw.SetDeadline(start.Add(l.helloTimeout))
+	tc := tls.Server(&admittedConn{Conn: raw, p: p, deadline: deadline}, l.tls)
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	err := tc.HandshakeContext(ctx)
 	cancel()
+	if err == nil && !l.adm.handshaken(p) {
+		err = errEvicted
+	}
 	if err != nil {
 		defer l.wg.Done()
 		defer release()
+		tc.Close()
+		stage, evicted := l.adm.outcome(p)
+		if evicted {
+			return // counted at eviction
+		}
 		reason := handshakeReason(err)
+		if reason == "handshake_timeout" && stage == stageHello {
+			reason = "hello_timeout"
+		}
+		l.onRefuse(reason)
+		ip := p.ip
+		if !l.refusals.Allow(ip) {
+			return
+		}
 		ident := ""
 		var re *auth.RefusedError
 		if errors.As(err, &re) {
 			ident = re.Identity.String()
 		}
-		l.log.Warn("tls handshake refused", "reason", reason, "identity", ident, "remote", raw.RemoteAddr().String(), "err", err)
-		l.onRefuse(reason)
-		tc.Close()
+		l.log.Warn("tls handshake refused", "reason", reason, "identity", ident, "remote", raw.RemoteAddr().String(), "err", logguard.Clip(err.Error(), 0))
 		return
 	}
 	c := &conn{Conn: tc, release: release}
@@ -160,24 +218,6 @@ func hostOf(a net.Addr) string {
 		return ta.IP.String()
 	}
 	return a.String()
-}
-
-func (l *listener) takeIP(ip string) bool {
-	l.ipMu.Lock()
-	defer l.ipMu.Unlock()
-	if l.pendingByIP[ip] >= l.perIP {
-		return false
-	}
-	l.pendingByIP[ip]++
-	return true
-}
-
-func (l *listener) releaseIP(ip string) {
-	l.ipMu.Lock()
-	defer l.ipMu.Unlock()
-	if l.pendingByIP[ip]--; l.pendingByIP[ip] <= 0 {
-		delete(l.pendingByIP, ip)
-	}
 }
 
 func isClosedErr(err error) bool {
@@ -218,9 +258,204 @@ func handshakeReason(err error) string {
 
 func (l *listener) Close(closeClients listeners.CloseFn) {
 	if l.closed.CompareAndSwap(false, true) {
+		if l.stopLogger != nil {
+			l.stopLogger()
+		}
 		closeClients(l.id)
 		if l.ln != nil {
 			l.ln.Close()
 		}
 	}
+}
+
+// Stages of a pending connection (accepted, CONNECT not yet processed).
+const (
+	stageHello     = iota // no complete ClientHello yet: "stalled"
+	stageHandshake        // ClientHello read, TLS handshake under way
+	stageConnect          // TLS done, waiting for the MQTT CONNECT
+	stageDone             // released or evicted
+)
+
+// pending is one connection in admission.
+type pending struct {
+	conn    net.Conn
+	ip      string
+	stage   int
+	evicted bool
+	reason  string        // why it was evicted (a limit_hits label)
+	since   time.Time     // accepted
+	at      *list.Element // in admission.stalled, while stalled
+	atIP    *list.Element // in its address's list of its stage
+}
+
+// admission decides which connections may hold the max slots of pending
+// connections. The scarce resource is a slot, and a peer that does no
+// cryptography can hold one only until its ClientHello is due, so:
+//
+//   - a connection is stalled until crypto/tls has read a complete
+//     ClientHello, and stalled connections go first: when every slot is
+//     taken, a new connection evicts the oldest stalled one, or, if even
+//     that one is younger than grace (a flood churning fast, while a
+//     device's ClientHello may wait for the CPU), the oldest stalled one
+//     of the address holding the most stalled connections. When none is
+//     stalled, it evicts the oldest connection still in its TLS handshake
+//     of the address that has the most connections in their handshake (a
+//     flood replaying ClientHellos costs the broker its half of each
+//     handshake, but cannot push out the handshake of a device on another
+//     address). It is refused only when every slot is held by a
+//     connection that finished its TLS handshake and waits for CONNECT;
+//   - the per-address cap (perIP) counts stalled connections only: at it,
+//     a new connection from that address evicts the address's oldest
+//     stalled one if that has waited for its ClientHello longer than grace
+//     (else the new one is admitted: the global cap bounds it).
+//     Connections past their ClientHello are not capped per address, and a
+//     burst of fresh ones is not evicted, so a fleet behind one NAT
+//     address that reconnects at once is admitted.
+//
+// A device's ClientHello follows its TCP handshake within a round trip, so
+// it is the newest stalled connection for the short time it is stalled; a
+// flood's connections are the oldest, and are evicted first.
+type admission struct {
+	mu            sync.Mutex
+	max           int
+	perIP         int
+	grace         time.Duration
+	n             int       // pending connections, every stage
+	stalled       list.List // no ClientHello yet, oldest first
+	stalledByIP   map[string]*list.List
+	handshakeByIP map[string]*list.List // in TLS handshake, oldest first
+}
+
+func newAdmission(max, perIP int, grace time.Duration) *admission {
+	return &admission{max: max, perIP: perIP, grace: grace,
+		stalledByIP: map[string]*list.List{}, handshakeByIP: map[string]*list.List{}}
+}
+
+// admit admits c from ip, evicting as described; the caller closes the
+// evicted connections. A nil pending means c is refused, for reason.
+func (a *admission) admit(c net.Conn, ip string, now time.Time) (p *pending, evicted []*pending, reason string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if q := a.stalledByIP[ip]; q != nil && q.Len() >= a.perIP {
+		if old := q.Front().Value.(*pending); now.Sub(old.since) >= a.grace {
+			evicted = append(evicted, a.evictLocked(old, "pending_per_ip"))
+		}
+	}
+	if a.n >= a.max {
+		if f := a.stalled.Front(); f != nil {
+			v := f.Value.(*pending)
+			if now.Sub(v.since) < a.grace {
+				// Fast churn: even the oldest stalled connection is young,
+				// and may be a device whose ClientHello is only waiting
+				// for the CPU. Take it from the address holding the most.
+				v = busiest(a.stalledByIP)
+			}
+			evicted = append(evicted, a.evictLocked(v, "pending_evicted"))
+		} else if v := busiest(a.handshakeByIP); v != nil {
+			evicted = append(evicted, a.evictLocked(v, "pending_evicted"))
+		} else {
+			return nil, evicted, "pending_limit"
+		}
+	}
+	p = &pending{conn: c, ip: ip, since: now}
+	p.at = a.stalled.PushBack(p)
+	p.atIP = pushIP(a.stalledByIP, ip, p)
+	a.n++
+	return p, evicted, ""
+}
+
+// busiest returns the oldest connection of the address with the most
+// connections in m (ties: the oldest of those addresses'; nil: m is empty).
+// The scan is over addresses with a pending connection, at most max.
+func busiest(m map[string]*list.List) *pending {
+	var victim *pending
+	most := 0
+	for _, q := range m {
+		old := q.Front().Value.(*pending)
+		if q.Len() > most || (q.Len() == most && old.since.Before(victim.since)) {
+			victim, most = old, q.Len()
+		}
+	}
+	return victim
+}
+
+func pushIP(m map[string]*list.List, ip string, p *pending) *list.Element {
+	q := m[ip]
+	if q == nil {
+		q = list.New()
+		m[ip] = q
+	}
+	return q.PushBack(p)
+}
+
+func removeIP(m map[string]*list.List, ip string, e *list.Element) {
+	if q := m[ip]; q != nil {
+		q.Remove(e)
+		if q.Len() == 0 {
+			delete(m, ip)
+		}
+	}
+}
+
+// hello moves p out of the stalled stage; false if it was evicted.
+func (a *admission) hello(p *pending) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if p.stage != stageHello {
+		return false
+	}
+	a.unlinkLocked(p)
+	p.stage = stageHandshake
+	p.atIP = pushIP(a.handshakeByIP, p.ip, p)
+	return true
+}
+
+// handshaken records p's completed TLS handshake; false if it was evicted.
+func (a *admission) handshaken(p *pending) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if p.stage == stageDone {
+		return false
+	}
+	a.unlinkLocked(p)
+	p.stage = stageConnect
+	return true
+}
+
+// outcome reports p's stage and whether it was evicted.
+func (a *admission) outcome(p *pending) (stage int, evicted bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return p.stage, p.evicted
+}
+
+// release frees p's slot (idempotent).
+func (a *admission) release(p *pending) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if p.stage != stageDone {
+		a.unlinkLocked(p)
+		p.stage = stageDone
+		a.n--
+	}
+}
+
+func (a *admission) evictLocked(p *pending, reason string) *pending {
+	a.unlinkLocked(p)
+	p.stage = stageDone
+	p.evicted, p.reason = true, reason
+	a.n--
+	return p
+}
+
+// unlinkLocked takes p off the lists of its stage.
+func (a *admission) unlinkLocked(p *pending) {
+	switch p.stage {
+	case stageHello:
+		a.stalled.Remove(p.at)
+		removeIP(a.stalledByIP, p.ip, p.atIP)
+	case stageHandshake:
+		removeIP(a.handshakeByIP, p.ip, p.atIP)
+	}
+	p.at, p.atIP = nil, nil
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/fleetgate/fleetgate/broker/acl"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // Directory is the registry view the hook consults. Implementations must be
@@ -102,6 +103,10 @@ type Options struct {
 	Logger  *slog.Logger
 	Now     func() time.Time
 	Metrics Metrics
+	// LogRefusal, if set, reports whether a per-packet refusal (an ACL
+	// denial) of the identity it is given may be logged: the broker
+	// rate-limits these lines per identity and summarises the rest.
+	LogRefusal func(identity string) bool
 }
 
 // Session is what the hook knows of one connected client.
@@ -446,7 +451,9 @@ func (h *Hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 		if write {
 			dir = "publish"
 		}
-		h.o.Logger.Info("acl denied", "identity", s.Identity.String(), "direction", dir, "topic", topic, "remote", cl.Net.Remote)
+		if h.logRefusal(s.Identity.String()) {
+			h.o.Logger.Info("acl denied", "identity", s.Identity.String(), "direction", dir, "topic", logguard.Clip(topic, 0), "remote", cl.Net.Remote)
+		}
 		if h.o.Metrics.ACLDenied != nil {
 			h.o.Metrics.ACLDenied(dir)
 		}
@@ -469,11 +476,19 @@ func (h *Hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	if h.o.Metrics.ACLDenied != nil {
 		h.o.Metrics.ACLDenied("retain")
 	}
-	h.o.Logger.Info("acl denied", "identity", sessionName(s), "direction", "retain", "topic", pk.TopicName, "remote", cl.Net.Remote)
+	if h.logRefusal(sessionName(s)) {
+		h.o.Logger.Info("acl denied", "identity", sessionName(s), "direction", "retain", "topic", logguard.Clip(pk.TopicName, 0), "remote", cl.Net.Remote)
+	}
 	if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
 		return pk, packets.ErrNotAuthorized
 	}
 	return pk, packets.ErrRejectPacket
+}
+
+// logRefusal reports whether a per-packet refusal of identity id may be
+// logged (Options.LogRefusal).
+func (h *Hook) logRefusal(id string) bool {
+	return h.o.LogRefusal == nil || h.o.LogRefusal(id)
 }
 
 func sessionName(s *Session) string {

@@ -112,10 +112,12 @@ func serveCmd() *cobra.Command {
 				TPMRootsDir: cfg.TPMRootsDir, TPMPolicy: cfg.TPMPolicy, TPMDenyListFile: cfg.TPMDenyList, EnrollURL: cfg.EnrollURL,
 				PolicyFile: cfg.PolicyFile, Reload: reload,
 				Limits: broker.Limits{MsgRate: cfg.MsgRate, MsgBurst: cfg.MsgBurst, ByteRate: cfg.ByteRate,
-					ByteBurst: 4 * int(cfg.ByteRate), MaxSubscriptions: cfg.MaxSubscriptions},
+					ByteBurst: 4 * int(cfg.ByteRate), MaxSubscriptions: cfg.MaxSubscriptions,
+					SubRate: cfg.SubRate, SubBurst: cfg.SubBurst},
 				MaxPendingPerIP: cfg.MaxPendingPerIP, MaxQoS: byte(cfg.MaxQoS), ReceiveMaximum: uint16(cfg.ReceiveMaximum),
 				Queues: broker.Queues{Device: mqtt.QueuePolicy{MaxOffline: offlineQuota(cfg.MaxQueuedDevice)},
 					Service: mqtt.QueuePolicy{MaxOffline: offlineQuota(cfg.MaxQueuedService)}},
+				HelloTimeout: cfg.HelloTimeout,
 			}, log)
 			if err == nil {
 				log.Info("fleetgate stopped")

@@ -51,6 +51,12 @@ type Serve struct {
 	// version) refused at TPM enrollment and EK registration; read at start,
 	// a bad file stops the server (enroll/attest.DenyList).
 	TPMDenyList string `yaml:"tpm_deny_list"`
+
+	// admission: the broker's admission of connections under floods, and
+	// per-client rates of SUBSCRIBE/UNSUBSCRIBE (docs/operations.md).
+	HelloTimeout time.Duration `yaml:"hello_timeout"`
+	SubRate      float64       `yaml:"sub_rate"`
+	SubBurst     int           `yaml:"sub_burst"`
 }
 
 // DefaultDataDir is used when nothing else names one.
@@ -67,6 +73,8 @@ func Defaults() Serve {
 		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text", TPMPolicy: "allowlist", EnrollURL: "https://localhost:8443",
 		MsgRate: 100, MsgBurst: 200, ByteRate: 1 << 20, MaxSubscriptions: 32, MaxPendingPerIP: 64, MaxQoS: 2, ReceiveMaximum: 256,
 		MaxQueuedDevice: 1000, MaxQueuedService: 10_000,
+		// admission
+		HelloTimeout: 3 * time.Second, SubRate: 10, SubBurst: 100,
 	}
 }
 
@@ -90,7 +98,7 @@ func ServeFlags(fs *pflag.FlagSet, d Serve) {
 	fs.Int("msg-burst", d.MsgBurst, "per-device PUBLISH burst above --msg-rate")
 	fs.Float64("byte-rate", d.ByteRate, "per-device payload rate (bytes/s); over it: disconnect, MQTT 5 reason 0x97")
 	fs.Int("max-subscriptions", d.MaxSubscriptions, "subscriptions per client")
-	fs.Int("max-pending-per-ip", d.MaxPendingPerIP, "connections in TLS handshake or before CONNECT from one source address")
+	fs.Int("max-pending-per-ip", d.MaxPendingPerIP, "stalled connections (no complete TLS ClientHello yet) per source address; beyond it the address's oldest stalled one is closed")
 	fs.Int("max-qos", d.MaxQoS, "highest QoS granted (0, 1 or 2)")
 	fs.Int("receive-maximum", d.ReceiveMaximum, "in-flight QoS 1/2 window per client")
 	fs.Int("max-queued-device", d.MaxQueuedDevice, "QoS 1/2 messages an offline persistent device session holds; past it: not queued for it, counted (0: no quota)")
@@ -100,6 +108,10 @@ func ServeFlags(fs *pflag.FlagSet, d Serve) {
 	fs.String("tpm-policy", d.TPMPolicy, "allowlist (only EKs registered at manufacturing) or manufacturer (any EK chaining to --tpm-roots)")
 	// TPM deny-list
 	fs.String("tpm-deny-list", d.TPMDenyList, "YAML file of TPM manufacturers, models and firmware versions refused at enrollment (read at start)")
+	// admission
+	fs.Duration("hello-timeout", d.HelloTimeout, "deadline for a connection's first complete TLS ClientHello (then --handshake-timeout applies)")
+	fs.Float64("sub-rate", d.SubRate, "per-device rate of topic filters in SUBSCRIBE/UNSUBSCRIBE (filters/s); over it (plus --sub-burst): disconnect, MQTT 5 reason 0x96")
+	fs.Int("sub-burst", d.SubBurst, "per-device burst of topic filters above --sub-rate")
 }
 
 // keys are the layered settings, by flag name.
@@ -108,7 +120,8 @@ var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only",
 	"msg-rate", "msg-burst", "byte-rate", "max-subscriptions", "max-pending-per-ip", "max-qos", "receive-maximum",
 	"max-queued-device", "max-queued-service",
 	"tpm-deny-list", // TPM deny-list
-}
+	// admission
+	"hello-timeout", "sub-rate", "sub-burst"}
 
 // LoadServe layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
@@ -220,6 +233,13 @@ func assign(c *Serve, k string, f *pflag.Flag) error {
 		c.MaxQueuedService, err = fs.GetInt(k)
 	case "tpm-deny-list": // TPM deny-list
 		c.TPMDenyList, err = fs.GetString(k)
+	// admission
+	case "hello-timeout":
+		c.HelloTimeout, err = fs.GetDuration(k)
+	case "sub-rate":
+		c.SubRate, err = fs.GetFloat64(k)
+	case "sub-burst":
+		c.SubBurst, err = fs.GetInt(k)
 	}
 	return err
 }
@@ -290,6 +310,13 @@ func (c Serve) Validate() []error {
 	case "text", "json":
 	default:
 		errs = append(errs, fmt.Errorf("log_format: %q (want text or json)", c.LogFormat))
+	}
+	// admission
+	if c.HelloTimeout <= 0 || c.HelloTimeout > c.HandshakeTimeout {
+		errs = append(errs, fmt.Errorf("hello_timeout: %s (want positive, at most handshake_timeout)", c.HelloTimeout))
+	}
+	if c.SubRate <= 0 || c.SubBurst <= 0 {
+		errs = append(errs, errors.New("sub_rate and sub_burst must be positive"))
 	}
 	return errs
 }

@@ -84,6 +84,9 @@ type Config struct {
 	// EnrollURL is the enrollment service a broker-only process follows
 	// (its registry change feed), with the operator credentials of DataDir.
 	EnrollURL string
+	// HelloTimeout bounds the wait for a connection's first complete TLS
+	// ClientHello (zero: broker default).
+	HelloTimeout time.Duration
 }
 
 // Addrs are the bound addresses, as written to AddrFile.
@@ -170,6 +173,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize,
 			SweepInterval: cfg.SweepInterval, Limits: cfg.Limits, MaxPendingPerIP: cfg.MaxPendingPerIP, Queues: cfg.Queues,
 			MaxQoS: cfg.MaxQoS, ReceiveMaximum: cfg.ReceiveMaximum, TopicAliasMaximum: cfg.TopicAliasMaximum,
+			HelloTimeout: cfg.HelloTimeout,
 		})
 		if err != nil {
 			return err
