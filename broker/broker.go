@@ -28,7 +28,7 @@ import (
 	"github.com/fleetgate/fleetgate/broker/auth"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
-	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 

@@ -13,7 +13,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/fleetgate/fleetgate/enroll/ca"
-	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/internal/testenv"
 	"github.com/fleetgate/fleetgate/internal/testpki"
 )

@@ -6,7 +6,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 
 	"github.com/fleetgate/fleetgate/enroll/registry"
-	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/identity"
 )
 
 type principals map[string]identity.Role

@@ -31,7 +31,7 @@ import (
 	"time"
 
 	"github.com/fleetgate/fleetgate/enroll/api"
-	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/identity"
 )
 
 // Files in a device's state directory.

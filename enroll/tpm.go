@@ -18,7 +18,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
-	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/identity"
 )
 
 // TPM enrollment (DESIGN.md, "TPM-bound enrollment"): two round trips.

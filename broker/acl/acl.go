@@ -22,7 +22,7 @@ import (
 	"fmt"
 	"strings"
 
-	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/identity"
 )
 
 // Access is what a rule grants or denies.

@@ -26,7 +26,7 @@ import (
 
 	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/enroll/registry"
-	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/identity"
 )
 
 // Replica is safe for concurrent use.

@@ -15,7 +15,7 @@ import (
 
 	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/enroll/api"
-	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/identity"
 )
 
 const importHelp = `Register many TPM endorsement keys in one transaction: all of them or none.

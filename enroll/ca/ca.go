@@ -28,7 +28,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/identity"
 )
 
 // Files of a data directory, relative to its root.

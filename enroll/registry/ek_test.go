@@ -8,7 +8,7 @@ import (
 
 	badger "github.com/dgraph-io/badger/v4"
 
-	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/identity"
 )
 
 func openTest(t *testing.T) *Registry {

@@ -3,7 +3,7 @@ package registry
 import (
 	"time"
 
-	"github.com/fleetgate/fleetgate/internal/identity"
+	"github.com/fleetgate/fleetgate/identity"
 )
 
 // DeviceState is the lifecycle state of a device.
