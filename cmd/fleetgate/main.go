@@ -21,9 +21,9 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/internal/config"
 	"github.com/fleetgate/fleetgate/internal/gateway"
-	"github.com/fleetgate/fleetgate/identity"
 )
 
 func main() {

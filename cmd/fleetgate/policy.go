@@ -9,8 +9,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/fleetgate/fleetgate/broker/acl"
-	"github.com/fleetgate/fleetgate/internal/gateway"
 	"github.com/fleetgate/fleetgate/identity"
+	"github.com/fleetgate/fleetgate/internal/gateway"
 )
 
 func policyCmd() *cobra.Command {
