@@ -13,9 +13,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/enroll/adminclient"
-	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/firmware-sim/swtpm"
 )
 

@@ -18,9 +18,9 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"crypto/x509"
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/broker"
 	"github.com/fleetgate/fleetgate/devicesdk"
-	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/internal/testenv"
 )
 

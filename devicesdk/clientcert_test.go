@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/devicesdk"
-	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/internal/testenv"
 )
 

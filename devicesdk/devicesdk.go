@@ -30,7 +30,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/identity"
 )
 

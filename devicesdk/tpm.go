@@ -6,8 +6,8 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/devicesdk/tpmkey"
-	"github.com/fleetgate/fleetgate/enroll/api"
 )
 
 // ErrKeyNotTPM means EnrollTPM was given keys whose TLS key is not the

@@ -19,7 +19,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/internal/testenv"
 )
 

@@ -18,7 +18,7 @@ import (
 
 	"github.com/smallstep/pkcs7"
 
-	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/internal/testenv"
 	"github.com/fleetgate/fleetgate/internal/testpki"
 )

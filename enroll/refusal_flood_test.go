@@ -13,7 +13,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/internal/testenv"
 )

@@ -21,9 +21,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/devicesdk/tpmkey"
 	"github.com/fleetgate/fleetgate/enroll"
-	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"

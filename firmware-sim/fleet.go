@@ -9,10 +9,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/devicesdk/tpmkey"
 	"github.com/fleetgate/fleetgate/enroll/adminclient"
-	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/firmware-sim/swtpm"
 )
 

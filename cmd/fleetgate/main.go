@@ -17,9 +17,9 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/spf13/cobra"
 
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/broker"
 	"github.com/fleetgate/fleetgate/enroll/adminclient"
-	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/internal/config"

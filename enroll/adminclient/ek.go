@@ -8,7 +8,7 @@ import (
 	"io"
 	"net/http"
 
-	"github.com/fleetgate/fleetgate/enroll/api"
+	"github.com/fleetgate/fleetgate/api"
 )
 
 // RegisterEK registers one TPM endorsement key for a device.

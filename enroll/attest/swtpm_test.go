@@ -19,8 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/devicesdk/tpmkey"
-	"github.com/fleetgate/fleetgate/enroll/api"
 	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/firmware-sim/swtpm"
 	"github.com/google/go-tpm/tpm2"
