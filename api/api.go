@@ -6,7 +6,11 @@
 // does by default.
 package api
 
-import "time"
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+)
 
 // Paths of the v1 API.
 const (
@@ -55,12 +59,31 @@ type EnrollResponse struct {
 	NotAfter          time.Time `json:"not_after"`
 }
 
-// Error is the body of every non-2xx response.
+// Error is the body of every non-2xx response, and the one error type the
+// clients (operator/client, devicesdk) return for such an answer: find it
+// with errors.As.
 type Error struct {
+	// Status is the HTTP status of the answer (not in the body).
+	Status int `json:"-"`
 	// Code is a stable machine-readable reason, e.g. "token_expired".
 	Code string `json:"code"`
 	// Message is a human-readable explanation. It never carries secrets.
 	Message string `json:"message"`
+}
+
+func (e *Error) Error() string {
+	return fmt.Sprintf("%d %s: %s", e.Status, e.Code, e.Message)
+}
+
+// ReadError is the error of a non-2xx answer with status and body: the
+// body's Error, or the body as the message when it is not one.
+func ReadError(status int, body []byte) *Error {
+	var e Error
+	if json.Unmarshal(body, &e) != nil {
+		e.Message = string(body)
+	}
+	e.Status = status
+	return &e
 }
 
 // TokenCreateRequest asks for a bootstrap token (admin API, operator mTLS).

@@ -26,9 +26,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fleetgate/fleetgate/broker"
 	"github.com/fleetgate/fleetgate/enroll/ca"
-	"github.com/fleetgate/fleetgate/internal/gateway"
+	"github.com/fleetgate/fleetgate/server"
 )
 
 func inProcess(b *testing.B, devices int) (*Env, *Broker) {
@@ -37,7 +36,7 @@ func inProcess(b *testing.B, devices int) (*Env, *Broker) {
 	}
 	work := b.TempDir()
 	e := &Env{Work: work, Logf: b.Logf}
-	if _, err := gateway.Init(e.DataDir(), ca.InitOptions{TrustDomain: "fleetgate.local", Hosts: []string{"localhost", "127.0.0.1"}}); err != nil {
+	if _, err := server.Init(e.DataDir(), ca.InitOptions{TrustDomain: "fleetgate.local", Hosts: []string{"localhost", "127.0.0.1"}}); err != nil {
 		b.Fatal(err)
 	}
 	if err := e.loadRoots(); err != nil {
@@ -47,11 +46,17 @@ func inProcess(b *testing.B, devices int) (*Env, *Broker) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- gateway.Run(ctx, gateway.Config{
-			DataDir: e.DataDir(), MQTTAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", MetricsAddr: "127.0.0.1:0", AddrFile: addrFile,
-			MaxPending: 4096, MaxPendingPerIP: 4096,
-			Limits: broker.Limits{MsgRate: 1e9, MsgBurst: 1e9, ByteRate: 1e12, ByteBurst: 1 << 40},
-		}, slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelWarn})))
+		cfg := server.Defaults()
+		cfg.DataDir, cfg.MQTTAddr, cfg.APIAddr, cfg.MetricsAddr, cfg.AddrFile = e.DataDir(), "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", addrFile
+		cfg.MaxPending, cfg.MaxPendingPerIP = 4096, 4096
+		cfg.MsgRate, cfg.MsgBurst, cfg.ByteRate, cfg.ByteBurst = 1e9, 1e9, 1e12, 1<<40
+		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		s, err := server.New(cfg)
+		if err != nil {
+			done <- err
+			return
+		}
+		done <- s.Run(ctx)
 	}()
 	b.Cleanup(func() {
 		cancel()

@@ -14,8 +14,8 @@ import (
 
 	"github.com/fleetgate/fleetgate/broker"
 	"github.com/fleetgate/fleetgate/devicesdk"
-	"github.com/fleetgate/fleetgate/internal/gateway"
 	"github.com/fleetgate/fleetgate/internal/testenv"
+	"github.com/fleetgate/fleetgate/server"
 )
 
 const allowAllPolicy = `rules:
@@ -35,7 +35,7 @@ func BenchmarkFanInQoS0(b *testing.B) {
 		b.Run(pc.name, func(b *testing.B) {
 			dir := testenv.Init(b)
 			if pc.policy != "" {
-				if err := os.WriteFile(filepath.Join(dir, gateway.PolicyFileName), []byte(pc.policy), 0o644); err != nil {
+				if err := os.WriteFile(filepath.Join(dir, server.PolicyFileName), []byte(pc.policy), 0o644); err != nil {
 					b.Fatal(err)
 				}
 			}

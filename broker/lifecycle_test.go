@@ -125,7 +125,7 @@ func TestRevokeCutsAHighRatePublisherAtOnce(t *testing.T) {
 		t.Fatal("revoked device reconnected")
 	}
 	// ...nor renew...
-	var ae *devicesdk.APIError
+	var ae *api.Error
 	if err := dev.Renew(ctx); !errors.As(err, &ae) || ae.Code != "client_cert_revoked" {
 		t.Fatalf("renew of revoked device: %v", err)
 	}
@@ -177,7 +177,7 @@ func TestSuspendThenResume(t *testing.T) {
 	if _, err := dev.Connect(ctx, brokerOpts(g)); err == nil {
 		t.Fatal("suspended device connected")
 	}
-	var ae *devicesdk.APIError
+	var ae *api.Error
 	if err := dev.Renew(ctx); !errors.As(err, &ae) || ae.Code != "device_suspended" {
 		t.Fatalf("renew while suspended: %v", err)
 	}

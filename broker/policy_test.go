@@ -16,9 +16,8 @@ import (
 
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/devicesdk"
-	"github.com/fleetgate/fleetgate/enroll/adminclient"
-	"github.com/fleetgate/fleetgate/internal/gateway"
 	"github.com/fleetgate/fleetgate/internal/testenv"
+	"github.com/fleetgate/fleetgate/server"
 )
 
 const labPolicy = `rules:
@@ -39,7 +38,7 @@ const labPolicy = `rules:
 
 func TestPolicyReloadAndAttributeChangesApplyWithoutReconnect(t *testing.T) {
 	dir := testenv.Init(t)
-	policyFile := filepath.Join(dir, gateway.PolicyFileName)
+	policyFile := filepath.Join(dir, server.PolicyFileName)
 	if err := os.WriteFile(policyFile, []byte(labPolicy), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -107,7 +106,7 @@ func TestPolicyReloadAndAttributeChangesApplyWithoutReconnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = g.Admin.ReloadPolicy(ctx)
-	var ae *adminclient.Error
+	var ae *api.Error
 	if !errors.As(err, &ae) || ae.Code != "policy_invalid" || !strings.Contains(ae.Message, "policy.yaml:2") {
 		t.Fatalf("broken policy reload: %v", err)
 	}

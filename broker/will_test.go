@@ -14,8 +14,8 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/fleetgate/fleetgate/broker/acl"
-	"github.com/fleetgate/fleetgate/internal/gateway"
 	"github.com/fleetgate/fleetgate/internal/testenv"
+	"github.com/fleetgate/fleetgate/server"
 )
 
 func connectWithWill(g *testenv.Gateway, id string, cert tls.Certificate, topic string, retain bool) (paho.Client, error) {
@@ -132,7 +132,7 @@ func TestWillDelayIsHonouredAndStillHeldToThePolicy(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The policy now denies will-pol's will topic.
-	if err := os.WriteFile(filepath.Join(dir, gateway.PolicyFileName), []byte(acl.DefaultFile+`  - name: no-will-pol
+	if err := os.WriteFile(filepath.Join(dir, server.PolicyFileName), []byte(acl.DefaultFile+`  - name: no-will-pol
     roles: [device]
     deny: [publish]
     topics: ["devices/will-pol/state"]

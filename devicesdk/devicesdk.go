@@ -215,17 +215,6 @@ func (d *Device) Store(resp *api.EnrollResponse) error {
 	return writeFileAtomic(filepath.Join(d.cfg.StateDir, ChainFile), []byte(resp.CertificateChainPEM), 0o644)
 }
 
-// APIError is an error answer of the enrollment server.
-type APIError struct {
-	Status  int
-	Code    string
-	Message string
-}
-
-func (e *APIError) Error() string {
-	return fmt.Sprintf("enrollment server: %d %s: %s", e.Status, e.Code, e.Message)
-}
-
 // httpClient returns the client for the enrollment server, presenting the
 // device's certificate when withCert (renewal authenticates with it;
 // enrollment does not use it, and presenting it would cost the device a key
@@ -305,11 +294,8 @@ func (d *Device) postAs(ctx context.Context, path string, in, out any, withCert 
 		return fmt.Errorf("devicesdk: read answer: %w", err)
 	}
 	if resp.StatusCode/100 != 2 {
-		var ae api.Error
-		if json.Unmarshal(b, &ae) != nil {
-			ae.Message = string(b)
-		}
-		return &APIError{Status: resp.StatusCode, Code: ae.Code, Message: ae.Message}
+		// An *api.Error (errors.As).
+		return fmt.Errorf("enrollment server: %w", api.ReadError(resp.StatusCode, b))
 	}
 	if err := json.Unmarshal(b, out); err != nil {
 		return fmt.Errorf("devicesdk: decode answer: %w", err)

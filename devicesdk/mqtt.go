@@ -163,7 +163,7 @@ func wait(ctx context.Context, t paho.Token) error {
 	}
 }
 
-// Topic names of a device (DESIGN.md).
+// Topic names of a device (docs/policy.md).
 func TelemetryTopic(id, name string) string { return "devices/" + id + "/telemetry/" + name }
 
 // StateTopic is where a device publishes its (retained) state.

@@ -26,7 +26,7 @@ var ErrKeyNotTPM = errors.New("devicesdk: Config.Key is not the TPM keys' TLS ke
 //
 // The Device's Config.Key must be keys.Signer(). Under the manufacturer
 // policy the device ID must be api.AutoDeviceID of the EK, unless the EK was
-// registered with another ID. Errors from the server are *APIError with the
+// registered with another ID. Errors from the server are *api.Error with the
 // server's code.
 func (d *Device) EnrollTPM(ctx context.Context, keys *tpmkey.Keys) error {
 	defer d.closeIdle()

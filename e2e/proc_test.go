@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fleetgate/fleetgate/internal/gateway"
 	"github.com/fleetgate/fleetgate/internal/testenv"
+	fgserver "github.com/fleetgate/fleetgate/server"
 )
 
 var (
@@ -58,7 +58,7 @@ func run(t testing.TB, name string, args ...string) (string, error) {
 type server struct {
 	cmd   *exec.Cmd
 	log   *lockedBuf
-	addrs gateway.Addrs
+	addrs fgserver.Addrs
 	done  chan error
 }
 

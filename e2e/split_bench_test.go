@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/internal/testenv"
+	adminclient "github.com/fleetgate/fleetgate/operator/client"
 )
 
 // BenchmarkSplitRevokeToDisconnect: broker and enrollment service as two

@@ -11,8 +11,8 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/fleetgate/fleetgate/devicesdk"
-	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/internal/testenv"
+	adminclient "github.com/fleetgate/fleetgate/operator/client"
 )
 
 func waitReady(t testing.TB, s *server) {

@@ -24,17 +24,13 @@ import (
 	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
-// registerLifecycleRoutes registers revocation, suspension, renewal, CRL
-// and EST endpoints.
+// registerLifecycleRoutes registers the renewal, CRL, EST and registry
+// feed endpoints (revocation and suspension are the operator API's).
 func (s *Server) registerLifecycleRoutes() {
 	if s.cfg.CRLValidity <= 0 {
 		s.cfg.CRLValidity = 24 * time.Hour
 	}
-	s.mux.HandleFunc("POST "+api.PathAdminDeviceAction+"{id}/{action}", s.admin(s.handleDeviceAction))
-	s.mux.HandleFunc("POST "+api.PathAdminCertificates+"{serial}/revoke", s.admin(s.handleCertRevoke))
 	s.mux.HandleFunc("GET "+api.PathAdminFeed, s.admin(s.handleFeed))
-	s.mux.HandleFunc("PATCH "+api.PathAdminDevices+"/{id}", s.admin(s.handleDeviceUpdate))
-	s.mux.HandleFunc("POST "+api.PathAdminPolicyReload, s.admin(s.handlePolicyReload))
 	s.mux.HandleFunc("POST "+api.PathRenew, s.handleRenew)
 	s.mux.HandleFunc("GET "+api.PathCRL, s.handleCRL)
 	s.mux.HandleFunc("GET "+api.PathESTCACerts, s.handleESTCACerts)
@@ -46,74 +42,6 @@ func (s *Server) registerLifecycleRoutes() {
 			s.crl.invalidate()
 		}
 	})
-}
-
-// ---- revoke, suspend, resume ----
-
-func (s *Server) handleDeviceAction(w http.ResponseWriter, r *http.Request, op identity.Identity) {
-	id, action := r.PathValue("id"), r.PathValue("action")
-	if err := identity.ValidateName(id); err != nil {
-		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err), "")
-		return
-	}
-	var req api.StateChangeRequest
-	if r.ContentLength != 0 {
-		if err := decodeJSON(r, &req); err != nil {
-			s.writeError(w, r, asAPIError(err), id)
-			return
-		}
-	}
-	resp := api.StateChangeResponse{DeviceID: id}
-	var err error
-	switch action {
-	case "revoke":
-		if req.Reason == "" {
-			s.writeError(w, r, apiErr(http.StatusBadRequest, "reason_required", "revocation needs a reason", nil), id)
-			return
-		}
-		resp.RevokedSerials, err = s.cfg.Registry.RevokeDevice(id, req.Reason, op.String())
-		if err == nil {
-			s.refreshCRL()
-		}
-	case "suspend":
-		err = s.cfg.Registry.SetSuspended(id, true, req.Reason, op.String())
-	case "resume":
-		err = s.cfg.Registry.SetSuspended(id, false, req.Reason, op.String())
-	default:
-		s.writeError(w, r, apiErr(http.StatusNotFound, "unknown_action", "action must be revoke, suspend or resume", nil), id)
-		return
-	}
-	if err != nil {
-		s.writeError(w, r, asAPIError(registryError(err)), id)
-		return
-	}
-	if st, ok := s.cfg.Registry.DeviceStatus(id); ok {
-		resp.State = string(st.State)
-	}
-	// Registry watchers (the in-process broker) ran before the registry
-	// call returned: sessions are closed by now.
-	resp.SessionsClosed = s.cfg.Online != nil && !s.cfg.Online(id)
-	s.log.Info("device "+action, logKeyDevice, id, "reason", logguard.Bound(req.Reason, maxLoggedCause), logKeyActor, op.String(), "revoked_serials", len(resp.RevokedSerials))
-	writeJSON(w, http.StatusOK, resp)
-}
-
-func (s *Server) handleCertRevoke(w http.ResponseWriter, r *http.Request, op identity.Identity) {
-	serial := strings.ToLower(r.PathValue("serial"))
-	if _, ok := new(big.Int).SetString(serial, 16); !ok {
-		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_serial", "serial must be hexadecimal", nil), "")
-		return
-	}
-	var req api.StateChangeRequest
-	if err := decodeJSON(r, &req); err != nil || req.Reason == "" {
-		s.writeError(w, r, apiErr(http.StatusBadRequest, "reason_required", "revocation needs a JSON body with a reason", err), "")
-		return
-	}
-	if err := s.cfg.Registry.RevokeCertificate(serial, req.Reason, op.String()); err != nil {
-		s.writeError(w, r, asAPIError(registryError(err)), "")
-		return
-	}
-	s.refreshCRL()
-	writeJSON(w, http.StatusOK, api.StateChangeResponse{RevokedSerials: []string{serial}, SessionsClosed: true})
 }
 
 // ---- renewal ----

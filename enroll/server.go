@@ -1,7 +1,8 @@
 // Package enroll is fleetgate's enrollment service: the HTTPS API through
-// which devices obtain certificates (bootstrap token today; TPM attestation
-// in attest/) and the admin API operators use over mTLS. It verifies, asks
-// ca/ to sign, records in registry/ and only then answers.
+// which devices obtain certificates (bootstrap token, TPM attestation in
+// attest/, EST) and renew them. It verifies, asks ca/ to sign, records in
+// registry/ and only then answers. The operator API (operator/) is mounted
+// on its listener.
 package enroll
 
 import (
@@ -51,10 +52,6 @@ type Config struct {
 	Metrics prometheus.Registerer
 	// DeviceCertTTL is the device certificate lifetime (default 90 days).
 	DeviceCertTTL time.Duration
-	// MaxTokenTTL bounds bootstrap token lifetimes (default 30 days).
-	MaxTokenTTL time.Duration
-	// ServiceCertTTL is the service certificate lifetime (default 1 year).
-	ServiceCertTTL time.Duration
 	// TPMRoots are the trusted TPM manufacturer roots (EK certificate
 	// chains). Nil: only pre-registered EKs can enroll (allowlist).
 	TPMRoots *x509.CertPool
@@ -75,11 +72,6 @@ type Config struct {
 	// Rand is the randomness of challenge IDs, nonces and credential
 	// secrets (default crypto/rand).
 	Rand io.Reader
-	// Online reports whether a device has a live MQTT session (nil: unknown).
-	Online func(deviceID string) bool
-	// ReloadPolicy reloads the broker's policy file and reports which file
-	// and how many rules are in force (nil: no broker in this process).
-	ReloadPolicy func() (api.PolicyReloadResponse, error)
 	// CRLValidity is the CRL's nextUpdate distance (default 24h); the CRL is
 	// re-signed on every revocation and when half of it has passed.
 	CRLValidity time.Duration
@@ -108,7 +100,7 @@ const (
 	TPMPolicyManufacturer = "manufacturer"
 )
 
-// Server serves the enrollment and admin APIs.
+// Server serves the enrollment API.
 type Server struct {
 	cfg     Config
 	log     *slog.Logger
@@ -120,6 +112,7 @@ type Server struct {
 	refusals *logguard.Limiter
 	// clientCAs is the root of client certificate chains: the issuing CA.
 	clientCAs *x509.CertPool
+	tpm       *tpmEnroller
 }
 
 // New returns a Server.
@@ -132,12 +125,6 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.DeviceCertTTL <= 0 {
 		cfg.DeviceCertTTL = ca.DefaultDeviceLifetime
-	}
-	if cfg.MaxTokenTTL <= 0 {
-		cfg.MaxTokenTTL = 30 * 24 * time.Hour
-	}
-	if cfg.ServiceCertTTL <= 0 {
-		cfg.ServiceCertTTL = 365 * 24 * time.Hour
 	}
 	if cfg.TPMPolicy == "" {
 		cfg.TPMPolicy = TPMPolicyAllowlist
@@ -171,11 +158,6 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.mux.HandleFunc("POST "+api.PathEnrollToken, s.handleTokenEnroll)
 	s.mux.HandleFunc("GET "+api.PathCACerts, s.handleCACerts)
-	s.mux.HandleFunc("POST "+api.PathAdminTokens, s.admin(s.handleTokenCreate))
-	s.mux.HandleFunc("POST "+api.PathAdminServices, s.admin(s.handleServiceIssue))
-	s.mux.HandleFunc("GET "+api.PathAdminDevices, s.admin(s.handleDeviceList))
-	s.mux.HandleFunc("GET "+api.PathAdminDevices+"/{id}", s.admin(s.handleDeviceShow))
-	s.mux.HandleFunc("GET "+api.PathAdminAudit, s.admin(s.handleAudit))
 	s.registerTPMRoutes()
 	s.registerLifecycleRoutes()
 	return s, nil
@@ -283,7 +265,8 @@ func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *regis
 	if err != nil {
 		return nil, csrError(err)
 	}
-	// DESIGN.md: device certificates are ECDSA P-256.
+	// Device certificates are ECDSA P-256 (docs/architecture.md, "Trust
+	// model").
 	if k, ok := csr.PublicKey.(*ecdsa.PublicKey); !ok || k.Curve != elliptic.P256() {
 		return nil, apiErr(http.StatusBadRequest, "csr_key_not_allowed", "device keys must be ECDSA P-256", nil)
 	}
@@ -493,50 +476,6 @@ func ParseToken(tok string) (id string, secret []byte, err error) {
 		return "", nil, ErrTokenFormat
 	}
 	return id, secret, nil
-}
-
-func (s *Server) handleTokenCreate(w http.ResponseWriter, r *http.Request, op identity.Identity) {
-	var req api.TokenCreateRequest
-	if err := decodeJSON(r, &req); err != nil {
-		s.writeError(w, r, asAPIError(err), "")
-		return
-	}
-	if err := identity.ValidateName(req.DeviceID); err != nil {
-		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err), "")
-		return
-	}
-	if _, taken := s.cfg.Registry.PrincipalRole(req.DeviceID); taken {
-		s.writeError(w, r, apiErr(http.StatusConflict, "name_taken", fmt.Sprintf("%q is a service or operator name; device IDs and names share the MQTT client ID namespace", req.DeviceID), nil), "")
-		return
-	}
-	if req.Group == "" {
-		req.Group = "default"
-	}
-	if err := identity.ValidateName(req.Group); err != nil {
-		s.writeError(w, r, apiErr(http.StatusBadRequest, "invalid_group", "group: "+err.Error(), err), "")
-		return
-	}
-	if req.TTL <= 0 {
-		req.TTL = 24 * time.Hour
-	}
-	if req.TTL > s.cfg.MaxTokenTTL {
-		s.writeError(w, r, apiErr(http.StatusBadRequest, "ttl_too_long", fmt.Sprintf("token TTL %s exceeds the maximum %s", req.TTL, s.cfg.MaxTokenTTL), nil), "")
-		return
-	}
-	tok, id, secret, err := NewToken(rand.Reader)
-	if err != nil {
-		s.writeError(w, r, asAPIError(err), "")
-		return
-	}
-	now := s.cfg.CA.Now()
-	t := registry.Token{ID: id, Hash: registry.HashTokenSecret(secret), DeviceID: req.DeviceID, Group: req.Group,
-		CreatedBy: op.String(), CreatedAt: now, ExpiresAt: now.Add(req.TTL)}
-	if err := s.cfg.Registry.CreateToken(t, op.String()); err != nil {
-		s.writeError(w, r, asAPIError(registryError(err)), req.DeviceID)
-		return
-	}
-	s.log.Info("bootstrap token created", logKeyDevice, req.DeviceID, "group", req.Group, "expires", t.ExpiresAt, logKeyActor, op.String())
-	writeJSON(w, http.StatusCreated, api.TokenCreateResponse{Token: tok, DeviceID: req.DeviceID, Group: req.Group, ExpiresAt: t.ExpiresAt})
 }
 
 // ---- helpers ----

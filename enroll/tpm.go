@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"slices"
 	"strings"
 	"time"
 
@@ -21,7 +20,7 @@ import (
 	"github.com/fleetgate/fleetgate/identity"
 )
 
-// TPM enrollment (DESIGN.md, "TPM-bound enrollment"): two round trips.
+// TPM enrollment (docs/enrollment-protocol.md): two round trips.
 //
 // Round 1, POST /v1/enroll/tpm/challenge: chain, then registration and
 // device state, then the AK; the server encrypts a fresh secret to the EK
@@ -63,10 +62,11 @@ const (
 	phaseComplete  = "complete"
 )
 
-// registerTPMRoutes registers the TPM attestation enrollment endpoints and
-// the manufacturing registration admin endpoints.
+// registerTPMRoutes registers the TPM attestation enrollment endpoints (the
+// manufacturing registration endpoints are the operator API's).
 func (s *Server) registerTPMRoutes() {
 	t := newTPMEnroller(s)
+	s.tpm = t
 	if s.cfg.Metrics != nil {
 		if err := s.cfg.Metrics.Register(t.latency); err != nil {
 			s.log.Warn("TPM enrollment latency metric not registered", logKeyErr, err)
@@ -74,8 +74,6 @@ func (s *Server) registerTPMRoutes() {
 	}
 	s.mux.HandleFunc("POST "+api.PathTPMChallenge, t.handleChallenge)
 	s.mux.HandleFunc("POST "+api.PathTPMComplete, t.handleComplete)
-	s.mux.HandleFunc("POST "+api.PathAdminDevicesRegister, s.admin(t.handleRegister))
-	s.mux.HandleFunc("POST "+api.PathAdminDevicesImport, s.admin(t.handleImport))
 }
 
 func newTPMEnroller(s *Server) *tpmEnroller {
@@ -398,102 +396,6 @@ func registrationError(err error) error {
 		return apiErr(http.StatusConflict, "duplicate_entry", "the import names this EK or device twice", err)
 	}
 	return registryError(err)
-}
-
-func (t *tpmEnroller) handleRegister(w http.ResponseWriter, r *http.Request, op identity.Identity) {
-	var req api.EKRegisterRequest
-	if err := decodeJSON(r, &req); err != nil {
-		t.s.writeError(w, r, asAPIError(err), "")
-		return
-	}
-	reg, err := t.checkRegistration(&req)
-	if err == nil {
-		err = t.s.cfg.Registry.RegisterEK(reg, op.String())
-		if err != nil {
-			err = registrationError(err)
-		}
-	}
-	if err != nil {
-		e := asAPIError(err)
-		t.s.cfg.Registry.Audit(registry.AuditRecord{Actor: op.String(), Action: "ek.register", DeviceID: auditDeviceID(req.DeviceID), Outcome: registry.OutcomeDenied, Reason: e.Code + ": " + causeText(e), Remote: r.RemoteAddr})
-		t.s.writeError(w, r, e, req.DeviceID)
-		return
-	}
-	t.s.log.Info("EK registered", logKeyDevice, reg.DeviceID, "group", reg.Group, "ek", reg.Fingerprint, logKeyActor, op.String())
-	writeJSON(w, http.StatusCreated, api.EKRegistration{DeviceID: reg.DeviceID, Group: reg.Group, EKFingerprint: reg.Fingerprint})
-}
-
-func (t *tpmEnroller) handleImport(w http.ResponseWriter, r *http.Request, op identity.Identity) {
-	var req api.EKImportRequest
-	if err := decodeJSONLimit(r, &req, api.MaxImportBodyBytes); err != nil {
-		t.s.writeError(w, r, asAPIError(err), "")
-		return
-	}
-	if len(req.Entries) == 0 || len(req.Entries) > api.MaxImportEntries {
-		t.s.writeError(w, r, apiErr(http.StatusBadRequest, "import_size", fmt.Sprintf("an import holds 1 to %d entries, not %d", api.MaxImportEntries, len(req.Entries)), nil), "")
-		return
-	}
-	var problems []api.ImportProblem
-	problem := func(i int, err error) {
-		e := asAPIError(err)
-		problems = append(problems, api.ImportProblem{Index: i, Line: req.Entries[i].Line, DeviceID: req.Entries[i].DeviceID, Code: e.Code, Message: problemMessage(e)})
-	}
-	regs := make([]registry.EKRegistration, 0, len(req.Entries))
-	idx := make([]int, 0, len(req.Entries)) // regs[k] is entry idx[k]
-	for i := range req.Entries {
-		reg, err := t.checkRegistration(&req.Entries[i])
-		if err != nil {
-			problem(i, err)
-			continue
-		}
-		regs = append(regs, reg)
-		idx = append(idx, i)
-	}
-	// Conflicts among the valid entries and with the registry, so that one
-	// answer reports every bad entry.
-	rp, err := t.s.cfg.Registry.CheckEKImport(regs)
-	if err == nil && len(rp) == 0 && len(problems) == 0 && !req.DryRun {
-		err = t.s.cfg.Registry.ImportEKs(regs, op.String())
-		var ie *registry.ImportError
-		if errors.As(err, &ie) { // changed since the check
-			rp, err = ie.Problems, nil
-		}
-	}
-	if err != nil {
-		if errors.Is(err, registry.ErrImportTooLarge) {
-			err = apiErr(http.StatusRequestEntityTooLarge, "import_too_large", fmt.Sprintf("%d entries do not fit in one transaction; nothing was registered, split the import", len(regs)), err)
-		}
-		t.s.writeError(w, r, asAPIError(err), "")
-		return
-	}
-	for _, p := range rp {
-		problem(idx[p.Index], registrationError(p.Err))
-	}
-	if len(problems) > 0 {
-		slices.SortFunc(problems, func(a, b api.ImportProblem) int { return a.Index - b.Index })
-		if !req.DryRun {
-			t.s.cfg.Registry.Audit(registry.AuditRecord{Actor: op.String(), Action: "ek.import", Outcome: registry.OutcomeDenied,
-				Reason: fmt.Sprintf("import_refused: %d of %d entries bad; nothing registered", len(problems), len(req.Entries)), Remote: r.RemoteAddr})
-		}
-		t.s.log.Warn("EK import refused", "entries", len(req.Entries), "bad", len(problems), logKeyActor, op.String())
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(http.StatusUnprocessableEntity)
-		_ = json.NewEncoder(w).Encode(struct {
-			api.Error
-			api.EKImportResponse
-		}{api.Error{Code: "import_refused", Message: fmt.Sprintf("%d of %d entries are bad; nothing was registered", len(problems), len(req.Entries))}, api.EKImportResponse{Problems: problems}})
-		return
-	}
-	out := api.EKImportResponse{Registered: make([]api.EKRegistration, len(regs))}
-	for i, reg := range regs {
-		out.Registered[i] = api.EKRegistration{DeviceID: reg.DeviceID, Group: reg.Group, EKFingerprint: reg.Fingerprint}
-	}
-	if req.DryRun {
-		writeJSON(w, http.StatusOK, out)
-		return
-	}
-	t.s.log.Info("EKs imported", "entries", len(regs), logKeyActor, op.String())
-	writeJSON(w, http.StatusCreated, out)
 }
 
 // problemMessage is the public message of an import problem, with the

@@ -37,12 +37,12 @@ import (
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/devicesdk/tpmkey"
 	"github.com/fleetgate/fleetgate/enroll"
-	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/firmware-sim/swtpm"
 	"github.com/fleetgate/fleetgate/internal/testenv"
 	"github.com/fleetgate/fleetgate/internal/testpki"
+	adminclient "github.com/fleetgate/fleetgate/operator/client"
 )
 
 // ---- fixtures ----
@@ -620,7 +620,7 @@ func TestTPMEnrollmentAttacks(t *testing.T) {
 }
 
 func isCode(err error, code string) bool {
-	var e *adminclient.Error
+	var e *api.Error
 	return errors.As(err, &e) && e.Code == code
 }
 
@@ -775,7 +775,7 @@ func TestTPMManufacturerPolicy(t *testing.T) {
 		t.Fatalf("second enrollment: %v", err)
 	}
 	foreign := newTPMDevice(t, swtpm.ManufacturerForTest(t), g.URL(), g.Roots(), "")
-	var ae *devicesdk.APIError
+	var ae *api.Error
 	if err := foreign.dev.EnrollTPM(ctx, foreign.keys); !errors.As(err, &ae) || ae.Code != "ek_chain_invalid" {
 		t.Fatalf("foreign TPM: %v, want ek_chain_invalid", err)
 	}

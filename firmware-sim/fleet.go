@@ -12,8 +12,8 @@ import (
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/devicesdk/tpmkey"
-	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/firmware-sim/swtpm"
+	adminclient "github.com/fleetgate/fleetgate/operator/client"
 )
 
 // TPM modes.

@@ -33,8 +33,8 @@ import (
 
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/devicesdk"
-	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/enroll/ca"
+	adminclient "github.com/fleetgate/fleetgate/operator/client"
 )
 
 // Scenarios.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -14,8 +15,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/fleetgate/fleetgate/api"
-	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/identity"
+	"github.com/fleetgate/fleetgate/operator/client"
 )
 
 const importHelp = `Register many TPM endorsement keys in one transaction: all of them or none.
@@ -60,18 +61,14 @@ func addEKCommands(devices *cobra.Command, af *adminFlags) {
 			if err != nil {
 				return err
 			}
-			cl, err := af.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := ctxTimeout(cmd)
-			defer cancel()
-			r, err := cl.RegisterEK(ctx, api.EKRegisterRequest{EKCert: der, DeviceID: device, Group: group})
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "registered device %s (group %s), EK %s\n", r.DeviceID, r.Group, r.EKFingerprint)
-			return nil
+			return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				r, err := cl.RegisterEK(ctx, api.EKRegisterRequest{EKCert: der, DeviceID: device, Group: group})
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "registered device %s (group %s), EK %s\n", r.DeviceID, r.Group, r.EKFingerprint)
+				return nil
+			})
 		},
 	}
 	register.Flags().StringVar(&ekFile, "ek-cert", "", "EK certificate file, PEM or DER (required)")
@@ -98,31 +95,27 @@ func addEKCommands(devices *cobra.Command, af *adminFlags) {
 			if len(entries) == 0 && len(problems) == 0 {
 				return fmt.Errorf("%s: no entries", args[0])
 			}
-			cl, err := af.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := ctxTimeout(cmd)
-			defer cancel()
-			if len(entries) > 0 {
-				resp, err := cl.ImportEKs(ctx, api.EKImportRequest{Entries: entries, DryRun: len(problems) > 0})
-				var ie *adminclient.ImportError
-				switch {
-				case errors.As(err, &ie):
-					problems = append(problems, ie.Problems...)
-				case err != nil:
-					return err
-				case len(problems) == 0:
-					fmt.Fprintf(cmd.OutOrStdout(), "registered %d devices from %s\n", len(resp.Registered), args[0])
-					return nil
+			return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				if len(entries) > 0 {
+					resp, err := cl.ImportEKs(ctx, api.EKImportRequest{Entries: entries, DryRun: len(problems) > 0})
+					var ie *client.ImportError
+					switch {
+					case errors.As(err, &ie):
+						problems = append(problems, ie.Problems...)
+					case err != nil:
+						return err
+					case len(problems) == 0:
+						fmt.Fprintf(cmd.OutOrStdout(), "registered %d devices from %s\n", len(resp.Registered), args[0])
+						return nil
+					}
 				}
-			}
-			sortByLine(problems)
-			w := cmd.ErrOrStderr()
-			for _, p := range problems {
-				fmt.Fprintf(w, "%s:%d: %s: %s\n", args[0], p.Line, p.Code, p.Message)
-			}
-			return fmt.Errorf("%s: %d bad lines; nothing was registered", args[0], len(problems))
+				sortByLine(problems)
+				w := cmd.ErrOrStderr()
+				for _, p := range problems {
+					fmt.Fprintf(w, "%s:%d: %s: %s\n", args[0], p.Line, p.Code, p.Message)
+				}
+				return fmt.Errorf("%s: %d bad lines; nothing was registered", args[0], len(problems))
+			})
 		},
 	}
 	devices.AddCommand(register, imp)

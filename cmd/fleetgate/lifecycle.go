@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"strings"
 
-	"github.com/fleetgate/fleetgate/api"
-
 	"github.com/spf13/cobra"
+
+	"github.com/fleetgate/fleetgate/api"
+	"github.com/fleetgate/fleetgate/operator/client"
 )
 
 // addLifecycleCommands adds revoke, suspend and resume to the devices
@@ -27,25 +29,21 @@ func addLifecycleCommands(devices *cobra.Command, af *adminFlags) {
 				if action == "revoke" && reason == "" {
 					return fmt.Errorf("--reason is required: the audit log and the CRL keep it")
 				}
-				cl, err := af.client()
-				if err != nil {
-					return err
-				}
-				ctx, cancel := ctxTimeout(cmd)
-				defer cancel()
-				r, err := cl.DeviceAction(ctx, args[0], action, reason)
-				if err != nil {
-					return err
-				}
-				fmt.Fprintf(cmd.OutOrStdout(), "device %s: %s", r.DeviceID, r.State)
-				if len(r.RevokedSerials) > 0 {
-					fmt.Fprintf(cmd.OutOrStdout(), "; revoked certificates %v", r.RevokedSerials)
-				}
-				if action != "resume" && r.SessionsClosed {
-					fmt.Fprint(cmd.OutOrStdout(), "; no live session")
-				}
-				fmt.Fprintln(cmd.OutOrStdout())
-				return nil
+				return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
+					r, err := cl.DeviceAction(ctx, args[0], action, reason)
+					if err != nil {
+						return err
+					}
+					fmt.Fprintf(cmd.OutOrStdout(), "device %s: %s", r.DeviceID, r.State)
+					if len(r.RevokedSerials) > 0 {
+						fmt.Fprintf(cmd.OutOrStdout(), "; revoked certificates %v", r.RevokedSerials)
+					}
+					if action != "resume" && r.SessionsClosed {
+						fmt.Fprint(cmd.OutOrStdout(), "; no live session")
+					}
+					fmt.Fprintln(cmd.OutOrStdout())
+					return nil
+				})
 			},
 		}
 		c.Flags().StringVar(&reason, "reason", "", "why (kept in the audit log)")
@@ -75,18 +73,14 @@ func setCmd(af *adminFlags) *cobra.Command {
 					req.Tags[k] = v
 				}
 			}
-			cl, err := af.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := ctxTimeout(cmd)
-			defer cancel()
-			d, err := cl.UpdateDevice(ctx, args[0], req)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "device %s: group %s, tags %v\n", d.ID, d.Group, d.Tags)
-			return nil
+			return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				d, err := cl.UpdateDevice(ctx, args[0], req)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "device %s: group %s, tags %v\n", d.ID, d.Group, d.Tags)
+				return nil
+			})
 		},
 	}
 	c.Flags().StringVar(&group, "group", "", "new group")
@@ -108,17 +102,13 @@ func certificatesCmd() *cobra.Command {
 			if reason == "" {
 				return fmt.Errorf("--reason is required")
 			}
-			cl, err := af.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := ctxTimeout(cmd)
-			defer cancel()
-			if err := cl.RevokeCertificate(ctx, args[0], reason); err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "certificate %s revoked\n", args[0])
-			return nil
+			return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				if err := cl.RevokeCertificate(ctx, args[0], reason); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "certificate %s revoked\n", args[0])
+				return nil
+			})
 		},
 	}
 	revoke.Flags().StringVar(&reason, "reason", "", "why (kept in the audit log)")

@@ -14,16 +14,13 @@ import (
 	"text/tabwriter"
 	"time"
 
-	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/spf13/cobra"
 
 	"github.com/fleetgate/fleetgate/api"
-	"github.com/fleetgate/fleetgate/broker"
-	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/identity"
-	"github.com/fleetgate/fleetgate/internal/config"
-	"github.com/fleetgate/fleetgate/internal/gateway"
+	"github.com/fleetgate/fleetgate/operator/client"
+	"github.com/fleetgate/fleetgate/server"
 )
 
 func main() {
@@ -62,7 +59,7 @@ func initCmd() *cobra.Command {
 				fmt.Fprintf(cmd.OutOrStdout(), "%s already holds a CA; nothing was changed (fleetgate init never overwrites a CA).\n", dataDir)
 				return nil
 			}
-			if _, err := gateway.Init(dataDir, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator}); err != nil {
+			if _, err := server.Init(dataDir, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator}); err != nil {
 				return err
 			}
 			out := cmd.OutOrStdout()
@@ -74,7 +71,7 @@ func initCmd() *cobra.Command {
 			return nil
 		},
 	}
-	c.Flags().StringVar(&dataDir, "data-dir", envOr("FLEETGATE_DATA_DIR", config.DefaultDataDir), "data directory (env FLEETGATE_DATA_DIR)")
+	c.Flags().StringVar(&dataDir, "data-dir", envOr("FLEETGATE_DATA_DIR", server.DefaultDataDir), "data directory (env FLEETGATE_DATA_DIR)")
 	c.Flags().StringVar(&td, "trust-domain", envOr("FLEETGATE_TRUST_DOMAIN", "fleetgate.local"), "trust domain of the SPIFFE identities")
 	c.Flags().StringSliceVar(&hosts, "host", []string{"localhost", "127.0.0.1", "::1"}, "host names and IPs of the server certificate")
 	c.Flags().StringVar(&operator, "operator", "admin", "name of the first operator")
@@ -86,7 +83,7 @@ func serveCmd() *cobra.Command {
 		Use:   "serve",
 		Short: "Run the enrollment API and the MQTT broker",
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := config.LoadServe(cmd.Flags(), os.Getenv)
+			cfg, err := server.Load(cmd.Flags(), os.Getenv)
 			if err != nil {
 				return fmt.Errorf("configuration:\n%w", err)
 			}
@@ -105,37 +102,19 @@ func serveCmd() *cobra.Command {
 					}
 				}
 			}()
-			err = gateway.Run(ctx, gateway.Config{
-				DataDir: cfg.DataDir, MQTTAddr: cfg.MQTTAddr, APIAddr: cfg.APIAddr, MetricsAddr: cfg.MetricsAddr,
-				Only: cfg.Only, DeviceCertTTL: cfg.DeviceCertTTL, HandshakeTimeout: cfg.HandshakeTimeout,
-				MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize, AddrFile: cfg.AddrFile,
-				TPMRootsDir: cfg.TPMRootsDir, TPMPolicy: cfg.TPMPolicy, TPMDenyListFile: cfg.TPMDenyList, EnrollURL: cfg.EnrollURL,
-				PolicyFile: cfg.PolicyFile, Reload: reload,
-				Limits: broker.Limits{MsgRate: cfg.MsgRate, MsgBurst: cfg.MsgBurst, ByteRate: cfg.ByteRate,
-					ByteBurst: 4 * int(cfg.ByteRate), MaxSubscriptions: cfg.MaxSubscriptions,
-					SubRate: cfg.SubRate, SubBurst: cfg.SubBurst},
-				MaxPendingPerIP: cfg.MaxPendingPerIP, MaxQoS: byte(cfg.MaxQoS), ReceiveMaximum: uint16(cfg.ReceiveMaximum),
-				Queues: broker.Queues{Device: mqtt.QueuePolicy{MaxOffline: offlineQuota(cfg.MaxQueuedDevice)},
-					Service: mqtt.QueuePolicy{MaxOffline: offlineQuota(cfg.MaxQueuedService)}},
-				HelloTimeout: cfg.HelloTimeout,
-			}, log)
+			cfg.Logger, cfg.Reload = log, reload
+			s, err := server.New(cfg)
+			if err == nil {
+				err = s.Run(ctx)
+			}
 			if err == nil {
 				log.Info("fleetgate stopped")
 			}
 			return err
 		},
 	}
-	config.ServeFlags(c.Flags(), config.Defaults())
+	server.Flags(c.Flags(), server.Defaults())
 	return c
-}
-
-// offlineQuota maps --max-queued-* (0: no quota) to broker.Queues
-// MaxOffline (0: default, negative: no quota).
-func offlineQuota(n int) int {
-	if n == 0 {
-		return -1
-	}
-	return n
 }
 
 func newLogger(level, format string) *slog.Logger {
@@ -155,14 +134,14 @@ type adminFlags struct {
 
 func (a *adminFlags) add(c *cobra.Command) {
 	c.PersistentFlags().StringVar(&a.server, "server", envOr("FLEETGATE_SERVER", "https://localhost:8443"), "enrollment/admin API URL (env FLEETGATE_SERVER)")
-	c.PersistentFlags().StringVar(&a.dataDir, "data-dir", envOr("FLEETGATE_DATA_DIR", config.DefaultDataDir), "data directory holding the operator certificate")
+	c.PersistentFlags().StringVar(&a.dataDir, "data-dir", envOr("FLEETGATE_DATA_DIR", server.DefaultDataDir), "data directory holding the operator certificate")
 	c.PersistentFlags().StringVar(&a.cert, "cert", "", "operator certificate (default: from the data directory)")
 	c.PersistentFlags().StringVar(&a.key, "key", "", "operator key (default: from the data directory)")
 	c.PersistentFlags().StringVar(&a.caFile, "ca", "", "CA certificate to trust (default: from the data directory)")
 }
 
-func (a *adminFlags) client() (*adminclient.Client, error) {
-	cr := adminclient.FromDataDir(a.dataDir)
+func (a *adminFlags) client() (*client.Client, error) {
+	cr := client.FromDataDir(a.dataDir)
 	if a.cert != "" {
 		cr.CertFile = a.cert
 	}
@@ -172,11 +151,20 @@ func (a *adminFlags) client() (*adminclient.Client, error) {
 	if a.caFile != "" {
 		cr.CAFile = a.caFile
 	}
-	return adminclient.New(a.server, cr)
+	return client.New(a.server, cr)
 }
 
-func ctxTimeout(cmd *cobra.Command) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(cmd.Context(), 30*time.Second)
+// call calls fn with a client of the operator API (the flags'
+// credentials) and a context that ends after 30 seconds: the body of every
+// operator command.
+func (a *adminFlags) call(cmd *cobra.Command, fn func(ctx context.Context, cl *client.Client) error) error {
+	cl, err := a.client()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
+	defer cancel()
+	return fn(ctx, cl)
 }
 
 func tokensCmd() *cobra.Command {
@@ -190,22 +178,18 @@ func tokensCmd() *cobra.Command {
 		Use:   "create",
 		Short: "Mint a one-time bootstrap token bound to a device ID",
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, err := af.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := ctxTimeout(cmd)
-			defer cancel()
-			t, err := cl.CreateToken(ctx, api.TokenCreateRequest{DeviceID: device, Group: group, TTL: ttl})
-			if err != nil {
-				return err
-			}
-			if jsonOut {
-				return json.NewEncoder(cmd.OutOrStdout()).Encode(t)
-			}
-			fmt.Fprintln(cmd.OutOrStdout(), t.Token)
-			fmt.Fprintf(cmd.ErrOrStderr(), "token for device %s (group %s), single use, expires %s\n", t.DeviceID, t.Group, t.ExpiresAt.Format(time.RFC3339))
-			return nil
+			return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				t, err := cl.CreateToken(ctx, api.TokenCreateRequest{DeviceID: device, Group: group, TTL: ttl})
+				if err != nil {
+					return err
+				}
+				if jsonOut {
+					return json.NewEncoder(cmd.OutOrStdout()).Encode(t)
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), t.Token)
+				fmt.Fprintf(cmd.ErrOrStderr(), "token for device %s (group %s), single use, expires %s\n", t.DeviceID, t.Group, t.ExpiresAt.Format(time.RFC3339))
+				return nil
+			})
 		},
 	}
 	create.Flags().StringVar(&device, "device", "", "device ID (required)")
@@ -230,34 +214,30 @@ func servicesCmd() *cobra.Command {
 			if err := identity.ValidateName(name); err != nil {
 				return err
 			}
-			cl, err := af.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := ctxTimeout(cmd)
-			defer cancel()
-			r, err := cl.IssueService(ctx, api.ServiceIssueRequest{Name: name, TTL: ttl})
-			if err != nil {
-				return err
-			}
-			if out == "" {
-				out = filepath.Join(af.dataDir, "services", name)
-			}
-			if err := os.MkdirAll(out, 0o700); err != nil {
-				return err
-			}
-			files := []struct {
-				name string
-				data string
-				mode os.FileMode
-			}{{"cert.pem", r.CertificateChainPEM, 0o644}, {"key.pem", r.PrivateKeyPEM, 0o600}, {"ca.pem", r.CACertificatesPEM, 0o644}}
-			for _, f := range files {
-				if err := writeFileMode(filepath.Join(out, f.name), []byte(f.data), f.mode); err != nil {
+			return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				r, err := cl.IssueService(ctx, api.ServiceIssueRequest{Name: name, TTL: ttl})
+				if err != nil {
 					return err
 				}
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "service %s: %s/{cert,key,ca}.pem (serial %s, expires %s)\n", r.Identity, out, r.Serial, r.NotAfter.Format(time.RFC3339))
-			return nil
+				if out == "" {
+					out = server.Layout{Dir: af.dataDir}.ServiceDir(name)
+				}
+				if err := os.MkdirAll(out, 0o700); err != nil {
+					return err
+				}
+				files := []struct {
+					name string
+					data string
+					mode os.FileMode
+				}{{"cert.pem", r.CertificateChainPEM, 0o644}, {"key.pem", r.PrivateKeyPEM, 0o600}, {"ca.pem", r.CACertificatesPEM, 0o644}}
+				for _, f := range files {
+					if err := writeFileMode(filepath.Join(out, f.name), []byte(f.data), f.mode); err != nil {
+						return err
+					}
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "service %s: %s/{cert,key,ca}.pem (serial %s, expires %s)\n", r.Identity, out, r.Serial, r.NotAfter.Format(time.RFC3339))
+				return nil
+			})
 		},
 	}
 	issue.Flags().StringVar(&name, "name", "", "service name (required)")
@@ -276,26 +256,22 @@ func devicesCmd() *cobra.Command {
 		Use:   "list",
 		Short: "List devices",
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, err := af.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := ctxTimeout(cmd)
-			defer cancel()
-			ds, err := cl.Devices(ctx)
-			if err != nil {
-				return err
-			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tGROUP\tSTATE\tONLINE\tMETHOD\tSERIAL\tEXPIRES")
-			for _, d := range ds {
-				online := "no"
-				if d.Online {
-					online = "yes"
+			return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				ds, err := cl.Devices(ctx)
+				if err != nil {
+					return err
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.ID, d.Group, d.State, online, d.AttestationMethod, d.Serial, d.NotAfter.Format(time.DateOnly))
-			}
-			return tw.Flush()
+				tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "ID\tGROUP\tSTATE\tONLINE\tMETHOD\tSERIAL\tEXPIRES")
+				for _, d := range ds {
+					online := "no"
+					if d.Online {
+						online = "yes"
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.ID, d.Group, d.State, online, d.AttestationMethod, d.Serial, d.NotAfter.Format(time.DateOnly))
+				}
+				return tw.Flush()
+			})
 		},
 	}
 	show := &cobra.Command{
@@ -303,19 +279,15 @@ func devicesCmd() *cobra.Command {
 		Short: "Show one device",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := af.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := ctxTimeout(cmd)
-			defer cancel()
-			d, err := cl.Device(ctx, args[0])
-			if err != nil {
-				return err
-			}
-			enc := json.NewEncoder(cmd.OutOrStdout())
-			enc.SetIndent("", "  ")
-			return enc.Encode(d)
+			return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				d, err := cl.Device(ctx, args[0])
+				if err != nil {
+					return err
+				}
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(d)
+			})
 		},
 	}
 	c.AddCommand(list, show)
@@ -336,38 +308,34 @@ func auditCmd() *cobra.Command {
 (default 50) older than --cursor. When there are older records, the command
 that shows the next page is printed on stderr. --all reads every page.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, err := af.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := ctxTimeout(cmd)
-			defer cancel()
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "SEQ\tTIME\tACTOR\tACTION\tDEVICE\tOUTCOME\tREASON")
-			for {
-				p, err := cl.AuditPage(ctx, device, limit, cursor)
-				if err != nil {
+			return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				tw := tabwriter.NewWriter(cmd.OutOrStdout(), 2, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "SEQ\tTIME\tACTOR\tACTION\tDEVICE\tOUTCOME\tREASON")
+				for {
+					p, err := cl.AuditPage(ctx, device, limit, cursor)
+					if err != nil {
+						return err
+					}
+					for _, a := range p.Records {
+						fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Seq, a.Time.Format(time.RFC3339), a.Actor, a.Action, a.DeviceID, a.Outcome, a.Reason)
+					}
+					cursor = p.Next
+					if !all || cursor == "" {
+						break
+					}
+				}
+				if err := tw.Flush(); err != nil {
 					return err
 				}
-				for _, a := range p.Records {
-					fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Seq, a.Time.Format(time.RFC3339), a.Actor, a.Action, a.DeviceID, a.Outcome, a.Reason)
+				if cursor != "" {
+					next := fmt.Sprintf("fleetgate audit --limit %d --cursor %s", limit, cursor)
+					if device != "" {
+						next += " --device " + device
+					}
+					fmt.Fprintf(cmd.ErrOrStderr(), "older records: %s\n", next)
 				}
-				cursor = p.Next
-				if !all || cursor == "" {
-					break
-				}
-			}
-			if err := tw.Flush(); err != nil {
-				return err
-			}
-			if cursor != "" {
-				next := fmt.Sprintf("fleetgate audit --limit %d --cursor %s", limit, cursor)
-				if device != "" {
-					next += " --device " + device
-				}
-				fmt.Fprintf(cmd.ErrOrStderr(), "older records: %s\n", next)
-			}
-			return nil
+				return nil
+			})
 		},
 	}
 	af.add(c)

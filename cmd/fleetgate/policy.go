@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/url"
@@ -10,7 +11,8 @@ import (
 
 	"github.com/fleetgate/fleetgate/broker/acl"
 	"github.com/fleetgate/fleetgate/identity"
-	"github.com/fleetgate/fleetgate/internal/gateway"
+	"github.com/fleetgate/fleetgate/operator/client"
+	"github.com/fleetgate/fleetgate/server"
 )
 
 func policyCmd() *cobra.Command {
@@ -21,18 +23,14 @@ func policyCmd() *cobra.Command {
 		Use:   "reload",
 		Short: "Reload the policy file in the running server (a bad file is refused; the old policy stays)",
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, err := af.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := ctxTimeout(cmd)
-			defer cancel()
-			res, err := cl.ReloadPolicyFile(ctx)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "policy reloaded from %s: %d rules of the file (%d compiled) in force\n", res.File, res.FileRules, res.Rules)
-			return nil
+			return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
+				res, err := cl.ReloadPolicyFile(ctx)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "policy reloaded from %s: %d rules of the file (%d compiled) in force\n", res.File, res.FileRules, res.Rules)
+				return nil
+			})
 		},
 	}
 	show := &cobra.Command{
@@ -54,9 +52,9 @@ func policyCmd() *cobra.Command {
 			}
 			path := file
 			if path == "" {
-				path = gateway.PolicyPath(gateway.Config{DataDir: af.dataDir})
+				path = server.Layout{Dir: af.dataDir}.PolicyPath("")
 			}
-			p, err := gateway.LoadPolicy(path)
+			p, err := server.LoadPolicy(path)
 			if err != nil {
 				return err
 			}

@@ -16,8 +16,8 @@ import (
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/enroll"
 	"github.com/fleetgate/fleetgate/enroll/attest"
-	"github.com/fleetgate/fleetgate/internal/gateway"
 	"github.com/fleetgate/fleetgate/internal/logguard"
+	"github.com/fleetgate/fleetgate/server"
 )
 
 // errEKRefused makes `fleetgate tpm check` exit with status 1 after it
@@ -66,7 +66,7 @@ func tpmCheck(out io.Writer, ekPath, denyPath, rootsDir string, now time.Time) e
 			return err
 		}
 	}
-	roots, err := gateway.LoadPEMDir(rootsDir)
+	roots, err := server.LoadPEMDir(rootsDir)
 	if err != nil {
 		return fmt.Errorf("TPM manufacturer roots: %w", err)
 	}

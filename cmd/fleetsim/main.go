@@ -15,7 +15,7 @@ import (
 	"github.com/spf13/cobra"
 
 	sim "github.com/fleetgate/fleetgate/firmware-sim"
-	"github.com/fleetgate/fleetgate/internal/config"
+	"github.com/fleetgate/fleetgate/server"
 )
 
 func main() {
@@ -63,7 +63,7 @@ func root() *cobra.Command {
 	f := run.Flags()
 	f.StringVar(&cfg.ServerURL, "server", envOr("FLEETGATE_SERVER", "https://localhost:8443"), "enrollment/admin API URL")
 	f.StringVar(&cfg.BrokerAddr, "broker", envOr("FLEETGATE_BROKER", "localhost:8883"), "broker mTLS address")
-	f.StringVar(&cfg.DataDir, "data-dir", envOr("FLEETGATE_DATA_DIR", config.DefaultDataDir), "gateway data directory (operator credentials, root CA)")
+	f.StringVar(&cfg.DataDir, "data-dir", envOr("FLEETGATE_DATA_DIR", server.DefaultDataDir), "gateway data directory (operator credentials, root CA)")
 	f.StringVar(&cfg.WorkDir, "work-dir", "", "where device state is kept (default: a temp dir, removed)")
 	f.IntVar(&cfg.Devices, "devices", 3, "number of devices")
 	f.StringVar(&cfg.Prefix, "prefix", "", "device ID prefix (default: sim-XXXX, new each run)")

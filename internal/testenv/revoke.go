@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fleetgate/fleetgate/enroll/adminclient"
+	"github.com/fleetgate/fleetgate/operator/client"
 )
 
 // Revokee is a connected device whose client reports, on Lost, when its
@@ -20,7 +20,7 @@ type Revokee struct {
 // reports on b the time from the revoke call returning (0 if the session
 // was closed before it returned) and from the call starting to the client
 // seeing its connection closed: p50 and p99 in ms.
-func MeasureRevocations(b *testing.B, admin *adminclient.Client, devs []Revokee) {
+func MeasureRevocations(b *testing.B, admin *client.Client, devs []Revokee) {
 	b.Helper()
 	ctx := context.Background()
 	var afterReturn, fromStart []time.Duration

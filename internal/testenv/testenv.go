@@ -1,7 +1,9 @@
-// Package testenv starts a real fleetgate gateway for tests: a fresh data
+// Package testenv starts a real fleetgate server for tests: a fresh data
 // directory (real CA, real badger), the enrollment API and the broker on
 // loopback ports, and helpers that enroll devices and services through the
-// real API. Everything stops when the test ends.
+// real API. Everything stops when the test ends. Its configuration is a
+// server.Config made from server.Defaults(), as `fleetgate serve` makes
+// its own.
 package testenv
 
 import (
@@ -23,17 +25,17 @@ import (
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/broker"
 	"github.com/fleetgate/fleetgate/devicesdk"
-	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/enroll/ca"
-	"github.com/fleetgate/fleetgate/internal/gateway"
+	"github.com/fleetgate/fleetgate/operator/client"
+	"github.com/fleetgate/fleetgate/server"
 )
 
 // Gateway is a running in-process gateway.
 type Gateway struct {
 	DataDir string
-	Addrs   gateway.Addrs
+	Addrs   server.Addrs
 	CA      *ca.Authority
-	Admin   *adminclient.Client
+	Admin   *client.Client
 	Logs    *SyncBuffer
 	stop    func()
 }
@@ -61,13 +63,14 @@ func (s *SyncBuffer) String() string {
 func Init(t testing.TB) string {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "data")
-	if _, err := gateway.Init(dir, ca.InitOptions{TrustDomain: "test.fleetgate", Hosts: []string{"localhost", "127.0.0.1"}}); err != nil {
+	if _, err := server.Init(dir, ca.InitOptions{TrustDomain: "test.fleetgate", Hosts: []string{"localhost", "127.0.0.1"}}); err != nil {
 		t.Fatal(err)
 	}
 	return dir
 }
 
-// Options tune Start.
+// Options tune Start: each field that is not zero replaces the default of
+// its server.Config field (Limits and Queues field by field).
 type Options struct {
 	DataDir          string
 	HandshakeTimeout time.Duration
@@ -83,24 +86,78 @@ type Options struct {
 	TPMPolicy string
 }
 
-// Start runs a gateway on loopback until the test ends.
+// Config is the server configuration of a test: server.Defaults() with o
+// applied, on loopback ports, over a fresh data directory unless o names
+// one.
+func Config(t testing.TB, o Options) server.Config {
+	t.Helper()
+	cfg := server.Defaults()
+	cfg.DataDir = o.DataDir
+	if cfg.DataDir == "" {
+		cfg.DataDir = Init(t)
+	}
+	cfg.MQTTAddr, cfg.APIAddr, cfg.MetricsAddr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+	set := func(dst *int, v int) {
+		if v != 0 {
+			*dst = v
+		}
+	}
+	setF := func(dst *float64, v float64) {
+		if v != 0 {
+			*dst = v
+		}
+	}
+	setD := func(dst *time.Duration, v time.Duration) {
+		if v != 0 {
+			*dst = v
+		}
+	}
+	setD(&cfg.HandshakeTimeout, o.HandshakeTimeout)
+	setD(&cfg.DeviceCertTTL, o.DeviceCertTTL)
+	setD(&cfg.SweepInterval, o.SweepInterval)
+	set(&cfg.MaxPending, o.MaxPending)
+	set(&cfg.MaxPendingPerIP, o.MaxPendingPerIP)
+	setF(&cfg.MsgRate, o.Limits.MsgRate)
+	set(&cfg.MsgBurst, o.Limits.MsgBurst)
+	setF(&cfg.ByteRate, o.Limits.ByteRate)
+	set(&cfg.ByteBurst, o.Limits.ByteBurst)
+	set(&cfg.MaxSubscriptions, o.Limits.MaxSubscriptions)
+	setF(&cfg.SubRate, o.Limits.SubRate)
+	set(&cfg.SubBurst, o.Limits.SubBurst)
+	cfg.Queues = o.Queues
+	if o.TPMRootsDir != "" {
+		cfg.TPMRootsDir = o.TPMRootsDir
+	}
+	if o.TPMPolicy != "" {
+		cfg.TPMPolicy = o.TPMPolicy
+	}
+	return cfg
+}
+
+// Start runs a server on loopback until the test ends.
 func Start(t testing.TB, o Options) *Gateway {
 	t.Helper()
-	if o.DataDir == "" {
-		o.DataDir = Init(t)
-	}
-	g := &Gateway{DataDir: o.DataDir, Logs: &SyncBuffer{}}
+	return StartConfig(t, Config(t, o))
+}
+
+// StartConfig runs a server with cfg (made from server.Defaults() or
+// Config) until the test ends; its addresses are written to a file of the
+// test and its log is kept in Logs.
+func StartConfig(t testing.TB, cfg server.Config) *Gateway {
+	t.Helper()
+	g := &Gateway{DataDir: cfg.DataDir, Logs: &SyncBuffer{}}
 	addrFile := filepath.Join(t.TempDir(), "addrs.json")
+	cfg.AddrFile = addrFile
+	cfg.Logger = slog.New(slog.NewTextHandler(g.Logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	log := slog.New(slog.NewTextHandler(g.Logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	go func() {
-		done <- gateway.Run(ctx, gateway.Config{
-			DataDir: o.DataDir, MQTTAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", MetricsAddr: "127.0.0.1:0",
-			HandshakeTimeout: o.HandshakeTimeout, MaxPending: o.MaxPending, DeviceCertTTL: o.DeviceCertTTL,
-			SweepInterval: o.SweepInterval, Limits: o.Limits, MaxPendingPerIP: o.MaxPendingPerIP, Queues: o.Queues,
-			AddrFile: addrFile, TPMRootsDir: o.TPMRootsDir, TPMPolicy: o.TPMPolicy,
-		}, log)
+		s, err := server.New(cfg)
+		if err != nil {
+			done <- err
+			return
+		}
+		done <- s.Run(ctx)
 	}()
 	var once sync.Once
 	g.stop = func() {
@@ -126,10 +183,10 @@ func Start(t testing.TB, o Options) *Gateway {
 		return json.Unmarshal(b, &g.Addrs)
 	})
 	var err error
-	if g.CA, err = ca.Load(o.DataDir, ca.Options{}); err != nil {
+	if g.CA, err = ca.Load(cfg.DataDir, ca.Options{}); err != nil {
 		t.Fatal(err)
 	}
-	if g.Admin, err = adminclient.New("https://"+g.Addrs.API, adminclient.FromDataDir(o.DataDir)); err != nil {
+	if g.Admin, err = client.New("https://"+g.Addrs.API, client.FromDataDir(cfg.DataDir)); err != nil {
 		t.Fatal(err)
 	}
 	return g

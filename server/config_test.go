@@ -1,4 +1,4 @@
-package config
+package server
 
 import (
 	"os"
@@ -28,11 +28,11 @@ func TestTPMDenyListSetting(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
-			ServeFlags(fs, Defaults())
+			Flags(fs, Defaults())
 			if err := fs.Parse(tc.args); err != nil {
 				t.Fatal(err)
 			}
-			cfg, err := LoadServe(fs, func(k string) string { return tc.env[k] })
+			cfg, err := Load(fs, func(k string) string { return tc.env[k] })
 			if err != nil {
 				t.Fatal(err)
 			}

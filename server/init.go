@@ -1,8 +1,6 @@
-package gateway
+package server
 
 import (
-	"path/filepath"
-
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/identity"
@@ -16,7 +14,7 @@ func Init(dataDir string, o ca.InitOptions) (*ca.InitResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	reg, err := registry.Open(filepath.Join(dataDir, RegistryDir), registry.Options{})
+	reg, err := registry.Open(Layout{Dir: dataDir}.RegistryDir(), registry.Options{})
 	if err != nil {
 		return nil, err
 	}

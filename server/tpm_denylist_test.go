@@ -1,4 +1,4 @@
-package gateway_test
+package server_test
 
 import (
 	"context"
@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fleetgate/fleetgate/internal/gateway"
 	"github.com/fleetgate/fleetgate/internal/testenv"
+	"github.com/fleetgate/fleetgate/server"
 )
 
 // TestBadTPMDenyListStopsTheServer: a deny-list file that does not parse
@@ -28,13 +28,23 @@ func TestBadTPMDenyListStopsTheServer(t *testing.T) {
 		// The deadline only keeps a server that wrongly started from
 		// running forever; nothing is timed.
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		err := gateway.Run(ctx, gateway.Config{
-			DataDir: testenv.Init(t), Only: gateway.OnlyEnroll, APIAddr: "127.0.0.1:0", MetricsAddr: "",
-			TPMPolicy: "allowlist", TPMDenyListFile: tc.file,
-		}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		cfg := server.Defaults()
+		cfg.DataDir, cfg.Only, cfg.APIAddr, cfg.MetricsAddr = testenv.Init(t), server.OnlyEnroll, "127.0.0.1:0", ""
+		cfg.TPMPolicy, cfg.TPMDenyList = "allowlist", tc.file
+		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+		err := run(ctx, cfg)
 		cancel()
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("Run with deny-list %s: err = %v, want one mentioning %q", tc.file, err, tc.want)
 		}
 	}
+}
+
+// run builds and runs a server as `fleetgate serve` does.
+func run(ctx context.Context, cfg server.Config) error {
+	s, err := server.New(cfg)
+	if err != nil {
+		return err
+	}
+	return s.Run(ctx)
 }

@@ -1,4 +1,4 @@
-package adminclient
+package client
 
 import (
 	"bytes"
@@ -18,17 +18,17 @@ func (c *Client) RegisterEK(ctx context.Context, req api.EKRegisterRequest) (*ap
 }
 
 // ImportError is a refused import: nothing was registered, and Problems
-// lists every bad entry. It is also an *Error (errors.As).
+// lists every bad entry. It is also an *api.Error (errors.As).
 type ImportError struct {
-	Answer   *Error
+	Answer   *api.Error
 	Problems []api.ImportProblem
 }
 
 func (e *ImportError) Error() string {
-	return fmt.Sprintf("%v (%d bad entries)", e.Answer, len(e.Problems))
+	return fmt.Sprintf("server said %v (%d bad entries)", e.Answer, len(e.Problems))
 }
 
-// Unwrap returns the *Error of the answer.
+// Unwrap returns the *api.Error of the answer.
 func (e *ImportError) Unwrap() error { return e.Answer }
 
 // ImportEKs registers many EKs in one transaction, all or none. A refusal
@@ -60,14 +60,14 @@ func (c *Client) ImportEKs(ctx context.Context, req api.EKImportRequest) (*api.E
 		return nil, fmt.Errorf("POST %s: decode answer: %w", api.PathAdminDevicesImport, err)
 	}
 	if resp.StatusCode/100 != 2 {
-		e := &Error{Status: resp.StatusCode, Code: out.Code, Message: out.Message}
+		e := &api.Error{Status: resp.StatusCode, Code: out.Code, Message: out.Message}
 		if e.Code == "" {
 			e.Message = string(body)
 		}
 		if len(out.Problems) > 0 {
 			return nil, &ImportError{Answer: e, Problems: out.Problems}
 		}
-		return nil, e
+		return nil, answerError(e)
 	}
 	return &out.EKImportResponse, nil
 }

@@ -1,14 +1,19 @@
-// Package config layers fleetgate's server configuration: built-in defaults,
+package server
+
+// The configuration of one server process, in one struct with its defaults
+// in one place (Defaults). `fleetgate serve` layers it: built-in defaults,
 // then an optional YAML file, then FLEETGATE_* environment variables, then
-// command-line flags. Every problem found is reported at once, each with
-// where the value came from.
-package config
+// command-line flags; every problem found is reported at once, each with
+// where the value came from (Load). Tests start from Defaults() too
+// (internal/testenv). The parts' own configurations (broker.Config,
+// enroll.Config) are derived from it, each in one builder (build.go).
 
 import (
 	"bytes"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"strings"
@@ -16,10 +21,14 @@ import (
 
 	"github.com/spf13/pflag"
 	"gopkg.in/yaml.v3"
+
+	"github.com/fleetgate/fleetgate/broker"
 )
 
-// Serve is the configuration of `fleetgate serve`.
-type Serve struct {
+// Config is the configuration of one server process (`fleetgate serve`).
+// The fields with a yaml key are settings (flag, env variable, YAML key);
+// those without are set by the program (the serve command, tests).
+type Config struct {
 	DataDir          string        `yaml:"data_dir"`
 	MQTTAddr         string        `yaml:"mqtt_addr"`
 	APIAddr          string        `yaml:"api_addr"`
@@ -57,6 +66,26 @@ type Serve struct {
 	HelloTimeout time.Duration `yaml:"hello_timeout"`
 	SubRate      float64       `yaml:"sub_rate"`
 	SubBurst     int           `yaml:"sub_burst"`
+
+	// Set by the program, not by flags, env or YAML.
+
+	// Logger receives the process's log (nil: discarded); the serve
+	// command builds it from LogLevel and LogFormat.
+	Logger *slog.Logger `yaml:"-"`
+	// Reload, when it receives, reloads the policy file (SIGHUP). A bad
+	// file is refused with every error; the old policy stays.
+	Reload <-chan struct{} `yaml:"-"`
+	// SweepInterval of the broker's expired-session sweep.
+	SweepInterval time.Duration `yaml:"-"`
+	// ByteBurst is the per-client payload burst above ByteRate (0: four
+	// times ByteRate, as `fleetgate serve` always had it).
+	ByteBurst int `yaml:"-"`
+	// TopicAliasMaximum per MQTT 5 client (0: the broker's 16; negative:
+	// none).
+	TopicAliasMaximum int `yaml:"-"`
+	// Queues are the broker's outbound queue policies (zero: the broker's
+	// DefaultQueues); a zero MaxOffline takes MaxQueuedDevice/Service.
+	Queues broker.Queues `yaml:"-"`
 }
 
 // DefaultDataDir is used when nothing else names one.
@@ -65,9 +94,9 @@ const DefaultDataDir = "./fleetgate-data"
 // EnvPrefix prefixes every environment variable.
 const EnvPrefix = "FLEETGATE_"
 
-// Defaults returns the built-in defaults.
-func Defaults() Serve {
-	return Serve{
+// Defaults returns the built-in defaults: the one place they are written.
+func Defaults() Config {
+	return Config{
 		DataDir: DefaultDataDir, MQTTAddr: ":8883", APIAddr: ":8443", MetricsAddr: "127.0.0.1:9090",
 		DeviceCertTTL: 90 * 24 * time.Hour, HandshakeTimeout: 10 * time.Second, MaxPending: 1024,
 		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text", TPMPolicy: "allowlist", EnrollURL: "https://localhost:8443",
@@ -75,11 +104,12 @@ func Defaults() Serve {
 		MaxQueuedDevice: 1000, MaxQueuedService: 10_000,
 		// admission
 		HelloTimeout: 3 * time.Second, SubRate: 10, SubBurst: 100,
+		SweepInterval: 10 * time.Second,
 	}
 }
 
-// ServeFlags defines the serve flags on fs, with defaults d.
-func ServeFlags(fs *pflag.FlagSet, d Serve) {
+// Flags defines the serve flags on fs, with defaults d.
+func Flags(fs *pflag.FlagSet, d Config) {
 	fs.String("config", "", "YAML configuration file")
 	fs.String("data-dir", d.DataDir, "data directory (CA, registry, broker state)")
 	fs.String("mqtt-addr", d.MQTTAddr, "MQTT mTLS listen address")
@@ -123,9 +153,9 @@ var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only",
 	// admission
 	"hello-timeout", "sub-rate", "sub-burst"}
 
-// LoadServe layers YAML file (if --config or FLEETGATE_CONFIG names one),
+// Load layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
-func LoadServe(fs *pflag.FlagSet, getenv func(string) string) (Serve, error) {
+func Load(fs *pflag.FlagSet, getenv func(string) string) (Config, error) {
 	cfg := Defaults()
 	var errs []error
 	path, _ := fs.GetString("config")
@@ -176,7 +206,7 @@ func envName(flag string) string {
 	return EnvPrefix + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
 }
 
-func assign(c *Serve, k string, f *pflag.Flag) error {
+func assign(c *Config, k string, f *pflag.Flag) error {
 	fs := pflag.NewFlagSet("", pflag.ContinueOnError)
 	fs.AddFlag(f)
 	var err error
@@ -245,7 +275,7 @@ func assign(c *Serve, k string, f *pflag.Flag) error {
 }
 
 // Validate returns every problem of c.
-func (c Serve) Validate() []error {
+func (c Config) Validate() []error {
 	var errs []error
 	if c.DataDir == "" {
 		errs = append(errs, errors.New("data_dir: must not be empty"))

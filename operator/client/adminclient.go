@@ -1,7 +1,7 @@
-// Package adminclient is the operator side of the admin API: the CLI's
-// `tokens`, `services` and `devices` commands call the server through it,
-// over mTLS with an operator certificate.
-package adminclient
+// Package client is the client of the operator API (operator/): the CLI's
+// operator commands call the server through it, over mTLS with an operator
+// certificate. An error answer is an *api.Error (errors.As).
+package client
 
 import (
 	"bytes"
@@ -60,16 +60,8 @@ func New(baseURL string, c Credentials) (*Client, error) {
 	}}}, nil
 }
 
-// Error is an error answer.
-type Error struct {
-	Status  int
-	Code    string
-	Message string
-}
-
-func (e *Error) Error() string {
-	return fmt.Sprintf("server said %d %s: %s", e.Status, e.Code, e.Message)
-}
+// answerError is the error of an error answer e, as the CLI prints it.
+func answerError(e *api.Error) error { return fmt.Errorf("server said %w", e) }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
@@ -97,11 +89,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		return err
 	}
 	if resp.StatusCode/100 != 2 {
-		var ae api.Error
-		if json.Unmarshal(b, &ae) != nil {
-			ae.Message = string(b)
-		}
-		return &Error{Status: resp.StatusCode, Code: ae.Code, Message: ae.Message}
+		return answerError(api.ReadError(resp.StatusCode, b))
 	}
 	if out != nil {
 		return json.Unmarshal(b, out)
