@@ -439,7 +439,7 @@ func (s *Server) handleDeviceAction(w http.ResponseWriter, r *http.Request, op i
 	}
 	// Registry watchers (the in-process broker) ran before the registry
 	// call returned: sessions are closed by now.
-	resp.SessionsClosed = !s.online(id)
+	resp.SessionsClosed = s.cfg.Broker != nil && !s.cfg.Broker.Connected(id)
 	s.log.Info("device "+action, logKeyDevice, id, "reason", logguard.Bound(req.Reason, maxLoggedCause), logKeyActor, op.String(), "revoked_serials", len(resp.RevokedSerials))
 	writeJSON(w, http.StatusOK, resp)
 }
