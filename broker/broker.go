@@ -47,12 +47,13 @@ type Config struct {
 	Now      func() time.Time
 	// PersistDir holds mochi's badger store; empty: no persistence.
 	PersistDir string
-	// HandshakeTimeout bounds TLS handshake + CONNECT (default 10s).
+	// HandshakeTimeout bounds TLS handshake + CONNECT. It and the settings
+	// below have their defaults in server.Defaults (required here, but for
+	// TopicAliasMaximum, Limits, MaxQoS and Queues).
 	HandshakeTimeout time.Duration
-	// MaxPending caps connections that have not completed TLS + CONNECT
-	// (default 1024).
+	// MaxPending caps connections that have not completed TLS + CONNECT.
 	MaxPending int
-	// MaxPacketSize in bytes (default 256 KiB).
+	// MaxPacketSize in bytes.
 	MaxPacketSize uint32
 	// TopicAliasMaximum is the number of topic aliases an MQTT 5 client may
 	// set on its publishes (default 16; negative: none). Announced in
@@ -62,22 +63,41 @@ type Config struct {
 	Limits Limits
 	// MaxPendingPerIP caps the stalled connections (no complete TLS
 	// ClientHello yet) of one source address; beyond it a new connection
-	// from the address evicts its oldest stalled one (default 64).
+	// from the address evicts its oldest stalled one.
 	// Connections past their ClientHello are not capped per address.
 	MaxPendingPerIP int
 	// HelloTimeout bounds the wait for a connection's first complete TLS
-	// ClientHello (default 3s, at most HandshakeTimeout).
+	// ClientHello (at most HandshakeTimeout).
 	HelloTimeout time.Duration
 	// MaxQoS is the highest QoS granted (default 2).
 	MaxQoS byte
 	// ReceiveMaximum is the in-flight window of QoS 1/2 messages per client
-	// in each direction (default 256).
+	// in each direction.
 	ReceiveMaximum uint16
 	// SweepInterval is how often sessions whose certificate expired while
-	// connected are closed (default 10s).
+	// connected are closed.
 	SweepInterval time.Duration
 	// Queues are the outbound queue policies by role (zero: DefaultQueues).
 	Queues Queues
+}
+
+// checkSettings reports the settings that are not set: their defaults are
+// server.Defaults, not the broker's.
+func (c *Config) checkSettings() error {
+	var errs []error
+	for _, s := range []struct {
+		name  string
+		unset bool
+	}{
+		{"Addr", c.Addr == ""}, {"HandshakeTimeout", c.HandshakeTimeout <= 0}, {"HelloTimeout", c.HelloTimeout <= 0},
+		{"MaxPending", c.MaxPending <= 0}, {"MaxPendingPerIP", c.MaxPendingPerIP <= 0}, {"MaxPacketSize", c.MaxPacketSize == 0},
+		{"SweepInterval", c.SweepInterval <= 0}, {"ReceiveMaximum", c.ReceiveMaximum == 0},
+	} {
+		if s.unset {
+			errs = append(errs, fmt.Errorf("broker: %s is required", s.name))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Queues are the outbound queue policies (mochi's per-client queue of
@@ -144,8 +164,10 @@ func New(cfg Config) (*Broker, error) {
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
-	if cfg.Addr == "" {
-		cfg.Addr = ":8883"
+	// The settings' defaults are server.Defaults (one place); here they
+	// are only required.
+	if err := cfg.checkSettings(); err != nil {
+		return nil, err
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -156,32 +178,11 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.Policy == nil {
 		cfg.Policy = acl.Default()
 	}
-	if cfg.HandshakeTimeout <= 0 {
-		cfg.HandshakeTimeout = 10 * time.Second
-	}
-	if cfg.MaxPending <= 0 {
-		cfg.MaxPending = 1024
-	}
-	if cfg.HelloTimeout <= 0 {
-		cfg.HelloTimeout = 3 * time.Second
-	}
 	if cfg.HelloTimeout > cfg.HandshakeTimeout {
 		cfg.HelloTimeout = cfg.HandshakeTimeout
 	}
-	if cfg.MaxPacketSize == 0 {
-		cfg.MaxPacketSize = 256 << 10
-	}
-	if cfg.SweepInterval <= 0 {
-		cfg.SweepInterval = 10 * time.Second
-	}
-	if cfg.MaxPendingPerIP <= 0 {
-		cfg.MaxPendingPerIP = 64
-	}
 	if cfg.MaxQoS == 0 || cfg.MaxQoS > 2 {
 		cfg.MaxQoS = 2
-	}
-	if cfg.ReceiveMaximum == 0 {
-		cfg.ReceiveMaximum = 256
 	}
 	cfg.Limits = cfg.Limits.withDefaults()
 	cfg.Queues = cfg.Queues.withDefaults()

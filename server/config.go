@@ -100,10 +100,13 @@ func Defaults() Config {
 		DataDir: DefaultDataDir, MQTTAddr: ":8883", APIAddr: ":8443", MetricsAddr: "127.0.0.1:9090",
 		DeviceCertTTL: 90 * 24 * time.Hour, HandshakeTimeout: 10 * time.Second, MaxPending: 1024,
 		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text", TPMPolicy: "allowlist", EnrollURL: "https://localhost:8443",
-		MsgRate: 100, MsgBurst: 200, ByteRate: 1 << 20, MaxSubscriptions: 32, MaxPendingPerIP: 64, MaxQoS: 2, ReceiveMaximum: 256,
-		MaxQueuedDevice: 1000, MaxQueuedService: 10_000,
+		// Per-client limits and offline quotas: the broker's policies
+		// (broker.DefaultLimits, broker.DefaultQueues).
+		MsgRate: broker.DefaultLimits.MsgRate, MsgBurst: broker.DefaultLimits.MsgBurst, ByteRate: broker.DefaultLimits.ByteRate,
+		MaxSubscriptions: broker.DefaultLimits.MaxSubscriptions, MaxPendingPerIP: 64, MaxQoS: 2, ReceiveMaximum: 256,
+		MaxQueuedDevice: broker.DefaultQueues.Device.MaxOffline, MaxQueuedService: broker.DefaultQueues.Service.MaxOffline,
 		// admission
-		HelloTimeout: 3 * time.Second, SubRate: 10, SubBurst: 100,
+		HelloTimeout: 3 * time.Second, SubRate: broker.DefaultLimits.SubRate, SubBurst: broker.DefaultLimits.SubBurst,
 		SweepInterval: 10 * time.Second,
 	}
 }

@@ -3,7 +3,9 @@ package server
 import (
 	"os"
 	"path/filepath"
+	"reflect"
 	"testing"
+	"time"
 
 	"github.com/spf13/pflag"
 )
@@ -40,5 +42,34 @@ func TestTPMDenyListSetting(t *testing.T) {
 				t.Errorf("TPMDenyList = %q, want %q", cfg.TPMDenyList, tc.want)
 			}
 		})
+	}
+}
+
+// TestDefaultsUnchanged: the defaults of every setting, as they were when
+// each part kept its own (flags, the broker, the enrollment service).
+func TestDefaultsUnchanged(t *testing.T) {
+	d := Defaults()
+	want := Config{
+		DataDir: "./fleetgate-data", MQTTAddr: ":8883", APIAddr: ":8443", MetricsAddr: "127.0.0.1:9090",
+		DeviceCertTTL: 90 * 24 * time.Hour, HandshakeTimeout: 10 * time.Second, MaxPending: 1024,
+		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text", TPMPolicy: "allowlist", EnrollURL: "https://localhost:8443",
+		MsgRate: 100, MsgBurst: 200, ByteRate: 1 << 20, MaxSubscriptions: 32, MaxPendingPerIP: 64, MaxQoS: 2, ReceiveMaximum: 256,
+		MaxQueuedDevice: 1000, MaxQueuedService: 10_000,
+		HelloTimeout: 3 * time.Second, SubRate: 10, SubBurst: 100,
+		SweepInterval: 10 * time.Second,
+	}
+	if !reflect.DeepEqual(d, want) {
+		t.Errorf("Defaults() = %+v\nwant %+v", d, want)
+	}
+	if errs := d.Validate(); len(errs) > 0 {
+		t.Errorf("defaults do not validate: %v", errs)
+	}
+	bc := BrokerConfig(d)
+	if bc.Limits.ByteBurst != 4<<20 || bc.Queues.Device.MaxOffline != 1000 || bc.Queues.Service.MaxOffline != 10_000 {
+		t.Errorf("broker config from the defaults: %+v", bc)
+	}
+	d.MaxQueuedDevice = 0
+	if q := BrokerConfig(d).Queues.Device.MaxOffline; q != -1 {
+		t.Errorf("max_queued_device 0: MaxOffline %d, want -1 (no quota)", q)
 	}
 }
