@@ -546,20 +546,33 @@ type errReader struct{ err error }
 func (e errReader) Read([]byte) (int, error) { return 0, e.err }
 
 // maxChallengeIDsInBody bounds how many challenge IDs one refused body can
-// consume.
-const maxChallengeIDsInBody = 4
+// consume: the last ones, since encoding/json keeps the last duplicate.
+const maxChallengeIDsInBody = 16
 
-// challengeIDsIn returns the string values of top-level "challenge_id"
-// members of a JSON object, read token by token up to the first syntax
-// error, so that a body that is refused (malformed, unknown fields, bad
-// base64, trailing data) still names the challenge it was for.
+// challengeIDsIn returns the challenge IDs a refused round-2 body may name,
+// so that a body that is refused (malformed, unknown fields, bad base64,
+// trailing data) still consumes the challenge it was for. The key is
+// matched as encoding/json matches it into api.TPMCompleteRequest: any
+// case ("CHALLENGE_ID"), and the last of duplicates wins. So the ID json
+// would decode comes first (a decode into a one-field struct, which
+// ignores the other fields and their errors), then every top-level member
+// whose key folds to "challenge_id", read token by token up to the first
+// syntax error, keeping the last maxChallengeIDsInBody (decoys written
+// before the real one cannot push it out).
 func challengeIDsIn(body []byte) []string {
+	var ids []string
+	var one struct {
+		ChallengeID string `json:"challenge_id"`
+	}
+	if json.Unmarshal(body, &one) == nil && one.ChallengeID != "" {
+		ids = append(ids, one.ChallengeID)
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
-		return nil
+		return ids
 	}
-	var ids []string
-	for len(ids) < maxChallengeIDsInBody && dec.More() {
+	var scanned []string
+	for dec.More() {
 		key, err := dec.Token()
 		if err != nil {
 			break
@@ -569,7 +582,15 @@ func challengeIDsIn(body []byte) []string {
 			break
 		}
 		var id string
-		if key == "challenge_id" && json.Unmarshal(v, &id) == nil && id != "" {
+		if k, ok := key.(string); ok && strings.EqualFold(k, "challenge_id") && json.Unmarshal(v, &id) == nil && id != "" {
+			if len(scanned) == maxChallengeIDsInBody {
+				scanned = scanned[1:]
+			}
+			scanned = append(scanned, id)
+		}
+	}
+	for _, id := range slices.Backward(scanned) {
+		if !slices.Contains(ids, id) {
 			ids = append(ids, id)
 		}
 	}

@@ -257,6 +257,21 @@ func TestTPMMalformedCompletionConsumesChallenge(t *testing.T) {
 		}},
 		{"trailing data", func(good []byte, _ string) []byte { return append(bytes.Clone(good), []byte(` {}`)...) }},
 		{"a truncated body", func(good []byte, _ string) []byte { return good[:len(good)/2] }},
+		// L2: encoding/json matches keys in any case and keeps the last
+		// duplicate; the refused body's challenge is found the same way.
+		{"the key in upper case", func(_ []byte, id string) []byte {
+			return []byte(`{"CHALLENGE_ID":"` + id + `","secret":"%%%"}`)
+		}},
+		{"the key in mixed case, escaped", func(_ []byte, id string) []byte {
+			return []byte(`{"Challenge\u005FId":"` + id + `","extra":1}`)
+		}},
+		{"decoys before the real ID", func(_ []byte, id string) []byte {
+			decoys := strings.Repeat(`"challenge_id":"decoy",`, 40)
+			return []byte(`{` + decoys + `"challenge_id":"` + id + `","secret":"%%%"}`)
+		}},
+		{"decoys in another case before the real ID", func(_ []byte, id string) []byte {
+			return []byte(`{"challenge_id":"d1","Challenge_ID":"d2","CHALLENGE_id":"d3","challenge_ID":"d4","cHALLENGE_ID":"` + id + `","secret":1}`)
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ch := round1(t, to, d, "")
