@@ -618,7 +618,12 @@ func verifyECDSA(key *ecdsa.PublicKey, hashAlg tpm2.TPMIAlgHash, msg, sigBytes [
 		}
 		// A TPM writes R and S at exactly the curve's size (leading
 		// zeros kept); any other length is another encoding of the same
-		// signature, which is refused (signatures are not malleable here).
+		// signature, and is refused. This does not make signatures
+		// unique: ECDSA is malleable, (r, n−s) verifies whenever (r, s)
+		// does, and TPMs do not produce low-S signatures, so none is
+		// required. Nothing here relies on a signature being unique: the
+		// certification is bound to its one-time challenge nonce (the
+		// challenge is consumed by round 2), not to its signature bytes.
 		size := (key.Curve.Params().BitSize + 7) / 8
 		if len(ecc.SignatureR.Buffer) != size || len(ecc.SignatureS.Buffer) != size {
 			return fmt.Errorf("signature R and S are %d and %d bytes, want %d: %w",
