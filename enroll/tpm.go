@@ -217,7 +217,13 @@ func (t *tpmEnroller) handleChallenge(w http.ResponseWriter, r *http.Request) {
 			return nil, fmt.Errorf("enroll: nonce: %w", err)
 		}
 		c := &challenge{secret: secret, nonce: nonce, ekFP: ek.fp, deviceID: ek.deviceID, group: ek.group,
-			autoRegister: ek.autoRegister, ak: ak}
+			autoRegister: ek.autoRegister, ak: ak, ekPub: ekPub}
+		if t.s.cfg.TPMDenyList != nil {
+			// checkEK verified the profile, so the identification parses.
+			if c.tpm, err = attest.EKTPMInfo(ek.cert); err != nil {
+				return nil, attestError(err)
+			}
+		}
 		if err := t.challenges.put(c); err != nil {
 			if errors.Is(err, errChallengesFull) {
 				return nil, apiErr(http.StatusServiceUnavailable, "challenge_capacity", "too many enrollments in progress; retry later", err)
@@ -276,6 +282,20 @@ func (t *tpmEnroller) handleComplete(w http.ResponseWriter, r *http.Request) {
 		if err := c.ak.VerifyCertify(req.TLSPublic, req.CertifyInfo, req.CertifySignature, c.nonce, csr.PublicKey); err != nil {
 			return nil, attestError(err)
 		}
+		// The firmware running now, as the TPM signed it into the
+		// certification (the EK certificate's version, judged at round 1,
+		// is the firmware at manufacture). Only an AK in the endorsement
+		// hierarchy gets the true version: elsewhere the TPM obfuscates
+		// it, and it is not judged.
+		fw, inEndorsement, err := c.ak.CertifiedFirmwareVersion(req.CertifyInfo, c.ekPub)
+		if err != nil {
+			return nil, attestError(err)
+		}
+		if inEndorsement {
+			if _, err := t.s.cfg.TPMDenyList.CheckFirmware(c.tpm, fw); err != nil {
+				return nil, attestError(err)
+			}
+		}
 		id := identity.Identity{Role: identity.RoleDevice, Name: c.deviceID}
 		var cert *x509.Certificate
 		rec, err := t.s.cfg.Registry.RedeemTPM(registry.TPMRedemption{
@@ -318,6 +338,7 @@ func attestError(err error) error {
 		{attest.ErrEKEKU, "ek_eku_invalid", "certificate is not an EK certificate: its extended key usage is not tcg-kp-EKCertificate"},
 		{attest.ErrEKROCA, "ek_roca", "this TPM's RSA endorsement key is ROCA-vulnerable (CVE-2017-15361)"},
 		{attest.ErrEKDenied, "ek_denied", "this TPM model or firmware is on the operator's deny-list"},
+		{attest.ErrFirmwareDenied, "tpm_firmware_denied", "the firmware this TPM runs (as it signed it) is on the operator's deny-list"},
 		{attest.ErrEKChainInvalid, "ek_chain_invalid", "EK certificate does not chain to a trusted TPM manufacturer"},
 	} {
 		if errors.Is(err, x.sentinel) {
