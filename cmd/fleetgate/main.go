@@ -127,6 +127,15 @@ func newLogger(level, format string) *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, o))
 }
 
+// operatorCmd is a group of operator commands, with the flags that say how
+// to reach the operator API.
+func operatorCmd(use, short string) (*cobra.Command, *adminFlags) {
+	af := &adminFlags{}
+	c := &cobra.Command{Use: use, Short: short}
+	af.add(c)
+	return c, af
+}
+
 // adminFlags are the flags of every command that calls the admin API.
 type adminFlags struct {
 	server, dataDir, cert, key, caFile string
@@ -168,9 +177,7 @@ func (a *adminFlags) call(cmd *cobra.Command, fn func(ctx context.Context, cl *c
 }
 
 func tokensCmd() *cobra.Command {
-	var af adminFlags
-	c := &cobra.Command{Use: "tokens", Short: "Bootstrap tokens for devices without TPM"}
-	af.add(c)
+	c, af := operatorCmd("tokens", "Bootstrap tokens for devices without TPM")
 	var device, group string
 	var ttl time.Duration
 	var jsonOut bool
@@ -202,9 +209,7 @@ func tokensCmd() *cobra.Command {
 }
 
 func servicesCmd() *cobra.Command {
-	var af adminFlags
-	c := &cobra.Command{Use: "services", Short: "Certificates for backend services"}
-	af.add(c)
+	c, af := operatorCmd("services", "Certificates for backend services")
 	var name, out string
 	var ttl time.Duration
 	issue := &cobra.Command{
@@ -249,9 +254,7 @@ func servicesCmd() *cobra.Command {
 }
 
 func devicesCmd() *cobra.Command {
-	var af adminFlags
-	c := &cobra.Command{Use: "devices", Short: "Devices in the registry"}
-	af.add(c)
+	c, af := operatorCmd("devices", "Devices in the registry")
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "List devices",
@@ -291,8 +294,8 @@ func devicesCmd() *cobra.Command {
 		},
 	}
 	c.AddCommand(list, show)
-	addEKCommands(c, &af)
-	addLifecycleCommands(c, &af)
+	addEKCommands(c, af)
+	addLifecycleCommands(c, af)
 	return c
 }
 

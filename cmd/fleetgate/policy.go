@@ -16,9 +16,7 @@ import (
 )
 
 func policyCmd() *cobra.Command {
-	var af adminFlags
-	c := &cobra.Command{Use: "policy", Short: "The broker's topic policy"}
-	af.add(c)
+	c, af := operatorCmd("policy", "The broker's topic policy")
 	reload := &cobra.Command{
 		Use:   "reload",
 		Short: "Reload the policy file in the running server (a bad file is refused; the old policy stays)",
