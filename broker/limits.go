@@ -111,7 +111,8 @@ type clientLimits struct {
 }
 
 // refillTime is how long an unused set of limiters takes to be full again:
-// after it, a fresh set is the same.
+// after it, a fresh set is the same (at most a day: a rate so low is kept
+// that long).
 func (l Limits) refillTime() time.Duration {
 	d := 0.0
 	for _, r := range [][2]float64{{float64(l.MsgBurst), l.MsgRate}, {float64(l.ByteBurst), l.ByteRate}, {float64(l.SubBurst), l.SubRate}} {
@@ -119,7 +120,7 @@ func (l Limits) refillTime() time.Duration {
 			d = max(d, r[0]/r[1])
 		}
 	}
-	return time.Duration(d*float64(time.Second)) + time.Second
+	return time.Duration(min(d, 24*3600)*float64(time.Second)) + time.Second
 }
 
 // newRefusalLog returns the limiter of per-packet refusal log lines
