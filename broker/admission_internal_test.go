@@ -243,3 +243,63 @@ func TestHostOfGroupsIPv6By64(t *testing.T) {
 		t.Fatalf("a third address of the /64 evicted %d connections, want its oldest for pending_per_ip", len(ev))
 	}
 }
+
+// Connections waiting for CONNECT are capped per device identity: the
+// identity's oldest one makes room; other identities, and services, are not
+// touched.
+func TestAdmissionCapsConnectionsWaitingForCONNECTPerDevice(t *testing.T) {
+	a := newAdmission(100, 64, time.Second)
+	t0 := time.Unix(1000, 0)
+	handshaken := func(id identity.Identity) (*pending, []*pending) {
+		t.Helper()
+		c, peer := net.Pipe()
+		peer.Close()
+		p, _, reason := a.admit(c, "ip", t0)
+		if p == nil {
+			t.Fatalf("refused: %s", reason)
+		}
+		a.hello(p)
+		ok, ev := a.handshaken(p, id)
+		if !ok {
+			t.Fatal("handshake of an admitted connection refused")
+		}
+		return p, ev
+	}
+	hog := identity.Identity{Role: identity.RoleDevice, Name: "hog"}
+	var first []*pending
+	for i := 0; i < defaultPendingPerIdentity; i++ {
+		p, ev := handshaken(hog)
+		if len(ev) != 0 {
+			t.Fatalf("connection %d of the identity evicted %d", i, len(ev))
+		}
+		first = append(first, p)
+	}
+	other, _ := handshaken(identity.Identity{Role: identity.RoleDevice, Name: "other"})
+	for i := 0; i < 10; i++ {
+		_, ev := handshaken(hog)
+		if len(ev) != 1 || ev[0].ident != "device/hog" || ev[0].reason != "pending_per_identity" {
+			t.Fatalf("connection %d over the cap: %d evicted, want the identity's oldest", i, len(ev))
+		}
+		if i < len(first) && ev[0] != first[i] {
+			t.Fatalf("connection %d over the cap evicted not the identity's oldest", i)
+		}
+	}
+	if other.evicted {
+		t.Fatal("another device's connection was evicted")
+	}
+	if a.n != defaultPendingPerIdentity+1 {
+		t.Fatalf("%d pending, want %d", a.n, defaultPendingPerIdentity+1)
+	}
+	// A CONNECT processed frees the identity's place.
+	q := a.connectByID["device/hog"]
+	a.release(q.Front().Value.(*pending))
+	if _, ev := handshaken(hog); len(ev) != 0 {
+		t.Fatal("evicted although a place was freed")
+	}
+	// Services are not capped (a backend may open a pool at once).
+	for i := 0; i < 2*defaultPendingPerIdentity; i++ {
+		if _, ev := handshaken(identity.Identity{Role: identity.RoleService, Name: "backend"}); len(ev) != 0 {
+			t.Fatal("a service's connection was evicted")
+		}
+	}
+}
