@@ -321,14 +321,28 @@ type pending struct {
 // one (a few while it reconnects over a flaky link).
 const defaultPendingPerIdentity = 4
 
-// ipQueue is the list of one address's connections in one stage, oldest
-// first. For stalled connections, score is the address's record while it
-// holds any: one up for each of its stalled connections evicted, one down
-// (not below zero) for each that sent its ClientHello.
+// ipQueue is the list of one address's (or identity's) connections in one
+// stage, oldest first.
 type ipQueue struct {
 	list.List
-	score int
 }
+
+// record is an address's eviction record: one up for each of its stalled
+// connections evicted, one down for each that sent its ClientHello; kept
+// (while positive) for recordTTL after its last change, so that a flood
+// holding one connection per address is known by its addresses as they
+// come back. At most recordsMax (a multiple of max) are kept; past it an
+// arbitrary one is forgotten.
+type record struct {
+	score int
+	at    time.Time
+}
+
+const (
+	recordTTL      = time.Minute
+	recordsPerSlot = 4
+	recordsMinimum = 1024
+)
 
 // admission decides which connections may hold the max slots of pending
 // connections. The scarce resource is a slot, and a peer that does no
@@ -339,16 +353,17 @@ type ipQueue struct {
 //     taken, a new connection evicts the oldest stalled one, or, if even
 //     that one is younger than grace (a flood churning fast, while a
 //     device's ClientHello may wait for the CPU), the oldest stalled one
-//     of the address whose stalled connections were evicted most while it
-//     held any, ties broken by age (see stalledVictimLocked: how many
-//     stalled connections an address holds does not count, or a flood
-//     opening one per address would make a NAT'd fleet the victim). When none is
+//     of the address with the highest eviction record (record), ties
+//     broken by age (see stalledVictimLocked: how many stalled
+//     connections an address holds does not count, or a flood opening
+//     one per address would make a NAT'd fleet the victim). When none is
 //     stalled, it evicts the oldest connection still in its TLS handshake
 //     of the address that has the most connections in their handshake (a
 //     flood replaying ClientHellos costs the broker its half of each
 //     handshake, but cannot push out the handshake of a device on another
 //     address). It is refused only when every slot is held by a
-//     connection that finished its TLS handshake and waits for CONNECT;
+//     connection that finished its TLS handshake and waits for CONNECT,
+//     of which one device identity holds at most perIdentity (handshaken);
 //   - the per-address cap (perIP) counts stalled connections only: at it,
 //     a new connection from that address evicts the address's oldest
 //     stalled one if that has waited for its ClientHello longer than grace
@@ -373,12 +388,14 @@ type admission struct {
 	handshakeByIP map[string]*ipQueue // in TLS handshake, oldest first
 	perIdentity   int
 	connectByID   map[string]*ipQueue // devices' connections waiting for CONNECT, oldest first
+	records       map[string]record   // eviction records by address
+	clock         time.Time           // of the latest admission: the records' clock
 }
 
 func newAdmission(max, perIP int, grace time.Duration) *admission {
 	return &admission{max: max, perIP: perIP, grace: grace,
 		stalledByIP: map[string]*ipQueue{}, handshakeByIP: map[string]*ipQueue{},
-		perIdentity: defaultPendingPerIdentity, connectByID: map[string]*ipQueue{}}
+		perIdentity: defaultPendingPerIdentity, connectByID: map[string]*ipQueue{}, records: map[string]record{}}
 }
 
 // admit admits c from ip, evicting as described; the caller closes the
@@ -386,6 +403,7 @@ func newAdmission(max, perIP int, grace time.Duration) *admission {
 func (a *admission) admit(c net.Conn, ip string, now time.Time) (p *pending, evicted []*pending, reason string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.clock = now
 	if q := a.stalledByIP[ip]; q != nil && q.Len() >= a.perIP {
 		if old := q.Front().Value.(*pending); now.Sub(old.since) >= a.grace {
 			evicted = append(evicted, a.evictLocked(old, "pending_per_ip"))
@@ -399,7 +417,7 @@ func (a *admission) admit(c net.Conn, ip string, now time.Time) (p *pending, evi
 				// and may be a device whose ClientHello is only waiting
 				// for the CPU. Take it from the address whose stalled
 				// connections keep being evicted without progress.
-				v = a.stalledVictimLocked()
+				v = a.stalledVictimLocked(now)
 			}
 			evicted = append(evicted, a.evictLocked(v, "pending_evicted"))
 		} else if v := busiest(a.handshakeByIP); v != nil {
@@ -416,26 +434,59 @@ func (a *admission) admit(c net.Conn, ip string, now time.Time) (p *pending, evi
 }
 
 // stalledVictimLocked picks the stalled connection to evict under fast
-// churn: the oldest one of the address with the highest score (its stalled
-// connections were evicted, not progressing: a flood that keeps its slots
-// by reconnecting), ties (every address new, or progressing) broken by age,
-// oldest first. The number of stalled connections an address holds does
+// churn: the oldest one of the address with the highest eviction record
+// (its stalled connections were evicted, not progressing: a flood that
+// keeps its slots by reconnecting), ties (every address new, or
+// progressing) broken by age, oldest first. The number of stalled connections an address holds does
 // not count: a fleet behind one NAT address reconnecting together holds
 // many, young ones that progress, while a flood can hold one per address
 // from as many addresses as it likes; oldest first, each connection keeps
 // its slot for as long as any other, and a device's ClientHello follows its
 // TCP handshake within a round trip. A flood from few addresses still
-// loses first: each of its evictions raises its address's score.
-func (a *admission) stalledVictimLocked() *pending {
+// loses first: each of its evictions raises its address's record.
+func (a *admission) stalledVictimLocked(now time.Time) *pending {
 	var victim *pending
 	best := 0
-	for _, q := range a.stalledByIP {
+	for ip, q := range a.stalledByIP {
 		old := q.Front().Value.(*pending)
-		if victim == nil || q.score > best || (q.score == best && old.since.Before(victim.since)) {
-			victim, best = old, q.score
+		score := a.scoreLocked(ip, now)
+		if victim == nil || score > best || (score == best && old.since.Before(victim.since)) {
+			victim, best = old, score
 		}
 	}
 	return victim
+}
+
+// scoreLocked is ip's eviction record (0: none, or expired).
+func (a *admission) scoreLocked(ip string, now time.Time) int {
+	r, ok := a.records[ip]
+	if !ok || now.Sub(r.at) >= recordTTL {
+		return 0
+	}
+	return r.score
+}
+
+// recordLocked adds d to ip's eviction record (not below zero).
+func (a *admission) recordLocked(ip string, d int, now time.Time) {
+	score := a.scoreLocked(ip, now) + d
+	if score <= 0 {
+		delete(a.records, ip)
+		return
+	}
+	if _, ok := a.records[ip]; !ok && len(a.records) >= max(recordsMinimum, recordsPerSlot*a.max) {
+		for k, r := range a.records {
+			if now.Sub(r.at) >= recordTTL {
+				delete(a.records, k)
+			}
+		}
+		for k := range a.records { // still full: forget one, at random
+			if len(a.records) < max(recordsMinimum, recordsPerSlot*a.max) {
+				break
+			}
+			delete(a.records, k)
+		}
+	}
+	a.records[ip] = record{score: score, at: now}
 }
 
 // busiest returns the oldest connection of the address with the most
@@ -478,9 +529,7 @@ func (a *admission) hello(p *pending) bool {
 	if p.stage != stageHello {
 		return false
 	}
-	if q := a.stalledByIP[p.ip]; q != nil && q.score > 0 {
-		q.score--
-	}
+	a.recordLocked(p.ip, -1, a.clock)
 	a.unlinkLocked(p)
 	p.stage = stageHandshake
 	p.atIP = pushIP(a.handshakeByIP, p.ip, p)
@@ -530,8 +579,8 @@ func (a *admission) release(p *pending) {
 }
 
 func (a *admission) evictLocked(p *pending, reason string) *pending {
-	if q := a.stalledByIP[p.ip]; q != nil && p.stage == stageHello {
-		q.score++
+	if p.stage == stageHello {
+		a.recordLocked(p.ip, +1, a.clock)
 	}
 	a.unlinkLocked(p)
 	p.stage = stageDone
