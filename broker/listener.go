@@ -331,8 +331,8 @@ type ipQueue struct {
 // connections evicted, one down for each that sent its ClientHello; kept
 // (while positive) for recordTTL after its last change, so that a flood
 // holding one connection per address is known by its addresses as they
-// come back. At most recordsMax (a multiple of max) are kept; past it an
-// arbitrary one is forgotten.
+// come back. At most max(recordsMinimum, recordsPerSlot*max) are kept;
+// past that an arbitrary one is forgotten.
 type record struct {
 	score int
 	at    time.Time
