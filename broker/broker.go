@@ -285,14 +285,14 @@ func New(cfg Config) (*Broker, error) {
 		VerifyConnection: b.hook.VerifyConnection,
 	}
 	b.ln = &listener{id: "mtls", addr: cfg.Addr, tls: tcfg, timeout: cfg.HandshakeTimeout,
-		roleOf: func(c *x509.Certificate) identity.Role {
+		identOf: func(c *x509.Certificate) identity.Identity {
 			id, _ := identity.FromCertificate(c, cfg.CA.TrustDomain)
-			return id.Role
+			return id
 		},
 		helloTimeout: cfg.HelloTimeout, adm: newAdmission(cfg.MaxPending, cfg.MaxPendingPerIP, cfg.HelloTimeout/3), log: b.log,
 		onRefuse: func(r string) {
 			b.m.authFailures.WithLabelValues(r).Inc()
-			if r == "pending_limit" || r == "pending_per_ip" || r == "pending_evicted" {
+			if r == "pending_limit" || r == "pending_per_ip" || r == "pending_evicted" || r == "pending_per_identity" {
 				b.m.limited.WithLabelValues(r).Inc()
 			}
 		}}
