@@ -189,7 +189,7 @@ func New(cfg Config) (*Broker, error) {
 	b := &Broker{cfg: cfg, log: cfg.Logger.With("component", "broker"), stop: make(chan struct{})}
 	b.policy.Store(cfg.Policy)
 	b.initMetrics()
-	b.quotaLog = logguard.New(logguard.Options{Burst: 3, Window: time.Minute, MaxKeys: 1024,
+	b.quotaLog = logguard.New(logguard.Options{Burst: 3, Window: time.Minute, MaxKeys: 1024, Global: logGlobal, Summaries: logGlobal,
 		Summary: logguard.LogSummary(b.log, "offline session quota full; further messages not queued for it")})
 
 	// Per-packet refusals are logged a few times per client identity and

@@ -127,7 +127,7 @@ func (l Limits) refillTime() time.Duration {
 // (subscriptions over the limit, ACL denials, clients over a rate): five
 // lines per client identity and minute, then one summary line.
 func newRefusalLog(log *slog.Logger) *logguard.Limiter {
-	return logguard.New(logguard.Options{Burst: 5, Window: time.Minute, MaxKeys: 4096,
+	return logguard.New(logguard.Options{Burst: 5, Window: time.Minute, MaxKeys: 4096, Global: logGlobal, Summaries: logGlobal,
 		Summary: logguard.LogSummary(log, "client refusals not logged one by one")})
 }
 
@@ -325,3 +325,9 @@ func (h *limitsHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Pac
 	}
 	return pk
 }
+
+// logGlobal bounds, per minute and across all sources, the refusal lines
+// each of the broker's refusal logs writes in full and the summaries it
+// writes (logguard's Global and Summaries): however many addresses or
+// identities a flood uses, a log grows by a few hundred lines a minute.
+const logGlobal = 100

@@ -89,7 +89,7 @@ func (l *listener) Init(*slog.Logger) error {
 	l.tls = l.tls.Clone()
 	l.tls.GetConfigForClient = l.onHello
 	if l.refusals == nil {
-		l.refusals = logguard.New(logguard.Options{Burst: 5, Window: time.Minute, MaxKeys: 4096,
+		l.refusals = logguard.New(logguard.Options{Burst: 5, Window: time.Minute, MaxKeys: 4096, Global: logGlobal, Summaries: logGlobal,
 			Summary: logguard.LogSummary(l.log, "tls handshakes refused, not logged one by one")})
 	}
 	ctx, cancel := context.WithCancel(context.Background())
