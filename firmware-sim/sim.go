@@ -393,8 +393,8 @@ func (r *run) setup(ctx context.Context) error {
 			return err
 		}
 		r.gw = gw
-		cfg.DataDir, cfg.ServerURL, cfg.BrokerAddr = gw.dataDir, "https://"+gw.addrs.API, gw.addrs.MQTT
-		r.progress("gateway started (pid %d): API %s, MQTT %s", gw.cmd.Process.Pid, gw.addrs.API, gw.addrs.MQTT)
+		cfg.DataDir, cfg.ServerURL, cfg.BrokerAddr = gw.dataDir, "https://"+gw.addrs().API, gw.addrs().MQTT
+		r.progress("gateway started (pid %d): API %s, MQTT %s", gw.pid(), gw.addrs().API, gw.addrs().MQTT)
 	}
 	var err error
 	if r.admin, err = adminclient.New(cfg.ServerURL, adminclient.FromDataDir(cfg.DataDir)); err != nil {
@@ -444,7 +444,7 @@ func (r *run) setup(ctx context.Context) error {
 	var enrollLat, connLat []time.Duration
 	if r.gw != nil {
 		runtimeGC()
-		r.rep.GatewayRSSBeforeKB = rssKB(r.gw.cmd.Process.Pid)
+		r.rep.GatewayRSSBeforeKB = rssKB(r.gw.pid())
 	}
 	var errs []error
 	for i := range r.devs {
@@ -488,7 +488,7 @@ func (r *run) setup(ctx context.Context) error {
 		}
 	}
 	if r.gw != nil && r.rep.Connected > 0 {
-		r.rep.GatewayRSSAfterKB = rssKB(r.gw.cmd.Process.Pid)
+		r.rep.GatewayRSSAfterKB = rssKB(r.gw.pid())
 		r.rep.RSSPerConnectionKB = float64(r.rep.GatewayRSSAfterKB-r.rep.GatewayRSSBeforeKB) / float64(r.rep.Connected)
 	}
 	var connTotal time.Duration
@@ -746,7 +746,7 @@ func (r *run) restart(ctx context.Context) error {
 		wg.Wait()
 		return fmt.Errorf("restart gateway: %w", err)
 	}
-	r.progress("gateway restarted (pid %d) in %s", r.gw.cmd.Process.Pid, time.Since(t0).Round(time.Millisecond))
+	r.progress("gateway restarted (pid %d) in %s", r.gw.pid(), time.Since(t0).Round(time.Millisecond))
 	back := waitFor(ctx, 60*time.Second, func() bool {
 		for _, d := range live {
 			if !d.client().IsConnected() {
