@@ -218,6 +218,85 @@ func telemetry(buf []byte, pub, seq uint32) []byte {
 	return buf
 }
 
+// newPayload is a telemetry buffer: (publisher, sequence), then padding.
+func newPayload() []byte {
+	payload := make([]byte, payloadSize)
+	for i := 8; i < payloadSize; i++ {
+		payload[i] = 'x'
+	}
+	return payload
+}
+
+// pacer is what the QoS 0 and QoS 1 publishers share: window tokens, one
+// taken per burst written and one given back for each packet of the
+// broker's that answers (a PINGRESP, a PUBACK), so that what sits unread
+// in socket buffers is bounded and "sent" is what the broker took.
+type pacer struct {
+	c       *Conn
+	window  int
+	tokens  chan struct{}
+	readErr chan error
+}
+
+// newPacer starts the reader of c; answers says whether a packet returns
+// a token.
+func newPacer(c *Conn, window int, answers func(h byte, body []byte) bool) *pacer {
+	p := &pacer{c: c, window: window, tokens: make(chan struct{}, window), readErr: make(chan error, 1)}
+	for range window {
+		p.tokens <- struct{}{}
+	}
+	go func() {
+		var buf []byte
+		for {
+			h, body, err := readPacket(c.R, buf)
+			buf = body
+			if err != nil {
+				p.readErr <- err
+				return
+			}
+			if answers(h, body) {
+				p.tokens <- struct{}{}
+			}
+		}
+	}()
+	return p
+}
+
+// run writes burst(out[:0]) each time a token is free, until the deadline,
+// ctx or a read error; after a failed write it calls unsent (if set). Then
+// it waits (bounded) until every burst is answered and closes the
+// connection, which stops the reader.
+func (p *pacer) run(ctx context.Context, deadline time.Time, writeTimeout time.Duration, out []byte, burst func([]byte) []byte, unsent func()) error {
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+	var err error
+loop:
+	for time.Now().Before(deadline) {
+		select {
+		case <-p.tokens:
+		case <-timer.C:
+			break loop
+		case <-ctx.Done():
+			break loop
+		case err = <-p.readErr:
+			break loop
+		}
+		out = burst(out[:0])
+		p.c.TLS.SetWriteDeadline(time.Now().Add(writeTimeout))
+		if _, err = p.c.TLS.Write(out); err != nil {
+			if unsent != nil {
+				unsent()
+			}
+			break
+		}
+	}
+	if err == nil {
+		err = waitTokens(p.tokens, p.window, p.readErr)
+	}
+	p.c.TLS.Close()
+	return err
+}
+
 // publishQoS0 writes batches of 32 QoS 0 PUBLISH, each followed by a
 // PINGREQ, with at most 4 batches not yet answered by a PINGRESP: a broker
 // handles a connection's packets in order, so a PINGRESP says it has read
@@ -225,61 +304,16 @@ func telemetry(buf []byte, pub, seq uint32) []byte {
 // "sent" is what the broker took and loss is what it dropped.
 func publishQoS0(ctx context.Context, c *Conn, pub uint32, topic string, deadline time.Time) (int64, error) {
 	const batch, window = 32, 4
-	tokens := make(chan struct{}, window)
-	for range window {
-		tokens <- struct{}{}
-	}
-	readErr := make(chan error, 1)
-	go func() { // PINGRESP reader
-		var buf []byte
-		for {
-			h, body, err := readPacket(c.R, buf)
-			buf = body
-			if err != nil {
-				readErr <- err
-				return
-			}
-			if h>>4 == pktPingresp {
-				tokens <- struct{}{}
-			}
-		}
-	}()
-	payload := make([]byte, payloadSize)
-	for i := 8; i < payloadSize; i++ {
-		payload[i] = 'x'
-	}
-	out := make([]byte, 0, batch*(payloadSize+len(topic)+8)+2)
+	p := newPacer(c, window, func(h byte, _ []byte) bool { return h>>4 == pktPingresp })
+	payload := newPayload()
 	var seq uint32
-	timer := time.NewTimer(time.Until(deadline))
-	defer timer.Stop()
-	var err error
-loop:
-	for time.Now().Before(deadline) {
-		select {
-		case <-tokens:
-		case <-timer.C:
-			break loop
-		case <-ctx.Done():
-			break loop
-		case err = <-readErr:
-			break loop
-		}
-		out = out[:0]
+	err := p.run(ctx, deadline, 20*time.Second, make([]byte, 0, batch*(payloadSize+len(topic)+8)+2), func(out []byte) []byte {
 		for range batch {
 			out = appendPublish(out, topic, 0, 0, telemetry(payload, pub, seq))
 			seq++
 		}
-		out = append(out, pingreqPacket...)
-		c.TLS.SetWriteDeadline(time.Now().Add(20 * time.Second))
-		if _, err = c.TLS.Write(out); err != nil {
-			seq -= batch
-			break
-		}
-	}
-	if err == nil { // until the broker has read everything
-		err = waitTokens(tokens, window, readErr)
-	}
-	c.TLS.Close()
+		return append(out, pingreqPacket...)
+	}, func() { seq -= batch })
 	return int64(seq), err
 }
 
@@ -298,55 +332,27 @@ func waitTokens(tokens chan struct{}, window int, readErr chan error) error {
 	return nil
 }
 
+// publishQoS1 keeps up to window QoS 1 PUBLISH unacknowledged, writing as
+// many as there are free tokens at once, and records in acked the
+// sequence of every message the broker acknowledged.
 func publishQoS1(ctx context.Context, c *Conn, pub uint32, topic string, deadline time.Time, window int, acked *bitset) (int64, error) {
-	tokens := make(chan struct{}, window)
-	for range window {
-		tokens <- struct{}{}
-	}
 	var ids [65536]uint32 // packet ID -> seq
 	var mu sync.Mutex
 	var nacked int64
-	readErr := make(chan error, 1)
-	go func() { // PUBACK reader
-		var buf []byte
-		for {
-			h, body, err := readPacket(c.R, buf)
-			buf = body
-			if err != nil {
-				readErr <- err
-				return
-			}
-			if h>>4 == pktPuback && len(body) >= 2 {
-				id := binary.BigEndian.Uint16(body)
-				mu.Lock()
-				acked.set(ids[id])
-				nacked++
-				mu.Unlock()
-				tokens <- struct{}{}
-			}
+	p := newPacer(c, window, func(h byte, body []byte) bool {
+		if h>>4 != pktPuback || len(body) < 2 {
+			return false
 		}
-	}()
-	payload := make([]byte, payloadSize)
-	for i := 8; i < payloadSize; i++ {
-		payload[i] = 'x'
-	}
-	out := make([]byte, 0, window*(payloadSize+len(topic)+10))
+		id := binary.BigEndian.Uint16(body)
+		mu.Lock()
+		acked.set(ids[id])
+		nacked++
+		mu.Unlock()
+		return true
+	})
+	payload := newPayload()
 	var seq uint32
-	timer := time.NewTimer(time.Until(deadline))
-	defer timer.Stop()
-	var err error
-loop:
-	for time.Now().Before(deadline) {
-		select {
-		case <-tokens:
-		case <-timer.C:
-			break loop
-		case <-ctx.Done():
-			break loop
-		case err = <-readErr:
-			break loop
-		}
-		out = out[:0]
+	err := p.run(ctx, deadline, 10*time.Second, make([]byte, 0, window*(payloadSize+len(topic)+10)), func(out []byte) []byte {
 		for n := 1; ; n++ {
 			id := uint16(seq%65535) + 1
 			mu.Lock()
@@ -358,21 +364,14 @@ loop:
 				break
 			}
 			select {
-			case <-tokens:
+			case <-p.tokens:
 				continue
 			default:
 			}
 			break
 		}
-		c.TLS.SetWriteDeadline(time.Now().Add(10 * time.Second))
-		if _, err = c.TLS.Write(out); err != nil {
-			break
-		}
-	}
-	if err == nil { // wait (bounded) for the outstanding PUBACKs
-		err = waitTokens(tokens, window, readErr)
-	}
-	c.TLS.Close() // stops the reader
+		return out
+	}, nil)
 	mu.Lock()
 	defer mu.Unlock()
 	return nacked, err
