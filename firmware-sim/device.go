@@ -107,16 +107,19 @@ func (r *run) account() {
 	r.rep.Lost = int64(len(r.missing(nil)))
 }
 
-// publishLoop publishes from every device in devs until stop is closed.
-func (r *run) publishLoop(ctx context.Context, devs []*device, every time.Duration, stop <-chan struct{}) *sync.WaitGroup {
+// publishLoop publishes from every device in devs, one message each every
+// interval, until the returned function is called; it returns once every
+// publisher has stopped.
+func (r *run) publishLoop(ctx context.Context, devs []*device, every time.Duration) (stop func()) {
 	var wg sync.WaitGroup
+	done := make(chan struct{})
 	for _, d := range devs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for {
 				select {
-				case <-stop:
+				case <-done:
 					return
 				case <-ctx.Done():
 					return
@@ -126,5 +129,8 @@ func (r *run) publishLoop(ctx context.Context, devs []*device, every time.Durati
 			}
 		}()
 	}
-	return &wg
+	return func() {
+		close(done)
+		wg.Wait()
+	}
 }

@@ -12,8 +12,7 @@ import (
 // lifetime and moves its session to the new certificate, under traffic.
 func (r *run) renewScenario(ctx context.Context) error {
 	live := r.live()
-	stop := make(chan struct{})
-	wg := r.publishLoop(ctx, live, 100*time.Millisecond, stop)
+	stop := r.publishLoop(ctx, live, 100*time.Millisecond)
 	rctx, cancel := context.WithCancel(ctx)
 	var rwg sync.WaitGroup
 	for _, d := range live {
@@ -46,8 +45,7 @@ func (r *run) renewScenario(ctx context.Context) error {
 	cancel()
 	rwg.Wait()
 	time.Sleep(200 * time.Millisecond)
-	close(stop)
-	wg.Wait()
+	stop()
 	r.waitDelivered(ctx, 10*time.Second)
 	n := 0
 	for _, d := range live {

@@ -10,13 +10,11 @@ import (
 // nothing acknowledged was lost.
 func (r *run) restart(ctx context.Context) error {
 	live := r.live()
-	stop := make(chan struct{})
-	wg := r.publishLoop(ctx, live, 50*time.Millisecond, stop)
+	stop := r.publishLoop(ctx, live, 50*time.Millisecond)
 	time.Sleep(300 * time.Millisecond)
 	t0 := time.Now()
 	if err := r.gw.restart(ctx); err != nil {
-		close(stop)
-		wg.Wait()
+		stop()
 		return fmt.Errorf("restart gateway: %w", err)
 	}
 	r.progress("gateway restarted (pid %d) in %s", r.gw.pid(), time.Since(t0).Round(time.Millisecond))
@@ -30,8 +28,7 @@ func (r *run) restart(ctx context.Context) error {
 	})
 	r.progress("devices back after %s", time.Since(t0).Round(time.Millisecond))
 	time.Sleep(300 * time.Millisecond)
-	close(stop)
-	wg.Wait()
+	stop()
 	r.waitDelivered(ctx, 20*time.Second)
 	n := 0
 	for _, d := range live {

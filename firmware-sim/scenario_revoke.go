@@ -17,8 +17,7 @@ func (r *run) revoke(ctx context.Context) error {
 		k = len(live) - 1
 	}
 	victims, rest := live[len(live)-k:], live[:len(live)-k]
-	stop := make(chan struct{})
-	wg := r.publishLoop(ctx, live, 20*time.Millisecond, stop)
+	stop := r.publishLoop(ctx, live, 20*time.Millisecond)
 	time.Sleep(200 * time.Millisecond) // traffic flows before the revocation
 	revokedAt := time.Now()
 	seqAtReturn := map[string]int64{}
@@ -26,8 +25,7 @@ func (r *run) revoke(ctx context.Context) error {
 	for _, v := range victims {
 		t0 := time.Now()
 		if _, err := r.admin.DeviceAction(ctx, v.id, "revoke", "fleetsim revoke scenario"); err != nil {
-			close(stop)
-			wg.Wait()
+			stop()
 			return fmt.Errorf("revoke %s: %w", v.id, err)
 		}
 		seqAtReturn[v.id] = v.seq.Load()
@@ -35,8 +33,7 @@ func (r *run) revoke(ctx context.Context) error {
 		r.progress("revoked %s (call took %s)", v.id, time.Since(t0).Round(time.Microsecond))
 	}
 	time.Sleep(time.Second) // the rest keep publishing; victims try to
-	close(stop)
-	wg.Wait()
+	stop()
 	r.waitDelivered(ctx, 10*time.Second)
 	skip := map[string]bool{}
 	for _, v := range victims {
