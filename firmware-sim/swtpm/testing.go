@@ -3,6 +3,8 @@ package swtpm
 import (
 	"os"
 	"testing"
+
+	"github.com/fleetgate/fleetgate/devicesdk/tpmkey"
 )
 
 // RequireEnv names the environment variable that turns a missing swtpm
@@ -33,6 +35,27 @@ func StartForTestOptions(t testing.TB, opts Options) *Instance {
 		}
 	})
 	return inst
+}
+
+// OpenForTest opens inst's TPM with tpmkey and closes it when the test
+// ends (before the swtpm of StartForTest is stopped).
+func OpenForTest(t testing.TB, inst *Instance) *tpmkey.TPM {
+	t.Helper()
+	tpm, err := tpmkey.Open(inst.SocketPath())
+	if err != nil {
+		t.Fatalf("tpmkey.Open: %v", err)
+	}
+	t.Cleanup(func() { tpm.Close() })
+	return tpm
+}
+
+// DeviceForTest is a simulated device's TPM: a fresh swtpm manufactured by
+// m (StartForTest), opened with tpmkey (OpenForTest). Both end with the
+// test.
+func DeviceForTest(t testing.TB, m *Manufacturer) (*Instance, *tpmkey.TPM) {
+	t.Helper()
+	inst := StartForTest(t, m)
+	return inst, OpenForTest(t, inst)
 }
 
 // ManufacturerForTest creates a Manufacturer in a test temp dir.
