@@ -36,13 +36,7 @@ func TestPolicyReloadLoadsTheFileTheOperatorWrote(t *testing.T) {
 	ctx := context.Background()
 	policyFile := filepath.Join(e.dataDir, "policy.yaml")
 
-	svcDir := filepath.Join(t.TempDir(), "backend")
-	e.admin("services", "issue", "--name", "backend", "--out", svcDir)
-	recv := newCollector()
-	svc := connectPaho(t, e.srv.Addrs.MQTT, "backend", loadPair(t, svcDir), e.roots)
-	if tok := svc.Subscribe("devices/#", 1, recv.handle); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
-		t.Fatalf("service subscribe: %v", tok.Error())
-	}
+	recv := e.backendOnFleet(t)
 	d, _ := e.enroll("dbg-1", "lab")
 	c, err := d.Connect(ctx, devicesdk.ConnectOptions{BrokerAddr: e.srv.Addrs.MQTT, ServerName: "localhost"})
 	if err != nil {
@@ -184,13 +178,7 @@ func TestPolicyReloadOfADeletedConfiguredFileIsRefused(t *testing.T) {
 		t.Errorf("refusal not logged:\n%s", e.srv.Log())
 	}
 
-	svcDir := filepath.Join(t.TempDir(), "backend")
-	e.admin("services", "issue", "--name", "backend", "--out", svcDir)
-	recv := newCollector()
-	svc := connectPaho(t, e.srv.Addrs.MQTT, "backend", loadPair(t, svcDir), e.roots)
-	if tok := svc.Subscribe("devices/#", 1, recv.handle); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
-		t.Fatalf("service subscribe: %v", tok.Error())
-	}
+	recv := e.backendOnFleet(t)
 	d, _ := e.enroll("dbg-2", "lab")
 	c, err := d.Connect(context.Background(), devicesdk.ConnectOptions{BrokerAddr: e.srv.Addrs.MQTT, ServerName: "localhost"})
 	if err != nil {
@@ -201,4 +189,18 @@ func TestPolicyReloadOfADeletedConfiguredFileIsRefused(t *testing.T) {
 		t.Fatalf("publish under the old policy's extra rule: %v", err)
 	}
 	recv.wait(t, "devices/dbg-2/debug/x", "still")
+}
+
+// backendOnFleet issues the service "backend", connects it and subscribes
+// it to devices/#; what it receives is collected.
+func (e *env) backendOnFleet(t *testing.T) *collector {
+	t.Helper()
+	svcDir := filepath.Join(t.TempDir(), "backend")
+	e.admin("services", "issue", "--name", "backend", "--out", svcDir)
+	recv := newCollector()
+	svc := connectPaho(t, e.srv.Addrs.MQTT, "backend", loadPair(t, svcDir), e.roots)
+	if tok := svc.Subscribe("devices/#", 1, recv.handle); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("service subscribe: %v", tok.Error())
+	}
+	return recv
 }
