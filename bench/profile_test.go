@@ -79,20 +79,15 @@ func report(b *testing.B, v Values) {
 	}
 }
 
-func BenchmarkFanInQoS0(b *testing.B) {
-	e, fg := inProcess(b, 200)
-	b.ResetTimer()
-	v, err := e.FanIn(context.Background(), fg, 200, 0, 5*time.Second, 0)
-	if err != nil {
-		b.Fatal(err)
-	}
-	report(b, v)
-}
+func BenchmarkFanInQoS0(b *testing.B) { benchFanIn(b, 0, 0) }
 
-func BenchmarkFanInQoS1(b *testing.B) {
+func BenchmarkFanInQoS1(b *testing.B) { benchFanIn(b, 1, 16) }
+
+// benchFanIn runs scenario 3 (QoS 0) or 4 (QoS 1) with 200 publishers.
+func benchFanIn(b *testing.B, qos byte, window int) {
 	e, fg := inProcess(b, 200)
 	b.ResetTimer()
-	v, err := e.FanIn(context.Background(), fg, 200, 1, 5*time.Second, 16)
+	v, err := e.FanIn(context.Background(), fg, 200, qos, 5*time.Second, window)
 	if err != nil {
 		b.Fatal(err)
 	}
