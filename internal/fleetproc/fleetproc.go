@@ -128,7 +128,7 @@ type Proc struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 	err  error // of Wait; read after done is closed
-	mem  *syncBuffer
+	mem  *Buffer
 }
 
 // Spawn starts bin with args (any program: the harness also runs
@@ -138,7 +138,7 @@ func Spawn(bin string, args []string, log io.Writer, dieWithParent bool) (*Proc,
 	cmd := exec.Command(bin, args...)
 	p := &Proc{cmd: cmd, done: make(chan struct{})}
 	if log == nil {
-		p.mem = &syncBuffer{}
+		p.mem = &Buffer{}
 		log = p.mem
 	}
 	cmd.Stdout, cmd.Stderr = log, log
@@ -259,18 +259,20 @@ func (p *Proc) Log() string {
 	return p.mem.String()
 }
 
-type syncBuffer struct {
+// Buffer is a log sink that goroutines may write while others read it.
+type Buffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (s *syncBuffer) Write(b []byte) (int, error) {
+func (s *Buffer) Write(b []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.Write(b)
 }
 
-func (s *syncBuffer) String() string {
+// String returns everything written so far.
+func (s *Buffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()

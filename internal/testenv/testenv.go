@@ -11,7 +11,6 @@ import (
 	"errors"
 	"log/slog"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -38,23 +37,7 @@ type Gateway struct {
 }
 
 // SyncBuffer is a goroutine-safe log sink tests can search.
-type SyncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *SyncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-// String returns everything written so far.
-func (s *SyncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type SyncBuffer = fleetproc.Buffer
 
 // Init creates a data directory with a fresh PKI, as `fleetgate init` does.
 func Init(t testing.TB) string {
