@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/fleetgate/fleetgate/internal/fleetproc"
 )
 
 // Scenario 5: idle connections (scenario 6, revocation, runs while they
@@ -36,7 +38,7 @@ func (ic idleConns) Close() {
 func (e *Env) Idle(ctx context.Context, b *Broker, n, workers int, then func() (Values, error)) (Values, error) {
 	dialer := &Dialer{Addr: b.MQTT, ServerName: "localhost", Timeout: 60 * time.Second}
 	time.Sleep(time.Second)
-	before, err := RSS(b.PID)
+	before, err := fleetproc.RSS(b.PID)
 	if err != nil {
 		return nil, err
 	}
@@ -58,7 +60,7 @@ func (e *Env) Idle(ctx context.Context, b *Broker, n, workers int, then func() (
 	took := time.Since(start)
 	cpu, _ := meter.since()
 	time.Sleep(3 * time.Second) // let the broker settle (Go: background GC)
-	after, err := RSS(b.PID)
+	after, err := fleetproc.RSS(b.PID)
 	if err != nil {
 		return nil, err
 	}

@@ -4,10 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
-	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -16,6 +13,8 @@ import (
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/enroll/ca"
+
+	"github.com/fleetgate/fleetgate/internal/fleetproc"
 )
 
 func (r *run) connectOpts() devicesdk.ConnectOptions {
@@ -157,19 +156,10 @@ func (r *run) setup(ctx context.Context) error {
 	return nil
 }
 
-// rssKB reads a process's resident set size from /proc.
+// rssKB is a process's resident set size in KB (0 if unknown).
 func rssKB(pid int) int64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
-			n, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-			return n
-		}
-	}
-	return 0
+	b, _ := fleetproc.RSS(pid)
+	return b / 1024
 }
 
 // runtimeGC is a pause so the gateway settles before the baseline is read.

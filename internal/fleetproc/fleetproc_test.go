@@ -41,6 +41,9 @@ printf '{"mqtt":"%s","api":"127.0.0.1:2","metrics":"127.0.0.1:3"}' "$mqtt" > "$a
 exec sleep 60
 `
 
+// servesCleanly is serves, exiting 0 on SIGTERM as fleetgate does.
+var servesCleanly = strings.Replace(serves, "exec sleep 60", "sleep 60 &\ntrap 'kill $!; exit 0' TERM\nwait", 1)
+
 func alive(pid int) bool { return syscall.Kill(pid, 0) == nil }
 
 func TestAddrsMatchTheGatewaysFile(t *testing.T) {
@@ -118,5 +121,18 @@ func TestStartStopsTheProcessWhenItGivesUp(t *testing.T) {
 	}
 	if alive(pid) {
 		t.Fatalf("pid %d still running", pid)
+	}
+}
+
+func TestProcFigures(t *testing.T) {
+	p := fleetproc.ForTest(t, fleetproc.Options{Bin: fake(t, servesCleanly), DataDir: t.TempDir()})
+	if rss, err := fleetproc.RSS(p.PID); err != nil || rss <= 0 {
+		t.Errorf("RSS = %d, %v", rss, err)
+	}
+	if cpu, err := fleetproc.CPUTime(p.PID); err != nil || cpu < 0 {
+		t.Errorf("CPUTime = %s, %v", cpu, err)
+	}
+	if _, err := fleetproc.RSS(-1); err == nil {
+		t.Error("RSS of no process: no error")
 	}
 }
