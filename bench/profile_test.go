@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/internal/fleetproc"
 	"github.com/fleetgate/fleetgate/server"
 )
 
@@ -44,35 +45,29 @@ func inProcess(b *testing.B, devices int) (*Env, *Broker) {
 	}
 	addrFile := filepath.Join(work, "addrs.json")
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
+	done := make(chan struct{})
 	go func() {
+		defer close(done)
 		cfg := server.Defaults()
 		cfg.DataDir, cfg.MQTTAddr, cfg.APIAddr, cfg.MetricsAddr, cfg.AddrFile = e.DataDir(), "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", addrFile
 		cfg.MaxPending, cfg.MaxPendingPerIP = 4096, 4096
 		cfg.MsgRate, cfg.MsgBurst, cfg.ByteRate, cfg.ByteBurst = 1e9, 1e9, 1e12, 1<<40
 		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelWarn}))
-		s, err := server.New(cfg)
-		if err != nil {
-			done <- err
-			return
+		if s, err := server.New(cfg); err == nil {
+			_ = s.Run(ctx)
 		}
-		done <- s.Run(ctx)
 	}()
 	b.Cleanup(func() {
 		cancel()
 		<-done
 	})
 	fg := &Broker{Name: "fleetgate", PID: os.Getpid()}
-	for i := 0; ; i++ {
-		if raw, err := os.ReadFile(addrFile); err == nil && len(raw) > 0 {
-			if err := readAddrs(raw, fg); err == nil {
-				break
-			}
-		}
-		if i > 600 {
-			b.Fatal("gateway did not start")
-		}
-		time.Sleep(50 * time.Millisecond)
+	a, err := fleetproc.WaitAddrs(ctx, addrFile, 30*time.Second, done)
+	if err == nil {
+		err = fg.setAddrs(a)
+	}
+	if err != nil {
+		b.Fatalf("gateway did not start: %v", err)
 	}
 	if err := e.Enroll(ctx, fg, devices); err != nil {
 		b.Fatal(err)
@@ -86,20 +81,15 @@ func report(b *testing.B, v Values) {
 	}
 }
 
-func BenchmarkFanInQoS0(b *testing.B) {
-	e, fg := inProcess(b, 200)
-	b.ResetTimer()
-	v, err := e.FanIn(context.Background(), fg, 200, 0, 5*time.Second, 0)
-	if err != nil {
-		b.Fatal(err)
-	}
-	report(b, v)
-}
+func BenchmarkFanInQoS0(b *testing.B) { benchFanIn(b, 0, 0) }
 
-func BenchmarkFanInQoS1(b *testing.B) {
+func BenchmarkFanInQoS1(b *testing.B) { benchFanIn(b, 1, 16) }
+
+// benchFanIn runs scenario 3 (QoS 0) or 4 (QoS 1) with 200 publishers.
+func benchFanIn(b *testing.B, qos byte, window int) {
 	e, fg := inProcess(b, 200)
 	b.ResetTimer()
-	v, err := e.FanIn(context.Background(), fg, 200, 1, 5*time.Second, 16)
+	v, err := e.FanIn(context.Background(), fg, 200, qos, 5*time.Second, window)
 	if err != nil {
 		b.Fatal(err)
 	}

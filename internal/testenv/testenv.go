@@ -10,12 +10,9 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"log/slog"
-	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -26,6 +23,7 @@ import (
 	"github.com/fleetgate/fleetgate/broker"
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/internal/fleetproc"
 	"github.com/fleetgate/fleetgate/operator/client"
 	"github.com/fleetgate/fleetgate/server"
 )
@@ -41,23 +39,7 @@ type Gateway struct {
 }
 
 // SyncBuffer is a goroutine-safe log sink tests can search.
-type SyncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *SyncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-// String returns everything written so far.
-func (s *SyncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type SyncBuffer = fleetproc.Buffer
 
 // Init creates a data directory with a fresh PKI, as `fleetgate init` does.
 func Init(t testing.TB) string {
@@ -150,8 +132,9 @@ func StartConfig(t testing.TB, cfg server.Config) *Gateway {
 	cfg.AddrFile = addrFile
 	cfg.Logger = slog.New(slog.NewTextHandler(g.Logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
+	done, exited := make(chan error, 1), make(chan struct{})
 	go func() {
+		defer close(exited)
 		s, err := server.New(cfg)
 		if err != nil {
 			done <- err
@@ -169,20 +152,16 @@ func StartConfig(t testing.TB, cfg server.Config) *Gateway {
 		})
 	}
 	t.Cleanup(g.stop)
-	Eventually(t, 20*time.Second, func() error {
-		select {
-		case err := <-done:
-			done <- err
-			t.Fatalf("gateway exited: %v\n%s", err, g.Logs.String())
-		default:
-		}
-		b, err := os.ReadFile(addrFile)
-		if err != nil {
-			return err
-		}
-		return json.Unmarshal(b, &g.Addrs)
-	})
-	var err error
+	a, err := fleetproc.WaitAddrs(ctx, addrFile, 20*time.Second, exited)
+	if errors.Is(err, fleetproc.ErrExited) {
+		err = <-done
+		done <- err
+		t.Fatalf("gateway exited: %v\n%s", err, g.Logs.String())
+	}
+	if err != nil {
+		t.Fatalf("gateway did not start: %v\n%s", err, g.Logs.String())
+	}
+	g.Addrs = server.Addrs(a)
 	if g.CA, err = ca.Load(cfg.DataDir, ca.Options{}); err != nil {
 		t.Fatal(err)
 	}
