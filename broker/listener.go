@@ -232,7 +232,7 @@ func handshakeReason(err error) string {
 	var re *auth.RefusedError
 	switch {
 	case errors.As(err, &re):
-		return re.Reason
+		return string(re.Reason)
 	case errors.As(err, &ua):
 		return "unknown_ca"
 	case errors.As(err, &inv):

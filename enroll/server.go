@@ -29,6 +29,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/internal/logguard"
 )
@@ -289,7 +290,7 @@ func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *regis
 	}
 	id := identity.Identity{Role: identity.RoleDevice, Name: deviceID}
 	var cert *x509.Certificate
-	rec, err := s.cfg.Registry.RedeemTokenAudited(tokID, secret, deviceID, audit, func(tr registry.TokenRedemption) (*registry.Certificate, error) {
+	rec, err := s.cfg.Registry.RedeemTokenAudited(tokID, secret, deviceID, audit, func(tr registry.TokenRedemption) (*fleet.Certificate, error) {
 		var err error
 		cert, err = s.cfg.CA.Issue(id, csr.PublicKey, s.cfg.DeviceCertTTL)
 		if err != nil {
@@ -308,7 +309,7 @@ func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *regis
 	return s.enrollResponse(deviceID, cert, rec), nil
 }
 
-func (s *Server) enrollResponse(deviceID string, cert *x509.Certificate, rec *registry.Certificate) *api.EnrollResponse {
+func (s *Server) enrollResponse(deviceID string, cert *x509.Certificate, rec *fleet.Certificate) *api.EnrollResponse {
 	return &api.EnrollResponse{
 		DeviceID:            deviceID,
 		Identity:            cert.URIs[0].String(),
@@ -437,8 +438,8 @@ func registryError(err error) error {
 	return err
 }
 
-func certRecord(c *x509.Certificate, id identity.Identity) *registry.Certificate {
-	return &registry.Certificate{
+func certRecord(c *x509.Certificate, id identity.Identity) *fleet.Certificate {
+	return &fleet.Certificate{
 		Serial: ca.SerialString(c.SerialNumber), Role: id.Role, Name: id.Name,
 		NotBefore: c.NotBefore, NotAfter: c.NotAfter, DER: c.Raw,
 	}

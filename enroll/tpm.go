@@ -18,6 +18,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
@@ -137,15 +138,15 @@ func (t *tpmEnroller) checkEK(ekDER []byte, claimedID string) (*ekCheck, error) 
 	case err == nil:
 		c.deviceID, c.group = rec.DeviceID, rec.Group
 		switch dev.State {
-		case registry.StateRevoked:
+		case fleet.StateRevoked:
 			return c, apiErr(http.StatusForbidden, "device_revoked", "device is revoked", registry.ErrDeviceRevoked)
-		case registry.StateSuspended:
+		case fleet.StateSuspended:
 			return c, apiErr(http.StatusForbidden, "device_suspended", "device is suspended", registry.ErrDeviceSuspended)
 		}
 	case errors.Is(err, registry.ErrEKNotRegistered) && cfg.TPMPolicy == TPMPolicyManufacturer:
 		// The chain was verified: TPMRoots is required by this policy.
 		c.deviceID, c.group, c.autoRegister = api.AutoDeviceID(cert.RawSubjectPublicKeyInfo), "default", true
-		if st, ok := cfg.Registry.DeviceStatus(c.deviceID); ok && (st.State == registry.StateRevoked || st.State == registry.StateSuspended) {
+		if st, ok := cfg.Registry.DeviceStatus(c.deviceID); ok && (st.State == fleet.StateRevoked || st.State == fleet.StateSuspended) {
 			return c, registryError(stateErr(st.State))
 		}
 	case errors.Is(err, registry.ErrEKNotRegistered):
@@ -159,8 +160,8 @@ func (t *tpmEnroller) checkEK(ekDER []byte, claimedID string) (*ekCheck, error) 
 	return c, nil
 }
 
-func stateErr(s registry.DeviceState) error {
-	if s == registry.StateRevoked {
+func stateErr(s fleet.DeviceState) error {
+	if s == fleet.StateRevoked {
 		return registry.ErrDeviceRevoked
 	}
 	return registry.ErrDeviceSuspended
@@ -281,7 +282,7 @@ func (t *tpmEnroller) handleComplete(w http.ResponseWriter, r *http.Request) {
 		rec, err := t.s.cfg.Registry.RedeemTPM(registry.TPMRedemption{
 			EKFingerprint: c.ekFP, DeviceID: c.deviceID, AutoRegister: c.autoRegister, Group: c.group,
 			Audit: t.s.issuedAudit(r, "enroll.tpm", c.deviceID),
-		}, func(registry.Device) (*registry.Certificate, error) {
+		}, func(fleet.Device) (*fleet.Certificate, error) {
 			var err error
 			cert, err = t.s.cfg.CA.Issue(id, csr.PublicKey, t.s.cfg.DeviceCertTTL)
 			if err != nil {

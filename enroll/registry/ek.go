@@ -3,6 +3,7 @@ package registry
 import (
 	"errors"
 	"fmt"
+	"github.com/fleetgate/fleetgate/fleet"
 	"strings"
 	"time"
 
@@ -97,7 +98,7 @@ func (r *Registry) RegisterEK(reg EKRegistration, actor string) error {
 	if _, taken := r.PrincipalRole(reg.DeviceID); taken {
 		return fmt.Errorf("%w: %q is a service or operator name", ErrNameTaken, reg.DeviceID)
 	}
-	var dev Device
+	var dev fleet.Device
 	err := r.update(func(txn *badger.Txn) error {
 		d, err := r.registerEK(txn, reg, actor, r.now())
 		dev = d
@@ -107,7 +108,7 @@ func (r *Registry) RegisterEK(reg EKRegistration, actor string) error {
 	if err != nil {
 		return err
 	}
-	r.indexDevice(&dev)
+	r.dir.DeviceChanged(&dev)
 	return nil
 }
 
@@ -120,31 +121,31 @@ func reasonEK(reg EKRegistration, err error) string {
 
 // checkEK checks that reg can be applied in txn and returns the device
 // record as it will be written.
-func checkEK(txn *badger.Txn, reg EKRegistration, now time.Time) (Device, error) {
+func checkEK(txn *badger.Txn, reg EKRegistration, now time.Time) (fleet.Device, error) {
 	if reg.Fingerprint == "" || reg.DeviceID == "" {
-		return Device{}, errors.New("registry: EK registration needs a fingerprint and a device ID")
+		return fleet.Device{}, errors.New("registry: EK registration needs a fingerprint and a device ID")
 	}
 	var rec EKRecord
 	switch err := get(txn, pfxEK+reg.Fingerprint, &rec); {
 	case err == nil:
 		if rec.DeviceID != reg.DeviceID {
-			return Device{}, fmt.Errorf("%w: %s", ErrEKRegistered, rec.DeviceID)
+			return fleet.Device{}, fmt.Errorf("%w: %s", ErrEKRegistered, rec.DeviceID)
 		}
 	case !errors.Is(err, ErrNotFound):
-		return Device{}, err
+		return fleet.Device{}, err
 	}
-	var dev Device
+	var dev fleet.Device
 	switch err := get(txn, pfxDevice+reg.DeviceID, &dev); {
 	case errors.Is(err, ErrNotFound):
-		dev = Device{ID: reg.DeviceID, State: StateRegistered, CreatedAt: now}
+		dev = fleet.Device{ID: reg.DeviceID, State: fleet.StateRegistered, CreatedAt: now}
 	case err != nil:
-		return Device{}, err
+		return fleet.Device{}, err
 	}
-	if dev.State == StateRevoked {
-		return Device{}, fmt.Errorf("%w: %s", ErrDeviceRevoked, reg.DeviceID)
+	if dev.State == fleet.StateRevoked {
+		return fleet.Device{}, fmt.Errorf("%w: %s", ErrDeviceRevoked, reg.DeviceID)
 	}
 	if dev.EKFingerprint != "" && dev.EKFingerprint != reg.Fingerprint {
-		return Device{}, fmt.Errorf("%w: %s", ErrDeviceHasEK, reg.DeviceID)
+		return fleet.Device{}, fmt.Errorf("%w: %s", ErrDeviceHasEK, reg.DeviceID)
 	}
 	dev.EKFingerprint = reg.Fingerprint
 	if reg.Group != "" {
@@ -154,17 +155,17 @@ func checkEK(txn *badger.Txn, reg EKRegistration, now time.Time) (Device, error)
 	return dev, nil
 }
 
-func (r *Registry) registerEK(txn *badger.Txn, reg EKRegistration, actor string, now time.Time) (Device, error) {
+func (r *Registry) registerEK(txn *badger.Txn, reg EKRegistration, actor string, now time.Time) (fleet.Device, error) {
 	dev, err := checkEK(txn, reg, now)
 	if err != nil {
-		return Device{}, err
+		return fleet.Device{}, err
 	}
 	rec := EKRecord{Fingerprint: reg.Fingerprint, DeviceID: reg.DeviceID, Group: dev.Group, RegisteredAt: now, RegisteredBy: actor}
 	if err := put(txn, pfxEK+reg.Fingerprint, &rec); err != nil {
-		return Device{}, err
+		return fleet.Device{}, err
 	}
 	if err := put(txn, pfxDevice+dev.ID, &dev); err != nil {
-		return Device{}, err
+		return fleet.Device{}, err
 	}
 	return dev, nil
 }
@@ -213,7 +214,7 @@ func checkImport(txn *badger.Txn, regs []EKRegistration, now time.Time) ([]Impor
 func (r *Registry) ImportEKs(regs []EKRegistration, actor string) error {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
-	devs := make([]Device, 0, len(regs))
+	devs := make([]fleet.Device, 0, len(regs))
 	err := r.update(func(txn *badger.Txn) error {
 		now := r.now()
 		problems, err := checkImport(txn, regs, now)
@@ -240,7 +241,7 @@ func (r *Registry) ImportEKs(regs []EKRegistration, actor string) error {
 		return err
 	}
 	for i := range devs {
-		r.indexDevice(&devs[i])
+		r.dir.DeviceChanged(&devs[i])
 	}
 	return nil
 }
@@ -268,9 +269,9 @@ func (r *Registry) EK(fingerprint string) (*EKRecord, error) {
 
 // DeviceByEK returns the EK registration and the device it is registered
 // for (ErrEKNotRegistered if none).
-func (r *Registry) DeviceByEK(fingerprint string) (*EKRecord, *Device, error) {
+func (r *Registry) DeviceByEK(fingerprint string) (*EKRecord, *fleet.Device, error) {
 	var rec EKRecord
-	var dev Device
+	var dev fleet.Device
 	err := r.db.View(func(txn *badger.Txn) error {
 		if err := get(txn, pfxEK+fingerprint, &rec); err != nil {
 			if errors.Is(err, ErrNotFound) {
@@ -317,11 +318,11 @@ type TPMRedemption struct {
 // the one registered for it and the device is neither revoked nor suspended.
 // Its earlier certificates are not revoked: they stay valid until they
 // expire unless an operator revokes them.
-func (r *Registry) RedeemTPM(red TPMRedemption, sign func(Device) (*Certificate, error)) (*Certificate, error) {
+func (r *Registry) RedeemTPM(red TPMRedemption, sign func(fleet.Device) (*fleet.Certificate, error)) (*fleet.Certificate, error) {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
-	var out *Certificate
-	var dev Device
+	var out *fleet.Certificate
+	var dev fleet.Device
 	err := r.updateAudited(red.Audit != nil, func(txn *badger.Txn) error {
 		now := r.now()
 		var rec EKRecord
@@ -343,14 +344,14 @@ func (r *Registry) RedeemTPM(red TPMRedemption, sign func(Device) (*Certificate,
 		}
 		switch err := get(txn, pfxDevice+red.DeviceID, &dev); {
 		case errors.Is(err, ErrNotFound):
-			dev = Device{ID: red.DeviceID, Group: rec.Group, CreatedAt: now}
+			dev = fleet.Device{ID: red.DeviceID, Group: rec.Group, CreatedAt: now}
 		case err != nil:
 			return err
 		}
 		switch dev.State {
-		case StateRevoked:
+		case fleet.StateRevoked:
 			return ErrDeviceRevoked
-		case StateSuspended:
+		case fleet.StateSuspended:
 			return ErrDeviceSuspended
 		}
 		if dev.EKFingerprint != "" && dev.EKFingerprint != red.EKFingerprint {
@@ -366,8 +367,8 @@ func (r *Registry) RedeemTPM(red TPMRedemption, sign func(Device) (*Certificate,
 		if err != nil {
 			return err
 		}
-		dev.State = StateActive
-		dev.AttestationMethod = MethodTPM
+		dev.State = fleet.StateActive
+		dev.AttestationMethod = fleet.MethodTPM
 		dev.EKFingerprint = red.EKFingerprint
 		if err := r.recordCert(txn, c, &dev, now); err != nil {
 			return err
@@ -381,14 +382,6 @@ func (r *Registry) RedeemTPM(red TPMRedemption, sign func(Device) (*Certificate,
 	if err != nil {
 		return nil, err
 	}
-	r.indexCert(out, &dev)
+	r.dir.Issued(out, &dev)
 	return out, nil
-}
-
-// indexDevice updates the in-memory view of a device and tells watchers.
-func (r *Registry) indexDevice(d *Device) {
-	r.mu.Lock()
-	r.devices[d.ID] = d.status()
-	r.mu.Unlock()
-	r.emit(Event{Kind: EventDeviceChanged, DeviceID: d.ID, State: d.State})
 }

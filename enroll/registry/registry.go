@@ -2,7 +2,8 @@
 // certificates, bootstrap tokens and the append-only audit log, stored in
 // badger. It also keeps an in-memory index of certificate serials and device
 // states, in step with every commit, that the broker consults on each
-// handshake and ACL check without touching disk.
+// handshake and ACL check without touching disk: the registry writes each
+// committed change, in commit order, into a directory.Directory.
 package registry
 
 import (
@@ -13,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/fleetgate/fleetgate/fleet"
 	"log/slog"
 	"sort"
 	"strings"
@@ -21,6 +23,7 @@ import (
 
 	badger "github.com/dgraph-io/badger/v4"
 
+	"github.com/fleetgate/fleetgate/directory"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
@@ -50,20 +53,15 @@ type Registry struct {
 	audit auditState
 
 	// writeMu orders every change of device or certificate state: the
-	// transaction and the in-memory index update that follows it happen
-	// under it, so the index applies changes in commit order (a renewal
-	// that committed before a revocation cannot overwrite it in the index).
+	// transaction and the directory update that follows it happen under
+	// it, so the directory applies changes in commit order (a renewal that
+	// committed before a revocation cannot overwrite it in the directory).
 	writeMu sync.Mutex
 
-	mu      sync.RWMutex
-	certs   map[string]CertStatus
-	devices map[string]DeviceStatus
-	// principals maps service and operator names to their role.
-	principals map[string]identity.Role
-	// Watchers are told of every committed change (Watch), after the
-	// in-memory index has it.
-	Watchers
-	changes *changeLog
+	// dir is the in-memory view the registry feeds, after each commit and
+	// in commit order (under writeMu); its watchers are told of every
+	// committed change after the view has it.
+	dir *directory.Directory
 }
 
 // Options configure Open.
@@ -72,6 +70,8 @@ type Options struct {
 	Now    func() time.Time
 	// InMemory runs badger without disk (tests of pure logic only).
 	InMemory bool
+	// Directory is the view to feed (empty; default a new one).
+	Directory *directory.Directory
 }
 
 // Open opens (or creates) the registry in dir and loads the in-memory index.
@@ -98,8 +98,10 @@ func Open(dir string, o Options) (*Registry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("registry: open badger %s: %w", dir, err)
 	}
-	r := &Registry{db: db, log: o.Logger, now: o.Now,
-		certs: map[string]CertStatus{}, devices: map[string]DeviceStatus{}, principals: map[string]identity.Role{}, changes: newChangeLog()}
+	if o.Directory == nil {
+		o.Directory = directory.New()
+	}
+	r := &Registry{db: db, log: o.Logger, now: o.Now, dir: o.Directory}
 	if err := r.loadIndex(); err != nil {
 		db.Close()
 		return nil, err
@@ -161,53 +163,39 @@ func (r *Registry) loadAuditSeq() error {
 
 func (r *Registry) loadIndex() error {
 	return r.db.View(func(txn *badger.Txn) error {
-		if err := iterate(txn, pfxCert, func(c *Certificate) error {
-			r.certs[c.Serial] = CertStatus{Identity: c.Identity(), NotAfter: c.NotAfter, Revoked: c.Revoked}
-			if c.Role != identity.RoleDevice {
-				r.principals[c.Name] = c.Role
-			}
+		if err := iterate(txn, pfxCert, func(c *fleet.Certificate) error {
+			r.dir.Load(c)
 			return nil
 		}); err != nil {
 			return err
 		}
-		return iterate(txn, pfxDevice, func(d *Device) error {
-			r.devices[d.ID] = d.status()
+		return iterate(txn, pfxDevice, func(d *fleet.Device) error {
+			r.dir.LoadDevice(d)
 			return nil
 		})
 	})
 }
 
-func (r *Registry) emit(evs ...Event) {
-	r.changes.append(evs)
-	r.Notify(evs...)
-}
+// Directory returns the in-memory view the registry feeds: the broker in
+// the same process and the change feed read it.
+func (r *Registry) Directory() *directory.Directory { return r.dir }
 
 // CertStatus returns the in-memory view of a serial. ok is false if the
 // registry never issued it.
-func (r *Registry) CertStatus(serial string) (CertStatus, bool) {
-	r.mu.RLock()
-	s, ok := r.certs[serial]
-	r.mu.RUnlock()
-	return s, ok
-}
-
-// PrincipalRole returns the role of a service or operator name that the
-// registry issued a certificate to. Names share one namespace with device
-// IDs: they are MQTT client IDs.
-func (r *Registry) PrincipalRole(name string) (identity.Role, bool) {
-	r.mu.RLock()
-	role, ok := r.principals[name]
-	r.mu.RUnlock()
-	return role, ok
+func (r *Registry) CertStatus(serial string) (fleet.CertStatus, bool) {
+	return r.dir.CertStatus(serial)
 }
 
 // DeviceStatus returns the in-memory view of a device.
-func (r *Registry) DeviceStatus(id string) (DeviceStatus, bool) {
-	r.mu.RLock()
-	s, ok := r.devices[id]
-	r.mu.RUnlock()
-	return s, ok
-}
+func (r *Registry) DeviceStatus(id string) (fleet.DeviceStatus, bool) { return r.dir.DeviceStatus(id) }
+
+// PrincipalRole returns the role of a service or operator name that the
+// registry issued a certificate to.
+func (r *Registry) PrincipalRole(name string) (identity.Role, bool) { return r.dir.PrincipalRole(name) }
+
+// Watch registers fn to be told of every committed change (see
+// directory.Watchers.Watch).
+func (r *Registry) Watch(fn func(fleet.Event)) { r.dir.Watch(fn) }
 
 // ---- tokens ----
 
@@ -220,10 +208,10 @@ func HashTokenSecret(secret []byte) []byte {
 // CreateToken stores t. A token for a revoked device is refused.
 func (r *Registry) CreateToken(t Token, actor string) error {
 	err := r.update(func(txn *badger.Txn) error {
-		var d Device
+		var d fleet.Device
 		switch err := get(txn, pfxDevice+t.DeviceID, &d); {
 		case err == nil:
-			if d.State == StateRevoked {
+			if d.State == fleet.StateRevoked {
 				return fmt.Errorf("%w: %s", ErrDeviceRevoked, t.DeviceID)
 			}
 			// A device bound to a TPM enrolls by attestation only: a token
@@ -242,7 +230,7 @@ func (r *Registry) CreateToken(t Token, actor string) error {
 
 // TokenRedemption is what RedeemToken hands the signing callback.
 type TokenRedemption struct {
-	Device Device
+	Device fleet.Device
 	Token  Token
 }
 
@@ -251,7 +239,7 @@ type TokenRedemption struct {
 // transaction, marks it used, creates or updates the device and records the
 // certificate that sign returns. Nothing is recorded if any step fails, and
 // a token can be redeemed at most once even under concurrent requests.
-func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, sign func(TokenRedemption) (*Certificate, error)) (*Certificate, error) {
+func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, sign func(TokenRedemption) (*fleet.Certificate, error)) (*fleet.Certificate, error) {
 	return r.RedeemTokenAudited(tokenID, secret, deviceID, nil, sign)
 }
 
@@ -259,11 +247,11 @@ func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, s
 // the audit record of the successful enrollment in the same transaction
 // (with the certificate's serial and outcome ok). Nothing is written on
 // failure: the caller audits the refusal.
-func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID string, audit *AuditRecord, sign func(TokenRedemption) (*Certificate, error)) (*Certificate, error) {
+func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID string, audit *AuditRecord, sign func(TokenRedemption) (*fleet.Certificate, error)) (*fleet.Certificate, error) {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
-	var out *Certificate
-	var dev Device
+	var out *fleet.Certificate
+	var dev fleet.Device
 	err := r.updateAudited(audit != nil, func(txn *badger.Txn) error {
 		now := r.now()
 		var t Token
@@ -287,14 +275,14 @@ func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID st
 		}
 		switch err := get(txn, pfxDevice+deviceID, &dev); {
 		case errors.Is(err, ErrNotFound):
-			dev = Device{ID: deviceID, Group: t.Group, CreatedAt: now}
+			dev = fleet.Device{ID: deviceID, Group: t.Group, CreatedAt: now}
 		case err != nil:
 			return err
 		}
 		switch dev.State {
-		case StateRevoked:
+		case fleet.StateRevoked:
 			return ErrDeviceRevoked
-		case StateSuspended:
+		case fleet.StateSuspended:
 			return ErrDeviceSuspended
 		}
 		if dev.EKFingerprint != "" { // registered after the token was minted
@@ -314,8 +302,8 @@ func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID st
 		if t.Group != "" {
 			dev.Group = t.Group
 		}
-		dev.State = StateActive
-		dev.AttestationMethod = MethodToken
+		dev.State = fleet.StateActive
+		dev.AttestationMethod = fleet.MethodToken
 		if err := r.recordCert(txn, c, &dev, now); err != nil {
 			return err
 		}
@@ -328,7 +316,7 @@ func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID st
 	if err != nil {
 		return nil, err
 	}
-	r.indexCert(out, &dev)
+	r.dir.Issued(out, &dev)
 	return out, nil
 }
 
@@ -336,7 +324,7 @@ func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID st
 
 // RecordCertificate records a certificate that does not belong to a device
 // (service, operator).
-func (r *Registry) RecordCertificate(c *Certificate) error {
+func (r *Registry) RecordCertificate(c *fleet.Certificate) error {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	if c.Role == identity.RoleDevice {
@@ -348,11 +336,11 @@ func (r *Registry) RecordCertificate(c *Certificate) error {
 	if err := r.update(func(txn *badger.Txn) error { return r.recordCert(txn, c, nil, r.now()) }); err != nil {
 		return err
 	}
-	r.indexCert(c, nil)
+	r.dir.Issued(c, nil)
 	return nil
 }
 
-func (r *Registry) recordCert(txn *badger.Txn, c *Certificate, dev *Device, now time.Time) error {
+func (r *Registry) recordCert(txn *badger.Txn, c *fleet.Certificate, dev *fleet.Device, now time.Time) error {
 	if _, err := txn.Get([]byte(pfxCert + c.Serial)); err == nil {
 		return fmt.Errorf("%w: %s", ErrDuplicateSerial, c.Serial)
 	} else if !errors.Is(err, badger.ErrKeyNotFound) {
@@ -377,26 +365,9 @@ func (r *Registry) recordCert(txn *badger.Txn, c *Certificate, dev *Device, now 
 	return nil
 }
 
-func (r *Registry) indexCert(c *Certificate, dev *Device) {
-	r.mu.Lock()
-	r.certs[c.Serial] = CertStatus{Identity: c.Identity(), NotAfter: c.NotAfter, Revoked: c.Revoked}
-	if c.Role != identity.RoleDevice {
-		r.principals[c.Name] = c.Role
-	}
-	if dev != nil {
-		r.devices[dev.ID] = dev.status()
-	}
-	r.mu.Unlock()
-	evs := []Event{{Kind: EventCertIssued, Serial: c.Serial}}
-	if dev != nil {
-		evs = append(evs, Event{Kind: EventDeviceChanged, DeviceID: dev.ID, State: dev.State})
-	}
-	r.emit(evs...)
-}
-
 // Certificate returns the record of serial.
-func (r *Registry) Certificate(serial string) (*Certificate, error) {
-	var c Certificate
+func (r *Registry) Certificate(serial string) (*fleet.Certificate, error) {
+	var c fleet.Certificate
 	if err := r.db.View(func(txn *badger.Txn) error { return get(txn, pfxCert+serial, &c) }); err != nil {
 		return nil, err
 	}
@@ -406,8 +377,8 @@ func (r *Registry) Certificate(serial string) (*Certificate, error) {
 // ---- devices ----
 
 // Device returns the record of id.
-func (r *Registry) Device(id string) (*Device, error) {
-	var d Device
+func (r *Registry) Device(id string) (*fleet.Device, error) {
+	var d fleet.Device
 	if err := r.db.View(func(txn *badger.Txn) error { return get(txn, pfxDevice+id, &d) }); err != nil {
 		return nil, err
 	}
@@ -415,10 +386,10 @@ func (r *Registry) Device(id string) (*Device, error) {
 }
 
 // Devices lists all devices, sorted by ID.
-func (r *Registry) Devices() ([]Device, error) {
-	var out []Device
+func (r *Registry) Devices() ([]fleet.Device, error) {
+	var out []fleet.Device
 	err := r.db.View(func(txn *badger.Txn) error {
-		return iterate(txn, pfxDevice, func(d *Device) error { out = append(out, *d); return nil })
+		return iterate(txn, pfxDevice, func(d *fleet.Device) error { out = append(out, *d); return nil })
 	})
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out, err
