@@ -287,10 +287,10 @@ func New(cfg Config) (*Broker, error) {
 			return id.Role
 		},
 		helloTimeout: cfg.HelloTimeout, adm: newAdmission(cfg.MaxPending, cfg.MaxPendingPerIP, cfg.HelloTimeout/3), log: b.log,
-		onRefuse: func(r string) {
-			b.m.authFailures.WithLabelValues(r).Inc()
-			if r == "pending_limit" || r == "pending_per_ip" || r == "pending_evicted" {
-				b.m.limited.WithLabelValues(r).Inc()
+		onRefuse: func(r fleet.Reason) {
+			b.m.authFailures.WithLabelValues(string(r)).Inc()
+			if r == fleet.ReasonPendingLimit || r == fleet.ReasonPendingPerIP || r == fleet.ReasonPendingEvicted {
+				b.m.limited.WithLabelValues(string(r)).Inc()
 			}
 		}}
 	if err := b.server.AddListener(b.ln); err != nil {

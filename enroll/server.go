@@ -278,7 +278,7 @@ func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *regis
 	}
 	tokID, secret, err := ParseToken(token)
 	if err != nil {
-		return nil, apiErr(http.StatusUnauthorized, "token_invalid", "bootstrap token is malformed", err)
+		return nil, apiErr(http.StatusUnauthorized, fleet.ReasonTokenInvalid, "bootstrap token is malformed", err)
 	}
 	csr, err := ca.CheckCSR(csrDER)
 	if err != nil {
@@ -411,29 +411,29 @@ func csrError(err error) error {
 func registryError(err error) error {
 	switch {
 	case errors.Is(err, registry.ErrTokenUnknown):
-		return apiErr(http.StatusUnauthorized, "token_unknown", "bootstrap token is not valid", err)
+		return apiErr(http.StatusUnauthorized, fleet.ReasonTokenUnknown, "bootstrap token is not valid", err)
 	case errors.Is(err, registry.ErrTokenExpired):
-		return apiErr(http.StatusUnauthorized, "token_expired", "bootstrap token has expired", err)
+		return apiErr(http.StatusUnauthorized, fleet.ReasonTokenExpired, "bootstrap token has expired", err)
 	case errors.Is(err, registry.ErrTokenUsed):
-		return apiErr(http.StatusUnauthorized, "token_used", "bootstrap token was already used", err)
+		return apiErr(http.StatusUnauthorized, fleet.ReasonTokenUsed, "bootstrap token was already used", err)
 	case errors.Is(err, registry.ErrTokenDevice):
-		return apiErr(http.StatusForbidden, "token_device_mismatch", "bootstrap token was minted for another device", err)
+		return apiErr(http.StatusForbidden, fleet.ReasonTokenDevice, "bootstrap token was minted for another device", err)
 	case errors.Is(err, registry.ErrDeviceRevoked):
-		return apiErr(http.StatusForbidden, "device_revoked", "device is revoked", err)
+		return apiErr(http.StatusForbidden, fleet.ReasonDeviceRevoked, "device is revoked", err)
 	case errors.Is(err, registry.ErrDeviceSuspended):
-		return apiErr(http.StatusForbidden, "device_suspended", "device is suspended", err)
+		return apiErr(http.StatusForbidden, fleet.ReasonDeviceSuspended, "device is suspended", err)
 	case errors.Is(err, registry.ErrNotFound):
-		return apiErr(http.StatusNotFound, "not_found", "not found", err)
+		return apiErr(http.StatusNotFound, fleet.ReasonNotFound, "not found", err)
 	case errors.Is(err, registry.ErrConflict):
-		return apiErr(http.StatusConflict, "conflict", "concurrent request for the same record; retry", err)
+		return apiErr(http.StatusConflict, fleet.ReasonConflict, "concurrent request for the same record; retry", err)
 	case errors.Is(err, registry.ErrTPMBound):
-		return apiErr(http.StatusForbidden, "device_tpm_bound", "device is bound to a TPM and enrolls by TPM attestation only", err)
+		return apiErr(http.StatusForbidden, fleet.ReasonDeviceTPMBound, "device is bound to a TPM and enrolls by TPM attestation only", err)
 	case errors.Is(err, registry.ErrNameTaken):
-		return apiErr(http.StatusConflict, "name_taken", err.Error(), err)
+		return apiErr(http.StatusConflict, fleet.ReasonNameTaken, err.Error(), err)
 	case errors.Is(err, registry.ErrRenewalTooSoon):
-		return apiErr(http.StatusTooManyRequests, "renewal_refused", err.Error(), err)
+		return apiErr(http.StatusTooManyRequests, fleet.ReasonRenewalRefused, err.Error(), err)
 	case errors.Is(err, registry.ErrInvalidTransition):
-		return apiErr(http.StatusConflict, "invalid_state", err.Error(), err)
+		return apiErr(http.StatusConflict, fleet.ReasonInvalidState, err.Error(), err)
 	}
 	return err
 }
@@ -507,7 +507,7 @@ func (s *Server) handleTokenCreate(w http.ResponseWriter, r *http.Request, op id
 		return
 	}
 	if _, taken := s.cfg.Registry.PrincipalRole(req.DeviceID); taken {
-		s.writeError(w, r, apiErr(http.StatusConflict, "name_taken", fmt.Sprintf("%q is a service or operator name; device IDs and names share the MQTT client ID namespace", req.DeviceID), nil), "")
+		s.writeError(w, r, apiErr(http.StatusConflict, fleet.ReasonNameTaken, fmt.Sprintf("%q is a service or operator name; device IDs and names share the MQTT client ID namespace", req.DeviceID), nil), "")
 		return
 	}
 	if req.Group == "" {

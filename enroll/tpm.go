@@ -139,9 +139,9 @@ func (t *tpmEnroller) checkEK(ekDER []byte, claimedID string) (*ekCheck, error) 
 		c.deviceID, c.group = rec.DeviceID, rec.Group
 		switch dev.State {
 		case fleet.StateRevoked:
-			return c, apiErr(http.StatusForbidden, "device_revoked", "device is revoked", registry.ErrDeviceRevoked)
+			return c, apiErr(http.StatusForbidden, fleet.ReasonDeviceRevoked, "device is revoked", registry.ErrDeviceRevoked)
 		case fleet.StateSuspended:
-			return c, apiErr(http.StatusForbidden, "device_suspended", "device is suspended", registry.ErrDeviceSuspended)
+			return c, apiErr(http.StatusForbidden, fleet.ReasonDeviceSuspended, "device is suspended", registry.ErrDeviceSuspended)
 		}
 	case errors.Is(err, registry.ErrEKNotRegistered) && cfg.TPMPolicy == TPMPolicyManufacturer:
 		// The chain was verified: TPMRoots is required by this policy.
@@ -150,12 +150,12 @@ func (t *tpmEnroller) checkEK(ekDER []byte, claimedID string) (*ekCheck, error) 
 			return c, registryError(stateErr(st.State))
 		}
 	case errors.Is(err, registry.ErrEKNotRegistered):
-		return c, apiErr(http.StatusForbidden, "ek_not_registered", "this TPM's endorsement key is not registered", err)
+		return c, apiErr(http.StatusForbidden, fleet.ReasonEKNotRegistered, "this TPM's endorsement key is not registered", err)
 	default:
 		return c, registryError(err)
 	}
 	if claimedID != "" && claimedID != c.deviceID {
-		return c, apiErr(http.StatusForbidden, "device_id_mismatch", fmt.Sprintf("this TPM is registered as another device (the request named %q)", claimedID), registry.ErrEKDeviceMismatch)
+		return c, apiErr(http.StatusForbidden, fleet.ReasonDeviceIDMismatch, fmt.Sprintf("this TPM is registered as another device (the request named %q)", claimedID), registry.ErrEKDeviceMismatch)
 	}
 	return c, nil
 }
@@ -308,7 +308,7 @@ func (t *tpmEnroller) handleComplete(w http.ResponseWriter, r *http.Request) {
 func attestError(err error) error {
 	type m struct {
 		sentinel error
-		code     string
+		code     fleet.Reason
 		msg      string
 	}
 	// Order matters where an error wraps two sentinels: an exportable AK
@@ -352,9 +352,9 @@ func attestError(err error) error {
 func tpmRegistryError(err error) error {
 	switch {
 	case errors.Is(err, registry.ErrEKNotRegistered):
-		return apiErr(http.StatusForbidden, "ek_not_registered", "this TPM's endorsement key is not registered", err)
+		return apiErr(http.StatusForbidden, fleet.ReasonEKNotRegistered, "this TPM's endorsement key is not registered", err)
 	case errors.Is(err, registry.ErrEKDeviceMismatch), errors.Is(err, registry.ErrDeviceHasEK):
-		return apiErr(http.StatusConflict, "ek_registration_changed", "the EK registration changed during enrollment; start over", err)
+		return apiErr(http.StatusConflict, fleet.ReasonEKRegistrationMoved, "the EK registration changed during enrollment; start over", err)
 	}
 	return registryError(err)
 }
@@ -392,11 +392,11 @@ func (t *tpmEnroller) checkRegistration(req *api.EKRegisterRequest) (registry.EK
 func registrationError(err error) error {
 	switch {
 	case errors.Is(err, registry.ErrEKRegistered):
-		return apiErr(http.StatusConflict, "ek_already_registered", "this EK is registered for another device", err)
+		return apiErr(http.StatusConflict, fleet.ReasonEKRegistered, "this EK is registered for another device", err)
 	case errors.Is(err, registry.ErrDeviceHasEK):
-		return apiErr(http.StatusConflict, "device_has_ek", "this device is bound to another EK", err)
+		return apiErr(http.StatusConflict, fleet.ReasonDeviceHasEK, "this device is bound to another EK", err)
 	case errors.Is(err, registry.ErrDuplicateInImport):
-		return apiErr(http.StatusConflict, "duplicate_entry", "the import names this EK or device twice", err)
+		return apiErr(http.StatusConflict, fleet.ReasonDuplicateEntry, "the import names this EK or device twice", err)
 	}
 	return registryError(err)
 }
