@@ -382,8 +382,9 @@ func (b *Broker) offlineQuotaDropped(cl *mqtt.Client, pk packets.Packet) {
 // authentication or ACL decisions.
 var ErrSecondAuthHook = errors.New("broker: only the fleetgate auth hook may provide authentication or ACL checks")
 
-// addHook is the only way hooks are added. It enforces DESIGN.md: mochi ORs
-// the answers of hooks, so a second hook providing authentication or ACL
+// addHook is the only way hooks are added. It enforces the trust model
+// (docs/architecture.md: exactly one hook provides authentication and ACL
+// decisions): mochi ORs the answers of hooks, so a second hook providing authentication or ACL
 // (mochi's auth.AllowHook, say) would open the broker.
 func (b *Broker) addHook(h mqtt.Hook, config any) error {
 	if h != mqtt.Hook(b.hook) && (h.Provides(mqtt.OnConnectAuthenticate) || h.Provides(mqtt.OnACLCheck)) {

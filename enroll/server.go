@@ -284,7 +284,7 @@ func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *regis
 	if err != nil {
 		return nil, csrError(err)
 	}
-	// DESIGN.md: device certificates are ECDSA P-256.
+	// Device certificates are ECDSA P-256.
 	if k, ok := csr.PublicKey.(*ecdsa.PublicKey); !ok || k.Curve != elliptic.P256() {
 		return nil, apiErr(http.StatusBadRequest, "csr_key_not_allowed", "device keys must be ECDSA P-256", nil)
 	}

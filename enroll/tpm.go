@@ -22,7 +22,7 @@ import (
 	"github.com/fleetgate/fleetgate/identity"
 )
 
-// TPM enrollment (DESIGN.md, "TPM-bound enrollment"): two round trips.
+// TPM enrollment (docs/enrollment-protocol.md, "The protocol"): two round trips.
 //
 // Round 1, POST /v1/enroll/tpm/challenge: chain, then registration and
 // device state, then the AK; the server encrypts a fresh secret to the EK
