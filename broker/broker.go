@@ -384,8 +384,9 @@ var ErrSecondAuthHook = errors.New("broker: only the fleetgate auth hook may pro
 
 // addHook is the only way hooks are added. It enforces the trust model
 // (docs/architecture.md: exactly one hook provides authentication and ACL
-// decisions): mochi ORs the answers of hooks, so a second hook providing authentication or ACL
-// (mochi's auth.AllowHook, say) would open the broker.
+// decisions): mochi ORs the answers of hooks, so a second hook providing
+// authentication or ACL (mochi's auth.AllowHook, say) would open the
+// broker.
 func (b *Broker) addHook(h mqtt.Hook, config any) error {
 	if h != mqtt.Hook(b.hook) && (h.Provides(mqtt.OnConnectAuthenticate) || h.Provides(mqtt.OnACLCheck)) {
 		return fmt.Errorf("%w: %s", ErrSecondAuthHook, h.ID())
