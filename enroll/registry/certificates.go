@@ -3,11 +3,11 @@ package registry
 import (
 	"errors"
 	"fmt"
-	"github.com/fleetgate/fleetgate/fleet"
 	"time"
 
 	badger "github.com/dgraph-io/badger/v4"
 
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 

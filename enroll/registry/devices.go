@@ -1,10 +1,11 @@
 package registry
 
 import (
-	"github.com/fleetgate/fleetgate/fleet"
 	"sort"
 
 	badger "github.com/dgraph-io/badger/v4"
+
+	"github.com/fleetgate/fleetgate/fleet"
 )
 
 // Device returns the record of id.

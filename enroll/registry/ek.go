@@ -3,11 +3,12 @@ package registry
 import (
 	"errors"
 	"fmt"
-	"github.com/fleetgate/fleetgate/fleet"
 	"strings"
 	"time"
 
 	badger "github.com/dgraph-io/badger/v4"
+
+	"github.com/fleetgate/fleetgate/fleet"
 )
 
 // pfxEK keys EK registrations by fingerprint: ek/<fingerprint>.
@@ -305,13 +306,14 @@ type TPMRedemption struct {
 	Audit *AuditRecord
 }
 
-// RedeemTPM records a TPM-attested enrollment. In one transaction it
-// re-checks the EK registration (it must still name DeviceID) and the
-// device state (revoked and suspended devices are refused: the device may
-// have been revoked between the two round trips), calls sign, records the
-// certificate, and marks the device active with attestation method tpm.
-// Nothing is recorded if any step fails. With red.Audit, the audit record
-// is part of that transaction.
+// RedeemTPM records a TPM-attested enrollment. It checks the EK
+// registration (it must still name DeviceID) and the device state (revoked
+// and suspended devices are refused: the device may have been revoked
+// between the two round trips), calls sign outside the registry's write
+// lock (issue), and then, in one transaction that checks all of it again,
+// records the certificate (and an auto-registered EK) and marks the device
+// active with attestation method tpm. Nothing is recorded if any step
+// fails. With red.Audit, the audit record is part of that transaction.
 //
 // Re-enrollment policy: a device that already holds certificates may enroll
 // again (e.g. after a factory reset of its TLS key) when the attested EK is
@@ -319,69 +321,64 @@ type TPMRedemption struct {
 // Its earlier certificates are not revoked: they stay valid until they
 // expire unless an operator revokes them.
 func (r *Registry) RedeemTPM(red TPMRedemption, sign func(fleet.Device) (*fleet.Certificate, error)) (*fleet.Certificate, error) {
-	r.writeMu.Lock()
-	defer r.writeMu.Unlock()
-	var out *fleet.Certificate
+	var rec EKRecord
 	var dev fleet.Device
-	err := r.updateAudited(red.Audit != nil, func(txn *badger.Txn) error {
-		now := r.now()
-		var rec EKRecord
-		switch err := get(txn, pfxEK+red.EKFingerprint, &rec); {
-		case errors.Is(err, ErrNotFound):
-			if !red.AutoRegister {
-				return fmt.Errorf("%w: %s", ErrEKNotRegistered, red.EKFingerprint)
-			}
-			rec = EKRecord{Fingerprint: red.EKFingerprint, DeviceID: red.DeviceID, Group: red.Group,
-				RegisteredAt: now, RegisteredBy: "enroll", Auto: true}
-			if err := put(txn, pfxEK+rec.Fingerprint, &rec); err != nil {
+	autoNew := false
+	return r.issue(issuance{
+		audited: red.Audit != nil,
+		check: func(txn *badger.Txn, now time.Time) error {
+			rec, dev, autoNew = EKRecord{}, fleet.Device{}, false
+			switch err := get(txn, pfxEK+red.EKFingerprint, &rec); {
+			case errors.Is(err, ErrNotFound):
+				if !red.AutoRegister {
+					return fmt.Errorf("%w: %s", ErrEKNotRegistered, red.EKFingerprint)
+				}
+				rec = EKRecord{Fingerprint: red.EKFingerprint, DeviceID: red.DeviceID, Group: red.Group,
+					RegisteredAt: now, RegisteredBy: "enroll", Auto: true}
+				autoNew = true
+			case err != nil:
 				return err
 			}
-		case err != nil:
-			return err
-		}
-		if rec.DeviceID != red.DeviceID {
-			return fmt.Errorf("%w: %s", ErrEKDeviceMismatch, rec.DeviceID)
-		}
-		switch err := get(txn, pfxDevice+red.DeviceID, &dev); {
-		case errors.Is(err, ErrNotFound):
-			dev = fleet.Device{ID: red.DeviceID, Group: rec.Group, CreatedAt: now}
-		case err != nil:
-			return err
-		}
-		switch dev.State {
-		case fleet.StateRevoked:
-			return ErrDeviceRevoked
-		case fleet.StateSuspended:
-			return ErrDeviceSuspended
-		}
-		if dev.EKFingerprint != "" && dev.EKFingerprint != red.EKFingerprint {
-			return fmt.Errorf("%w: %s", ErrDeviceHasEK, red.DeviceID)
-		}
-		if dev.Group == "" {
-			dev.Group = rec.Group
-		}
-		if dev.Group == "" {
-			dev.Group = "default"
-		}
-		c, err := sign(dev)
-		if err != nil {
-			return err
-		}
-		dev.State = fleet.StateActive
-		dev.AttestationMethod = fleet.MethodTPM
-		dev.EKFingerprint = red.EKFingerprint
-		if err := r.recordCert(txn, c, &dev, now); err != nil {
-			return err
-		}
-		if err := r.putIssuedAudit(txn, red.Audit, c.Serial); err != nil {
-			return err
-		}
-		out = c
-		return nil
+			if rec.DeviceID != red.DeviceID {
+				return fmt.Errorf("%w: %s", ErrEKDeviceMismatch, rec.DeviceID)
+			}
+			switch err := get(txn, pfxDevice+red.DeviceID, &dev); {
+			case errors.Is(err, ErrNotFound):
+				dev = fleet.Device{ID: red.DeviceID, Group: rec.Group, CreatedAt: now}
+			case err != nil:
+				return err
+			}
+			switch dev.State {
+			case fleet.StateRevoked:
+				return ErrDeviceRevoked
+			case fleet.StateSuspended:
+				return ErrDeviceSuspended
+			}
+			if dev.EKFingerprint != "" && dev.EKFingerprint != red.EKFingerprint {
+				return fmt.Errorf("%w: %s", ErrDeviceHasEK, red.DeviceID)
+			}
+			if dev.Group == "" {
+				dev.Group = rec.Group
+			}
+			if dev.Group == "" {
+				dev.Group = "default"
+			}
+			return nil
+		},
+		sign: func() (*fleet.Certificate, error) { return sign(dev) },
+		commit: func(txn *badger.Txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error) {
+			if autoNew {
+				if err := put(txn, pfxEK+rec.Fingerprint, &rec); err != nil {
+					return nil, err
+				}
+			}
+			dev.State = fleet.StateActive
+			dev.AttestationMethod = fleet.MethodTPM
+			dev.EKFingerprint = red.EKFingerprint
+			if err := r.recordCert(txn, c, &dev, now); err != nil {
+				return nil, err
+			}
+			return &dev, r.putIssuedAudit(txn, red.Audit, c.Serial)
+		},
 	})
-	if err != nil {
-		return nil, err
-	}
-	r.dir.Issued(out, &dev)
-	return out, nil
 }

@@ -3,12 +3,12 @@ package registry
 import (
 	"errors"
 	"fmt"
-	"github.com/fleetgate/fleetgate/fleet"
 	"testing"
 	"time"
 
 	badger "github.com/dgraph-io/badger/v4"
 
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 

@@ -3,12 +3,13 @@ package registry
 import (
 	"errors"
 	"fmt"
-	"github.com/fleetgate/fleetgate/fleet"
 	"sort"
 	"strings"
 	"time"
 
 	badger "github.com/dgraph-io/badger/v4"
+
+	"github.com/fleetgate/fleetgate/fleet"
 )
 
 // ErrInvalidTransition: the device's state does not allow the change (a
@@ -182,71 +183,63 @@ func (r *Registry) SetSuspended(id string, suspend bool, reason, actor string) e
 // device may hold; renewal is refused past it.
 const MaxLiveCertificates = 8
 
-// RecordRenewal records a renewed certificate for an active device, in one
-// transaction that re-checks the device's state and that the certificate
-// presented for renewal (oldSerial) is still valid.
+// RecordRenewal records a renewed certificate for an active device: it
+// checks the device's state and that the certificate presented for renewal
+// (oldSerial) is still valid and current, calls sign outside the registry's
+// write lock (issue), and records the certificate in one transaction that
+// checks all of it again.
 func (r *Registry) RecordRenewal(id, oldSerial string, sign func(fleet.Device) (*fleet.Certificate, error)) (*fleet.Certificate, error) {
-	r.writeMu.Lock()
-	defer r.writeMu.Unlock()
-	var out *fleet.Certificate
 	var d fleet.Device
-	err := r.update(func(txn *badger.Txn) error {
-		if err := get(txn, pfxDevice+id, &d); err != nil {
-			return err
-		}
-		switch d.State {
-		case fleet.StateRevoked:
-			return ErrDeviceRevoked
-		case fleet.StateSuspended:
-			return ErrDeviceSuspended
-		case fleet.StateActive:
-		default:
-			return fmt.Errorf("%w: device %s is %s", ErrInvalidTransition, id, d.State)
-		}
-		var old fleet.Certificate
-		if err := get(txn, pfxCert+oldSerial, &old); err != nil {
-			return err
-		}
-		if old.Revoked {
-			return ErrDeviceRevoked
-		}
-		// Only the current certificate renews: a leaked older sibling
-		// cannot mint new ones, and renewals form one chain.
-		if d.CurrentSerial != oldSerial {
-			return fmt.Errorf("%w: only the device's current certificate can be renewed", ErrRenewalTooSoon)
-		}
-		// A device renewing in a loop cannot pile up certificates (each
-		// one valid for the full lifetime) beyond a handful.
-		serials, err := deviceSerials(txn, id)
-		if err != nil {
-			return err
-		}
-		live := 0
-		now := r.now()
-		for _, s := range serials {
-			var c fleet.Certificate
-			if get(txn, pfxCert+s, &c) == nil && !c.Revoked && now.Before(c.NotAfter) {
-				live++
+	return r.issue(issuance{
+		check: func(txn *badger.Txn, now time.Time) error {
+			d = fleet.Device{}
+			if err := get(txn, pfxDevice+id, &d); err != nil {
+				return err
 			}
-		}
-		if live >= MaxLiveCertificates {
-			return fmt.Errorf("%w: the device already holds %d valid certificates", ErrRenewalTooSoon, live)
-		}
-		c, err := sign(d)
-		if err != nil {
-			return err
-		}
-		if err := r.recordCert(txn, c, &d, r.now()); err != nil {
-			return err
-		}
-		out = c
-		return nil
+			switch d.State {
+			case fleet.StateRevoked:
+				return ErrDeviceRevoked
+			case fleet.StateSuspended:
+				return ErrDeviceSuspended
+			case fleet.StateActive:
+			default:
+				return fmt.Errorf("%w: device %s is %s", ErrInvalidTransition, id, d.State)
+			}
+			var old fleet.Certificate
+			if err := get(txn, pfxCert+oldSerial, &old); err != nil {
+				return err
+			}
+			if old.Revoked {
+				return ErrDeviceRevoked
+			}
+			// Only the current certificate renews: a leaked older sibling
+			// cannot mint new ones, and renewals form one chain.
+			if d.CurrentSerial != oldSerial {
+				return fmt.Errorf("%w: only the device's current certificate can be renewed", ErrRenewalTooSoon)
+			}
+			// A device renewing in a loop cannot pile up certificates (each
+			// one valid for the full lifetime) beyond a handful.
+			serials, err := deviceSerials(txn, id)
+			if err != nil {
+				return err
+			}
+			live := 0
+			for _, s := range serials {
+				var c fleet.Certificate
+				if get(txn, pfxCert+s, &c) == nil && !c.Revoked && now.Before(c.NotAfter) {
+					live++
+				}
+			}
+			if live >= MaxLiveCertificates {
+				return fmt.Errorf("%w: the device already holds %d valid certificates", ErrRenewalTooSoon, live)
+			}
+			return nil
+		},
+		sign: func() (*fleet.Certificate, error) { return sign(d) },
+		commit: func(txn *badger.Txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error) {
+			return &d, r.recordCert(txn, c, &d, now)
+		},
 	})
-	if err != nil {
-		return nil, err
-	}
-	r.dir.Issued(out, &d)
-	return out, nil
 }
 
 // RevokedCertificates returns every revoked certificate that has not yet

@@ -3,13 +3,13 @@ package registry
 import (
 	"errors"
 	"fmt"
-	"github.com/fleetgate/fleetgate/fleet"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 

@@ -10,7 +10,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"github.com/fleetgate/fleetgate/fleet"
 	"log/slog"
 	"sync"
 	"time"
@@ -18,6 +17,7 @@ import (
 	badger "github.com/dgraph-io/badger/v4"
 
 	"github.com/fleetgate/fleetgate/directory"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
@@ -51,6 +51,9 @@ type Registry struct {
 	// it, so the directory applies changes in commit order (a renewal that
 	// committed before a revocation cannot overwrite it in the directory).
 	writeMu sync.Mutex
+	// redeeming holds the IDs of the tokens being redeemed (signing), so
+	// that a token is signed for once at a time (RedeemTokenAudited).
+	redeeming sync.Map
 
 	// dir is the in-memory view the registry feeds, after each commit and
 	// in commit order (under writeMu); its watchers are told of every

@@ -5,9 +5,11 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
-	"github.com/fleetgate/fleetgate/fleet"
+	"time"
 
 	badger "github.com/dgraph-io/badger/v4"
+
+	"github.com/fleetgate/fleetgate/fleet"
 )
 
 // HashTokenSecret is the stored form of a token secret.
@@ -46,10 +48,13 @@ type TokenRedemption struct {
 }
 
 // RedeemToken checks a token (constant-time comparison of the secret hash,
-// expiry, single use, device binding, device state) and, in the same
-// transaction, marks it used, creates or updates the device and records the
-// certificate that sign returns. Nothing is recorded if any step fails, and
-// a token can be redeemed at most once even under concurrent requests.
+// expiry, single use, device binding, device state), calls sign, and then,
+// in one transaction that checks the token again, marks it used, creates or
+// updates the device and records the certificate. sign runs outside the
+// registry's write lock (issue). Nothing is recorded if any step fails, and
+// a token can be redeemed at most once even under concurrent requests: one
+// redemption of a token signs at a time (a concurrent one is ErrConflict),
+// and the commit refuses a token used meanwhile.
 func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, sign func(TokenRedemption) (*fleet.Certificate, error)) (*fleet.Certificate, error) {
 	return r.RedeemTokenAudited(tokenID, secret, deviceID, nil, sign)
 }
@@ -59,74 +64,73 @@ func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, s
 // (with the certificate's serial and outcome ok). Nothing is written on
 // failure: the caller audits the refusal.
 func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID string, audit *AuditRecord, sign func(TokenRedemption) (*fleet.Certificate, error)) (*fleet.Certificate, error) {
-	r.writeMu.Lock()
-	defer r.writeMu.Unlock()
-	var out *fleet.Certificate
+	var t Token
 	var dev fleet.Device
-	err := r.updateAudited(audit != nil, func(txn *badger.Txn) error {
-		now := r.now()
-		var t Token
-		if err := get(txn, pfxToken+tokenID, &t); err != nil {
-			if errors.Is(err, ErrNotFound) {
+	return r.issue(issuance{
+		audited: audit != nil,
+		check: func(txn *badger.Txn, now time.Time) error {
+			t, dev = Token{}, fleet.Device{}
+			if err := get(txn, pfxToken+tokenID, &t); err != nil {
+				if errors.Is(err, ErrNotFound) {
+					return ErrTokenUnknown
+				}
+				return err
+			}
+			if subtle.ConstantTimeCompare(t.Hash, HashTokenSecret(secret)) != 1 {
 				return ErrTokenUnknown
 			}
-			return err
-		}
-		if subtle.ConstantTimeCompare(t.Hash, HashTokenSecret(secret)) != 1 {
-			return ErrTokenUnknown
-		}
-		if !t.UsedAt.IsZero() {
-			return ErrTokenUsed
-		}
-		if !now.Before(t.ExpiresAt) {
-			return ErrTokenExpired
-		}
-		if t.DeviceID != deviceID {
-			return ErrTokenDevice
-		}
-		switch err := get(txn, pfxDevice+deviceID, &dev); {
-		case errors.Is(err, ErrNotFound):
-			dev = fleet.Device{ID: deviceID, Group: t.Group, CreatedAt: now}
-		case err != nil:
-			return err
-		}
-		switch dev.State {
-		case fleet.StateRevoked:
-			return ErrDeviceRevoked
-		case fleet.StateSuspended:
-			return ErrDeviceSuspended
-		}
-		if dev.EKFingerprint != "" { // registered after the token was minted
-			return ErrTPMBound
-		}
-		if _, taken := r.PrincipalRole(deviceID); taken {
-			return fmt.Errorf("%w: %q is a service or operator name", ErrNameTaken, deviceID)
-		}
-		c, err := sign(TokenRedemption{Device: dev, Token: t})
-		if err != nil {
-			return err
-		}
-		t.UsedAt = now
-		if err := put(txn, pfxToken+t.ID, &t); err != nil {
-			return err
-		}
-		if t.Group != "" {
-			dev.Group = t.Group
-		}
-		dev.State = fleet.StateActive
-		dev.AttestationMethod = fleet.MethodToken
-		if err := r.recordCert(txn, c, &dev, now); err != nil {
-			return err
-		}
-		if err := r.putIssuedAudit(txn, audit, c.Serial); err != nil {
-			return err
-		}
-		out = c
-		return nil
+			if !t.UsedAt.IsZero() {
+				return ErrTokenUsed
+			}
+			if !now.Before(t.ExpiresAt) {
+				return ErrTokenExpired
+			}
+			if t.DeviceID != deviceID {
+				return ErrTokenDevice
+			}
+			switch err := get(txn, pfxDevice+deviceID, &dev); {
+			case errors.Is(err, ErrNotFound):
+				dev = fleet.Device{ID: deviceID, Group: t.Group, CreatedAt: now}
+			case err != nil:
+				return err
+			}
+			switch dev.State {
+			case fleet.StateRevoked:
+				return ErrDeviceRevoked
+			case fleet.StateSuspended:
+				return ErrDeviceSuspended
+			}
+			if dev.EKFingerprint != "" { // registered after the token was minted
+				return ErrTPMBound
+			}
+			if _, taken := r.PrincipalRole(deviceID); taken {
+				return fmt.Errorf("%w: %q is a service or operator name", ErrNameTaken, deviceID)
+			}
+			return nil
+		},
+		// Only a holder of the secret gets here: a guessed token ID cannot
+		// keep the token busy.
+		reserve: func() (func(), error) {
+			if _, busy := r.redeeming.LoadOrStore(tokenID, struct{}{}); busy {
+				return nil, fmt.Errorf("%w: token %s is being redeemed", ErrConflict, tokenID)
+			}
+			return func() { r.redeeming.Delete(tokenID) }, nil
+		},
+		sign: func() (*fleet.Certificate, error) { return sign(TokenRedemption{Device: dev, Token: t}) },
+		commit: func(txn *badger.Txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error) {
+			t.UsedAt = now
+			if err := put(txn, pfxToken+t.ID, &t); err != nil {
+				return nil, err
+			}
+			if t.Group != "" {
+				dev.Group = t.Group
+			}
+			dev.State = fleet.StateActive
+			dev.AttestationMethod = fleet.MethodToken
+			if err := r.recordCert(txn, c, &dev, now); err != nil {
+				return nil, err
+			}
+			return &dev, r.putIssuedAudit(txn, audit, c.Serial)
+		},
 	})
-	if err != nil {
-		return nil, err
-	}
-	r.dir.Issued(out, &dev)
-	return out, nil
 }
