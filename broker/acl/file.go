@@ -198,8 +198,7 @@ func (fr FileRule) rules() ([]Rule, error) {
 }
 
 // DefaultFile is the shipped default policy, the topic layout of
-// docs/policy.md,
-// as an operator would write it.
+// docs/policy.md, as an operator would write it.
 const DefaultFile = `# fleetgate topic policy. Deny by default: what no rule allows is refused.
 # A deny rule wins over every allow rule it overlaps.
 rules:
