@@ -86,14 +86,15 @@ const (
 // them in logs and in the labels of fleetgate_broker_auth_failures_total
 // (the pending_* ones also in fleetgate_broker_limit_hits_total).
 const (
-	ReasonUnknownCA        Reason = "unknown_ca"
-	ReasonWrongKeyUsage    Reason = "wrong_key_usage"
-	ReasonInvalidCert      Reason = "invalid_cert"
-	ReasonHandshakeTimeout Reason = "handshake_timeout"
-	ReasonHelloTimeout     Reason = "hello_timeout"
-	ReasonNotTLS           Reason = "not_tls"
-	ReasonHandshakeFailed  Reason = "handshake_failed"
-	ReasonPendingLimit     Reason = "pending_limit"
-	ReasonPendingPerIP     Reason = "pending_per_ip"
-	ReasonPendingEvicted   Reason = "pending_evicted"
+	ReasonUnknownCA          Reason = "unknown_ca"
+	ReasonWrongKeyUsage      Reason = "wrong_key_usage"
+	ReasonInvalidCert        Reason = "invalid_cert"
+	ReasonHandshakeTimeout   Reason = "handshake_timeout"
+	ReasonHelloTimeout       Reason = "hello_timeout"
+	ReasonNotTLS             Reason = "not_tls"
+	ReasonHandshakeFailed    Reason = "handshake_failed"
+	ReasonPendingLimit       Reason = "pending_limit"
+	ReasonPendingPerIP       Reason = "pending_per_ip"
+	ReasonPendingEvicted     Reason = "pending_evicted"
+	ReasonPendingPerIdentity Reason = "pending_per_identity"
 )
