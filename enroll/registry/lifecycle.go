@@ -18,7 +18,7 @@ var ErrInvalidTransition = errors.New("registry: invalid state transition")
 
 // RevokeDevice revokes a device terminally, then every unexpired
 // certificate it was issued. The device's state changes first, in a small
-// transaction, and the in-memory index with it before the watchers are told
+// transaction, and the directory with it before the watchers are told
 // and before RevokeDevice returns: from that moment no handshake, CONNECT,
 // ACL check, renewal or enrollment admits the device, whatever its
 // certificates. Its certificates are then marked (for the CRL) in
@@ -55,7 +55,8 @@ func (r *Registry) RevokeDevice(id, reason, actor string) ([]string, error) {
 const revokeBatch = 256
 
 // revokeCerts marks the unexpired, unrevoked certificates of a device
-// revoked, a batch per transaction, and updates the index and watchers.
+// revoked, a batch per transaction, and updates the directory (and so its
+// watchers).
 func (r *Registry) revokeCerts(id, reason string, now time.Time) ([]string, error) {
 	var all []string
 	if err := r.db.View(func(txn *badger.Txn) error {

@@ -1,9 +1,9 @@
 // Package registry is fleetgate's source of truth: devices, issued
 // certificates, bootstrap tokens and the append-only audit log, stored in
-// badger. It also keeps an in-memory index of certificate serials and device
-// states, in step with every commit, that the broker consults on each
-// handshake and ACL check without touching disk: the registry writes each
-// committed change, in commit order, into a directory.Directory.
+// badger. It feeds the in-memory view of certificate serials and device
+// states (a directory.Directory) that the broker consults on each handshake
+// and ACL check without touching disk: it writes each committed change into
+// the directory, in commit order, before the call that made it returns.
 package registry
 
 import (
@@ -71,7 +71,8 @@ type Options struct {
 	Directory *directory.Directory
 }
 
-// Open opens (or creates) the registry in dir and loads the in-memory index.
+// Open opens (or creates) the registry in dir and loads its records into
+// the directory (Options.Directory, or a new one).
 func Open(dir string, o Options) (*Registry, error) {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
