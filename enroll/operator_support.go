@@ -6,6 +6,7 @@ import (
 
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
@@ -19,9 +20,16 @@ import (
 // listener, TLS configuration and paths under /v1/admin/).
 func (s *Server) HandleFunc(pattern string, h http.HandlerFunc) { s.mux.HandleFunc(pattern, h) }
 
+// VerifiedClientCert returns the leaf of r's client certificate chain once
+// it verifies against the issuing CA, for client authentication, now (the
+// TLS configuration only requests client certificates).
+func (s *Server) VerifiedClientCert(r *http.Request) (*x509.Certificate, error) {
+	return s.verifiedClientCert(r)
+}
+
 // NewError returns an API error: status and code for the caller, a public
 // message, and the cause that is logged (and audited) but never sent.
-func NewError(status int, code, msg string, cause error) *Error {
+func NewError(status int, code fleet.Reason, msg string, cause error) *Error {
 	return apiErr(status, code, msg, cause)
 }
 
@@ -58,7 +66,7 @@ func RegistrationError(err error) error { return registrationError(err) }
 func CSRError(err error) error { return csrError(err) }
 
 // CertRecord is the registry record of an issued certificate.
-func CertRecord(c *x509.Certificate, id identity.Identity) *registry.Certificate {
+func CertRecord(c *x509.Certificate, id identity.Identity) *fleet.Certificate {
 	return certRecord(c, id)
 }
 

@@ -12,6 +12,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
@@ -28,7 +29,7 @@ func (s *Server) handleTokenCreate(w http.ResponseWriter, r *http.Request, op id
 		return
 	}
 	if _, taken := s.cfg.Registry.PrincipalRole(req.DeviceID); taken {
-		s.enroll.WriteError(w, r, apiErr(http.StatusConflict, "name_taken", fmt.Sprintf("%q is a service or operator name; device IDs and names share the MQTT client ID namespace", req.DeviceID), nil), "")
+		s.enroll.WriteError(w, r, apiErr(http.StatusConflict, fleet.ReasonNameTaken, fmt.Sprintf("%q is a service or operator name; device IDs and names share the MQTT client ID namespace", req.DeviceID), nil), "")
 		return
 	}
 	if req.Group == "" {
@@ -74,11 +75,11 @@ func (s *Server) handleServiceIssue(w http.ResponseWriter, r *http.Request, op i
 	}
 	// Service names and device IDs are both MQTT client IDs: one namespace.
 	if _, taken := s.cfg.Registry.DeviceStatus(id.Name); taken {
-		s.enroll.WriteError(w, r, apiErr(http.StatusConflict, "name_taken", fmt.Sprintf("%q is a device ID; service names and device IDs share the MQTT client ID namespace", id.Name), nil), "")
+		s.enroll.WriteError(w, r, apiErr(http.StatusConflict, fleet.ReasonNameTaken, fmt.Sprintf("%q is a device ID; service names and device IDs share the MQTT client ID namespace", id.Name), nil), "")
 		return
 	}
 	if role, taken := s.cfg.Registry.PrincipalRole(id.Name); taken && role != identity.RoleService {
-		s.enroll.WriteError(w, r, apiErr(http.StatusConflict, "name_taken", fmt.Sprintf("%q is an %s's name", id.Name, role), nil), "")
+		s.enroll.WriteError(w, r, apiErr(http.StatusConflict, fleet.ReasonNameTaken, fmt.Sprintf("%q is an %s's name", id.Name, role), nil), "")
 		return
 	}
 	resp := api.ServiceIssueResponse{Identity: id.URI(s.cfg.CA.TrustDomain).String(), CACertificatesPEM: s.cfg.CA.RootPEM()}

@@ -8,12 +8,13 @@ import (
 
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
 // Devices: list, show, attributes; the audit log; policy reload.
 
-func (s *Server) toAPIDevice(d registry.Device) api.Device {
+func (s *Server) toAPIDevice(d fleet.Device) api.Device {
 	online := s.online(d.ID)
 	return api.Device{ID: d.ID, Group: d.Group, State: string(d.State), AttestationMethod: d.AttestationMethod,
 		Serial: d.CurrentSerial, NotAfter: d.NotAfter, CreatedAt: d.CreatedAt, Online: online, Tags: d.Tags}

@@ -9,15 +9,18 @@
 package operator
 
 import (
+	"crypto/x509"
 	"errors"
 	"log/slog"
 	"net/http"
 	"time"
 
 	"github.com/fleetgate/fleetgate/api"
+	"github.com/fleetgate/fleetgate/directory"
 	"github.com/fleetgate/fleetgate/enroll"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/internal/logguard"
 )
@@ -54,6 +57,9 @@ type Server struct {
 	cfg    Config
 	log    *slog.Logger
 	enroll *enroll.Server
+	// dir is the registry's directory: the one check of a client
+	// certificate (Verify).
+	dir *directory.Directory
 }
 
 // Log keys (as the enrollment service's).
@@ -100,7 +106,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.ServiceCertTTL <= 0 {
 		cfg.ServiceCertTTL = 365 * 24 * time.Hour
 	}
-	return &Server{cfg: cfg, log: cfg.Logger, enroll: cfg.Enroll}, nil
+	return &Server{cfg: cfg, log: cfg.Logger, enroll: cfg.Enroll, dir: cfg.Registry.Directory()}, nil
 }
 
 // Mux is where the routes are mounted.
@@ -124,10 +130,38 @@ func (s *Server) Register(m Mux) {
 }
 
 // authenticate returns the identity of r's client certificate once it
-// verifies against the CA and the registry vouches for it (known serial,
-// not revoked, same identity).
+// verifies against the CA and the directory vouches for it
+// (directory.Verify: a serial the registry issued, not revoked, to the
+// same identity). A device's state is not the operator API's concern: a
+// device is refused as not an operator (admin).
 func (s *Server) authenticate(r *http.Request) (identity.Identity, error) {
-	return s.enroll.Authenticate(r)
+	leaf, err := s.enroll.VerifiedClientCert(r)
+	if err != nil {
+		return identity.Identity{}, err
+	}
+	id, _, err := s.dir.Verify(leaf, s.cfg.CA.TrustDomain, time.Now())
+	switch {
+	case err == nil:
+		return id, nil
+	case errors.Is(err, directory.ErrUnknownSerial):
+		return identity.Identity{}, apiErr(http.StatusUnauthorized, fleet.ReasonClientCertUnknown, "client certificate was not issued by this registry", nil)
+	case errors.Is(err, directory.ErrRevoked) && s.certRevoked(leaf):
+		return identity.Identity{}, apiErr(http.StatusUnauthorized, fleet.ReasonClientCertRevoked, "client certificate is revoked", nil)
+	case errors.Is(err, directory.ErrIdentityDiffer):
+		return identity.Identity{}, apiErr(http.StatusUnauthorized, fleet.ReasonClientCertIdentity, "client certificate identity does not match the registry", nil)
+	case errors.Is(err, directory.ErrRevoked), errors.Is(err, directory.ErrSuspended), errors.Is(err, directory.ErrUnknownDevice):
+		return id, nil // the device's state; its certificate is vouched for
+	case errors.Is(err, directory.ErrExpired):
+		return identity.Identity{}, apiErr(http.StatusUnauthorized, fleet.ReasonClientCertInvalid, "client certificate does not verify against this fleetgate's CA (unknown issuer, expired or not for client authentication)", err)
+	}
+	return identity.Identity{}, apiErr(http.StatusUnauthorized, fleet.ReasonClientCertIdentity, "client certificate carries no valid identity", err)
+}
+
+// certRevoked reports whether the directory has leaf revoked (rather than
+// its device).
+func (s *Server) certRevoked(leaf *x509.Certificate) bool {
+	st, ok := s.dir.CertStatus(fleet.SerialString(leaf.SerialNumber))
+	return ok && st.Revoked
 }
 
 // admin wraps a handler that only operators may call.
@@ -135,7 +169,7 @@ func (s *Server) admin(h func(http.ResponseWriter, *http.Request, identity.Ident
 	return func(w http.ResponseWriter, r *http.Request) {
 		id, err := s.authenticate(r)
 		if err == nil && id.Role != identity.RoleOperator {
-			err = apiErr(http.StatusForbidden, "operator_required", "the admin API is for operator certificates only", errNotOperator)
+			err = apiErr(http.StatusForbidden, fleet.ReasonOperatorRequired, "the admin API is for operator certificates only", errNotOperator)
 		}
 		if err != nil {
 			e := asAPIError(err)

@@ -19,6 +19,7 @@ import (
 	"github.com/fleetgate/fleetgate/broker"
 	"github.com/fleetgate/fleetgate/broker/acl"
 	"github.com/fleetgate/fleetgate/broker/replica"
+	"github.com/fleetgate/fleetgate/directory"
 	"github.com/fleetgate/fleetgate/enroll"
 	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/enroll/ca"
@@ -51,26 +52,26 @@ func loadPKI(l Layout) (pki, error) {
 // buildDirectory opens the registry, or with --only broker a replica of
 // the enrollment service's (its change feed, read with the operator
 // credentials of the data directory).
-func (s *Server) buildDirectory() (broker.Directory, error) {
+func (s *Server) buildDirectory() (*directory.Directory, error) {
 	if s.cfg.Only == OnlyBroker {
 		hc, err := operatorHTTPClient(s.layout)
 		if err != nil {
 			return nil, fmt.Errorf("broker-only needs the operator credentials to follow %s: %w", s.cfg.EnrollURL, err)
 		}
 		s.rep = replica.New(s.cfg.EnrollURL, hc, s.log.With("component", "replica"))
-		return s.rep, nil
+		return s.rep.Directory(), nil
 	}
 	reg, err := registry.Open(s.layout.RegistryDir(), registry.Options{Logger: s.log.With("component", "registry")})
 	if err != nil {
 		return nil, err
 	}
 	s.reg = reg
-	return reg, nil
+	return reg.Directory(), nil
 }
 
 // buildMetrics is the Prometheus registry of the process, with the
-// certificate expiry gauges when the registry is here.
-func buildMetrics(reg *registry.Registry) *prometheus.Registry {
+// certificate expiry gauges when the registry is here (dir is its view).
+func buildMetrics(reg *registry.Registry, dir *directory.Directory) *prometheus.Registry {
 	promReg := prometheus.NewRegistry()
 	promReg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if reg != nil {
@@ -81,15 +82,15 @@ func buildMetrics(reg *registry.Registry) *prometheus.Registry {
 			promReg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "fleetgate_certificates_expiring", Help: "Unrevoked certificates expiring within the window.",
 				ConstLabels: prometheus.Labels{"within": w.label},
-			}, func() float64 { return float64(reg.CountExpiring(time.Now(), w.d)) }))
+			}, func() float64 { return float64(dir.CountExpiring(time.Now(), w.d)) }))
 		}
 	}
 	return promReg
 }
 
 // BrokerConfig is the broker's configuration derived from cfg (without
-// the CA, certificate, directory, policy, logger and metrics, which come
-// from the other parts).
+// the trust anchors, certificate, directory, policy, logger and metrics,
+// which come from the other parts).
 func BrokerConfig(cfg Config) broker.Config {
 	byteBurst := cfg.ByteBurst
 	if byteBurst == 0 {
@@ -124,7 +125,7 @@ func offlineQuota(n int) int {
 }
 
 // buildBroker builds and starts the broker (it listens from then on).
-func (s *Server) buildBroker(p pki, dir broker.Directory) error {
+func (s *Server) buildBroker(p pki, dir *directory.Directory) error {
 	policyPath := s.layout.PolicyPath(s.cfg.PolicyFile)
 	policy, fileRules, err := loadPolicy(policyPath)
 	if err != nil {
@@ -132,7 +133,8 @@ func (s *Server) buildBroker(p pki, dir broker.Directory) error {
 	}
 	s.log.Info("policy in force", "file", policyName(policyPath), "file_rules", fileRules, "rules", len(policy.Rules()))
 	bc := BrokerConfig(s.cfg)
-	bc.CA, bc.ServerCert, bc.Registry, bc.Policy, bc.Logger, bc.Metrics = p.ca, p.serverCert, dir, policy, s.log, s.prom
+	bc.TrustDomain, bc.ClientCAs, bc.ServerCert, bc.Directory = p.ca.TrustDomain, p.ca.ClientCAs(), p.serverCert, dir
+	bc.Policy, bc.Logger, bc.Metrics = policy, s.log, s.prom
 	b, err := broker.New(bc)
 	if err != nil {
 		return err

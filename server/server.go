@@ -93,7 +93,7 @@ func (s *Server) build() error {
 	if err != nil {
 		return err
 	}
-	s.prom = buildMetrics(s.reg)
+	s.prom = buildMetrics(s.reg, dir)
 	if cfg.Only != OnlyEnroll {
 		if err := s.buildBroker(pki, dir); err != nil {
 			return err
