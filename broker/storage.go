@@ -37,19 +37,22 @@ import (
 type storageHook struct {
 	*badgerhook.Hook
 
-	mu     sync.Mutex
-	stored map[string]*storedSession // client IDs with records in the store
+	// stored holds the client IDs that have records in the store
+	// (*storedSession); reads on the message path take no lock.
+	stored sync.Map
 }
 
 // storedSession is what the store holds for one client ID (its client
 // record is implied: deletes always include it).
 type storedSession struct {
+	mu       sync.Mutex
+	gone     bool                // forgotten: records go to a new entry
 	filters  map[string]struct{} // subscription records, by filter
 	inflight map[uint16]struct{} // in-flight records, by packet ID
 }
 
 func newStorageHook() *storageHook {
-	return &storageHook{Hook: new(badgerhook.Hook), stored: make(map[string]*storedSession)}
+	return &storageHook{Hook: new(badgerhook.Hook)}
 }
 
 // ID returns the id of the hook.
@@ -83,20 +86,18 @@ func (h *storageHook) Init(config any) error {
 		return h.closeAfter(fmt.Errorf("read stored in-flight messages: %w", err))
 	}
 	var gone []string
-	h.mu.Lock()
 	for _, c := range clients {
-		h.sessionLocked(c.ID)
+		h.record(c.ID, nil)
 		if (c.ProtocolVersion == 5 && c.Properties.SessionExpiryInterval == 0) || (c.ProtocolVersion < 5 && c.Clean) {
 			gone = append(gone, c.ID)
 		}
 	}
-	for _, s := range subs {
-		h.sessionLocked(s.Client).addFilter(s.Filter)
+	for _, sub := range subs {
+		h.record(sub.Client, func(s *storedSession) { s.addFilter(sub.Filter) })
 	}
 	for _, m := range inflight {
-		h.sessionLocked(m.Client).addInflight(m.PacketID)
+		h.record(m.Client, func(s *storedSession) { s.addInflight(m.PacketID) })
 	}
-	h.mu.Unlock()
 	for _, id := range gone {
 		h.forget(id)
 	}
@@ -107,15 +108,36 @@ func (h *storageHook) closeAfter(err error) error {
 	return errors.Join(err, h.Hook.Stop())
 }
 
-// sessionLocked returns the records of id, creating an empty entry; h.mu
-// must be held.
-func (h *storageHook) sessionLocked(id string) *storedSession {
-	s := h.stored[id]
-	if s == nil {
-		s = new(storedSession)
-		h.stored[id] = s
+// record notes that client ID id has records in the store, and applies add
+// (if not nil) to its entry. Call it after writing the record: a forget
+// that runs meanwhile either sees the addition (and deletes the record) or
+// leaves it to a new entry.
+func (h *storageHook) record(id string, add func(*storedSession)) {
+	for {
+		v, _ := h.stored.LoadOrStore(id, new(storedSession))
+		s := v.(*storedSession)
+		s.mu.Lock()
+		if s.gone {
+			s.mu.Unlock()
+			h.stored.CompareAndDelete(id, s)
+			continue
+		}
+		if add != nil {
+			add(s)
+		}
+		s.mu.Unlock()
+		return
 	}
-	return s
+}
+
+// unrecord applies del to the entry of id, if it has one.
+func (h *storageHook) unrecord(id string, del func(*storedSession)) {
+	if v, ok := h.stored.Load(id); ok {
+		s := v.(*storedSession)
+		s.mu.Lock()
+		del(s)
+		s.mu.Unlock()
+	}
 }
 
 func (s *storedSession) addFilter(f string) {
@@ -134,37 +156,41 @@ func (s *storedSession) addInflight(id uint16) {
 
 // mayHave reports whether client ID id may have records in the store.
 func (h *storageHook) mayHave(id string) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.stored[id] != nil
+	_, ok := h.stored.Load(id)
+	return ok
 }
 
 // forget deletes every record of client ID id — its client record,
 // subscriptions and in-flight messages — if it may have any.
 func (h *storageHook) forget(id string) {
-	h.mu.Lock()
-	s := h.stored[id]
-	delete(h.stored, id)
-	h.mu.Unlock()
-	if s != nil {
-		h.deleteRecords(id, s)
+	if v, ok := h.stored.LoadAndDelete(id); ok {
+		h.deleteRecords(id, v.(*storedSession))
 	}
 }
 
 // deleteRecords deletes the client record of id and the records s lists,
 // through mochi's badger hook (which keys them by client ID, filter and
-// packet ID).
+// packet ID). s is marked gone first, so that records written meanwhile
+// are noted in a new entry.
 func (h *storageHook) deleteRecords(id string, s *storedSession) {
+	s.mu.Lock()
+	s.gone = true
+	filters := make([]packets.Subscription, 0, len(s.filters))
+	for f := range s.filters {
+		filters = append(filters, packets.Subscription{Filter: f})
+	}
+	inflight := make([]uint16, 0, len(s.inflight))
+	for pid := range s.inflight {
+		inflight = append(inflight, pid)
+	}
+	s.mu.Unlock()
+
 	cl := &mqtt.Client{ID: id}
 	h.Hook.OnClientExpired(cl) // deletes the client record
-	if len(s.filters) > 0 {
-		filters := make([]packets.Subscription, 0, len(s.filters))
-		for f := range s.filters {
-			filters = append(filters, packets.Subscription{Filter: f})
-		}
+	if len(filters) > 0 {
 		h.Hook.OnUnsubscribed(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Unsubscribe}, Filters: filters})
 	}
-	for pid := range s.inflight {
+	for _, pid := range inflight {
 		h.Hook.OnQosComplete(cl, packets.Packet{PacketID: pid})
 	}
 }
@@ -189,9 +215,7 @@ func (h *storageHook) updateClient(cl *mqtt.Client, write func()) {
 		return
 	}
 	write()
-	h.mu.Lock()
-	h.sessionLocked(cl.ID)
-	h.mu.Unlock()
+	h.record(cl.ID, nil)
 }
 
 // OnDisconnect writes the client record of a persistent session that
@@ -216,12 +240,11 @@ func (h *storageHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCod
 		return
 	}
 	h.Hook.OnSubscribed(cl, pk, reasonCodes)
-	h.mu.Lock()
-	s := h.sessionLocked(cl.ID)
-	for _, f := range pk.Filters {
-		s.addFilter(f.Filter)
-	}
-	h.mu.Unlock()
+	h.record(cl.ID, func(s *storedSession) {
+		for _, f := range pk.Filters {
+			s.addFilter(f.Filter)
+		}
+	})
 }
 
 // OnUnsubscribed deletes stored subscriptions, if the ID has records.
@@ -230,13 +253,11 @@ func (h *storageHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 		return
 	}
 	h.Hook.OnUnsubscribed(cl, pk)
-	h.mu.Lock()
-	if s := h.stored[cl.ID]; s != nil {
+	h.unrecord(cl.ID, func(s *storedSession) {
 		for _, f := range pk.Filters {
 			delete(s.filters, f.Filter)
 		}
-	}
-	h.mu.Unlock()
+	})
 }
 
 // OnQosPublish stores an in-flight message of a persistent session.
@@ -245,9 +266,7 @@ func (h *storageHook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int6
 		return
 	}
 	h.Hook.OnQosPublish(cl, pk, sent, resends)
-	h.mu.Lock()
-	h.sessionLocked(cl.ID).addInflight(pk.PacketID)
-	h.mu.Unlock()
+	h.record(cl.ID, func(s *storedSession) { s.addInflight(pk.PacketID) })
 }
 
 // OnQosComplete deletes a finished in-flight message, if the ID has
@@ -257,11 +276,7 @@ func (h *storageHook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
 		return
 	}
 	h.Hook.OnQosComplete(cl, pk)
-	h.mu.Lock()
-	if s := h.stored[cl.ID]; s != nil {
-		delete(s.inflight, pk.PacketID)
-	}
-	h.mu.Unlock()
+	h.unrecord(cl.ID, func(s *storedSession) { delete(s.inflight, pk.PacketID) })
 }
 
 // OnQosDropped deletes a dropped in-flight message, as OnQosComplete.
@@ -272,12 +287,9 @@ func (h *storageHook) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
 // OnClientExpired deletes all records of an expired session (mochi's hook
 // deletes only the client record).
 func (h *storageHook) OnClientExpired(cl *mqtt.Client) {
-	h.mu.Lock()
-	s := h.stored[cl.ID]
-	delete(h.stored, cl.ID)
-	h.mu.Unlock()
-	if s == nil {
-		s = new(storedSession) // the client record, whatever this process knows
+	s := new(storedSession) // at least the client record
+	if v, ok := h.stored.LoadAndDelete(cl.ID); ok {
+		s = v.(*storedSession)
 	}
 	h.deleteRecords(cl.ID, s)
 }
