@@ -24,8 +24,9 @@ import (
 // (from startup on) which records each client ID has — client,
 // subscriptions, in-flight messages — and deletes all of them when a session
 // of that ID becomes ephemeral (clean start, an MQTT 5 resume or DISCONNECT
-// with expiry 0) or ends (mochi's hook deletes only the client record then,
-// so a restart resurrected the subscriptions and messages); the disconnect
+// with expiry 0) or ends (at session expiry mochi's hook deletes only the
+// client record, and its subscriptions and in-flight messages stayed in the
+// store for good); the disconnect
 // of a connection that was taken over writes nothing (the session is the
 // new connection's, which wrote or deleted the records). Records an
 // ephemeral session left behind (a crash, a version that stored such
