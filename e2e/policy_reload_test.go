@@ -142,6 +142,25 @@ func TestPolicyReloadLoadsTheFileTheOperatorWrote(t *testing.T) {
 		t.Fatal("old policy not in force after a refused reload")
 	}
 
+	// 3b. A file a lax decoder would load as something else (H1): a rule
+	// for another group with the typo "group:" (it would apply to every
+	// group, lab included), then a second document. Refused with the line;
+	// the policy in force stays.
+	for _, bad := range []struct{ src, want string }{
+		{policyWith("logs") + "  - name: other-debug\n    roles: [device]\n    group: [other]\n    allow: [publish]\n    topics: [\"devices/{id}/debug/#\"]\n", "field group not found"},
+		{policyWith("logs") + "---\n" + policyWith("debug"), "a second YAML document"},
+	} {
+		if err := os.WriteFile(policyFile, []byte(bad.src), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := reload(); err == nil || !strings.Contains(out, bad.want) {
+			t.Fatalf("reload of a file with %q: err=%v\n%s", bad.want, err, out)
+		}
+		if !delivered(logs) || delivered(debug) {
+			t.Fatal("policy in force changed after a refused strict reload")
+		}
+	}
+
 	// 4. The file deleted: refused, the policy in force stays.
 	if err := os.Remove(policyFile); err != nil {
 		t.Fatal(err)

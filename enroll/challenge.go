@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/go-tpm/tpm2"
+
 	"github.com/fleetgate/fleetgate/enroll/attest"
 )
 
@@ -40,7 +42,14 @@ type challenge struct {
 	// registers it at redemption.
 	autoRegister bool
 	// ak is the verified AK (public area, name and key).
-	ak      *attest.AK
+	ak *attest.AK
+	// tpm is the EK certificate's TPM identification: the deny-list judges
+	// the firmware the TPM signs at round 2 against the rules for it.
+	tpm attest.TPMInfo
+	// ekPub is the EK's public area: it shows whether the AK is in the
+	// endorsement hierarchy, where the signed firmware version is not
+	// obfuscated.
+	ekPub   *tpm2.TPMTPublic
 	expires time.Time
 }
 

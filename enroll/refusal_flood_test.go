@@ -100,8 +100,11 @@ func TestRefusalFloodBoundsDiskAndLog(t *testing.T) {
 	logs := g.Logs.String()
 	fullLines := strings.Count(logs, `msg="request refused"`)
 	suppressedLines, summaryLines := 0, 0
-	for _, m := range regexp.MustCompile(`msg="refusals suppressed" (?:\S+ )*?source=127\.0\.0\.1 code=malformed_json suppressed=(\d+)`).FindAllStringSubmatch(logs, -1) {
+	for _, m := range regexp.MustCompile(`msg="refusals suppressed" (?:\S+ )*?source=127\.0\.0\.1 suppressed=(\d+) codes="malformed_json ×(\d+)"`).FindAllStringSubmatch(logs, -1) {
 		k, _ := strconv.Atoi(m[1])
+		if m[2] != m[1] {
+			t.Errorf("summary line of %s refusals counts %s malformed_json", m[1], m[2])
+		}
 		suppressedLines += k
 		summaryLines++
 	}
@@ -132,8 +135,9 @@ func TestRefusalFloodBoundsDiskAndLog(t *testing.T) {
 		case a.Action == "enroll.token" && a.Outcome == registry.OutcomeDenied:
 			full++
 		case a.Action == "refusals.suppressed":
-			var k int
-			if _, err := fmt.Sscanf(a.Reason, "%d more refusals (malformed_json) from 127.0.0.1 in the last", &k); err != nil {
+			var k, kc int
+			var window string
+			if _, err := fmt.Sscanf(a.Reason, "%d more refusals from 127.0.0.1 in the last %s malformed_json ×%d", &k, &window, &kc); err != nil || k != kc {
 				t.Errorf("summary %q: %v", a.Reason, err)
 			}
 			suppressed += k

@@ -84,14 +84,24 @@ type Config struct {
 	// re-signed on every revocation and when half of it has passed.
 	CRLValidity time.Duration
 	// RefusalBurst is how many refusals with the same code from one source
-	// address are audited and logged in full per RefusalWindow (default 5);
-	// the rest are counted and summarised in one audit record and one log
-	// line per window. Metrics count every refusal.
+	// address are audited and logged in full per RefusalWindow (default 5),
+	// within RefusalGlobal; the rest are counted and summarised in one
+	// audit record and one log line per source and window, with a count per
+	// code. Metrics count every refusal.
 	RefusalBurst int
+	// RefusalGlobal bounds the refusals audited and logged in full across
+	// all sources: a budget of RefusalGlobal refilled at RefusalGlobal per
+	// RefusalWindow (default 100), so at most 2×RefusalGlobal in any
+	// window whatever the number of sources.
+	RefusalGlobal int
+	// RefusalSummaries bounds the summaries written per RefusalWindow the
+	// same way (default 100); the summaries over it are merged into one
+	// ("N more refusals from M other sources: ...").
+	RefusalSummaries int
 	// RefusalWindow is the refusal limiter's window (default 1 minute).
 	RefusalWindow time.Duration
-	// RefusalSources bounds the (source, code) pairs tracked at once
-	// (default 4096); beyond it new ones share one budget.
+	// RefusalSources bounds the sources tracked at once (default 4096);
+	// beyond it new ones share one entry, "other", counted per code.
 	RefusalSources int
 }
 
@@ -158,8 +168,14 @@ func New(cfg Config) (*Server, error) {
 		cfg.Rand = rand.Reader
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, mux: http.NewServeMux(), clientCAs: cfg.CA.ClientCAs()}
-	s.refusals = logguard.New(logguard.Options{Burst: cfg.RefusalBurst, Window: cfg.RefusalWindow,
-		MaxKeys: cfg.RefusalSources, Summary: s.summariseRefusals})
+	if cfg.RefusalGlobal <= 0 {
+		cfg.RefusalGlobal = 100
+	}
+	if cfg.RefusalSummaries <= 0 {
+		cfg.RefusalSummaries = 100
+	}
+	s.refusals = logguard.New(logguard.Options{Burst: cfg.RefusalBurst, Global: cfg.RefusalGlobal, Summaries: cfg.RefusalSummaries,
+		Window: cfg.RefusalWindow, MaxKeys: cfg.RefusalSources, Report: s.summariseRefusals})
 	s.enrolls = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "fleetgate_enrollments_total",
 		Help: "Enrollment attempts by method and outcome (ok or the failure code).",
@@ -196,15 +212,16 @@ func (s *Server) Run(ctx context.Context) {
 // whether or not its window has ended (tests, shutdown).
 func (s *Server) FlushRefusals() { s.refusals.FlushAll() }
 
-// refusalKey is the limiter's key of a refusal: source and code. Codes are
-// the server's own, a small fixed set. An IPv6 source is its /64: one host
-// usually holds a whole /64, and could otherwise take a budget per address.
-func refusalKey(r *http.Request, code string) string {
+// refusalSource is the limiter's key of a refusal: its source. An IPv6
+// source is its /64: one host usually holds a whole /64, and could
+// otherwise take a budget per address. The limiter counts per code inside
+// the source's entry (codes are the server's own, a small fixed set).
+func refusalSource(r *http.Request) string {
 	src := remoteIP(r)
 	if ip := net.ParseIP(src); ip != nil && ip.To4() == nil {
 		src = ip.Mask(net.CIDRMask(64, 128)).String() + "/64"
 	}
-	return src + " " + code
+	return src
 }
 
 // refusal reports whether the refusal e of r is audited and logged in
@@ -212,22 +229,27 @@ func refusalKey(r *http.Request, code string) string {
 // of one refusal agree and count once.
 func (s *Server) refusal(r *http.Request, e *Error) bool {
 	if !e.decided {
-		e.decided, e.full = true, s.refusals.Allow(refusalKey(r, e.Code))
+		e.decided, e.full = true, s.refusals.AllowCode(refusalSource(r), e.Code)
 	}
 	return e.full
 }
 
 // summariseRefusals writes one audit record (batched) and one log line for
-// the refusals of key suppressed in the last window.
-func (s *Server) summariseRefusals(key string, n int, window time.Duration) {
-	src, code, _ := strings.Cut(key, " ")
-	what := "refusals"
-	if code != "" {
-		what += " (" + code + ")"
+// the refusals of a source suppressed in the last window, with the count
+// per code: "N more refusals from SRC in the last 1m0s: code a ×n, code b
+// ×m". The aggregate of the summaries over budget names the number of
+// sources instead ("from M other sources").
+func (s *Server) summariseRefusals(sum logguard.Summary) {
+	src, remote := sum.Key, sum.Key
+	if sum.Key == logguard.AggregateKey {
+		src, remote = fmt.Sprintf("%d other sources", sum.Sources), ""
+	} else if sum.Key == logguard.OverflowKey {
+		src, remote = "other sources (beyond the tracked sources)", ""
 	}
-	reason := fmt.Sprintf("%d more %s from %s in the last %s", n, what, src, window)
-	s.cfg.Registry.AuditBatched(registry.AuditRecord{Actor: "fleetgate", Action: "refusals.suppressed", Outcome: registry.OutcomeDenied, Reason: reason, Remote: src})
-	s.log.Warn("refusals suppressed", "source", src, logKeyCode, code, "suppressed", n, "window", window.String())
+	codes := sum.CodesString()
+	reason := fmt.Sprintf("%d more refusals from %s in the last %s: %s", sum.Total, src, sum.Window, codes)
+	s.cfg.Registry.AuditBatched(registry.AuditRecord{Actor: "fleetgate", Action: "refusals.suppressed", Outcome: registry.OutcomeDenied, Reason: reason, Remote: remote})
+	s.log.Warn("refusals suppressed", "source", src, "suppressed", sum.Total, "codes", codes, "window", sum.Window.String())
 }
 
 // TLSConfig returns the server's TLS configuration: its certificate, TLS 1.3

@@ -217,7 +217,13 @@ func (t *tpmEnroller) handleChallenge(w http.ResponseWriter, r *http.Request) {
 			return nil, fmt.Errorf("enroll: nonce: %w", err)
 		}
 		c := &challenge{secret: secret, nonce: nonce, ekFP: ek.fp, deviceID: ek.deviceID, group: ek.group,
-			autoRegister: ek.autoRegister, ak: ak}
+			autoRegister: ek.autoRegister, ak: ak, ekPub: ekPub}
+		if t.s.cfg.TPMDenyList != nil {
+			// checkEK verified the profile, so the identification parses.
+			if c.tpm, err = attest.EKTPMInfo(ek.cert); err != nil {
+				return nil, attestError(err)
+			}
+		}
 		if err := t.challenges.put(c); err != nil {
 			if errors.Is(err, errChallengesFull) {
 				return nil, apiErr(http.StatusServiceUnavailable, "challenge_capacity", "too many enrollments in progress; retry later", err)
@@ -276,6 +282,20 @@ func (t *tpmEnroller) handleComplete(w http.ResponseWriter, r *http.Request) {
 		if err := c.ak.VerifyCertify(req.TLSPublic, req.CertifyInfo, req.CertifySignature, c.nonce, csr.PublicKey); err != nil {
 			return nil, attestError(err)
 		}
+		// The firmware running now, as the TPM signed it into the
+		// certification (the EK certificate's version, judged at round 1,
+		// is the firmware at manufacture). Only an AK in the endorsement
+		// hierarchy gets the true version: elsewhere the TPM obfuscates
+		// it, and it is not judged.
+		fw, inEndorsement, err := c.ak.CertifiedFirmwareVersion(req.CertifyInfo, c.ekPub)
+		if err != nil {
+			return nil, attestError(err)
+		}
+		if inEndorsement {
+			if _, err := t.s.cfg.TPMDenyList.CheckFirmware(c.tpm, fw); err != nil {
+				return nil, attestError(err)
+			}
+		}
 		id := identity.Identity{Role: identity.RoleDevice, Name: c.deviceID}
 		var cert *x509.Certificate
 		rec, err := t.s.cfg.Registry.RedeemTPM(registry.TPMRedemption{
@@ -318,6 +338,7 @@ func attestError(err error) error {
 		{attest.ErrEKEKU, "ek_eku_invalid", "certificate is not an EK certificate: its extended key usage is not tcg-kp-EKCertificate"},
 		{attest.ErrEKROCA, "ek_roca", "this TPM's RSA endorsement key is ROCA-vulnerable (CVE-2017-15361)"},
 		{attest.ErrEKDenied, "ek_denied", "this TPM model or firmware is on the operator's deny-list"},
+		{attest.ErrFirmwareDenied, "tpm_firmware_denied", "the firmware this TPM runs (as it signed it) is on the operator's deny-list"},
 		{attest.ErrEKChainInvalid, "ek_chain_invalid", "EK certificate does not chain to a trusted TPM manufacturer"},
 	} {
 		if errors.Is(err, x.sentinel) {
@@ -546,20 +567,33 @@ type errReader struct{ err error }
 func (e errReader) Read([]byte) (int, error) { return 0, e.err }
 
 // maxChallengeIDsInBody bounds how many challenge IDs one refused body can
-// consume.
-const maxChallengeIDsInBody = 4
+// consume: the last ones, since encoding/json keeps the last duplicate.
+const maxChallengeIDsInBody = 16
 
-// challengeIDsIn returns the string values of top-level "challenge_id"
-// members of a JSON object, read token by token up to the first syntax
-// error, so that a body that is refused (malformed, unknown fields, bad
-// base64, trailing data) still names the challenge it was for.
+// challengeIDsIn returns the challenge IDs a refused round-2 body may name,
+// so that a body that is refused (malformed, unknown fields, bad base64,
+// trailing data) still consumes the challenge it was for. The key is
+// matched as encoding/json matches it into api.TPMCompleteRequest: any
+// case ("CHALLENGE_ID"), and the last of duplicates wins. So the ID json
+// would decode comes first (a decode into a one-field struct, which
+// ignores the other fields and their errors), then every top-level member
+// whose key folds to "challenge_id", read token by token up to the first
+// syntax error, keeping the last maxChallengeIDsInBody (decoys written
+// before the real one cannot push it out).
 func challengeIDsIn(body []byte) []string {
+	var ids []string
+	var one struct {
+		ChallengeID string `json:"challenge_id"`
+	}
+	if json.Unmarshal(body, &one) == nil && one.ChallengeID != "" {
+		ids = append(ids, one.ChallengeID)
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
-		return nil
+		return ids
 	}
-	var ids []string
-	for len(ids) < maxChallengeIDsInBody && dec.More() {
+	var scanned []string
+	for dec.More() {
 		key, err := dec.Token()
 		if err != nil {
 			break
@@ -569,7 +603,15 @@ func challengeIDsIn(body []byte) []string {
 			break
 		}
 		var id string
-		if key == "challenge_id" && json.Unmarshal(v, &id) == nil && id != "" {
+		if k, ok := key.(string); ok && strings.EqualFold(k, "challenge_id") && json.Unmarshal(v, &id) == nil && id != "" {
+			if len(scanned) == maxChallengeIDsInBody {
+				scanned = scanned[1:]
+			}
+			scanned = append(scanned, id)
+		}
+	}
+	for _, id := range slices.Backward(scanned) {
+		if !slices.Contains(ids, id) {
 			ids = append(ids, id)
 		}
 	}

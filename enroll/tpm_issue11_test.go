@@ -13,12 +13,15 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/fleetgate/fleetgate/api"
@@ -257,6 +260,21 @@ func TestTPMMalformedCompletionConsumesChallenge(t *testing.T) {
 		}},
 		{"trailing data", func(good []byte, _ string) []byte { return append(bytes.Clone(good), []byte(` {}`)...) }},
 		{"a truncated body", func(good []byte, _ string) []byte { return good[:len(good)/2] }},
+		// L2: encoding/json matches keys in any case and keeps the last
+		// duplicate; the refused body's challenge is found the same way.
+		{"the key in upper case", func(_ []byte, id string) []byte {
+			return []byte(`{"CHALLENGE_ID":"` + id + `","secret":"%%%"}`)
+		}},
+		{"the key in mixed case, escaped", func(_ []byte, id string) []byte {
+			return []byte(`{"Challenge\u005FId":"` + id + `","extra":1}`)
+		}},
+		{"decoys before the real ID", func(_ []byte, id string) []byte {
+			decoys := strings.Repeat(`"challenge_id":"decoy",`, 40)
+			return []byte(`{` + decoys + `"challenge_id":"` + id + `","secret":"%%%"}`)
+		}},
+		{"decoys in another case before the real ID", func(_ []byte, id string) []byte {
+			return []byte(`{"challenge_id":"d1","Challenge_ID":"d2","CHALLENGE_id":"d3","challenge_ID":"d4","cHALLENGE_ID":"` + id + `","secret":1}`)
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ch := round1(t, to, d, "")
@@ -295,4 +313,149 @@ func TestTPMAKPolicyOverHTTP(t *testing.T) {
 		t.Fatalf("AK with authPolicy: %d %+v, want ak_policy", code, e)
 	}
 	srv.refused(t, "ak_policy")
+}
+
+// TestTPMDenyListJudgesSignedFirmware: M5. The deny-list judges the
+// firmware the TPM runs, as it signs it into the TPM2_Certify attestation
+// of round 2 (TPMS_ATTEST.firmwareVersion), not only the version its EK
+// certificate was issued with. A real swtpm (firmware id:20191023) whose EK
+// is certified by its trusted manufacturer with a newer version passes
+// round 1; at round 2 an AK in the endorsement hierarchy signs the true
+// firmware version, and the TPM is refused with tpm_firmware_denied by a
+// versions_below rule and by an exact versions rule (audited, counted, the
+// challenge spent). With the SDK's AK (under the SRK) the TPM obfuscates
+// firmwareVersion: it is not judged, and the TPM is not refused at random.
+func TestTPMDenyListJudgesSignedFirmware(t *testing.T) {
+	t.Parallel()
+	m := swtpm.ManufacturerForTest(t)
+	for _, tc := range []struct{ name, rule string }{
+		{"versions_below", "versions_below: id:20200101"},
+		{"versions", "versions: ['id:20191023']"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			deny, err := attest.ParseDenyList([]byte("deny:\n  - name: old swtpm\n    manufacturer: id:00001014\n    model: swtpm\n    " + tc.rule + "\n"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv := newIssue11Server(t, m.RootPool(), enroll.TPMPolicyManufacturer, deny)
+			d := newTPMDevice(t, m, srv.url, nil, "")
+			to := plainTarget(srv.url)
+			// The genuine certificate names the running version: refused
+			// at round 1, as before.
+			if _, e := postJSON(t, to, api.PathTPMChallenge, api.TPMChallengeRequest{EKCert: d.keys.EK().CertDER, AKPublic: d.keys.AKPublic()}, nil); e.Code != "ek_denied" {
+				t.Fatalf("genuine EK certificate: %+v, want ek_denied", e)
+			}
+			// The same TPM's EK, certified by the manufacturer with a
+			// newer version (firmware at manufacture != firmware now).
+			ekPub := d.keys.EK().Cert.PublicKey
+			tmpl, err := swtpm.EKCertTemplate(ekPub, swtpm.TPMIdentity{Manufacturer: "id:00001014", Model: "swtpm", Version: "id:20250101"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			newer, err := m.IssueEKCert(tmpl, ekPub)
+			if err != nil {
+				t.Fatal(err)
+			}
+
+			// An AK that is a primary of the endorsement hierarchy: the
+			// TPM signs its true firmware version.
+			a := newAttacker(t, d)
+			ak, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHEndorsement, InPublic: tpm2.New2B(tpmkey.AKTemplate())}.Execute(a.tr)
+			if err != nil {
+				t.Fatalf("CreatePrimary(AK, endorsement): %v", err)
+			}
+			var ch api.TPMChallengeResponse
+			if code, e := postJSON(t, to, api.PathTPMChallenge, api.TPMChallengeRequest{EKCert: newer, AKPublic: tpm2.Marshal(ak.OutPublic)}, &ch); code != http.StatusOK {
+				t.Fatalf("round 1 with a certificate claiming id:20250101: %d %+v", code, e)
+			}
+			req := a.completeWithEndorsementAK(ak, ch)
+			tpm2.FlushContext{FlushHandle: ak.ObjectHandle}.Execute(a.tr)
+			fw := signedFirmware(t, req.CertifyInfo)
+			if fw>>32 != 0x20191023 {
+				t.Fatalf("swtpm signed firmwareVersion %#016x with an endorsement AK, want id:20191023 in the upper half", fw)
+			}
+			code, e := postJSON(t, to, api.PathTPMComplete, req, nil)
+			if code != http.StatusForbidden || e.Code != "tpm_firmware_denied" {
+				t.Fatalf("round 2 by firmware %#x: %d %+v, want 403 tpm_firmware_denied", fw, code, e)
+			}
+			srv.refused(t, "tpm_firmware_denied")
+			if _, e := postJSON(t, to, api.PathTPMComplete, req, nil); e.Code != "challenge_unknown" {
+				t.Fatalf("the refused challenge again: %+v, want challenge_unknown", e)
+			}
+
+			// The SDK's AK, under the SRK: the signed version is
+			// obfuscated, not judged; the round-1 check decided.
+			if code, e := postJSON(t, to, api.PathTPMChallenge, api.TPMChallengeRequest{EKCert: newer, AKPublic: d.keys.AKPublic()}, &ch); code != http.StatusOK {
+				t.Fatalf("round 1 (SDK AK): %d %+v", code, e)
+			}
+			req = round2(t, d, ch)
+			if fw := signedFirmware(t, req.CertifyInfo); fw>>32 == 0x20191023 {
+				t.Fatalf("swtpm signed the true firmware version %#x with an AK outside the endorsement hierarchy", fw)
+			}
+			if code, e := postJSON(t, to, api.PathTPMComplete, req, nil); code != http.StatusOK {
+				t.Fatalf("round 2 with the SDK's AK: %d %+v, want 200 (obfuscated version not judged)", code, e)
+			}
+		})
+	}
+}
+
+// signedFirmware is TPMS_ATTEST.firmwareVersion of a TPM2B_ATTEST.
+func signedFirmware(t *testing.T, info []byte) uint64 {
+	t.Helper()
+	a2b, err := tpm2.Unmarshal[tpm2.TPM2BAttest](info)
+	if err != nil {
+		t.Fatal(err)
+	}
+	att, err := a2b.Contents()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return att.FirmwareVersion
+}
+
+// completeWithEndorsementAK answers ch with ak (a primary of the
+// endorsement hierarchy): credential activation with the EK, and the
+// device's TLS key certified by ak.
+func (a *attacker) completeWithEndorsementAK(ak *tpm2.CreatePrimaryResponse, ch api.TPMChallengeResponse) api.TPMCompleteRequest {
+	a.t.Helper()
+	ekTmpl := tpm2.ECCEKTemplate
+	if _, ok := a.d.keys.EK().Cert.PublicKey.(*rsa.PublicKey); ok {
+		ekTmpl = tpm2.RSAEKTemplate
+	}
+	ek, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHEndorsement, InPublic: tpm2.New2B(ekTmpl)}.Execute(a.tr)
+	if err != nil {
+		a.t.Fatalf("CreatePrimary(EK): %v", err)
+	}
+	ekAuth := tpm2.Policy(ekTmpl.NameAlg, 16, func(tr transport.TPM, h tpm2.TPMISHPolicy, nonceTPM tpm2.TPM2BNonce) error {
+		_, err := tpm2.PolicySecret{AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)}, PolicySession: h, NonceTPM: nonceTPM}.Execute(tr)
+		return err
+	})
+	akH := tpm2.AuthHandle{Handle: ak.ObjectHandle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)}
+	act, err := tpm2.ActivateCredential{ActivateHandle: akH, KeyHandle: tpm2.AuthHandle{Handle: ek.ObjectHandle, Name: ek.Name, Auth: ekAuth},
+		CredentialBlob: tpm2.TPM2BIDObject{Buffer: ch.CredentialBlob}, Secret: tpm2.TPM2BEncryptedSecret{Buffer: ch.EncryptedSecret}}.Execute(a.tr)
+	tpm2.FlushContext{FlushHandle: ek.ObjectHandle}.Execute(a.tr) // three object slots: AK, SRK, TLS key
+	if err != nil {
+		a.t.Fatalf("ActivateCredential: %v", err)
+	}
+	tlsPub, err := os.ReadFile(filepath.Join(a.d.state, tpmkey.TLSPublicFile))
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	tlsPriv, err := os.ReadFile(filepath.Join(a.d.state, tpmkey.TLSPrivateFile))
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	var info, sig []byte
+	a.withSRK(func(srk tpm2.AuthHandle) {
+		tls := a.load(srk, tlsPub, tlsPriv)
+		rsp, err := tpm2.Certify{ObjectHandle: tls, SignHandle: akH, QualifyingData: tpm2.TPM2BData{Buffer: ch.Nonce},
+			InScheme: tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull}}.Execute(a.tr)
+		if err != nil {
+			a.t.Fatalf("Certify: %v", err)
+		}
+		info, sig = tpm2.Marshal(rsp.CertifyInfo), tpm2.Marshal(rsp.Signature)
+		tpm2.FlushContext{FlushHandle: tls.Handle}.Execute(a.tr)
+	})
+	return api.TPMCompleteRequest{ChallengeID: ch.ChallengeID, Secret: act.CertInfo.Buffer, TLSPublic: tlsPub,
+		CertifyInfo: info, CertifySignature: sig, CSR: csrBy(a.t, a.d.keys.Signer())}
 }

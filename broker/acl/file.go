@@ -53,21 +53,35 @@ func ParseFileRules(name string, data []byte) (*Policy, int, error) {
 }
 
 func parseFile(name string, data []byte) (*Policy, int, error) {
-	var root yaml.Node
+	// Strict: the file is decoded straight into File with KnownFields, so
+	// an unknown key anywhere (a typo such as "group:" for "groups:", an
+	// unknown top-level key) is refused with its line instead of being
+	// dropped; yaml.v3 also refuses a key written twice. Decoding into a
+	// yaml.Node first and then Node.Decode would check no keys at all.
+	var f File
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
-	if err := dec.Decode(&root); err != nil {
+	if err := dec.Decode(&f); err != nil {
 		if errors.Is(err, io.EOF) {
 			return nil, 0, fmt.Errorf("%s: empty policy", name)
 		}
 		return nil, 0, fmt.Errorf("%s: %w", name, err)
 	}
+	// One document: a second one ("---") would otherwise be dropped
+	// without a word.
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		if err != nil {
+			return nil, 0, fmt.Errorf("%s: %w", name, err)
+		}
+		return nil, 0, fmt.Errorf("%s:%d: a second YAML document; a policy file holds exactly one", name, extra.Line)
+	}
 	var errs []error
-	var f File
-	if err := root.Decode(&f); err != nil {
+	// Line numbers: yaml.v3 keeps them on nodes, not on decoded values.
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
 		return nil, 0, fmt.Errorf("%s: %w", name, err)
 	}
-	// Line numbers: yaml.v3 keeps them on nodes, not on decoded values.
 	if len(root.Content) == 1 {
 		m := root.Content[0]
 		for i := 0; i+1 < len(m.Content); i += 2 {

@@ -134,3 +134,77 @@ func TestLoadFileRulesCountsTheFilesRules(t *testing.T) {
 		t.Fatal("missing file loaded")
 	}
 }
+
+// strictCases are files that a lax decoder loads as something other than
+// what the operator wrote: each must be refused, naming the file and the
+// line of the offending key or document.
+var strictCases = []struct{ name, src, want string }{
+	{"a typo in a rule key (group for groups)",
+		"rules:\n  - name: lab-only\n    roles: [device]\n    group: [lab]\n    allow: [publish]\n    topics: [\"lab/#\"]\n",
+		`p.yaml: yaml: unmarshal errors:
+  line 4: field group not found`},
+	{"an unknown top-level key",
+		"rules:\n  - allow: [publish]\n    topics: [a]\ndefault_deny: false\n",
+		"line 4: field default_deny not found"},
+	{"a second document",
+		"rules:\n  - allow: [publish]\n    topics: [a]\n---\nrules:\n  - deny: [publish]\n    topics: [a]\n",
+		"p.yaml:4: a second YAML document"},
+	{"a key written twice",
+		"rules:\n  - allow: [publish]\n    topics: [a]\n    topics: [b]\n",
+		`line 4: mapping key "topics" already defined`},
+}
+
+// TestParseFileIsStrict: H1. An unknown key (at any level) and a second
+// document are refused with the line, not silently dropped.
+func TestParseFileIsStrict(t *testing.T) {
+	for _, tc := range strictCases {
+		t.Run(tc.name, func(t *testing.T) {
+			p, err := ParseFile("p.yaml", []byte(tc.src))
+			if err == nil {
+				t.Fatalf("accepted, %d compiled rules: %+v", len(p.Rules()), p.Rules())
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error lacks %q:\n%v", tc.want, err)
+			}
+		})
+	}
+}
+
+// TestReloadOfAStrictlyBrokenFileKeepsThePolicy: H1 through a reload: a
+// reload reads the file again (LoadFileRules) and swaps the policy only
+// on success. Each broken variant of the file is refused and the policy
+// in force (the lab-only rule) still decides as before: a device outside
+// the lab group may not publish to lab/#.
+func TestReloadOfAStrictlyBrokenFileKeepsThePolicy(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "policy.yaml")
+	good := "rules:\n  - name: lab-only\n    roles: [device]\n    groups: [lab]\n    allow: [publish]\n    topics: [\"lab/#\"]\n"
+	if err := os.WriteFile(path, []byte(good), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	inForce, _, err := LoadFileRules(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reload := func() error {
+		p, _, err := LoadFileRules(path)
+		if err == nil {
+			inForce = p
+		}
+		return err
+	}
+	lab := Subject{Role: identity.RoleDevice, ID: "d1", Group: "lab"}
+	prod := Subject{Role: identity.RoleDevice, ID: "d2", Group: "prod"}
+	for _, tc := range strictCases {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := os.WriteFile(path, []byte(tc.src), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := reload(); err == nil || !strings.Contains(err.Error(), path) {
+				t.Fatalf("reload of the broken file: %v", err)
+			}
+			if !inForce.CheckPublish(lab, "lab/x", false).Allowed || inForce.CheckPublish(prod, "lab/x", false).Allowed {
+				t.Fatal("the policy in force changed after a refused reload")
+			}
+		})
+	}
+}

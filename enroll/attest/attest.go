@@ -531,6 +531,63 @@ func (ak *AK) VerifyCertify(tlsPubBytes, attestBytes, sigBytes, nonce []byte, cs
 	return nil
 }
 
+// CertifiedFirmwareVersion returns TPMS_ATTEST.firmwareVersion of a
+// certification this AK signed (VerifyCertify accepted the same bytes), and
+// whether it is the TPM's firmware version. A TPM obfuscates resetCount,
+// restartCount and firmwareVersion (adds a value derived from the
+// hierarchy's proof and the signer's name) when the signing key is not in
+// the endorsement or platform hierarchy (TPM 2.0 Part 1, "Privacy" of
+// TPMS_CLOCK_INFO and firmwareVersion; Part 2, TPMS_ATTEST): the version
+// is evidence only if the AK is a primary of the endorsement hierarchy or
+// a child of the EK, which the attestation's qualifiedSigner shows (the
+// signature covers it). ekPub is the EK's public area (EKPublicFromCert).
+// For an AK elsewhere (under the SRK, as devicesdk/tpmkey creates it)
+// inEndorsement is false and fw means nothing.
+func (ak *AK) CertifiedFirmwareVersion(attestBytes []byte, ekPub *tpm2.TPMTPublic) (fw uint64, inEndorsement bool, err error) {
+	if ak == nil || ak.Public == nil {
+		return 0, false, fmt.Errorf("attest: certified firmware: no verified AK: %w", ErrMalformed)
+	}
+	d, err := decodeAttest(attestBytes)
+	if err != nil {
+		return 0, false, err
+	}
+	qs := d.att.QualifiedSigner.Buffer
+	// A primary of the endorsement hierarchy: H(TPM_RH_ENDORSEMENT || name).
+	if bytes.Equal(qs, qualifiedName(ak.Public.NameAlg, endorsementQN, ak.Name)) {
+		return d.att.FirmwareVersion, true, nil
+	}
+	// A child of the EK: H(QN(EK) || name), QN(EK) = H(TPM_RH_ENDORSEMENT || name(EK)).
+	if ekPub != nil {
+		if ekName, err := Name(ekPub); err == nil {
+			ekQN := qualifiedName(ekPub.NameAlg, endorsementQN, ekName)
+			if ekQN != nil && bytes.Equal(qs, qualifiedName(ak.Public.NameAlg, ekQN, ak.Name)) {
+				return d.att.FirmwareVersion, true, nil
+			}
+		}
+	}
+	return d.att.FirmwareVersion, false, nil
+}
+
+// endorsementQN is the qualified name of the endorsement hierarchy: its
+// handle.
+var endorsementQN = binary.BigEndian.AppendUint32(nil, uint32(tpm2.TPMRHEndorsement))
+
+// qualifiedName is nameAlg || H_nameAlg(parentQN || name) (Part 1, 16.6);
+// the qualified name of a hierarchy is its handle (4 bytes). Nil for a hash
+// this package refuses.
+func qualifiedName(alg tpm2.TPMIAlgHash, parentQN, name []byte) []byte {
+	newHash, _, ok := hashFor(alg)
+	if !ok {
+		return nil
+	}
+	h := newHash()
+	h.Write(parentQN)
+	h.Write(name)
+	qn := make([]byte, 2, 2+h.Size())
+	binary.BigEndian.PutUint16(qn, uint16(alg))
+	return h.Sum(qn)
+}
+
 // tlsScheme accepts the TLS key's signing scheme: NULL (the signer names
 // the scheme per signature) or ECDSA with SHA-256, the hash of its P-256
 // curve and of the certificate profile's ecdsa-with-SHA256.
@@ -618,7 +675,12 @@ func verifyECDSA(key *ecdsa.PublicKey, hashAlg tpm2.TPMIAlgHash, msg, sigBytes [
 		}
 		// A TPM writes R and S at exactly the curve's size (leading
 		// zeros kept); any other length is another encoding of the same
-		// signature, which is refused (signatures are not malleable here).
+		// signature, and is refused. This does not make signatures
+		// unique: ECDSA is malleable, (r, n−s) verifies whenever (r, s)
+		// does, and TPMs do not produce low-S signatures, so none is
+		// required. Nothing here relies on a signature being unique: the
+		// certification is bound to its one-time challenge nonce (the
+		// challenge is consumed by round 2), not to its signature bytes.
 		size := (key.Curve.Params().BitSize + 7) / 8
 		if len(ecc.SignatureR.Buffer) != size || len(ecc.SignatureS.Buffer) != size {
 			return fmt.Errorf("signature R and S are %d and %d bytes, want %d: %w",

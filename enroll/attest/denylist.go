@@ -9,6 +9,7 @@ import (
 	"io"
 	"math/big"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -17,10 +18,9 @@ import (
 	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
-// A DenyList refuses TPMs by the identification their EK certificate
-// carries (TCG EK Credential Profile 2.3, 3.2.9: manufacturer, model and
-// firmware version). Operators use it for TPM models or firmware with known
-// flaws. It is read from a YAML file at server start (LoadDenyList):
+// A DenyList refuses TPMs by manufacturer, model and firmware version.
+// Operators use it for TPM models or firmware with known flaws. It is read
+// from a YAML file at server start (LoadDenyList):
 //
 //	deny:
 //	  - name: Infineon RSALib (CVE-2017-15361)   # optional, shown in refusals
@@ -32,9 +32,26 @@ import (
 // A rule matches a TPM whose manufacturer (and model, if given) equal the
 // rule's, compared case-insensitively, and whose version is one of versions
 // or below versions_below. A rule without versions and versions_below
-// matches every version. versions_below compares TCG version numbers,
-// "id:" and up to 8 hex digits; a TPM whose version is not in that form
-// matches a rule with versions_below (deny by default).
+// matches every version. Versions are TCG version numbers, "id:" and 1 to 8
+// hex digits (TPM_PT_FIRMWARE_VERSION_1, the firmware version's upper 32
+// bits), compared as numbers: id:70002 is id:00070002.
+//
+// Two sources are judged, and either matching refuses:
+//
+//   - At round 1 (CheckEK), the EK certificate's identification (TCG EK
+//     Credential Profile 2.3, 3.2.9: tcg-at-tpmManufacturer, tpmModel,
+//     tpmVersion). Its version is the firmware at manufacture, certified by
+//     the manufacturer; a TPM whose certificate version is not a TCG version
+//     number matches every rule with versions or versions_below (deny by
+//     default).
+//   - At round 2 (CheckFirmware), the firmware version the TPM signs into
+//     the TPM2_Certify attestation (TPMS_ATTEST.firmwareVersion, bound to
+//     the challenge by its nonce and to the EK by credential activation):
+//     the firmware running now, which may have been updated or downgraded
+//     since manufacture. Its upper 32 bits are compared with versions and
+//     versions_below of the rules whose manufacturer and model match the
+//     EK certificate's. A TPM whose firmware matches is refused with
+//     ErrFirmwareDenied.
 //
 // Independently of any list, CheckEK refuses an RSA EK whose modulus has the
 // ROCA structure (ROCAVulnerable): its private key can be computed.
@@ -44,6 +61,10 @@ import (
 type DenyList struct {
 	Rules []DenyRule `yaml:"deny"`
 }
+
+// ErrFirmwareDenied means the firmware version the TPM signed into its
+// certification matches a deny-list rule.
+var ErrFirmwareDenied = errors.New("attest: TPM firmware is on the deny-list")
 
 // DenyRule is one rule of a DenyList.
 type DenyRule struct {
@@ -57,6 +78,7 @@ type DenyRule struct {
 
 	below    uint64
 	hasBelow bool
+	versions []uint64
 }
 
 // MaxDenyListSize bounds a deny-list file.
@@ -113,10 +135,14 @@ func ParseDenyList(b []byte) (*DenyList, error) {
 		if r.Model != "" && strings.TrimSpace(r.Model) == "" {
 			errs = append(errs, fmt.Errorf("%s: model is blank", where))
 		}
+		r.versions = nil
 		for _, v := range r.Versions {
-			if strings.TrimSpace(v) == "" {
-				errs = append(errs, fmt.Errorf("%s: versions holds an empty version", where))
+			n, ok := parseTCGVersion(v)
+			if !ok {
+				errs = append(errs, fmt.Errorf("%s: versions holds %q, not a TCG version (id: and 1-8 hex digits)", where, v))
+				continue
 			}
+			r.versions = append(r.versions, n)
 		}
 		if r.VersionsBelow != "" {
 			v, ok := parseTCGVersion(r.VersionsBelow)
@@ -142,26 +168,32 @@ func parseTCGVersion(s string) (uint64, bool) {
 	return v, err == nil
 }
 
+// identifies reports whether r's manufacturer and model match info's.
+func (r *DenyRule) identifies(info TPMInfo) bool {
+	if !strings.EqualFold(strings.TrimSpace(r.Manufacturer), strings.TrimSpace(info.Manufacturer)) {
+		return false
+	}
+	return r.Model == "" || strings.EqualFold(strings.TrimSpace(r.Model), strings.TrimSpace(info.Model))
+}
+
+// hasVersions reports whether r names versions (versions or
+// versions_below).
+func (r *DenyRule) hasVersions() bool { return len(r.versions) > 0 || r.hasBelow }
+
+// matchesVersion reports whether the version number v is denied by r.
+func (r *DenyRule) matchesVersion(v uint64) bool {
+	return slices.Contains(r.versions, v) || (r.hasBelow && v < r.below)
+}
+
 func (r *DenyRule) matches(info TPMInfo) bool {
-	if !strings.EqualFold(r.Manufacturer, info.Manufacturer) {
+	if !r.identifies(info) {
 		return false
 	}
-	if r.Model != "" && !strings.EqualFold(r.Model, info.Model) {
-		return false
-	}
-	if len(r.Versions) == 0 && !r.hasBelow {
+	if !r.hasVersions() {
 		return true
 	}
-	for _, v := range r.Versions {
-		if strings.EqualFold(v, info.Version) {
-			return true
-		}
-	}
-	if r.hasBelow {
-		v, ok := parseTCGVersion(info.Version)
-		return !ok || v < r.below
-	}
-	return false
+	v, ok := parseTCGVersion(info.Version)
+	return !ok || r.matchesVersion(v)
 }
 
 // Match returns the first rule that matches info, or nil.
@@ -197,6 +229,32 @@ func (l *DenyList) CheckEK(cert *x509.Certificate) (*DenyRule, error) {
 		// for the audit record and the log.
 		return r, fmt.Errorf("attest: TPM %s model %s version %s matches deny-list rule %q: %w",
 			logguard.Clip(info.Manufacturer, 64), logguard.Clip(info.Model, 64), logguard.Clip(info.Version, 64), r.Name, ErrEKDenied)
+	}
+	return nil, nil
+}
+
+// FirmwareVersion1 is the TCG version number of a TPMS_ATTEST
+// firmwareVersion: its upper 32 bits, TPM_PT_FIRMWARE_VERSION_1, the value
+// an EK certificate's tcg-at-tpmVersion carries.
+func FirmwareVersion1(firmware uint64) uint64 { return firmware >> 32 }
+
+// CheckFirmware refuses, with ErrFirmwareDenied and the rule, a TPM
+// identified by info (its EK certificate's) whose signed firmware version
+// (TPMS_ATTEST.firmwareVersion of a verified certification, see
+// CertifiedFirmwareVersion) matches a rule with versions or
+// versions_below. Rules without versions refuse at CheckEK already. l may
+// be nil.
+func (l *DenyList) CheckFirmware(info TPMInfo, firmware uint64) (*DenyRule, error) {
+	if l == nil {
+		return nil, nil
+	}
+	v := FirmwareVersion1(firmware)
+	for i := range l.Rules {
+		r := &l.Rules[i]
+		if r.hasVersions() && r.identifies(info) && r.matchesVersion(v) {
+			return r, fmt.Errorf("attest: TPM %s model %s runs firmware id:%08X (signed firmwareVersion %#016x), which matches deny-list rule %q: %w",
+				logguard.Clip(info.Manufacturer, 64), logguard.Clip(info.Model, 64), v, firmware, r.Name, ErrFirmwareDenied)
+		}
 	}
 	return nil, nil
 }

@@ -132,3 +132,82 @@ deny:
 		t.Error("a missing deny-list file is accepted")
 	}
 }
+
+// TestDenyListVersionsAreNumbers: M5. versions and versions_below are TCG
+// version numbers, compared as numbers: id:70002 is id:00070002, case and
+// leading zeros do not matter, on the rule's side and the certificate's.
+// A version that is not a number is refused in the file.
+func TestDenyListVersionsAreNumbers(t *testing.T) {
+	t.Parallel()
+	l, err := attest.ParseDenyList([]byte("deny:\n  - name: exact\n    manufacturer: id:49465800\n    versions: [id:70002, ID:0007003e]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		version string
+		denied  bool
+	}{
+		{"id:00070002", true}, {"id:70002", true}, {"ID:00070002", true}, {" id:0007003E ", true}, {"id:7003e", true},
+		{"id:00070003", false}, {"id:20191023", false},
+		{"7.2", true}, // not a TCG version number: deny by default
+	} {
+		info := attest.TPMInfo{Manufacturer: "id:49465800", Model: "SLB9670", Version: tc.version}
+		if got := l.Match(info) != nil; got != tc.denied {
+			t.Errorf("certificate version %q: denied %t, want %t", tc.version, got, tc.denied)
+		}
+	}
+	for _, bad := range []string{"7.2", "id:", "id:123456789", "0x70002", "id:7g"} {
+		if _, err := attest.ParseDenyList([]byte("deny:\n  - manufacturer: x\n    versions: ['" + bad + "']\n")); err == nil || !strings.Contains(err.Error(), "versions holds") {
+			t.Errorf("versions [%q]: %v, want refused", bad, err)
+		}
+	}
+}
+
+// TestDenyListCheckFirmware: M5. The signed firmwareVersion's upper 32
+// bits (TPM_PT_FIRMWARE_VERSION_1) are judged by the rules with versions
+// for the EK certificate's manufacturer and model.
+func TestDenyListCheckFirmware(t *testing.T) {
+	t.Parallel()
+	l, err := attest.ParseDenyList([]byte(`
+deny:
+  - name: all swtpm
+    manufacturer: id:00001014
+    model: other
+  - name: old swtpm
+    manufacturer: id:00001014
+    model: swtpm
+    versions_below: id:20200101
+  - name: one build
+    manufacturer: id:49465800
+    versions: [id:70002]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	swtpmInfo := attest.TPMInfo{Manufacturer: "id:00001014", Model: "swtpm", Version: "id:20250101"}
+	ifx := attest.TPMInfo{Manufacturer: "ID:49465800", Model: "SLB9670", Version: "id:00070055"}
+	for _, tc := range []struct {
+		name   string
+		info   attest.TPMInfo
+		fw     uint64
+		denied string
+	}{
+		{"swtpm firmware below the bound", swtpmInfo, 0x20191023_00163636, "old swtpm"},
+		{"swtpm firmware at the bound", swtpmInfo, 0x20200101_00000000, ""},
+		{"exact version, any lower half", ifx, 0x00070002_12345678, "one build"},
+		{"another version", ifx, 0x00070055_00000000, ""},
+		{"another manufacturer", attest.TPMInfo{Manufacturer: "id:53544D20", Model: "swtpm"}, 0x1, ""},
+	} {
+		r, err := l.CheckFirmware(tc.info, tc.fw)
+		switch {
+		case tc.denied == "" && err != nil:
+			t.Errorf("%s: %v", tc.name, err)
+		case tc.denied != "" && (!errors.Is(err, attest.ErrFirmwareDenied) || r == nil || r.Name != tc.denied):
+			t.Errorf("%s: rule %v, %v; want %q", tc.name, r, err, tc.denied)
+		}
+	}
+	var nilList *attest.DenyList
+	if _, err := nilList.CheckFirmware(swtpmInfo, 0); err != nil {
+		t.Errorf("nil list: %v", err)
+	}
+}

@@ -142,6 +142,16 @@ func LoadServe(fs *pflag.FlagSet, getenv func(string) string) (Serve, error) {
 		if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
 			errs = append(errs, fmt.Errorf("%s: %w", path, err))
 		}
+		// One document: settings in a second one ("---") would be
+		// dropped without a word.
+		var extra yaml.Node
+		if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", path, err))
+			} else {
+				errs = append(errs, fmt.Errorf("%s:%d: a second YAML document; a config file holds exactly one", path, extra.Line))
+			}
+		}
 	}
 	// Environment and flags both go through the flag's own parser, so the
 	// syntax is the same everywhere.

@@ -163,3 +163,95 @@ func TestLimiterFlushAll(t *testing.T) {
 		t.Fatal("FlushAll summarised twice")
 	}
 }
+
+// TestLimiterGlobalBoundManySources: M2. 5,000 sources (more than MaxKeys)
+// each sending refusals of two codes: the events let through in full in a
+// window stay within the global budget (a bucket of Global: at most
+// 2×Global in any window) whatever the number of sources; every event is
+// either let through or in exactly one summary; the summaries are bounded
+// by the summary budget (plus one aggregate), and each carries its source
+// and the counts per code.
+func TestLimiterGlobalBoundManySources(t *testing.T) {
+	c := newClock()
+	const global, budget, sources, windows = 50, 100, 5000, 3
+	var mu sync.Mutex
+	var sums []Summary
+	l := New(c.opts(Options{Burst: 5, Global: global, Summaries: budget, MaxKeys: 4096, Window: time.Minute,
+		Report: func(s Summary) { mu.Lock(); sums = append(sums, s); mu.Unlock() }}))
+	events, full := 0, 0
+	for w := range windows {
+		fullThisWindow := 0
+		for i := range sources {
+			key := "10.0." + strconv.Itoa(i/256) + "." + strconv.Itoa(i%256)
+			for j := range 4 {
+				code := "malformed_json"
+				if j%2 == 1 {
+					code = "token_invalid"
+				}
+				events++
+				if l.AllowCode(key, code) {
+					full++
+					fullThisWindow++
+				}
+			}
+		}
+		if fullThisWindow > 2*global {
+			t.Fatalf("window %d: %d events in full, global budget %d", w, fullThisWindow, global)
+		}
+		c.add(time.Minute)
+		before := len(sums)
+		l.Flush()
+		if n := len(sums) - before; n > 2*budget+1 {
+			t.Fatalf("window %d: %d summaries, budget %d (+1 aggregate)", w, n, budget)
+		}
+	}
+	l.FlushAll()
+	summarised, aggregates := 0, 0
+	for _, s := range sums {
+		summarised += s.Total
+		sum := 0
+		for _, cc := range s.Codes {
+			sum += cc.N
+			if cc.Code != "malformed_json" && cc.Code != "token_invalid" {
+				t.Fatalf("summary %+v: code %q", s, cc.Code)
+			}
+		}
+		if sum != s.Total || s.Key == "" {
+			t.Fatalf("summary %+v: codes sum to %d", s, sum)
+		}
+		if s.Key == AggregateKey {
+			aggregates++
+			if s.Sources < 2 {
+				t.Fatalf("aggregate stands for %d sources", s.Sources)
+			}
+		} else if s.Key != OverflowKey && (len(s.Codes) != 2 || !strings.Contains(s.CodesString(), "malformed_json ×") || !strings.Contains(s.CodesString(), "token_invalid ×")) {
+			t.Fatalf("per-source summary %+v (%s) lacks the per-code counts", s, s.CodesString())
+		}
+	}
+	if full+summarised != events {
+		t.Fatalf("%d in full + %d summarised != %d events", full, summarised, events)
+	}
+	if aggregates == 0 {
+		t.Fatal("no aggregate summary although the budget was exceeded")
+	}
+	t.Logf("%d events, %d in full, %d summaries (%d aggregates)", events, full, len(sums), aggregates)
+}
+
+// TestLimiterBurstPerCode: the burst is per key and code: one source gets
+// Burst events in full per code, while the global budget lasts.
+func TestLimiterBurstPerCode(t *testing.T) {
+	c := newClock()
+	var sums []Summary
+	l := New(c.opts(Options{Burst: 1, Global: 3, Report: func(s Summary) { sums = append(sums, s) }}))
+	got := []bool{l.AllowCode("a", "x"), l.AllowCode("a", "x"), l.AllowCode("a", "y"), l.AllowCode("b", "x"), l.AllowCode("b", "y")}
+	want := []bool{true, false, true, true, false} // b/y: global budget spent
+	for i := range got {
+		if got[i] != want[i] {
+			t.Fatalf("event %d: %v, want %v (all %v)", i, got[i], want[i], got)
+		}
+	}
+	l.FlushAll()
+	if len(sums) != 2 {
+		t.Fatalf("summaries %+v", sums)
+	}
+}
