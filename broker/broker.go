@@ -188,7 +188,7 @@ func New(cfg Config) (*Broker, error) {
 	b := &Broker{cfg: cfg, log: cfg.Logger.With("component", "broker"), stop: make(chan struct{})}
 	b.policy.Store(cfg.Policy)
 	b.initMetrics()
-	b.quotaLog = logguard.New(logguard.Options{Burst: 3, Window: time.Minute, MaxKeys: 1024,
+	b.quotaLog = logguard.New(logguard.Options{Burst: 3, Window: time.Minute, MaxKeys: 1024, Global: logGlobal, Summaries: logGlobal,
 		Summary: logguard.LogSummary(b.log, "offline session quota full; further messages not queued for it")})
 
 	// Per-packet refusals are logged a few times per client identity and
@@ -284,14 +284,14 @@ func New(cfg Config) (*Broker, error) {
 		VerifyConnection: b.hook.VerifyConnection,
 	}
 	b.ln = &listener{id: "mtls", addr: cfg.Addr, tls: tcfg, timeout: cfg.HandshakeTimeout,
-		roleOf: func(c *x509.Certificate) identity.Role {
+		identOf: func(c *x509.Certificate) identity.Identity {
 			id, _ := identity.FromCertificate(c, cfg.CA.TrustDomain)
-			return id.Role
+			return id
 		},
 		helloTimeout: cfg.HelloTimeout, adm: newAdmission(cfg.MaxPending, cfg.MaxPendingPerIP, cfg.HelloTimeout/3), log: b.log,
 		onRefuse: func(r string) {
 			b.m.authFailures.WithLabelValues(r).Inc()
-			if r == "pending_limit" || r == "pending_per_ip" || r == "pending_evicted" {
+			if r == "pending_limit" || r == "pending_per_ip" || r == "pending_evicted" || r == "pending_per_identity" {
 				b.m.limited.WithLabelValues(r).Inc()
 			}
 		}}

@@ -252,3 +252,55 @@ func TestAttackerOnTheFleetsAddressDoesNotLockItOut(t *testing.T) {
 		t.Fatalf("only %d of %d device connects from the attacker's address got through; last error: %v", ok, attempts, last)
 	}
 }
+
+// A flood that holds one stalled connection per source address, from many
+// addresses, reconnecting as soon as it is closed, keeps every slot full
+// while a fleet behind one NAT address reconnects together, round after
+// round: the fleet's address holds the most stalled connections for a
+// moment, and must not be where the slots are taken from.
+func TestManyAddressFloodDoesNotEvictANATFleet(t *testing.T) {
+	const maxPending, floodAddrs, fleet, rounds = 16, 48, 8, 4
+	g := testenv.Start(t, testenv.Options{MaxPending: maxPending, MaxPendingPerIP: 64})
+	ids, certs := enrollFleet(t, g, "natflood", fleet)
+	var addrs []net.IP
+	for i := 0; i < floodAddrs; i++ {
+		addrs = append(addrs, srcIP(50, i))
+	}
+	f := startFlood(t, g.Addrs.MQTT, addrs, floodAddrs, 20000, nil) // one worker, one connection at a time, per address
+	testenv.Eventually(t, 30*time.Second, func() error {
+		if n := f.dials.Load(); n < 4*maxPending {
+			return fmt.Errorf("flood made %d connections", n)
+		}
+		return nil
+	})
+	nat := srcIP(51, 0)
+	failed := 0
+	var last error
+	for round := 0; round < rounds; round++ {
+		start := make(chan struct{})
+		errs := make([]error, fleet)
+		var wg sync.WaitGroup
+		for i := range ids {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				errs[i] = connectFrom(g, nat, ids[i], certs[i], 10*time.Second)
+			}()
+		}
+		close(start)
+		wg.Wait()
+		for _, err := range errs {
+			if err != nil {
+				failed++
+				last = err
+			}
+		}
+	}
+	dials := f.dials.Load()
+	f.stop()
+	t.Logf("NAT'd fleet during a %d-address flood: %d of %d connects failed (flood: %d connections; last error: %v)", floodAddrs, failed, fleet*rounds, dials, last)
+	if failed > 0 {
+		t.Fatalf("%d of %d connects of the NAT'd fleet failed during the flood; last error: %v", failed, fleet*rounds, last)
+	}
+}

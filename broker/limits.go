@@ -82,6 +82,16 @@ type limitsHook struct {
 	l       Limits
 	clients sync.Map // *mqtt.Client -> *clientLimits
 
+	// byID holds each device identity's limiters, shared by its
+	// connections and kept after its last one ended until they would be
+	// full again (refillTime): a device that reconnects continues with
+	// the tokens it had left, not with a fresh burst. Entries exist for
+	// identities that authenticated, connected or recently (bounded by
+	// the fleet), and are swept once per refillTime.
+	mu      sync.Mutex
+	byID    map[string]*clientLimits
+	sweptAt time.Time
+
 	msgsIn, bytesIn, msgsOut, bytesOut, dropped prometheus.Counter
 	limited                                     *prometheus.CounterVec
 
@@ -95,13 +105,29 @@ type limitsHook struct {
 type clientLimits struct {
 	msgs, bytes, subs *rate.Limiter
 	exempt            bool
+	key               string    // in limitsHook.byID
+	conns             int       // connections using it (under limitsHook.mu)
+	idleSince         time.Time // when the last one ended
+}
+
+// refillTime is how long an unused set of limiters takes to be full again:
+// after it, a fresh set is the same (at most a day: a rate so low is kept
+// that long).
+func (l Limits) refillTime() time.Duration {
+	d := 0.0
+	for _, r := range [][2]float64{{float64(l.MsgBurst), l.MsgRate}, {float64(l.ByteBurst), l.ByteRate}, {float64(l.SubBurst), l.SubRate}} {
+		if r[1] > 0 {
+			d = max(d, r[0]/r[1])
+		}
+	}
+	return time.Duration(min(d, 24*3600)*float64(time.Second)) + time.Second
 }
 
 // newRefusalLog returns the limiter of per-packet refusal log lines
 // (subscriptions over the limit, ACL denials, clients over a rate): five
 // lines per client identity and minute, then one summary line.
 func newRefusalLog(log *slog.Logger) *logguard.Limiter {
-	return logguard.New(logguard.Options{Burst: 5, Window: time.Minute, MaxKeys: 4096,
+	return logguard.New(logguard.Options{Burst: 5, Window: time.Minute, MaxKeys: 4096, Global: logGlobal, Summaries: logGlobal,
 		Summary: logguard.LogSummary(log, "client refusals not logged one by one")})
 }
 
@@ -150,19 +176,55 @@ func (h *limitsHook) Provides(b byte) bool {
 }
 
 func (h *limitsHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
-	exempt := false
+	key := "client/" + cl.ID
 	if s, ok := h.b.hook.Session(cl); ok {
-		exempt = s.Identity.Role != "device"
+		if s.Identity.Role != "device" {
+			h.clients.Store(cl, &clientLimits{exempt: true})
+			return
+		}
+		key = s.Identity.String()
 	}
-	h.clients.Store(cl, &clientLimits{
-		msgs:   rate.NewLimiter(rate.Limit(h.l.MsgRate), h.l.MsgBurst),
-		bytes:  rate.NewLimiter(rate.Limit(h.l.ByteRate), h.l.ByteBurst),
-		subs:   rate.NewLimiter(rate.Limit(h.l.SubRate), h.l.SubBurst),
-		exempt: exempt,
-	})
+	now := time.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.byID == nil {
+		h.byID = map[string]*clientLimits{}
+	}
+	if refill := h.l.refillTime(); now.Sub(h.sweptAt) >= refill {
+		h.sweptAt = now
+		for k, c := range h.byID {
+			if c.conns == 0 && now.Sub(c.idleSince) >= refill {
+				delete(h.byID, k)
+			}
+		}
+	}
+	c := h.byID[key]
+	if c == nil {
+		c = &clientLimits{
+			msgs:  rate.NewLimiter(rate.Limit(h.l.MsgRate), h.l.MsgBurst),
+			bytes: rate.NewLimiter(rate.Limit(h.l.ByteRate), h.l.ByteBurst),
+			subs:  rate.NewLimiter(rate.Limit(h.l.SubRate), h.l.SubBurst),
+			key:   key,
+		}
+		h.byID[key] = c
+	}
+	c.conns++
+	h.clients.Store(cl, c)
 }
 
-func (h *limitsHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) { h.clients.Delete(cl) }
+func (h *limitsHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
+	v, ok := h.clients.LoadAndDelete(cl)
+	if !ok {
+		return
+	}
+	if c := v.(*clientLimits); !c.exempt {
+		h.mu.Lock()
+		if c.conns--; c.conns == 0 {
+			c.idleSince = time.Now()
+		}
+		h.mu.Unlock()
+	}
+}
 
 func (h *limitsHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	switch pk.FixedHeader.Type {
@@ -263,3 +325,9 @@ func (h *limitsHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Pac
 	}
 	return pk
 }
+
+// logGlobal bounds, per minute and across all sources, the refusal lines
+// each of the broker's refusal logs writes in full and the summaries it
+// writes (logguard's Global and Summaries): however many addresses or
+// identities a flood uses, a log grows by a few hundred lines a minute.
+const logGlobal = 100

@@ -33,9 +33,10 @@ type listener struct {
 	adm          *admission
 	log          *slog.Logger
 	onRefuse     func(reason string)
-	// roleOf names the role of a handshake's verified leaf certificate (the
-	// broker sizes each client's outbound queue by it).
-	roleOf func(*x509.Certificate) identity.Role
+	// identOf names the identity of a handshake's verified leaf
+	// certificate (the broker sizes each client's outbound queue by its
+	// role; admission caps a device's connections waiting for CONNECT).
+	identOf func(*x509.Certificate) identity.Identity
 	// refusals rate-limits the log lines of refused handshakes per source
 	// address (a flood must not become a log flood).
 	refusals   *logguard.Limiter
@@ -88,7 +89,7 @@ func (l *listener) Init(*slog.Logger) error {
 	l.tls = l.tls.Clone()
 	l.tls.GetConfigForClient = l.onHello
 	if l.refusals == nil {
-		l.refusals = logguard.New(logguard.Options{Burst: 5, Window: time.Minute, MaxKeys: 4096,
+		l.refusals = logguard.New(logguard.Options{Burst: 5, Window: time.Minute, MaxKeys: 4096, Global: logGlobal, Summaries: logGlobal,
 			Summary: logguard.LogSummary(l.log, "tls handshakes refused, not logged one by one")})
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -162,8 +163,23 @@ func (l *listener) handshake(raw net.Conn, p *pending, release func(), establish
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	err := tc.HandshakeContext(ctx)
 	cancel()
-	if err == nil && !l.adm.handshaken(p) {
-		err = errEvicted
+	var id identity.Identity
+	if st := tc.ConnectionState(); err == nil && l.identOf != nil && len(st.PeerCertificates) > 0 {
+		id = l.identOf(st.PeerCertificates[0])
+	}
+	if err == nil {
+		ok, evicted := l.adm.handshaken(p, id)
+		for _, e := range evicted {
+			l.onRefuse(e.reason)
+			e.conn.Close()
+			if l.refusals.Allow("identity " + e.ident) {
+				l.log.Warn("connection waiting for CONNECT closed: the identity opened more", "reason", e.reason,
+					"identity", e.ident, "limit", l.adm.perIdentity, "remote", e.conn.RemoteAddr().String())
+			}
+		}
+		if !ok {
+			err = errEvicted
+		}
 	}
 	if err != nil {
 		defer l.wg.Done()
@@ -190,10 +206,7 @@ func (l *listener) handshake(raw net.Conn, p *pending, release func(), establish
 		l.log.Warn("tls handshake refused", "reason", reason, "identity", ident, "remote", raw.RemoteAddr().String(), "err", logguard.Clip(err.Error(), 0))
 		return
 	}
-	c := &conn{Conn: tc, release: release}
-	if st := tc.ConnectionState(); l.roleOf != nil && len(st.PeerCertificates) > 0 {
-		c.role = l.roleOf(st.PeerCertificates[0])
-	}
+	c := &conn{Conn: tc, release: release, role: id.Role}
 	go l.serve(c, establish)
 }
 
@@ -213,12 +226,26 @@ func (l *listener) ended(c *conn, err error) {
 	}
 }
 
+// hostOf is the source key of a connection for every per-source structure
+// (admission, the per-address cap, refusal log limits): its IPv4 address, or
+// its IPv6 /64 (one host, or one customer, usually holds a whole /64, and
+// could otherwise open each connection from another address).
 func hostOf(a net.Addr) string {
-	if ta, ok := a.(*net.TCPAddr); ok {
-		return ta.IP.String()
+	ta, ok := a.(*net.TCPAddr)
+	if !ok {
+		return a.String()
 	}
-	return a.String()
+	if v4 := ta.IP.To4(); v4 != nil {
+		return v4.String()
+	}
+	if len(ta.IP) == net.IPv6len {
+		return ta.IP.Mask(net.CIDRMask(ipv6PrefixBits, 128)).String() + "/64"
+	}
+	return ta.IP.String()
 }
+
+// ipv6PrefixBits is the prefix by which IPv6 sources are grouped.
+const ipv6PrefixBits = 64
 
 func isClosedErr(err error) bool {
 	return errors.Is(err, net.ErrClosed)
@@ -272,7 +299,7 @@ func (l *listener) Close(closeClients listeners.CloseFn) {
 const (
 	stageHello     = iota // no complete ClientHello yet: "stalled"
 	stageHandshake        // ClientHello read, TLS handshake under way
-	stageConnect          // TLS done, waiting for the MQTT CONNECT
+	stageConnect          // TLS done, waiting for the MQTT CONNECT (capped per device identity)
 	stageDone             // released or evicted
 )
 
@@ -280,13 +307,42 @@ const (
 type pending struct {
 	conn    net.Conn
 	ip      string
+	ident   string // a device's identity, once its TLS handshake is done
 	stage   int
 	evicted bool
 	reason  string        // why it was evicted (a limit_hits label)
 	since   time.Time     // accepted
 	at      *list.Element // in admission.stalled, while stalled
-	atIP    *list.Element // in its address's list of its stage
+	atIP    *list.Element // in its address's (or identity's) list of its stage
 }
+
+// defaultPendingPerIdentity caps the connections of one device identity
+// that finished their TLS handshake and wait for CONNECT: a device needs
+// one (a few while it reconnects over a flaky link).
+const defaultPendingPerIdentity = 4
+
+// ipQueue is the list of one address's (or identity's) connections in one
+// stage, oldest first.
+type ipQueue struct {
+	list.List
+}
+
+// record is an address's eviction record: one up for each of its stalled
+// connections evicted, one down for each that sent its ClientHello; kept
+// (while positive) for recordTTL after its last change, so that a flood
+// holding one connection per address is known by its addresses as they
+// come back. At most max(recordsMinimum, recordsPerSlot*max) are kept;
+// past that an arbitrary one is forgotten.
+type record struct {
+	score int
+	at    time.Time
+}
+
+const (
+	recordTTL      = time.Minute
+	recordsPerSlot = 4
+	recordsMinimum = 1024
+)
 
 // admission decides which connections may hold the max slots of pending
 // connections. The scarce resource is a slot, and a peer that does no
@@ -297,13 +353,17 @@ type pending struct {
 //     taken, a new connection evicts the oldest stalled one, or, if even
 //     that one is younger than grace (a flood churning fast, while a
 //     device's ClientHello may wait for the CPU), the oldest stalled one
-//     of the address holding the most stalled connections. When none is
+//     of the address with the highest eviction record (record), ties
+//     broken by age (see stalledVictimLocked: how many stalled
+//     connections an address holds does not count, or a flood opening
+//     one per address would make a NAT'd fleet the victim). When none is
 //     stalled, it evicts the oldest connection still in its TLS handshake
 //     of the address that has the most connections in their handshake (a
 //     flood replaying ClientHellos costs the broker its half of each
 //     handshake, but cannot push out the handshake of a device on another
 //     address). It is refused only when every slot is held by a
-//     connection that finished its TLS handshake and waits for CONNECT;
+//     connection that finished its TLS handshake and waits for CONNECT,
+//     of which one device identity holds at most perIdentity (handshaken);
 //   - the per-address cap (perIP) counts stalled connections only: at it,
 //     a new connection from that address evicts the address's oldest
 //     stalled one if that has waited for its ClientHello longer than grace
@@ -311,6 +371,8 @@ type pending struct {
 //     Connections past their ClientHello are not capped per address, and a
 //     burst of fresh ones is not evicted, so a fleet behind one NAT
 //     address that reconnects at once is admitted.
+//
+// An address is an IPv4 address or an IPv6 /64 (hostOf).
 //
 // A device's ClientHello follows its TCP handshake within a round trip, so
 // it is the newest stalled connection for the short time it is stalled; a
@@ -322,13 +384,18 @@ type admission struct {
 	grace         time.Duration
 	n             int       // pending connections, every stage
 	stalled       list.List // no ClientHello yet, oldest first
-	stalledByIP   map[string]*list.List
-	handshakeByIP map[string]*list.List // in TLS handshake, oldest first
+	stalledByIP   map[string]*ipQueue
+	handshakeByIP map[string]*ipQueue // in TLS handshake, oldest first
+	perIdentity   int
+	connectByID   map[string]*ipQueue // devices' connections waiting for CONNECT, oldest first
+	records       map[string]record   // eviction records by address
+	clock         time.Time           // of the latest admission: the records' clock
 }
 
 func newAdmission(max, perIP int, grace time.Duration) *admission {
 	return &admission{max: max, perIP: perIP, grace: grace,
-		stalledByIP: map[string]*list.List{}, handshakeByIP: map[string]*list.List{}}
+		stalledByIP: map[string]*ipQueue{}, handshakeByIP: map[string]*ipQueue{},
+		perIdentity: defaultPendingPerIdentity, connectByID: map[string]*ipQueue{}, records: map[string]record{}}
 }
 
 // admit admits c from ip, evicting as described; the caller closes the
@@ -336,6 +403,7 @@ func newAdmission(max, perIP int, grace time.Duration) *admission {
 func (a *admission) admit(c net.Conn, ip string, now time.Time) (p *pending, evicted []*pending, reason string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.clock = now
 	if q := a.stalledByIP[ip]; q != nil && q.Len() >= a.perIP {
 		if old := q.Front().Value.(*pending); now.Sub(old.since) >= a.grace {
 			evicted = append(evicted, a.evictLocked(old, "pending_per_ip"))
@@ -347,8 +415,9 @@ func (a *admission) admit(c net.Conn, ip string, now time.Time) (p *pending, evi
 			if now.Sub(v.since) < a.grace {
 				// Fast churn: even the oldest stalled connection is young,
 				// and may be a device whose ClientHello is only waiting
-				// for the CPU. Take it from the address holding the most.
-				v = busiest(a.stalledByIP)
+				// for the CPU. Take it from the address whose stalled
+				// connections keep being evicted without progress.
+				v = a.stalledVictimLocked(now)
 			}
 			evicted = append(evicted, a.evictLocked(v, "pending_evicted"))
 		} else if v := busiest(a.handshakeByIP); v != nil {
@@ -364,10 +433,66 @@ func (a *admission) admit(c net.Conn, ip string, now time.Time) (p *pending, evi
 	return p, evicted, ""
 }
 
+// stalledVictimLocked picks the stalled connection to evict under fast
+// churn: the oldest one of the address with the highest eviction record
+// (its stalled connections were evicted, not progressing: a flood that
+// keeps its slots by reconnecting), ties (every address new, or
+// progressing) broken by age, oldest first. The number of stalled connections an address holds does
+// not count: a fleet behind one NAT address reconnecting together holds
+// many, young ones that progress, while a flood can hold one per address
+// from as many addresses as it likes; oldest first, each connection keeps
+// its slot for as long as any other, and a device's ClientHello follows its
+// TCP handshake within a round trip. A flood from few addresses still
+// loses first: each of its evictions raises its address's record.
+func (a *admission) stalledVictimLocked(now time.Time) *pending {
+	var victim *pending
+	best := 0
+	for ip, q := range a.stalledByIP {
+		old := q.Front().Value.(*pending)
+		score := a.scoreLocked(ip, now)
+		if victim == nil || score > best || (score == best && old.since.Before(victim.since)) {
+			victim, best = old, score
+		}
+	}
+	return victim
+}
+
+// scoreLocked is ip's eviction record (0: none, or expired).
+func (a *admission) scoreLocked(ip string, now time.Time) int {
+	r, ok := a.records[ip]
+	if !ok || now.Sub(r.at) >= recordTTL {
+		return 0
+	}
+	return r.score
+}
+
+// recordLocked adds d to ip's eviction record (not below zero).
+func (a *admission) recordLocked(ip string, d int, now time.Time) {
+	score := a.scoreLocked(ip, now) + d
+	if score <= 0 {
+		delete(a.records, ip)
+		return
+	}
+	if _, ok := a.records[ip]; !ok && len(a.records) >= max(recordsMinimum, recordsPerSlot*a.max) {
+		for k, r := range a.records {
+			if now.Sub(r.at) >= recordTTL {
+				delete(a.records, k)
+			}
+		}
+		for k := range a.records { // still full: forget one, at random
+			if len(a.records) < max(recordsMinimum, recordsPerSlot*a.max) {
+				break
+			}
+			delete(a.records, k)
+		}
+	}
+	a.records[ip] = record{score: score, at: now}
+}
+
 // busiest returns the oldest connection of the address with the most
 // connections in m (ties: the oldest of those addresses'; nil: m is empty).
 // The scan is over addresses with a pending connection, at most max.
-func busiest(m map[string]*list.List) *pending {
+func busiest(m map[string]*ipQueue) *pending {
 	var victim *pending
 	most := 0
 	for _, q := range m {
@@ -379,16 +504,16 @@ func busiest(m map[string]*list.List) *pending {
 	return victim
 }
 
-func pushIP(m map[string]*list.List, ip string, p *pending) *list.Element {
+func pushIP(m map[string]*ipQueue, ip string, p *pending) *list.Element {
 	q := m[ip]
 	if q == nil {
-		q = list.New()
+		q = new(ipQueue)
 		m[ip] = q
 	}
 	return q.PushBack(p)
 }
 
-func removeIP(m map[string]*list.List, ip string, e *list.Element) {
+func removeIP(m map[string]*ipQueue, ip string, e *list.Element) {
 	if q := m[ip]; q != nil {
 		q.Remove(e)
 		if q.Len() == 0 {
@@ -404,22 +529,35 @@ func (a *admission) hello(p *pending) bool {
 	if p.stage != stageHello {
 		return false
 	}
+	a.recordLocked(p.ip, -1, a.clock)
 	a.unlinkLocked(p)
 	p.stage = stageHandshake
 	p.atIP = pushIP(a.handshakeByIP, p.ip, p)
 	return true
 }
 
-// handshaken records p's completed TLS handshake; false if it was evicted.
-func (a *admission) handshaken(p *pending) bool {
+// handshaken records p's completed TLS handshake by id; false if it was
+// evicted. A device identity holding more than perIdentity connections
+// waiting for CONNECT loses its oldest one (evicted: the caller closes it):
+// one credential, a compromised device's say, cannot hold every slot with
+// connections that never send CONNECT, and a device that reconnects is
+// not refused for its own stale connections.
+func (a *admission) handshaken(p *pending, id identity.Identity) (ok bool, evicted []*pending) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if p.stage == stageDone {
-		return false
+		return false, nil
 	}
 	a.unlinkLocked(p)
 	p.stage = stageConnect
-	return true
+	if id.Role == identity.RoleDevice && id.Name != "" {
+		p.ident = id.String()
+		p.atIP = pushIP(a.connectByID, p.ident, p)
+		if q := a.connectByID[p.ident]; q.Len() > a.perIdentity {
+			evicted = append(evicted, a.evictLocked(q.Front().Value.(*pending), "pending_per_identity"))
+		}
+	}
+	return true, evicted
 }
 
 // outcome reports p's stage and whether it was evicted.
@@ -441,6 +579,9 @@ func (a *admission) release(p *pending) {
 }
 
 func (a *admission) evictLocked(p *pending, reason string) *pending {
+	if p.stage == stageHello {
+		a.recordLocked(p.ip, +1, a.clock)
+	}
 	a.unlinkLocked(p)
 	p.stage = stageDone
 	p.evicted, p.reason = true, reason
@@ -456,6 +597,10 @@ func (a *admission) unlinkLocked(p *pending) {
 		removeIP(a.stalledByIP, p.ip, p.atIP)
 	case stageHandshake:
 		removeIP(a.handshakeByIP, p.ip, p.atIP)
+	case stageConnect:
+		if p.ident != "" {
+			removeIP(a.connectByID, p.ident, p.atIP)
+		}
 	}
 	p.at, p.atIP = nil, nil
 }
