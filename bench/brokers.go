@@ -4,17 +4,17 @@ import (
 	"bytes"
 	"context"
 	_ "embed"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
+	"slices"
 	"sync"
-	"syscall"
 	"text/template"
 	"time"
+
+	"github.com/fleetgate/fleetgate/internal/fleetproc"
 )
 
 //go:embed mosquitto.conf.tmpl
@@ -32,9 +32,7 @@ type Broker struct {
 	Metrics string
 	PID     int
 
-	cmd  *exec.Cmd
-	done chan struct{}
-	log  *os.File
+	proc *fleetproc.Proc // nil for a gateway in this process (profiles)
 }
 
 // Procs records every process the harness started, so that an interrupted
@@ -72,64 +70,27 @@ func (p *Procs) StopAll() {
 	}
 }
 
-func (p *Procs) start(name string, logPath string, bin string, args ...string) (*Broker, error) {
-	lf, err := os.Create(logPath)
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = lf, lf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // never outlive the harness
-	if err := cmd.Start(); err != nil {
-		lf.Close()
-		return nil, fmt.Errorf("start %s: %w", bin, err)
-	}
-	b := &Broker{Name: name, PID: cmd.Process.Pid, cmd: cmd, done: make(chan struct{}), log: lf}
-	go func() { cmd.Wait(); close(b.done) }()
+// track records a started process as the broker name.
+func (p *Procs) track(name string, proc *fleetproc.Proc) *Broker {
+	b := &Broker{Name: name, PID: proc.PID, proc: proc}
 	p.add(b)
-	return b, nil
+	return b
 }
 
-// Stop sends SIGTERM to the broker's PID, then SIGKILL after 10 s.
+// Stop sends SIGTERM to the broker's PID, then SIGKILL after 10 s. The
+// error says why it did not end cleanly on SIGTERM.
 func (b *Broker) Stop() error {
-	if b == nil || b.cmd == nil {
+	if b == nil || b.proc == nil {
 		return nil
 	}
-	defer func() {
-		if procs != nil {
-			procs.remove(b.PID)
-		}
-		b.log.Close()
-	}()
-	select {
-	case <-b.done:
-		return nil
-	default:
+	if procs != nil {
+		defer procs.remove(b.PID)
 	}
-	syscall.Kill(b.PID, syscall.SIGTERM)
-	select {
-	case <-b.done:
-		return nil
-	case <-time.After(10 * time.Second):
-	}
-	syscall.Kill(b.PID, syscall.SIGKILL)
-	select {
-	case <-b.done:
-	case <-time.After(5 * time.Second):
-		return fmt.Errorf("%s pid %d did not exit", b.Name, b.PID)
-	}
-	return nil
+	return b.proc.Stop(10 * time.Second)
 }
 
 // Exited reports whether the process has ended.
-func (b *Broker) Exited() bool {
-	select {
-	case <-b.done:
-		return true
-	default:
-		return false
-	}
-}
+func (b *Broker) Exited() bool { return b.proc != nil && b.proc.Exited() }
 
 var procs *Procs
 
@@ -147,39 +108,28 @@ var FleetgateServeFlags = []string{
 // StartFleetgate runs `fleetgate serve` on loopback ports chosen by the
 // kernel and waits for its address file.
 func (e *Env) StartFleetgate(ctx context.Context) (*Broker, error) {
-	addrFile := filepath.Join(e.Work, "fleetgate.addr")
-	os.Remove(addrFile)
-	args := append([]string{"serve", "--data-dir", e.DataDir(), "--mqtt-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0",
-		"--metrics-addr", "127.0.0.1:0", "--addr-file", addrFile}, FleetgateServeFlags...)
-	args = append(args, e.ExtraServeFlags...)
-	b, err := procs.start("fleetgate", filepath.Join(e.Work, "fleetgate.log"), e.FleetgateBin, args...)
+	logPath := filepath.Join(e.Work, "fleetgate.log")
+	lf, err := os.Create(logPath)
 	if err != nil {
 		return nil, err
 	}
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if raw, err := os.ReadFile(addrFile); err == nil && len(raw) > 0 {
-			if readAddrs(raw, b) == nil {
-				return b, nil
-			}
-		}
-		if b.Exited() {
-			return nil, fmt.Errorf("fleetgate exited at start; see %s", filepath.Join(e.Work, "fleetgate.log"))
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			b.Stop()
-			return nil, errors.New("fleetgate did not write its address file in 60 s")
-		}
-		time.Sleep(50 * time.Millisecond)
+	defer lf.Close()
+	p, err := fleetproc.Start(ctx, fleetproc.Options{Bin: e.FleetgateBin, DataDir: e.DataDir(),
+		Args: slices.Concat(FleetgateServeFlags, e.ExtraServeFlags), AddrFile: filepath.Join(e.Work, "fleetgate.addr"),
+		Log: lf, Timeout: 60 * time.Second, DieWithParent: true})
+	if err != nil {
+		return nil, fmt.Errorf("%w; see %s", err, logPath)
 	}
+	b := procs.track("fleetgate", p)
+	if err := b.setAddrs(p.Addrs); err != nil {
+		b.Stop()
+		return nil, err
+	}
+	return b, nil
 }
 
-// readAddrs reads fleetgate's --addr-file.
-func readAddrs(raw []byte, b *Broker) error {
-	var a struct{ MQTT, API, Metrics string }
-	if err := json.Unmarshal(raw, &a); err != nil {
-		return err
-	}
+// setAddrs takes fleetgate's addresses; the harness needs both listeners.
+func (b *Broker) setAddrs(a fleetproc.Addrs) error {
 	if a.MQTT == "" || a.API == "" {
 		return errors.New("address file without mqtt/api")
 	}
@@ -247,10 +197,16 @@ func (e *Env) StartMosquitto(ctx context.Context) (*Broker, error) {
 	if err != nil {
 		return nil, err
 	}
-	b, err := procs.start("mosquitto", filepath.Join(e.Work, "mosquitto.log"), MosquittoBin, "-c", conf)
+	lf, err := os.Create(filepath.Join(e.Work, "mosquitto.log"))
 	if err != nil {
 		return nil, err
 	}
+	defer lf.Close()
+	p, err := fleetproc.Spawn(MosquittoBin, []string{"-c", conf}, lf, true) // never outlive the harness
+	if err != nil {
+		return nil, err
+	}
+	b := procs.track("mosquitto", p)
 	b.MQTT = fmt.Sprintf("127.0.0.1:%d", port)
 	deadline := time.Now().Add(20 * time.Second)
 	for {

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -113,40 +112,30 @@ func (e *Env) Enroll(ctx context.Context, fg *Broker, n int) error {
 	e.Devices = make([]Identity, n)
 	var done, enrolled atomic.Int64
 	errs := make([]error, n)
-	var wg sync.WaitGroup
-	next := atomic.Int64{}
 	start := time.Now()
-	for range 16 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= n || ctx.Err() != nil {
-					return
-				}
-				id := DeviceID(i)
-				dir := filepath.Join(e.Work, "devices", id)
-				chain, key := filepath.Join(dir, devicesdk.ChainFile), filepath.Join(dir, devicesdk.SoftKeyFile)
-				if _, err := os.Stat(chain); err != nil {
-					if errs[i] = e.enrollToken(ctx, admin, id, dir, fg.API); errs[i] != nil {
-						return
-					}
-					enrolled.Add(1)
-				}
-				c, err := tls.LoadX509KeyPair(chain, key)
-				if err != nil {
-					errs[i] = fmt.Errorf("%s: %w", id, err)
-					return
-				}
-				e.Devices[i] = Identity{Name: id, Cert: c}
-				if d := done.Add(1); d%2000 == 0 {
-					e.Logf("  %d/%d device identities ready", d, n)
-				}
+	// Every device's error is kept (errors.Join below); a worker stops at
+	// its first.
+	_ = parallel(ctx, n, 16, func(i int) error {
+		id := DeviceID(i)
+		dir := filepath.Join(e.Work, "devices", id)
+		chain, key := filepath.Join(dir, devicesdk.ChainFile), filepath.Join(dir, devicesdk.SoftKeyFile)
+		if _, err := os.Stat(chain); err != nil {
+			if errs[i] = e.enrollToken(ctx, admin, id, dir, fg.API); errs[i] != nil {
+				return errs[i]
 			}
-		}()
-	}
-	wg.Wait()
+			enrolled.Add(1)
+		}
+		c, err := tls.LoadX509KeyPair(chain, key)
+		if err != nil {
+			errs[i] = fmt.Errorf("%s: %w", id, err)
+			return errs[i]
+		}
+		e.Devices[i] = Identity{Name: id, Cert: c}
+		if d := done.Add(1); d%2000 == 0 {
+			e.Logf("  %d/%d device identities ready", d, n)
+		}
+		return nil
+	})
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}

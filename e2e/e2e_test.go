@@ -32,7 +32,7 @@ type env struct {
 
 func (e *env) admin(args ...string) string {
 	e.t.Helper()
-	args = append(args, "--data-dir", e.dataDir, "--server", "https://"+e.srv.addrs.API)
+	args = append(args, "--data-dir", e.dataDir, "--server", "https://"+e.srv.Addrs.API)
 	out, err := run(e.t, bin(e.t, "fleetgate"), args...)
 	if err != nil {
 		e.t.Fatalf("fleetgate %v: %v\n%s", args, err, out)
@@ -58,7 +58,7 @@ func (e *env) enroll(id, group string) (*devicesdk.Device, string) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	d, err := devicesdk.New(devicesdk.Config{DeviceID: id, Key: key, StateDir: dir, EnrollURL: "https://" + e.srv.addrs.API, RootCAs: e.roots})
+	d, err := devicesdk.New(devicesdk.Config{DeviceID: id, Key: key, StateDir: dir, EnrollURL: "https://" + e.srv.Addrs.API, RootCAs: e.roots})
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -139,14 +139,14 @@ func TestEndToEndWithProcessesAndRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	recv := newCollector()
-	svc := connectPaho(t, e.srv.addrs.MQTT, "backend", svcCert, e.roots)
+	svc := connectPaho(t, e.srv.Addrs.MQTT, "backend", svcCert, e.roots)
 	if tok := svc.Subscribe("devices/+/telemetry/#", 1, recv.handle); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		t.Fatalf("service subscribe: %v", tok.Error())
 	}
 
 	d1, _ := e.enroll("therm-1", "floor-1")
 	d2, _ := e.enroll("therm-2", "floor-1")
-	opts := devicesdk.ConnectOptions{BrokerAddr: e.srv.addrs.MQTT, ServerName: "localhost"}
+	opts := devicesdk.ConnectOptions{BrokerAddr: e.srv.Addrs.MQTT, ServerName: "localhost"}
 	c1, err := d1.Connect(ctx, opts)
 	if err != nil {
 		t.Fatal(err)
@@ -166,18 +166,18 @@ func TestEndToEndWithProcessesAndRestart(t *testing.T) {
 
 	// Restart on the same data directory: same CA, devices reconnect.
 	rootBefore, _ := os.ReadFile(filepath.Join(e.dataDir, ca.RootCertFile))
-	e.srv.stop(t)
+	stop(t, e.srv)
 	e.srv = serve(t, e.dataDir)
 	rootAfter, _ := os.ReadFile(filepath.Join(e.dataDir, ca.RootCertFile))
 	if !bytes.Equal(rootBefore, rootAfter) {
 		t.Fatal("root CA changed across restart")
 	}
 	recv2 := newCollector()
-	svc2 := connectPaho(t, e.srv.addrs.MQTT, "backend", svcCert, e.roots)
+	svc2 := connectPaho(t, e.srv.Addrs.MQTT, "backend", svcCert, e.roots)
 	if tok := svc2.Subscribe("devices/+/telemetry/#", 1, recv2.handle); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		t.Fatalf("service subscribe after restart: %v", tok.Error())
 	}
-	opts.BrokerAddr = e.srv.addrs.MQTT
+	opts.BrokerAddr = e.srv.Addrs.MQTT
 	for _, d := range []*devicesdk.Device{d1, d2} {
 		c, err := d.Connect(ctx, opts)
 		if err != nil {
@@ -216,7 +216,7 @@ func TestInteropWithMosquittoClientsAndOpenSSL(t *testing.T) {
 	e.enroll("probe-2", "lab")
 	svcDir := filepath.Join(t.TempDir(), "backend")
 	e.admin("services", "issue", "--name", "backend", "--out", svcDir)
-	_, port, _ := strings.Cut(e.srv.addrs.MQTT, ":")
+	_, port, _ := strings.Cut(e.srv.Addrs.MQTT, ":")
 	common := []string{"-h", "localhost", "-p", port, "--cafile", filepath.Join(e.dataDir, ca.RootCertFile), "-V", "mqttv5"}
 	devArgs := append(append([]string{}, common...), "--cert", filepath.Join(dir, devicesdk.ChainFile), "--key", filepath.Join(dir, devicesdk.SoftKeyFile), "-i", "probe-1")
 	svcArgs := append(append([]string{}, common...), "--cert", filepath.Join(svcDir, "cert.pem"), "--key", filepath.Join(svcDir, "key.pem"), "-i", "backend")
@@ -278,7 +278,7 @@ publish:
 	// before the server's alert; keep reading to see it.
 	sctx, scancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer scancel()
-	cmd := exec.CommandContext(sctx, "openssl", "s_client", "-connect", e.srv.addrs.MQTT, "-tls1_3", "-CAfile", filepath.Join(e.dataDir, ca.RootCertFile), "-servername", "localhost", "-ign_eof")
+	cmd := exec.CommandContext(sctx, "openssl", "s_client", "-connect", e.srv.Addrs.MQTT, "-tls1_3", "-CAfile", filepath.Join(e.dataDir, ca.RootCertFile), "-servername", "localhost", "-ign_eof")
 	cmd.Stdin = strings.NewReader("")
 	b, _ := cmd.CombinedOutput()
 	o := strings.ToLower(string(b))

@@ -24,7 +24,7 @@ func TestQueuedQoS1SurvivesSIGKILL(t *testing.T) {
 	d, _ := e.enroll("sleepy-1", "lab")
 	var mu sync.Mutex
 	got := map[string]bool{}
-	opts := devicesdk.ConnectOptions{BrokerAddr: e.srv.addrs.MQTT, ServerName: "localhost", CleanSession: false}
+	opts := devicesdk.ConnectOptions{BrokerAddr: e.srv.Addrs.MQTT, ServerName: "localhost", CleanSession: false}
 	c, err := d.Connect(ctx, opts)
 	if err != nil {
 		t.Fatal(err)
@@ -44,7 +44,7 @@ func TestQueuedQoS1SurvivesSIGKILL(t *testing.T) {
 	svcDir := t.TempDir()
 	e.admin("services", "issue", "--name", "backend", "--out", svcDir)
 	svcCert := loadPair(t, svcDir)
-	svc := connectPaho(t, e.srv.addrs.MQTT, "backend", svcCert, e.roots)
+	svc := connectPaho(t, e.srv.Addrs.MQTT, "backend", svcCert, e.roots)
 	const n = 5
 	for i := range n {
 		tok := svc.Publish("devices/sleepy-1/commands/cfg", 1, false, fmt.Sprintf("cmd-%d", i))
@@ -54,9 +54,9 @@ func TestQueuedQoS1SurvivesSIGKILL(t *testing.T) {
 	}
 	svc.Disconnect(50)
 
-	e.srv.kill(t)
-	e.srv = serve(t, e.dataDir, "--mqtt-addr", e.srv.addrs.MQTT)
-	opts.BrokerAddr = e.srv.addrs.MQTT
+	kill(t, e.srv)
+	e.srv = serve(t, e.dataDir, "--mqtt-addr", e.srv.Addrs.MQTT)
+	opts.BrokerAddr = e.srv.Addrs.MQTT
 	c2, err := d.Connect(ctx, opts)
 	if err != nil {
 		t.Fatalf("reconnect after SIGKILL: %v", err)
@@ -99,16 +99,16 @@ func TestServiceSessionRestoredAfterRestartGetsMessagesPublishedBeforeItReconnec
 		}
 		return c
 	}
-	svc := connect(e.srv.addrs.MQTT)
+	svc := connect(e.srv.Addrs.MQTT)
 	if tok := svc.Subscribe("devices/+/telemetry/#", 1, nil); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		t.Fatal(tok.Error())
 	}
 	svc.Disconnect(50)
 
-	e.srv.stop(t)
-	e.srv = serve(t, e.dataDir, "--mqtt-addr", e.srv.addrs.MQTT)
+	stop(t, e.srv)
+	e.srv = serve(t, e.dataDir, "--mqtt-addr", e.srv.Addrs.MQTT)
 	d, _ := e.enroll("early-1", "lab")
-	c, err := d.Connect(ctx, devicesdk.ConnectOptions{BrokerAddr: e.srv.addrs.MQTT, ServerName: "localhost"})
+	c, err := d.Connect(ctx, devicesdk.ConnectOptions{BrokerAddr: e.srv.Addrs.MQTT, ServerName: "localhost"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +118,7 @@ func TestServiceSessionRestoredAfterRestartGetsMessagesPublishedBeforeItReconnec
 			t.Fatal(err)
 		}
 	}
-	svc2 := connect(e.srv.addrs.MQTT)
+	svc2 := connect(e.srv.Addrs.MQTT)
 	defer svc2.Disconnect(50)
 	testenv.Eventually(t, 10*time.Second, func() error {
 		mu.Lock()

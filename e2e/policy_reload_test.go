@@ -36,15 +36,9 @@ func TestPolicyReloadLoadsTheFileTheOperatorWrote(t *testing.T) {
 	ctx := context.Background()
 	policyFile := filepath.Join(e.dataDir, "policy.yaml")
 
-	svcDir := filepath.Join(t.TempDir(), "backend")
-	e.admin("services", "issue", "--name", "backend", "--out", svcDir)
-	recv := newCollector()
-	svc := connectPaho(t, e.srv.addrs.MQTT, "backend", loadPair(t, svcDir), e.roots)
-	if tok := svc.Subscribe("devices/#", 1, recv.handle); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
-		t.Fatalf("service subscribe: %v", tok.Error())
-	}
+	recv := e.backendOnFleet(t)
 	d, _ := e.enroll("dbg-1", "lab")
-	c, err := d.Connect(ctx, devicesdk.ConnectOptions{BrokerAddr: e.srv.addrs.MQTT, ServerName: "localhost"})
+	c, err := d.Connect(ctx, devicesdk.ConnectOptions{BrokerAddr: e.srv.Addrs.MQTT, ServerName: "localhost"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,7 +68,7 @@ func TestPolicyReloadLoadsTheFileTheOperatorWrote(t *testing.T) {
 		return false
 	}
 	reload := func() (string, error) {
-		return run(t, bin(t, "fleetgate"), "policy", "reload", "--data-dir", e.dataDir, "--server", "https://"+e.srv.addrs.API)
+		return run(t, bin(t, "fleetgate"), "policy", "reload", "--data-dir", e.dataDir, "--server", "https://"+e.srv.Addrs.API)
 	}
 	const debug, logs = "devices/dbg-1/debug/x", "devices/dbg-1/logs/x"
 	if delivered(debug) {
@@ -100,8 +94,8 @@ func TestPolicyReloadLoadsTheFileTheOperatorWrote(t *testing.T) {
 	if !delivered(debug) {
 		t.Fatal("rule of the reloaded file not in force")
 	}
-	if !strings.Contains(e.srv.log.String(), "file="+policyFile) {
-		t.Errorf("server log does not name the reloaded file:\n%s", e.srv.log.String())
+	if !strings.Contains(e.srv.Log(), "file="+policyFile) {
+		t.Errorf("server log does not name the reloaded file:\n%s", e.srv.Log())
 	}
 	if audit := e.admin("audit", "--limit", "5"); !strings.Contains(audit, policyFile) {
 		t.Errorf("audit record does not name the file:\n%s", audit)
@@ -113,11 +107,11 @@ func TestPolicyReloadLoadsTheFileTheOperatorWrote(t *testing.T) {
 	}
 	hup := func(want string, count int) {
 		t.Helper()
-		if err := e.srv.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		if err := e.srv.Signal(syscall.SIGHUP); err != nil {
 			t.Fatal(err)
 		}
 		testenv.Eventually(t, 10*time.Second, func() error {
-			if strings.Count(e.srv.log.String(), want) < count {
+			if strings.Count(e.srv.Log(), want) < count {
 				return fmt.Errorf("no %q (%d) in the log yet", want, count)
 			}
 			return nil
@@ -184,8 +178,8 @@ func TestPolicyReloadOfADeletedConfiguredFileIsRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.srv = serve(t, e.dataDir, "--policy", policyFile)
-	if !strings.Contains(e.srv.log.String(), "file="+policyFile+" file_rules=8") {
-		t.Errorf("start log does not name the policy file:\n%s", e.srv.log.String())
+	if !strings.Contains(e.srv.Log(), "file="+policyFile+" file_rules=8") {
+		t.Errorf("start log does not name the policy file:\n%s", e.srv.Log())
 	}
 	// Even with a data-directory file present: the configured file is
 	// what the operator means.
@@ -195,23 +189,17 @@ func TestPolicyReloadOfADeletedConfiguredFileIsRefused(t *testing.T) {
 	if err := os.Remove(policyFile); err != nil {
 		t.Fatal(err)
 	}
-	out, err := run(t, bin(t, "fleetgate"), "policy", "reload", "--data-dir", e.dataDir, "--server", "https://"+e.srv.addrs.API)
+	out, err := run(t, bin(t, "fleetgate"), "policy", "reload", "--data-dir", e.dataDir, "--server", "https://"+e.srv.Addrs.API)
 	if err == nil || !strings.Contains(out, policyFile) || !strings.Contains(out, "policy refused") {
 		t.Fatalf("reload of a deleted configured file: err=%v\n%s", err, out)
 	}
-	if !strings.Contains(e.srv.log.String(), `msg="policy reload refused`) {
-		t.Errorf("refusal not logged:\n%s", e.srv.log.String())
+	if !strings.Contains(e.srv.Log(), `msg="policy reload refused`) {
+		t.Errorf("refusal not logged:\n%s", e.srv.Log())
 	}
 
-	svcDir := filepath.Join(t.TempDir(), "backend")
-	e.admin("services", "issue", "--name", "backend", "--out", svcDir)
-	recv := newCollector()
-	svc := connectPaho(t, e.srv.addrs.MQTT, "backend", loadPair(t, svcDir), e.roots)
-	if tok := svc.Subscribe("devices/#", 1, recv.handle); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
-		t.Fatalf("service subscribe: %v", tok.Error())
-	}
+	recv := e.backendOnFleet(t)
 	d, _ := e.enroll("dbg-2", "lab")
-	c, err := d.Connect(context.Background(), devicesdk.ConnectOptions{BrokerAddr: e.srv.addrs.MQTT, ServerName: "localhost"})
+	c, err := d.Connect(context.Background(), devicesdk.ConnectOptions{BrokerAddr: e.srv.Addrs.MQTT, ServerName: "localhost"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -220,4 +208,18 @@ func TestPolicyReloadOfADeletedConfiguredFileIsRefused(t *testing.T) {
 		t.Fatalf("publish under the old policy's extra rule: %v", err)
 	}
 	recv.wait(t, "devices/dbg-2/debug/x", "still")
+}
+
+// backendOnFleet issues the service "backend", connects it and subscribes
+// it to devices/#; what it receives is collected.
+func (e *env) backendOnFleet(t *testing.T) *collector {
+	t.Helper()
+	svcDir := filepath.Join(t.TempDir(), "backend")
+	e.admin("services", "issue", "--name", "backend", "--out", svcDir)
+	recv := newCollector()
+	svc := connectPaho(t, e.srv.Addrs.MQTT, "backend", loadPair(t, svcDir), e.roots)
+	if tok := svc.Subscribe("devices/#", 1, recv.handle); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("service subscribe: %v", tok.Error())
+	}
+	return recv
 }

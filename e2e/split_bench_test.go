@@ -28,9 +28,9 @@ func BenchmarkSplitRevokeToDisconnect(b *testing.B) {
 	e := initData(b)
 	enr := serve(b, e.dataDir, "--only", "enroll")
 	e.srv = enr
-	brk := serve(b, e.dataDir, "--only", "broker", "--enroll-url", "https://"+enr.addrs.API, "--max-pending-per-ip", "4096")
+	brk := serve(b, e.dataDir, "--only", "broker", "--enroll-url", "https://"+enr.Addrs.API, "--max-pending-per-ip", "4096")
 	waitReady(b, brk)
-	admin, err := adminclient.New("https://"+enr.addrs.API, adminclient.FromDataDir(e.dataDir))
+	admin, err := adminclient.New("https://"+enr.Addrs.API, adminclient.FromDataDir(e.dataDir))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -52,7 +52,7 @@ func BenchmarkSplitRevokeToDisconnect(b *testing.B) {
 			mu.Lock() // e.enroll uses the test's temp dirs and the CLI
 			d, _ := e.enroll(id, "bench")
 			mu.Unlock()
-			_, lost := connectWatched(b, e, brk.addrs.MQTT, d)
+			_, lost := connectWatched(b, e, brk.Addrs.MQTT, d)
 			conns[i] = conn{id: id, lost: lost}
 		}()
 	}

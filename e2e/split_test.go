@@ -18,7 +18,7 @@ import (
 func waitReady(t testing.TB, s *server) {
 	t.Helper()
 	testenv.Eventually(t, 20*time.Second, func() error {
-		resp, err := http.Get("http://" + s.addrs.Metrics + "/readyz")
+		resp, err := http.Get("http://" + s.Addrs.Metrics + "/readyz")
 		if err != nil {
 			return err
 		}
@@ -59,7 +59,7 @@ func TestSplitBrokerAndEnrollProcesses(t *testing.T) {
 	e := initData(t)
 	enr := serve(t, e.dataDir, "--only", "enroll")
 	e.srv = enr
-	enrollURL := "https://" + enr.addrs.API
+	enrollURL := "https://" + enr.Addrs.API
 	brk := serve(t, e.dataDir, "--only", "broker", "--enroll-url", enrollURL)
 	waitReady(t, brk)
 	admin, err := adminclient.New(enrollURL, adminclient.FromDataDir(e.dataDir))
@@ -70,7 +70,7 @@ func TestSplitBrokerAndEnrollProcesses(t *testing.T) {
 
 	// Revocation reaches the broker through the feed and cuts the session.
 	d1, _ := e.enroll("split-1", "lab")
-	_, lost := connectWatched(t, e, brk.addrs.MQTT, d1)
+	_, lost := connectWatched(t, e, brk.Addrs.MQTT, d1)
 	t0 := time.Now()
 	if _, err := admin.DeviceAction(ctx, "split-1", "revoke", "split test"); err != nil {
 		t.Fatal(err)
@@ -85,15 +85,15 @@ func TestSplitBrokerAndEnrollProcesses(t *testing.T) {
 
 	// The broker was down during a revoke: on restart it refuses the device.
 	d2, _ := e.enroll("split-2", "lab")
-	connectWatched(t, e, brk.addrs.MQTT, d2)
-	brk.stop(t)
+	connectWatched(t, e, brk.Addrs.MQTT, d2)
+	stop(t, brk)
 	if _, err := admin.DeviceAction(ctx, "split-2", "revoke", "while broker down"); err != nil {
 		t.Fatal(err)
 	}
 	brk = serve(t, e.dataDir, "--only", "broker", "--enroll-url", enrollURL)
 	waitReady(t, brk)
 	cfg2, _ := d2.TLSConfig("localhost")
-	c := paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + brk.addrs.MQTT).SetClientID("split-2").SetTLSConfig(cfg2).SetAutoReconnect(false))
+	c := paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + brk.Addrs.MQTT).SetClientID("split-2").SetTLSConfig(cfg2).SetAutoReconnect(false))
 	if tok := c.Connect(); tok.WaitTimeout(10*time.Second) && tok.Error() == nil {
 		t.Fatal("device revoked while the broker was down connected after its restart")
 	}
@@ -101,9 +101,9 @@ func TestSplitBrokerAndEnrollProcesses(t *testing.T) {
 	// The enrollment service restarts (new feed epoch): the broker catches
 	// up by snapshot, and later revocations still reach it.
 	d3, _ := e.enroll("split-3", "lab")
-	_, lost3 := connectWatched(t, e, brk.addrs.MQTT, d3)
-	enr.stop(t)
-	enr = serve(t, e.dataDir, "--only", "enroll", "--api-addr", enr.addrs.API)
+	_, lost3 := connectWatched(t, e, brk.Addrs.MQTT, d3)
+	stop(t, enr)
+	enr = serve(t, e.dataDir, "--only", "enroll", "--api-addr", enr.Addrs.API)
 	e.srv = enr
 	if _, err := admin.DeviceAction(ctx, "split-3", "revoke", "after enroll restart"); err != nil {
 		t.Fatal(err)

@@ -12,7 +12,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -60,12 +59,8 @@ type tpmDevice struct {
 
 func newTPMDevice(tb testing.TB, m *swtpm.Manufacturer, url string, roots *x509.CertPool, id string) *tpmDevice {
 	tb.Helper()
-	d := &tpmDevice{inst: swtpm.StartForTest(tb, m), state: filepath.Join(tb.TempDir(), "state")}
-	var err error
-	if d.tpm, err = tpmkey.Open(d.inst.SocketPath()); err != nil {
-		tb.Fatalf("tpmkey.Open: %v", err)
-	}
-	tb.Cleanup(func() { d.tpm.Close() })
+	d := &tpmDevice{state: filepath.Join(tb.TempDir(), "state")}
+	d.inst, d.tpm = swtpm.DeviceForTest(tb, m)
 	d.loadKeys(tb, url, roots, id, d.state)
 	return d
 }
@@ -84,6 +79,14 @@ func (d *tpmDevice) loadKeys(tb testing.TB, url string, roots *x509.CertPool, id
 	if d.dev, err = devicesdk.New(devicesdk.Config{DeviceID: id, Key: d.keys.Signer(), StateDir: dir, EnrollURL: url, RootCAs: roots}); err != nil {
 		tb.Fatalf("devicesdk.New: %v", err)
 	}
+}
+
+// tpmGateway is a gateway trusting a fresh simulated TPM manufacturer
+// (--tpm-roots), with the given TPM policy ("": the default, allowlist).
+func tpmGateway(tb testing.TB, policy string) (*swtpm.Manufacturer, *testenv.Gateway) {
+	tb.Helper()
+	m := swtpm.ManufacturerForTest(tb)
+	return m, testenv.Start(tb, testenv.Options{TPMRootsDir: rootsDir(tb, m), TPMPolicy: policy})
 }
 
 // rootsDir writes the manufacturer roots where --tpm-roots expects them.
@@ -189,8 +192,7 @@ func round2(tb testing.TB, d *tpmDevice, ch api.TPMChallengeResponse) api.TPMCom
 // a service receives it. Its private key is nowhere on disk.
 func TestTPMEnrollmentEndToEnd(t *testing.T) {
 	t.Parallel()
-	m := swtpm.ManufacturerForTest(t)
-	g := testenv.Start(t, testenv.Options{TPMRootsDir: rootsDir(t, m)})
+	m, g := tpmGateway(t, "")
 	ctx := context.Background()
 	d := newTPMDevice(t, m, g.URL(), g.Roots(), "sensor-1")
 	register(t, g, d, "sensor-1", "greenhouse")
@@ -254,29 +256,7 @@ func assertNoPrivateKey(t *testing.T, dir string) {
 		if err != nil {
 			return err
 		}
-		ders := [][]byte{b}
-		for rest := b; ; {
-			var blk *pem.Block
-			blk, rest = pem.Decode(rest)
-			if blk == nil {
-				break
-			}
-			if strings.Contains(blk.Type, "PRIVATE") {
-				t.Errorf("%s holds a PEM %q block", p, blk.Type)
-			}
-			ders = append(ders, blk.Bytes)
-		}
-		for _, der := range ders {
-			if _, err := x509.ParsePKCS8PrivateKey(der); err == nil {
-				t.Errorf("%s parses as a PKCS#8 private key", p)
-			}
-			if _, err := x509.ParseECPrivateKey(der); err == nil {
-				t.Errorf("%s parses as an EC private key", p)
-			}
-			if _, err := x509.ParsePKCS1PrivateKey(der); err == nil {
-				t.Errorf("%s parses as a PKCS#1 private key", p)
-			}
-		}
+		testpki.NoPrivateKey(t, p, b)
 		return nil
 	})
 	if err != nil {
@@ -402,8 +382,7 @@ func (a *attacker) certifyImported(sw *ecdsa.PrivateKey, nonce []byte) (pub2B, i
 // audit record and a metric, and nothing is issued.
 func TestTPMEnrollmentAttacks(t *testing.T) {
 	t.Parallel()
-	m := swtpm.ManufacturerForTest(t)
-	g := testenv.Start(t, testenv.Options{TPMRootsDir: rootsDir(t, m)})
+	m, g := tpmGateway(t, "")
 	url := g.URL()
 	to := gatewayTarget(g)
 	a := newTPMDevice(t, m, url, g.Roots(), "dev-a")
@@ -718,8 +697,7 @@ func TestTPMChallengeExpiry(t *testing.T) {
 // certificate stays valid until it expires (it still connects).
 func TestTPMReEnrollment(t *testing.T) {
 	t.Parallel()
-	m := swtpm.ManufacturerForTest(t)
-	g := testenv.Start(t, testenv.Options{TPMRootsDir: rootsDir(t, m)})
+	m, g := tpmGateway(t, "")
 	ctx := context.Background()
 	d := newTPMDevice(t, m, g.URL(), g.Roots(), "dev-r")
 	register(t, g, d, "dev-r", "lab")
@@ -755,8 +733,7 @@ func TestTPMReEnrollment(t *testing.T) {
 // enrolls with an auto-assigned ID; others are refused.
 func TestTPMManufacturerPolicy(t *testing.T) {
 	t.Parallel()
-	m := swtpm.ManufacturerForTest(t)
-	g := testenv.Start(t, testenv.Options{TPMRootsDir: rootsDir(t, m), TPMPolicy: enroll.TPMPolicyManufacturer})
+	m, g := tpmGateway(t, enroll.TPMPolicyManufacturer)
 	ctx := context.Background()
 	d := newTPMDevice(t, m, g.URL(), g.Roots(), "")
 	id := d.dev.ID()
@@ -951,8 +928,7 @@ func BenchmarkTPMEnrollment(b *testing.B) {
 	if b.N > 500 {
 		b.Fatalf("b.N = %d swtpm processes; use -benchtime 50x", b.N)
 	}
-	m := swtpm.ManufacturerForTest(b)
-	g := testenv.Start(b, testenv.Options{TPMRootsDir: rootsDir(b, m)})
+	m, g := tpmGateway(b, "")
 	n := b.N
 	devs := make([]*tpmDevice, n)
 	var wg sync.WaitGroup

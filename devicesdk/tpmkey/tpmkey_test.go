@@ -2,28 +2,23 @@ package tpmkey_test
 
 import (
 	"bytes"
-	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/sha512"
-	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
-	"math/big"
-	"net"
 	"os"
 	"path/filepath"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/fleetgate/fleetgate/devicesdk/tpmkey"
 	"github.com/fleetgate/fleetgate/firmware-sim/swtpm"
+	"github.com/fleetgate/fleetgate/internal/testpki"
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport/linuxudstpm"
 )
@@ -37,19 +32,9 @@ type device struct {
 
 func newDevice(t *testing.T, m *swtpm.Manufacturer) *device {
 	t.Helper()
-	inst := swtpm.StartForTest(t, m)
+	inst, tpm := swtpm.DeviceForTest(t, m)
 	// A directory LoadOrCreateKeys creates itself.
-	return &device{inst: inst, tpm: openTPM(t, inst.SocketPath()), state: filepath.Join(t.TempDir(), "keys")}
-}
-
-func openTPM(t *testing.T, path string) *tpmkey.TPM {
-	t.Helper()
-	tpm, err := tpmkey.Open(path)
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
-	t.Cleanup(func() { tpm.Close() })
-	return tpm
+	return &device{inst: inst, tpm: tpm, state: filepath.Join(t.TempDir(), "keys")}
 }
 
 func (d *device) keys(t *testing.T) *tpmkey.Keys {
@@ -128,7 +113,7 @@ func TestKeysSurviveARebootAndReopen(t *testing.T) {
 	}
 
 	inst2 := swtpm.StartForTestOptions(t, swtpm.Options{Dir: dir})
-	tpm2 := openTPM(t, inst2.SocketPath())
+	tpm2 := swtpm.OpenForTest(t, inst2)
 	k2, err := tpm2.LoadOrCreateKeys(state)
 	if err != nil {
 		t.Fatalf("LoadOrCreateKeys after reboot: %v", err)
@@ -185,7 +170,7 @@ func TestStateDirHoldsOnlyWrappedKeys(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		assertNoPlainPrivateKey(t, name, data)
+		testpki.NoPrivateKey(t, name, data)
 		switch name {
 		case tpmkey.AKPrivateFile, tpmkey.TLSPrivateFile:
 			priv, err := tpm2.Unmarshal[tpm2.TPM2BPrivate](data)
@@ -201,32 +186,6 @@ func TestStateDirHoldsOnlyWrappedKeys(t *testing.T) {
 			if _, err := pub.Contents(); err != nil {
 				t.Errorf("%s holds no TPMT_PUBLIC: %v", name, err)
 			}
-		}
-	}
-}
-
-// assertNoPlainPrivateKey fails if data, raw or PEM-decoded, parses as a
-// software private key in any format crypto/x509 knows.
-func assertNoPlainPrivateKey(t *testing.T, name string, data []byte) {
-	t.Helper()
-	candidates := [][]byte{data}
-	for rest := data; ; {
-		var b *pem.Block
-		b, rest = pem.Decode(rest)
-		if b == nil {
-			break
-		}
-		candidates = append(candidates, b.Bytes)
-	}
-	for _, c := range candidates {
-		if _, err := x509.ParsePKCS8PrivateKey(c); err == nil {
-			t.Errorf("%s parses as a PKCS#8 private key", name)
-		}
-		if _, err := x509.ParseECPrivateKey(c); err == nil {
-			t.Errorf("%s parses as an EC private key", name)
-		}
-		if _, err := x509.ParsePKCS1PrivateKey(c); err == nil {
-			t.Errorf("%s parses as a PKCS#1 private key", name)
 		}
 	}
 }
@@ -370,100 +329,8 @@ func TestSigner(t *testing.T) {
 		wg.Wait()
 	})
 	t.Run("A TLS 1.3 handshake authenticates with the TPM key", func(t *testing.T) {
-		testTLSHandshake(t, s)
+		testpki.TLSHandshake(t, s)
 	})
-}
-
-// testTLSHandshake runs a real TLS 1.3 handshake over a loopback connection:
-// a Go server requiring a client certificate from a throwaway CA, and a
-// client whose certificate key is signer.
-func testTLSHandshake(t *testing.T, signer crypto.Signer) {
-	t.Helper()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	now := time.Now()
-	caTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "throwaway CA"},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, _ := x509.ParseCertificate(caDER)
-	issue := func(cn string, pub crypto.PublicKey, eku x509.ExtKeyUsage) []byte {
-		der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
-			SerialNumber: big.NewInt(now.UnixNano()), Subject: pkix.Name{CommonName: cn},
-			NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour),
-			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{eku},
-			DNSNames: []string{cn},
-		}, ca, pub, caKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return der
-	}
-	srvKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	pool := x509.NewCertPool()
-	pool.AddCert(ca)
-	serverConf := &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{{Certificate: [][]byte{issue("server.test", srvKey.Public(), x509.ExtKeyUsageServerAuth)}, PrivateKey: srvKey}},
-		ClientAuth:   tls.RequireAndVerifyClientCert,
-		ClientCAs:    pool,
-	}
-	clientConf := &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		ServerName:   "server.test",
-		RootCAs:      pool,
-		Certificates: []tls.Certificate{{Certificate: [][]byte{issue("device-1", signer.Public(), x509.ExtKeyUsageClientAuth)}, PrivateKey: signer}},
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-	defer cancel()
-	type result struct {
-		state tls.ConnectionState
-		err   error
-	}
-	srvDone := make(chan result, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			srvDone <- result{err: err}
-			return
-		}
-		defer c.Close()
-		sc := tls.Server(c, serverConf)
-		err = sc.HandshakeContext(ctx)
-		srvDone <- result{sc.ConnectionState(), err}
-	}()
-	var d net.Dialer
-	raw, err := d.DialContext(ctx, "tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer raw.Close()
-	cc := tls.Client(raw, clientConf)
-	if err := cc.HandshakeContext(ctx); err != nil {
-		t.Fatalf("client handshake: %v", err)
-	}
-	res := <-srvDone
-	if res.err != nil {
-		t.Fatalf("server handshake: %v", res.err)
-	}
-	if res.state.Version != tls.VersionTLS13 {
-		t.Errorf("version = %x, want TLS 1.3", res.state.Version)
-	}
-	if len(res.state.PeerCertificates) == 0 {
-		t.Fatal("server saw no client certificate")
-	}
-	if pk, ok := res.state.PeerCertificates[0].PublicKey.(*ecdsa.PublicKey); !ok || !pk.Equal(signer.Public()) {
-		t.Error("server saw a different client key")
-	}
 }
 
 func TestOpenAndClose(t *testing.T) {

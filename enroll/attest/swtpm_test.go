@@ -2,18 +2,14 @@ package attest_test
 
 import (
 	"bytes"
-	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/json"
 	"errors"
-	"math/big"
-	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -23,6 +19,7 @@ import (
 	"github.com/fleetgate/fleetgate/devicesdk/tpmkey"
 	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/firmware-sim/swtpm"
+	"github.com/fleetgate/fleetgate/internal/testpki"
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpm2/transport/linuxudstpm"
@@ -38,12 +35,9 @@ type device struct {
 
 func newDevice(t *testing.T, m *swtpm.Manufacturer, opts ...func(*tpmkey.TPM) tpmkey.KeyOption) *device {
 	t.Helper()
-	d := &device{inst: swtpm.StartForTest(t, m), state: filepath.Join(t.TempDir(), "keys")}
+	d := &device{state: filepath.Join(t.TempDir(), "keys")}
+	d.inst, d.tpm = swtpm.DeviceForTest(t, m)
 	var err error
-	if d.tpm, err = tpmkey.Open(d.inst.SocketPath()); err != nil {
-		t.Fatalf("tpmkey.Open: %v", err)
-	}
-	t.Cleanup(func() { d.tpm.Close() })
 	var kopts []tpmkey.KeyOption
 	for _, o := range opts {
 		kopts = append(kopts, o(d.tpm))
@@ -172,7 +166,7 @@ func TestEnrollmentFlow(t *testing.T) {
 			}
 
 			// The certified key authenticates a TLS 1.3 session.
-			tlsHandshake(t, d.keys.Signer())
+			testpki.TLSHandshake(t, d.keys.Signer())
 		})
 	}
 }
@@ -624,78 +618,4 @@ func activateForPublicOnlyAK(t *testing.T, d *device, k *ecdsa.PublicKey, ekPub 
 		Secret:         tpm2.TPM2BEncryptedSecret{Buffer: enc},
 	}.Execute(tr)
 	return err
-}
-
-// tlsHandshake runs a TLS 1.3 handshake over loopback TCP between a Go
-// server that requires a client certificate from a throwaway CA and a client
-// whose certificate key is signer.
-func tlsHandshake(t *testing.T, signer crypto.Signer) {
-	t.Helper()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	now := time.Now()
-	ca := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "throwaway CA"},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-	}
-	caDER, _ := x509.CreateCertificate(rand.Reader, ca, ca, caKey.Public(), caKey)
-	ca, _ = x509.ParseCertificate(caDER)
-	leaf := func(cn string, pub crypto.PublicKey, eku x509.ExtKeyUsage) []byte {
-		der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
-			SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: cn}, DNSNames: []string{cn},
-			NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour),
-			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{eku},
-		}, ca, pub, caKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return der
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(ca)
-	srvKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-	defer cancel()
-	srvErr := make(chan error, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			srvErr <- err
-			return
-		}
-		defer c.Close()
-		sc := tls.Server(c, &tls.Config{
-			MinVersion:   tls.VersionTLS13,
-			Certificates: []tls.Certificate{{Certificate: [][]byte{leaf("server.test", srvKey.Public(), x509.ExtKeyUsageServerAuth)}, PrivateKey: srvKey}},
-			ClientAuth:   tls.RequireAndVerifyClientCert,
-			ClientCAs:    pool,
-		})
-		srvErr <- sc.HandshakeContext(ctx)
-	}()
-	var dialer net.Dialer
-	raw, err := dialer.DialContext(ctx, "tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer raw.Close()
-	cc := tls.Client(raw, &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		ServerName:   "server.test",
-		RootCAs:      pool,
-		Certificates: []tls.Certificate{{Certificate: [][]byte{leaf("device", signer.Public(), x509.ExtKeyUsageClientAuth)}, PrivateKey: signer}},
-	})
-	if err := cc.HandshakeContext(ctx); err != nil {
-		t.Fatalf("client handshake: %v", err)
-	}
-	if err := <-srvErr; err != nil {
-		t.Fatalf("server handshake: %v", err)
-	}
-	if v := cc.ConnectionState().Version; v != tls.VersionTLS13 {
-		t.Errorf("TLS version %#x, want 1.3", v)
-	}
 }

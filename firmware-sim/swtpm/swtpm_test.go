@@ -79,11 +79,7 @@ func TestStartStop(t *testing.T) {
 	}
 	conn.Close()
 
-	tpm, err := tpmkey.Open(inst.SocketPath())
-	if err != nil {
-		t.Fatalf("tpmkey.Open: %v", err)
-	}
-	defer tpm.Close()
+	tpm := swtpm.OpenForTest(t, inst)
 	eks, err := tpm.EKs()
 	if err != nil {
 		t.Fatalf("EKs: %v", err)
@@ -149,12 +145,7 @@ func TestParallelInstances(t *testing.T) {
 	serials := map[string]bool{}
 	for _, inst := range insts {
 		pids[inst.PID()] = true
-		tpm, err := tpmkey.Open(inst.SocketPath())
-		if err != nil {
-			t.Fatalf("tpmkey.Open: %v", err)
-		}
-		ek, err := tpm.EK()
-		tpm.Close()
+		ek, err := swtpm.OpenForTest(t, inst).EK()
 		if err != nil {
 			t.Fatalf("EK: %v", err)
 		}

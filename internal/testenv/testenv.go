@@ -8,12 +8,9 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"log/slog"
-	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -25,6 +22,7 @@ import (
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/enroll/adminclient"
 	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/internal/fleetproc"
 	"github.com/fleetgate/fleetgate/internal/gateway"
 )
 
@@ -39,23 +37,7 @@ type Gateway struct {
 }
 
 // SyncBuffer is a goroutine-safe log sink tests can search.
-type SyncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *SyncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-// String returns everything written so far.
-func (s *SyncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type SyncBuffer = fleetproc.Buffer
 
 // Init creates a data directory with a fresh PKI, as `fleetgate init` does.
 func Init(t testing.TB) string {
@@ -92,9 +74,10 @@ func Start(t testing.TB, o Options) *Gateway {
 	g := &Gateway{DataDir: o.DataDir, Logs: &SyncBuffer{}}
 	addrFile := filepath.Join(t.TempDir(), "addrs.json")
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
+	done, exited := make(chan error, 1), make(chan struct{})
 	log := slog.New(slog.NewTextHandler(g.Logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	go func() {
+		defer close(exited)
 		done <- gateway.Run(ctx, gateway.Config{
 			DataDir: o.DataDir, MQTTAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", MetricsAddr: "127.0.0.1:0",
 			HandshakeTimeout: o.HandshakeTimeout, MaxPending: o.MaxPending, DeviceCertTTL: o.DeviceCertTTL,
@@ -112,20 +95,16 @@ func Start(t testing.TB, o Options) *Gateway {
 		})
 	}
 	t.Cleanup(g.stop)
-	Eventually(t, 20*time.Second, func() error {
-		select {
-		case err := <-done:
-			done <- err
-			t.Fatalf("gateway exited: %v\n%s", err, g.Logs.String())
-		default:
-		}
-		b, err := os.ReadFile(addrFile)
-		if err != nil {
-			return err
-		}
-		return json.Unmarshal(b, &g.Addrs)
-	})
-	var err error
+	a, err := fleetproc.WaitAddrs(ctx, addrFile, 20*time.Second, exited)
+	if errors.Is(err, fleetproc.ErrExited) {
+		err = <-done
+		done <- err
+		t.Fatalf("gateway exited: %v\n%s", err, g.Logs.String())
+	}
+	if err != nil {
+		t.Fatalf("gateway did not start: %v\n%s", err, g.Logs.String())
+	}
+	g.Addrs = gateway.Addrs(a)
 	if g.CA, err = ca.Load(o.DataDir, ca.Options{}); err != nil {
 		t.Fatal(err)
 	}

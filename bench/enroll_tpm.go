@@ -15,6 +15,8 @@ import (
 	"github.com/fleetgate/fleetgate/firmware-sim/swtpm"
 )
 
+// Scenario 7, TPM path: enrollment through TPM attestation.
+
 // PrepareTPM creates (or reuses) a simulated TPM manufacturer and has
 // fleetgate trust its root (--tpm-roots). It reports false when swtpm is
 // not installed.

@@ -1,0 +1,96 @@
+package bench
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"slices"
+	"time"
+)
+
+// Scenario 6: revoke → closed.
+
+// Revoke connects the given devices (in addition to whatever is connected),
+// revokes them one by one through the admin API and measures the time from
+// the revoke call starting to the device's connection being closed, then
+// tries a resumed TLS session of each revoked device: it must be refused.
+func (e *Env) Revoke(ctx context.Context, b *Broker, devices []Identity) (Values, error) {
+	admin, err := e.Admin(b)
+	if err != nil {
+		return nil, err
+	}
+	dialer := &Dialer{Addr: b.MQTT, ServerName: "localhost"}
+	type target struct {
+		id     Identity
+		cfg    *tls.Config
+		conn   *Conn
+		closed chan time.Time
+	}
+	ts := make([]*target, len(devices))
+	for i, id := range devices {
+		t := &target{id: id, cfg: e.ClientTLS(id, tls.NewLRUClientSessionCache(1)), closed: make(chan time.Time, 1)}
+		// first connection fills the session cache; the second must resume
+		c, err := dialer.Connect(ctx, t.cfg, id.Name, 900, 256)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", id.Name, err)
+		}
+		c.Disconnect()
+		if t.conn, err = dialer.Connect(ctx, t.cfg, id.Name, 900, 256); err != nil {
+			return nil, fmt.Errorf("%s: %w", id.Name, err)
+		}
+		go func() {
+			var buf [256]byte
+			for {
+				if _, err := t.conn.R.Read(buf[:]); err != nil {
+					t.closed <- time.Now()
+					return
+				}
+			}
+		}()
+		ts[i] = t
+	}
+	defer func() {
+		for _, t := range ts {
+			if t != nil && t.conn != nil {
+				t.conn.TLS.Close()
+			}
+		}
+	}()
+	var fromStart, fromReturn []time.Duration
+	var resumedBefore, refused, admitted int
+	for _, t := range ts {
+		if t.conn.Resumed {
+			resumedBefore++
+		}
+		t0 := time.Now()
+		if _, err := admin.DeviceAction(ctx, t.id.Name, "revoke", "fleetbench"); err != nil {
+			return nil, fmt.Errorf("revoke %s: %w", t.id.Name, err)
+		}
+		t1 := time.Now()
+		select {
+		case tc := <-t.closed:
+			fromStart = append(fromStart, tc.Sub(t0))
+			fromReturn = append(fromReturn, max(0, tc.Sub(t1)))
+		case <-time.After(5 * time.Second):
+			return nil, fmt.Errorf("%s: session still open 5 s after revoke", t.id.Name)
+		}
+		// the revoked device presents its cached TLS session again
+		c, err := dialer.Connect(ctx, t.cfg, t.id.Name, 900, 256)
+		if err != nil {
+			refused++
+		} else {
+			admitted++
+			c.TLS.Close()
+		}
+	}
+	slices.Sort(fromStart)
+	slices.Sort(fromReturn)
+	return Values{
+		"revoke→closed p50 ms":         ms(pct(fromStart, 0.5)),
+		"revoke→closed p99 ms":         ms(pct(fromStart, 0.99)),
+		"after call returned p99 ms":   ms(pct(fromReturn, 0.99)),
+		"revoked, resumption refused":  float64(refused),
+		"revoked, resumption admitted": float64(admitted),
+		"resumed before revoke (of n)": float64(resumedBefore),
+	}, nil
+}

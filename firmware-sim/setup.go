@@ -1,0 +1,166 @@
+package sim
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/fleetgate/fleetgate/api"
+	"github.com/fleetgate/fleetgate/devicesdk"
+	"github.com/fleetgate/fleetgate/enroll/adminclient"
+	"github.com/fleetgate/fleetgate/enroll/ca"
+
+	"github.com/fleetgate/fleetgate/internal/fleetproc"
+)
+
+func (r *run) connectOpts() devicesdk.ConnectOptions {
+	// Persistent sessions with auto-reconnect: what a real device runs.
+	return devicesdk.ConnectOptions{BrokerAddr: r.cfg.BrokerAddr, ServerName: r.cfg.ServerName, AutoReconnect: true, MaxReconnectInterval: time.Second, KeepAlive: 30 * time.Second}
+}
+
+func (r *run) setup(ctx context.Context) error {
+	cfg := &r.cfg
+	if cfg.Spawn {
+		bin := cfg.FleetgateBin
+		if bin == "" {
+			var err error
+			if bin, err = findFleetgate(); err != nil {
+				return fmt.Errorf("--spawn needs the fleetgate binary (next to fleetsim or on PATH): %w", err)
+			}
+		}
+		var extra []string
+		if cfg.Scenario == ScenarioRenew {
+			extra = append(extra, "--device-cert-ttl", cfg.CertTTL.String())
+		}
+		gw, err := startGateway(ctx, bin, cfg.WorkDir, extra)
+		if err != nil {
+			return err
+		}
+		r.gw = gw
+		cfg.DataDir, cfg.ServerURL, cfg.BrokerAddr = gw.dataDir, "https://"+gw.addrs().API, gw.addrs().MQTT
+		r.progress("gateway started (pid %d): API %s, MQTT %s", gw.pid(), gw.addrs().API, gw.addrs().MQTT)
+	}
+	var err error
+	if r.admin, err = adminclient.New(cfg.ServerURL, adminclient.FromDataDir(cfg.DataDir)); err != nil {
+		return fmt.Errorf("operator credentials: %w", err)
+	}
+	root, err := ca.ReadCertFile(filepath.Join(cfg.DataDir, ca.RootCertFile))
+	if err != nil {
+		return err
+	}
+	cfg.roots = ca.NewPool(root)
+	r.fleet = &fleet{cfg: *cfg, admin: r.admin}
+	r.payload = make([]byte, max(0, cfg.Payload-48))
+
+	// The backend service: a service certificate, a persistent session
+	// subscribed to all telemetry.
+	svcName := cfg.Prefix + "-backend"
+	sr, err := r.admin.IssueService(ctx, api.ServiceIssueRequest{Name: svcName})
+	if err != nil {
+		return fmt.Errorf("issue service certificate: %w", err)
+	}
+	svcCert, err := tls.X509KeyPair([]byte(sr.CertificateChainPEM), []byte(sr.PrivateKeyPEM))
+	if err != nil {
+		return err
+	}
+	r.backend = paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + cfg.BrokerAddr).SetClientID(svcName).
+		SetTLSConfig(&tls.Config{RootCAs: cfg.roots, ServerName: cfg.ServerName, Certificates: []tls.Certificate{svcCert}, MinVersion: tls.VersionTLS13}).
+		SetCleanSession(false).SetAutoReconnect(true).SetMaxReconnectInterval(time.Second).SetOrderMatters(false).
+		SetDefaultPublishHandler(r.recv.handle))
+	if t := r.backend.Connect(); !t.WaitTimeout(15*time.Second) || t.Error() != nil {
+		return fmt.Errorf("backend connect: %v", t.Error())
+	}
+	if t := r.backend.Subscribe("devices/+/telemetry/#", 1, nil); !t.WaitTimeout(10*time.Second) || t.Error() != nil {
+		return fmt.Errorf("backend subscribe: %v", t.Error())
+	}
+	r.progress("backend service %s connected, subscribed to devices/+/telemetry/#", svcName)
+
+	var tdevs []*tpmDevice
+	if cfg.TPM == TPMSwtpm {
+		if tdevs, err = r.fleet.manufacture(ctx, cfg.Devices, r.progress); err != nil {
+			return err
+		}
+		if cfg.OnFleet != nil {
+			cfg.OnFleet(r.fleet.SwtpmPIDs())
+		}
+	}
+	r.devs = make([]*device, cfg.Devices)
+	var enrollLat, connLat []time.Duration
+	if r.gw != nil {
+		runtimeGC()
+		r.rep.GatewayRSSBeforeKB = rssKB(r.gw.pid())
+	}
+	var errs []error
+	for i := range r.devs {
+		id := r.fleet.id(i)
+		t0 := time.Now()
+		var d *devicesdk.Device
+		method := "token"
+		if cfg.TPM == TPMSwtpm {
+			d, err = r.fleet.enrollTPM(ctx, tdevs[i])
+			method = "TPM attestation"
+		} else {
+			d, err = r.fleet.enrollToken(ctx, id)
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			errs = append(errs, err)
+			continue
+		}
+		enrollLat = append(enrollLat, time.Since(t0))
+		r.rep.Enrolled++
+		dv := &device{id: id, dev: d}
+		dv.seq.Store(-1)
+		r.answerCommands(dv)
+		t1 := time.Now()
+		c, err := d.Connect(ctx, r.connectOpts())
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: connect: %w", id, err))
+			continue
+		}
+		if err := c.SubscribeCommands(ctx, 1, r.commandHandler(dv)); err != nil {
+			errs = append(errs, fmt.Errorf("%s: subscribe: %w", id, err))
+		}
+		connLat = append(connLat, time.Since(t1))
+		r.rep.Connected++
+		dv.c = c
+		r.devs[i] = dv
+		if cfg.Devices <= 20 || (i+1)%50 == 0 {
+			r.progress("device %s enrolled (%s) and connected as %s [%d/%d]", id, method, d.Leaf().URIs[0], i+1, cfg.Devices)
+		}
+	}
+	if r.gw != nil && r.rep.Connected > 0 {
+		r.rep.GatewayRSSAfterKB = rssKB(r.gw.pid())
+		r.rep.RSSPerConnectionKB = float64(r.rep.GatewayRSSAfterKB-r.rep.GatewayRSSBeforeKB) / float64(r.rep.Connected)
+	}
+	var connTotal time.Duration
+	for _, l := range connLat {
+		connTotal += l
+	}
+	if connTotal > 0 {
+		r.rep.ConnectsPerSec = float64(len(connLat)) / connTotal.Seconds()
+	}
+	r.rep.EnrollP50, r.rep.EnrollP99 = percentiles(enrollLat)
+	r.rep.ConnectP50, r.rep.ConnectP99 = percentiles(connLat)
+	for _, e := range errs {
+		r.rep.Errors = append(r.rep.Errors, e.Error())
+	}
+	r.rep.check("every device enrolled and connected", r.rep.Connected == cfg.Devices,
+		"%d/%d connected; %d errors", r.rep.Connected, cfg.Devices, len(errs))
+	return nil
+}
+
+// rssKB is a process's resident set size in KB (0 if unknown).
+func rssKB(pid int) int64 {
+	b, _ := fleetproc.RSS(pid)
+	return b / 1024
+}
+
+// runtimeGC is a pause so the gateway settles before the baseline is read.
+func runtimeGC() { time.Sleep(300 * time.Millisecond) }

@@ -1,0 +1,44 @@
+package fleetproc
+
+import (
+	"context"
+	"path/filepath"
+	"time"
+)
+
+// TB is the part of testing.TB that ForTest uses (this package does not
+// import testing: shipped commands link it).
+type TB interface {
+	Helper()
+	Cleanup(func())
+	TempDir() string
+	Errorf(format string, args ...any)
+	Fatalf(format string, args ...any)
+}
+
+// ForTest starts `fleetgate serve` as o says (the address file in a test
+// temp dir, the log kept in memory unless o.Log is set), fails the test if
+// it does not come up, and stops exactly this process when the test ends,
+// also when it fails. A process that does not stop cleanly on SIGTERM
+// fails the test.
+func ForTest(t TB, o Options) *Proc {
+	t.Helper()
+	if o.AddrFile == "" {
+		o.AddrFile = filepath.Join(t.TempDir(), "addrs.json")
+	}
+	p, err := Start(context.Background(), o)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	t.Cleanup(func() { StopForTest(t, p) })
+	return p
+}
+
+// StopForTest stops p (SIGTERM, SIGKILL after 10 s) and fails the test if
+// it did not exit cleanly. Calling it again, or at cleanup, does nothing.
+func StopForTest(t TB, p *Proc) {
+	t.Helper()
+	if err := p.Stop(10 * time.Second); err != nil {
+		t.Errorf("fleetgate serve (pid %d): %v", p.PID, err)
+	}
+}
