@@ -25,7 +25,7 @@ func TestAdmissionEvictsStalledFirstThenTheBusiestAddress(t *testing.T) {
 		}
 		var got []string
 		for _, e := range ev {
-			got = append(got, e.ip+" "+e.reason)
+			got = append(got, e.ip+" "+string(e.reason))
 		}
 		if len(got) != len(wantEvicted) || (len(got) == 1 && got[0] != wantEvicted[0]) {
 			t.Fatalf("admitting %s evicted %v, want %v", ip, got, wantEvicted)

@@ -26,8 +26,8 @@ import (
 
 	"github.com/fleetgate/fleetgate/broker/acl"
 	"github.com/fleetgate/fleetgate/broker/auth"
-	"github.com/fleetgate/fleetgate/enroll/ca"
-	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/directory"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/internal/logguard"
 )
@@ -35,16 +35,21 @@ import (
 // Config configures the broker.
 type Config struct {
 	// Addr is the mTLS listen address (default ":8883").
-	Addr       string
-	CA         *ca.Authority
+	Addr string
+	// TrustDomain is the SPIFFE trust domain of identities (the CA's).
+	TrustDomain string
+	// ClientCAs are the CAs client certificates must chain to: the issuing
+	// CA only.
+	ClientCAs  *x509.CertPool
 	ServerCert tls.Certificate
-	// Registry is the registry (in-process) or a replica of it (a broker
-	// running apart: broker/replica).
-	Registry Directory
-	Policy   *acl.Policy
-	Logger   *slog.Logger
-	Metrics  prometheus.Registerer
-	Now      func() time.Time
+	// Directory is the in-memory view of devices and certificates: the
+	// registry's (in-process) or one fed by a replica (a broker running
+	// apart: broker/replica).
+	Directory *directory.Directory
+	Policy    *acl.Policy
+	Logger    *slog.Logger
+	Metrics   prometheus.Registerer
+	Now       func() time.Time
 	// PersistDir holds mochi's badger store; empty: no persistence.
 	PersistDir string
 	// HandshakeTimeout bounds TLS handshake + CONNECT (default 10s).
@@ -90,13 +95,6 @@ type Queues struct {
 	Device, Service mqtt.QueuePolicy
 }
 
-// Directory is what the broker needs of the registry: the in-memory
-// lookups of the auth hook, and change notifications to close sessions.
-type Directory interface {
-	auth.Directory
-	Watch(func(registry.Event))
-}
-
 // Broker is a running or runnable broker.
 type Broker struct {
 	cfg    Config
@@ -132,11 +130,11 @@ type metrics struct {
 // New builds a broker; Run starts it.
 func New(cfg Config) (*Broker, error) {
 	var errs []error
-	if cfg.CA == nil {
-		errs = append(errs, errors.New("broker: CA is required"))
+	if cfg.TrustDomain == "" || cfg.ClientCAs == nil {
+		errs = append(errs, errors.New("broker: the trust domain and the client CAs are required"))
 	}
-	if cfg.Registry == nil {
-		errs = append(errs, errors.New("broker: Registry is required"))
+	if cfg.Directory == nil {
+		errs = append(errs, errors.New("broker: Directory is required"))
 	}
 	if len(cfg.ServerCert.Certificate) == 0 {
 		errs = append(errs, errors.New("broker: server certificate is required"))
@@ -196,13 +194,13 @@ func New(cfg Config) (*Broker, error) {
 	refusals := newRefusalLog(b.log)
 	b.hook = auth.New(auth.Options{
 		LogRefusal:  refusals.Allow,
-		TrustDomain: cfg.CA.TrustDomain,
-		Directory:   cfg.Registry,
+		TrustDomain: cfg.TrustDomain,
+		Directory:   cfg.Directory,
 		Policy:      b.policy.Load,
 		Logger:      b.log,
 		Now:         cfg.Now,
 		Metrics: auth.Metrics{
-			AuthFailure: func(r string) { b.m.authFailures.WithLabelValues(r).Inc() },
+			AuthFailure: func(r fleet.Reason) { b.m.authFailures.WithLabelValues(string(r)).Inc() },
 			ACLDenied:   func(d string) { b.m.aclDenied.WithLabelValues(d).Inc() },
 			Connected:   func(r identity.Role, d int) { b.m.connected.WithLabelValues(string(r)).Add(float64(d)) },
 			Takeover:    func() { b.m.takeovers.Inc() },
@@ -280,25 +278,25 @@ func New(cfg Config) (*Broker, error) {
 		MinVersion:       tls.VersionTLS13,
 		Certificates:     []tls.Certificate{cfg.ServerCert},
 		ClientAuth:       tls.RequireAndVerifyClientCert,
-		ClientCAs:        cfg.CA.ClientCAs(),
+		ClientCAs:        cfg.ClientCAs,
 		VerifyConnection: b.hook.VerifyConnection,
 	}
 	b.ln = &listener{id: "mtls", addr: cfg.Addr, tls: tcfg, timeout: cfg.HandshakeTimeout,
 		identOf: func(c *x509.Certificate) identity.Identity {
-			id, _ := identity.FromCertificate(c, cfg.CA.TrustDomain)
+			id, _ := identity.FromCertificate(c, cfg.TrustDomain)
 			return id
 		},
 		helloTimeout: cfg.HelloTimeout, adm: newAdmission(cfg.MaxPending, cfg.MaxPendingPerIP, cfg.HelloTimeout/3), log: b.log,
-		onRefuse: func(r string) {
-			b.m.authFailures.WithLabelValues(r).Inc()
-			if r == "pending_limit" || r == "pending_per_ip" || r == "pending_evicted" || r == "pending_per_identity" {
-				b.m.limited.WithLabelValues(r).Inc()
+		onRefuse: func(r fleet.Reason) {
+			b.m.authFailures.WithLabelValues(string(r)).Inc()
+			if r == fleet.ReasonPendingLimit || r == fleet.ReasonPendingPerIP || r == fleet.ReasonPendingEvicted || r == fleet.ReasonPendingPerIdentity {
+				b.m.limited.WithLabelValues(string(r)).Inc()
 			}
 		}}
 	if err := b.server.AddListener(b.ln); err != nil {
 		return nil, fmt.Errorf("broker: listen %s: %w", cfg.Addr, err)
 	}
-	cfg.Registry.Watch(b.onRegistryEvent)
+	cfg.Directory.Watch(b.onRegistryEvent)
 	return b, nil
 }
 
@@ -361,8 +359,8 @@ func (b *Broker) clientRole(cl *mqtt.Client) identity.Role {
 	if c, ok := cl.Net.Conn.(*conn); ok && c.role != "" {
 		return c.role
 	}
-	if cl.Net.Conn == nil && b.cfg.Registry != nil {
-		if r, ok := b.cfg.Registry.PrincipalRole(cl.ID); ok {
+	if cl.Net.Conn == nil && b.cfg.Directory != nil {
+		if r, ok := b.cfg.Directory.PrincipalRole(cl.ID); ok {
 			return r
 		}
 	}
@@ -384,9 +382,11 @@ func (b *Broker) offlineQuotaDropped(cl *mqtt.Client, pk packets.Packet) {
 // authentication or ACL decisions.
 var ErrSecondAuthHook = errors.New("broker: only the fleetgate auth hook may provide authentication or ACL checks")
 
-// addHook is the only way hooks are added. It enforces DESIGN.md: mochi ORs
-// the answers of hooks, so a second hook providing authentication or ACL
-// (mochi's auth.AllowHook, say) would open the broker.
+// addHook is the only way hooks are added. It enforces the trust model
+// (docs/architecture.md: exactly one hook provides authentication and ACL
+// decisions): mochi ORs the answers of hooks, so a second hook providing
+// authentication or ACL (mochi's auth.AllowHook, say) would open the
+// broker.
 func (b *Broker) addHook(h mqtt.Hook, config any) error {
 	if h != mqtt.Hook(b.hook) && (h.Provides(mqtt.OnConnectAuthenticate) || h.Provides(mqtt.OnACLCheck)) {
 		return fmt.Errorf("%w: %s", ErrSecondAuthHook, h.ID())
@@ -518,14 +518,14 @@ func (b *Broker) Close() error {
 // onRegistryEvent closes the live sessions a revocation or suspension
 // concerns. It runs on the registry's committing goroutine, before the
 // revoke call returns to its caller.
-func (b *Broker) onRegistryEvent(ev registry.Event) {
+func (b *Broker) onRegistryEvent(ev fleet.Event) {
 	var match func(*auth.Session) bool
 	reason := ""
 	switch {
-	case ev.Kind == registry.EventCertRevoked:
+	case ev.Kind == fleet.EventCertRevoked:
 		match = func(s *auth.Session) bool { return s.Serial == ev.Serial }
 		reason = "revoked"
-	case ev.Kind == registry.EventDeviceChanged && (ev.State == registry.StateRevoked || ev.State == registry.StateSuspended):
+	case ev.Kind == fleet.EventDeviceChanged && (ev.State == fleet.StateRevoked || ev.State == fleet.StateSuspended):
 		match = func(s *auth.Session) bool {
 			return s.Identity.Role == identity.RoleDevice && s.Identity.Name == ev.DeviceID
 		}
@@ -541,7 +541,7 @@ func (b *Broker) onRegistryEvent(ev registry.Event) {
 	})
 	// A revoked device's retained messages are deleted (a suspended
 	// device's are withheld while it is suspended: serveRetained).
-	if ev.Kind == registry.EventDeviceChanged && ev.State == registry.StateRevoked {
+	if ev.Kind == fleet.EventDeviceChanged && ev.State == fleet.StateRevoked {
 		if n := b.server.ClearRetained(func(pk packets.Packet) bool { return b.retainedOfRevoked(pk, ev.DeviceID) }); n > 0 {
 			b.log.Info("deleted retained messages of revoked device", "device", ev.DeviceID, "count", n)
 		}
@@ -574,8 +574,8 @@ func (b *Broker) retainedOfRevoked(pk packets.Packet, id string) bool {
 	if dev == "" || (id != "" && dev != id) {
 		return false
 	}
-	st, ok := b.cfg.Registry.DeviceStatus(dev)
-	return ok && st.State == registry.StateRevoked
+	st, ok := b.cfg.Directory.DeviceStatus(dev)
+	return ok && st.State == fleet.StateRevoked
 }
 
 // serveRetained is mochi's ServeRetained: a retained message of a device
@@ -586,11 +586,11 @@ func (b *Broker) serveRetained(_ *mqtt.Client, pk packets.Packet) bool {
 	if dev == "" {
 		return true
 	}
-	st, ok := b.cfg.Registry.DeviceStatus(dev)
+	st, ok := b.cfg.Directory.DeviceStatus(dev)
 	if !ok {
 		return true // not a device
 	}
-	return st.State == registry.StateActive
+	return st.State == fleet.StateActive
 }
 
 func (b *Broker) closeSession(s *auth.Session, reason string) {

@@ -16,6 +16,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 
 	"github.com/fleetgate/fleetgate/broker/auth"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/internal/logguard"
 )
@@ -32,7 +33,7 @@ type listener struct {
 	helloTimeout time.Duration // the first complete ClientHello
 	adm          *admission
 	log          *slog.Logger
-	onRefuse     func(reason string)
+	onRefuse     func(reason fleet.Reason)
 	// identOf names the identity of a handshake's verified leaf
 	// certificate (the broker sizes each client's outbound queue by its
 	// role; admission caps a device's connections waiting for CONNECT).
@@ -190,8 +191,8 @@ func (l *listener) handshake(raw net.Conn, p *pending, release func(), establish
 			return // counted at eviction
 		}
 		reason := handshakeReason(err)
-		if reason == "handshake_timeout" && stage == stageHello {
-			reason = "hello_timeout"
+		if reason == fleet.ReasonHandshakeTimeout && stage == stageHello {
+			reason = fleet.ReasonHelloTimeout
 		}
 		l.onRefuse(reason)
 		ip := p.ip
@@ -252,7 +253,7 @@ func isClosedErr(err error) bool {
 }
 
 // handshakeReason classifies a failed server handshake for logs and metrics.
-func handshakeReason(err error) string {
+func handshakeReason(err error) fleet.Reason {
 	var inv x509.CertificateInvalidError
 	var ua x509.UnknownAuthorityError
 	var ne net.Error
@@ -261,26 +262,26 @@ func handshakeReason(err error) string {
 	case errors.As(err, &re):
 		return re.Reason
 	case errors.As(err, &ua):
-		return "unknown_ca"
+		return fleet.ReasonUnknownCA
 	case errors.As(err, &inv):
 		switch inv.Reason {
 		case x509.Expired:
-			return "expired"
+			return fleet.ReasonExpired
 		case x509.IncompatibleUsage:
-			return "wrong_key_usage"
+			return fleet.ReasonWrongKeyUsage
 		}
-		return "invalid_cert"
+		return fleet.ReasonInvalidCert
 	case errors.As(err, &ne) && ne.Timeout():
-		return "handshake_timeout"
+		return fleet.ReasonHandshakeTimeout
 	case strings.Contains(err.Error(), "didn't provide a certificate"):
 		// crypto/tls has no sentinel for this; the text is stable since Go 1.0.
-		return "no_cert"
+		return fleet.ReasonNoCert
 	}
 	var rh tls.RecordHeaderError
 	if errors.As(err, &rh) {
-		return "not_tls"
+		return fleet.ReasonNotTLS
 	}
-	return "handshake_failed"
+	return fleet.ReasonHandshakeFailed
 }
 
 func (l *listener) Close(closeClients listeners.CloseFn) {
@@ -310,7 +311,7 @@ type pending struct {
 	ident   string // a device's identity, once its TLS handshake is done
 	stage   int
 	evicted bool
-	reason  string        // why it was evicted (a limit_hits label)
+	reason  fleet.Reason  // why it was evicted (a limit_hits label)
 	since   time.Time     // accepted
 	at      *list.Element // in admission.stalled, while stalled
 	atIP    *list.Element // in its address's (or identity's) list of its stage
@@ -400,13 +401,13 @@ func newAdmission(max, perIP int, grace time.Duration) *admission {
 
 // admit admits c from ip, evicting as described; the caller closes the
 // evicted connections. A nil pending means c is refused, for reason.
-func (a *admission) admit(c net.Conn, ip string, now time.Time) (p *pending, evicted []*pending, reason string) {
+func (a *admission) admit(c net.Conn, ip string, now time.Time) (p *pending, evicted []*pending, reason fleet.Reason) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.clock = now
 	if q := a.stalledByIP[ip]; q != nil && q.Len() >= a.perIP {
 		if old := q.Front().Value.(*pending); now.Sub(old.since) >= a.grace {
-			evicted = append(evicted, a.evictLocked(old, "pending_per_ip"))
+			evicted = append(evicted, a.evictLocked(old, fleet.ReasonPendingPerIP))
 		}
 	}
 	if a.n >= a.max {
@@ -419,11 +420,11 @@ func (a *admission) admit(c net.Conn, ip string, now time.Time) (p *pending, evi
 				// connections keep being evicted without progress.
 				v = a.stalledVictimLocked(now)
 			}
-			evicted = append(evicted, a.evictLocked(v, "pending_evicted"))
+			evicted = append(evicted, a.evictLocked(v, fleet.ReasonPendingEvicted))
 		} else if v := busiest(a.handshakeByIP); v != nil {
-			evicted = append(evicted, a.evictLocked(v, "pending_evicted"))
+			evicted = append(evicted, a.evictLocked(v, fleet.ReasonPendingEvicted))
 		} else {
-			return nil, evicted, "pending_limit"
+			return nil, evicted, fleet.ReasonPendingLimit
 		}
 	}
 	p = &pending{conn: c, ip: ip, since: now}
@@ -554,7 +555,7 @@ func (a *admission) handshaken(p *pending, id identity.Identity) (ok bool, evict
 		p.ident = id.String()
 		p.atIP = pushIP(a.connectByID, p.ident, p)
 		if q := a.connectByID[p.ident]; q.Len() > a.perIdentity {
-			evicted = append(evicted, a.evictLocked(q.Front().Value.(*pending), "pending_per_identity"))
+			evicted = append(evicted, a.evictLocked(q.Front().Value.(*pending), fleet.ReasonPendingPerIdentity))
 		}
 	}
 	return true, evicted
@@ -578,7 +579,7 @@ func (a *admission) release(p *pending) {
 	}
 }
 
-func (a *admission) evictLocked(p *pending, reason string) *pending {
+func (a *admission) evictLocked(p *pending, reason fleet.Reason) *pending {
 	if p.stage == stageHello {
 		a.recordLocked(p.ip, +1, a.clock)
 	}

@@ -5,27 +5,26 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 
-	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/directory"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
-type principals map[string]identity.Role
-
-func (p principals) CertStatus(string) (registry.CertStatus, bool) {
-	return registry.CertStatus{}, false
+// principals is a directory that knows names and their roles only.
+func principals(names map[string]identity.Role) *directory.Directory {
+	d := directory.New()
+	for n, r := range names {
+		d.Load(&fleet.Certificate{Serial: n, Role: r, Name: n})
+	}
+	return d
 }
-func (p principals) DeviceStatus(string) (registry.DeviceStatus, bool) {
-	return registry.DeviceStatus{}, false
-}
-func (p principals) PrincipalRole(n string) (identity.Role, bool) { r, ok := p[n]; return r, ok }
-func (p principals) Watch(func(registry.Event))                   {}
 
 // A session restored from the store has no connection: its offline quota
 // follows its name's role in the registry (a service's session keeps the
 // service quota across a restart), and a name the registry does not know
 // as a service or operator gets the device's, the smaller one.
 func TestOfflineQuotaOfRestoredSessionByRole(t *testing.T) {
-	b := &Broker{cfg: Config{Queues: Queues{}.withDefaults(), Registry: principals{"backend": identity.RoleService}}}
+	b := &Broker{cfg: Config{Queues: Queues{}.withDefaults(), Directory: principals(map[string]identity.Role{"backend": identity.RoleService})}}
 	if got := b.queuePolicy(&mqtt.Client{ID: "backend"}).MaxOffline; got != DefaultQueues.Service.MaxOffline {
 		t.Errorf("restored service session: quota %d, want %d", got, DefaultQueues.Service.MaxOffline)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/internal/logguard"
 )
@@ -171,7 +172,7 @@ func (s *Server) handleServiceIssue(w http.ResponseWriter, r *http.Request, op i
 	writeJSON(w, http.StatusCreated, resp)
 }
 
-func (s *Server) toAPIDevice(d registry.Device) api.Device {
+func (s *Server) toAPIDevice(d fleet.Device) api.Device {
 	online := s.cfg.Online != nil && s.cfg.Online(d.ID)
 	return api.Device{ID: d.ID, Group: d.Group, State: string(d.State), AttestationMethod: d.AttestationMethod,
 		Serial: d.CurrentSerial, NotAfter: d.NotAfter, CreatedAt: d.CreatedAt, Online: online, Tags: d.Tags}

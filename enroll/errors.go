@@ -3,6 +3,8 @@ package enroll
 import (
 	"errors"
 	"net/http"
+
+	"github.com/fleetgate/fleetgate/fleet"
 )
 
 // Error is an API error: an HTTP status and a stable code for the caller,
@@ -27,8 +29,10 @@ func (e *Error) Error() string {
 
 func (e *Error) Unwrap() error { return e.Err }
 
-func apiErr(status int, code, msg string, cause error) *Error {
-	return &Error{Status: status, Code: code, Msg: msg, Err: cause}
+// apiErr builds an API error. code is a refusal reason of the fleet
+// vocabulary (fleet.Reason), sent as the error's stable code.
+func apiErr(status int, code fleet.Reason, msg string, cause error) *Error {
+	return &Error{Status: status, Code: string(code), Msg: msg, Err: cause}
 }
 
 // asAPIError maps any error to an *Error; unknown errors become 500s whose
@@ -38,5 +42,5 @@ func asAPIError(err error) *Error {
 	if errors.As(err, &e) {
 		return e
 	}
-	return apiErr(http.StatusInternalServerError, "internal", "internal error", err)
+	return apiErr(http.StatusInternalServerError, fleet.ReasonInternal, "internal error", err)
 }

@@ -19,7 +19,7 @@ import (
 
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/enroll/ca"
-	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/internal/logguard"
 )
@@ -41,8 +41,8 @@ func (s *Server) registerLifecycleRoutes() {
 	s.mux.HandleFunc("POST "+api.PathESTSimpleEnroll, s.handleESTSimpleEnroll)
 	s.mux.HandleFunc("POST "+api.PathESTSimpleReenroll, s.handleESTSimpleReenroll)
 	s.mux.HandleFunc("GET "+api.PathESTCSRAttrs, s.handleESTCSRAttrs)
-	s.cfg.Registry.Watch(func(ev registry.Event) {
-		if ev.Kind == registry.EventCertRevoked {
+	s.cfg.Registry.Watch(func(ev fleet.Event) {
+		if ev.Kind == fleet.EventCertRevoked {
 			s.crl.invalidate()
 		}
 	})
@@ -151,7 +151,7 @@ func (s *Server) renew(id identity.Identity, leaf *x509.Certificate, csrDER []by
 		return nil, apiErr(http.StatusBadRequest, "csr_key_mismatch", "renewal CSR must be for the key of the presented certificate", nil)
 	}
 	var cert *x509.Certificate
-	rec, err := s.cfg.Registry.RecordRenewal(id.Name, ca.SerialString(leaf.SerialNumber), func(d registry.Device) (*registry.Certificate, error) {
+	rec, err := s.cfg.Registry.RecordRenewal(id.Name, ca.SerialString(leaf.SerialNumber), func(d fleet.Device) (*fleet.Certificate, error) {
 		var err error
 		cert, err = s.cfg.CA.Issue(id, csr.PublicKey, s.cfg.DeviceCertTTL)
 		if err != nil {

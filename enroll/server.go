@@ -29,6 +29,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/internal/logguard"
 )
@@ -299,19 +300,19 @@ func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *regis
 	}
 	tokID, secret, err := ParseToken(token)
 	if err != nil {
-		return nil, apiErr(http.StatusUnauthorized, "token_invalid", "bootstrap token is malformed", err)
+		return nil, apiErr(http.StatusUnauthorized, fleet.ReasonTokenInvalid, "bootstrap token is malformed", err)
 	}
 	csr, err := ca.CheckCSR(csrDER)
 	if err != nil {
 		return nil, csrError(err)
 	}
-	// DESIGN.md: device certificates are ECDSA P-256.
+	// Device certificates are ECDSA P-256.
 	if k, ok := csr.PublicKey.(*ecdsa.PublicKey); !ok || k.Curve != elliptic.P256() {
 		return nil, apiErr(http.StatusBadRequest, "csr_key_not_allowed", "device keys must be ECDSA P-256", nil)
 	}
 	id := identity.Identity{Role: identity.RoleDevice, Name: deviceID}
 	var cert *x509.Certificate
-	rec, err := s.cfg.Registry.RedeemTokenAudited(tokID, secret, deviceID, audit, func(tr registry.TokenRedemption) (*registry.Certificate, error) {
+	rec, err := s.cfg.Registry.RedeemTokenAudited(tokID, secret, deviceID, audit, func(tr registry.TokenRedemption) (*fleet.Certificate, error) {
 		var err error
 		cert, err = s.cfg.CA.Issue(id, csr.PublicKey, s.cfg.DeviceCertTTL)
 		if err != nil {
@@ -330,7 +331,7 @@ func (s *Server) enrollToken(deviceID, token string, csrDER []byte, audit *regis
 	return s.enrollResponse(deviceID, cert, rec), nil
 }
 
-func (s *Server) enrollResponse(deviceID string, cert *x509.Certificate, rec *registry.Certificate) *api.EnrollResponse {
+func (s *Server) enrollResponse(deviceID string, cert *x509.Certificate, rec *fleet.Certificate) *api.EnrollResponse {
 	return &api.EnrollResponse{
 		DeviceID:            deviceID,
 		Identity:            cert.URIs[0].String(),
@@ -432,35 +433,35 @@ func csrError(err error) error {
 func registryError(err error) error {
 	switch {
 	case errors.Is(err, registry.ErrTokenUnknown):
-		return apiErr(http.StatusUnauthorized, "token_unknown", "bootstrap token is not valid", err)
+		return apiErr(http.StatusUnauthorized, fleet.ReasonTokenUnknown, "bootstrap token is not valid", err)
 	case errors.Is(err, registry.ErrTokenExpired):
-		return apiErr(http.StatusUnauthorized, "token_expired", "bootstrap token has expired", err)
+		return apiErr(http.StatusUnauthorized, fleet.ReasonTokenExpired, "bootstrap token has expired", err)
 	case errors.Is(err, registry.ErrTokenUsed):
-		return apiErr(http.StatusUnauthorized, "token_used", "bootstrap token was already used", err)
+		return apiErr(http.StatusUnauthorized, fleet.ReasonTokenUsed, "bootstrap token was already used", err)
 	case errors.Is(err, registry.ErrTokenDevice):
-		return apiErr(http.StatusForbidden, "token_device_mismatch", "bootstrap token was minted for another device", err)
+		return apiErr(http.StatusForbidden, fleet.ReasonTokenDevice, "bootstrap token was minted for another device", err)
 	case errors.Is(err, registry.ErrDeviceRevoked):
-		return apiErr(http.StatusForbidden, "device_revoked", "device is revoked", err)
+		return apiErr(http.StatusForbidden, fleet.ReasonDeviceRevoked, "device is revoked", err)
 	case errors.Is(err, registry.ErrDeviceSuspended):
-		return apiErr(http.StatusForbidden, "device_suspended", "device is suspended", err)
+		return apiErr(http.StatusForbidden, fleet.ReasonDeviceSuspended, "device is suspended", err)
 	case errors.Is(err, registry.ErrNotFound):
-		return apiErr(http.StatusNotFound, "not_found", "not found", err)
+		return apiErr(http.StatusNotFound, fleet.ReasonNotFound, "not found", err)
 	case errors.Is(err, registry.ErrConflict):
-		return apiErr(http.StatusConflict, "conflict", "concurrent request for the same record; retry", err)
+		return apiErr(http.StatusConflict, fleet.ReasonConflict, "concurrent request for the same record; retry", err)
 	case errors.Is(err, registry.ErrTPMBound):
-		return apiErr(http.StatusForbidden, "device_tpm_bound", "device is bound to a TPM and enrolls by TPM attestation only", err)
+		return apiErr(http.StatusForbidden, fleet.ReasonDeviceTPMBound, "device is bound to a TPM and enrolls by TPM attestation only", err)
 	case errors.Is(err, registry.ErrNameTaken):
-		return apiErr(http.StatusConflict, "name_taken", err.Error(), err)
+		return apiErr(http.StatusConflict, fleet.ReasonNameTaken, err.Error(), err)
 	case errors.Is(err, registry.ErrRenewalTooSoon):
-		return apiErr(http.StatusTooManyRequests, "renewal_refused", err.Error(), err)
+		return apiErr(http.StatusTooManyRequests, fleet.ReasonRenewalRefused, err.Error(), err)
 	case errors.Is(err, registry.ErrInvalidTransition):
-		return apiErr(http.StatusConflict, "invalid_state", err.Error(), err)
+		return apiErr(http.StatusConflict, fleet.ReasonInvalidState, err.Error(), err)
 	}
 	return err
 }
 
-func certRecord(c *x509.Certificate, id identity.Identity) *registry.Certificate {
-	return &registry.Certificate{
+func certRecord(c *x509.Certificate, id identity.Identity) *fleet.Certificate {
+	return &fleet.Certificate{
 		Serial: ca.SerialString(c.SerialNumber), Role: id.Role, Name: id.Name,
 		NotBefore: c.NotBefore, NotAfter: c.NotAfter, DER: c.Raw,
 	}
@@ -528,7 +529,7 @@ func (s *Server) handleTokenCreate(w http.ResponseWriter, r *http.Request, op id
 		return
 	}
 	if _, taken := s.cfg.Registry.PrincipalRole(req.DeviceID); taken {
-		s.writeError(w, r, apiErr(http.StatusConflict, "name_taken", fmt.Sprintf("%q is a service or operator name; device IDs and names share the MQTT client ID namespace", req.DeviceID), nil), "")
+		s.writeError(w, r, apiErr(http.StatusConflict, fleet.ReasonNameTaken, fmt.Sprintf("%q is a service or operator name; device IDs and names share the MQTT client ID namespace", req.DeviceID), nil), "")
 		return
 	}
 	if req.Group == "" {

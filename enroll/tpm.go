@@ -18,10 +18,11 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
-// TPM enrollment (DESIGN.md, "TPM-bound enrollment"): two round trips.
+// TPM enrollment (docs/enrollment-protocol.md, "The protocol"): two round trips.
 //
 // Round 1, POST /v1/enroll/tpm/challenge: chain, then registration and
 // device state, then the AK; the server encrypts a fresh secret to the EK
@@ -137,30 +138,30 @@ func (t *tpmEnroller) checkEK(ekDER []byte, claimedID string) (*ekCheck, error) 
 	case err == nil:
 		c.deviceID, c.group = rec.DeviceID, rec.Group
 		switch dev.State {
-		case registry.StateRevoked:
-			return c, apiErr(http.StatusForbidden, "device_revoked", "device is revoked", registry.ErrDeviceRevoked)
-		case registry.StateSuspended:
-			return c, apiErr(http.StatusForbidden, "device_suspended", "device is suspended", registry.ErrDeviceSuspended)
+		case fleet.StateRevoked:
+			return c, apiErr(http.StatusForbidden, fleet.ReasonDeviceRevoked, "device is revoked", registry.ErrDeviceRevoked)
+		case fleet.StateSuspended:
+			return c, apiErr(http.StatusForbidden, fleet.ReasonDeviceSuspended, "device is suspended", registry.ErrDeviceSuspended)
 		}
 	case errors.Is(err, registry.ErrEKNotRegistered) && cfg.TPMPolicy == TPMPolicyManufacturer:
 		// The chain was verified: TPMRoots is required by this policy.
 		c.deviceID, c.group, c.autoRegister = api.AutoDeviceID(cert.RawSubjectPublicKeyInfo), "default", true
-		if st, ok := cfg.Registry.DeviceStatus(c.deviceID); ok && (st.State == registry.StateRevoked || st.State == registry.StateSuspended) {
+		if st, ok := cfg.Registry.DeviceStatus(c.deviceID); ok && (st.State == fleet.StateRevoked || st.State == fleet.StateSuspended) {
 			return c, registryError(stateErr(st.State))
 		}
 	case errors.Is(err, registry.ErrEKNotRegistered):
-		return c, apiErr(http.StatusForbidden, "ek_not_registered", "this TPM's endorsement key is not registered", err)
+		return c, apiErr(http.StatusForbidden, fleet.ReasonEKNotRegistered, "this TPM's endorsement key is not registered", err)
 	default:
 		return c, registryError(err)
 	}
 	if claimedID != "" && claimedID != c.deviceID {
-		return c, apiErr(http.StatusForbidden, "device_id_mismatch", fmt.Sprintf("this TPM is registered as another device (the request named %q)", claimedID), registry.ErrEKDeviceMismatch)
+		return c, apiErr(http.StatusForbidden, fleet.ReasonDeviceIDMismatch, fmt.Sprintf("this TPM is registered as another device (the request named %q)", claimedID), registry.ErrEKDeviceMismatch)
 	}
 	return c, nil
 }
 
-func stateErr(s registry.DeviceState) error {
-	if s == registry.StateRevoked {
+func stateErr(s fleet.DeviceState) error {
+	if s == fleet.StateRevoked {
 		return registry.ErrDeviceRevoked
 	}
 	return registry.ErrDeviceSuspended
@@ -301,7 +302,7 @@ func (t *tpmEnroller) handleComplete(w http.ResponseWriter, r *http.Request) {
 		rec, err := t.s.cfg.Registry.RedeemTPM(registry.TPMRedemption{
 			EKFingerprint: c.ekFP, DeviceID: c.deviceID, AutoRegister: c.autoRegister, Group: c.group,
 			Audit: t.s.issuedAudit(r, "enroll.tpm", c.deviceID),
-		}, func(registry.Device) (*registry.Certificate, error) {
+		}, func(fleet.Device) (*fleet.Certificate, error) {
 			var err error
 			cert, err = t.s.cfg.CA.Issue(id, csr.PublicKey, t.s.cfg.DeviceCertTTL)
 			if err != nil {
@@ -327,7 +328,7 @@ func (t *tpmEnroller) handleComplete(w http.ResponseWriter, r *http.Request) {
 func attestError(err error) error {
 	type m struct {
 		sentinel error
-		code     string
+		code     fleet.Reason
 		msg      string
 	}
 	// Order matters where an error wraps two sentinels: an exportable AK
@@ -372,9 +373,9 @@ func attestError(err error) error {
 func tpmRegistryError(err error) error {
 	switch {
 	case errors.Is(err, registry.ErrEKNotRegistered):
-		return apiErr(http.StatusForbidden, "ek_not_registered", "this TPM's endorsement key is not registered", err)
+		return apiErr(http.StatusForbidden, fleet.ReasonEKNotRegistered, "this TPM's endorsement key is not registered", err)
 	case errors.Is(err, registry.ErrEKDeviceMismatch), errors.Is(err, registry.ErrDeviceHasEK):
-		return apiErr(http.StatusConflict, "ek_registration_changed", "the EK registration changed during enrollment; start over", err)
+		return apiErr(http.StatusConflict, fleet.ReasonEKRegistrationMoved, "the EK registration changed during enrollment; start over", err)
 	}
 	return registryError(err)
 }
@@ -412,11 +413,11 @@ func (t *tpmEnroller) checkRegistration(req *api.EKRegisterRequest) (registry.EK
 func registrationError(err error) error {
 	switch {
 	case errors.Is(err, registry.ErrEKRegistered):
-		return apiErr(http.StatusConflict, "ek_already_registered", "this EK is registered for another device", err)
+		return apiErr(http.StatusConflict, fleet.ReasonEKRegistered, "this EK is registered for another device", err)
 	case errors.Is(err, registry.ErrDeviceHasEK):
-		return apiErr(http.StatusConflict, "device_has_ek", "this device is bound to another EK", err)
+		return apiErr(http.StatusConflict, fleet.ReasonDeviceHasEK, "this device is bound to another EK", err)
 	case errors.Is(err, registry.ErrDuplicateInImport):
-		return apiErr(http.StatusConflict, "duplicate_entry", "the import names this EK or device twice", err)
+		return apiErr(http.StatusConflict, fleet.ReasonDuplicateEntry, "the import names this EK or device twice", err)
 	}
 	return registryError(err)
 }

@@ -40,6 +40,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/firmware-sim/swtpm"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/internal/testenv"
 	"github.com/fleetgate/fleetgate/internal/testpki"
 )
@@ -204,7 +205,7 @@ func TestTPMEnrollmentEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.AttestationMethod != registry.MethodTPM || info.State != string(registry.StateActive) || info.Group != "greenhouse" || info.Serial == "" {
+	if info.AttestationMethod != fleet.MethodTPM || info.State != string(fleet.StateActive) || info.Group != "greenhouse" || info.Serial == "" {
 		t.Fatalf("device after enrollment: %+v", info)
 	}
 	if leaf := d.dev.Leaf(); ca.SerialString(leaf.SerialNumber) != info.Serial || !d.keys.TLSPublicKey().Equal(leaf.PublicKey) {
@@ -551,7 +552,7 @@ func TestTPMEnrollmentAttacks(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if d.Serial != "" || d.State != string(registry.StateRegistered) {
+		if d.Serial != "" || d.State != string(fleet.StateRegistered) {
 			t.Errorf("%s after the attacks: %+v", id, d)
 		}
 	}
@@ -716,7 +717,7 @@ func TestTPMReEnrollment(t *testing.T) {
 		t.Fatalf("re-enrollment: %v", err)
 	}
 	second, _ := g.Admin.Device(ctx, "dev-r")
-	if second.Serial == first.Serial || second.AttestationMethod != registry.MethodTPM {
+	if second.Serial == first.Serial || second.AttestationMethod != fleet.MethodTPM {
 		t.Fatalf("after re-enrollment: %+v (first serial %s)", second, first.Serial)
 	}
 	for name, dev := range map[string]*devicesdk.Device{"new": d.dev, "earlier": before.dev} {
@@ -744,7 +745,7 @@ func TestTPMManufacturerPolicy(t *testing.T) {
 		t.Fatal(err)
 	}
 	info, err := g.Admin.Device(ctx, id)
-	if err != nil || info.AttestationMethod != registry.MethodTPM || info.Group != "default" {
+	if err != nil || info.AttestationMethod != fleet.MethodTPM || info.Group != "default" {
 		t.Fatalf("%+v %v", info, err)
 	}
 	// The same TPM again gets the same ID (deterministic from the EK).
@@ -828,7 +829,7 @@ func TestEKBulkImport(t *testing.T) {
 	}
 	for _, e := range goodEntries {
 		d, err := g.Admin.Device(ctx, e.DeviceID)
-		if err != nil || d.State != string(registry.StateRegistered) {
+		if err != nil || d.State != string(fleet.StateRegistered) {
 			t.Errorf("%s: %+v %v", e.DeviceID, d, err)
 		}
 	}

@@ -197,8 +197,8 @@ func (fr FileRule) rules() ([]Rule, error) {
 	return out, nil
 }
 
-// DefaultFile is the shipped default policy, the topic layout of DESIGN.md,
-// as an operator would write it.
+// DefaultFile is the shipped default policy, the topic layout of
+// docs/policy.md, as an operator would write it.
 const DefaultFile = `# fleetgate topic policy. Deny by default: what no rule allows is refused.
 # A deny rule wins over every allow rule it overlaps.
 rules:

@@ -1,8 +1,10 @@
-// Package replica keeps, in a broker running apart from the enrollment
-// service, an in-memory copy of the registry's certificate and device
-// states, fed by the enrollment service's change feed (a long poll over
-// mTLS). It answers the broker's checks like the registry does, and tells
-// the broker of revocations and suspensions so that it closes sessions.
+// Package replica feeds, in a broker running apart from the enrollment
+// service, a directory.Directory from the enrollment service's change feed
+// (a long poll over mTLS): the same in-memory view the registry feeds in a
+// single process, so the broker's checks and its closing of sessions on
+// revocations and suspensions work the same. The feed's codec is the
+// directory's (directory.FeedSince, directory.ApplyFeed); this package is
+// the HTTP follower and its freshness.
 //
 // Until the first snapshot has arrived the replica knows no certificate, so
 // the broker refuses everyone (deny by default). After a lost connection it
@@ -14,7 +16,6 @@ package replica
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -25,8 +26,7 @@ import (
 	"time"
 
 	"github.com/fleetgate/fleetgate/api"
-	"github.com/fleetgate/fleetgate/enroll/registry"
-	"github.com/fleetgate/fleetgate/identity"
+	"github.com/fleetgate/fleetgate/directory"
 )
 
 // Replica is safe for concurrent use.
@@ -35,30 +35,30 @@ type Replica struct {
 	client *http.Client
 	log    *slog.Logger
 	wait   time.Duration
+	dir    *directory.Directory
 
+	applyMu sync.Mutex // one Apply at a time, in feed order
 	mu      sync.RWMutex
-	certs   map[string]registry.CertStatus
-	devices map[string]registry.DeviceStatus
-	names   map[string]identity.Role
 	epoch   string
 	version uint64
 	synced  chan struct{}
 	once    sync.Once
 	lastOK  atomic.Int64 // unix nanoseconds of the last successful poll
-
-	// Watchers (Watch) are told of revocations and state changes.
-	registry.Watchers
 }
 
 // New returns a replica following the feed at baseURL with client (which
-// must present an operator certificate).
+// must present an operator certificate), feeding a new directory.
 func New(baseURL string, client *http.Client, log *slog.Logger) *Replica {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Replica{base: baseURL, client: client, log: log, wait: 20 * time.Second,
-		certs: map[string]registry.CertStatus{}, devices: map[string]registry.DeviceStatus{}, names: map[string]identity.Role{}, synced: make(chan struct{})}
+		dir: directory.New(), synced: make(chan struct{})}
 }
+
+// Directory returns the directory the replica feeds: the broker reads it,
+// and its watchers are told of revocations and state changes.
+func (r *Replica) Directory() *directory.Directory { return r.dir }
 
 // StaleAfter is how long without a successful poll the replica is no
 // longer fresh (a long poll lasts 20 s).
@@ -79,30 +79,6 @@ func (r *Replica) Fresh() bool {
 
 // Synced is closed once the first snapshot has been applied.
 func (r *Replica) Synced() <-chan struct{} { return r.synced }
-
-// CertStatus implements the broker's directory.
-func (r *Replica) CertStatus(serial string) (registry.CertStatus, bool) {
-	r.mu.RLock()
-	s, ok := r.certs[serial]
-	r.mu.RUnlock()
-	return s, ok
-}
-
-// DeviceStatus implements the broker's directory.
-func (r *Replica) DeviceStatus(id string) (registry.DeviceStatus, bool) {
-	r.mu.RLock()
-	s, ok := r.devices[id]
-	r.mu.RUnlock()
-	return s, ok
-}
-
-// PrincipalRole implements the broker's directory.
-func (r *Replica) PrincipalRole(name string) (identity.Role, bool) {
-	r.mu.RLock()
-	role, ok := r.names[name]
-	r.mu.RUnlock()
-	return role, ok
-}
 
 // Run follows the feed until ctx ends.
 func (r *Replica) Run(ctx context.Context) error {
@@ -157,59 +133,23 @@ func (r *Replica) poll(ctx context.Context) error {
 	return r.Apply(f)
 }
 
-// ErrBadFeed: the feed answer is inconsistent.
-var ErrBadFeed = errors.New("replica: malformed feed")
+// ErrBadFeed: the feed answer is inconsistent (directory.ErrBadFeed).
+var ErrBadFeed = directory.ErrBadFeed
 
-// Apply applies a feed answer and tells watchers of revocations and device
-// state changes.
+// Apply applies a feed answer to the directory (directory.ApplyFeed), which
+// tells its watchers of revocations and device state changes, and records
+// the epoch and version to ask from next.
 func (r *Replica) Apply(f api.Feed) error {
-	var evs []registry.Event
+	r.applyMu.Lock()
+	defer r.applyMu.Unlock()
+	if err := r.dir.ApplyFeed(f); err != nil {
+		return err
+	}
 	r.mu.Lock()
-	if f.Snapshot {
-		// Anything we knew that the snapshot lacks cannot be vouched for:
-		// forget it (its sessions are closed, as for a revocation).
-		seen := make(map[string]bool, len(f.Certs))
-		for _, c := range f.Certs {
-			seen[c.Serial] = true
-		}
-		for s := range r.certs {
-			if !seen[s] {
-				delete(r.certs, s)
-				evs = append(evs, registry.Event{Kind: registry.EventCertRevoked, Serial: s})
-			}
-		}
-	}
-	for _, c := range f.Certs {
-		id, err := identity.New(identity.Role(c.Role), c.Name)
-		if err != nil {
-			r.mu.Unlock()
-			return fmt.Errorf("%w: %v", ErrBadFeed, err)
-		}
-		if id.Role != identity.RoleDevice {
-			r.names[id.Name] = id.Role
-		}
-		prev, had := r.certs[c.Serial]
-		r.certs[c.Serial] = registry.CertStatus{Identity: id, NotAfter: c.NotAfter, Revoked: c.Revoked || (had && prev.Revoked)}
-		if c.Revoked && !(had && prev.Revoked) {
-			evs = append(evs, registry.Event{Kind: registry.EventCertRevoked, Serial: c.Serial})
-		}
-	}
-	for _, d := range f.Devices {
-		prev, had := r.devices[d.ID]
-		st := registry.DeviceStatus{Group: d.Group, State: registry.DeviceState(d.State), Tags: d.Tags}
-		if had && prev.State == registry.StateRevoked {
-			st.State = registry.StateRevoked // terminal, whatever a stale answer says
-		}
-		r.devices[d.ID] = st
-		if !had || prev.State != st.State {
-			evs = append(evs, registry.Event{Kind: registry.EventDeviceChanged, DeviceID: d.ID, State: st.State})
-		}
-	}
 	r.epoch, r.version = f.Epoch, f.Version
 	r.mu.Unlock()
 	if f.Snapshot {
 		r.once.Do(func() { close(r.synced) })
 	}
-	r.Notify(evs...)
 	return nil
 }

@@ -6,13 +6,13 @@ import (
 	"time"
 
 	"github.com/fleetgate/fleetgate/api"
-	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/fleet"
 )
 
 func TestApplyFollowsTheFeed(t *testing.T) {
 	r := New("https://unused", nil, nil)
-	var evs []registry.Event
-	r.Watch(func(ev registry.Event) { evs = append(evs, ev) })
+	var evs []fleet.Event
+	r.Directory().Watch(func(ev fleet.Event) { evs = append(evs, ev) })
 	if r.Fresh() {
 		t.Fatal("fresh before any snapshot")
 	}
@@ -22,10 +22,10 @@ func TestApplyFollowsTheFeed(t *testing.T) {
 		Devices: []api.FeedDevice{{ID: "d1", Group: "g", State: "active"}}}); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := r.CertStatus("a1"); !ok {
+	if _, ok := r.Directory().CertStatus("a1"); !ok {
 		t.Fatal("snapshot not applied")
 	}
-	if role, ok := r.PrincipalRole("svc"); !ok || role != "service" {
+	if role, ok := r.Directory().PrincipalRole("svc"); !ok || role != "service" {
 		t.Fatalf("service name not known: %v %v", role, ok)
 	}
 	evs = nil
@@ -42,10 +42,10 @@ func TestApplyFollowsTheFeed(t *testing.T) {
 		Devices: []api.FeedDevice{{ID: "d1", Group: "g", State: "active"}}}); err != nil {
 		t.Fatal(err)
 	}
-	if cs, _ := r.CertStatus("a1"); !cs.Revoked {
+	if cs, _ := r.Directory().CertStatus("a1"); !cs.Revoked {
 		t.Error("certificate un-revoked by a stale answer")
 	}
-	if ds, _ := r.DeviceStatus("d1"); ds.State != registry.StateRevoked {
+	if ds, _ := r.Directory().DeviceStatus("d1"); ds.State != fleet.StateRevoked {
 		t.Error("device un-revoked by a stale answer")
 	}
 	// A new snapshot without a certificate forgets it and closes its sessions.
@@ -53,12 +53,12 @@ func TestApplyFollowsTheFeed(t *testing.T) {
 	if err := r.Apply(api.Feed{Epoch: "e2", Version: 1, Snapshot: true, Certs: []api.FeedCert{{Serial: "a1", Role: "device", Name: "d1", NotAfter: exp, Revoked: true}}}); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := r.CertStatus("b2"); ok {
+	if _, ok := r.Directory().CertStatus("b2"); ok {
 		t.Error("certificate missing from the snapshot still known")
 	}
 	found := false
 	for _, ev := range evs {
-		found = found || (ev.Kind == registry.EventCertRevoked && ev.Serial == "b2")
+		found = found || (ev.Kind == fleet.EventCertRevoked && ev.Serial == "b2")
 	}
 	if !found {
 		t.Errorf("no revocation event for the forgotten certificate: %+v", evs)

@@ -28,6 +28,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
@@ -364,8 +365,8 @@ func NewSerial(r io.Reader) (*big.Int, error) {
 	return new(big.Int).SetBytes(b), nil
 }
 
-// SerialString formats a serial as lower-case hex, as the registry keys it.
-func SerialString(n *big.Int) string { return fmt.Sprintf("%x", n) }
+// SerialString formats a serial as the registry keys it (fleet.SerialString).
+func SerialString(n *big.Int) string { return fleet.SerialString(n) }
 
 func sign(r io.Reader, tmpl, parent *x509.Certificate, pub crypto.PublicKey, key crypto.Signer) (*x509.Certificate, error) {
 	serial, err := NewSerial(r)

@@ -9,6 +9,7 @@ import (
 
 	badger "github.com/dgraph-io/badger/v4"
 
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
@@ -43,7 +44,7 @@ func TestAuditedRedemptionWritesItsRecordInTheIssuingTransaction(t *testing.T) {
 	if err := r.RegisterEK(EKRegistration{Fingerprint: fp(2), DeviceID: "dev-2", Group: "lab"}, "op"); err != nil {
 		t.Fatal(err)
 	}
-	setState(t, r, "dev-2", StateRevoked)
+	setState(t, r, "dev-2", fleet.StateRevoked)
 	before := len(auditSeqs(t, r))
 
 	var called bool
@@ -86,8 +87,8 @@ func TestAuditedTokenRedemption(t *testing.T) {
 	if err := r.CreateToken(Token{ID: "t1", Hash: HashTokenSecret(secret), DeviceID: "dev-t", Group: "g", ExpiresAt: time.Now().Add(time.Hour)}, "op"); err != nil {
 		t.Fatal(err)
 	}
-	sign := func(TokenRedemption) (*Certificate, error) {
-		return &Certificate{Serial: "7a", Role: identity.RoleDevice, Name: "dev-t", NotAfter: time.Now().Add(time.Hour)}, nil
+	sign := func(TokenRedemption) (*fleet.Certificate, error) {
+		return &fleet.Certificate{Serial: "7a", Role: identity.RoleDevice, Name: "dev-t", NotAfter: time.Now().Add(time.Hour)}, nil
 	}
 	audit := &AuditRecord{Actor: "device", Action: "enroll.token", DeviceID: "dev-t"}
 	if _, err := r.RedeemTokenAudited("t1", secret, "dev-t", audit, sign); err != nil {

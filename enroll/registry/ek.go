@@ -7,6 +7,8 @@ import (
 	"time"
 
 	badger "github.com/dgraph-io/badger/v4"
+
+	"github.com/fleetgate/fleetgate/fleet"
 )
 
 // pfxEK keys EK registrations by fingerprint: ek/<fingerprint>.
@@ -97,7 +99,7 @@ func (r *Registry) RegisterEK(reg EKRegistration, actor string) error {
 	if _, taken := r.PrincipalRole(reg.DeviceID); taken {
 		return fmt.Errorf("%w: %q is a service or operator name", ErrNameTaken, reg.DeviceID)
 	}
-	var dev Device
+	var dev fleet.Device
 	err := r.update(func(txn *badger.Txn) error {
 		d, err := r.registerEK(txn, reg, actor, r.now())
 		dev = d
@@ -107,7 +109,7 @@ func (r *Registry) RegisterEK(reg EKRegistration, actor string) error {
 	if err != nil {
 		return err
 	}
-	r.indexDevice(&dev)
+	r.dir.DeviceChanged(&dev)
 	return nil
 }
 
@@ -120,31 +122,31 @@ func reasonEK(reg EKRegistration, err error) string {
 
 // checkEK checks that reg can be applied in txn and returns the device
 // record as it will be written.
-func checkEK(txn *badger.Txn, reg EKRegistration, now time.Time) (Device, error) {
+func checkEK(txn *badger.Txn, reg EKRegistration, now time.Time) (fleet.Device, error) {
 	if reg.Fingerprint == "" || reg.DeviceID == "" {
-		return Device{}, errors.New("registry: EK registration needs a fingerprint and a device ID")
+		return fleet.Device{}, errors.New("registry: EK registration needs a fingerprint and a device ID")
 	}
 	var rec EKRecord
 	switch err := get(txn, pfxEK+reg.Fingerprint, &rec); {
 	case err == nil:
 		if rec.DeviceID != reg.DeviceID {
-			return Device{}, fmt.Errorf("%w: %s", ErrEKRegistered, rec.DeviceID)
+			return fleet.Device{}, fmt.Errorf("%w: %s", ErrEKRegistered, rec.DeviceID)
 		}
 	case !errors.Is(err, ErrNotFound):
-		return Device{}, err
+		return fleet.Device{}, err
 	}
-	var dev Device
+	var dev fleet.Device
 	switch err := get(txn, pfxDevice+reg.DeviceID, &dev); {
 	case errors.Is(err, ErrNotFound):
-		dev = Device{ID: reg.DeviceID, State: StateRegistered, CreatedAt: now}
+		dev = fleet.Device{ID: reg.DeviceID, State: fleet.StateRegistered, CreatedAt: now}
 	case err != nil:
-		return Device{}, err
+		return fleet.Device{}, err
 	}
-	if dev.State == StateRevoked {
-		return Device{}, fmt.Errorf("%w: %s", ErrDeviceRevoked, reg.DeviceID)
+	if dev.State == fleet.StateRevoked {
+		return fleet.Device{}, fmt.Errorf("%w: %s", ErrDeviceRevoked, reg.DeviceID)
 	}
 	if dev.EKFingerprint != "" && dev.EKFingerprint != reg.Fingerprint {
-		return Device{}, fmt.Errorf("%w: %s", ErrDeviceHasEK, reg.DeviceID)
+		return fleet.Device{}, fmt.Errorf("%w: %s", ErrDeviceHasEK, reg.DeviceID)
 	}
 	dev.EKFingerprint = reg.Fingerprint
 	if reg.Group != "" {
@@ -154,17 +156,17 @@ func checkEK(txn *badger.Txn, reg EKRegistration, now time.Time) (Device, error)
 	return dev, nil
 }
 
-func (r *Registry) registerEK(txn *badger.Txn, reg EKRegistration, actor string, now time.Time) (Device, error) {
+func (r *Registry) registerEK(txn *badger.Txn, reg EKRegistration, actor string, now time.Time) (fleet.Device, error) {
 	dev, err := checkEK(txn, reg, now)
 	if err != nil {
-		return Device{}, err
+		return fleet.Device{}, err
 	}
 	rec := EKRecord{Fingerprint: reg.Fingerprint, DeviceID: reg.DeviceID, Group: dev.Group, RegisteredAt: now, RegisteredBy: actor}
 	if err := put(txn, pfxEK+reg.Fingerprint, &rec); err != nil {
-		return Device{}, err
+		return fleet.Device{}, err
 	}
 	if err := put(txn, pfxDevice+dev.ID, &dev); err != nil {
-		return Device{}, err
+		return fleet.Device{}, err
 	}
 	return dev, nil
 }
@@ -213,7 +215,7 @@ func checkImport(txn *badger.Txn, regs []EKRegistration, now time.Time) ([]Impor
 func (r *Registry) ImportEKs(regs []EKRegistration, actor string) error {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
-	devs := make([]Device, 0, len(regs))
+	devs := make([]fleet.Device, 0, len(regs))
 	err := r.update(func(txn *badger.Txn) error {
 		now := r.now()
 		problems, err := checkImport(txn, regs, now)
@@ -240,7 +242,7 @@ func (r *Registry) ImportEKs(regs []EKRegistration, actor string) error {
 		return err
 	}
 	for i := range devs {
-		r.indexDevice(&devs[i])
+		r.dir.DeviceChanged(&devs[i])
 	}
 	return nil
 }
@@ -268,9 +270,9 @@ func (r *Registry) EK(fingerprint string) (*EKRecord, error) {
 
 // DeviceByEK returns the EK registration and the device it is registered
 // for (ErrEKNotRegistered if none).
-func (r *Registry) DeviceByEK(fingerprint string) (*EKRecord, *Device, error) {
+func (r *Registry) DeviceByEK(fingerprint string) (*EKRecord, *fleet.Device, error) {
 	var rec EKRecord
-	var dev Device
+	var dev fleet.Device
 	err := r.db.View(func(txn *badger.Txn) error {
 		if err := get(txn, pfxEK+fingerprint, &rec); err != nil {
 			if errors.Is(err, ErrNotFound) {
@@ -304,91 +306,79 @@ type TPMRedemption struct {
 	Audit *AuditRecord
 }
 
-// RedeemTPM records a TPM-attested enrollment. In one transaction it
-// re-checks the EK registration (it must still name DeviceID) and the
-// device state (revoked and suspended devices are refused: the device may
-// have been revoked between the two round trips), calls sign, records the
-// certificate, and marks the device active with attestation method tpm.
-// Nothing is recorded if any step fails. With red.Audit, the audit record
-// is part of that transaction.
+// RedeemTPM records a TPM-attested enrollment. It checks the EK
+// registration (it must still name DeviceID) and the device state (revoked
+// and suspended devices are refused: the device may have been revoked
+// between the two round trips), calls sign outside the registry's write
+// lock (issue), and then, in one transaction that checks all of it again,
+// records the certificate (and an auto-registered EK) and marks the device
+// active with attestation method tpm. Nothing is recorded if any step
+// fails. With red.Audit, the audit record is part of that transaction.
 //
 // Re-enrollment policy: a device that already holds certificates may enroll
 // again (e.g. after a factory reset of its TLS key) when the attested EK is
 // the one registered for it and the device is neither revoked nor suspended.
 // Its earlier certificates are not revoked: they stay valid until they
 // expire unless an operator revokes them.
-func (r *Registry) RedeemTPM(red TPMRedemption, sign func(Device) (*Certificate, error)) (*Certificate, error) {
-	r.writeMu.Lock()
-	defer r.writeMu.Unlock()
-	var out *Certificate
-	var dev Device
-	err := r.updateAudited(red.Audit != nil, func(txn *badger.Txn) error {
-		now := r.now()
-		var rec EKRecord
-		switch err := get(txn, pfxEK+red.EKFingerprint, &rec); {
-		case errors.Is(err, ErrNotFound):
-			if !red.AutoRegister {
-				return fmt.Errorf("%w: %s", ErrEKNotRegistered, red.EKFingerprint)
-			}
-			rec = EKRecord{Fingerprint: red.EKFingerprint, DeviceID: red.DeviceID, Group: red.Group,
-				RegisteredAt: now, RegisteredBy: "enroll", Auto: true}
-			if err := put(txn, pfxEK+rec.Fingerprint, &rec); err != nil {
+func (r *Registry) RedeemTPM(red TPMRedemption, sign func(fleet.Device) (*fleet.Certificate, error)) (*fleet.Certificate, error) {
+	var rec EKRecord
+	var dev fleet.Device
+	autoNew := false
+	return r.issue(issuance{
+		audited: red.Audit != nil,
+		check: func(txn *badger.Txn, now time.Time) error {
+			rec, dev, autoNew = EKRecord{}, fleet.Device{}, false
+			switch err := get(txn, pfxEK+red.EKFingerprint, &rec); {
+			case errors.Is(err, ErrNotFound):
+				if !red.AutoRegister {
+					return fmt.Errorf("%w: %s", ErrEKNotRegistered, red.EKFingerprint)
+				}
+				rec = EKRecord{Fingerprint: red.EKFingerprint, DeviceID: red.DeviceID, Group: red.Group,
+					RegisteredAt: now, RegisteredBy: "enroll", Auto: true}
+				autoNew = true
+			case err != nil:
 				return err
 			}
-		case err != nil:
-			return err
-		}
-		if rec.DeviceID != red.DeviceID {
-			return fmt.Errorf("%w: %s", ErrEKDeviceMismatch, rec.DeviceID)
-		}
-		switch err := get(txn, pfxDevice+red.DeviceID, &dev); {
-		case errors.Is(err, ErrNotFound):
-			dev = Device{ID: red.DeviceID, Group: rec.Group, CreatedAt: now}
-		case err != nil:
-			return err
-		}
-		switch dev.State {
-		case StateRevoked:
-			return ErrDeviceRevoked
-		case StateSuspended:
-			return ErrDeviceSuspended
-		}
-		if dev.EKFingerprint != "" && dev.EKFingerprint != red.EKFingerprint {
-			return fmt.Errorf("%w: %s", ErrDeviceHasEK, red.DeviceID)
-		}
-		if dev.Group == "" {
-			dev.Group = rec.Group
-		}
-		if dev.Group == "" {
-			dev.Group = "default"
-		}
-		c, err := sign(dev)
-		if err != nil {
-			return err
-		}
-		dev.State = StateActive
-		dev.AttestationMethod = MethodTPM
-		dev.EKFingerprint = red.EKFingerprint
-		if err := r.recordCert(txn, c, &dev, now); err != nil {
-			return err
-		}
-		if err := r.putIssuedAudit(txn, red.Audit, c.Serial); err != nil {
-			return err
-		}
-		out = c
-		return nil
+			if rec.DeviceID != red.DeviceID {
+				return fmt.Errorf("%w: %s", ErrEKDeviceMismatch, rec.DeviceID)
+			}
+			switch err := get(txn, pfxDevice+red.DeviceID, &dev); {
+			case errors.Is(err, ErrNotFound):
+				dev = fleet.Device{ID: red.DeviceID, Group: rec.Group, CreatedAt: now}
+			case err != nil:
+				return err
+			}
+			switch dev.State {
+			case fleet.StateRevoked:
+				return ErrDeviceRevoked
+			case fleet.StateSuspended:
+				return ErrDeviceSuspended
+			}
+			if dev.EKFingerprint != "" && dev.EKFingerprint != red.EKFingerprint {
+				return fmt.Errorf("%w: %s", ErrDeviceHasEK, red.DeviceID)
+			}
+			if dev.Group == "" {
+				dev.Group = rec.Group
+			}
+			if dev.Group == "" {
+				dev.Group = "default"
+			}
+			return nil
+		},
+		sign: func() (*fleet.Certificate, error) { return sign(dev) },
+		commit: func(txn *badger.Txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error) {
+			if autoNew {
+				if err := put(txn, pfxEK+rec.Fingerprint, &rec); err != nil {
+					return nil, err
+				}
+			}
+			dev.State = fleet.StateActive
+			dev.AttestationMethod = fleet.MethodTPM
+			dev.EKFingerprint = red.EKFingerprint
+			if err := r.recordCert(txn, c, &dev, now); err != nil {
+				return nil, err
+			}
+			return &dev, r.putIssuedAudit(txn, red.Audit, c.Serial)
+		},
 	})
-	if err != nil {
-		return nil, err
-	}
-	r.indexCert(out, &dev)
-	return out, nil
-}
-
-// indexDevice updates the in-memory view of a device and tells watchers.
-func (r *Registry) indexDevice(d *Device) {
-	r.mu.Lock()
-	r.devices[d.ID] = d.status()
-	r.mu.Unlock()
-	r.emit(Event{Kind: EventDeviceChanged, DeviceID: d.ID, State: d.State})
 }

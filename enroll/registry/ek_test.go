@@ -8,6 +8,7 @@ import (
 
 	badger "github.com/dgraph-io/badger/v4"
 
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
@@ -25,10 +26,10 @@ func fp(i int) string { return fmt.Sprintf("%064x", i) }
 
 // setState writes a device state directly, as revocation (built elsewhere)
 // will.
-func setState(t *testing.T, r *Registry, id string, st DeviceState) {
+func setState(t *testing.T, r *Registry, id string, st fleet.DeviceState) {
 	t.Helper()
 	err := r.update(func(txn *badger.Txn) error {
-		var d Device
+		var d fleet.Device
 		if err := get(txn, pfxDevice+id, &d); err != nil {
 			return err
 		}
@@ -42,12 +43,12 @@ func setState(t *testing.T, r *Registry, id string, st DeviceState) {
 
 var serialN int
 
-func signer(t *testing.T, called *bool) func(Device) (*Certificate, error) {
-	return func(d Device) (*Certificate, error) {
+func signer(t *testing.T, called *bool) func(fleet.Device) (*fleet.Certificate, error) {
+	return func(d fleet.Device) (*fleet.Certificate, error) {
 		*called = true
 		serialN++
 		now := time.Now()
-		return &Certificate{Serial: fmt.Sprintf("%x", serialN), Role: identity.RoleDevice, Name: d.ID, NotBefore: now, NotAfter: now.Add(time.Hour)}, nil
+		return &fleet.Certificate{Serial: fmt.Sprintf("%x", serialN), Role: identity.RoleDevice, Name: d.ID, NotBefore: now, NotAfter: now.Add(time.Hour)}, nil
 	}
 }
 
@@ -60,16 +61,16 @@ func TestRegisterEK(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d.State != StateRegistered || d.EKFingerprint != fp(1) || d.Group != "lab" {
+	if d.State != fleet.StateRegistered || d.EKFingerprint != fp(1) || d.Group != "lab" {
 		t.Fatalf("device %+v", d)
 	}
-	if st, ok := r.DeviceStatus("dev-1"); !ok || st.State != StateRegistered {
+	if st, ok := r.DeviceStatus("dev-1"); !ok || st.State != fleet.StateRegistered {
 		t.Fatalf("index %+v %v", st, ok)
 	}
 	if err := r.RegisterEK(EKRegistration{Fingerprint: fp(9), DeviceID: "dev-9"}, "op"); err != nil {
 		t.Fatal(err)
 	}
-	setState(t, r, "dev-9", StateRevoked)
+	setState(t, r, "dev-9", fleet.StateRevoked)
 	for _, tc := range []struct {
 		name string
 		reg  EKRegistration
@@ -174,8 +175,8 @@ func TestRedeemTPM(t *testing.T) {
 	reg(2, "revoked-2")
 	reg(3, "suspended-3")
 	reg(4, "again-4")
-	setState(t, r, "revoked-2", StateRevoked)
-	setState(t, r, "suspended-3", StateSuspended)
+	setState(t, r, "revoked-2", fleet.StateRevoked)
+	setState(t, r, "suspended-3", fleet.StateSuspended)
 	var called bool
 	if _, err := r.RedeemTPM(TPMRedemption{EKFingerprint: fp(4), DeviceID: "again-4"}, signer(t, &called)); err != nil {
 		t.Fatal(err)
@@ -211,7 +212,7 @@ func TestRedeemTPM(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if d.State != StateActive || d.AttestationMethod != MethodTPM || d.CurrentSerial != c.Serial || d.EKFingerprint != tc.red.EKFingerprint {
+			if d.State != fleet.StateActive || d.AttestationMethod != fleet.MethodTPM || d.CurrentSerial != c.Serial || d.EKFingerprint != tc.red.EKFingerprint {
 				t.Errorf("device after redemption: %+v", d)
 			}
 			if st, ok := r.CertStatus(c.Serial); !ok || st.Revoked || st.Identity.Name != tc.red.DeviceID {

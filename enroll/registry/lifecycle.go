@@ -8,6 +8,8 @@ import (
 	"time"
 
 	badger "github.com/dgraph-io/badger/v4"
+
+	"github.com/fleetgate/fleetgate/fleet"
 )
 
 // ErrInvalidTransition: the device's state does not allow the change (a
@@ -16,7 +18,7 @@ var ErrInvalidTransition = errors.New("registry: invalid state transition")
 
 // RevokeDevice revokes a device terminally, then every unexpired
 // certificate it was issued. The device's state changes first, in a small
-// transaction, and the in-memory index with it before the watchers are told
+// transaction, and the directory with it before the watchers are told
 // and before RevokeDevice returns: from that moment no handshake, CONNECT,
 // ACL check, renewal or enrollment admits the device, whatever its
 // certificates. Its certificates are then marked (for the CRL) in
@@ -25,21 +27,21 @@ func (r *Registry) RevokeDevice(id, reason, actor string) ([]string, error) {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	now := r.now()
-	var d Device
+	var d fleet.Device
 	changed := false
 	err := r.updateRetry(func(txn *badger.Txn) error {
 		changed = false
 		if err := get(txn, pfxDevice+id, &d); err != nil {
 			return err
 		}
-		if d.State == StateRevoked {
+		if d.State == fleet.StateRevoked {
 			return nil
 		}
-		d.State, d.UpdatedAt, changed = StateRevoked, now, true
+		d.State, d.UpdatedAt, changed = fleet.StateRevoked, now, true
 		return put(txn, pfxDevice+id, &d)
 	})
 	if err == nil && changed {
-		r.indexDevice(&d)
+		r.dir.DeviceChanged(&d)
 	}
 	var serials []string
 	if err == nil {
@@ -53,7 +55,8 @@ func (r *Registry) RevokeDevice(id, reason, actor string) ([]string, error) {
 const revokeBatch = 256
 
 // revokeCerts marks the unexpired, unrevoked certificates of a device
-// revoked, a batch per transaction, and updates the index and watchers.
+// revoked, a batch per transaction, and updates the directory (and so its
+// watchers).
 func (r *Registry) revokeCerts(id, reason string, now time.Time) ([]string, error) {
 	var all []string
 	if err := r.db.View(func(txn *badger.Txn) error {
@@ -70,7 +73,7 @@ func (r *Registry) revokeCerts(id, reason string, now time.Time) ([]string, erro
 		err := r.updateRetry(func(txn *badger.Txn) error {
 			done = done[:0]
 			for _, s := range batch {
-				var c Certificate
+				var c fleet.Certificate
 				if err := get(txn, pfxCert+s, &c); err != nil {
 					return err
 				}
@@ -88,18 +91,7 @@ func (r *Registry) revokeCerts(id, reason string, now time.Time) ([]string, erro
 		if err != nil {
 			return revoked, err
 		}
-		r.mu.Lock()
-		for _, s := range done {
-			st := r.certs[s]
-			st.Revoked = true
-			r.certs[s] = st
-		}
-		r.mu.Unlock()
-		evs := make([]Event, 0, len(done))
-		for _, s := range done {
-			evs = append(evs, Event{Kind: EventCertRevoked, Serial: s, DeviceID: id})
-		}
-		r.emit(evs...)
+		r.dir.Revoked(id, done...)
 		revoked = append(revoked, done...)
 	}
 	return revoked, nil
@@ -121,7 +113,7 @@ func (r *Registry) RevokeCertificate(serial, reason, actor string) error {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	now := r.now()
-	var c Certificate
+	var c fleet.Certificate
 	changed := false
 	err := r.update(func(txn *badger.Txn) error {
 		if err := get(txn, pfxCert+serial, &c); err != nil {
@@ -138,16 +130,11 @@ func (r *Registry) RevokeCertificate(serial, reason, actor string) error {
 	if err != nil || !changed {
 		return err
 	}
-	r.mu.Lock()
-	st := r.certs[serial]
-	st.Revoked = true
-	r.certs[serial] = st
-	r.mu.Unlock()
-	r.emit(Event{Kind: EventCertRevoked, Serial: serial, DeviceID: deviceOf(&c)})
+	r.dir.Revoked(deviceOf(&c), serial)
 	return nil
 }
 
-func deviceOf(c *Certificate) string {
+func deviceOf(c *fleet.Certificate) string {
 	if c.Role == "device" {
 		return c.Name
 	}
@@ -159,7 +146,7 @@ func deviceOf(c *Certificate) string {
 func (r *Registry) SetSuspended(id string, suspend bool, reason, actor string) error {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
-	var d Device
+	var d fleet.Device
 	action := "device.resume"
 	if suspend {
 		action = "device.suspend"
@@ -169,17 +156,17 @@ func (r *Registry) SetSuspended(id string, suspend bool, reason, actor string) e
 			return err
 		}
 		switch {
-		case d.State == StateRevoked:
+		case d.State == fleet.StateRevoked:
 			return fmt.Errorf("%w: %s is revoked", ErrInvalidTransition, id)
-		case suspend && d.State == StateSuspended, !suspend && d.State != StateSuspended:
+		case suspend && d.State == fleet.StateSuspended, !suspend && d.State != fleet.StateSuspended:
 			return nil // already there
 		}
 		if suspend {
-			d.State = StateSuspended
+			d.State = fleet.StateSuspended
 		} else {
-			d.State = StateActive
+			d.State = fleet.StateActive
 			if d.CurrentSerial == "" {
-				d.State = StateRegistered
+				d.State = fleet.StateRegistered
 			}
 		}
 		d.UpdatedAt = r.now()
@@ -189,7 +176,7 @@ func (r *Registry) SetSuspended(id string, suspend bool, reason, actor string) e
 	if err != nil {
 		return err
 	}
-	r.indexDevice(&d)
+	r.dir.DeviceChanged(&d)
 	return nil
 }
 
@@ -197,80 +184,72 @@ func (r *Registry) SetSuspended(id string, suspend bool, reason, actor string) e
 // device may hold; renewal is refused past it.
 const MaxLiveCertificates = 8
 
-// RecordRenewal records a renewed certificate for an active device, in one
-// transaction that re-checks the device's state and that the certificate
-// presented for renewal (oldSerial) is still valid.
-func (r *Registry) RecordRenewal(id, oldSerial string, sign func(Device) (*Certificate, error)) (*Certificate, error) {
-	r.writeMu.Lock()
-	defer r.writeMu.Unlock()
-	var out *Certificate
-	var d Device
-	err := r.update(func(txn *badger.Txn) error {
-		if err := get(txn, pfxDevice+id, &d); err != nil {
-			return err
-		}
-		switch d.State {
-		case StateRevoked:
-			return ErrDeviceRevoked
-		case StateSuspended:
-			return ErrDeviceSuspended
-		case StateActive:
-		default:
-			return fmt.Errorf("%w: device %s is %s", ErrInvalidTransition, id, d.State)
-		}
-		var old Certificate
-		if err := get(txn, pfxCert+oldSerial, &old); err != nil {
-			return err
-		}
-		if old.Revoked {
-			return ErrDeviceRevoked
-		}
-		// Only the current certificate renews: a leaked older sibling
-		// cannot mint new ones, and renewals form one chain.
-		if d.CurrentSerial != oldSerial {
-			return fmt.Errorf("%w: only the device's current certificate can be renewed", ErrRenewalTooSoon)
-		}
-		// A device renewing in a loop cannot pile up certificates (each
-		// one valid for the full lifetime) beyond a handful.
-		serials, err := deviceSerials(txn, id)
-		if err != nil {
-			return err
-		}
-		live := 0
-		now := r.now()
-		for _, s := range serials {
-			var c Certificate
-			if get(txn, pfxCert+s, &c) == nil && !c.Revoked && now.Before(c.NotAfter) {
-				live++
+// RecordRenewal records a renewed certificate for an active device: it
+// checks the device's state and that the certificate presented for renewal
+// (oldSerial) is still valid and current, calls sign outside the registry's
+// write lock (issue), and records the certificate in one transaction that
+// checks all of it again.
+func (r *Registry) RecordRenewal(id, oldSerial string, sign func(fleet.Device) (*fleet.Certificate, error)) (*fleet.Certificate, error) {
+	var d fleet.Device
+	return r.issue(issuance{
+		check: func(txn *badger.Txn, now time.Time) error {
+			d = fleet.Device{}
+			if err := get(txn, pfxDevice+id, &d); err != nil {
+				return err
 			}
-		}
-		if live >= MaxLiveCertificates {
-			return fmt.Errorf("%w: the device already holds %d valid certificates", ErrRenewalTooSoon, live)
-		}
-		c, err := sign(d)
-		if err != nil {
-			return err
-		}
-		if err := r.recordCert(txn, c, &d, r.now()); err != nil {
-			return err
-		}
-		out = c
-		return nil
+			switch d.State {
+			case fleet.StateRevoked:
+				return ErrDeviceRevoked
+			case fleet.StateSuspended:
+				return ErrDeviceSuspended
+			case fleet.StateActive:
+			default:
+				return fmt.Errorf("%w: device %s is %s", ErrInvalidTransition, id, d.State)
+			}
+			var old fleet.Certificate
+			if err := get(txn, pfxCert+oldSerial, &old); err != nil {
+				return err
+			}
+			if old.Revoked {
+				return ErrDeviceRevoked
+			}
+			// Only the current certificate renews: a leaked older sibling
+			// cannot mint new ones, and renewals form one chain.
+			if d.CurrentSerial != oldSerial {
+				return fmt.Errorf("%w: only the device's current certificate can be renewed", ErrRenewalTooSoon)
+			}
+			// A device renewing in a loop cannot pile up certificates (each
+			// one valid for the full lifetime) beyond a handful.
+			serials, err := deviceSerials(txn, id)
+			if err != nil {
+				return err
+			}
+			live := 0
+			for _, s := range serials {
+				var c fleet.Certificate
+				if get(txn, pfxCert+s, &c) == nil && !c.Revoked && now.Before(c.NotAfter) {
+					live++
+				}
+			}
+			if live >= MaxLiveCertificates {
+				return fmt.Errorf("%w: the device already holds %d valid certificates", ErrRenewalTooSoon, live)
+			}
+			return nil
+		},
+		sign: func() (*fleet.Certificate, error) { return sign(d) },
+		commit: func(txn *badger.Txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error) {
+			return &d, r.recordCert(txn, c, &d, now)
+		},
 	})
-	if err != nil {
-		return nil, err
-	}
-	r.indexCert(out, &d)
-	return out, nil
 }
 
 // RevokedCertificates returns every revoked certificate that has not yet
 // expired (expired ones may leave the CRL, RFC 5280 section 3.3), sorted by
 // revocation time.
-func (r *Registry) RevokedCertificates(now time.Time) ([]Certificate, error) {
-	var out []Certificate
+func (r *Registry) RevokedCertificates(now time.Time) ([]fleet.Certificate, error) {
+	var out []fleet.Certificate
 	err := r.db.View(func(txn *badger.Txn) error {
-		return iterate(txn, pfxCert, func(c *Certificate) error {
+		return iterate(txn, pfxCert, func(c *fleet.Certificate) error {
 			if c.Revoked && now.Before(c.NotAfter) {
 				c.DER = nil
 				out = append(out, *c)
@@ -317,10 +296,10 @@ func joinReason(reason string, err error) string {
 // UpdateAttributes sets a device's group (if not empty) and tags (if not
 // nil; an empty map clears them). The broker applies them on the device's
 // next check, without reconnect.
-func (r *Registry) UpdateAttributes(id, group string, tags map[string]string, actor string) (*Device, error) {
+func (r *Registry) UpdateAttributes(id, group string, tags map[string]string, actor string) (*fleet.Device, error) {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
-	var d Device
+	var d fleet.Device
 	err := r.update(func(txn *badger.Txn) error {
 		if err := get(txn, pfxDevice+id, &d); err != nil {
 			return err
@@ -338,21 +317,6 @@ func (r *Registry) UpdateAttributes(id, group string, tags map[string]string, ac
 	if err != nil {
 		return nil, err
 	}
-	r.indexDevice(&d)
+	r.dir.DeviceChanged(&d)
 	return &d, nil
-}
-
-// CountExpiring counts unrevoked certificates that expire within d of now
-// (and have not expired yet).
-func (r *Registry) CountExpiring(now time.Time, d time.Duration) int {
-	r.mu.RLock()
-	defer r.mu.RUnlock()
-	n := 0
-	limit := now.Add(d)
-	for _, c := range r.certs {
-		if !c.Revoked && c.NotAfter.After(now) && !c.NotAfter.After(limit) {
-			n++
-		}
-	}
-	return n
 }

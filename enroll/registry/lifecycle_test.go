@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
@@ -24,8 +25,8 @@ func enrollTestDevice(t *testing.T, r *Registry, id string, n int) []string {
 			t.Fatal(err)
 		}
 		serial := fmt.Sprintf("ab%08x", serialN)
-		_, err := r.RedeemToken(tokID, secret, id, func(TokenRedemption) (*Certificate, error) {
-			return &Certificate{Serial: serial, Role: identity.RoleDevice, Name: id, NotAfter: time.Now().Add(48 * time.Hour)}, nil
+		_, err := r.RedeemToken(tokID, secret, id, func(TokenRedemption) (*fleet.Certificate, error) {
+			return &fleet.Certificate{Serial: serial, Role: identity.RoleDevice, Name: id, NotAfter: time.Now().Add(48 * time.Hour)}, nil
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -39,12 +40,12 @@ func TestRevokeDeviceRevokesEveryCertificateBeforeWatchersHear(t *testing.T) {
 	r := openTest(t)
 	serials := enrollTestDevice(t, r, "dev-a", 3)
 	var mu sync.Mutex
-	var seen []Event
-	r.Watch(func(ev Event) {
+	var seen []fleet.Event
+	r.Watch(func(ev fleet.Event) {
 		// Watchers run after the index changed: a broker closing sessions
 		// here finds the device already refused.
-		if ev.Kind == EventDeviceChanged {
-			if st, _ := r.DeviceStatus(ev.DeviceID); st.State != StateRevoked {
+		if ev.Kind == fleet.EventDeviceChanged {
+			if st, _ := r.DeviceStatus(ev.DeviceID); st.State != fleet.StateRevoked {
 				t.Errorf("watcher ran before the index changed: %v", st.State)
 			}
 		}
@@ -98,7 +99,7 @@ func TestRevocationSurvivesReopen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r2.Close()
-	if st, _ := r2.DeviceStatus("dev-r"); st.State != StateRevoked {
+	if st, _ := r2.DeviceStatus("dev-r"); st.State != fleet.StateRevoked {
 		t.Fatalf("device after reopen: %v", st.State)
 	}
 	if st, _ := r2.CertStatus(serials[0]); !st.Revoked {
@@ -119,19 +120,19 @@ func TestTokenRefusedForATPMBoundDevice(t *testing.T) {
 
 func TestChangeFeedCatchUpAndSnapshots(t *testing.T) {
 	r := openTest(t)
-	epoch, v0, _, _ := r.Snapshot()
+	epoch, v0, _, _ := r.Directory().Snapshot()
 	enrollTestDevice(t, r, "dev-f", 1)
-	evs, v1, ok, _ := r.Changes(epoch, v0)
+	evs, v1, ok, _ := r.Directory().Changes(epoch, v0)
 	if !ok || len(evs) == 0 || v1 <= v0 {
 		t.Fatalf("changes since %d: %v %d %v", v0, evs, v1, ok)
 	}
-	if _, _, ok, _ := r.Changes("other-epoch", v0); ok {
+	if _, _, ok, _ := r.Directory().Changes("other-epoch", v0); ok {
 		t.Error("a foreign epoch did not ask for a snapshot")
 	}
-	if _, _, ok, _ := r.Changes(epoch, v1+10); ok {
+	if _, _, ok, _ := r.Directory().Changes(epoch, v1+10); ok {
 		t.Error("a version from the future did not ask for a snapshot")
 	}
-	evs, _, ok, wait := r.Changes(epoch, v1)
+	evs, _, ok, wait := r.Directory().Changes(epoch, v1)
 	if !ok || len(evs) != 0 {
 		t.Fatalf("no changes expected: %v", evs)
 	}
@@ -153,10 +154,10 @@ func TestAttributesAndExpiryCounts(t *testing.T) {
 	if st.Group != "field" || st.Tags["site"] != "x" {
 		t.Fatalf("status %+v", st)
 	}
-	if n := r.CountExpiring(time.Now(), 7*24*time.Hour); n != 1 {
+	if n := r.Directory().CountExpiring(time.Now(), 7*24*time.Hour); n != 1 {
 		t.Fatalf("expiring within 7d: %d", n)
 	}
-	if n := r.CountExpiring(time.Now(), time.Hour); n != 0 {
+	if n := r.Directory().CountExpiring(time.Now(), time.Hour); n != 0 {
 		t.Fatalf("expiring within 1h: %d", n)
 	}
 }
@@ -168,8 +169,8 @@ func TestRenewalIsBoundedAndOnlyFromTheCurrentCertificate(t *testing.T) {
 	renew := func(from string) (string, error) {
 		serialN++
 		s := fmt.Sprintf("cd%08x", serialN)
-		_, err := r.RecordRenewal("renewer", from, func(Device) (*Certificate, error) {
-			return &Certificate{Serial: s, Role: identity.RoleDevice, Name: "renewer", NotAfter: time.Now().Add(time.Hour)}, nil
+		_, err := r.RecordRenewal("renewer", from, func(fleet.Device) (*fleet.Certificate, error) {
+			return &fleet.Certificate{Serial: s, Role: identity.RoleDevice, Name: "renewer", NotAfter: time.Now().Add(time.Hour)}, nil
 		})
 		return s, err
 	}

@@ -28,6 +28,7 @@ import (
 	"github.com/fleetgate/fleetgate/broker"
 	"github.com/fleetgate/fleetgate/broker/acl"
 	"github.com/fleetgate/fleetgate/broker/replica"
+	"github.com/fleetgate/fleetgate/directory"
 	"github.com/fleetgate/fleetgate/enroll"
 	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/enroll/ca"
@@ -113,7 +114,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return fmt.Errorf("server TLS certificate: %w", err)
 	}
 	var reg *registry.Registry
-	var dir broker.Directory
+	var dir *directory.Directory
 	var rep *replica.Replica
 	if cfg.Only == OnlyBroker {
 		hc, err := operatorClient(cfg.DataDir)
@@ -121,14 +122,14 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			return fmt.Errorf("broker-only needs the operator credentials to follow %s: %w", cfg.EnrollURL, err)
 		}
 		rep = replica.New(cfg.EnrollURL, hc, log.With("component", "replica"))
-		dir = rep
+		dir = rep.Directory()
 	} else {
 		reg, err = registry.Open(filepath.Join(cfg.DataDir, RegistryDir), registry.Options{Logger: log.With("component", "registry")})
 		if err != nil {
 			return err
 		}
 		defer reg.Close()
-		dir = reg
+		dir = reg.Directory()
 	}
 
 	promReg := prometheus.NewRegistry()
@@ -142,7 +143,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			promReg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "fleetgate_certificates_expiring", Help: "Unrevoked certificates expiring within the window.",
 				ConstLabels: prometheus.Labels{"within": w.label},
-			}, func() float64 { return float64(reg.CountExpiring(time.Now(), w.d)) }))
+			}, func() float64 { return float64(dir.CountExpiring(time.Now(), w.d)) }))
 		}
 	}
 
@@ -168,7 +169,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		log.Info("policy in force", "file", policyName(policyPath), "file_rules", fileRules, "rules", len(policy.Rules()))
 		b, err := broker.New(broker.Config{
 			Policy: policy,
-			Addr:   cfg.MQTTAddr, CA: authority, ServerCert: serverCert, Registry: dir,
+			Addr:   cfg.MQTTAddr, TrustDomain: authority.TrustDomain, ClientCAs: authority.ClientCAs(), ServerCert: serverCert, Directory: dir,
 			Logger: log, Metrics: promReg, PersistDir: filepath.Join(cfg.DataDir, BrokerDir),
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxPending: cfg.MaxPending, MaxPacketSize: cfg.MaxPacketSize,
 			SweepInterval: cfg.SweepInterval, Limits: cfg.Limits, MaxPendingPerIP: cfg.MaxPendingPerIP, Queues: cfg.Queues,

@@ -5,6 +5,7 @@ import (
 
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
@@ -22,7 +23,7 @@ func Init(dataDir string, o ca.InitOptions) (*ca.InitResult, error) {
 	}
 	defer reg.Close()
 	op := res.Operator
-	if err := reg.RecordCertificate(&registry.Certificate{Serial: ca.SerialString(op.SerialNumber),
+	if err := reg.RecordCertificate(&fleet.Certificate{Serial: ca.SerialString(op.SerialNumber),
 		Role: identity.RoleOperator, Name: op.Subject.CommonName, NotBefore: op.NotBefore, NotAfter: op.NotAfter, DER: op.Raw}); err != nil {
 		return nil, err
 	}

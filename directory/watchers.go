@@ -1,25 +1,28 @@
-package registry
+package directory
 
-import "sync"
+import (
+	"sync"
 
-// Watchers is a list of change listeners, shared by the registry and by the
-// broker's replica of it. The zero value is ready to use; safe for
-// concurrent use.
+	"github.com/fleetgate/fleetgate/fleet"
+)
+
+// Watchers is a list of change listeners. The zero value is ready to use;
+// safe for concurrent use.
 type Watchers struct {
 	mu sync.Mutex
-	fn []func(Event)
+	fn []func(fleet.Event)
 }
 
 // Watch registers fn to be called with every change, in order, on the
 // goroutine that made the change: fn must not block for long.
-func (w *Watchers) Watch(fn func(Event)) {
+func (w *Watchers) Watch(fn func(fleet.Event)) {
 	w.mu.Lock()
 	w.fn = append(w.fn, fn)
 	w.mu.Unlock()
 }
 
 // Notify calls every listener with every event.
-func (w *Watchers) Notify(evs ...Event) {
+func (w *Watchers) Notify(evs ...fleet.Event) {
 	w.mu.Lock()
 	fns := w.fn
 	w.mu.Unlock()

@@ -1,16 +1,18 @@
-package registry
+package directory
 
 import (
 	"crypto/rand"
 	"encoding/hex"
 	"sync"
+
+	"github.com/fleetgate/fleetgate/fleet"
 )
 
-// changeLog numbers every committed change so that a replica (a broker
-// running in another process) can follow them: it asks for the changes
-// after the version it has, and gets a full snapshot when it has none, when
-// the registry restarted (new epoch), or when it fell further behind than
-// the log keeps.
+// changeLog numbers every change of the directory so that a follower (a
+// broker running in another process) can follow them: it asks for the
+// changes after the version it has, and gets a full snapshot when it has
+// none, when the registry restarted (new epoch), or when it fell further
+// behind than the log keeps.
 type changeLog struct {
 	mu      sync.Mutex
 	epoch   string
@@ -22,7 +24,7 @@ type changeLog struct {
 
 type versioned struct {
 	v  uint64
-	ev Event
+	ev fleet.Event
 }
 
 const changeLogSize = 8192
@@ -33,7 +35,7 @@ func newChangeLog() *changeLog {
 	return &changeLog{epoch: hex.EncodeToString(b), notify: make(chan struct{})}
 }
 
-func (l *changeLog) append(evs []Event) {
+func (l *changeLog) append(evs []fleet.Event) {
 	l.mu.Lock()
 	for _, ev := range evs {
 		l.version++
@@ -51,8 +53,8 @@ func (l *changeLog) append(evs []Event) {
 
 // Changes returns the events after version since in epoch. ok is false when
 // the caller needs a snapshot instead. wait is closed at the next change.
-func (r *Registry) Changes(epoch string, since uint64) (evs []Event, version uint64, ok bool, wait <-chan struct{}) {
-	l := r.changes
+func (d *Directory) Changes(epoch string, since uint64) (evs []fleet.Event, version uint64, ok bool, wait <-chan struct{}) {
+	l := d.changes
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	version, wait = l.version, l.notify
@@ -77,19 +79,19 @@ func (r *Registry) Changes(epoch string, since uint64) (evs []Event, version uin
 
 // Snapshot returns the whole in-memory index with the epoch and version it
 // is at least as new as. Changes after version may already be included;
-// replaying them is harmless because replicas apply current values.
-func (r *Registry) Snapshot() (epoch string, version uint64, certs map[string]CertStatus, devices map[string]DeviceStatus) {
-	r.changes.mu.Lock()
-	epoch, version = r.changes.epoch, r.changes.version
-	r.changes.mu.Unlock()
-	r.mu.RLock()
-	defer r.mu.RUnlock()
-	certs = make(map[string]CertStatus, len(r.certs))
-	for k, v := range r.certs {
+// replaying them is harmless because followers apply current values.
+func (d *Directory) Snapshot() (epoch string, version uint64, certs map[string]fleet.CertStatus, devices map[string]fleet.DeviceStatus) {
+	d.changes.mu.Lock()
+	epoch, version = d.changes.epoch, d.changes.version
+	d.changes.mu.Unlock()
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	certs = make(map[string]fleet.CertStatus, len(d.certs))
+	for k, v := range d.certs {
 		certs[k] = v
 	}
-	devices = make(map[string]DeviceStatus, len(r.devices))
-	for k, v := range r.devices {
+	devices = make(map[string]fleet.DeviceStatus, len(d.devices))
+	for k, v := range d.devices {
 		devices[k] = v
 	}
 	return

@@ -1,0 +1,123 @@
+package auth
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/fleetgate/fleetgate/fleet"
+	"github.com/fleetgate/fleetgate/identity"
+)
+
+// Check verifies a certificate that crypto/tls already verified against the
+// issuing CA: identity, registry serial, revocation, expiry, device state
+// (directory.Verify).
+// It is called at the TLS handshake (VerifyConnection, also on resumption)
+// and again at CONNECT.
+func (h *Hook) Check(leaf *x509.Certificate) (identity.Identity, error) {
+	id, _, err := h.o.Directory.Verify(leaf, h.o.TrustDomain, h.o.Now())
+	return id, err
+}
+
+// RefusedError is what VerifyConnection returns: the TLS listener, which
+// knows the remote address, logs and counts it with its reason.
+type RefusedError struct {
+	Reason   fleet.Reason
+	Identity identity.Identity
+	Err      error
+}
+
+func (e *RefusedError) Error() string { return e.Err.Error() }
+func (e *RefusedError) Unwrap() error { return e.Err }
+
+// VerifyConnection is installed as tls.Config.VerifyConnection; crypto/tls
+// runs it on full and on resumed handshakes.
+func (h *Hook) VerifyConnection(cs tls.ConnectionState) error {
+	var leaf *x509.Certificate
+	if len(cs.VerifiedChains) > 0 && len(cs.VerifiedChains[0]) > 0 {
+		leaf = cs.VerifiedChains[0][0]
+	}
+	id, err := h.Check(leaf)
+	if err != nil {
+		return &RefusedError{Reason: Reason(err), Identity: id, Err: err}
+	}
+	return nil
+}
+
+// ConnState exposes the TLS state of a client's connection.
+type ConnState interface {
+	ConnectionState() tls.ConnectionState
+}
+
+// OnConnectAuthenticate implements mqtt.Hook.
+func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	// CONNECT is processed: free the connection's slot among unauthenticated
+	// ones, whatever the outcome.
+	if r, ok := cl.Net.Conn.(interface{ Release() }); ok {
+		defer r.Release()
+	}
+	cs, ok := cl.Net.Conn.(ConnState)
+	if !ok {
+		h.refuse("connect", identity.Identity{}, cl.Net.Remote, ErrNoCert)
+		return false
+	}
+	state := cs.ConnectionState()
+	var leaf *x509.Certificate
+	if len(state.VerifiedChains) > 0 && len(state.VerifiedChains[0]) > 0 {
+		leaf = state.VerifiedChains[0][0]
+	}
+	id, err := h.Check(leaf)
+	if err != nil {
+		h.refuse("connect", id, cl.Net.Remote, err)
+		return false
+	}
+	if cl.ID != id.Name { // clients may not pick their own ID
+		h.o.Logger.Warn("connection refused", "reason", ReasonClientIDDiffer, "identity", id.String(), "client_id", cl.ID, "remote", cl.Net.Remote)
+		if h.o.Metrics.AuthFailure != nil {
+			h.o.Metrics.AuthFailure(ReasonClientIDDiffer)
+		}
+		return false
+	}
+	// A Last Will is a publish the broker makes later on the client's
+	// behalf, and mochi sends it without any ACL check: check it now, with
+	// the client's rights, and refuse the CONNECT if the policy would refuse
+	// the publish. A delayed will is checked again (OnWill) when it is due:
+	// a revocation, suspension or policy change during the delay drops it.
+	if pk.Connect.WillFlag {
+		if sub, ok := h.subject(&Session{Identity: id}); !ok || !h.o.Policy().CheckPublish(sub, pk.Connect.WillTopic, pk.Connect.WillRetain).Allowed {
+			h.o.Logger.Warn("connection refused", "reason", ReasonWillDenied, "identity", id.String(), "will_topic", pk.Connect.WillTopic, "remote", cl.Net.Remote)
+			if h.o.Metrics.AuthFailure != nil {
+				h.o.Metrics.AuthFailure(ReasonWillDenied)
+			}
+			return false
+		}
+	}
+	sess := &Session{Identity: id, Serial: fleet.SerialString(leaf.SerialNumber), NotAfter: leaf.NotAfter, Client: cl}
+	sess.online.Store(true)
+	if old, loaded := h.sessions.Swap(cl.ID, sess); loaded && old.(*Session).online.Swap(false) {
+		// Session takeover: the earlier connection is being closed by mochi.
+		h.count.Add(-1)
+		if h.o.Metrics.Connected != nil {
+			h.o.Metrics.Connected(old.(*Session).Identity.Role, -1)
+		}
+		h.o.Logger.Info("session taken over", "identity", id.String(), "remote", cl.Net.Remote)
+		if h.o.Metrics.Takeover != nil {
+			h.o.Metrics.Takeover()
+		}
+	}
+	h.count.Add(1)
+	if h.o.Metrics.Connected != nil {
+		h.o.Metrics.Connected(id.Role, 1)
+	}
+	return true
+}
+
+func (h *Hook) refuse(stage string, id identity.Identity, remote string, err error) {
+	reason := Reason(err)
+	h.o.Logger.Warn("connection refused", "stage", stage, "reason", reason, "identity", id.String(), "remote", remote, "err", err)
+	if h.o.Metrics.AuthFailure != nil {
+		h.o.Metrics.AuthFailure(reason)
+	}
+}

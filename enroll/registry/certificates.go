@@ -1,0 +1,64 @@
+package registry
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	badger "github.com/dgraph-io/badger/v4"
+
+	"github.com/fleetgate/fleetgate/fleet"
+	"github.com/fleetgate/fleetgate/identity"
+)
+
+// RecordCertificate records a certificate that does not belong to a device
+// (service, operator).
+func (r *Registry) RecordCertificate(c *fleet.Certificate) error {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
+	if c.Role == identity.RoleDevice {
+		return errors.New("registry: device certificates are recorded by enrollment")
+	}
+	if _, taken := r.DeviceStatus(c.Name); taken {
+		return fmt.Errorf("%w: %q is a device ID", ErrNameTaken, c.Name)
+	}
+	if err := r.update(func(txn *badger.Txn) error { return r.recordCert(txn, c, nil, r.now()) }); err != nil {
+		return err
+	}
+	r.dir.Issued(c, nil)
+	return nil
+}
+
+func (r *Registry) recordCert(txn *badger.Txn, c *fleet.Certificate, dev *fleet.Device, now time.Time) error {
+	if _, err := txn.Get([]byte(pfxCert + c.Serial)); err == nil {
+		return fmt.Errorf("%w: %s", ErrDuplicateSerial, c.Serial)
+	} else if !errors.Is(err, badger.ErrKeyNotFound) {
+		return err
+	}
+	c.IssuedAt = now
+	if err := put(txn, pfxCert+c.Serial, c); err != nil {
+		return err
+	}
+	if dev != nil {
+		dev.CurrentSerial = c.Serial
+		dev.NotAfter = c.NotAfter
+		dev.UpdatedAt = now
+		if err := put(txn, pfxDevice+dev.ID, dev); err != nil {
+			return err
+		}
+		// Index certificates by device for revocation.
+		if err := txn.Set([]byte("devcert/"+dev.ID+"/"+c.Serial), nil); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Certificate returns the record of serial.
+func (r *Registry) Certificate(serial string) (*fleet.Certificate, error) {
+	var c fleet.Certificate
+	if err := r.db.View(func(txn *badger.Txn) error { return get(txn, pfxCert+serial, &c) }); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
