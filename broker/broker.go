@@ -270,7 +270,7 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.PersistDir != "" {
 		bo := badgerdb.DefaultOptions(filepath.Clean(cfg.PersistDir)).WithLogger(nil).
 			WithMemTableSize(16 << 20).WithNumMemtables(2).WithBlockCacheSize(16 << 20).WithValueLogFileSize(64 << 20)
-		if err := b.addHook(new(badgerhook.Hook), &badgerhook.Options{Path: cfg.PersistDir, Options: &bo}); err != nil {
+		if err := b.addHook(newStorageHook(), &badgerhook.Options{Path: cfg.PersistDir, Options: &bo}); err != nil {
 			return nil, fmt.Errorf("broker: persistence in %s: %w", cfg.PersistDir, err)
 		}
 	}

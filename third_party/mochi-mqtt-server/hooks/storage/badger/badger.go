@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"time"
 
 	badgerdb "github.com/dgraph-io/badger/v4"
@@ -75,23 +74,6 @@ type Hook struct {
 	config   *Options     // options for configuring the BadgerDB instance.
 	gcTicker *time.Ticker // Ticker for BadgerDB garbage collection.
 	db       *badgerdb.DB // the BadgerDB instance.
-	stored   sync.Map     // fleetgate: client IDs that may have records (client, subscriptions, in-flight)
-}
-
-// ephemeral reports whether a client's session ends with its connection
-// (MQTT 3 clean session, MQTT 5 session expiry 0). fleetgate patch: such a
-// session cannot be restored after a restart, so nothing of it is written
-// to the store — no client record, subscriptions or in-flight messages
-// (upstream wrote a client record at connect, again at disconnect, then
-// deleted it, and every in-flight message). Deletes do not depend on it:
-// every record of a client ID that has any (Hook.stored) is deleted when a
-// session of that ID becomes ephemeral (clean start, MQTT 5 resume or
-// DISCONNECT with expiry 0) or ends, so no restart resurrects it.
-func ephemeral(cl *mqtt.Client) bool {
-	if cl.Properties.ProtocolVersion == 5 {
-		return cl.Properties.Props.SessionExpiryInterval == 0
-	}
-	return cl.Properties.Clean
 }
 
 // ID returns the id of the hook.
@@ -173,36 +155,6 @@ func (h *Hook) Init(config any) error {
 		return err
 	}
 
-	// fleetgate: learn the client IDs that have records (see ephemeral),
-	// and delete what a session that ended with its connection left (a
-	// crash, or a version that stored such sessions).
-	var gone []string
-	if err := h.iterKv(storage.ClientKey, func(value []byte) error {
-		var c storage.Client
-		if err := c.UnmarshalBinary(value); err == nil {
-			h.stored.Store(c.ID, struct{}{})
-			if (c.ProtocolVersion == 5 && c.Properties.SessionExpiryInterval == 0) || (c.ProtocolVersion < 5 && c.Clean) {
-				gone = append(gone, c.ID)
-			}
-		}
-		return nil
-	}); err != nil {
-		return err
-	}
-	for _, prefix := range []string{storage.SubscriptionKey, storage.InflightKey} {
-		if err := h.iterKv(prefix, func(value []byte) error {
-			if id := recordClient(prefix, value); id != "" {
-				h.stored.Store(id, struct{}{})
-			}
-			return nil
-		}); err != nil {
-			return err
-		}
-	}
-	for _, id := range gone {
-		h.forgetClient(id)
-	}
-
 	h.gcTicker = time.NewTicker(time.Duration(h.config.GcInterval) * time.Second)
 	go h.gcLoop()
 
@@ -234,11 +186,6 @@ func (h *Hook) updateClient(cl *mqtt.Client) {
 		return
 	}
 
-	if ephemeral(cl) {
-		h.forgetClient(cl.ID)
-		return
-	}
-
 	props := cl.Properties.Props.Copy(false)
 	in := &storage.Client{
 		ID:              cl.ID,
@@ -265,9 +212,7 @@ func (h *Hook) updateClient(cl *mqtt.Client) {
 	err := h.setKv(clientKey(cl), in)
 	if err != nil {
 		h.Log.Error("failed to upsert client data", "error", err, "data", in)
-		return
 	}
-	h.stored.Store(cl.ID, struct{}{})
 }
 
 // OnDisconnect removes a client from the store if their session has expired.
@@ -277,23 +222,21 @@ func (h *Hook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 		return
 	}
 
-	if errors.Is(cl.StopCause(), packets.ErrSessionTakenOver) {
-		return // fleetgate: the session is the new connection's now; it wrote or deleted the records
-	}
+	h.updateClient(cl)
 
-	if expire || ephemeral(cl) {
-		h.forgetClient(cl.ID) // fleetgate: the session ends here, with all its records
+	if !expire {
 		return
 	}
 
-	h.updateClient(cl)
+	if errors.Is(cl.StopCause(), packets.ErrSessionTakenOver) {
+		return
+	}
+
+	_ = h.delKv(clientKey(cl))
 }
 
 // OnSubscribed adds one or more client subscriptions to the store.
 func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
-	if ephemeral(cl) {
-		return // fleetgate: see ephemeral
-	}
 	if h.db == nil {
 		h.Log.Error("", "error", storage.ErrDBFileNotOpen)
 		return
@@ -315,14 +258,10 @@ func (h *Hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 
 		_ = h.setKv(in.ID, in)
 	}
-	h.stored.Store(cl.ID, struct{}{})
 }
 
 // OnUnsubscribed removes one or more client subscriptions from the store.
 func (h *Hook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
-	if !h.mayHave(cl.ID) {
-		return // fleetgate: nothing stored for this client ID
-	}
 	if h.db == nil {
 		h.Log.Error("", "error", storage.ErrDBFileNotOpen)
 		return
@@ -372,9 +311,6 @@ func (h *Hook) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, r int64) {
 
 // OnQosPublish adds or updates an inflight message in the store.
 func (h *Hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, resends int) {
-	if ephemeral(cl) {
-		return // fleetgate: see ephemeral
-	}
 	if h.db == nil {
 		h.Log.Error("", "error", storage.ErrDBFileNotOpen)
 		return
@@ -405,14 +341,10 @@ func (h *Hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, rese
 	}
 
 	_ = h.setKv(in.ID, in)
-	h.stored.Store(cl.ID, struct{}{})
 }
 
 // OnQosComplete removes a resolved inflight message from the store.
 func (h *Hook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
-	if !h.mayHave(cl.ID) {
-		return // fleetgate: nothing stored for this client ID
-	}
 	if h.db == nil {
 		h.Log.Error("", "error", storage.ErrDBFileNotOpen)
 		return
@@ -463,77 +395,7 @@ func (h *Hook) OnClientExpired(cl *mqtt.Client) {
 		return
 	}
 
-	h.stored.Store(cl.ID, struct{}{}) // whatever this process wrote: delete all
-	h.forgetClient(cl.ID)
-}
-
-// mayHave reports whether client ID id may have records in the store
-// (fleetgate patch).
-func (h *Hook) mayHave(id string) bool {
-	_, ok := h.stored.Load(id)
-	return ok
-}
-
-// recordClient returns the client ID of a subscription or in-flight record.
-func recordClient(prefix string, value []byte) string {
-	if prefix == storage.SubscriptionKey {
-		var sub storage.Subscription
-		if sub.UnmarshalBinary(value) == nil {
-			return sub.Client
-		}
-		return ""
-	}
-	var m storage.Message
-	if m.UnmarshalBinary(value) == nil {
-		return m.Client
-	}
-	return ""
-}
-
-// forgetClient deletes every record of client ID id — its client record,
-// subscriptions and in-flight messages — if it may have any (fleetgate
-// patch).
-func (h *Hook) forgetClient(id string) {
-	if _, ok := h.stored.LoadAndDelete(id); !ok {
-		return
-	}
-	keys := [][]byte{[]byte(storage.ClientKey + "_" + id)}
-	err := h.db.View(func(txn *badgerdb.Txn) error {
-		for _, kind := range []string{storage.SubscriptionKey, storage.InflightKey} {
-			prefix := []byte(kind + "_" + id + ":")
-			it := txn.NewIterator(badgerdb.IteratorOptions{Prefix: prefix})
-			for it.Rewind(); it.Valid(); it.Next() {
-				// Client IDs may contain ':': check the record's owner.
-				var owner string
-				if err := it.Item().Value(func(v []byte) error { owner = recordClient(kind, v); return nil }); err != nil {
-					it.Close()
-					return err
-				}
-				if owner == id {
-					keys = append(keys, it.Item().KeyCopy(nil))
-				}
-			}
-			it.Close()
-		}
-		return nil
-	})
-	if err == nil {
-		wb := h.db.NewWriteBatch()
-		for _, k := range keys {
-			if err = wb.Delete(k); err != nil {
-				break
-			}
-		}
-		if err == nil {
-			err = wb.Flush()
-		} else {
-			wb.Cancel()
-		}
-	}
-	if err != nil {
-		h.stored.Store(id, struct{}{}) // still there: try again next time
-		h.Log.Error("failed to delete client records", "error", err, "client", id)
-	}
+	_ = h.delKv(clientKey(cl))
 }
 
 // StoredClients returns all stored clients from the store.
