@@ -356,7 +356,13 @@ func TestExpiredSessionIsSweptAndRenewalKeepsQoS1(t *testing.T) {
 		mu.Lock()
 		defer mu.Unlock()
 		if len(got) < n {
-			return fmt.Errorf("%d of %d commands received", len(got), n)
+			var miss []int
+			for i := range n {
+				if !got[fmt.Sprint(i)] {
+					miss = append(miss, i)
+				}
+			}
+			return fmt.Errorf("%d of %d commands received (missing %v)", len(got), n, miss)
 		}
 		return nil
 	})

@@ -159,6 +159,8 @@ type ClientState struct {
 	progress        atomic.Int64         // fleetgate: when the queue was last sized or took a packet (unix ns)
 	lazyWriter      bool                 // fleetgate: queued packets are written by kickWriter's goroutine, not WriteLoop
 	writing         atomic.Bool          // fleetgate: a kickWriter goroutine is running
+	handover        sync.RWMutex         // fleetgate: held by deliveries (read) and by a takeover of this client (write)
+	movedTo         *Client              // fleetgate: the client that inherited this session (under handover)
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
 }

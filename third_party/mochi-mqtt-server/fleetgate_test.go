@@ -902,3 +902,108 @@ func TestDelayedWillSentAtSessionExpiry(t *testing.T) {
 	require.Equal(t, []string{"will exp", "sent exp", "expired exp"}, g.log())
 	require.Equal(t, 0, s.loop.willDelayed.Len())
 }
+
+// handoverSession makes an offline persistent session "dev" subscribed to
+// cmd/# at QoS 1, in s.Clients.
+func handoverSession(s *Server) (*Client, packets.Subscription) {
+	sub := packets.Subscription{Filter: "cmd/#", Qos: 1}
+	old := s.NewClient(nil, "t", "dev", false)
+	old.Properties.ProtocolVersion = 4
+	old.State.Subscriptions.Add(sub.Filter, sub)
+	s.Topics.Subscribe(old.ID, sub)
+	s.Clients.Add(old)
+	return old, sub
+}
+
+func handoverCommand(p string) packets.Packet {
+	return packets.Packet{TopicName: "cmd/x", FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, Payload: []byte(p), Created: time.Now().Unix()}
+}
+
+func resumeConnect(id string) packets.Packet {
+	return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4, Connect: packets.ConnectParams{ClientIdentifier: id}}
+}
+
+func inflightPayloads(cl *Client) map[string]bool {
+	m := map[string]bool{}
+	for _, pk := range cl.State.Inflight.GetAll(false) {
+		m[string(pk.Payload)] = true
+	}
+	return m
+}
+
+// A delivery that looked up the old client of a session before a new
+// connection inherited it, and stores the message after the inheritance,
+// stores it in the new client's session (upstream stored it in the old
+// client's in-flight map, cloned already: the message was acknowledged to
+// its publisher and never delivered).
+func TestSessionHandoverRedirectsLateDelivery(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	old, sub := handoverSession(s)
+	_, err := s.publishToClient(old, sub, handoverCommand("before"))
+	require.ErrorIs(t, err, packets.CodeDisconnect, "stored for the offline session")
+
+	cl := s.NewClient(nil, "t", "dev", false)
+	cl.Properties.ProtocolVersion = 4
+	require.True(t, s.takeOverSession(resumeConnect("dev"), cl, true))
+	got, ok := s.Clients.Get("dev")
+	require.True(t, ok)
+	require.Same(t, cl, got, "the new client holds the ID once the session is inherited")
+
+	// The late delivery, as publishToSubscribers makes it with the client
+	// it looked up before the takeover.
+	_, err = s.publishToClient(old, sub, handoverCommand("late"))
+	require.ErrorIs(t, err, packets.CodeDisconnect, "stored for the (offline) new client")
+	require.Equal(t, map[string]bool{"before": true, "late": true}, inflightPayloads(cl))
+	require.Zero(t, old.State.Inflight.Len())
+
+	// A session taken over by a clean start is discarded: a late delivery
+	// to it goes nowhere.
+	fresh := s.NewClient(nil, "t", "dev", false)
+	fresh.Properties.ProtocolVersion = 4
+	clean := resumeConnect("dev")
+	clean.Connect.Clean = true
+	require.False(t, s.takeOverSession(clean, fresh, true))
+	_, err = s.publishToClient(cl, sub, handoverCommand("discarded"))
+	require.ErrorIs(t, err, ErrSessionTakenOver)
+	require.Zero(t, fresh.State.Inflight.Len())
+}
+
+// QoS 1 messages published while a persistent session is taken over again
+// and again all end up in the session of the last client (upstream lost
+// those stored in a client being taken over after its in-flight map was
+// cloned). Bounded: 60 takeovers against 600 messages.
+func TestSessionHandoverConcurrentDeliveries(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	handoverSession(s)
+	const msgs, takeovers = 600, 60
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		for i := 0; i < msgs; i++ {
+			s.publishToSubscribers(handoverCommand(fmt.Sprint(i)))
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		for i := 0; i < takeovers; i++ {
+			cl := s.NewClient(nil, "t", "dev", false)
+			cl.Properties.ProtocolVersion = 4
+			s.takeOverSession(resumeConnect("dev"), cl, true)
+			time.Sleep(50 * time.Microsecond) // let deliveries reach each client
+		}
+	}()
+	wg.Wait()
+	last, ok := s.Clients.Get("dev")
+	require.True(t, ok)
+	got := inflightPayloads(last)
+	var missing []int
+	for i := 0; i < msgs; i++ {
+		if !got[fmt.Sprint(i)] {
+			missing = append(missing, i)
+		}
+	}
+	require.Empty(t, missing, "messages lost in a takeover")
+}

@@ -42,7 +42,8 @@ var (
 	ErrConnectionClosed       = errors.New("connection not open")                                      // connection is closed
 	ErrInlineClientNotEnabled = errors.New("please set Options.InlineClient=true to use this feature") // inline client is not enabled by default
 	ErrOptionsUnreadable      = errors.New("unable to read options from bytes")
-	ErrMessageExpired         = errors.New("message expired") // fleetgate: not delivered [MQTT-3.3.2-5]
+	ErrMessageExpired         = errors.New("message expired")                     // fleetgate: not delivered [MQTT-3.3.2-5]
+	ErrSessionTakenOver       = errors.New("session taken over by a clean start") // fleetgate: not delivered to the discarded session
 )
 
 // Capabilities indicates the capabilities and features provided by the server.
@@ -555,8 +556,7 @@ func (s *Server) connectClient(cl *Client, listener string) (connected bool, err
 
 	s.hooks.OnSessionEstablish(cl, pk)
 
-	sessionPresent := s.inheritClientSession(pk, cl)
-	s.Clients.Add(cl) // [MQTT-4.1.0-1]
+	sessionPresent := s.takeOverSession(pk, cl, true) // fleetgate: also adds cl to s.Clients [MQTT-4.1.0-1]
 
 	err = s.SendConnack(cl, code, sessionPresent, nil) // [MQTT-3.1.4-5] [MQTT-3.2.0-1] [MQTT-3.2.0-2] &[MQTT-3.14.0-1]
 	if err != nil {
@@ -643,48 +643,82 @@ func (s *Server) validateConnect(cl *Client, pk packets.Packet) packets.Code {
 // inheritClientSession inherits the state of an existing client sharing the same
 // connection ID. If clean is true, the state of any previously existing client
 // session is abandoned.
+//
+// fleetgate patch: see takeOverSession, which connectClient calls with add
+// (inheritClientSession is upstream's call, without it).
 func (s *Server) inheritClientSession(pk packets.Packet, cl *Client) bool {
-	if existing, ok := s.Clients.Get(cl.ID); ok {
-		_ = s.DisconnectClient(existing, packets.ErrSessionTakenOver)                                   // [MQTT-3.1.4-3]
-		if pk.Connect.Clean || (existing.Properties.Clean && existing.Properties.ProtocolVersion < 5) { // [MQTT-3.1.2-4] [MQTT-3.1.4-4]
-			s.UnsubscribeClient(existing)
-			existing.ClearInflights()
-			existing.State.isTakenOver.Store(true) // only set isTakenOver after unsubscribe has occurred
-			return false                           // [MQTT-3.2.2-3]
+	return s.takeOverSession(pk, cl, false)
+}
+
+// takeOverSession is inheritClientSession (fleetgate patch); with add it
+// also adds cl to s.Clients, and the takeover is one step for deliveries.
+// Upstream cloned the existing client's in-flight messages, cleared them, and added the new client to s.Clients only after
+// returning; a delivery that had looked up the existing client meanwhile
+// stored its message in that client's in-flight map after the clone (or
+// after the clear), where nothing ever sent it — a QoS 1/2 message already
+// acknowledged to its publisher, lost (seen when a device reconnected to
+// its persistent session with a renewed certificate while commands were
+// sent to it). Now the takeover holds the existing client's handover lock,
+// which every delivery to a client holds while it stores the message
+// (publishToClient), from before the clone until the new client is in
+// s.Clients; a delivery that finds its client taken over follows movedTo
+// to the client that inherited the session (or drops the message if the
+// session was discarded by a clean start).
+func (s *Server) takeOverSession(pk packets.Packet, cl *Client, add bool) bool {
+	existing, ok := s.Clients.Get(cl.ID)
+	if !ok {
+		if add {
+			s.Clients.Add(cl) // [MQTT-4.1.0-1]
+		}
+		if atomic.LoadInt64(&s.Info.ClientsConnected) > atomic.LoadInt64(&s.Info.ClientsMaximum) {
+			atomic.AddInt64(&s.Info.ClientsMaximum, 1)
 		}
 
-		existing.State.isTakenOver.Store(true)
-		if existing.State.Inflight.Len() > 0 {
-			cl.State.Inflight = existing.State.Inflight.Clone() // [MQTT-3.1.2-5]
-			if cl.State.Inflight.maximumReceiveQuota == 0 && cl.ops.options.Capabilities.ReceiveMaximum != 0 {
-				cl.State.Inflight.ResetReceiveQuota(int32(cl.ops.options.Capabilities.ReceiveMaximum)) // server receive max per client
-				cl.State.Inflight.ResetSendQuota(int32(cl.Properties.Props.ReceiveMaximum))            // client receive max
-			}
-		}
+		return false // [MQTT-3.2.2-2]
+	}
 
-		for _, sub := range existing.State.Subscriptions.GetAll() {
-			existed := !s.Topics.Subscribe(cl.ID, sub) // [MQTT-3.8.4-3]
-			if !existed {
-				atomic.AddInt64(&s.Info.Subscriptions, 1)
-			}
-			cl.State.Subscriptions.Add(sub.Filter, sub)
-		}
+	// Stopped first: a delivery waiting for room in its outbound queue
+	// (holding the handover lock for reading) returns.
+	_ = s.DisconnectClient(existing, packets.ErrSessionTakenOver) // [MQTT-3.1.4-3]
+	existing.State.handover.Lock()
+	defer existing.State.handover.Unlock()
+	if add {
+		defer s.Clients.Add(cl) // [MQTT-4.1.0-1], before the handover lock is released
+	}
 
-		// Clean the state of the existing client to prevent sequential take-overs
-		// from increasing memory usage by inflights + subs * client-id.
+	if pk.Connect.Clean || (existing.Properties.Clean && existing.Properties.ProtocolVersion < 5) { // [MQTT-3.1.2-4] [MQTT-3.1.4-4]
 		s.UnsubscribeClient(existing)
 		existing.ClearInflights()
-
-		s.Log.Debug("session taken over", "client", cl.ID, "old_remote", existing.Net.Remote, "new_remote", cl.Net.Remote)
-
-		return true // [MQTT-3.2.2-3]
+		existing.State.isTakenOver.Store(true) // only set isTakenOver after unsubscribe has occurred
+		return false                           // [MQTT-3.2.2-3]
 	}
 
-	if atomic.LoadInt64(&s.Info.ClientsConnected) > atomic.LoadInt64(&s.Info.ClientsMaximum) {
-		atomic.AddInt64(&s.Info.ClientsMaximum, 1)
+	existing.State.isTakenOver.Store(true)
+	existing.State.movedTo = cl
+	if existing.State.Inflight.Len() > 0 {
+		cl.State.Inflight = existing.State.Inflight.Clone() // [MQTT-3.1.2-5]
+		if cl.State.Inflight.maximumReceiveQuota == 0 && cl.ops.options.Capabilities.ReceiveMaximum != 0 {
+			cl.State.Inflight.ResetReceiveQuota(int32(cl.ops.options.Capabilities.ReceiveMaximum)) // server receive max per client
+			cl.State.Inflight.ResetSendQuota(int32(cl.Properties.Props.ReceiveMaximum))            // client receive max
+		}
 	}
 
-	return false // [MQTT-3.2.2-2]
+	for _, sub := range existing.State.Subscriptions.GetAll() {
+		existed := !s.Topics.Subscribe(cl.ID, sub) // [MQTT-3.8.4-3]
+		if !existed {
+			atomic.AddInt64(&s.Info.Subscriptions, 1)
+		}
+		cl.State.Subscriptions.Add(sub.Filter, sub)
+	}
+
+	// Clean the state of the existing client to prevent sequential take-overs
+	// from increasing memory usage by inflights + subs * client-id.
+	s.UnsubscribeClient(existing)
+	existing.ClearInflights()
+
+	s.Log.Debug("session taken over", "client", cl.ID, "old_remote", existing.Net.Remote, "new_remote", cl.Net.Remote)
+
+	return true // [MQTT-3.2.2-3]
 }
 
 // SendConnack returns a Connack packet to a client.
@@ -1154,6 +1188,21 @@ func (s *Server) publishToSubscribers(pk packets.Packet) {
 }
 
 func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packets.Packet) (packets.Packet, error) {
+	// fleetgate patch: a message is stored in a session either before a
+	// new connection inherits it (and is inherited with it) or after,
+	// through the client that inherited it (see takeOverSession).
+	cl.State.handover.RLock()
+	for cl.IsTakenOver() {
+		next := cl.State.movedTo
+		cl.State.handover.RUnlock()
+		if next == nil {
+			return pk, ErrSessionTakenOver // discarded by a clean start
+		}
+		cl = next
+		cl.State.handover.RLock()
+	}
+	defer cl.State.handover.RUnlock()
+
 	if sub.NoLocal && pk.Origin == cl.ID {
 		return pk, nil // [MQTT-3.8.3-3]
 	}
