@@ -41,8 +41,10 @@ printf '{"mqtt":"%s","api":"127.0.0.1:2","metrics":"127.0.0.1:3"}' "$mqtt" > "$a
 exec sleep 60
 `
 
-// servesCleanly is serves, exiting 0 on SIGTERM as fleetgate does.
-var servesCleanly = strings.Replace(serves, "exec sleep 60", "sleep 60 &\ntrap 'kill $!; exit 0' TERM\nwait", 1)
+// servesCleanly is serves, exiting 0 on SIGTERM as fleetgate does. The
+// trap is set before the address file is written: a test may stop the
+// process as soon as the file is there.
+var servesCleanly = "trap 'kill $! 2>/dev/null; exit 0' TERM\n" + strings.Replace(serves, "exec sleep 60", "sleep 60 &\nwait", 1)
 
 func alive(pid int) bool { return syscall.Kill(pid, 0) == nil }
 
