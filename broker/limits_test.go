@@ -40,19 +40,7 @@ func TestDeviceOverItsRateLimitIsDisconnectedWithReason(t *testing.T) {
 			break // the broker closed the connection
 		}
 	}
-	code, err := m.waitDisconnect(5 * time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if code != 0x96 {
-		t.Fatalf("DISCONNECT reason 0x%02x, want 0x96 message rate too high", code)
-	}
-	testenv.Eventually(t, 5*time.Second, func() error {
-		if !strings.Contains(g.Metrics(t), `fleetgate_broker_limit_hits_total{limit="message_rate"}`) {
-			return errors.New("rate limit hit not counted")
-		}
-		return nil
-	})
+	m.wantLimitDisconnect(t, g, 5*time.Second, "message_rate")
 	// A well-behaved device is unaffected.
 	calm := g.EnrollDevice(t, "calm", "lab")
 	c, err := calm.Connect(context.Background(), brokerOpts(g))

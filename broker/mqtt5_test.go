@@ -78,6 +78,25 @@ func (m *mqtt5Conn) read(timeout time.Duration) (packets.Packet, error) {
 	return pk, err
 }
 
+// wantLimitDisconnect asserts that the broker ends m with DISCONNECT 0x96
+// (message rate too high) and counts the hit in limit_hits_total{limit}.
+func (m *mqtt5Conn) wantLimitDisconnect(t *testing.T, g *testenv.Gateway, timeout time.Duration, limit string) {
+	t.Helper()
+	code, err := m.waitDisconnect(timeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code != 0x96 {
+		t.Fatalf("DISCONNECT reason 0x%02x, want 0x96 message rate too high", code)
+	}
+	testenv.Eventually(t, 5*time.Second, func() error {
+		if limitHits(t, g, limit) == 0 {
+			return fmt.Errorf("limit %s hit not counted", limit)
+		}
+		return nil
+	})
+}
+
 // waitDisconnect reads until a DISCONNECT (returning its reason code) or
 // the connection closes (returning -1).
 func (m *mqtt5Conn) waitDisconnect(timeout time.Duration) (int, error) {

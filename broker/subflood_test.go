@@ -102,19 +102,7 @@ func TestSubscribeFloodIsCutOff(t *testing.T) {
 	if _, err := m2.c.Write(buf.Bytes()); err != nil {
 		t.Fatal(err)
 	}
-	code, err := m2.waitDisconnect(10 * time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if code != 0x96 {
-		t.Fatalf("DISCONNECT reason 0x%02x, want 0x96 message rate too high", code)
-	}
-	testenv.Eventually(t, 5*time.Second, func() error {
-		if !strings.Contains(g.Metrics(t), `fleetgate_broker_limit_hits_total{limit="subscribe_rate"}`) {
-			return errors.New("subscribe rate limit hit not counted")
-		}
-		return nil
-	})
+	m2.wantLimitDisconnect(t, g, 10*time.Second, "subscribe_rate")
 	// A device that subscribes a few times is unaffected, and gets its
 	// commands.
 	calm := g.EnrollDevice(t, "subcalm", "lab")

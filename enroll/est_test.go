@@ -138,14 +138,7 @@ func fmtSerial(c *x509.Certificate) string { return c.SerialNumber.Text(16) }
 // TestESTWithCurlAndOpenSSL enrolls with clients nobody here wrote: curl
 // speaks EST's HTTP, openssl reads the PKCS#7 answer.
 func TestESTWithCurlAndOpenSSL(t *testing.T) {
-	for _, tool := range []string{"curl", "openssl"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			if os.Getenv("FLEETGATE_REQUIRE_TOOLS") != "" {
-				t.Fatalf("%s not installed", tool)
-			}
-			t.Skipf("%s not installed", tool)
-		}
-	}
+	needTools(t, "curl", "openssl")
 	g := testenv.Start(t, testenv.Options{})
 	dir := t.TempDir()
 	caFile := filepath.Join(dir, "root.pem")
