@@ -25,34 +25,9 @@ import (
 	"github.com/fleetgate/fleetgate/identity"
 )
 
-// Reasons for refusing a connection, used in logs and metric labels: the
-// fleet vocabulary (fleet.Reason), kept here under their old names.
-const (
-	ReasonNoCert         = fleet.ReasonNoCert
-	ReasonNoIdentity     = fleet.ReasonNoIdentity
-	ReasonUnknownSerial  = fleet.ReasonUnknownSerial
-	ReasonRevoked        = fleet.ReasonRevoked
-	ReasonSuspended      = fleet.ReasonSuspended
-	ReasonUnknownDevice  = fleet.ReasonUnknownDevice
-	ReasonExpired        = fleet.ReasonExpired
-	ReasonClientIDDiffer = fleet.ReasonClientIDDiffer
-	ReasonIdentityDiffer = fleet.ReasonIdentityDiffer
-	ReasonWillDenied     = fleet.ReasonWillDenied
-)
-
-// Errors returned by Check: the directory's (directory.Verify).
-var (
-	ErrNoCert         = directory.ErrNoCert
-	ErrUnknownSerial  = directory.ErrUnknownSerial
-	ErrRevoked        = directory.ErrRevoked
-	ErrSuspended      = directory.ErrSuspended
-	ErrUnknownDevice  = directory.ErrUnknownDevice
-	ErrExpired        = directory.ErrExpired
-	ErrIdentityDiffer = directory.ErrIdentityDiffer
-)
-
-// Reason maps a Check error to its reason label.
-func Reason(err error) fleet.Reason { return directory.Reason(err) }
+// Refusal reasons are fleet.Reason values and the errors of Check are the
+// directory's (directory.Verify, directory.Reason maps one to the other):
+// the hook has no vocabulary of its own.
 
 // Metrics are the hook's counters; nil functions are skipped.
 type Metrics struct {

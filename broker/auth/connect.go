@@ -7,6 +7,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/fleetgate/fleetgate/directory"
 	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
@@ -41,7 +42,7 @@ func (h *Hook) VerifyConnection(cs tls.ConnectionState) error {
 	}
 	id, err := h.Check(leaf)
 	if err != nil {
-		return &RefusedError{Reason: Reason(err), Identity: id, Err: err}
+		return &RefusedError{Reason: directory.Reason(err), Identity: id, Err: err}
 	}
 	return nil
 }
@@ -60,7 +61,7 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	}
 	cs, ok := cl.Net.Conn.(ConnState)
 	if !ok {
-		h.refuse("connect", identity.Identity{}, cl.Net.Remote, ErrNoCert)
+		h.refuse("connect", identity.Identity{}, cl.Net.Remote, directory.ErrNoCert)
 		return false
 	}
 	state := cs.ConnectionState()
@@ -74,9 +75,9 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		return false
 	}
 	if cl.ID != id.Name { // clients may not pick their own ID
-		h.o.Logger.Warn("connection refused", "reason", ReasonClientIDDiffer, "identity", id.String(), "client_id", cl.ID, "remote", cl.Net.Remote)
+		h.o.Logger.Warn("connection refused", "reason", fleet.ReasonClientIDDiffer, "identity", id.String(), "client_id", cl.ID, "remote", cl.Net.Remote)
 		if h.o.Metrics.AuthFailure != nil {
-			h.o.Metrics.AuthFailure(ReasonClientIDDiffer)
+			h.o.Metrics.AuthFailure(fleet.ReasonClientIDDiffer)
 		}
 		return false
 	}
@@ -87,9 +88,9 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	// a revocation, suspension or policy change during the delay drops it.
 	if pk.Connect.WillFlag {
 		if sub, ok := h.subject(&Session{Identity: id}); !ok || !h.o.Policy().CheckPublish(sub, pk.Connect.WillTopic, pk.Connect.WillRetain).Allowed {
-			h.o.Logger.Warn("connection refused", "reason", ReasonWillDenied, "identity", id.String(), "will_topic", pk.Connect.WillTopic, "remote", cl.Net.Remote)
+			h.o.Logger.Warn("connection refused", "reason", fleet.ReasonWillDenied, "identity", id.String(), "will_topic", pk.Connect.WillTopic, "remote", cl.Net.Remote)
 			if h.o.Metrics.AuthFailure != nil {
-				h.o.Metrics.AuthFailure(ReasonWillDenied)
+				h.o.Metrics.AuthFailure(fleet.ReasonWillDenied)
 			}
 			return false
 		}
@@ -115,7 +116,7 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 }
 
 func (h *Hook) refuse(stage string, id identity.Identity, remote string, err error) {
-	reason := Reason(err)
+	reason := directory.Reason(err)
 	h.o.Logger.Warn("connection refused", "stage", stage, "reason", reason, "identity", id.String(), "remote", remote, "err", err)
 	if h.o.Metrics.AuthFailure != nil {
 		h.o.Metrics.AuthFailure(reason)
