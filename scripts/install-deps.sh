@@ -10,6 +10,11 @@ command -v mosquitto >/dev/null 2>&1 || need+=(mosquitto)
 command -v tpm2_startup >/dev/null 2>&1 || need+=(tpm2-tools)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# PKI: SoftHSM2 for the PKCS#11 key store's tests
+[ -e /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
+# console and deploy/: promtool checks the alert rules, Chromium runs the console's browser test
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v go >/dev/null 2>&1 || { echo "Go is required (https://go.dev/dl/); go.mod names the version" >&2; exit 1; }
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 SUDO=""
