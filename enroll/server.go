@@ -454,7 +454,7 @@ func certRecord(c *x509.Certificate, id identity.Identity) *fleet.Certificate {
 func (s *Server) handleCACerts(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/pem-certificate-chain")
 	io.WriteString(w, s.cfg.CA.RootPEM())
-	w.Write(ca.CertPEM(s.cfg.CA.Issuing))
+	w.Write(ca.CertPEM(s.cfg.CA.Issuing()))
 }
 
 // ---- bootstrap tokens ----

@@ -26,6 +26,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fleetgate/fleetgate/fleet"
@@ -57,14 +59,20 @@ const (
 	backdate = 5 * time.Minute
 )
 
-// Authority signs certificates with the issuing CA.
+// Authority signs certificates with the current issuing CA and knows the
+// set of issuing CAs the fleet trusts (issuers.go): the set changes at a
+// rotation while the process runs, so it is read through methods.
 type Authority struct {
 	TrustDomain string
 	Root        *x509.Certificate
-	Issuing     *x509.Certificate
-	key         crypto.Signer
 	rand        io.Reader
 	now         func() time.Time
+	// dir is the data directory (empty: in memory only).
+	dir  string
+	opts Options
+	// mu serialises changes of the issuer set; set is read without it.
+	mu  sync.Mutex
+	set atomic.Pointer[issuerSet]
 }
 
 // Options inject randomness and time; zero values mean crypto/rand and
@@ -72,6 +80,12 @@ type Authority struct {
 type Options struct {
 	Rand io.Reader
 	Now  func() time.Time
+	// OpenKey opens the private key of an issuing CA by its reference in
+	// the data directory's issuer list; NewKey creates the key of a new
+	// issuing CA (rotation) and returns its reference. nil: key files in
+	// the data directory (FileKeys). A hardware key store plugs in here.
+	OpenKey func(dir, ref string) (crypto.Signer, error)
+	NewKey  func(dir, name string) (crypto.Signer, string, error)
 }
 
 func (o Options) withDefaults() Options {
@@ -165,7 +179,8 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("issuing CA: %w", err)
 	}
-	a := &Authority{TrustDomain: o.TrustDomain, Root: root, Issuing: issuing, key: issKey, rand: o.Rand, now: o.Now}
+	a := newAuthority(dir, o.TrustDomain, root, o.Options, &Issuer{ID: IssuerID(issuing), Cert: issuing, State: IssuerCurrent,
+		Added: issuing.NotBefore, CertFile: IssuingCertFile, KeyRef: IssuingKeyFile, signer: issKey})
 
 	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), o.Rand)
 	if err != nil {
@@ -226,21 +241,11 @@ func Load(dir string, o Options) (*Authority, error) {
 	if err != nil {
 		return nil, err
 	}
-	issuing, err := ReadCertFile(filepath.Join(dir, IssuingCertFile))
+	issuers, err := loadIssuers(dir, root, o)
 	if err != nil {
 		return nil, err
 	}
-	key, err := ReadKeyFile(filepath.Join(dir, IssuingKeyFile))
-	if err != nil {
-		return nil, err
-	}
-	if !publicKeysEqual(key.Public(), issuing.PublicKey) {
-		return nil, fmt.Errorf("ca: %s does not match %s", IssuingKeyFile, IssuingCertFile)
-	}
-	if err := issuing.CheckSignatureFrom(root); err != nil {
-		return nil, fmt.Errorf("ca: issuing CA not signed by root: %w", err)
-	}
-	return &Authority{TrustDomain: strings.TrimSpace(string(td)), Root: root, Issuing: issuing, key: key, rand: o.Rand, now: o.Now}, nil
+	return newAuthority(dir, strings.TrimSpace(string(td)), root, o, issuers...), nil
 }
 
 // Now is the authority's clock.
@@ -253,17 +258,18 @@ func (a *Authority) Roots() *x509.CertPool {
 	return p
 }
 
-// ClientCAs returns the pool used to verify client certificates: the issuing
-// CA only, so that nothing the root might sign elsewhere is accepted.
-func (a *Authority) ClientCAs() *x509.CertPool {
-	p := x509.NewCertPool()
-	p.AddCert(a.Issuing)
-	return p
-}
+// ClientCAs returns the pool used to verify client certificates: the
+// trusted issuing CAs only (not the root), so that nothing the root might
+// sign elsewhere is accepted. It changes at a rotation or retirement.
+func (a *Authority) ClientCAs() *x509.CertPool { return a.set.Load().pool }
 
-// ChainPEM returns leaf + issuing CA as PEM.
+// ChainPEM returns leaf + the issuing CA that signed it as PEM.
 func (a *Authority) ChainPEM(leaf *x509.Certificate) string {
-	return string(CertPEM(leaf)) + string(CertPEM(a.Issuing))
+	iss := a.IssuerOf(leaf)
+	if iss == nil {
+		iss = a.Current()
+	}
+	return string(CertPEM(leaf)) + string(CertPEM(iss.Cert))
 }
 
 // RootPEM returns the root CA as PEM.
@@ -279,10 +285,11 @@ func (a *Authority) Issue(id identity.Identity, pub crypto.PublicKey, ttl time.D
 	if ttl <= 0 {
 		ttl = DefaultDeviceLifetime
 	}
+	iss := a.Current()
 	now := a.now()
 	notAfter := now.Add(ttl)
-	if notAfter.After(a.Issuing.NotAfter) {
-		notAfter = a.Issuing.NotAfter
+	if notAfter.After(iss.Cert.NotAfter) {
+		notAfter = iss.Cert.NotAfter
 	}
 	// Backdated for clock skew, but by little for short lifetimes, so that
 	// renewal at 2/3 of NotBefore..NotAfter stays 2/3 of the real lifetime.
@@ -295,7 +302,7 @@ func (a *Authority) Issue(id identity.Identity, pub crypto.PublicKey, ttl time.D
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 		URIs:        []*url.URL{id.URI(a.TrustDomain)},
 	}
-	return sign(a.rand, tmpl, a.Issuing, pub, a.key)
+	return sign(a.rand, tmpl, iss.Cert, pub, iss.signer)
 }
 
 // IssueServer signs a TLS server certificate for hosts (DNS names or IPs).
@@ -303,6 +310,7 @@ func (a *Authority) IssueServer(hosts []string, pub crypto.PublicKey, ttl time.D
 	if len(hosts) == 0 {
 		return nil, errors.New("ca: server certificate needs at least one host name or IP")
 	}
+	iss := a.Current()
 	now := a.now()
 	tmpl := &x509.Certificate{
 		Subject:     pkix.Name{CommonName: hosts[0], Organization: []string{"fleetgate"}},
@@ -318,7 +326,7 @@ func (a *Authority) IssueServer(hosts []string, pub crypto.PublicKey, ttl time.D
 			tmpl.DNSNames = append(tmpl.DNSNames, h)
 		}
 	}
-	return sign(a.rand, tmpl, a.Issuing, pub, a.key)
+	return sign(a.rand, tmpl, iss.Cert, pub, iss.signer)
 }
 
 // CheckCSR parses a DER PKCS#10 request, checks its self-signature and that
