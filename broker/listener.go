@@ -43,6 +43,9 @@ type listener struct {
 	refusals   *logguard.Limiter
 	stopLogger context.CancelFunc
 
+	// dyn is the TLS configuration as changed at run time (clientcas.go).
+	dyn dynamicTLS
+
 	ln     net.Listener
 	closed atomic.Bool
 	wg     sync.WaitGroup
@@ -137,13 +140,13 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 func (l *listener) onHello(hi *tls.ClientHelloInfo) (*tls.Config, error) {
 	ac, ok := hi.Conn.(*admittedConn)
 	if !ok {
-		return nil, nil
+		return l.current(), nil
 	}
 	if !l.adm.hello(ac.p) {
 		return nil, errEvicted
 	}
 	_ = ac.Conn.SetDeadline(ac.deadline)
-	return nil, nil
+	return l.current(), nil
 }
 
 var errEvicted = errors.New("evicted while pending")

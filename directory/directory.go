@@ -32,6 +32,8 @@ type Directory struct {
 	// Watchers are told of every change (Watch), after the view has it.
 	Watchers
 	changes *changeLog
+	// issuers are the trusted issuing CAs (issuers.go).
+	issuers trustedIssuers
 }
 
 // New returns an empty directory: it vouches for no certificate.

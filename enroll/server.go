@@ -124,6 +124,8 @@ type Server struct {
 	// clientCAs is the root of client certificate chains: the issuing CA.
 	clientCAs *x509.CertPool
 	tpm       *tpmEnroller
+	// issuerCRLs caches the CRL of each issuing CA (issuers.go).
+	issuerCRLs issuerCRLs
 }
 
 // New returns a Server.
@@ -177,6 +179,7 @@ func New(cfg Config) (*Server, error) {
 	s.mux.HandleFunc("GET "+api.PathCACerts, s.handleCACerts)
 	s.registerTPMRoutes()
 	s.registerLifecycleRoutes()
+	s.registerIssuerRoutes()
 	return s, nil
 }
 

@@ -214,7 +214,7 @@ func (s *Server) buildEnrollment(p pki) error {
 	if err != nil {
 		return err
 	}
-	oc := operator.Config{CA: p.ca, Registry: s.reg, Enroll: es, Logger: log}
+	oc := operator.Config{CA: p.ca, Registry: s.reg, Enroll: es, Logger: log, CAFollower: s.pki}
 	if s.policy != nil {
 		oc.Broker = s.policy
 	}
@@ -229,7 +229,7 @@ func (s *Server) buildEnrollment(p pki) error {
 	}
 	s.enroll = es
 	s.addrs.API = ln.Addr().String()
-	s.api = &httpPart{ln: ln, useTLS: true, srv: &http.Server{Handler: es.Handler(), TLSConfig: es.TLSConfig(p.serverCert),
+	s.api = &httpPart{ln: ln, useTLS: true, srv: &http.Server{Handler: es.Handler(), TLSConfig: s.pki.tlsConfig(es.TLSConfig(p.serverCert)),
 		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
 		IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}}

@@ -54,6 +54,8 @@ type Server struct {
 	broker *broker.Broker
 	policy *brokerPolicy
 	enroll *enroll.Server
+	// pki follows issuing-CA rotations (pki.go).
+	pki *pkiFollower
 	// api and metrics are the HTTP servers with their bound listeners.
 	api, metrics *httpPart
 	// ready are the readiness checks of /readyz.
@@ -94,6 +96,7 @@ func (s *Server) build() error {
 		return err
 	}
 	s.prom = buildMetrics(s.reg, dir)
+	s.pki = newPKIFollower(s, pki, dir)
 	if cfg.Only != OnlyEnroll {
 		if err := s.buildBroker(pki, dir); err != nil {
 			return err

@@ -44,12 +44,12 @@ func root() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), certificatesCmd(), policyCmd(), auditCmd(), tpmCmd())
+	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), certificatesCmd(), policyCmd(), auditCmd(), tpmCmd(), caCmd())
 	return r
 }
 
 func initCmd() *cobra.Command {
-	var dataDir, td, operator string
+	var dataDir, td, operator, externalRoot string
 	var hosts []string
 	c := &cobra.Command{
 		Use:   "init",
@@ -58,6 +58,9 @@ func initCmd() *cobra.Command {
 			if ca.Initialized(dataDir) {
 				fmt.Fprintf(cmd.OutOrStdout(), "%s already holds a CA; nothing was changed (fleetgate init never overwrites a CA).\n", dataDir)
 				return nil
+			}
+			if externalRoot != "" {
+				return initExternalRoot(cmd, dataDir, externalRoot, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator})
 			}
 			if _, err := server.Init(dataDir, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator}); err != nil {
 				return err
@@ -68,6 +71,7 @@ func initCmd() *cobra.Command {
 			fmt.Fprintf(out, "  issuing CA (P-256):   %s\n", ca.IssuingCertFile)
 			fmt.Fprintf(out, "  server certificate:   %s for %v\n", ca.ServerCertFile, hosts)
 			fmt.Fprintf(out, "  operator certificate: %s (%s)\n", ca.OperatorCertFile, operator)
+			fmt.Fprintf(out, "The root key %s should now be moved off this machine (docs/pki.md, \"Offline root\"): rotation then asks the offline root to sign.\n", ca.RootKeyFile)
 			return nil
 		},
 	}
@@ -75,6 +79,7 @@ func initCmd() *cobra.Command {
 	c.Flags().StringVar(&td, "trust-domain", envOr("FLEETGATE_TRUST_DOMAIN", "fleetgate.local"), "trust domain of the SPIFFE identities")
 	c.Flags().StringSliceVar(&hosts, "host", []string{"localhost", "127.0.0.1", "::1"}, "host names and IPs of the server certificate")
 	c.Flags().StringVar(&operator, "operator", "admin", "name of the first operator")
+	c.Flags().StringVar(&externalRoot, "external-root", "", "root CA certificate kept elsewhere: write an issuing-CA CSR for it to sign (then `fleetgate ca import-issuing`)")
 	return c
 }
 

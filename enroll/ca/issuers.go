@@ -613,3 +613,9 @@ func (a *Authority) Retire(id string) (*Issuer, error) {
 	})
 	return done, err
 }
+
+// WriteFileAtomic replaces path with data: a temporary file, synced, then
+// renamed over it (re-issued server and operator certificates).
+func WriteFileAtomic(path string, data []byte, mode fs.FileMode) error {
+	return writeAtomic(path, data, mode)
+}
