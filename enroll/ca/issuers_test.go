@@ -178,6 +178,9 @@ func TestPrepareAndImportIssuing(t *testing.T) {
 
 func TestExternalRootWithOpenSSL(t *testing.T) {
 	if _, err := exec.LookPath("openssl"); err != nil {
+		if os.Getenv("FLEETGATE_REQUIRE_TOOLS") != "" {
+			t.Fatal("openssl not installed (FLEETGATE_REQUIRE_TOOLS is set)")
+		}
 		t.Skip("openssl not installed")
 	}
 	work := t.TempDir()
