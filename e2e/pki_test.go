@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/enroll/ca"
@@ -127,4 +128,55 @@ func TestOfflineRootAndRotationWithTheCLI(t *testing.T) {
 		t.Fatalf("ca status:\n%s", out)
 	}
 	t.Logf("ca status after the rotation:\n%s", out)
+}
+
+// TestSplitBrokerFollowsRotation: a broker in its own process (--only
+// broker) follows a rotation made at the enrollment service: a device
+// enrolled on the new CA is admitted, the device on the old CA keeps its
+// session until the retirement closes it, and the broker's feed, which
+// authenticates with the operator certificate, survives the retirement
+// (the re-issued certificate is read again).
+func TestSplitBrokerFollowsRotation(t *testing.T) {
+	e := initData(t)
+	enr := serve(t, e.dataDir, "--only", "enroll")
+	e.srv = enr
+	enrollURL := "https://" + enr.Addrs.API
+	brk := serve(t, e.dataDir, "--only", "broker", "--enroll-url", enrollURL)
+	waitReady(t, brk)
+	oldDev, _ := e.enroll("split-old", "lab")
+	_, lostOld := connectWatched(t, e, brk.Addrs.MQTT, oldDev)
+
+	var st api.CAStatus
+	if err := json.Unmarshal([]byte(e.admin("ca", "status", "--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	oldID := st.Current
+	t0 := time.Now()
+	e.admin("ca", "rotate")
+	newDev, _ := e.enroll("split-new", "lab")
+	connectWatched(t, e, brk.Addrs.MQTT, newDev) // retried until the broker follows
+	t.Logf("split mode: a device on the new CA admitted by the broker process %s after the rotation call", time.Since(t0).Round(time.Millisecond))
+	select {
+	case <-lostOld:
+		t.Fatal("the rotation closed a session on the old CA")
+	default:
+	}
+	if out, err := run(t, bin(t, "fleetgate"), "ca", "retire", oldID, "--force", "--data-dir", e.dataDir, "--server", enrollURL); err != nil {
+		t.Fatalf("retire: %v\n%s", err, out)
+	}
+	select {
+	case <-lostOld:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the broker process kept a session on the retired CA")
+	}
+	// The feed still flows: a revocation after the retirement reaches the
+	// broker process.
+	_, lostNew := connectWatched(t, e, brk.Addrs.MQTT, newDev)
+	e.admin("devices", "revoke", "split-new", "--reason", "split rotation test")
+	select {
+	case <-lostNew:
+	case <-time.After(15 * time.Second):
+		t.Fatal("a revocation after the retirement did not reach the broker process")
+	}
+	waitReady(t, brk)
 }

@@ -301,16 +301,16 @@ func LoadPEMDir(dir string) (*x509.CertPool, error) {
 // operatorHTTPClient is an HTTPS client presenting the operator
 // certificate of the data directory and trusting its root CA.
 func operatorHTTPClient(l Layout) (*http.Client, error) {
-	cert, err := tls.LoadX509KeyPair(l.OperatorCert(), l.OperatorKey())
-	if err != nil {
+	oc := &operatorCert{l: l} // re-read after a rotation re-issued it (pki.go)
+	if _, err := oc.get(nil); err != nil {
 		return nil, err
 	}
 	root, err := ca.ReadCertFile(l.RootCert())
 	if err != nil {
 		return nil, err
 	}
-	return &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
-		MinVersion: tls.VersionTLS12, RootCAs: ca.NewPool(root), Certificates: []tls.Certificate{cert}}}}, nil
+	return &http.Client{Timeout: 60 * time.Second, Transport: &freshConns{t: &http.Transport{TLSClientConfig: &tls.Config{
+		MinVersion: tls.VersionTLS12, RootCAs: ca.NewPool(root), GetClientCertificate: oc.get}}}}, nil
 }
 
 // LoadPolicy loads a policy file; "" is the built-in default.

@@ -1,12 +1,22 @@
 package server
 
 import (
+	"context"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
+
+	"github.com/fleetgate/fleetgate/api"
 
 	"github.com/fleetgate/fleetgate/directory"
 	"github.com/fleetgate/fleetgate/enroll"
@@ -175,3 +185,144 @@ func CompleteExternalRoot(dataDir string, certPEM []byte) (*ca.InitResult, error
 		Reason: "trust domain " + res.Authority.TrustDomain + " under an external root; issuing CA " + res.Authority.Current().ID})
 	return res, nil
 }
+
+// ---- a broker apart (--only broker) ----
+
+// issuerPoll is how often a broker-only process asks the enrollment
+// service for its issuing CAs.
+const issuerPoll = 2 * time.Second
+
+// followRemote makes a broker-only process follow the issuing CAs of the
+// enrollment service it replicates: GET /v1/ca/issuers every issuerPoll;
+// on a change, the directory's trusted issuers, the broker's client-CA
+// pool, the server certificate (re-read from the data directory) and the
+// close of sessions on a retired CA, as CAChanged does in the process
+// that rotated.
+func (f *pkiFollower) followRemote(ctx context.Context, baseURL string) {
+	hc, err := operatorHTTPClient(f.s.layout)
+	if err != nil {
+		f.s.log.Error("cannot follow the issuing CAs of the enrollment service", "err", err)
+		return
+	}
+	last := ""
+	for {
+		if ids, err := f.pollRemote(ctx, hc, baseURL, last); err != nil {
+			if ctx.Err() == nil {
+				f.s.log.Warn("issuing CAs of the enrollment service", "err", err)
+			}
+		} else {
+			last = ids
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(issuerPoll):
+		}
+	}
+}
+
+func (f *pkiFollower) pollRemote(ctx context.Context, hc *http.Client, baseURL, last string) (string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, baseURL+api.PathCAIssuers, nil)
+	if err != nil {
+		return last, err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return last, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return last, fmt.Errorf("GET %s: %s", api.PathCAIssuers, resp.Status)
+	}
+	var ir api.CAIssuersResponse
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&ir); err != nil {
+		return last, err
+	}
+	var certs []*x509.Certificate
+	var ids []string
+	for _, t := range ir.Trusted {
+		cs, err := ca.ParseCertsPEM([]byte(t.CertificatePEM))
+		if err != nil {
+			return last, err
+		}
+		// Trusted only as far as the root of this data directory vouches.
+		if err := ca.CheckIssuingCert(cs[0], f.ca.Root, nil, time.Now()); err != nil {
+			return last, fmt.Errorf("issuing CA %s: %w", t.ID, err)
+		}
+		certs = append(certs, cs[0])
+		ids = append(ids, ca.IssuerID(cs[0]))
+	}
+	if len(certs) == 0 {
+		return last, errors.New("no trusted issuing CA in the answer")
+	}
+	slices.Sort(ids)
+	key := strings.Join(ids, ",")
+	if key == last {
+		return last, nil
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.dir.SetTrustedIssuers(certs)
+	b := f.s.broker
+	b.SetClientCAs(ca.NewPool(certs...))
+	if pair, err := tls.LoadX509KeyPair(f.s.layout.ServerCert(), f.s.layout.ServerKey()); err == nil {
+		b.SetServerCertificate(pair)
+	}
+	closed := b.CloseUntrustedSessions()
+	if last != "" {
+		f.s.log.Info("issuing CAs changed at the enrollment service; followed", "trusted", key, "current", ir.Current, "sessions_closed", closed)
+	}
+	return key, nil
+}
+
+// operatorCert is the data directory's operator certificate for a client
+// that runs long (a broker-only process's feed): read again when its file
+// changed, since a rotation re-issues it.
+type operatorCert struct {
+	l    Layout
+	mu   sync.Mutex
+	mod  time.Time
+	cert *tls.Certificate
+}
+
+func (o *operatorCert) get(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	fi, err := os.Stat(o.l.OperatorCert())
+	if err == nil && (o.cert == nil || !fi.ModTime().Equal(o.mod)) {
+		c, err := tls.LoadX509KeyPair(o.l.OperatorCert(), o.l.OperatorKey())
+		if err == nil {
+			o.cert, o.mod = &c, fi.ModTime()
+		} else if o.cert == nil {
+			return nil, err
+		}
+	}
+	if o.cert == nil {
+		return nil, err
+	}
+	return o.cert, nil
+}
+
+// freshConns drops the kept-alive connections after a 401 answer: a
+// connection made with a certificate the server no longer accepts (its
+// issuing CA retired) is not reused; the next one presents the re-issued
+// certificate.
+type freshConns struct {
+	t     *http.Transport
+	stale atomic.Bool
+}
+
+func (f *freshConns) RoundTrip(r *http.Request) (*http.Response, error) {
+	if f.stale.Swap(false) {
+		f.t.CloseIdleConnections()
+	}
+	resp, err := f.t.RoundTrip(r)
+	if err == nil && resp.StatusCode == http.StatusUnauthorized {
+		f.stale.Store(true)
+	}
+	return resp, err
+}
+
+// CloseIdleConnections lets http.Client.CloseIdleConnections reach the
+// transport.
+func (f *freshConns) CloseIdleConnections() { f.t.CloseIdleConnections() }

@@ -144,11 +144,12 @@ func (s *Server) Run(ctx context.Context) error {
 			}()
 		}
 		if s.rep != nil {
-			wg.Add(1)
+			wg.Add(2)
 			go func() {
 				defer wg.Done()
 				fail(s.rep.Run(ctx))
 			}()
+			go func() { defer wg.Done(); s.pki.followRemote(ctx, s.cfg.EnrollURL) }()
 		}
 		wg.Add(1)
 		go func() {
