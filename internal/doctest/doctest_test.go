@@ -3,6 +3,7 @@ package doctest
 import (
 	"context"
 	"errors"
+	"go/format"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -114,6 +115,30 @@ func TestExtract(t *testing.T) {
 	} {
 		if _, err := Extract("d.md", []byte(bad)); err == nil {
 			t.Errorf("accepted %q", bad)
+		}
+	}
+}
+
+// TestGoBlocksAreGofmt: the Go programs the docs show are gofmt's output
+// (fast; the doc tests above build and run them).
+func TestGoBlocksAreGofmt(t *testing.T) {
+	for _, doc := range []string{"docs/quickstart.md", "docs/devices.md"} {
+		src, err := os.ReadFile(filepath.Join(repoRoot(t), doc))
+		if err != nil {
+			t.Fatal(err)
+		}
+		bs, err := Extract(doc, src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, b := range bs {
+			if b.Lang != "go" {
+				continue
+			}
+			out, err := format.Source([]byte(b.Body))
+			if err != nil || string(out) != b.Body {
+				t.Errorf("%s: not gofmt'ed (%v)", b.Where(), err)
+			}
 		}
 	}
 }
