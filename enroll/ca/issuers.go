@@ -426,7 +426,7 @@ func (a *Authority) Rotate() (*Issuer, error) {
 	var made *Issuer
 	err = a.withIssuers(func(all []*Issuer) ([]*Issuer, error) {
 		now := a.now()
-		name := "issuing-" + now.UTC().Format("20060102T150405")
+		name := "issuing-" + now.UTC().Format("20060102T150405.000000000")
 		key, ref, err := a.opts.newKey(a.dir, name)
 		if err != nil {
 			return nil, fmt.Errorf("ca: new issuing key: %w", err)
@@ -476,7 +476,7 @@ func (a *Authority) PrepareIssuing() (*Issuer, error) {
 	var made *Issuer
 	err := a.withIssuers(func(all []*Issuer) ([]*Issuer, error) {
 		now := a.now()
-		key, ref, err := a.opts.newKey(a.dir, "issuing-"+now.UTC().Format("20060102T150405"))
+		key, ref, err := a.opts.newKey(a.dir, "issuing-"+now.UTC().Format("20060102T150405.000000000"))
 		if err != nil {
 			return nil, fmt.Errorf("ca: new issuing key: %w", err)
 		}
