@@ -6,6 +6,7 @@ import (
 	"math/big"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fleetgate/fleetgate/api"
@@ -17,11 +18,14 @@ import (
 // current (a device on another renews early), and one CRL per trusted
 // issuing CA, listing the revoked certificates it issued.
 
-// issuerCRLs caches the CRL of each issuing CA until the directory
-// changes or half its validity has passed.
+// issuerCRLs caches the CRL of each issuing CA until a revocation or
+// until half its validity has passed.
 type issuerCRLs struct {
 	mu sync.Mutex
 	m  map[string]issuerCRL
+	// revocations counts the revocations committed (a CRL made before the
+	// last one is stale).
+	revocations atomic.Uint64
 }
 
 type issuerCRL struct {
@@ -32,6 +36,11 @@ type issuerCRL struct {
 
 func (s *Server) registerIssuerRoutes() {
 	s.issuerCRLs.m = map[string]issuerCRL{}
+	s.cfg.Registry.Watch(func(ev fleet.Event) {
+		if ev.Kind == fleet.EventCertRevoked {
+			s.issuerCRLs.revocations.Add(1)
+		}
+	})
 	s.mux.HandleFunc("GET "+api.PathCAIssuers, s.handleCAIssuers)
 	s.mux.HandleFunc("GET "+api.PathCRLIssuer+"{id}", s.handleIssuerCRL)
 }
@@ -71,7 +80,7 @@ func (s *Server) IssuerCRL(id string) ([]byte, error) {
 		return nil, ca.ErrUnknownIssuer
 	}
 	now := s.cfg.CA.Now()
-	_, version, _, _ := s.cfg.Registry.Directory().Changes("", 0)
+	version := c.revocations.Load()
 	if e, ok := c.m[id]; ok && e.version == version && now.Before(e.until) {
 		return e.der, nil
 	}

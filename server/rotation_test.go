@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -434,4 +435,73 @@ func (f *fleetDevice) connected() bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.c != nil && f.c.IsConnectionOpen()
+}
+
+// TestCRLPerIssuingCA: each trusted issuing CA has its CRL, signed by it,
+// listing exactly the revoked certificates it issued; a revocation shows
+// at once; a retired CA has none.
+func TestCRLPerIssuingCA(t *testing.T) {
+	g := testenv.Start(t, testenv.Options{})
+	ctx := context.Background()
+	oldDev := g.EnrollDevice(t, "crl-old", "lab")
+	rot, err := g.Admin.CARotate(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	newDev := g.EnrollDevice(t, "crl-new", "lab")
+	a, err := ca.Load(g.DataDir, ca.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldID, newID := a.IssuerOf(oldDev.Leaf()).ID, rot.Issuer.ID
+	crl := func(id string) map[string]bool {
+		t.Helper()
+		rl, err := x509.ParseRevocationList(httpsGet(t, g, api.PathCRLIssuer+id))
+		if err != nil {
+			t.Fatal(err)
+		}
+		iss, _ := a.Issuer(id)
+		if err := rl.CheckSignatureFrom(iss.Cert); err != nil {
+			t.Fatalf("CRL of %s: %v", id, err)
+		}
+		out := map[string]bool{}
+		for _, e := range rl.RevokedCertificateEntries {
+			out[ca.SerialString(e.SerialNumber)] = true
+		}
+		return out
+	}
+	if len(crl(oldID)) != 0 || len(crl(newID)) != 0 {
+		t.Fatal("CRLs not empty before any revocation")
+	}
+	for _, id := range []string{"crl-old", "crl-new"} {
+		if _, err := g.Admin.DeviceAction(ctx, id, "revoke", "crl test"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	oldSerial, newSerial := ca.SerialString(oldDev.Leaf().SerialNumber), ca.SerialString(newDev.Leaf().SerialNumber)
+	if c := crl(oldID); !c[oldSerial] || c[newSerial] {
+		t.Fatalf("old CA's CRL: %v", c)
+	}
+	if c := crl(newID); !c[newSerial] || c[oldSerial] {
+		t.Fatalf("new CA's CRL: %v", c)
+	}
+	var ir api.CAIssuersResponse
+	if err := json.Unmarshal(httpsGet(t, g, api.PathCAIssuers), &ir); err != nil {
+		t.Fatal(err)
+	}
+	if ir.Current != newID || len(ir.Trusted) != 2 {
+		t.Fatalf("issuers: %+v", ir)
+	}
+	if _, err := g.Admin.CARetire(ctx, oldID, false); err != nil {
+		t.Fatal(err) // its only device is revoked: nothing depends on it
+	}
+	cl := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: g.Roots()}}}
+	resp, err := cl.Get(g.URL() + api.PathCRLIssuer + oldID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("CRL of a retired CA: %d", resp.StatusCode)
+	}
 }
