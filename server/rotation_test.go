@@ -204,6 +204,12 @@ func TestRotationUnderRunningFleet(t *testing.T) {
 		t.Fatalf("broker's server certificate issued by %s, want %s", ca.IssuerID(srvChain[1]), newID)
 	}
 
+	for _, f := range fleet {
+		if !f.connected() {
+			t.Fatalf("%s lost its session at the rotation", f.d.ID())
+		}
+	}
+
 	// The service is re-issued by the new CA and moves its persistent
 	// session onto it.
 	svcCert = g.Service(t, "collector")
