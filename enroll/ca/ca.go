@@ -73,6 +73,8 @@ type Authority struct {
 	// mu serialises changes of the issuer set; set is read without it.
 	mu  sync.Mutex
 	set atomic.Pointer[issuerSet]
+	// ocsp are the OCSP responder URLs put in the AIA of issued leaves.
+	ocsp []string
 }
 
 // Options inject randomness and time; zero values mean crypto/rand and
@@ -86,6 +88,13 @@ type Options struct {
 	// the data directory (FileKeys). A hardware key store plugs in here.
 	OpenKey func(dir, ref string) (crypto.Signer, error)
 	NewKey  func(dir, name string) (crypto.Signer, string, error)
+	// Key is the issuing CA's key from a key store (enroll/ca/keystore):
+	// Init certifies it instead of generating one (no ca/issuing.key is
+	// written), Load uses it instead of reading ca/issuing.key and checks
+	// that it matches the certificate.
+	Key crypto.Signer
+	// OCSPServer URLs go into the AIA extension of issued leaves.
+	OCSPServer []string
 }
 
 func (o Options) withDefaults() Options {
@@ -161,9 +170,11 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("root CA: %w", err)
 	}
-	issKey, err := ecdsa.GenerateKey(elliptic.P256(), o.Rand)
-	if err != nil {
-		return nil, fmt.Errorf("generate issuing key: %w", err)
+	var issKey crypto.Signer = o.Key
+	if issKey == nil {
+		if issKey, err = ecdsa.GenerateKey(elliptic.P256(), o.Rand); err != nil {
+			return nil, fmt.Errorf("generate issuing key: %w", err)
+		}
 	}
 	issTmpl := &x509.Certificate{
 		Subject:               pkix.Name{Organization: []string{"fleetgate"}, CommonName: "fleetgate issuing CA " + o.TrustDomain},
@@ -199,6 +210,10 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 		return nil, fmt.Errorf("operator certificate: %w", err)
 	}
 
+	var issKeyPEM []byte
+	if o.Key == nil {
+		issKeyPEM = mustKeyPEM(issKey)
+	}
 	// Keys are written with O_EXCL: a concurrent init cannot clobber a CA.
 	writes := []struct {
 		name string
@@ -207,7 +222,7 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 	}{
 		{RootKeyFile, mustKeyPEM(rootKey), true},
 		{RootCertFile, CertPEM(root), false},
-		{IssuingKeyFile, mustKeyPEM(issKey), true},
+		{IssuingKeyFile, issKeyPEM, true},
 		{IssuingCertFile, CertPEM(issuing), false},
 		{TrustDomainFile, []byte(o.TrustDomain + "\n"), false},
 		{ServerKeyFile, mustKeyPEM(srvKey), true},
@@ -216,6 +231,9 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 		{OperatorCertFile, append(CertPEM(operator), CertPEM(issuing)...), false},
 	}
 	for _, w := range writes {
+		if w.name == IssuingKeyFile && o.Key != nil {
+			continue // the key lives in its store
+		}
 		mode := fs.FileMode(0o644)
 		if w.key {
 			mode = 0o600
@@ -247,6 +265,10 @@ func Load(dir string, o Options) (*Authority, error) {
 	}
 	return newAuthority(dir, strings.TrimSpace(string(td)), root, o, issuers...), nil
 }
+
+// Signer is the current issuing CA's key (e.g. to certify a delegated
+// OCSP signer); Trusted gives every trusted CA's (Issuer.Signer).
+func (a *Authority) Signer() crypto.Signer { return a.Current().signer }
 
 // Now is the authority's clock.
 func (a *Authority) Now() time.Time { return a.now() }
@@ -301,6 +323,7 @@ func (a *Authority) Issue(id identity.Identity, pub crypto.PublicKey, ttl time.D
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 		URIs:        []*url.URL{id.URI(a.TrustDomain)},
+		OCSPServer:  a.ocsp,
 	}
 	return sign(a.rand, tmpl, iss.Cert, pub, iss.signer)
 }
@@ -318,6 +341,7 @@ func (a *Authority) IssueServer(hosts []string, pub crypto.PublicKey, ttl time.D
 		NotAfter:    now.Add(ttl),
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		OCSPServer:  a.ocsp,
 	}
 	for _, h := range hosts {
 		if ip := net.ParseIP(h); ip != nil {

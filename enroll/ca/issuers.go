@@ -114,7 +114,7 @@ func newIssuerSet(all []*Issuer) *issuerSet {
 
 func newAuthority(dir, td string, root *x509.Certificate, o Options, issuers ...*Issuer) *Authority {
 	o = o.withDefaults()
-	a := &Authority{TrustDomain: td, Root: root, rand: o.Rand, now: o.Now, dir: dir, opts: o}
+	a := &Authority{TrustDomain: td, Root: root, rand: o.Rand, now: o.Now, dir: dir, opts: o, ocsp: o.OCSPServer}
 	a.set.Store(newIssuerSet(issuers))
 	return a
 }
@@ -227,6 +227,9 @@ func NewFileKey(dir, name string) (crypto.Signer, string, error) {
 }
 
 func (o Options) openKey(dir, ref string) (crypto.Signer, error) {
+	if o.Key != nil && ref == IssuingKeyFile {
+		return o.Key, nil // the first issuing CA's key, from its key store
+	}
 	if o.OpenKey != nil {
 		return o.OpenKey(dir, ref)
 	}

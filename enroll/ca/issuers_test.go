@@ -261,3 +261,38 @@ func pemDecode(b []byte) ([]byte, bool) {
 func pemCSR(der []byte) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})
 }
+
+// Options.Key (a key store's signer for the first issuing CA, as
+// pki-keystore's --ca-key gives it) stands for ca/issuing.key, also once
+// a rotation wrote the issuer list.
+func TestFirstIssuerKeyFromOptions(t *testing.T) {
+	dir, _ := initDir(t)
+	key, err := ca.ReadKeyFile(filepath.Join(dir, ca.IssuingKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(dir, ca.IssuingKeyFile)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.Load(dir, ca.Options{}); err == nil {
+		t.Fatal("Load without the key file nor Options.Key")
+	}
+	a, err := ca.Load(dir, ca.Options{Key: key, OCSPServer: []string{"http://ocsp.test/"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := a.Current().ID
+	if _, err := a.Rotate(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := ca.Load(dir, ca.Options{Key: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if iss, ok := b.Issuer(first); !ok || iss.Signer() == nil || iss.State != ca.IssuerTrusted {
+		t.Fatal("the first issuing CA lost its key after the rotation")
+	}
+	if c := issueDevice(t, a, "ocsp"); len(c.OCSPServer) != 1 {
+		t.Fatalf("AIA OCSP: %v", c.OCSPServer)
+	}
+}
