@@ -88,6 +88,10 @@ type Options struct {
 	// the data directory (FileKeys). A hardware key store plugs in here.
 	OpenKey func(dir, ref string) (crypto.Signer, error)
 	NewKey  func(dir, name string) (crypto.Signer, string, error)
+	// NoKeys loads the issuing CAs' certificates only (a process that
+	// signs nothing, such as a broker apart): no key is opened, and
+	// signing fails.
+	NoKeys bool
 	// Key is the issuing CA's key from a key store (enroll/ca/keystore):
 	// Init certifies it instead of generating one (no ca/issuing.key is
 	// written), Load uses it instead of reading ca/issuing.key and checks

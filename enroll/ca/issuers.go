@@ -305,8 +305,8 @@ func loadIssuer(dir string, root *x509.Certificate, o Options, r issuerRecord) (
 	if err := c.CheckSignatureFrom(root); err != nil {
 		return nil, fmt.Errorf("ca: issuing CA %s (%s) not signed by root: %w", iss.ID, r.Cert, err)
 	}
-	if r.State == IssuerRetired {
-		return iss, nil // never signs again: its key is not needed
+	if r.State == IssuerRetired || o.NoKeys {
+		return iss, nil // never signs (again): its key is not needed
 	}
 	key, err := o.openKey(dir, r.Key)
 	if err != nil {

@@ -296,3 +296,25 @@ func TestFirstIssuerKeyFromOptions(t *testing.T) {
 		t.Fatalf("AIA OCSP: %v", c.OCSPServer)
 	}
 }
+
+func TestNoKeysLoadsCertificatesOnly(t *testing.T) {
+	dir, a := initDir(t)
+	if _, err := a.Rotate(); err != nil {
+		t.Fatal(err)
+	}
+	for _, i := range a.Issuers() {
+		os.Remove(filepath.Join(dir, i.KeyRef)) // a host without the keys
+	}
+	b, err := ca.Load(dir, ca.Options{NoKeys: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b.Trusted()) != 2 || b.Current().ID != a.Current().ID {
+		t.Fatal("NoKeys: wrong issuer set")
+	}
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	id, _ := identity.New(identity.RoleDevice, "x")
+	if _, err := b.Issue(id, k.Public(), time.Hour); err == nil {
+		t.Fatal("signed without a key")
+	}
+}
