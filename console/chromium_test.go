@@ -298,7 +298,9 @@ func TestConsoleInChromium(t *testing.T) {
 	if _, err := g.MQTT(t, "dev-live", nil, func(o *paho.ClientOptions) { o.SetTLSConfig(tc) }); err == nil {
 		t.Fatal("revoked device admitted")
 	}
-	step("refused live", chromedp.Poll[chromedp.Void](`document.getElementById('live-status').textContent.includes('refused')`, chromedp.WithPollingTimeout(20*time.Second)))
+	step("refused live", chromedp.Poll[chromedp.Void](`document.getElementById('live-status').textContent.includes('refused') &&
+		!document.querySelector('section[aria-labelledby=h-ref] tbody').textContent.includes('No refusals')`, chromedp.WithPollingTimeout(20*time.Second)))
+	shot("overview-live")
 
 	// The policy and its explain box.
 	step("policy", chromedp.Click(chromedp.CSS(`nav a[href="/policy"]`)), chromedp.WaitVisible(chromedp.ID("identity")),

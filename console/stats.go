@@ -155,7 +155,7 @@ func (s *stats) overview() overviewStats {
 			o.MsgsInPerSec = (last.msgsIn - prev.msgsIn) / dt
 			o.MsgsOutPerSec = (last.msgsOut - prev.msgsOut) / dt
 		}
-		o.Step = last.at.Sub(prev.at).Round(time.Second)
+		o.Step = last.at.Sub(prev.at).Round(100 * time.Millisecond)
 	}
 	o.Window = last.at.Sub(first.at).Round(time.Second)
 	for r, v := range last.refusals {
