@@ -145,7 +145,13 @@ func (a *auth) session(r *http.Request) (string, *session, error) {
 	if err != nil || c.Value == "" || len(c.Value) > 128 {
 		return "", nil, errNoSession
 	}
-	k := hashKey(c.Value)
+	return a.byKey(hashKey(c.Value))
+}
+
+// byKey returns the session stored under k if it is still good: not
+// expired, its operator certificate not revoked. A session that is not
+// good any more is ended.
+func (a *auth) byKey(k string) (string, *session, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	s, ok := a.sessions[k]

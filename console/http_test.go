@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -15,6 +16,8 @@ import (
 	"time"
 
 	"github.com/fleetgate/fleetgate/console"
+	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/internal/testenv"
 )
@@ -361,5 +364,29 @@ func TestEventStreamsAreBounded(t *testing.T) {
 	}
 	if _, err := io.ReadAll(l1); err != nil {
 		t.Fatalf("stream after logout: %v", err)
+	}
+}
+
+// Revoking the operator certificate that minted the link ends the
+// session and its live stream.
+func TestRevokedOperatorCertificateEndsSession(t *testing.T) {
+	e := start(t, console.Options{Heartbeat: 100 * time.Millisecond})
+	cookie, _ := e.signIn(t)
+	_, l := e.stream(t, cookie)
+	if err := readUntil(l, ": heartbeat"); err != nil {
+		t.Fatal(err)
+	}
+	c, err := tls.LoadX509KeyPair(filepath.Join(e.g.DataDir, ca.OperatorCertFile), filepath.Join(e.g.DataDir, ca.OperatorKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.g.Admin.RevokeCertificate(context.Background(), fleet.SerialString(c.Leaf.SerialNumber), "key lost"); err != nil {
+		t.Fatal(err)
+	}
+	if err := readUntil(l, "event: end"); err != nil {
+		t.Fatal(err)
+	}
+	if resp, _ := e.get(t, e.base+"/", cookie); resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("session of a revoked operator certificate: %s", resp.Status)
 	}
 }

@@ -152,6 +152,12 @@ func (c *Console) serveEvents(w http.ResponseWriter, r *http.Request, key string
 		case <-st.dropped:
 			return
 		case <-beat.C:
+			// A session whose operator certificate was revoked ends here
+			// too, not only at its next page.
+			if _, _, err := c.auth.byKey(key); err != nil {
+				write([]byte("event: end\ndata: {}\n\n"))
+				return
+			}
 			if !write([]byte(": heartbeat\n\n")) {
 				return
 			}
