@@ -2,11 +2,14 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net/http"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/operator/client"
 )
 
@@ -22,6 +25,10 @@ opens a browser session of 30 minutes as the operator who asked.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
 				res, err := cl.ConsoleLogin(ctx)
+				var ae *api.Error
+				if errors.As(err, &ae) && ae.Status == http.StatusNotFound {
+					return errors.New("this server runs no web console (serve it with --console-addr): " + err.Error())
+				}
 				if err != nil {
 					return err
 				}
