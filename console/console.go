@@ -194,6 +194,7 @@ func (c *Console) OnSession(ev broker.SessionEvent) {
 	id := ev.Identity.Name
 	c.liveMu.Lock()
 	if ev.Connected {
+		c.stats.connects.Add(1)
 		c.live[id] = liveSession{Since: ev.Time, Remote: ev.Remote}
 	} else {
 		delete(c.live, id)

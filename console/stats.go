@@ -4,6 +4,7 @@ import (
 	"context"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -25,6 +26,7 @@ type sample struct {
 	at               time.Time
 	refusals         map[string]float64 // cumulative, by reason
 	msgsIn, msgsOut  float64            // cumulative
+	connects         float64            // cumulative, devices (the broker's session watch)
 	connsByRole      map[string]float64
 	refusalsInPeriod float64 // since the previous sample
 }
@@ -32,6 +34,8 @@ type sample struct {
 type stats struct {
 	g   prometheus.Gatherer
 	now func() time.Time
+	// connects counts the devices' connections (Console.OnSession).
+	connects atomic.Int64
 
 	mu      sync.Mutex
 	samples []sample
@@ -51,7 +55,7 @@ func (s *stats) take() map[string]int {
 	if err != nil {
 		return nil
 	}
-	cur := sample{at: s.now(), refusals: map[string]float64{}, connsByRole: map[string]float64{}}
+	cur := sample{at: s.now(), refusals: map[string]float64{}, connsByRole: map[string]float64{}, connects: float64(s.connects.Load())}
 	for _, mf := range mfs {
 		for _, m := range mf.GetMetric() {
 			label := func(name string) string {
@@ -128,6 +132,7 @@ type overviewStats struct {
 	Sampled         bool
 	MsgsInPerSec    float64
 	MsgsOutPerSec   float64
+	ConnectsPerSec  float64
 	Connections     map[string]int
 	Refusals        []reasonCount
 	Window          time.Duration
@@ -154,6 +159,7 @@ func (s *stats) overview() overviewStats {
 		if dt := last.at.Sub(prev.at).Seconds(); dt > 0 {
 			o.MsgsInPerSec = (last.msgsIn - prev.msgsIn) / dt
 			o.MsgsOutPerSec = (last.msgsOut - prev.msgsOut) / dt
+			o.ConnectsPerSec = (last.connects - prev.connects) / dt
 		}
 		o.Step = last.at.Sub(prev.at).Round(100 * time.Millisecond)
 	}
