@@ -66,6 +66,27 @@ func spkiHash(t *testing.T, dataDir string) string {
 	return base64.StdEncoding.EncodeToString(h[:])
 }
 
+// profileDir is a fresh user-data-dir. Chromium's helper processes can
+// still write in it for a moment after the browser stopped, so its removal
+// is retried (bounded) rather than left to t.TempDir.
+func profileDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "fleetgate-chromium-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for range 50 {
+			if err := os.RemoveAll(dir); err == nil {
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		t.Logf("could not remove %s", dir)
+	})
+	return dir
+}
+
 // weight is a page's bytes (document and subresources, decoded) and its
 // load time in the browser.
 type weight struct {
@@ -143,7 +164,7 @@ func TestConsoleInChromium(t *testing.T) {
 		chromedp.Flag("disable-component-update", true),
 		chromedp.Flag("disable-sync", true),
 		chromedp.Flag("ignore-certificate-errors-spki-list", spkiHash(t, g.DataDir)),
-		chromedp.UserDataDir(t.TempDir()),
+		chromedp.UserDataDir(profileDir(t)),
 		chromedp.WindowSize(1100, 800),
 	}
 	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
