@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -185,11 +186,18 @@ func (a *auth) endLocked(k string, s *session) {
 }
 
 // checkCSRF is the check of every POST: the Origin header is the
-// console's own (the request's scheme and host), and the token is the
+// console's own (https and the request's host, or the origin of the
+// configured console URL), and the token is the
 // session's (header X-CSRF-Token or form field csrf), compared in
 // constant time.
-func checkCSRF(r *http.Request, s *session) error {
-	if o := r.Header.Get("Origin"); o == "" || o != "https://"+r.Host {
+func (a *auth) checkCSRF(r *http.Request, s *session) error {
+	o := r.Header.Get("Origin")
+	a.mu.Lock()
+	base := a.baseURL
+	a.mu.Unlock()
+	// The console's origin: the request's own, or that of its configured
+	// URL (a reverse proxy that rewrites Host).
+	if o == "" || o != "https://"+r.Host && o != originOf(base) {
 		return errors.New("cross-origin request refused (Origin " + quoteShort(o) + ")")
 	}
 	tok := r.Header.Get("X-CSRF-Token")
@@ -200,6 +208,15 @@ func checkCSRF(r *http.Request, s *session) error {
 		return errors.New("missing or wrong CSRF token; reload the page")
 	}
 	return nil
+}
+
+// originOf is the scheme://host[:port] of a URL ("" if it has none).
+func originOf(u string) string {
+	p, err := url.Parse(u)
+	if err != nil || p.Scheme == "" || p.Host == "" {
+		return ""
+	}
+	return p.Scheme + "://" + p.Host
 }
 
 func quoteShort(s string) string {

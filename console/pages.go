@@ -155,7 +155,7 @@ func (c *Console) signedIn(h func(http.ResponseWriter, *http.Request, req)) http
 		}
 		if r.Method == http.MethodPost {
 			r.Body = http.MaxBytesReader(w, r.Body, 16<<10)
-			if err := checkCSRF(r, sess); err != nil {
+			if err := c.auth.checkCSRF(r, sess); err != nil {
 				c.audit(sess.op, "console."+r.URL.Path, "", registry.OutcomeDenied, err.Error(), r.RemoteAddr)
 				http.Error(w, err.Error(), http.StatusForbidden)
 				return
