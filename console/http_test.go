@@ -390,3 +390,20 @@ func TestRevokedOperatorCertificateEndsSession(t *testing.T) {
 		t.Fatalf("session of a revoked operator certificate: %s", resp.Status)
 	}
 }
+
+// Links not used yet are bounded: the admin API answers 429 beyond.
+func TestSignInLinksAreBounded(t *testing.T) {
+	e := start(t, console.Options{MaxLinks: 3})
+	var links []string
+	for range 3 {
+		links = append(links, e.link(t))
+	}
+	if _, err := e.g.Admin.ConsoleLogin(context.Background()); err == nil || !strings.Contains(err.Error(), "console_links_full") {
+		t.Fatalf("fourth link: %v", err)
+	}
+	// A used link frees its place.
+	if resp, _ := e.get(t, links[0], ""); resp.StatusCode != http.StatusSeeOther {
+		t.Fatalf("link: %s", resp.Status)
+	}
+	e.link(t)
+}
