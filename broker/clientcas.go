@@ -51,11 +51,34 @@ func (l *listener) setTLS(pool *x509.CertPool, cert *tls.Certificate) {
 
 // SetClientCAs replaces the CAs client certificates must chain to (the
 // trusted issuing CAs) for every new handshake. Live sessions are kept.
-func (b *Broker) SetClientCAs(pool *x509.CertPool) { b.ln.setTLS(pool, nil) }
+func (b *Broker) SetClientCAs(pool *x509.CertPool) {
+	b.eachListener(func(l *listener) { l.setTLS(pool, nil) })
+}
 
 // SetServerCertificate replaces the listener's certificate for every new
 // handshake.
-func (b *Broker) SetServerCertificate(cert tls.Certificate) { b.ln.setTLS(nil, &cert) }
+func (b *Broker) SetServerCertificate(cert tls.Certificate) {
+	b.eachListener(func(l *listener) { l.setTLS(nil, &cert) })
+}
+
+// tlsListenerIDs are the IDs of the broker's TLS listeners: the mTLS one
+// and, when configured, MQTT over WebSocket, which share one trust.
+var tlsListenerIDs = []string{"mtls", "wss"}
+
+func (b *Broker) eachListener(fn func(*listener)) {
+	done := false
+	for _, id := range tlsListenerIDs {
+		if l, ok := b.server.Listeners.Get(id); ok {
+			if ml, ok := l.(*listener); ok {
+				fn(ml)
+				done = done || ml == b.ln
+			}
+		}
+	}
+	if !done {
+		fn(b.ln)
+	}
+}
 
 // CloseUntrustedSessions closes every live session whose certificate the
 // directory no longer vouches for by its issuer (directory.TrustedIssuer:
