@@ -30,6 +30,7 @@ func (h *Hook) subject(s *Session) (acl.Subject, bool) {
 		}
 		sub.Group = ds.Group
 		sub.Tags = ds.Tags
+		sub.Attestation = ds.Method
 	}
 	return sub, true
 }
