@@ -44,7 +44,7 @@ func root() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), certificatesCmd(), policyCmd(), auditCmd(), tpmCmd())
+	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), certificatesCmd(), policyCmd(), auditCmd(), tpmCmd(), diagnoseCmd())
 	return r
 }
 
