@@ -10,6 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/fleetgate/fleetgate/directory"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 )
 
@@ -22,8 +23,10 @@ import (
 //     this process checks certificates against last heard from its source.
 //     0 where the registry is in the process (it is the source); with
 //     --only broker, the time since the last successful poll of the
-//     enrollment service's feed (since the start, before the first).
-func (s *Server) registerOpsMetrics(p pki) {
+//     enrollment service's feed (since the start, before the first);
+//   - fleetgate_devices{state, attestation}: devices by state and
+//     attestation method, from the directory.
+func (s *Server) registerOpsMetrics(p pki, dir *directory.Directory) {
 	expiry := prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "fleetgate_certificate_expiry_timestamp_seconds",
 		Help: "NotAfter (unix seconds) of the CA and server certificates of this process, by cert (root_ca, issuing_ca, server).",
@@ -63,7 +66,29 @@ func (s *Server) registerOpsMetrics(p pki) {
 		}
 		return time.Since(last).Seconds()
 	})
-	s.prom.MustRegister(expiry, age)
+	s.prom.MustRegister(expiry, age, &deviceCounts{dir: dir})
+}
+
+// deviceCounts is fleetgate_devices{state, attestation}, counted from the
+// directory at each scrape.
+type deviceCounts struct{ dir *directory.Directory }
+
+var devicesDesc = prometheus.NewDesc("fleetgate_devices", "Devices in the registry by state (registered, active, suspended, revoked) and attestation method (tpm, token; none before enrollment).",
+	[]string{"state", "attestation"}, nil)
+
+func (c *deviceCounts) Describe(ch chan<- *prometheus.Desc) { ch <- devicesDesc }
+
+func (c *deviceCounts) Collect(ch chan<- prometheus.Metric) {
+	if c.dir == nil {
+		return
+	}
+	for _, n := range c.dir.DeviceCounts() {
+		method := n.Method
+		if method == "" {
+			method = "none"
+		}
+		ch <- prometheus.MustNewConstMetric(devicesDesc, prometheus.GaugeValue, float64(n.N), string(n.State), method)
+	}
 }
 
 func isSelfSigned(c *x509.Certificate) bool {

@@ -94,7 +94,7 @@ func (s *Server) build() error {
 		return err
 	}
 	s.prom = buildMetrics(s.reg, dir)
-	s.registerOpsMetrics(pki) // deploy/: expiry of CA certificates, age of the revocation view
+	s.registerOpsMetrics(pki, dir) // deploy/: expiry of CA certificates, age of the revocation view
 	if cfg.Only != OnlyEnroll {
 		if err := s.buildBroker(pki, dir); err != nil {
 			return err
