@@ -480,6 +480,20 @@ func TestExampleConfig(t *testing.T) {
 	}
 	slices.Sort(missing)
 	if len(missing) > 0 {
-		t.Errorf("%s does not name the settings %v: add each, with a comment and its default", exampleConfig, missing)
+		// What to paste: each missing setting with its flag's help and
+		// default (settings are flags with - for _).
+		var add strings.Builder
+		for _, k := range missing {
+			if f := fs.Lookup(strings.ReplaceAll(k, "_", "-")); f != nil {
+				v := f.DefValue
+				if v == "" || strings.ContainsAny(v, ":#{}[],&*!|>'\"%@`") {
+					v = strconv.Quote(v)
+				}
+				fmt.Fprintf(&add, "# %s\n%s: %s\n", f.Usage, k, v)
+			} else {
+				fmt.Fprintf(&add, "%s: ...\n", k)
+			}
+		}
+		t.Errorf("%s does not name the settings %v: add each, with a comment and its default, e.g.:\n%s", exampleConfig, missing, add.String())
 	}
 }
