@@ -190,7 +190,7 @@ func referencedMetrics(t *testing.T) map[string]string {
 
 // TestDashboard: the dashboard is JSON Grafana imports: unique panel IDs,
 // every query panel has a target on the Prometheus data source variable,
-// and its grid has no overlapping panels.
+// its grid has no overlapping panels, and promtool parses every query.
 func TestDashboard(t *testing.T) {
 	b, err := os.ReadFile(dashboardFile)
 	if err != nil {
@@ -252,6 +252,26 @@ func TestDashboard(t *testing.T) {
 	}
 	if queries < 20 {
 		t.Fatalf("only %d panels", queries)
+	}
+
+	// Every panel's PromQL parses: promtool checks them as recording rules,
+	// with Grafana's variables as Grafana would substitute them.
+	var rules strings.Builder
+	rules.WriteString("groups:\n  - name: dashboard\n    rules:\n")
+	n := 0
+	for _, p := range dash.Panels {
+		for _, tg := range p.Targets {
+			expr := strings.NewReplacer("$__rate_interval", "5m", "$instance", ".*").Replace(tg.Expr)
+			n++
+			fmt.Fprintf(&rules, "      - record: dashboard:panel_%d\n        expr: %s\n", n, strconv.Quote(expr))
+		}
+	}
+	file := filepath.Join(t.TempDir(), "dashboard-queries.yml")
+	if err := os.WriteFile(file, []byte(rules.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := run(t, nil, tool(t, "promtool"), "check", "rules", file); err != nil {
+		t.Fatalf("a dashboard query does not parse: %v\n%s", err, out)
 	}
 }
 
