@@ -15,7 +15,7 @@ deps:
 	@scripts/install-deps.sh
 
 build:
-	$(GO) build -o $(BIN)/ ./cmd/fleetgate ./cmd/fleetsim
+	$(GO) build -o $(BIN)/ ./cmd/fleetgate ./cmd/fleetsim ./cmd/fleetgate-device
 
 ## demo: gateway + a small simulated fleet, then stops everything it started
 demo: deps build

@@ -1,11 +1,11 @@
 package server
 
 // Metrics for operations (deploy/: the Grafana dashboard and the alert
-// rules watch them): when the process's CA and server certificates expire,
-// and how old the broker's revocation view is.
+// rules watch them): when the CA certificates expire, how old the broker's
+// revocation view is, and the devices by state and attestation method.
 
 import (
-	"crypto/x509"
+	"path/filepath"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -16,9 +16,10 @@ import (
 
 // registerOpsMetrics registers, on s.prom:
 //
-//   - fleetgate_certificate_expiry_timestamp_seconds{cert}: the NotAfter of
-//     the root CA, the issuing CA and the server certificate this process
-//     serves (cert = root_ca, issuing_ca, server), as read at start;
+//   - fleetgate_ca_certificate_expiry_timestamp_seconds{ca}: the NotAfter of
+//     the root and the issuing CA certificates of the data directory (ca =
+//     root, issuing), read at each scrape (the server and operator
+//     certificates are fleetgate_own_certificate_*, servercert.go);
 //   - fleetgate_revocation_view_age_seconds: how long ago the directory
 //     this process checks certificates against last heard from its source.
 //     0 where the registry is in the process (it is the source); with
@@ -26,31 +27,20 @@ import (
 //     enrollment service's feed (since the start, before the first);
 //   - fleetgate_devices{state, attestation}: devices by state and
 //     attestation method, from the directory.
-func (s *Server) registerOpsMetrics(p pki, dir *directory.Directory) {
-	expiry := prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Name: "fleetgate_certificate_expiry_timestamp_seconds",
-		Help: "NotAfter (unix seconds) of the CA and server certificates of this process, by cert (root_ca, issuing_ca, server).",
-	}, []string{"cert"})
-	set := func(label string, c *x509.Certificate) {
-		if c != nil {
-			expiry.WithLabelValues(label).Set(float64(c.NotAfter.Unix()))
-		}
-	}
-	if root, err := ca.ReadCertFile(s.layout.RootCert()); err == nil {
-		set("root_ca", root)
-	}
-	// The served chain: the server's leaf, then the issuing CA.
-	for i, der := range p.serverCert.Certificate {
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			continue
-		}
-		switch {
-		case i == 0:
-			set("server", c)
-		case c.IsCA && !isSelfSigned(c):
-			set("issuing_ca", c)
-		}
+func (s *Server) registerOpsMetrics(dir *directory.Directory) {
+	for label, file := range map[string]string{"root": ca.RootCertFile, "issuing": ca.IssuingCertFile} {
+		path := filepath.Join(s.layout.Dir, file)
+		s.prom.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name:        "fleetgate_ca_certificate_expiry_timestamp_seconds",
+			Help:        "NotAfter (unix seconds) of the CA certificates of the data directory, by ca (root, issuing); 0 if unreadable.",
+			ConstLabels: prometheus.Labels{"ca": label},
+		}, func() float64 {
+			c, err := ca.ReadCertFile(path)
+			if err != nil {
+				return 0
+			}
+			return float64(c.NotAfter.Unix())
+		}))
 	}
 	started := time.Now()
 	age := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -66,7 +56,7 @@ func (s *Server) registerOpsMetrics(p pki, dir *directory.Directory) {
 		}
 		return time.Since(last).Seconds()
 	})
-	s.prom.MustRegister(expiry, age, &deviceCounts{dir: dir})
+	s.prom.MustRegister(age, &deviceCounts{dir: dir})
 }
 
 // deviceCounts is fleetgate_devices{state, attestation}, counted from the
@@ -89,8 +79,4 @@ func (c *deviceCounts) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(devicesDesc, prometheus.GaugeValue, float64(n.N), string(n.State), method)
 	}
-}
-
-func isSelfSigned(c *x509.Certificate) bool {
-	return c.CheckSignatureFrom(c) == nil
 }
