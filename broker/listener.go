@@ -199,12 +199,16 @@ func (l *listener) handshake(raw net.Conn, p *pending, release func(), establish
 		if !l.refusals.Allow(ip) {
 			return
 		}
-		ident := ""
+		// Which device, and which CA: the presented certificate's names
+		// (a refused handshake has no identity of its own to log).
+		attrs := []any{"reason", reason}
 		var re *auth.RefusedError
-		if errors.As(err, &re) {
-			ident = re.Identity.String()
+		if errors.As(err, &re) && re.Identity.Name != "" {
+			attrs = append(attrs, "identity", re.Identity.String())
 		}
-		l.log.Warn("tls handshake refused", "reason", reason, "identity", ident, "remote", raw.RemoteAddr().String(), "err", logguard.Clip(err.Error(), 0))
+		attrs = append(attrs, certAttrs(presentedCert(err))...)
+		attrs = append(attrs, "remote", raw.RemoteAddr().String(), "err", logguard.Clip(err.Error(), 0))
+		l.log.Warn("tls handshake refused", attrs...)
 		return
 	}
 	c := &conn{Conn: tc, release: release, role: id.Role}

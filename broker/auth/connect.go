@@ -28,7 +28,9 @@ func (h *Hook) Check(leaf *x509.Certificate) (identity.Identity, error) {
 type RefusedError struct {
 	Reason   fleet.Reason
 	Identity identity.Identity
-	Err      error
+	// Leaf is the refused certificate (for the log line).
+	Leaf *x509.Certificate
+	Err  error
 }
 
 func (e *RefusedError) Error() string { return e.Err.Error() }
@@ -43,7 +45,7 @@ func (h *Hook) VerifyConnection(cs tls.ConnectionState) error {
 	}
 	id, err := h.Check(leaf)
 	if err != nil {
-		return &RefusedError{Reason: directory.Reason(err), Identity: id, Err: err}
+		return &RefusedError{Reason: directory.Reason(err), Identity: id, Leaf: leaf, Err: err}
 	}
 	return nil
 }
