@@ -67,6 +67,10 @@ type Config struct {
 	SubRate      float64       `yaml:"sub_rate"`
 	SubBurst     int           `yaml:"sub_burst"`
 
+	// devices in the field: TLS 1.2 and MQTT over WebSocket (broker-field)
+	MinTLS    string `yaml:"min_tls"`
+	WSSListen string `yaml:"wss_listen"`
+
 	// Set by the program, not by flags, env or YAML.
 
 	// Logger receives the process's log (nil: discarded); the serve
@@ -108,6 +112,7 @@ func Defaults() Config {
 		// admission
 		HelloTimeout: 3 * time.Second, SubRate: broker.DefaultLimits.SubRate, SubBurst: broker.DefaultLimits.SubBurst,
 		SweepInterval: 10 * time.Second,
+		MinTLS:        "1.3",
 	}
 }
 
@@ -145,6 +150,9 @@ func Flags(fs *pflag.FlagSet, d Config) {
 	fs.Duration("hello-timeout", d.HelloTimeout, "deadline for a connection's first complete TLS ClientHello (then --handshake-timeout applies)")
 	fs.Float64("sub-rate", d.SubRate, "per-device rate of topic filters in SUBSCRIBE/UNSUBSCRIBE (filters/s); over it (plus --sub-burst): disconnect, MQTT 5 reason 0x96")
 	fs.Int("sub-burst", d.SubBurst, "per-device burst of topic filters above --sub-rate")
+	// devices in the field
+	fs.String("min-tls", d.MinTLS, "lowest TLS version of MQTT and wss clients: 1.3, or 1.2 (ECDHE-ECDSA with AES-GCM or ChaCha20-Poly1305 only)")
+	fs.String("wss-listen", d.WSSListen, "MQTT over WebSocket (wss, mTLS) listen address (empty: off)")
 }
 
 // keys are the layered settings, by flag name.
@@ -154,7 +162,8 @@ var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only",
 	"max-queued-device", "max-queued-service",
 	"tpm-deny-list", // TPM deny-list
 	// admission
-	"hello-timeout", "sub-rate", "sub-burst"}
+	"hello-timeout", "sub-rate", "sub-burst",
+	"min-tls", "wss-listen"} // devices in the field
 
 // Load layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
@@ -283,6 +292,10 @@ func assign(c *Config, k string, f *pflag.Flag) error {
 		c.SubRate, err = fs.GetFloat64(k)
 	case "sub-burst":
 		c.SubBurst, err = fs.GetInt(k)
+	case "min-tls": // devices in the field
+		c.MinTLS, err = fs.GetString(k)
+	case "wss-listen":
+		c.WSSListen, err = fs.GetString(k)
 	}
 	return err
 }
@@ -361,5 +374,10 @@ func (c Config) Validate() []error {
 	if c.SubRate <= 0 || c.SubBurst <= 0 {
 		errs = append(errs, errors.New("sub_rate and sub_burst must be positive"))
 	}
+	// devices in the field
+	if _, err := broker.ParseMinTLS(c.MinTLS); err != nil {
+		errs = append(errs, fmt.Errorf("min_tls: %q (want 1.2 or 1.3)", c.MinTLS))
+	}
+	checkAddr("wss_listen", c.WSSListen, true)
 	return errs
 }
