@@ -453,6 +453,9 @@ func (b *Broker) Start() error {
 		return fmt.Errorf("broker: serve: %w", err)
 	}
 	b.log.Info("broker listening", "addr", b.Addr())
+	if b.wss != nil {
+		b.log.Info("broker listening for MQTT over WebSocket (wss)", "addr", b.WSSAddr())
+	}
 	// Retained messages of devices revoked while the broker was down (the
 	// store was read by Serve). A broker apart from the registry knows no
 	// device yet; it withholds them at delivery instead (serveRetained).
