@@ -11,7 +11,7 @@ import (
 )
 
 // BenchmarkFieldConnect: a device's TLS handshake, CONNECT and CONNACK,
-// then DISCONNECT (paho, MQTT 3.1.1), over TLS 1.3, TLS 1.2 and wss, on one
+// then DISCONNECT (paho, MQTT 3.1.1), over TLS 1.3 and TLS 1.2, plain and wss, on one
 // broker started with --min-tls 1.2 and --wss-listen.
 //
 //	go test -run '^$' -bench FieldConnect -benchtime 100x ./broker/
@@ -31,10 +31,11 @@ func BenchmarkFieldConnect(b *testing.B) {
 		{"tls1.3", "tls://" + g.Addrs.MQTT, tls.VersionTLS13},
 		{"tls1.2", "tls://" + g.Addrs.MQTT, tls.VersionTLS12},
 		{"wss-tls1.3", "wss://" + g.Addrs.WSS + "/mqtt", tls.VersionTLS13},
+		{"wss-tls1.2", "wss://" + g.Addrs.WSS + "/mqtt", tls.VersionTLS12},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			t := tc.Clone()
-			t.MaxVersion = c.max
+			t.MinVersion, t.MaxVersion = tls.VersionTLS12, c.max
 			o := paho.NewClientOptions().AddBroker(c.url).SetClientID("bench-field").SetTLSConfig(t).
 				SetCleanSession(true).SetAutoReconnect(false).SetConnectTimeout(10 * time.Second)
 			for b.Loop() {
