@@ -86,6 +86,11 @@ func TestTLS12ForConstrainedDevices(t *testing.T) {
 	}
 	c.Publish("devices/mbed-1/telemetry/t", 1, false, "over-tls12").WaitTimeout(10 * time.Second)
 	w.waitFor(t, "devices/mbed-1/telemetry/t over-tls12")
+	// TLS 1.3 clients keep TLS 1.3 and its post-quantum hybrid key
+	// exchange on a broker that also accepts 1.2.
+	if st, err := tlsHandshake(g, cert, &tls.Config{}); err != nil || st.Version != tls.VersionTLS13 || st.CurveID != tls.X25519MLKEM768 {
+		t.Errorf("TLS 1.3 client on a 1.2 broker: %s %v: %v", tls.VersionName(st.Version), st.CurveID, err)
+	}
 	// Every suite of the list, each alone.
 	for _, s := range broker.TLS12CipherSuites {
 		if st, err := tlsHandshake(g, cert, &tls.Config{MaxVersion: tls.VersionTLS12, CipherSuites: []uint16{s}}); err != nil || st.CipherSuite != s {

@@ -45,8 +45,9 @@ func (b *Broker) serverTLS() *tls.Config {
 		VerifyConnection: b.hook.VerifyConnection,
 	}
 	if min < tls.VersionTLS13 {
+		// Curves stay Go's defaults: fixing them here would also take
+		// the post-quantum hybrid (X25519MLKEM768) from TLS 1.3 clients.
 		c.CipherSuites = TLS12CipherSuites
-		c.CurvePreferences = []tls.CurveID{tls.X25519, tls.CurveP256}
 	}
 	return c
 }
