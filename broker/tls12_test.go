@@ -58,7 +58,7 @@ func requireTool(t *testing.T, name string) {
 // TLS 1.2 connects (Go, openssl s_client -tls1_2, mosquitto_pub
 // --tls-version tlsv1.2) with one of the curated ECDHE-ECDSA AEAD suites;
 // CBC suites and TLS 1.1 are refused; a revoked device is refused on TLS
-// 1.2 as on 1.3, a resumed session included. By default (1.3) a TLS 1.2
+// 1.2 as on 1.3, its live session closed and a resumed session refused. By default (1.3) a TLS 1.2
 // client is refused.
 func TestTLS12ForConstrainedDevices(t *testing.T) {
 	g13 := testenv.Start(t, testenv.Options{})
@@ -80,7 +80,11 @@ func TestTLS12ForConstrainedDevices(t *testing.T) {
 	if st.Version != tls.VersionTLS12 || !slices.Contains(broker.TLS12CipherSuites, st.CipherSuite) {
 		t.Errorf("negotiated %s %s", tls.VersionName(st.Version), tls.CipherSuiteName(st.CipherSuite))
 	}
-	c, err := g.MQTT(t, "mbed-1", &cert, func(o *paho.ClientOptions) { o.TLSConfig.MaxVersion = tls.VersionTLS12 })
+	lost := make(chan error, 1)
+	c, err := g.MQTT(t, "mbed-1", &cert, func(o *paho.ClientOptions) {
+		o.TLSConfig.MaxVersion = tls.VersionTLS12
+		o.SetConnectionLostHandler(func(_ paho.Client, err error) { lost <- err })
+	})
 	if err != nil {
 		t.Fatalf("MQTT over TLS 1.2: %v", err)
 	}
@@ -152,6 +156,11 @@ func TestTLS12ForConstrainedDevices(t *testing.T) {
 	}
 	if _, err := g.Admin.DeviceAction(context.Background(), "mbed-1", "revoke", "test"); err != nil {
 		t.Fatal(err)
+	}
+	select { // the live TLS 1.2 session is closed
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Error("revoked device's TLS 1.2 session not closed")
 	}
 	if _, err := tlsHandshake(g, cert, &tls.Config{MaxVersion: tls.VersionTLS12, ClientSessionCache: cache}); err == nil {
 		t.Error("revoked device admitted on a resumed TLS 1.2 session")
