@@ -23,6 +23,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/fleetgate/fleetgate/broker"
+	"github.com/fleetgate/fleetgate/console"
 )
 
 // Config is the configuration of one server process (`fleetgate serve`).
@@ -70,6 +71,10 @@ type Config struct {
 	// devices in the field: TLS 1.2 and MQTT over WebSocket (broker-field)
 	MinTLS    string `yaml:"min_tls"`
 	WSSListen string `yaml:"wss_listen"`
+	// console: the web console's TLS listener (empty: off) and the URL its
+	// sign-in links start with (default https://localhost:<port>).
+	ConsoleAddr string `yaml:"console_addr"`
+	ConsoleURL  string `yaml:"console_url"`
 
 	// Set by the program, not by flags, env or YAML.
 
@@ -90,6 +95,8 @@ type Config struct {
 	// Queues are the broker's outbound queue policies (zero: the broker's
 	// DefaultQueues); a zero MaxOffline takes MaxQueuedDevice/Service.
 	Queues broker.Queues `yaml:"-"`
+	// Console tunes the web console (zero: its defaults).
+	Console console.Options `yaml:"-"`
 }
 
 // DefaultDataDir is used when nothing else names one.
@@ -153,6 +160,9 @@ func Flags(fs *pflag.FlagSet, d Config) {
 	// devices in the field
 	fs.String("min-tls", d.MinTLS, "lowest TLS version of MQTT and wss clients: 1.3, or 1.2 (ECDHE-ECDSA with AES-GCM or ChaCha20-Poly1305 only)")
 	fs.String("wss-listen", d.WSSListen, "MQTT over WebSocket (wss, mTLS) listen address (empty: off)")
+	// console
+	fs.String("console-addr", d.ConsoleAddr, "web console HTTPS listen address (empty: off); sign in with `fleetgate console login`")
+	fs.String("console-url", d.ConsoleURL, "URL the console's sign-in links start with (default https://localhost:<console port>)")
 }
 
 // keys are the layered settings, by flag name.
@@ -163,6 +173,7 @@ var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only",
 	"tpm-deny-list", // TPM deny-list
 	// admission
 	"hello-timeout", "sub-rate", "sub-burst",
+	"console-addr", "console-url", // console
 	"min-tls", "wss-listen"} // devices in the field
 
 // Load layers YAML file (if --config or FLEETGATE_CONFIG names one),
@@ -296,6 +307,11 @@ func assign(c *Config, k string, f *pflag.Flag) error {
 		c.MinTLS, err = fs.GetString(k)
 	case "wss-listen":
 		c.WSSListen, err = fs.GetString(k)
+	// console
+	case "console-addr":
+		c.ConsoleAddr, err = fs.GetString(k)
+	case "console-url":
+		c.ConsoleURL, err = fs.GetString(k)
 	}
 	return err
 }
@@ -317,6 +333,10 @@ func (c Config) Validate() []error {
 	checkAddr("mqtt_addr", c.MQTTAddr, false)
 	checkAddr("api_addr", c.APIAddr, false)
 	checkAddr("metrics_addr", c.MetricsAddr, true)
+	checkAddr("console_addr", c.ConsoleAddr, true)
+	if c.ConsoleAddr != "" && c.Only == "broker" {
+		errs = append(errs, errors.New("console_addr: the console runs where the registry is, not with --only broker"))
+	}
 	switch c.Only {
 	case "", "broker", "enroll":
 	default:

@@ -31,6 +31,7 @@ type Addrs struct {
 	API     string `json:"api,omitempty"`
 	Metrics string `json:"metrics,omitempty"`
 	WSS     string `json:"wss,omitempty"`
+	Console string `json:"console,omitempty"`
 }
 
 // ReadAddrs reads an address file. The gateway writes it whole (a rename),
