@@ -122,6 +122,7 @@ type Broker struct {
 	server *mqtt.Server
 	hook   *auth.Hook
 	events *eventsHook
+	admin  *adminHook // admin.go
 	ln     *listener
 	policy atomic.Pointer[acl.Policy]
 	m      metrics
@@ -256,6 +257,9 @@ func New(cfg Config) (*Broker, error) {
 	}
 	if err := b.addHook(b.hook, nil); err != nil {
 		return nil, fmt.Errorf("broker: add auth hook: %w", err)
+	}
+	if err := b.addAdminHook(); err != nil {
+		return nil, fmt.Errorf("broker: add admin hook: %w", err)
 	}
 	fh := &fanoutFirstHook{b: b}
 	fh.inline = b.server.NewClient(nil, "local", fanoutClientID, true)

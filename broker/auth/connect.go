@@ -74,7 +74,7 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		h.refuse("connect", id, cl.Net.Remote, err)
 		return false
 	}
-	if cl.ID != id.Name { // clients may not pick their own ID
+	if !ClientIDMatches(cl.ID, id) { // clients may not pick their own ID (clientid.go)
 		h.o.Logger.Warn("connection refused", "reason", fleet.ReasonClientIDDiffer, "identity", id.String(), "client_id", cl.ID, "remote", cl.Net.Remote)
 		if h.o.Metrics.AuthFailure != nil {
 			h.o.Metrics.AuthFailure(fleet.ReasonClientIDDiffer)

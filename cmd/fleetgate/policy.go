@@ -16,7 +16,8 @@ import (
 )
 
 func policyCmd() *cobra.Command {
-	c, af := operatorCmd("policy", "The broker's topic policy")
+	c := &cobra.Command{Use: "policy", Short: "The broker's topic policy"}
+	af := &adminFlags{}
 	reload := &cobra.Command{
 		Use:   "reload",
 		Short: "Reload the policy file in the running server (a bad file is refused; the old policy stays)",
@@ -98,7 +99,28 @@ func policyCmd() *cobra.Command {
 	explain.Flags().BoolVar(&retain, "retain", false, "with --publish: the retain flag")
 	explain.Flags().StringVar(&sub, "subscribe", "", "filter to subscribe to")
 	_ = explain.MarkFlagRequired("identity")
-	c.AddCommand(reload, show, explain)
+	explain.Flags().StringVar(&af.dataDir, "data-dir", envOr("FLEETGATE_DATA_DIR", server.DefaultDataDir), "data directory (its policy.yaml)")
+	inForce := &cobra.Command{Use: "show", Short: "Show the policy in force on the server: its file, rule counts and text"}
+	inForceJSON := jsonFlag(inForce)
+	inForce.RunE = func(cmd *cobra.Command, _ []string) error {
+		return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
+			p, err := cl.Policy(ctx)
+			if err != nil {
+				return err
+			}
+			if *inForceJSON {
+				return printJSON(cmd.OutOrStdout(), p)
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "# in force: %s, %d rules of the file (%d compiled)\n", p.File, p.FileRules, p.Rules)
+			fmt.Fprint(cmd.OutOrStdout(), p.YAML)
+			return nil
+		})
+	}
+	// Only the commands that call the server have its flags; default and
+	// explain are local.
+	af.add(reload)
+	af.add(inForce)
+	c.AddCommand(reload, show, explain, inForce)
 	return c
 }
 
