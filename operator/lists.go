@@ -8,6 +8,7 @@ import (
 	"strconv"
 
 	"github.com/fleetgate/fleetgate/api"
+	"github.com/fleetgate/fleetgate/enroll"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/fleet"
 )
@@ -61,7 +62,11 @@ func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error, kind, n
 	if kind == "device" {
 		dev = name
 	}
-	s.enroll.WriteError(w, r, asAPIError(registryError(err)), dev)
+	var e *enroll.Error
+	if !errors.As(err, &e) {
+		err = registryError(err)
+	}
+	s.enroll.WriteError(w, r, asAPIError(err), dev)
 }
 
 // badRequest writes a 400 with code and message.

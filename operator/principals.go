@@ -154,16 +154,20 @@ func (s *Server) revokePrincipal(w http.ResponseWriter, r *http.Request, op iden
 		s.badRequest(w, r, "reason_required", "revocation needs a JSON body with a reason", err)
 		return
 	}
+	reason, err := revocationReason(req)
+	if err != nil {
+		s.fail(w, r, err, "", "")
+		return
+	}
 	before := 0
 	if s.cfg.Broker != nil {
 		before = s.cfg.Broker.Online(name)
 	}
 	var serials []string
-	var err error
 	if role == identity.RoleOperator {
-		serials, err = s.cfg.Registry.RemoveOperator(name, req.Reason, op.String())
+		serials, err = s.cfg.Registry.RemoveOperator(name, reason, op.String())
 	} else {
-		serials, err = s.cfg.Registry.RevokePrincipal(role, name, req.Reason, op.String())
+		serials, err = s.cfg.Registry.RevokePrincipal(role, name, reason, op.String())
 	}
 	if errors.Is(err, registry.ErrLastAdmin) {
 		s.enroll.WriteError(w, r, apiErr(http.StatusConflict, "last_admin", fmt.Sprintf("operator %s is the last admin; add another admin first", name), err), "")

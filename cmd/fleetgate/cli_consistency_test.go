@@ -189,3 +189,24 @@ func TestCLIConsistency(t *testing.T) {
 		t.Fatalf("audit export: %d records", len(lines))
 	}
 }
+
+// TestRevokeOutputIsTruthful: devices suspend/revoke print "live session
+// closed" only when one was, and accept the identity as printed.
+func TestRevokeOutputIsTruthful(t *testing.T) {
+	g := fleetWithTraffic(t)
+	out, _, err := run(t, g, "devices", "suspend", "device/sensor-1")
+	if err != nil || !strings.Contains(out, "live session closed") {
+		t.Fatalf("suspend of a connected device: %v %q", err, out)
+	}
+	out, _, err = run(t, g, "devices", "revoke", "spiffe://test.fleetgate/device/sensor-1", "--reason", "stolen")
+	if err != nil || !strings.Contains(out, "no live session") {
+		t.Fatalf("revoke of a disconnected device: %v %q", err, out)
+	}
+	if _, _, err := run(t, g, "devices", "show", "service/backend"); exitCode(err) != 2 {
+		t.Fatalf("a service identity as a device: %v", err)
+	}
+	_, _, err = run(t, g, "devices", "show", "nope")
+	if err == nil || !strings.Contains(err.Error(), "device nope not found") || exitCode(err) != 1 {
+		t.Fatalf("unknown device: %v", err)
+	}
+}
