@@ -53,6 +53,9 @@ type Rule struct {
 	Roles []identity.Role
 	// Groups the rule applies to (devices); empty: every group.
 	Groups []string
+	// Names the rule applies to (identity names, e.g. one service's);
+	// empty: every name (names.go).
+	Names  []string
 	Effect Effect
 	Access Access
 	// Filter is an MQTT filter with optional placeholder levels {id} and
@@ -197,6 +200,9 @@ func safeValue(v string) bool {
 
 func (c *compiled) applies(s *Subject) bool {
 	if c.roles != 0 && c.roles&roleBit(s.Role) == 0 {
+		return false
+	}
+	if !c.appliesToName(s.ID) {
 		return false
 	}
 	if len(c.Groups) > 0 {

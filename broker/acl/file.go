@@ -33,6 +33,7 @@ type FileRule struct {
 	Name   string   `yaml:"name"`
 	Roles  []string `yaml:"roles"`
 	Groups []string `yaml:"groups"`
+	Names  []string `yaml:"names"` // identity names (a service's), names.go
 	Allow  []string `yaml:"allow"`
 	Deny   []string `yaml:"deny"`
 	Topics []string `yaml:"topics"`
@@ -184,6 +185,7 @@ func (fr FileRule) rules() ([]Rule, error) {
 			errs = append(errs, fmt.Errorf("group %q: %w", g, err))
 		}
 	}
+	errs = append(errs, checkNames(fr.Names)...)
 	if len(fr.Topics) == 0 {
 		errs = append(errs, errors.New("no topics"))
 	}
@@ -192,7 +194,7 @@ func (fr FileRule) rules() ([]Rule, error) {
 	}
 	out := make([]Rule, 0, len(fr.Topics))
 	for _, t := range fr.Topics {
-		out = append(out, Rule{Name: fr.Name, Roles: roles, Groups: fr.Groups, Effect: eff, Access: acc, Filter: t})
+		out = append(out, Rule{Name: fr.Name, Roles: roles, Groups: fr.Groups, Names: fr.Names, Effect: eff, Access: acc, Filter: t})
 	}
 	return out, nil
 }
