@@ -119,6 +119,7 @@ func setCmd(af *adminFlags) *cobra.Command {
 // certificatesCmd revokes single certificates.
 func certificatesCmd() *cobra.Command {
 	var af adminFlags
+	var certJSON *bool
 	var reason, code string
 	certs := &cobra.Command{Use: "certificates", Short: "Single certificates"}
 	revoke := &cobra.Command{
@@ -133,6 +134,9 @@ func certificatesCmd() *cobra.Command {
 				if err := cl.RevokeCertificateReq(ctx, args[0], api.StateChangeRequest{Reason: reason, ReasonCode: code}); err != nil {
 					return err
 				}
+				if *certJSON {
+					return printJSON(cmd.OutOrStdout(), api.StateChangeResponse{RevokedSerials: []string{args[0]}, SessionsClosed: true})
+				}
 				fmt.Fprintf(cmd.OutOrStdout(), "certificate %s revoked\n", args[0])
 				return nil
 			})
@@ -140,6 +144,7 @@ func certificatesCmd() *cobra.Command {
 	}
 	revoke.Flags().StringVar(&reason, "reason", "", "why (kept in the audit log)")
 	revoke.Flags().StringVar(&code, "reason-code", "", "CRL reason: keyCompromise, cessationOfOperation, superseded, ... (default: from --reason)")
+	certJSON = jsonFlag(revoke)
 	certs.AddCommand(revoke)
 	af.add(certs)
 	return certs

@@ -18,6 +18,7 @@ import (
 func policyCmd() *cobra.Command {
 	c := &cobra.Command{Use: "policy", Short: "The broker's topic policy"}
 	af := &adminFlags{}
+	var reloadJSON *bool
 	reload := &cobra.Command{
 		Use:   "reload",
 		Short: "Reload the policy file in the running server (a bad file is refused; the old policy stays)",
@@ -26,6 +27,9 @@ func policyCmd() *cobra.Command {
 				res, err := cl.ReloadPolicyFile(ctx)
 				if err != nil {
 					return err
+				}
+				if *reloadJSON {
+					return printJSON(cmd.OutOrStdout(), res)
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "policy reloaded from %s: %d rules of the file (%d compiled) in force\n", res.File, res.FileRules, res.Rules)
 				return nil
@@ -120,6 +124,7 @@ func policyCmd() *cobra.Command {
 	// explain are local.
 	af.add(reload)
 	af.add(inForce)
+	reloadJSON = jsonFlag(reload)
 	c.AddCommand(reload, show, explain, inForce)
 	return c
 }
