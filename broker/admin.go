@@ -43,6 +43,13 @@ func (b *Broker) addAdminHook() error {
 	return b.addHook(b.admin, nil)
 }
 
+// clientName is the identity name of a client ID: a service's further
+// connections are <name>:<suffix>.
+func clientName(clientID string) string {
+	name, _, _ := strings.Cut(clientID, ":")
+	return name
+}
+
 // Online returns the number of live connections of name: client ID name
 // and name:<suffix> (a service running several connections).
 func (b *Broker) Online(name string) int {

@@ -365,7 +365,7 @@ func (b *Broker) clientRole(cl *mqtt.Client) identity.Role {
 		return c.role
 	}
 	if cl.Net.Conn == nil && b.cfg.Directory != nil {
-		if r, ok := b.cfg.Directory.PrincipalRole(cl.ID); ok {
+		if r, ok := b.cfg.Directory.PrincipalRole(clientName(cl.ID)); ok {
 			return r
 		}
 	}

@@ -405,3 +405,39 @@ func TestServiceSeveralConnections(t *testing.T) {
 		t.Fatalf("policy: %+v %v", p, err)
 	}
 }
+
+// TestServiceReplicaSessionSurvivesRestart: a persistent session of
+// <name>:<suffix> is restored after a restart and gets the messages
+// queued for it while it was offline, checked as its service's identity.
+func TestServiceReplicaSessionSurvivesRestart(t *testing.T) {
+	dir := testenv.Init(t)
+	g := testenv.Start(t, testenv.Options{DataDir: dir})
+	svc := g.Service(t, "backend")
+	persistent := func(o *paho.ClientOptions) { o.SetCleanSession(false) }
+	c, err := g.MQTT(t, "backend:r2", &svc, persistent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wait(t, c.Subscribe("devices/+/telemetry/#", 1, nil))
+	c.Disconnect(100)
+	g.Stop()
+
+	g = testenv.Start(t, testenv.Options{DataDir: dir})
+	dev := deviceMQTT(t, g, "sensor-9", "lab")
+	wait(t, dev.Publish("devices/sensor-9/telemetry/t", 1, false, "while offline"))
+	got := make(chan string, 1)
+	_, err = g.MQTT(t, "backend:r2", &svc, persistent, func(o *paho.ClientOptions) {
+		o.SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { got <- string(m.Payload()) })
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-got:
+		if m != "while offline" {
+			t.Fatalf("got %q", m)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("the replica's queued message was not delivered after the restart")
+	}
+}
