@@ -12,7 +12,7 @@ const (
 	// PathAdminService is followed by {name}, {name}/renew, {name}/revoke.
 	PathAdminService   = "/v1/admin/services/"
 	PathAdminOperators = "/v1/admin/operators"
-	// PathAdminOperator is followed by {name} (DELETE).
+	// PathAdminOperator is followed by {name}/remove (POST, with a reason).
 	PathAdminOperator = "/v1/admin/operators/"
 	PathAdminClients  = "/v1/admin/clients"
 	// PathAdminClient is followed by {id} (GET) and {id}/disconnect (POST).

@@ -1,7 +1,10 @@
-// Package operator is the operator API: bootstrap tokens, service
-// certificates, devices (list, show, attributes, revoke, suspend, resume),
-// certificate revocation, manufacturing registration of TPM endorsement
-// keys, policy reload and the audit log. Only operator certificates may
+// Package operator is the operator API: bootstrap tokens (create, list,
+// revoke), services and operators (certificates by name; operator roles
+// admin and read-only, roles.go), devices and groups (list, show,
+// attributes, revoke, suspend, resume), certificate revocation with CRL
+// reason codes, manufacturing registration of TPM endorsement keys, the
+// broker's sessions and retained messages, the policy (show, reload) and
+// the audit log. Only operator certificates may
 // call it (mTLS, checked against the registry). It is mounted on the
 // enrollment service's listener under /v1/admin/ (the registry change feed
 // there belongs to the directory) and talks to the broker through Broker.
