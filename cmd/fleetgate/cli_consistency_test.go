@@ -102,7 +102,7 @@ var cliGroups = map[string]bool{"devices": true, "tokens": true, "services": tru
 	"retained": true, "groups": true, "policy": true, "audit": true, "certificates": true}
 
 // localCommands work without a server: they have no server flags.
-var localCommands = map[string]bool{"init": true, "policy default": true, "policy explain": true, "tpm check": true}
+var localCommands = map[string]bool{"init": true, "policy default": true, "tpm check": true}
 
 // TestCLIConsistency walks every command: each --json output parses;
 // an unknown subcommand and a stray argument exit with status 2; the

@@ -103,7 +103,6 @@ func policyCmd() *cobra.Command {
 	explain.Flags().BoolVar(&retain, "retain", false, "with --publish: the retain flag")
 	explain.Flags().StringVar(&sub, "subscribe", "", "filter to subscribe to")
 	_ = explain.MarkFlagRequired("identity")
-	explain.Flags().StringVar(&af.dataDir, "data-dir", envOr("FLEETGATE_DATA_DIR", server.DefaultDataDir), "data directory (its policy.yaml)")
 	inForce := &cobra.Command{Use: "show", Short: "Show the policy in force on the server: its file, rule counts and text"}
 	inForceJSON := jsonFlag(inForce)
 	inForce.RunE = func(cmd *cobra.Command, _ []string) error {
@@ -120,10 +119,11 @@ func policyCmd() *cobra.Command {
 			return nil
 		})
 	}
-	// Only the commands that call the server have its flags; default and
-	// explain are local.
+	// Only the commands that call the server have its flags (explain reads
+	// the data directory's policy.yaml); default is local.
 	af.add(reload)
 	af.add(inForce)
+	af.add(explain)
 	reloadJSON = jsonFlag(reload)
 	c.AddCommand(reload, show, explain, inForce)
 	return c
