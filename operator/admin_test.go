@@ -441,3 +441,36 @@ func TestServiceReplicaSessionSurvivesRestart(t *testing.T) {
 		t.Fatal("the replica's queued message was not delivered after the restart")
 	}
 }
+
+// TestRevokedTokenCannotEnroll: a revoked token is listed as revoked and
+// refused at enrollment; a used token cannot be revoked.
+func TestRevokedTokenCannotEnroll(t *testing.T) {
+	g := testenv.Start(t, testenv.Options{})
+	ctx := context.Background()
+	tok := g.Token(t, "late-1", "lab", time.Hour)
+	g.EnrollDevice(t, "early-1", "lab")
+	ts, err := g.Admin.Tokens(ctx, nil)
+	if err != nil || len(ts) != 2 {
+		t.Fatalf("tokens: %+v %v", ts, err)
+	}
+	states := map[string]api.Token{}
+	for _, x := range ts {
+		states[x.DeviceID] = x
+	}
+	if states["late-1"].State != "unused" || states["early-1"].State != "used" {
+		t.Fatalf("states: %+v", states)
+	}
+	if r, err := g.Admin.RevokeToken(ctx, states["late-1"].ID); err != nil || r.State != "revoked" {
+		t.Fatalf("revoke: %+v %v", r, err)
+	}
+	var e *api.Error
+	if err := g.Device(t, "late-1").EnrollWithToken(ctx, tok); !errors.As(err, &e) || e.Code != "token_expired" {
+		t.Fatalf("enrollment with a revoked token: %v", err)
+	}
+	if _, err := g.Admin.RevokeToken(ctx, states["early-1"].ID); !errors.As(err, &e) || e.Status != http.StatusConflict {
+		t.Fatalf("revoking a used token: %v", err)
+	}
+	if ts, err := g.Admin.Tokens(ctx, map[string][]string{"state": {"revoked"}}); err != nil || len(ts) != 1 || ts[0].DeviceID != "late-1" {
+		t.Fatalf("revoked tokens: %+v %v", ts, err)
+	}
+}
