@@ -58,6 +58,8 @@ func wrapArgs(c *cobra.Command) {
 			return nil
 		}
 		c.RunE = func(c *cobra.Command, _ []string) error {
+			c.SetOut(c.ErrOrStderr())
+			_ = c.Usage()
 			return usageError{fmt.Errorf("%s needs a subcommand: %s", c.CommandPath(), subNames(c))}
 		}
 	case c.Args == nil && len(strings.Fields(c.Use)) == 1:
