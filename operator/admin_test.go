@@ -127,6 +127,10 @@ func TestAdminAPIBadInput(t *testing.T) {
 		{"POST", "/v1/admin/groups/nogroup/suspend", "", 404, "not_found", "group nogroup not found"},
 		{"POST", "/v1/admin/groups/lab/revoke", "", 400, "reason_required", ""},
 		{"POST", "/v1/admin/groups/Lab!/revoke", `{"reason":"x"}`, 400, "invalid_group", ""},
+		{"POST", "/v1/admin/groups/lab/suspend", `{`, 400, "", ""},
+		{"POST", "/v1/admin/groups/lab/revoke", `{"reason":"x","reason_code":"nope"}`, 400, "invalid_reason_code", ""},
+		{"POST", "/v1/admin/operators", `{"name":"x","unknown_field":1}`, 400, "", ""},
+		{"POST", "/v1/admin/services/nope/renew", `{"ttl":"soon"}`, 400, "", ""},
 	} {
 		status, e := call(t, g, admin, tc.method, tc.path, tc.body)
 		if status != tc.status || (tc.code != "" && e.Code != tc.code) || !strings.Contains(e.Message, tc.msg) {
