@@ -67,6 +67,10 @@ type Config struct {
 	SubRate      float64       `yaml:"sub_rate"`
 	SubBurst     int           `yaml:"sub_burst"`
 
+	// Cluster: a node of a cluster on NATS JetStream (server/cluster.go);
+	// zero is the single box.
+	Cluster ClusterConfig `yaml:",inline"`
+
 	// Set by the program, not by flags, env or YAML.
 
 	// Logger receives the process's log (nil: discarded); the serve
@@ -108,6 +112,7 @@ func Defaults() Config {
 		// admission
 		HelloTimeout: 3 * time.Second, SubRate: broker.DefaultLimits.SubRate, SubBurst: broker.DefaultLimits.SubBurst,
 		SweepInterval: 10 * time.Second,
+		Cluster:       ClusterConfig{StaleAfter: time.Second},
 	}
 }
 
@@ -145,6 +150,7 @@ func Flags(fs *pflag.FlagSet, d Config) {
 	fs.Duration("hello-timeout", d.HelloTimeout, "deadline for a connection's first complete TLS ClientHello (then --handshake-timeout applies)")
 	fs.Float64("sub-rate", d.SubRate, "per-device rate of topic filters in SUBSCRIBE/UNSUBSCRIBE (filters/s); over it (plus --sub-burst): disconnect, MQTT 5 reason 0x96")
 	fs.Int("sub-burst", d.SubBurst, "per-device burst of topic filters above --sub-rate")
+	clusterFlags(fs, d)
 }
 
 // keys are the layered settings, by flag name.
@@ -283,6 +289,8 @@ func assign(c *Config, k string, f *pflag.Flag) error {
 		c.SubRate, err = fs.GetFloat64(k)
 	case "sub-burst":
 		c.SubBurst, err = fs.GetInt(k)
+	default:
+		err = assignCluster(c, k, fs)
 	}
 	return err
 }
@@ -361,5 +369,6 @@ func (c Config) Validate() []error {
 	if c.SubRate <= 0 || c.SubBurst <= 0 {
 		errs = append(errs, errors.New("sub_rate and sub_burst must be positive"))
 	}
+	errs = append(errs, c.Cluster.validate()...)
 	return errs
 }
