@@ -45,7 +45,7 @@ func clusterDevices() int {
 	if n, err := strconv.Atoi(os.Getenv("FLEETGATE_CLUSTER_DEVICES")); err == nil && n > 0 {
 		return n
 	}
-	return 100
+	return 50 // the issue's 200: FLEETGATE_CLUSTER_DEVICES=200
 }
 
 // Issue test 7: devices enrolled through node 1 and connected to node 2
