@@ -247,8 +247,12 @@ func (p *clusterPart) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	dirStore, err := kvtx.NewJetStream(ctx, p.nc, js, dirKV)
+	if err != nil {
+		return err
+	}
 	p.shared.set(store)
-	f := dirfeed.New(dirfeed.Config{NC: p.nc, KV: dirKV, Dir: p.dir, Node: p.cfg.NodeName, StaleAfter: p.cfg.StaleAfter, Logger: p.log})
+	f := dirfeed.New(dirfeed.Config{NC: p.nc, KV: dirKV, Store: dirStore, Dir: p.dir, Node: p.cfg.NodeName, StaleAfter: p.cfg.StaleAfter, Logger: p.log})
 	p.mu.Lock()
 	p.feed = f
 	p.mu.Unlock()

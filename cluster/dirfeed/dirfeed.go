@@ -43,6 +43,7 @@ import (
 
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/directory"
+	"github.com/fleetgate/fleetgate/enroll/registry/kvtx"
 	"github.com/fleetgate/fleetgate/fleet"
 )
 
@@ -51,9 +52,12 @@ const Bucket = "fleetgate_dir"
 
 // Config of a Feed.
 type Config struct {
-	NC  *nats.Conn
-	KV  jetstream.KeyValue // the bucket (natsnode.Bucket(Bucket))
-	Dir *directory.Directory
+	NC *nats.Conn
+	KV jetstream.KeyValue // the bucket (natsnode.Bucket(Bucket))
+	// Store is the same bucket as a kvtx store: publication reads from the
+	// stream's leader and writes by compare-and-swap.
+	Store kvtx.Store
+	Dir   *directory.Directory
 	// Node names this node (a KV key token: [a-z0-9-]).
 	Node string
 	// StaleAfter bounds how old the proven view may be (default 1 s).
@@ -406,63 +410,37 @@ func (f *Feed) publish(key string) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	if seen.rev > 0 {
-		// One round trip when the bucket is where this node saw it last.
-		merged, err := merge(key, []byte(seen.val), val)
-		if err != nil {
-			return err
-		}
-		if string(merged) == seen.val {
-			return nil
-		}
-		rev, err := f.cfg.KV.Update(ctx, key, merged, seen.rev)
-		if err == nil {
-			f.markSeen(key, merged, rev)
-			return nil
-		}
-		if !isWrongRev(err) {
-			return err
-		}
-	}
+	cur, rev := []byte(seen.val), seen.rev // one round trip when the bucket is where this node saw it last
 	for range 10 {
-		e, err := f.cfg.KV.Get(ctx, key)
-		switch {
-		case err == nil:
-			merged, err := merge(key, e.Value(), val)
-			if err != nil {
+		if rev == 0 {
+			e, err := f.cfg.Store.Get(ctx, key)
+			if err != nil && !errors.Is(err, kvtx.ErrNotFound) {
 				return err
 			}
-			if string(merged) == string(e.Value()) {
-				f.markSeen(key, merged, e.Revision())
-				return nil
-			}
-			rev, err := f.cfg.KV.Update(ctx, key, merged, e.Revision())
-			if err == nil {
-				f.markSeen(key, merged, rev)
-				return nil
-			}
-			if !isWrongRev(err) {
+			cur, rev = e.Value, e.Rev
+		}
+		next := val
+		if cur != nil {
+			var err error
+			if next, err = merge(key, cur, val); err != nil {
 				return err
 			}
-		case errors.Is(err, jetstream.ErrKeyNotFound):
-			rev, err := f.cfg.KV.Create(ctx, key, val)
-			if err == nil {
-				f.markSeen(key, val, rev)
+			if string(next) == string(cur) {
+				f.markSeen(key, next, rev)
 				return nil
 			}
-			if !errors.Is(err, jetstream.ErrKeyExists) && !isWrongRev(err) {
-				return err
-			}
-		default:
+		}
+		revs, err := f.cfg.Store.Commit(ctx, kvtx.Op{Key: key, Value: next, Expect: rev})
+		if err == nil {
+			f.markSeen(key, next, revs[0])
+			return nil
+		}
+		if !errors.Is(err, kvtx.ErrRevision) {
 			return err
 		}
+		rev = 0 // another node wrote it: read it again
 	}
 	return fmt.Errorf("dirfeed: %s: too many concurrent writers", key)
-}
-
-func isWrongRev(err error) bool {
-	var apiErr *jetstream.APIError
-	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == 10164)
 }
 
 func (f *Feed) markSeen(key string, val []byte, rev uint64) {
