@@ -237,3 +237,60 @@ func TestClusterExternalNATS(t *testing.T) {
 		t.Fatal("revocation through the first node did not close the session on the second")
 	}
 }
+
+// A NATS server dies under a node (external NATS): its client reconnects
+// to another server, the directory watch resumes from its last applied
+// revision, and revocations through another node still close sessions on
+// it (the time from the call is logged; a watch alone would be silent
+// until nats.go's idle heartbeats noticed, about 10 s).
+func TestClusterExternalNATSServerKilled(t *testing.T) {
+	nats := natstest.Start(t, 3)
+	src := testenv.Init(t)
+	urls := []string{nats.Nodes[0].ClientURL(), nats.Nodes[1].ClientURL() + "," + nats.Nodes[2].ClientURL()}
+	nodes := make([]*testenv.Gateway, 2)
+	for i := range nodes {
+		dir := filepath.Join(t.TempDir(), fmt.Sprint("ext", i))
+		if err := testenv.CopyDataDir(dir, src); err != nil {
+			t.Fatal(err)
+		}
+		cfg := testenv.Config(t, testenv.Options{DataDir: dir})
+		cfg.Cluster = fgserver.ClusterConfig{NATSURL: urls[i], NodeName: fmt.Sprintf("ext%d", i), StaleAfter: time.Second}
+		nodes[i] = testenv.StartConfig(t, cfg)
+	}
+	for _, g := range nodes {
+		testenv.Eventually(t, 30*time.Second, func() error {
+			if code := g.Ready(); code != http.StatusOK {
+				return fmt.Errorf("/readyz %d", code)
+			}
+			return nil
+		})
+	}
+	const n = 3
+	lost := make([]chan time.Time, n)
+	for i := range n {
+		id := fmt.Sprint("nk-", i)
+		cert := deviceCert(t, nodes[0].EnrollDevice(t, id, "fleet"))
+		lost[i] = make(chan time.Time, 1)
+		testenv.Eventually(t, 10*time.Second, func() error {
+			_, err := nodes[1].MQTT(t, id, cert, func(o *paho.ClientOptions) {
+				o.SetConnectionLostHandler(func(paho.Client, error) { lost[i] <- time.Now() })
+			})
+			return err
+		})
+	}
+	// Node 2's client is on NATS server 2 (URLs are tried in order).
+	nats.Nodes[1].Shutdown()
+	for i := range n {
+		t0 := time.Now()
+		testenv.Eventually(t, 20*time.Second, func() error {
+			_, err := nodes[0].Admin.DeviceAction(context.Background(), fmt.Sprint("nk-", i), "revoke", "e2e")
+			return err
+		})
+		select {
+		case at := <-lost[i]:
+			t.Logf("NATS server under node 2 killed; revocation %d through node 1 closed the session on node 2 %s after the call", i, at.Sub(t0).Round(time.Millisecond))
+		case <-time.After(20 * time.Second):
+			t.Fatalf("revocation %d did not close the session on node 2 after its NATS server died", i)
+		}
+	}
+}
