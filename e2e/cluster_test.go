@@ -294,3 +294,66 @@ func TestClusterExternalNATSServerKilled(t *testing.T) {
 		}
 	}
 }
+
+// A device enrolled through node 1 is revoked, suspended and resumed
+// through node 2: the session on node 3 follows, and node 1's own records
+// (which hold the device) follow too.
+func TestClusterDeviceOfAnotherNodeManagedThroughAnyNode(t *testing.T) {
+	c := testenv.StartCluster(t, 3, nil)
+	n1, n2, n3 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
+	ctx := context.Background()
+	state := func(g *testenv.Gateway, id, want string) {
+		t.Helper()
+		testenv.Eventually(t, 10*time.Second, func() error {
+			d, err := g.Admin.Device(ctx, id)
+			if err != nil {
+				return err
+			}
+			if d.State != want {
+				return fmt.Errorf("%s is %s on the node that enrolled it, want %s", id, d.State, want)
+			}
+			return nil
+		})
+	}
+	sus := deviceCert(t, n1.EnrollDevice(t, "other-sus", "fleet"))
+	testenv.Eventually(t, 10*time.Second, func() error { _, err := n3.MQTT(t, "other-sus", sus); return err })
+	if _, err := n2.Admin.DeviceAction(ctx, "other-sus", "suspend", "e2e"); err != nil {
+		t.Fatal(err)
+	}
+	state(n1, "other-sus", "suspended")
+	if _, err := n3.MQTT(t, "other-sus", sus); err == nil {
+		t.Fatal("a device suspended through node 2 connected to node 3")
+	}
+	if _, err := n2.Admin.DeviceAction(ctx, "other-sus", "resume", "e2e"); err != nil {
+		t.Fatal(err)
+	}
+	state(n1, "other-sus", "active")
+	testenv.Eventually(t, 10*time.Second, func() error { _, err := n3.MQTT(t, "other-sus", sus); return err })
+
+	rev := deviceCert(t, n1.EnrollDevice(t, "other-rev", "fleet"))
+	lost := make(chan struct{}, 1)
+	testenv.Eventually(t, 10*time.Second, func() error {
+		_, err := n3.MQTT(t, "other-rev", rev, func(o *paho.ClientOptions) {
+			o.SetConnectionLostHandler(func(paho.Client, error) { lost <- struct{}{} })
+		})
+		return err
+	})
+	res, err := n2.Admin.DeviceAction(ctx, "other-rev", "revoke", "e2e")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.RevokedSerials) != 1 {
+		t.Errorf("revoked serials %v, want the device's one certificate", res.RevokedSerials)
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("revocation through node 2 of a device of node 1 did not close its session on node 3")
+	}
+	state(n1, "other-rev", "revoked")
+	for k, g := range c.Nodes {
+		if _, err := g.MQTT(t, "other-rev", rev); err == nil {
+			t.Fatalf("revoked device reconnected to node %d", k+1)
+		}
+	}
+}
