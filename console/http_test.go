@@ -407,3 +407,58 @@ func TestSignInLinksAreBounded(t *testing.T) {
 	}
 	e.link(t)
 }
+
+// The device list's search, filters and pages, and the audit log's
+// filters.
+func TestDeviceListAndAuditFilters(t *testing.T) {
+	e := start(t, console.Options{PageSize: 2})
+	for _, d := range []struct{ id, group string }{{"pump-1", "plant"}, {"pump-2", "plant"}, {"door-1", "office"}} {
+		e.g.EnrollDevice(t, d.id, d.group)
+	}
+	if _, err := e.g.Admin.DeviceAction(context.Background(), "pump-2", "suspend", "leak"); err != nil {
+		t.Fatal(err)
+	}
+	cookie, _ := e.signIn(t)
+	rows := func(query string) []string {
+		t.Helper()
+		resp, body := e.get(t, e.base+"/devices?"+query, cookie)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s: %s", query, resp.Status)
+		}
+		var ids []string
+		for _, m := range regexp.MustCompile(`<td><a href="/devices/([a-z0-9-]+)">`).FindAllStringSubmatch(body, -1) {
+			ids = append(ids, m[1])
+		}
+		return ids
+	}
+	for q, want := range map[string]string{
+		"":                       "door-1 pump-1", // page 1 of 2
+		"page=2":                 "pump-2",
+		"q=pump":                 "pump-1 pump-2",
+		"group=office":           "door-1",
+		"state=suspended":        "pump-2",
+		"method=token&online=no": "door-1 pump-1",
+		"online=yes":             "",
+		"q=pump&state=active":    "pump-1",
+	} {
+		if got := strings.Join(rows(q), " "); got != want {
+			t.Errorf("devices?%s: %q, want %q", q, got, want)
+		}
+	}
+	_, body := e.get(t, e.base+"/devices?state=", cookie)
+	if !strings.Contains(body, `<a href="/devices?page=2" rel="next">`) || strings.Contains(body, `rel="prev"`) {
+		t.Errorf("page 1 of 2: links wrong")
+	}
+	_, body = e.get(t, e.base+"/devices?page=2&method=token", cookie)
+	if !strings.Contains(body, `<a href="/devices?method=token&amp;page=1" rel="prev">`) {
+		t.Errorf("page 2 of 2: no link to page 1")
+	}
+	_, body = e.get(t, e.base+"/audit?action=device.suspend", cookie)
+	if !strings.Contains(body, "leak") || strings.Contains(body, "token.create") {
+		t.Errorf("audit filtered by action:\n%s", body)
+	}
+	_, body = e.get(t, e.base+"/audit?device=door-1", cookie)
+	if strings.Contains(body, "pump-") || !strings.Contains(body, "enroll.token") {
+		t.Errorf("audit filtered by device:\n%s", body)
+	}
+}

@@ -30,9 +30,6 @@ var webFS embed.FS
 const csp = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; " +
 	"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 
-// pageSize is the devices per page of the device list.
-const pageSize = 50
-
 // auditScan bounds the records one audit page reads when it filters on
 // actor, action or outcome.
 const auditScan = 2000
@@ -332,10 +329,11 @@ func (c *Console) handleDevices(w http.ResponseWriter, r *http.Request, q req) {
 	sort.Strings(d.Groups)
 	sort.Slice(rows, func(i, j int) bool { return rows[i].ID < rows[j].ID })
 	d.Total = len(rows)
-	d.Pages = max(1, (d.Total+pageSize-1)/pageSize)
+	size := c.opt.PageSize
+	d.Pages = max(1, (d.Total+size-1)/size)
 	d.Page = min(d.Page, d.Pages)
-	lo := (d.Page - 1) * pageSize
-	d.Rows = rows[lo:min(lo+pageSize, len(rows))]
+	lo := (d.Page - 1) * size
+	d.Rows = rows[lo:min(lo+size, len(rows))]
 	link := func(p int) string {
 		u := url.Values{}
 		for k, val := range map[string]string{"q": d.Q, "group": d.Group, "state": d.State, "method": d.Method, "online": d.Online} {
