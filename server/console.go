@@ -12,6 +12,7 @@ import (
 
 	"github.com/fleetgate/fleetgate/console"
 	"github.com/fleetgate/fleetgate/enroll"
+	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/operator"
 )
 
@@ -27,6 +28,9 @@ func (s *Server) buildConsole(p pki, es *enroll.Server, op *operator.Server) err
 		Logger: s.log.With("component", "console")}
 	if s.broker != nil {
 		cc.Broker = s.broker
+	}
+	if cc.Role == nil {
+		cc.Role = operatorRoles(s.reg)
 	}
 	c, err := console.New(cc)
 	if err != nil {
@@ -52,6 +56,22 @@ func (s *Server) buildConsole(p pki, es *enroll.Server, op *operator.Server) err
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}}
 	s.log.Info("web console listening", "addr", s.addrs.Console)
 	return nil
+}
+
+// operatorRoles is the console's role lookup: the registry's operator
+// roles ("admin", "read-only") when it stores them, else nil (every
+// operator is an admin).
+func operatorRoles(reg any) func(identity.Identity) (console.Role, error) {
+	r, ok := reg.(interface {
+		OperatorRole(name string) (string, error)
+	})
+	if !ok {
+		return nil
+	}
+	return func(op identity.Identity) (console.Role, error) {
+		role, err := r.OperatorRole(op.Name)
+		return console.Role(role), err
+	}
 }
 
 // consoleURL is the start of the console's links: the configured URL, else
