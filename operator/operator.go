@@ -127,6 +127,7 @@ func (s *Server) Register(m Mux) {
 	m.HandleFunc("POST "+api.PathAdminCertificates+"{serial}/revoke", s.admin(s.handleCertRevoke))
 	m.HandleFunc("PATCH "+api.PathAdminDevices+"/{id}", s.admin(s.handleDeviceUpdate))
 	m.HandleFunc("POST "+api.PathAdminPolicyReload, s.admin(s.handlePolicyReload))
+	m.HandleFunc("POST "+api.PathAdminDiagnose, s.admin(s.handleDiagnose))
 }
 
 // authenticate returns the identity of r's client certificate once it

@@ -112,7 +112,14 @@ func BrokerConfig(cfg Config) broker.Config {
 		Limits: broker.Limits{MsgRate: cfg.MsgRate, MsgBurst: cfg.MsgBurst, ByteRate: cfg.ByteRate, ByteBurst: byteBurst,
 			MaxSubscriptions: cfg.MaxSubscriptions, SubRate: cfg.SubRate, SubBurst: cfg.SubBurst},
 		Queues: q,
+		// devices in the field (Validate checked MinTLS)
+		MinTLS: minTLS(cfg.MinTLS), WSSAddr: cfg.WSSListen,
 	}
+}
+
+func minTLS(s string) uint16 {
+	v, _ := broker.ParseMinTLS(s)
+	return v
 }
 
 // offlineQuota maps max_queued_* (0: no quota) to a queue policy's
@@ -144,6 +151,7 @@ func (s *Server) buildBroker(p pki, dir *directory.Directory) error {
 	}
 	s.broker = b
 	s.addrs.MQTT = b.Addr()
+	s.addrs.WSS = b.WSSAddr()
 	s.policy = &brokerPolicy{b: b, layout: s.layout, file: s.cfg.PolicyFile, log: s.log}
 	if s.rep != nil {
 		s.ready = append(s.ready, s.rep.Fresh)

@@ -36,14 +36,17 @@ func policyCmd() *cobra.Command {
 		Short: "Print the built-in default policy (a starting point for policy.yaml)",
 		Run:   func(cmd *cobra.Command, _ []string) { fmt.Fprint(cmd.OutOrStdout(), acl.DefaultFile) },
 	}
-	var file, ident, group, pub, sub string
+	var file, ident, group, pub, sub, attestation string
+	var fromRegistry bool
 	var tags []string
 	var retain bool
 	explain := &cobra.Command{
 		Use:   "explain",
 		Short: "Say whether an identity may publish or subscribe, and which rule decides",
 		Example: `  fleetgate policy explain --identity spiffe://fleetgate.local/device/sensor-1 --group lab --publish devices/sensor-1/telemetry/t
-  fleetgate policy explain --identity spiffe://fleetgate.local/service/backend --subscribe 'devices/#'`,
+  fleetgate policy explain --identity spiffe://fleetgate.local/service/backend --subscribe 'devices/#'
+  fleetgate policy explain --identity spiffe://fleetgate.local/device/sensor-1 --attestation token --publish devices/sensor-1/firmware/v2
+  fleetgate policy explain --from-registry --identity spiffe://fleetgate.local/device/sensor-1 --publish devices/sensor-1/firmware/v2`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if (pub == "") == (sub == "") {
 				return errors.New("give exactly one of --publish TOPIC or --subscribe FILTER")
@@ -64,7 +67,12 @@ func policyCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("--identity: %w", err)
 			}
-			s := acl.Subject{Role: id.Role, ID: id.Name, Group: group, Tags: map[string]string{}}
+			s := acl.Subject{Role: id.Role, ID: id.Name, Group: group, Tags: map[string]string{}, Attestation: attestation}
+			if fromRegistry {
+				if err := subjectFromRegistry(cmd, af, &s); err != nil {
+					return err
+				}
+			}
 			for _, t := range tags {
 				k, v, ok := strings.Cut(t, "=")
 				if !ok {
@@ -84,6 +92,7 @@ func policyCmd() *cobra.Command {
 				src = "built-in default policy"
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "%s %s: %s  [%s]\n", id, what, p.Explain(d), src)
+			explainMisses(cmd.OutOrStdout(), p, s, pub, sub, retain)
 			if !d.Allowed {
 				return errDenied
 			}
@@ -97,6 +106,8 @@ func policyCmd() *cobra.Command {
 	explain.Flags().StringVar(&pub, "publish", "", "topic to publish to")
 	explain.Flags().BoolVar(&retain, "retain", false, "with --publish: the retain flag")
 	explain.Flags().StringVar(&sub, "subscribe", "", "filter to subscribe to")
+	explain.Flags().StringVar(&attestation, "attestation", "", "the device's attestation method (tpm or token)")
+	explain.Flags().BoolVar(&fromRegistry, "from-registry", false, "read the device's group, tags and attestation method from the server (admin API)")
 	_ = explain.MarkFlagRequired("identity")
 	c.AddCommand(reload, show, explain)
 	return c
