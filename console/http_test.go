@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -52,7 +53,11 @@ func start(t *testing.T, o console.Options) *env {
 	cfg := testenv.Config(t, testenv.Options{})
 	cfg.ConsoleAddr = "127.0.0.1:0"
 	cfg.Console = o
-	g := testenv.StartConfig(t, cfg)
+	return newEnv(t, testenv.StartConfig(t, cfg))
+}
+
+func newEnv(t *testing.T, g *testenv.Gateway) *env {
+	t.Helper()
 	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: g.Roots(), MinVersion: tls.VersionTLS12}}
 	t.Cleanup(tr.CloseIdleConnections)
 	hc := &http.Client{Transport: tr, Timeout: 20 * time.Second,
@@ -460,5 +465,50 @@ func TestDeviceListAndAuditFilters(t *testing.T) {
 	_, body = e.get(t, e.base+"/audit?device=door-1", cookie)
 	if strings.Contains(body, "pump-") || !strings.Contains(body, "enroll.token") {
 		t.Errorf("audit filtered by device:\n%s", body)
+	}
+}
+
+// The explain box: a rule that requires TPM attestation; the device's own
+// method comes from the registry, or the operator picks one.
+func TestPolicyExplainWithAttestation(t *testing.T) {
+	pol := filepath.Join(t.TempDir(), "policy.yaml")
+	if err := os.WriteFile(pol, []byte(`rules:
+  - name: firmware-tpm-only
+    roles: [device]
+    attestation: [tpm]
+    allow: [publish]
+    topics: ["devices/{id}/firmware/#"]
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := testenv.Config(t, testenv.Options{})
+	cfg.ConsoleAddr, cfg.PolicyFile = "127.0.0.1:0", pol
+	e := newEnv(t, testenv.StartConfig(t, cfg))
+	e.g.EnrollDevice(t, "dev-tok", "lab")
+	cookie, _ := e.signIn(t)
+	ask := func(q url.Values) string {
+		t.Helper()
+		resp, body := e.get(t, e.base+"/policy?"+q.Encode(), cookie)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s", resp.Status)
+		}
+		m := regexp.MustCompile(`(?s)<div class="answer" role="status">(.*?)</div>`).FindStringSubmatch(body)
+		if m == nil {
+			t.Fatalf("no answer:\n%s", body)
+		}
+		if !strings.Contains(body, "<td>tpm</td>") {
+			t.Errorf("rules table lacks the attestation column")
+		}
+		return m[1]
+	}
+	topic := "devices/dev-tok/firmware/v2"
+	if a := ask(url.Values{"identity": {"device/dev-tok"}, "topic": {topic}}); !strings.Contains(a, "Denied") {
+		t.Errorf("token device (from the registry): %s", a)
+	}
+	if a := ask(url.Values{"identity": {"device/dev-tok"}, "attestation": {"tpm"}, "topic": {topic}}); !strings.Contains(a, "Allowed") || !strings.Contains(a, "firmware-tpm-only") {
+		t.Errorf("as a TPM device: %s", a)
+	}
+	if a := ask(url.Values{"identity": {"device/dev-tok"}, "attestation": {"x"}, "topic": {topic}}); !strings.Contains(a, "want tpm or token") {
+		t.Errorf("bad method: %s", a)
 	}
 }
