@@ -128,6 +128,7 @@ type Broker struct {
 	server *mqtt.Server
 	hook   *auth.Hook
 	events *eventsHook
+	admin  *adminHook // admin.go
 	ln     *listener
 	wss    *listener // MQTT over WebSocket (nil: none)
 	policy atomic.Pointer[acl.Policy]
@@ -264,6 +265,9 @@ func New(cfg Config) (*Broker, error) {
 	if err := b.addHook(b.hook, nil); err != nil {
 		return nil, fmt.Errorf("broker: add auth hook: %w", err)
 	}
+	if err := b.addAdminHook(); err != nil {
+		return nil, fmt.Errorf("broker: add admin hook: %w", err)
+	}
 	fh := &fanoutFirstHook{b: b}
 	fh.inline = b.server.NewClient(nil, "local", fanoutClientID, true)
 	if err := b.addHook(fh, nil); err != nil {
@@ -367,7 +371,7 @@ func (b *Broker) clientRole(cl *mqtt.Client) identity.Role {
 		return c.Role()
 	}
 	if cl.Net.Conn == nil && b.cfg.Directory != nil {
-		if r, ok := b.cfg.Directory.PrincipalRole(cl.ID); ok {
+		if r, ok := b.cfg.Directory.PrincipalRole(clientName(cl.ID)); ok {
 			return r
 		}
 	}

@@ -24,7 +24,7 @@ type ConsoleLinks interface {
 // RegisterConsole mounts POST api.PathAdminConsoleLogin on m: an operator
 // certificate gets a one-time link of the console (audited).
 func (s *Server) RegisterConsole(m Mux, links ConsoleLinks) {
-	m.HandleFunc("POST "+api.PathAdminConsoleLogin, s.anyOperator(func(w http.ResponseWriter, r *http.Request, op identity.Identity) {
+	m.HandleFunc("POST "+api.PathAdminConsoleLogin, s.admin(func(w http.ResponseWriter, r *http.Request, op identity.Identity) {
 		leaf, err := s.enroll.VerifiedClientCert(r)
 		if err != nil {
 			s.enroll.WriteError(w, r, asAPIError(err), "")
@@ -43,27 +43,6 @@ func (s *Server) RegisterConsole(m Mux, links ConsoleLinks) {
 		}
 		writeJSON(w, http.StatusOK, res)
 	}))
-}
-
-// anyOperator is admin without a check of the operator's role: a
-// read-only operator may sign in to the console too (the console enforces
-// the role on every request).
-func (s *Server) anyOperator(h func(http.ResponseWriter, *http.Request, identity.Identity)) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		id, err := s.authenticate(r)
-		if err == nil && id.Role != identity.RoleOperator {
-			err = apiErr(http.StatusForbidden, fleet.ReasonOperatorRequired, "the admin API is for operator certificates only", errNotOperator)
-		}
-		if err != nil {
-			e := asAPIError(err)
-			if s.enroll.Refusal(r, e) {
-				s.cfg.Registry.AuditBatched(registry.AuditRecord{Actor: id.String(), Action: logguard.Bound("admin "+r.Method+" "+r.URL.Path, maxLoggedField), Outcome: registry.OutcomeDenied, Reason: e.Code, Remote: r.RemoteAddr})
-			}
-			s.enroll.WriteError(w, r, e, "")
-			return
-		}
-		h(w, r, id)
-	}
 }
 
 // DeviceAction revokes, suspends or resumes a device for operator op, as

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -153,6 +154,7 @@ func (s *Server) buildBroker(p pki, dir *directory.Directory) error {
 	s.addrs.MQTT = b.Addr()
 	s.addrs.WSS = b.WSSAddr()
 	s.policy = &brokerPolicy{b: b, layout: s.layout, file: s.cfg.PolicyFile, log: s.log}
+	s.policy.inForce(policyPath, fileRules, len(policy.Rules()))
 	if s.rep != nil {
 		s.ready = append(s.ready, s.rep.Fresh)
 	} else {
@@ -167,6 +169,7 @@ type brokerPolicy struct {
 	layout Layout
 	file   string
 	log    *slog.Logger
+	shown  atomic.Pointer[api.PolicyShowResponse] // brokeradmin.go
 }
 
 func (p *brokerPolicy) Connected(name string) bool { return p.b.Connected(name) }
@@ -184,6 +187,7 @@ func (p *brokerPolicy) ReloadPolicy() (api.PolicyReloadResponse, error) {
 			p.b.SetPolicy(pol)
 			res := api.PolicyReloadResponse{File: path, FileRules: n, Rules: len(pol.Rules())}
 			p.log.Info("policy reloaded", "file", path, "file_rules", n, "rules", res.Rules)
+			p.inForce(path, n, res.Rules)
 			return res, nil
 		}
 	}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/fleetgate/fleetgate/console"
 	"github.com/fleetgate/fleetgate/enroll"
+	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/operator"
 )
@@ -26,11 +27,23 @@ func (s *Server) buildConsole(p pki, es *enroll.Server, op *operator.Server) err
 	}
 	cc := console.Config{Options: s.cfg.Console, Registry: s.reg, Operations: op, Gatherer: s.prom,
 		Logger: s.log.With("component", "console")}
+	// The operator's role, read from the registry on every request, as the
+	// admin API does: a read-only operator's console shows and changes
+	// nothing it may not. (A test may set its own.)
+	if cc.Options.Role == nil {
+		cc.Options.Role = func(id identity.Identity) (console.Role, error) {
+			role, err := s.reg.OperatorRole(id.Name)
+			if err != nil {
+				return "", err
+			}
+			if role == registry.OperatorAdmin {
+				return console.RoleAdmin, nil
+			}
+			return console.RoleReadOnly, nil
+		}
+	}
 	if s.broker != nil {
 		cc.Broker = s.broker
-	}
-	if cc.Role == nil {
-		cc.Role = operatorRoles(s.reg)
 	}
 	c, err := console.New(cc)
 	if err != nil {
@@ -56,22 +69,6 @@ func (s *Server) buildConsole(p pki, es *enroll.Server, op *operator.Server) err
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}}
 	s.log.Info("web console listening", "addr", s.addrs.Console)
 	return nil
-}
-
-// operatorRoles is the console's role lookup: the registry's operator
-// roles ("admin", "read-only") when it stores them, else nil (every
-// operator is an admin).
-func operatorRoles(reg any) func(identity.Identity) (console.Role, error) {
-	r, ok := reg.(interface {
-		OperatorRole(name string) (string, error)
-	})
-	if !ok {
-		return nil
-	}
-	return func(op identity.Identity) (console.Role, error) {
-		role, err := r.OperatorRole(op.Name)
-		return console.Role(role), err
-	}
 }
 
 // consoleURL is the start of the console's links: the configured URL, else

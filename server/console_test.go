@@ -3,27 +3,7 @@ package server
 import (
 	"net"
 	"testing"
-
-	"github.com/fleetgate/fleetgate/console"
-	"github.com/fleetgate/fleetgate/identity"
 )
-
-type rolesOf map[string]string
-
-func (r rolesOf) OperatorRole(name string) (string, error) { return r[name], nil }
-
-// The console takes the registry's operator roles when it stores them.
-func TestConsoleOperatorRoles(t *testing.T) {
-	if operatorRoles(struct{}{}) != nil {
-		t.Fatal("a registry without roles gave a role lookup")
-	}
-	f := operatorRoles(rolesOf{"viewer": "read-only", "boss": "admin"})
-	for name, want := range map[string]console.Role{"viewer": console.RoleReadOnly, "boss": console.RoleAdmin} {
-		if got, err := f(identity.Identity{Role: identity.RoleOperator, Name: name}); err != nil || got != want {
-			t.Errorf("%s: %q %v, want %q", name, got, err, want)
-		}
-	}
-}
 
 func TestConsoleURL(t *testing.T) {
 	for _, c := range []struct {

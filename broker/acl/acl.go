@@ -58,8 +58,11 @@ type Rule struct {
 	// methods never applies to a subject without one (services,
 	// operators, a device whose method is unknown).
 	Attestation []string
-	Effect      Effect
-	Access      Access
+	// Names the rule applies to (identity names, e.g. one service's);
+	// empty: every name (names.go).
+	Names  []string
+	Effect Effect
+	Access Access
 	// Filter is an MQTT filter with optional placeholder levels {id} and
 	// {group}.
 	Filter string
@@ -205,6 +208,9 @@ func safeValue(v string) bool {
 
 func (c *compiled) applies(s *Subject) bool {
 	if c.roles != 0 && c.roles&roleBit(s.Role) == 0 {
+		return false
+	}
+	if !c.appliesToName(s.ID) {
 		return false
 	}
 	if len(c.Attestation) > 0 && !contains(c.Attestation, s.Attestation) {

@@ -37,6 +37,7 @@ type FileRule struct {
 	// Attestation: the rule applies only to devices enrolled with one of
 	// these methods (tpm, token).
 	Attestation []string `yaml:"attestation"`
+	Names       []string `yaml:"names"` // identity names (a service's), names.go
 	Allow       []string `yaml:"allow"`
 	Deny        []string `yaml:"deny"`
 	Topics      []string `yaml:"topics"`
@@ -193,6 +194,7 @@ func (fr FileRule) rules() ([]Rule, error) {
 			errs = append(errs, fmt.Errorf("unknown attestation method %q (%s, %s)", m, MethodTPM, MethodToken))
 		}
 	}
+	errs = append(errs, checkNames(fr.Names)...)
 	if len(fr.Topics) == 0 {
 		errs = append(errs, errors.New("no topics"))
 	}
@@ -201,7 +203,7 @@ func (fr FileRule) rules() ([]Rule, error) {
 	}
 	out := make([]Rule, 0, len(fr.Topics))
 	for _, t := range fr.Topics {
-		out = append(out, Rule{Name: fr.Name, Roles: roles, Groups: fr.Groups, Attestation: fr.Attestation, Effect: eff, Access: acc, Filter: t})
+		out = append(out, Rule{Name: fr.Name, Roles: roles, Groups: fr.Groups, Attestation: fr.Attestation, Names: fr.Names, Effect: eff, Access: acc, Filter: t})
 	}
 	return out, nil
 }

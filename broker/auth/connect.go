@@ -77,7 +77,7 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		h.refuse(cl, id, err)
 		return false
 	}
-	if cl.ID != id.Name { // clients may not pick their own ID
+	if !ClientIDMatches(cl.ID, id) { // clients may not pick their own ID (clientid.go)
 		cl.RefuseConnect(ConnackReason(fleet.ReasonClientIDDiffer))
 		h.o.Logger.Warn("connection refused", "reason", fleet.ReasonClientIDDiffer, "identity", id.String(),
 			"client_id", logguard.Clip(cl.ID, 0), "want_client_id", id.Name, "remote", cl.Net.Remote)

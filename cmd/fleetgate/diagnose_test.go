@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"os"
@@ -97,6 +98,20 @@ func TestDiagnoseCommand(t *testing.T) {
 		t.Fatalf("the printed mosquitto_pub connected with a suspended device's certificate:\n%s", o)
 	}
 	t.Logf("%s", out)
+	out, _, err = runCLI(t, g, append(args, "--json")...)
+	var rep struct {
+		Accepted bool   `json:"accepted"`
+		Reason   string `json:"reason"`
+		Problem  string `json:"problem"`
+		Live     struct {
+			Accepted bool
+			Stage    string
+		} `json:"live"`
+	}
+	if jerr := json.Unmarshal([]byte(out), &rep); jerr != nil || !errors.Is(err, errRefused) || rep.Accepted || rep.Reason != "suspended" ||
+		rep.Problem != "device_suspended" || rep.Live.Accepted || rep.Live.Stage != "tls" {
+		t.Fatalf("--json: %v %v %+v\n%s", err, jerr, rep, out)
+	}
 	out, _, err = runCLI(t, g, "diagnose", "--device", "sensor-1")
 	if !errors.Is(err, errRefused) || !strings.Contains(out, "the registry's current certificate") || !strings.Contains(out, "suspended") {
 		t.Fatalf("--device: %v\n%s", err, out)

@@ -16,7 +16,9 @@ import (
 )
 
 func policyCmd() *cobra.Command {
-	c, af := operatorCmd("policy", "The broker's topic policy")
+	c := &cobra.Command{Use: "policy", Short: "The broker's topic policy"}
+	af := &adminFlags{}
+	var reloadJSON *bool
 	reload := &cobra.Command{
 		Use:   "reload",
 		Short: "Reload the policy file in the running server (a bad file is refused; the old policy stays)",
@@ -25,6 +27,9 @@ func policyCmd() *cobra.Command {
 				res, err := cl.ReloadPolicyFile(ctx)
 				if err != nil {
 					return err
+				}
+				if *reloadJSON {
+					return printJSON(cmd.OutOrStdout(), res)
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "policy reloaded from %s: %d rules of the file (%d compiled) in force\n", res.File, res.FileRules, res.Rules)
 				return nil
@@ -109,7 +114,29 @@ func policyCmd() *cobra.Command {
 	explain.Flags().StringVar(&attestation, "attestation", "", "the device's attestation method (tpm or token)")
 	explain.Flags().BoolVar(&fromRegistry, "from-registry", false, "read the device's group, tags and attestation method from the server (admin API)")
 	_ = explain.MarkFlagRequired("identity")
-	c.AddCommand(reload, show, explain)
+	inForce := &cobra.Command{Use: "show", Short: "Show the policy in force on the server: its file, rule counts and text"}
+	inForceJSON := jsonFlag(inForce)
+	inForce.RunE = func(cmd *cobra.Command, _ []string) error {
+		return af.call(cmd, func(ctx context.Context, cl *client.Client) error {
+			p, err := cl.Policy(ctx)
+			if err != nil {
+				return err
+			}
+			if *inForceJSON {
+				return printJSON(cmd.OutOrStdout(), p)
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "# in force: %s, %d rules of the file (%d compiled)\n", p.File, p.FileRules, p.Rules)
+			fmt.Fprint(cmd.OutOrStdout(), p.YAML)
+			return nil
+		})
+	}
+	// Only the commands that call the server have its flags (explain reads
+	// the data directory's policy.yaml); default is local.
+	af.add(reload)
+	af.add(inForce)
+	af.add(explain)
+	reloadJSON = jsonFlag(reload)
+	c.AddCommand(reload, show, explain, inForce)
 	return c
 }
 

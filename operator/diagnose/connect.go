@@ -15,10 +15,10 @@ import (
 // Attempt is the outcome of a live connection attempt.
 type Attempt struct {
 	// Accepted: CONNACK 0 (connection accepted).
-	Accepted bool
+	Accepted bool `json:"accepted"`
 	// Stage where it ended: "tcp", "tls", "connect" (MQTT CONNECT/CONNACK).
-	Stage  string
-	Detail string
+	Stage  string `json:"stage"`
+	Detail string `json:"detail"`
 }
 
 // Connect makes a live attempt as a device would: TCP to addr, TLS 1.3
