@@ -65,6 +65,8 @@ type Authority struct {
 	key         crypto.Signer
 	rand        io.Reader
 	now         func() time.Time
+	// ocsp are the OCSP responder URLs put in the AIA of issued leaves.
+	ocsp []string
 }
 
 // Options inject randomness and time; zero values mean crypto/rand and
@@ -72,6 +74,13 @@ type Authority struct {
 type Options struct {
 	Rand io.Reader
 	Now  func() time.Time
+	// Key is the issuing CA's key from a key store (enroll/ca/keystore):
+	// Init certifies it instead of generating one (no ca/issuing.key is
+	// written), Load uses it instead of reading ca/issuing.key and checks
+	// that it matches the certificate.
+	Key crypto.Signer
+	// OCSPServer URLs go into the AIA extension of issued leaves.
+	OCSPServer []string
 }
 
 func (o Options) withDefaults() Options {
@@ -147,9 +156,11 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("root CA: %w", err)
 	}
-	issKey, err := ecdsa.GenerateKey(elliptic.P256(), o.Rand)
-	if err != nil {
-		return nil, fmt.Errorf("generate issuing key: %w", err)
+	var issKey crypto.Signer = o.Key
+	if issKey == nil {
+		if issKey, err = ecdsa.GenerateKey(elliptic.P256(), o.Rand); err != nil {
+			return nil, fmt.Errorf("generate issuing key: %w", err)
+		}
 	}
 	issTmpl := &x509.Certificate{
 		Subject:               pkix.Name{Organization: []string{"fleetgate"}, CommonName: "fleetgate issuing CA " + o.TrustDomain},
@@ -165,7 +176,7 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("issuing CA: %w", err)
 	}
-	a := &Authority{TrustDomain: o.TrustDomain, Root: root, Issuing: issuing, key: issKey, rand: o.Rand, now: o.Now}
+	a := &Authority{TrustDomain: o.TrustDomain, Root: root, Issuing: issuing, key: issKey, rand: o.Rand, now: o.Now, ocsp: o.OCSPServer}
 
 	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), o.Rand)
 	if err != nil {
@@ -184,6 +195,10 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 		return nil, fmt.Errorf("operator certificate: %w", err)
 	}
 
+	var issKeyPEM []byte
+	if o.Key == nil {
+		issKeyPEM = mustKeyPEM(issKey)
+	}
 	// Keys are written with O_EXCL: a concurrent init cannot clobber a CA.
 	writes := []struct {
 		name string
@@ -192,7 +207,7 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 	}{
 		{RootKeyFile, mustKeyPEM(rootKey), true},
 		{RootCertFile, CertPEM(root), false},
-		{IssuingKeyFile, mustKeyPEM(issKey), true},
+		{IssuingKeyFile, issKeyPEM, true},
 		{IssuingCertFile, CertPEM(issuing), false},
 		{TrustDomainFile, []byte(o.TrustDomain + "\n"), false},
 		{ServerKeyFile, mustKeyPEM(srvKey), true},
@@ -201,6 +216,9 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 		{OperatorCertFile, append(CertPEM(operator), CertPEM(issuing)...), false},
 	}
 	for _, w := range writes {
+		if w.name == IssuingKeyFile && o.Key != nil {
+			continue // the key lives in its store
+		}
 		mode := fs.FileMode(0o644)
 		if w.key {
 			mode = 0o600
@@ -230,18 +248,25 @@ func Load(dir string, o Options) (*Authority, error) {
 	if err != nil {
 		return nil, err
 	}
-	key, err := ReadKeyFile(filepath.Join(dir, IssuingKeyFile))
-	if err != nil {
-		return nil, err
+	key, keyName := o.Key, "the configured CA key"
+	if key == nil {
+		if key, err = ReadKeyFile(filepath.Join(dir, IssuingKeyFile)); err != nil {
+			return nil, err
+		}
+		keyName = IssuingKeyFile
 	}
 	if !publicKeysEqual(key.Public(), issuing.PublicKey) {
-		return nil, fmt.Errorf("ca: %s does not match %s", IssuingKeyFile, IssuingCertFile)
+		return nil, fmt.Errorf("ca: %s does not match %s (the issuing CA's public key)", keyName, IssuingCertFile)
 	}
 	if err := issuing.CheckSignatureFrom(root); err != nil {
 		return nil, fmt.Errorf("ca: issuing CA not signed by root: %w", err)
 	}
-	return &Authority{TrustDomain: strings.TrimSpace(string(td)), Root: root, Issuing: issuing, key: key, rand: o.Rand, now: o.Now}, nil
+	return &Authority{TrustDomain: strings.TrimSpace(string(td)), Root: root, Issuing: issuing, key: key, rand: o.Rand, now: o.Now, ocsp: o.OCSPServer}, nil
 }
+
+// Signer is the issuing CA's key (e.g. to certify a delegated OCSP
+// signer).
+func (a *Authority) Signer() crypto.Signer { return a.key }
 
 // Now is the authority's clock.
 func (a *Authority) Now() time.Time { return a.now() }
@@ -294,6 +319,7 @@ func (a *Authority) Issue(id identity.Identity, pub crypto.PublicKey, ttl time.D
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 		URIs:        []*url.URL{id.URI(a.TrustDomain)},
+		OCSPServer:  a.ocsp,
 	}
 	return sign(a.rand, tmpl, a.Issuing, pub, a.key)
 }
@@ -310,6 +336,7 @@ func (a *Authority) IssueServer(hosts []string, pub crypto.PublicKey, ttl time.D
 		NotAfter:    now.Add(ttl),
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		OCSPServer:  a.ocsp,
 	}
 	for _, h := range hosts {
 		if ip := net.ParseIP(h); ip != nil {
