@@ -23,6 +23,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll"
 	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/enroll/ca/keystore"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/operator"
 )
@@ -35,18 +36,27 @@ import (
 type pki struct {
 	ca         *ca.Authority
 	serverCert tls.Certificate
+	key        keystore.Key // the issuing CA's, from ca_key (cakey.go)
 }
 
-func loadPKI(l Layout) (pki, error) {
-	authority, err := ca.Load(l.Dir, ca.Options{})
-	if err != nil {
-		return pki{}, err
+func loadPKI(l Layout, cfg Config, ocspAddr string) (pki, error) {
+	if !ca.Initialized(l.Dir) {
+		return pki{}, fmt.Errorf("%w: %s", ca.ErrNotInitialized, l.Dir)
 	}
 	serverCert, err := tls.LoadX509KeyPair(l.ServerCert(), l.ServerKey())
 	if err != nil {
 		return pki{}, fmt.Errorf("server TLS certificate: %w", err)
 	}
-	return pki{ca: authority, serverCert: serverCert}, nil
+	key, err := openCAKey(cfg, l)
+	if err != nil {
+		return pki{}, err
+	}
+	authority, err := ca.Load(l.Dir, ca.Options{Key: key, OCSPServer: ocspURLs(cfg, ocspAddr, serverCert.Leaf)})
+	if err != nil {
+		key.Close()
+		return pki{}, fmt.Errorf("%w (ca_key %s)", err, key.Ref())
+	}
+	return pki{ca: authority, serverCert: serverCert, key: key}, nil
 }
 
 // buildDirectory opens the registry, or with --only broker a replica of
@@ -229,7 +239,7 @@ func (s *Server) buildEnrollment(p pki) error {
 	}
 	s.enroll = es
 	s.addrs.API = ln.Addr().String()
-	s.api = &httpPart{ln: ln, useTLS: true, srv: &http.Server{Handler: es.Handler(), TLSConfig: es.TLSConfig(p.serverCert),
+	s.api = &httpPart{ln: ln, useTLS: true, srv: &http.Server{Handler: s.withOCSP(es.Handler()), TLSConfig: s.withStaple(es.TLSConfig(p.serverCert)),
 		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
 		IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}}

@@ -39,6 +39,7 @@ type Addrs struct {
 	MQTT    string `json:"mqtt,omitempty"`
 	API     string `json:"api,omitempty"`
 	Metrics string `json:"metrics,omitempty"`
+	OCSP    string `json:"ocsp,omitempty"`
 }
 
 // Server is one server process: its parts built and their listeners bound.
@@ -58,6 +59,8 @@ type Server struct {
 	api, metrics *httpPart
 	// ready are the readiness checks of /readyz.
 	ready []func() bool
+	// pki: the CA key's store, OCSP responder and staple (ocsp.go).
+	pki pkiParts
 }
 
 // httpPart is an HTTP server and its bound listener.
@@ -85,15 +88,22 @@ func New(cfg Config) (*Server, error) {
 // build builds the parts, one builder each (build.go).
 func (s *Server) build() error {
 	cfg := s.cfg
-	pki, err := loadPKI(s.layout)
+	if err := s.listenOCSP(); err != nil {
+		return err
+	}
+	pki, err := loadPKI(s.layout, cfg, s.addrs.OCSP)
 	if err != nil {
 		return err
 	}
+	s.pki.key = pki.key
 	dir, err := s.buildDirectory()
 	if err != nil {
 		return err
 	}
 	s.prom = buildMetrics(s.reg, dir)
+	if err := s.buildOCSP(pki, dir); err != nil {
+		return err
+	}
 	if cfg.Only != OnlyEnroll {
 		if err := s.buildBroker(pki, dir); err != nil {
 			return err
@@ -160,7 +170,7 @@ func (s *Server) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() { defer wg.Done(); s.enroll.Run(ctx) }() // refusal summaries
 	}
-	for _, p := range []*httpPart{s.api, s.metrics} {
+	for _, p := range []*httpPart{s.api, s.metrics, s.pki.http} {
 		if p != nil {
 			p.serve(ctx, &wg, fail)
 		}
@@ -193,7 +203,7 @@ func (s *Server) Run(ctx context.Context) error {
 // close releases what New built when it fails: the listeners, the broker
 // and the stores.
 func (s *Server) close() {
-	for _, p := range []*httpPart{s.api, s.metrics} {
+	for _, p := range []*httpPart{s.api, s.metrics, s.pki.http} {
 		if p != nil {
 			p.ln.Close()
 		}
@@ -210,6 +220,7 @@ func (s *Server) closeStores() {
 	if s.reg != nil {
 		s.reg.Close()
 	}
+	s.pki.close()
 }
 
 // serve serves p until ctx is done, then shuts it down (5s grace).

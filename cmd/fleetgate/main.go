@@ -49,7 +49,7 @@ func root() *cobra.Command {
 }
 
 func initCmd() *cobra.Command {
-	var dataDir, td, operator string
+	var dataDir, td, operator, caKey string
 	var hosts []string
 	c := &cobra.Command{
 		Use:   "init",
@@ -59,7 +59,7 @@ func initCmd() *cobra.Command {
 				fmt.Fprintf(cmd.OutOrStdout(), "%s already holds a CA; nothing was changed (fleetgate init never overwrites a CA).\n", dataDir)
 				return nil
 			}
-			if _, err := server.Init(dataDir, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator}); err != nil {
+			if err := initWithCAKey(dataDir, caKey, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator}, cmd.OutOrStdout()); err != nil {
 				return err
 			}
 			out := cmd.OutOrStdout()
@@ -75,6 +75,7 @@ func initCmd() *cobra.Command {
 	c.Flags().StringVar(&td, "trust-domain", envOr("FLEETGATE_TRUST_DOMAIN", "fleetgate.local"), "trust domain of the SPIFFE identities")
 	c.Flags().StringSliceVar(&hosts, "host", []string{"localhost", "127.0.0.1", "::1"}, "host names and IPs of the server certificate")
 	c.Flags().StringVar(&operator, "operator", "admin", "name of the first operator")
+	c.Flags().StringVar(&caKey, "ca-key", "", "create the issuing CA key in this store: pkcs11:RFC-7512-URI or tpm:handle=0x81...;device=PATH (default: "+ca.IssuingKeyFile+")")
 	return c
 }
 
