@@ -42,6 +42,10 @@ type Config struct {
 	// CA only.
 	ClientCAs  *x509.CertPool
 	ServerCert tls.Certificate
+	// ServerCertFunc, if set, gives the certificate of each handshake in
+	// place of ServerCert (which stays required): the server certificate
+	// with a current OCSP staple (server/ocsp.go).
+	ServerCertFunc func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 	// Directory is the in-memory view of devices and certificates: the
 	// registry's (in-process) or one fed by a replica (a broker running
 	// apart: broker/replica).
@@ -281,6 +285,9 @@ func New(cfg Config) (*Broker, error) {
 		ClientAuth:       tls.RequireAndVerifyClientCert,
 		ClientCAs:        cfg.ClientCAs,
 		VerifyConnection: b.hook.VerifyConnection,
+	}
+	if cfg.ServerCertFunc != nil {
+		tcfg.Certificates, tcfg.GetCertificate = nil, cfg.ServerCertFunc
 	}
 	b.ln = &listener{id: "mtls", addr: cfg.Addr, tls: tcfg, timeout: cfg.HandshakeTimeout,
 		identOf: func(c *x509.Certificate) identity.Identity {

@@ -145,6 +145,9 @@ func (s *Server) buildBroker(p pki, dir *directory.Directory) error {
 	bc := BrokerConfig(s.cfg)
 	bc.TrustDomain, bc.ClientCAs, bc.ServerCert, bc.Directory = p.ca.TrustDomain, p.ca.ClientCAs(), p.serverCert, dir
 	bc.Policy, bc.Logger, bc.Metrics = policy, s.log, s.prom
+	if s.pki.stapler != nil {
+		bc.ServerCertFunc = s.pki.stapler.get // with an OCSP staple
+	}
 	b, err := broker.New(bc)
 	if err != nil {
 		return err

@@ -7,6 +7,8 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +19,8 @@ import (
 
 	xocsp "golang.org/x/crypto/ocsp"
 
+	"github.com/fleetgate/fleetgate/api"
+	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/ca/keystore"
 	"github.com/fleetgate/fleetgate/enroll/ca/keystore/keystoretest"
@@ -26,7 +30,7 @@ import (
 
 // initWithKey creates a data directory whose issuing CA key is created at
 // ref (as `fleetgate init --ca-key REF` does).
-func initWithKey(t *testing.T, ref string) string {
+func initWithKey(t testing.TB, ref string) string {
 	t.Helper()
 	k, err := keystore.Generate(ref)
 	if err != nil {
@@ -183,9 +187,13 @@ func TestCAKeyInHardwareEnrollsDevices(t *testing.T) {
 
 			const n = 6
 			devs := make([]*x509.Certificate, n)
+			sdk := make([]*devicesdk.Device, n)
 			var wg sync.WaitGroup
 			for i := range n {
-				wg.Go(func() { devs[i] = g.EnrollDevice(t, fmt.Sprintf("hw-%s-%d", store, i), "g").Leaf() })
+				wg.Go(func() {
+					sdk[i] = g.EnrollDevice(t, fmt.Sprintf("hw-%s-%d", store, i), "g")
+					devs[i] = sdk[i].Leaf()
+				})
 			}
 			wg.Wait()
 			wantAIA := "http://localhost:" + g.Addrs.OCSP[strings.LastIndex(g.Addrs.OCSP, ":")+1:] + "/ocsp"
@@ -226,26 +234,114 @@ func TestCAKeyInHardwareEnrollsDevices(t *testing.T) {
 				t.Fatalf("never-issued serial: %s", st)
 			}
 
-			// The API's certificate carries a staple.
-			conn, err := tls.Dial("tcp", g.Addrs.API, &tls.Config{RootCAs: g.Roots(), ServerName: "localhost"})
+			// The API's and the broker's certificate carry a staple.
+			brokerTLS, err := sdk[0].TLSConfig("localhost")
 			if err != nil {
 				t.Fatal(err)
 			}
-			cs := conn.ConnectionState()
-			conn.Close()
-			r, err := xocsp.ParseResponseForCert(cs.OCSPResponse, cs.PeerCertificates[0], g.CA.Issuing)
-			if err != nil || r.Status != xocsp.Good {
-				t.Fatalf("API staple: %v", err)
+			for addr, tc := range map[string]*tls.Config{g.Addrs.API: {RootCAs: g.Roots(), ServerName: "localhost"}, g.Addrs.MQTT: brokerTLS} {
+				conn, err := tls.Dial("tcp", addr, tc)
+				if err != nil {
+					t.Fatal(err)
+				}
+				cs := conn.ConnectionState()
+				conn.Close()
+				r, err := xocsp.ParseResponseForCert(cs.OCSPResponse, cs.PeerCertificates[0], g.CA.Issuing)
+				if err != nil || r.Status != xocsp.Good {
+					t.Fatalf("staple on %s: %v", addr, err)
+				}
+			}
+
+			// CRL and OCSP agree on every device certificate (a suspended
+			// device's are on hold in OCSP, not on the CRL: suspension is
+			// reversible).
+			hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: g.Roots(), ServerName: "localhost"}}}
+			resp, err := hc.Get(g.URL() + api.PathCRL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			crlDER, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			crl, err := x509.ParseRevocationList(crlDER)
+			if err != nil {
+				t.Fatal(err)
+			}
+			onCRL := map[string]bool{}
+			for _, e := range crl.RevokedCertificateEntries {
+				onCRL[e.SerialNumber.String()] = true
+			}
+			for i, d := range devs {
+				reqDER, _ := xocsp.CreateRequest(d, g.CA.Issuing, nil)
+				resp, err := http.Post("http://"+g.Addrs.OCSP+"/ocsp", "application/ocsp-request", bytes.NewReader(reqDER))
+				if err != nil {
+					t.Fatal(err)
+				}
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				r, err := xocsp.ParseResponseForCert(body, d, g.CA.Issuing)
+				if err != nil {
+					t.Fatal(err)
+				}
+				revoked := r.Status == xocsp.Revoked && r.RevocationReason != xocsp.CertificateHold
+				if revoked != onCRL[d.SerialNumber.String()] || (i == 1) != revoked || (i == 2) != (r.RevocationReason == xocsp.CertificateHold && r.Status == xocsp.Revoked) {
+					t.Fatalf("device %d: OCSP status %d reason %d, on CRL %v", i, r.Status, r.RevocationReason, onCRL[d.SerialNumber.String()])
+				}
 			}
 
 			m := g.Metrics(t)
-			for _, want := range []string{`fleetgate_ocsp_responses_total{status="good"} 1`, `fleetgate_ocsp_responses_total{status="revoked"} 2`,
+			for _, want := range []string{`fleetgate_ocsp_responses_total{status="good"} 5`, `fleetgate_ocsp_responses_total{status="revoked"} 4`,
 				`fleetgate_pki_certificate_expiry_timestamp_seconds{kind="ocsp_signer"`, `fleetgate_pki_certificate_expiry_timestamp_seconds{kind="issuing"`,
 				`fleetgate_pki_certificate_expiry_timestamp_seconds{kind="root"`, `fleetgate_pki_crl_next_update_timestamp_seconds `} {
 				if !strings.Contains(m, want) {
 					t.Errorf("metrics lack %s", want)
 				}
 			}
+		})
+	}
+}
+
+// BenchmarkEnrollWithCAKey measures token enrollments per second through
+// the enrollment API with the issuing key in each store (8 concurrent).
+func BenchmarkEnrollWithCAKey(b *testing.B) {
+	for _, store := range []string{"file", "pkcs11", "tpm"} {
+		b.Run(store, func(b *testing.B) {
+			cfg := testenv.Config(b, testenv.Options{})
+			switch store {
+			case "pkcs11":
+				ref := keystoretest.SoftHSM(b, "bench").URI("issuing")
+				cfg = testenv.Config(b, testenv.Options{DataDir: initWithKey(b, ref)})
+				cfg.CAKey = ref
+			case "tpm":
+				ref := "tpm:handle=0x81000140;device=" + keystoretest.TPM(b)
+				cfg = testenv.Config(b, testenv.Options{DataDir: initWithKey(b, ref)})
+				cfg.CAKey = ref
+			}
+			g := testenv.StartConfig(b, cfg)
+			ctx := context.Background()
+			devs := make([]*devicesdk.Device, b.N)
+			tokens := make([]string, b.N)
+			for i := range b.N {
+				id := fmt.Sprintf("bench-%d", i)
+				devs[i], tokens[i] = g.Device(b, id), g.Token(b, id, "g", time.Hour)
+			}
+			b.ResetTimer()
+			var wg sync.WaitGroup
+			next := make(chan int, b.N)
+			for i := range b.N {
+				next <- i
+			}
+			close(next)
+			for range 8 {
+				wg.Go(func() {
+					for i := range next {
+						if err := devs[i].EnrollWithToken(ctx, tokens[i]); err != nil {
+							b.Error(err)
+						}
+					}
+				})
+			}
+			wg.Wait()
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "enrollments/s")
 		})
 	}
 }
