@@ -23,6 +23,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/fleetgate/fleetgate/broker"
+	"github.com/fleetgate/fleetgate/console"
 )
 
 // Config is the configuration of one server process (`fleetgate serve`).
@@ -73,6 +74,11 @@ type Config struct {
 	SubRate      float64       `yaml:"sub_rate"`
 	SubBurst     int           `yaml:"sub_burst"`
 
+	// console: the web console's TLS listener (empty: off) and the URL its
+	// sign-in links start with (default https://localhost:<port>).
+	ConsoleAddr string `yaml:"console_addr"`
+	ConsoleURL  string `yaml:"console_url"`
+
 	// Set by the program, not by flags, env or YAML.
 
 	// Logger receives the process's log (nil: discarded); the serve
@@ -92,6 +98,8 @@ type Config struct {
 	// Queues are the broker's outbound queue policies (zero: the broker's
 	// DefaultQueues); a zero MaxOffline takes MaxQueuedDevice/Service.
 	Queues broker.Queues `yaml:"-"`
+	// Console tunes the web console (zero: its defaults).
+	Console console.Options `yaml:"-"`
 }
 
 // DefaultDataDir is used when nothing else names one.
@@ -155,6 +163,9 @@ func Flags(fs *pflag.FlagSet, d Config) {
 	fs.Duration("hello-timeout", d.HelloTimeout, "deadline for a connection's first complete TLS ClientHello (then --handshake-timeout applies)")
 	fs.Float64("sub-rate", d.SubRate, "per-device rate of topic filters in SUBSCRIBE/UNSUBSCRIBE (filters/s); over it (plus --sub-burst): disconnect, MQTT 5 reason 0x96")
 	fs.Int("sub-burst", d.SubBurst, "per-device burst of topic filters above --sub-rate")
+	// console
+	fs.String("console-addr", d.ConsoleAddr, "web console HTTPS listen address (empty: off); sign in with `fleetgate console login`")
+	fs.String("console-url", d.ConsoleURL, "URL the console's sign-in links start with (default https://localhost:<console port>)")
 }
 
 // keys are the layered settings, by flag name.
@@ -166,7 +177,8 @@ var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only",
 	// PKI
 	"ca-key", "ocsp-addr", "ocsp-url",
 	// admission
-	"hello-timeout", "sub-rate", "sub-burst"}
+	"hello-timeout", "sub-rate", "sub-burst",
+	"console-addr", "console-url"} // console
 
 // Load layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
@@ -301,6 +313,11 @@ func assign(c *Config, k string, f *pflag.Flag) error {
 		c.SubRate, err = fs.GetFloat64(k)
 	case "sub-burst":
 		c.SubBurst, err = fs.GetInt(k)
+	// console
+	case "console-addr":
+		c.ConsoleAddr, err = fs.GetString(k)
+	case "console-url":
+		c.ConsoleURL, err = fs.GetString(k)
 	}
 	return err
 }
@@ -322,6 +339,10 @@ func (c Config) Validate() []error {
 	checkAddr("mqtt_addr", c.MQTTAddr, false)
 	checkAddr("api_addr", c.APIAddr, false)
 	checkAddr("metrics_addr", c.MetricsAddr, true)
+	checkAddr("console_addr", c.ConsoleAddr, true)
+	if c.ConsoleAddr != "" && c.Only == "broker" {
+		errs = append(errs, errors.New("console_addr: the console runs where the registry is, not with --only broker"))
+	}
 	switch c.Only {
 	case "", "broker", "enroll":
 	default:

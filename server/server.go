@@ -39,6 +39,7 @@ type Addrs struct {
 	MQTT    string `json:"mqtt,omitempty"`
 	API     string `json:"api,omitempty"`
 	Metrics string `json:"metrics,omitempty"`
+	Console string `json:"console,omitempty"`
 	OCSP    string `json:"ocsp,omitempty"`
 }
 
@@ -57,6 +58,10 @@ type Server struct {
 	enroll *enroll.Server
 	// api and metrics are the HTTP servers with their bound listeners.
 	api, metrics *httpPart
+	// console is the web console (--console-addr); consoleRun samples its
+	// metrics.
+	console    *httpPart
+	consoleRun func(context.Context)
 	// ready are the readiness checks of /readyz.
 	ready []func() bool
 	// pki: the CA key's store, OCSP responder and staple (ocsp.go).
@@ -101,6 +106,7 @@ func (s *Server) build() error {
 		return err
 	}
 	s.prom = buildMetrics(s.reg, dir)
+	registerOwnCertMetrics(s.prom, s.layout) // servercert.go
 	if err := s.buildOCSP(pki, dir); err != nil {
 		return err
 	}
@@ -170,11 +176,12 @@ func (s *Server) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() { defer wg.Done(); s.enroll.Run(ctx) }() // refusal summaries
 	}
-	for _, p := range []*httpPart{s.api, s.metrics, s.pki.http} {
+	for _, p := range []*httpPart{s.api, s.metrics, s.console, s.pki.http} {
 		if p != nil {
 			p.serve(ctx, &wg, fail)
 		}
 	}
+	s.runConsole(ctx, &wg)
 	if s.cfg.AddrFile != "" {
 		b, _ := json.Marshal(s.addrs)
 		tmp := s.cfg.AddrFile + ".tmp"
@@ -186,6 +193,7 @@ func (s *Server) Run(ctx context.Context) error {
 			s.log.Warn("write addr file", "err", err)
 		}
 	}
+	s.watchOwnCerts(ctx, &wg) // servercert.go
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -203,7 +211,7 @@ func (s *Server) Run(ctx context.Context) error {
 // close releases what New built when it fails: the listeners, the broker
 // and the stores.
 func (s *Server) close() {
-	for _, p := range []*httpPart{s.api, s.metrics, s.pki.http} {
+	for _, p := range []*httpPart{s.api, s.metrics, s.console, s.pki.http} {
 		if p != nil {
 			p.ln.Close()
 		}
