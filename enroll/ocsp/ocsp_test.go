@@ -369,3 +369,55 @@ func TestOCSPSignerRotates(t *testing.T) {
 		t.Fatalf("Signers did not renew: %v", err)
 	}
 }
+
+// Two trusted issuing CAs (a rotation's overlap): each gets its own
+// delegated signer, and the list is read per request, so a CA dropped from
+// it is no longer answered for.
+func TestOCSPServesSeveralIssuingCAs(t *testing.T) {
+	a, b := newPKI(t, "old"), newPKI(t, "new")
+	b.n = 500 // distinct serials for the test's source
+	trusted := []ocsp.Issuer{{Cert: a.issuing, Signer: a.issKey}, {Cert: b.issuing, Signer: b.issKey}}
+	var mu sync.Mutex
+	src := &statuses{m: map[string]ocsp.Status{}}
+	r, err := ocsp.New(ocsp.Config{Source: src, Issuers: func() []ocsp.Issuer {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]ocsp.Issuer(nil), trusted...)
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	la, lb := a.leaf(t, "on-old"), b.leaf(t, "on-new")
+	src.set(la, ocsp.Status{Status: ocsp.Good})
+	src.set(lb, ocsp.Status{Status: ocsp.Revoked, RevokedAt: time.Now()})
+	ask := func(leaf, iss *x509.Certificate) (*xocsp.Response, string) {
+		reqDER, _ := xocsp.CreateRequest(leaf, iss, nil)
+		der, status := r.Respond(reqDER)
+		if status == "unauthorized" {
+			return nil, status
+		}
+		resp, err := xocsp.ParseResponseForCert(der, leaf, iss)
+		if err != nil {
+			t.Fatalf("%s: %v", status, err)
+		}
+		return resp, status
+	}
+	ra, sa := ask(la, a.issuing)
+	rb, sb := ask(lb, b.issuing)
+	if sa != "good" || sb != "revoked" || ra.Certificate.Equal(rb.Certificate) ||
+		ra.Certificate.CheckSignatureFrom(a.issuing) != nil || rb.Certificate.CheckSignatureFrom(b.issuing) != nil {
+		t.Fatalf("two CAs: %s %s", sa, sb)
+	}
+	if certs, err := r.Signers(); err != nil || len(certs) != 2 {
+		t.Fatalf("Signers: %d %v", len(certs), err)
+	}
+	mu.Lock()
+	trusted = trusted[1:] // the old CA retired
+	mu.Unlock()
+	if _, st := ask(la, a.issuing); st != "unauthorized" {
+		t.Fatalf("retired CA: %s", st)
+	}
+	if certs, _ := r.Signers(); len(certs) != 1 {
+		t.Fatalf("retired CA's signer kept: %d", len(certs))
+	}
+}
