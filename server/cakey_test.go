@@ -167,9 +167,7 @@ func opensslStatus(t *testing.T, g *testenv.Gateway, leaf *x509.Certificate) str
 // in SoftHSM2 and in a TPM: the certificates verify, carry the OCSP URL,
 // and OCSP (openssl) follows revocation and suspension at once.
 func TestCAKeyInHardwareEnrollsDevices(t *testing.T) {
-	if _, err := exec.LookPath("openssl"); err != nil {
-		t.Skip("openssl not installed")
-	}
+	keystoretest.OpenSSL(t)
 	for _, store := range []string{"pkcs11", "tpm"} {
 		t.Run(store, func(t *testing.T) {
 			var ref string

@@ -16,8 +16,24 @@ import (
 // SoftHSMModule is Debian's SoftHSM2 PKCS#11 module (package softhsm2).
 const SoftHSMModule = "/usr/lib/softhsm/libsofthsm2.so"
 
-// RequireEnv turns a missing SoftHSM2 from a skip into a failure (CI).
-const RequireEnv = "FLEETGATE_REQUIRE_SOFTHSM"
+// RequireEnv turns a missing SoftHSM2 or openssl from a skip into a
+// failure (make test sets it), as FLEETGATE_REQUIRE_SOFTHSM does.
+const RequireEnv = "FLEETGATE_REQUIRE_TOOLS"
+
+func required() bool {
+	return os.Getenv(RequireEnv) != "" || os.Getenv("FLEETGATE_REQUIRE_SOFTHSM") != ""
+}
+
+// OpenSSL skips t without the openssl command (fails it under RequireEnv).
+func OpenSSL(t testing.TB) {
+	t.Helper()
+	if _, err := exec.LookPath("openssl"); err != nil {
+		if required() {
+			t.Fatalf("openssl is not installed (and %s is set)", RequireEnv)
+		}
+		t.Skip("openssl is not installed")
+	}
+}
 
 // Token is an initialised SoftHSM2 token.
 type Token struct {
@@ -38,7 +54,7 @@ func SoftHSM(t testing.TB, label string) Token {
 	t.Helper()
 	util, err := exec.LookPath("softhsm2-util")
 	if err != nil || fileMissing(SoftHSMModule) {
-		if os.Getenv(RequireEnv) != "" {
+		if required() {
 			t.Fatalf("SoftHSM2 is not installed (and %s is set)", RequireEnv)
 		}
 		t.Skipf("SoftHSM2 is not installed (apt-get install softhsm2); set %s=1 to fail instead", RequireEnv)
