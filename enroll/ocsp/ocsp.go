@@ -41,6 +41,7 @@ import (
 	"time"
 
 	xocsp "golang.org/x/crypto/ocsp"
+	"golang.org/x/time/rate"
 )
 
 // Limits of a request.
@@ -119,6 +120,12 @@ type Config struct {
 	Validity time.Duration
 	Now      func() time.Time
 	Logger   *slog.Logger
+	// NonceRate bounds the responses signed for a request's nonce (each
+	// costs a signature): past it (and NonceBurst), the nonce is ignored,
+	// as RFC 5019 allows, and the cached response is served. Zero: 200/s,
+	// burst 400.
+	NonceRate  rate.Limit
+	NonceBurst int
 	// Count, if set, counts each answer by status ("good", "revoked",
 	// "unknown", "malformed", "unauthorized", "internal").
 	Count func(status string)
@@ -127,6 +134,8 @@ type Config struct {
 // Responder answers OCSP requests. It is an http.Handler.
 type Responder struct {
 	cfg Config
+
+	nonces *rate.Limiter
 
 	mu      sync.Mutex
 	signers map[string]*signer // by issuer key hash (SHA-256 hex)
@@ -178,7 +187,11 @@ func New(cfg Config) (*Responder, error) {
 	if cfg.Count == nil {
 		cfg.Count = func(string) {}
 	}
-	return &Responder{cfg: cfg, signers: map[string]*signer{}, cache: map[cacheKey]*cached{}}, nil
+	if cfg.NonceRate == 0 {
+		cfg.NonceRate, cfg.NonceBurst = 200, 400
+	}
+	return &Responder{cfg: cfg, nonces: rate.NewLimiter(cfg.NonceRate, max(cfg.NonceBurst, 1)),
+		signers: map[string]*signer{}, cache: map[cacheKey]*cached{}}, nil
 }
 
 func issuerID(c *x509.Certificate) string {
@@ -304,6 +317,9 @@ func (r *Responder) respond(der []byte) (resp []byte, status string, cacheable *
 	iss, ok := r.match(req)
 	if !ok {
 		return xocsp.UnauthorizedErrorResponse, "unauthorized", nil
+	}
+	if nonce != nil && !r.nonces.Allow() {
+		nonce = nil // over the nonce budget: the cached answer
 	}
 	st := r.cfg.Source.Status(iss.Cert, req.SerialNumber)
 	if st.Status == Revoked {

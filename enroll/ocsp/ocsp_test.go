@@ -424,3 +424,56 @@ func TestOCSPServesSeveralIssuingCAs(t *testing.T) {
 		t.Fatalf("retired CA's signer kept: %d", len(certs))
 	}
 }
+
+// withNonce adds a nonce extension to a request made by x/crypto/ocsp.
+func withNonce(t *testing.T, reqDER, nonce []byte) []byte {
+	t.Helper()
+	type certID struct {
+		HashAlgorithm pkix.AlgorithmIdentifier
+		NameHash      []byte
+		IssuerKeyHash []byte
+		SerialNumber  *big.Int
+	}
+	var req struct {
+		TBS struct {
+			Version     int `asn1:"explicit,tag:0,default:0,optional"`
+			RequestList []struct{ Cert certID }
+			Extensions  []pkix.Extension `asn1:"explicit,tag:2,optional"`
+		}
+	}
+	if _, err := asn1.Unmarshal(reqDER, &req); err != nil {
+		t.Fatal(err)
+	}
+	v, _ := asn1.Marshal(nonce)
+	req.TBS.Extensions = []pkix.Extension{{Id: asn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 48, 1, 2}, Value: v}}
+	out, err := asn1.Marshal(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// Each nonce costs a signature: past the budget the nonce is ignored and
+// the cached answer served (RFC 5019), still a valid response.
+func TestOCSPNonceBudget(t *testing.T) {
+	p := newPKI(t, "budget")
+	src := &statuses{m: map[string]ocsp.Status{}}
+	r, err := ocsp.New(ocsp.Config{Source: src, NonceRate: 0.001, NonceBurst: 2,
+		Issuers: func() []ocsp.Issuer { return []ocsp.Issuer{{Cert: p.issuing, Signer: p.issKey}} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf := p.leaf(t, "dev")
+	src.set(leaf, ocsp.Status{Status: ocsp.Good})
+	plain, _ := xocsp.CreateRequest(leaf, p.issuing, nil)
+	for i := range 4 {
+		nonce := bytes.Repeat([]byte{byte(0xA0 + i)}, 16)
+		der, status := r.Respond(withNonce(t, plain, nonce))
+		if _, err := xocsp.ParseResponseForCert(der, leaf, p.issuing); err != nil || status != "good" {
+			t.Fatalf("request %d: %s %v", i, status, err)
+		}
+		if echoed := bytes.Contains(der, nonce); echoed != (i < 2) {
+			t.Fatalf("request %d: nonce echoed %v, want %v", i, echoed, i < 2)
+		}
+	}
+}
