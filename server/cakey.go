@@ -1,8 +1,11 @@
 package server
 
 import (
+	"crypto"
 	"crypto/x509"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"path/filepath"
@@ -16,6 +19,15 @@ import (
 // PIN, missing module, token, TPM or key, a readable key file) stops the
 // start with the reference, PIN redacted, and what is wrong.
 func openCAKey(cfg Config, l Layout) (keystore.Key, error) {
+	if cfg.Only == OnlyBroker {
+		// A broker signs nothing: it needs no access to the key's store
+		// (an HSM or TPM on the enrollment host).
+		iss, err := ca.ReadCertFile(filepath.Join(l.Dir, ca.IssuingCertFile))
+		if err != nil {
+			return nil, err
+		}
+		return verifyOnly{pub: iss.PublicKey}, nil
+	}
 	ref := cfg.CAKey
 	if ref == "" {
 		ref = "file:" + filepath.Join(l.Dir, ca.IssuingKeyFile)
@@ -52,3 +64,15 @@ func ocspURLs(cfg Config, bound string, server *x509.Certificate) []string {
 	}
 	return []string{(&url.URL{Scheme: "http", Host: net.JoinHostPort(host, port), Path: "/ocsp"}).String()}
 }
+
+// verifyOnly stands in for the CA key in a broker-only process: it has the
+// issuing CA's public key and refuses to sign.
+type verifyOnly struct{ pub crypto.PublicKey }
+
+func (v verifyOnly) Public() crypto.PublicKey { return v.pub }
+func (v verifyOnly) Sign(io.Reader, []byte, crypto.SignerOpts) ([]byte, error) {
+	return nil, errors.New("a broker-only process does not sign with the CA key")
+}
+func (v verifyOnly) Ref() string   { return "none (broker-only)" }
+func (v verifyOnly) Store() string { return "none" }
+func (v verifyOnly) Close() error  { return nil }

@@ -92,6 +92,17 @@ func TestServeRefusesABrokenCAKeyAtStart(t *testing.T) {
 		t.Fatalf("the right key: %v", err)
 	}
 
+	// A broker-only process signs nothing and never opens the key's store.
+	cfg := testenv.Config(t, testenv.Options{DataDir: dir})
+	cfg.Only, cfg.CAKey = server.OnlyBroker, "pkcs11:token=elsewhere;object=issuing?module-path=/nonexistent/libpkcs11.so"
+	if s, err := server.New(cfg); err != nil {
+		t.Fatalf("broker-only with the key's store on another host: %v", err)
+	} else {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		s.Run(ctx)
+	}
+
 	// The default file key must be 0600.
 	fdir := testenv.Init(t)
 	if err := os.Chmod(filepath.Join(fdir, ca.IssuingKeyFile), 0o640); err != nil {

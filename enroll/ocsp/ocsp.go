@@ -414,7 +414,7 @@ func (r *Responder) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		der = b
 	case http.MethodGet:
 		p := req.URL.EscapedPath()
-		i := strings.LastIndex(p, "/ocsp/")
+		i := strings.Index(p, "/ocsp/")
 		if i < 0 {
 			http.Error(w, "GET /ocsp/{base64 DER request}", http.StatusNotFound)
 			return
