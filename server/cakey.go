@@ -33,6 +33,9 @@ func openCAKey(cfg Config, l Layout) (keystore.Key, error) {
 		ref = "file:" + filepath.Join(l.Dir, ca.IssuingKeyFile)
 	}
 	k, err := keystore.Open(ref)
+	if err != nil && cfg.CAKey == "" && errors.Is(err, keystore.ErrNoKey) {
+		return nil, fmt.Errorf("issuing CA key: %w (if it was created in an HSM or TPM with init --ca-key, set ca_key / --ca-key)", err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("issuing CA key (ca_key / --ca-key): %w", err)
 	}
