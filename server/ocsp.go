@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"strings"
 	"sync"
 	"time"
 
@@ -18,6 +17,7 @@ import (
 
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/directory"
+	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/ca/keystore"
 	"github.com/fleetgate/fleetgate/enroll/ocsp"
 	"github.com/fleetgate/fleetgate/enroll/registry"
@@ -194,7 +194,7 @@ func (d *dirSource) Status(issuer *x509.Certificate, serial *big.Int) ocsp.Statu
 		return ocsp.Status{Status: ocsp.Unknown} // another CA's serial
 	}
 	if st.Revoked {
-		return ocsp.Status{Status: ocsp.Revoked, RevokedAt: orNow(rec.RevokedAt), Reason: reasonCode(rec.RevokeReason)}
+		return ocsp.Status{Status: ocsp.Revoked, RevokedAt: orNow(rec.RevokedAt), Reason: ca.ReasonCodeOf(rec.RevokeReason)} // as the CRL
 	}
 	if st.Identity.Role == identity.RoleDevice {
 		ds, ok := d.dir.DeviceStatus(st.Identity.Name)
@@ -223,15 +223,6 @@ func orNow(t time.Time) time.Time {
 		return time.Now()
 	}
 	return t
-}
-
-// reasonCode maps a revocation reason written as an RFC 5280 name to its
-// code; free text is unspecified (0).
-func reasonCode(reason string) int {
-	codes := map[string]int{"keycompromise": 1, "cacompromise": 2, "affiliationchanged": 3, "superseded": 4,
-		"cessationofoperation": 5, "certificatehold": 6, "privilegewithdrawn": 9}
-	k := strings.ToLower(strings.NewReplacer("-", "", "_", "", " ", "").Replace(reason))
-	return codes[k]
 }
 
 // pkiCollector exports the expiry of the PKI: CA certificates, OCSP

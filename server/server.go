@@ -39,6 +39,7 @@ type Addrs struct {
 	MQTT    string `json:"mqtt,omitempty"`
 	API     string `json:"api,omitempty"`
 	Metrics string `json:"metrics,omitempty"`
+	WSS     string `json:"wss,omitempty"`
 	Console string `json:"console,omitempty"`
 	OCSP    string `json:"ocsp,omitempty"`
 }
@@ -52,6 +53,7 @@ type Server struct {
 
 	reg    *registry.Registry // nil with --only broker
 	rep    *replica.Replica   // only with --only broker
+	clu    *clusterPart       // only on a cluster node (cluster.go)
 	prom   *prometheus.Registry
 	broker *broker.Broker
 	policy *brokerPolicy
@@ -107,6 +109,7 @@ func (s *Server) build() error {
 	}
 	s.prom = buildMetrics(s.reg, dir)
 	registerOwnCertMetrics(s.prom, s.layout) // servercert.go
+	s.registerOpsMetrics(dir)                // opsmetrics.go: CA expiry, revocation view age, devices
 	if err := s.buildOCSP(pki, dir); err != nil {
 		return err
 	}
@@ -172,6 +175,10 @@ func (s *Server) Run(ctx context.Context) error {
 			}
 		}()
 	}
+	if s.clu != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); fail(s.clu.run(ctx)) }()
+	}
 	if s.enroll != nil {
 		wg.Add(1)
 		go func() { defer wg.Done(); s.enroll.Run(ctx) }() // refusal summaries
@@ -227,6 +234,9 @@ func (s *Server) close() {
 func (s *Server) closeStores() {
 	if s.reg != nil {
 		s.reg.Close()
+	}
+	if s.clu != nil {
+		s.clu.close()
 	}
 	s.pki.close()
 }
