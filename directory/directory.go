@@ -15,6 +15,7 @@ package directory
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fleetgate/fleetgate/fleet"
@@ -32,6 +33,8 @@ type Directory struct {
 	// Watchers are told of every change (Watch), after the view has it.
 	Watchers
 	changes *changeLog
+	// gate, if set, refuses every Verify while it fails (SetGate).
+	gate atomic.Pointer[func() error]
 }
 
 // New returns an empty directory: it vouches for no certificate.

@@ -3,6 +3,7 @@ package directory
 import (
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/fleetgate/fleetgate/fleet"
@@ -18,6 +19,9 @@ var (
 	ErrUnknownDevice  = errors.New("device unknown to the registry")
 	ErrExpired        = errors.New("certificate expired")
 	ErrIdentityDiffer = errors.New("certificate identity differs from the registry record")
+	// ErrStale: the directory's gate (SetGate) says its view may miss
+	// revocations (a cluster node cut off from the others).
+	ErrStale = errors.New("directory view is stale")
 )
 
 // Reason maps an error of Verify to its refusal reason; any other error
@@ -38,6 +42,8 @@ func Reason(err error) fleet.Reason {
 		return fleet.ReasonExpired
 	case errors.Is(err, ErrIdentityDiffer):
 		return fleet.ReasonIdentityDiffer
+	case errors.Is(err, ErrStale):
+		return fleet.ReasonDirectoryStale
 	}
 	return fleet.ReasonNoIdentity
 }
@@ -67,6 +73,11 @@ func (d *Directory) verify(leaf *x509.Certificate, trustDomain string, now time.
 	if err != nil {
 		return id, err
 	}
+	if g := d.gate.Load(); g != nil {
+		if err := (*g)(); err != nil {
+			return id, fmt.Errorf("%w: %v", ErrStale, err)
+		}
+	}
 	st, ok := d.CertStatus(fleet.SerialString(leaf.SerialNumber))
 	switch {
 	case !ok:
@@ -93,3 +104,9 @@ func (d *Directory) verify(leaf *x509.Certificate, trustDomain string, now time.
 	}
 	return id, nil
 }
+
+// SetGate installs a check that Verify runs before any other: while it
+// returns an error, every certificate is refused with ErrStale (fail
+// closed). A cluster node's feed (cluster/dirfeed) installs one that fails
+// while its view of revocations is older than the bound.
+func (d *Directory) SetGate(gate func() error) { d.gate.Store(&gate) }

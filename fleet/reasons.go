@@ -19,6 +19,9 @@ const (
 	ReasonUnknownDevice  Reason = "unknown_device"
 	ReasonExpired        Reason = "expired"
 	ReasonIdentityDiffer Reason = "identity_mismatch"
+	// A cluster node whose view of revocations is older than its bound
+	// refuses every certificate until it has caught up (docs/cluster.md).
+	ReasonDirectoryStale Reason = "directory_stale"
 	// Refusals at CONNECT that are the broker's own.
 	ReasonClientIDDiffer Reason = "client_id_mismatch"
 	ReasonWillDenied     Reason = "will_denied"
@@ -52,6 +55,8 @@ func (r Reason) ClientCertCode() Reason {
 		return ReasonClientCertInvalid
 	case ReasonNoIdentity, ReasonIdentityDiffer:
 		return ReasonClientCertIdentity
+	case ReasonDirectoryStale:
+		return ReasonDirectoryStale
 	}
 	return ReasonOperatorRequired
 }

@@ -54,6 +54,9 @@ func loadPKI(l Layout) (pki, error) {
 // the enrollment service's (its change feed, read with the operator
 // credentials of the data directory).
 func (s *Server) buildDirectory() (*directory.Directory, error) {
+	if s.cfg.Cluster.Enabled() {
+		return s.buildClusterDirectory()
+	}
 	if s.cfg.Only == OnlyBroker {
 		hc, err := operatorHTTPClient(s.layout)
 		if err != nil {

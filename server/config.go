@@ -68,6 +68,9 @@ type Config struct {
 	SubRate      float64       `yaml:"sub_rate"`
 	SubBurst     int           `yaml:"sub_burst"`
 
+	// Cluster: a node of a cluster on NATS JetStream (server/cluster.go);
+	// zero is the single box.
+	Cluster ClusterConfig `yaml:",inline"`
 	// devices in the field: TLS 1.2 and MQTT over WebSocket (broker-field)
 	MinTLS    string `yaml:"min_tls"`
 	WSSListen string `yaml:"wss_listen"`
@@ -119,6 +122,7 @@ func Defaults() Config {
 		// admission
 		HelloTimeout: 3 * time.Second, SubRate: broker.DefaultLimits.SubRate, SubBurst: broker.DefaultLimits.SubBurst,
 		SweepInterval: 10 * time.Second,
+		Cluster:       ClusterConfig{StaleAfter: time.Second},
 		MinTLS:        "1.3",
 	}
 }
@@ -157,6 +161,7 @@ func Flags(fs *pflag.FlagSet, d Config) {
 	fs.Duration("hello-timeout", d.HelloTimeout, "deadline for a connection's first complete TLS ClientHello (then --handshake-timeout applies)")
 	fs.Float64("sub-rate", d.SubRate, "per-device rate of topic filters in SUBSCRIBE/UNSUBSCRIBE (filters/s); over it (plus --sub-burst): disconnect, MQTT 5 reason 0x96")
 	fs.Int("sub-burst", d.SubBurst, "per-device burst of topic filters above --sub-rate")
+	clusterFlags(fs, d)
 	// devices in the field
 	fs.String("min-tls", d.MinTLS, "lowest TLS version of MQTT and wss clients: 1.3, or 1.2 (ECDHE-ECDSA with AES-GCM or ChaCha20-Poly1305 only)")
 	fs.String("wss-listen", d.WSSListen, "MQTT over WebSocket (wss, mTLS) listen address (empty: off)")
@@ -312,6 +317,8 @@ func assign(c *Config, k string, f *pflag.Flag) error {
 		c.ConsoleAddr, err = fs.GetString(k)
 	case "console-url":
 		c.ConsoleURL, err = fs.GetString(k)
+	default:
+		err = assignCluster(c, k, fs)
 	}
 	return err
 }
@@ -394,6 +401,7 @@ func (c Config) Validate() []error {
 	if c.SubRate <= 0 || c.SubBurst <= 0 {
 		errs = append(errs, errors.New("sub_rate and sub_burst must be positive"))
 	}
+	errs = append(errs, c.Cluster.validate()...)
 	// devices in the field
 	if _, err := broker.ParseMinTLS(c.MinTLS); err != nil {
 		errs = append(errs, fmt.Errorf("min_tls: %q (want 1.2 or 1.3)", c.MinTLS))

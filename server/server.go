@@ -52,6 +52,7 @@ type Server struct {
 
 	reg    *registry.Registry // nil with --only broker
 	rep    *replica.Replica   // only with --only broker
+	clu    *clusterPart       // only on a cluster node (cluster.go)
 	prom   *prometheus.Registry
 	broker *broker.Broker
 	policy *brokerPolicy
@@ -164,6 +165,10 @@ func (s *Server) Run(ctx context.Context) error {
 			}
 		}()
 	}
+	if s.clu != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); fail(s.clu.run(ctx)) }()
+	}
 	if s.enroll != nil {
 		wg.Add(1)
 		go func() { defer wg.Done(); s.enroll.Run(ctx) }() // refusal summaries
@@ -219,6 +224,9 @@ func (s *Server) close() {
 func (s *Server) closeStores() {
 	if s.reg != nil {
 		s.reg.Close()
+	}
+	if s.clu != nil {
+		s.clu.close()
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 	badger "github.com/dgraph-io/badger/v4"
 
 	"github.com/fleetgate/fleetgate/directory"
+	"github.com/fleetgate/fleetgate/enroll/registry/kvtx"
 	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
@@ -62,6 +63,8 @@ type Registry struct {
 	// in commit order (under writeMu); its watchers are told of every
 	// committed change after the view has it.
 	dir *directory.Directory
+	// shared is Options.Shared.
+	shared kvtx.Store
 }
 
 // Options configure Open.
@@ -72,6 +75,11 @@ type Options struct {
 	InMemory bool
 	// Directory is the view to feed (empty; default a new one).
 	Directory *directory.Directory
+	// Shared, if set, is the store a cluster's nodes share (kvtx on
+	// JetStream): bootstrap tokens live there too, so a token created on
+	// any node is redeemed on any node, once (tokens.go). nil: the single
+	// box, badger only.
+	Shared kvtx.Store
 }
 
 // Open opens (or creates) the registry in dir and loads its records into
@@ -102,7 +110,7 @@ func Open(dir string, o Options) (*Registry, error) {
 	if o.Directory == nil {
 		o.Directory = directory.New()
 	}
-	r := &Registry{db: db, log: o.Logger, now: o.Now, dir: o.Directory}
+	r := &Registry{db: db, log: o.Logger, now: o.Now, dir: o.Directory, shared: o.Shared}
 	if err := r.loadIndex(); err != nil {
 		db.Close()
 		return nil, err

@@ -35,6 +35,14 @@ func (r *Registry) CreateToken(t Token, actor string) error {
 		case !errors.Is(err, ErrNotFound):
 			return err
 		}
+		if err := r.clusterDeviceState(t.DeviceID); err != nil {
+			return fmt.Errorf("%w: %s", err, t.DeviceID)
+		}
+		if r.shared != nil {
+			if err := r.putSharedToken(&t); err != nil {
+				return err
+			}
+		}
 		return put(txn, pfxToken+t.ID, &t)
 	})
 	r.Audit(AuditRecord{Actor: actor, Action: "token.create", DeviceID: t.DeviceID, Outcome: outcome(err), Reason: reason(err)})
@@ -66,11 +74,17 @@ func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, s
 func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID string, audit *AuditRecord, sign func(TokenRedemption) (*fleet.Certificate, error)) (*fleet.Certificate, error) {
 	var t Token
 	var dev fleet.Device
+	var sharedRev uint64 // the shared record's revision the claim expects
 	return r.issue(issuance{
 		audited: audit != nil,
 		check: func(txn *badger.Txn, now time.Time) error {
 			t, dev = Token{}, fleet.Device{}
-			if err := get(txn, pfxToken+tokenID, &t); err != nil {
+			if r.shared != nil {
+				var err error
+				if t, sharedRev, err = r.getSharedToken(tokenID); err != nil {
+					return err
+				}
+			} else if err := get(txn, pfxToken+tokenID, &t); err != nil {
 				if errors.Is(err, ErrNotFound) {
 					return ErrTokenUnknown
 				}
@@ -103,6 +117,9 @@ func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID st
 			if dev.EKFingerprint != "" { // registered after the token was minted
 				return ErrTPMBound
 			}
+			if err := r.clusterDeviceState(deviceID); err != nil {
+				return err
+			}
 			if _, taken := r.PrincipalRole(deviceID); taken {
 				return fmt.Errorf("%w: %q is a service or operator name", ErrNameTaken, deviceID)
 			}
@@ -119,6 +136,14 @@ func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID st
 		sign: func() (*fleet.Certificate, error) { return sign(TokenRedemption{Device: dev, Token: t}) },
 		commit: func(txn *badger.Txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error) {
 			t.UsedAt = now
+			if r.shared != nil {
+				// Decided here, across nodes; if the local commit then
+				// fails, the token is spent without a certificate
+				// (never twice used).
+				if err := r.claimSharedToken(&t, sharedRev); err != nil {
+					return nil, err
+				}
+			}
 			if err := put(txn, pfxToken+t.ID, &t); err != nil {
 				return nil, err
 			}

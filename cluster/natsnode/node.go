@@ -1,0 +1,235 @@
+// Package natsnode is fleetgate's access to NATS JetStream, the one
+// distributed engine of a cluster: an embedded nats-server cluster node
+// (Start) with JetStream syncing every write before it acknowledges, or a
+// client of a NATS cluster the user already runs (Dial). Either way the
+// state lives in R3 buckets (Bucket), whose replica count is checked.
+package natsnode
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Replicas is the replication of every stream and bucket: an
+// acknowledgement means stored (and synced) on a majority of three.
+const Replicas = 3
+
+// Config of an embedded node.
+type Config struct {
+	// Name is the server's name, unique in the cluster (JetStream's peer
+	// name).
+	Name string
+	// ClusterName is the same on every node of one cluster.
+	ClusterName string
+	// ClientAddr is where NATS clients connect (host:port; "" is
+	// 127.0.0.1 on a free port). fleetgate's own client is in-process.
+	ClientAddr string
+	// ClusterAddr is where routes from the other nodes arrive (host:port).
+	ClusterAddr string
+	// Advertise, if set, is the route address this node tells the others
+	// (default: ClusterAddr).
+	Advertise string
+	// Routes are the other nodes' route addresses (host:port or
+	// nats-route://host:port).
+	Routes []string
+	// StoreDir holds JetStream's files.
+	StoreDir string
+	Logger   *slog.Logger
+	// NoSync leaves JetStream's default (acknowledge before fsync, sync
+	// every two minutes): only for measuring what syncing costs.
+	NoSync bool
+}
+
+// Node is a running embedded nats-server.
+type Node struct {
+	srv *server.Server
+	cfg Config
+}
+
+func hostPort(addr string) (string, int, error) {
+	h, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, err
+	}
+	n, err := strconv.Atoi(p)
+	if err != nil {
+		return "", 0, fmt.Errorf("port %q: %w", p, err)
+	}
+	if n == 0 {
+		n = server.RANDOM_PORT
+	}
+	return h, n, nil
+}
+
+// Start starts an embedded node and waits until it accepts clients.
+// JetStream runs with SyncAlways: every write is synced before it is
+// acknowledged (nats-server's own default syncs every two minutes).
+func Start(cfg Config) (*Node, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.ClientAddr == "" {
+		cfg.ClientAddr = "127.0.0.1:0"
+	}
+	if cfg.Name == "" || cfg.ClusterName == "" || cfg.ClusterAddr == "" || cfg.StoreDir == "" {
+		return nil, errors.New("natsnode: name, cluster name, cluster address and store directory are required")
+	}
+	ch, cp, err := hostPort(cfg.ClientAddr)
+	if err != nil {
+		return nil, fmt.Errorf("natsnode: client address: %w", err)
+	}
+	rh, rp, err := hostPort(cfg.ClusterAddr)
+	if err != nil {
+		return nil, fmt.Errorf("natsnode: cluster address: %w", err)
+	}
+	opts := &server.Options{
+		ServerName: cfg.Name, Host: ch, Port: cp,
+		JetStream: true, StoreDir: cfg.StoreDir, SyncAlways: !cfg.NoSync,
+		Cluster: server.ClusterOpts{Name: cfg.ClusterName, Host: rh, Port: rp, Advertise: cfg.Advertise,
+			PoolSize: -1},
+		NoSigs: true, DisableShortFirstPing: true,
+	}
+	for _, r := range cfg.Routes {
+		u, err := routeURL(r)
+		if err != nil {
+			return nil, err
+		}
+		opts.Routes = append(opts.Routes, u)
+	}
+	srv, err := server.NewServer(opts)
+	if err != nil {
+		return nil, fmt.Errorf("natsnode: %w", err)
+	}
+	srv.SetLoggerV2(&logger{l: cfg.Logger.With("component", "nats", "node", cfg.Name)}, false, false, false)
+	srv.Start()
+	if !srv.ReadyForConnections(30 * time.Second) {
+		srv.Shutdown()
+		return nil, fmt.Errorf("natsnode: %s not ready for connections in 30s", cfg.Name)
+	}
+	return &Node{srv: srv, cfg: cfg}, nil
+}
+
+func routeURL(r string) (*url.URL, error) {
+	if _, _, err := net.SplitHostPort(r); err == nil {
+		r = "nats-route://" + r
+	}
+	u, err := url.Parse(r)
+	if err != nil || u.Host == "" {
+		return nil, fmt.Errorf("natsnode: route %q is not host:port", r)
+	}
+	return u, nil
+}
+
+// Server is the embedded nats-server.
+func (n *Node) Server() *server.Server { return n.srv }
+
+// ClientURL is where NATS clients reach this node.
+func (n *Node) ClientURL() string { return n.srv.ClientURL() }
+
+// ClusterAddr is the bound route listener.
+func (n *Node) ClusterAddr() string { return n.srv.ClusterAddr().String() }
+
+// Connect opens fleetgate's client on this node, in process (no TCP).
+func (n *Node) Connect(name string) (*nats.Conn, error) {
+	return nats.Connect("", append(clientOptions(name, nil), nats.InProcessServer(n.srv))...)
+}
+
+// Shutdown stops the node and waits until it has.
+func (n *Node) Shutdown() {
+	n.srv.Shutdown()
+	n.srv.WaitForShutdown()
+}
+
+// clientOptions: reconnect forever, quickly; tell log of each change.
+func clientOptions(name string, log *slog.Logger) []nats.Option {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return []nats.Option{nats.Name(name), nats.MaxReconnects(-1), nats.ReconnectWait(100 * time.Millisecond),
+		nats.ReconnectJitter(50*time.Millisecond, 50*time.Millisecond), nats.PingInterval(2 * time.Second), nats.MaxPingsOutstanding(2),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "err", err) }),
+		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("NATS reconnected", "server", c.ConnectedUrlRedacted()) })}
+}
+
+// Dial connects to a NATS cluster the user runs (urls: comma-separated
+// nats:// URLs, tried in the order given), with extra options appended.
+// The cluster's replication is checked when the buckets are opened
+// (Bucket); its fsync setting cannot be read by a client without the
+// system account, so Dial logs loudly what the user must configure.
+func Dial(urls, name string, log *slog.Logger, extra ...nats.Option) (*nats.Conn, error) {
+	nc, err := nats.Connect(urls, append(append(clientOptions(name, log), nats.DontRandomize()), extra...)...)
+	if err != nil {
+		return nil, fmt.Errorf("natsnode: connect %s: %w", urls, err)
+	}
+	if log != nil {
+		log.Warn("external NATS: fleetgate cannot check that JetStream syncs before it acknowledges; "+
+			"without `jetstream { sync_interval: always }` on every server an acknowledged write can be lost to a "+
+			"coordinated power failure (docs/cluster.md)", "servers", nc.Servers())
+	}
+	return nc, nil
+}
+
+// Bucket creates (or opens) the KV bucket with Replicas replicas, history
+// 1, atomic batches allowed, and checks the replica count: a cluster with
+// fewer than three JetStream servers cannot hold it, and a bucket someone
+// created with fewer replicas is refused. It retries until ctx ends while
+// the JetStream cluster has no leader yet.
+func Bucket(ctx context.Context, js jetstream.JetStream, name string) (jetstream.KeyValue, error) {
+	var kv jetstream.KeyValue
+	var err error
+	for {
+		// Open it if it exists: creating or updating with the KV
+		// configuration would drop the atomic-batch setting another node
+		// added.
+		kv, err = js.KeyValue(ctx, name)
+		if errors.Is(err, jetstream.ErrBucketNotFound) {
+			kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: name, History: 1, Replicas: Replicas,
+				Storage: jetstream.FileStorage})
+		}
+		if err == nil || ctx.Err() != nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("natsnode: bucket %s with %d replicas (a NATS cluster of at least %d JetStream servers is needed): %w", name, Replicas, Replicas, err)
+	}
+	st, err := js.Stream(ctx, "KV_"+name)
+	if err != nil {
+		return nil, fmt.Errorf("natsnode: bucket %s: %w", name, err)
+	}
+	cfg := st.CachedInfo().Config
+	if cfg.Replicas != Replicas {
+		return nil, fmt.Errorf("natsnode: bucket %s has %d replicas, want %d", name, cfg.Replicas, Replicas)
+	}
+	if !cfg.AllowAtomicPublish {
+		cfg.AllowAtomicPublish = true
+		if _, err := js.UpdateStream(ctx, cfg); err != nil {
+			return nil, fmt.Errorf("natsnode: bucket %s: allow atomic batches: %w", name, err)
+		}
+	}
+	return kv, nil
+}
+
+// logger adapts nats-server's logger to slog.
+type logger struct{ l *slog.Logger }
+
+func (g *logger) Noticef(f string, v ...any) { g.l.Debug(fmt.Sprintf(f, v...)) }
+func (g *logger) Warnf(f string, v ...any)   { g.l.Warn(fmt.Sprintf(f, v...)) }
+func (g *logger) Fatalf(f string, v ...any)  { g.l.Error(fmt.Sprintf(f, v...)) }
+func (g *logger) Errorf(f string, v ...any)  { g.l.Warn(fmt.Sprintf(f, v...)) }
+func (g *logger) Debugf(f string, v ...any)  {}
+func (g *logger) Tracef(f string, v ...any)  {}

@@ -1,0 +1,54 @@
+package server
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+// The cluster flags layer like every other setting, and their combinations
+// are checked; without them the configuration is the single box.
+func TestClusterSettings(t *testing.T) {
+	load := func(args []string, env map[string]string) (Config, error) {
+		fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+		Flags(fs, Defaults())
+		if err := fs.Parse(args); err != nil {
+			t.Fatal(err)
+		}
+		return Load(fs, func(k string) string { return env[k] })
+	}
+	cfg, err := load(nil, nil)
+	if err != nil || cfg.Cluster.Enabled() {
+		t.Fatalf("defaults: cluster %+v, %v; want the single box", cfg.Cluster, err)
+	}
+	cfg, err = load([]string{"--cluster-name", "fg", "--node-name", "n1", "--nats-listen", "127.0.0.1:6222",
+		"--nats-routes", "127.0.0.2:6222,127.0.0.3:6222", "--cluster-stale-after", "2s"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := cfg.Cluster
+	if !c.Enabled() || c.NodeName != "n1" || len(c.NATSRoutes) != 2 || c.NATSRoutes[1] != "127.0.0.3:6222" || c.StaleAfter != 2*time.Second {
+		t.Fatalf("flags: %+v", c)
+	}
+	cfg, err = load(nil, map[string]string{"FLEETGATE_NATS_URL": "nats://a:4222,nats://b:4222", "FLEETGATE_NODE_NAME": "e1"})
+	if err != nil || cfg.Cluster.NATSURL != "nats://a:4222,nats://b:4222" || !cfg.Cluster.Enabled() {
+		t.Fatalf("env: %+v %v", cfg.Cluster, err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--cluster-name", "fg", "--nats-listen", "127.0.0.1:6222", "--nats-routes", "a:1,b:2"}, "node_name"},
+		{[]string{"--cluster-name", "fg", "--node-name", "n1", "--nats-routes", "a:1,b:2"}, "nats_listen"},
+		{[]string{"--cluster-name", "fg", "--node-name", "n1", "--nats-listen", "127.0.0.1:6222", "--nats-routes", "a:1"}, "at least 3 nodes"},
+		{[]string{"--cluster-name", "fg", "--nats-url", "nats://x:4222", "--node-name", "n1", "--nats-listen", "127.0.0.1:6222", "--nats-routes", "a:1,b:2"}, "exclude each other"},
+		{[]string{"--node-name", "n1"}, "need cluster_name"},
+		{[]string{"--nats-url", "nats://x:4222", "--node-name", "n1", "--cluster-stale-after", "10ms"}, "below 100ms"},
+	} {
+		if _, err := load(tc.args, nil); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: %v, want an error about %q", tc.args, err, tc.want)
+		}
+	}
+}
