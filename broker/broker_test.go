@@ -50,7 +50,7 @@ func issueWith(t *testing.T, g *testenv.Gateway, id string, now time.Time, ttl t
 	if err != nil {
 		t.Fatal(err)
 	}
-	return tls.Certificate{Certificate: [][]byte{c.Raw, a.Issuing.Raw}, PrivateKey: k, Leaf: c}
+	return tls.Certificate{Certificate: [][]byte{c.Raw, a.Issuing().Raw}, PrivateKey: k, Leaf: c}
 }
 
 func TestMTLSSeedTable(t *testing.T) {

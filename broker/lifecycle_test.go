@@ -216,7 +216,7 @@ func fetchCRL(t *testing.T, g *testenv.Gateway) *x509.RevocationList {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := crl.CheckSignatureFrom(g.CA.Issuing); err != nil {
+	if err := crl.CheckSignatureFrom(g.CA.Issuing()); err != nil {
 		t.Fatalf("CRL not signed by the issuing CA: %v", err)
 	}
 	return crl

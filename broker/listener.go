@@ -46,6 +46,9 @@ type listener struct {
 	// the connection's HTTP upgrade is served before MQTT (wss.go).
 	ws *wsUpgrader
 
+	// dyn is the TLS configuration as changed at run time (clientcas.go).
+	dyn dynamicTLS
+
 	ln     net.Listener
 	closed atomic.Bool
 	wg     sync.WaitGroup
@@ -152,13 +155,13 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 func (l *listener) onHello(hi *tls.ClientHelloInfo) (*tls.Config, error) {
 	ac, ok := hi.Conn.(*admittedConn)
 	if !ok {
-		return nil, nil
+		return l.current(), nil
 	}
 	if !l.adm.hello(ac.p) {
 		return nil, errEvicted
 	}
 	_ = ac.Conn.SetDeadline(ac.deadline)
-	return nil, nil
+	return l.current(), nil
 }
 
 var errEvicted = errors.New("evicted while pending")

@@ -80,6 +80,8 @@ type Options struct {
 	Heartbeat time.Duration
 	// SampleEvery is the interval of the rate and refusal samples (5 s).
 	SampleEvery time.Duration
+	// PageSize is the devices per page of the device list (50).
+	PageSize int
 	// Role returns an operator's role, asked on every request; nil:
 	// every operator is an admin. An error ends the session.
 	Role func(op identity.Identity) (Role, error)
@@ -106,6 +108,7 @@ func (o *Options) defaults() {
 	defInt(&o.MaxStreams, 32)
 	defInt(&o.MaxStreamsPerSession, 4)
 	defInt(&o.StreamBuffer, 64)
+	defInt(&o.PageSize, 50)
 	if o.Now == nil {
 		o.Now = time.Now
 	}

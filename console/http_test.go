@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -51,7 +52,11 @@ func start(t *testing.T, o console.Options) *env {
 	cfg := testenv.Config(t, testenv.Options{})
 	cfg.ConsoleAddr = "127.0.0.1:0"
 	cfg.Console = o
-	g := testenv.StartConfig(t, cfg)
+	return newEnv(t, testenv.StartConfig(t, cfg))
+}
+
+func newEnv(t *testing.T, g *testenv.Gateway) *env {
+	t.Helper()
 	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: g.Roots(), MinVersion: tls.VersionTLS12}}
 	t.Cleanup(tr.CloseIdleConnections)
 	hc := &http.Client{Transport: tr, Timeout: 20 * time.Second,
@@ -417,4 +422,104 @@ func TestSignInLinksAreBounded(t *testing.T) {
 		t.Fatalf("link: %s", resp.Status)
 	}
 	e.link(t)
+}
+
+// The device list's search, filters and pages, and the audit log's
+// filters.
+func TestDeviceListAndAuditFilters(t *testing.T) {
+	e := start(t, console.Options{PageSize: 2})
+	for _, d := range []struct{ id, group string }{{"pump-1", "plant"}, {"pump-2", "plant"}, {"door-1", "office"}} {
+		e.g.EnrollDevice(t, d.id, d.group)
+	}
+	if _, err := e.g.Admin.DeviceAction(context.Background(), "pump-2", "suspend", "leak"); err != nil {
+		t.Fatal(err)
+	}
+	cookie, _ := e.signIn(t)
+	rows := func(query string) []string {
+		t.Helper()
+		resp, body := e.get(t, e.base+"/devices?"+query, cookie)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s: %s", query, resp.Status)
+		}
+		var ids []string
+		for _, m := range regexp.MustCompile(`<td><a href="/devices/([a-z0-9-]+)">`).FindAllStringSubmatch(body, -1) {
+			ids = append(ids, m[1])
+		}
+		return ids
+	}
+	for q, want := range map[string]string{
+		"":                       "door-1 pump-1", // page 1 of 2
+		"page=2":                 "pump-2",
+		"q=pump":                 "pump-1 pump-2",
+		"group=office":           "door-1",
+		"state=suspended":        "pump-2",
+		"method=token&online=no": "door-1 pump-1",
+		"online=yes":             "",
+		"q=pump&state=active":    "pump-1",
+	} {
+		if got := strings.Join(rows(q), " "); got != want {
+			t.Errorf("devices?%s: %q, want %q", q, got, want)
+		}
+	}
+	_, body := e.get(t, e.base+"/devices?state=", cookie)
+	if !strings.Contains(body, `<a href="/devices?page=2" rel="next">`) || strings.Contains(body, `rel="prev"`) {
+		t.Errorf("page 1 of 2: links wrong")
+	}
+	_, body = e.get(t, e.base+"/devices?page=2&method=token", cookie)
+	if !strings.Contains(body, `<a href="/devices?method=token&amp;page=1" rel="prev">`) {
+		t.Errorf("page 2 of 2: no link to page 1")
+	}
+	_, body = e.get(t, e.base+"/audit?action=device.suspend", cookie)
+	if !strings.Contains(body, "leak") || strings.Contains(body, "token.create") {
+		t.Errorf("audit filtered by action:\n%s", body)
+	}
+	_, body = e.get(t, e.base+"/audit?device=door-1", cookie)
+	if strings.Contains(body, "pump-") || !strings.Contains(body, "enroll.token") {
+		t.Errorf("audit filtered by device:\n%s", body)
+	}
+}
+
+// The explain box: a rule that requires TPM attestation; the device's own
+// method comes from the registry, or the operator picks one.
+func TestPolicyExplainWithAttestation(t *testing.T) {
+	pol := filepath.Join(t.TempDir(), "policy.yaml")
+	if err := os.WriteFile(pol, []byte(`rules:
+  - name: firmware-tpm-only
+    roles: [device]
+    attestation: [tpm]
+    allow: [publish]
+    topics: ["devices/{id}/firmware/#"]
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := testenv.Config(t, testenv.Options{})
+	cfg.ConsoleAddr, cfg.PolicyFile = "127.0.0.1:0", pol
+	e := newEnv(t, testenv.StartConfig(t, cfg))
+	e.g.EnrollDevice(t, "dev-tok", "lab")
+	cookie, _ := e.signIn(t)
+	ask := func(q url.Values) string {
+		t.Helper()
+		resp, body := e.get(t, e.base+"/policy?"+q.Encode(), cookie)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s", resp.Status)
+		}
+		m := regexp.MustCompile(`(?s)<div class="answer" role="status">(.*?)</div>`).FindStringSubmatch(body)
+		if m == nil {
+			t.Fatalf("no answer:\n%s", body)
+		}
+		if !strings.Contains(body, "<td>tpm</td>") {
+			t.Errorf("rules table lacks the attestation column")
+		}
+		return m[1]
+	}
+	topic := "devices/dev-tok/firmware/v2"
+	if a := ask(url.Values{"identity": {"device/dev-tok"}, "topic": {topic}}); !strings.Contains(a, "Denied") {
+		t.Errorf("token device (from the registry): %s", a)
+	}
+	if a := ask(url.Values{"identity": {"device/dev-tok"}, "attestation": {"tpm"}, "topic": {topic}}); !strings.Contains(a, "Allowed") || !strings.Contains(a, "firmware-tpm-only") {
+		t.Errorf("as a TPM device: %s", a)
+	}
+	if a := ask(url.Values{"identity": {"device/dev-tok"}, "attestation": {"x"}, "topic": {topic}}); !strings.Contains(a, "want tpm or token") {
+		t.Errorf("bad method: %s", a)
+	}
 }

@@ -31,9 +31,6 @@ var webFS embed.FS
 const csp = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; " +
 	"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 
-// pageSize is the devices per page of the device list.
-const pageSize = 50
-
 // auditScan bounds the records one audit page reads when it filters on
 // actor, action or outcome.
 const auditScan = 2000
@@ -341,10 +338,11 @@ func (c *Console) handleDevices(w http.ResponseWriter, r *http.Request, q req) {
 	sort.Strings(d.Groups)
 	sort.Slice(rows, func(i, j int) bool { return rows[i].ID < rows[j].ID })
 	d.Total = len(rows)
-	d.Pages = max(1, (d.Total+pageSize-1)/pageSize)
+	size := c.opt.PageSize
+	d.Pages = max(1, (d.Total+size-1)/size)
 	d.Page = min(d.Page, d.Pages)
-	lo := (d.Page - 1) * pageSize
-	d.Rows = rows[lo:min(lo+pageSize, len(rows))]
+	lo := (d.Page - 1) * size
+	d.Rows = rows[lo:min(lo+size, len(rows))]
 	link := func(p int) string {
 		u := url.Values{}
 		for k, val := range map[string]string{"q": d.Q, "group": d.Group, "state": d.State, "method": d.Method, "online": d.Online} {
@@ -535,20 +533,23 @@ func (c *Console) handleAudit(w http.ResponseWriter, r *http.Request, q req) {
 // ---- policy ----
 
 type ruleRow struct {
-	N                                           int
-	Name, Effect, Access, Roles, Groups, Filter string
+	N                                                        int
+	Name, Effect, Access, Roles, Groups, Attestation, Filter string
 }
 
 type policyData struct {
-	Rules                                []ruleRow
-	None                                 bool
-	Identity, Group, Tags, Action, Topic string
-	Asked, Allowed                       bool
-	Explain, Error                       string
+	Rules                                        []ruleRow
+	None                                         bool
+	Identity, Group, Tags, Attest, Action, Topic string
+	Asked, Allowed                               bool
+	Explain, Error                               string
 }
 
 func toRuleRow(i int, r acl.Rule) ruleRow {
-	row := ruleRow{N: i + 1, Name: r.Name, Filter: r.Filter, Effect: "allow", Roles: "any", Groups: "any"}
+	row := ruleRow{N: i + 1, Name: r.Name, Filter: r.Filter, Effect: "allow", Roles: "any", Groups: "any", Attestation: "any"}
+	if len(r.Attestation) > 0 {
+		row.Attestation = strings.Join(r.Attestation, ", ")
+	}
 	if r.Effect == acl.Deny {
 		row.Effect = "deny"
 	}
@@ -578,7 +579,7 @@ func toRuleRow(i int, r acl.Rule) ruleRow {
 func (c *Console) handlePolicy(w http.ResponseWriter, r *http.Request, q req) {
 	v := r.URL.Query()
 	d := policyData{Identity: strings.TrimSpace(v.Get("identity")), Group: strings.TrimSpace(v.Get("group")), Tags: strings.TrimSpace(v.Get("tags")),
-		Action: v.Get("action"), Topic: strings.TrimSpace(v.Get("topic"))}
+		Attest: v.Get("attestation"), Action: v.Get("action"), Topic: strings.TrimSpace(v.Get("topic"))}
 	var p *acl.Policy
 	if c.cfg.Broker != nil {
 		p = c.cfg.Broker.Policy()
@@ -598,18 +599,27 @@ func (c *Console) handlePolicy(w http.ResponseWriter, r *http.Request, q req) {
 }
 
 // explain decides d's question with p: an identity as a SPIFFE URI or
-// role/name (device/sensor-1), or a bare device ID whose group and tags
-// come from the registry when not given.
+// role/name (device/sensor-1), or a bare device ID whose group, tags and
+// attestation method come from the registry when not given.
 func (d *policyData) explain(p *acl.Policy, device func(string) (fleet.DeviceStatus, bool)) {
 	id, err := parseIdentity(d.Identity)
 	if err != nil {
 		d.Error = err.Error()
 		return
 	}
-	s := acl.Subject{Role: id.Role, ID: id.Name, Group: d.Group, Tags: map[string]string{}}
+	switch d.Attest {
+	case "", fleet.MethodTPM, fleet.MethodToken:
+	default:
+		d.Error = fmt.Sprintf("attestation %q: want tpm or token", d.Attest)
+		return
+	}
+	s := acl.Subject{Role: id.Role, ID: id.Name, Group: d.Group, Tags: map[string]string{}, Attestation: d.Attest}
 	if st, ok := device(id.Name); ok && id.Role == identity.RoleDevice {
 		if s.Group == "" {
 			s.Group, d.Group = st.Group, st.Group
+		}
+		if s.Attestation == "" {
+			s.Attestation, d.Attest = st.Method, st.Method
 		}
 		if d.Tags == "" {
 			for k, v := range st.Tags {

@@ -56,7 +56,7 @@ func TestClientCertificateOnlyForRenewal(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv.TLS = &tls.Config{ClientAuth: tls.RequestClientCert,
-		Certificates: []tls.Certificate{{Certificate: [][]byte{srvCert.Raw, g.CA.Issuing.Raw}, PrivateKey: srvKey, Leaf: srvCert}}}
+		Certificates: []tls.Certificate{{Certificate: [][]byte{srvCert.Raw, g.CA.Issuing().Raw}, PrivateKey: srvKey, Leaf: srvCert}}}
 	srv.StartTLS()
 	defer srv.Close()
 	roots := g.Roots()

@@ -2,6 +2,7 @@ package devicesdk
 
 import (
 	"context"
+	"crypto/x509"
 	"math/rand/v2"
 	"time"
 )
@@ -36,6 +37,18 @@ type RenewOptions struct {
 	OnRenewed func()
 	// OnError is called after each failed attempt.
 	OnError func(error)
+	// IssuerCheck is how often AutoRenew asks the server whether the
+	// certificate's issuing CA is still the current one (default 1 hour;
+	// negative: never). It also asks once at the start: a device back after
+	// a long time offline learns of a rotation at once.
+	IssuerCheck time.Duration
+	// EarlyJitter spreads the early renewal after a rotation: it happens
+	// at a random time within EarlyJitter of the check that saw it
+	// (default 1 hour), so that a fleet does not renew in one minute.
+	EarlyJitter time.Duration
+	// OnIssuerChanged is called when a check finds that the issuing CA is
+	// no longer the current one, with the time of the early renewal.
+	OnIssuerChanged func(at time.Time)
 }
 
 // NextRenewal returns when the current certificate should be renewed.
@@ -68,21 +81,57 @@ func (o RenewOptions) withDefaults() RenewOptions {
 	if o.Retry <= 0 {
 		o.Retry = time.Minute
 	}
+	if o.IssuerCheck == 0 {
+		o.IssuerCheck = time.Hour
+	}
+	if o.EarlyJitter <= 0 {
+		o.EarlyJitter = time.Hour
+	}
 	return o
 }
 
 // AutoRenew renews the certificate at about 2/3 of its lifetime, with
-// jitter, until ctx ends. Failed attempts are retried.
+// jitter, until ctx ends; and early, within EarlyJitter, once the server
+// says the certificate's issuing CA is no longer the current one (an
+// issuing-CA rotation: IssuerCheck). Failed attempts are retried.
 func (d *Device) AutoRenew(ctx context.Context, o RenewOptions) error {
 	o = o.withDefaults()
+	var (
+		leaf      *x509.Certificate
+		at        time.Time // the renewal of leaf
+		early     time.Time // zero: none
+		nextCheck = o.Clock.Now()
+	)
 	for {
-		wait := d.NextRenewal(o).Sub(o.Clock.Now())
-		if wait > 0 {
+		if l := d.Leaf(); l != leaf || leaf == nil {
+			leaf, at, early = l, d.NextRenewal(o), time.Time{}
+		}
+		due := at
+		if !early.IsZero() && early.Before(due) {
+			due = early
+		}
+		now := o.Clock.Now()
+		if wait := due.Sub(now); wait > 0 {
+			check := o.IssuerCheck > 0 && early.IsZero() && leaf != nil
+			if check && !nextCheck.After(now) {
+				nextCheck = now.Add(o.IssuerCheck)
+				if cur, err := d.IssuerCurrent(ctx); err == nil && !cur {
+					early = now.Add(time.Duration(rand.Int64N(int64(o.EarlyJitter))))
+					if o.OnIssuerChanged != nil {
+						o.OnIssuerChanged(early)
+					}
+				}
+				continue
+			}
+			if check && nextCheck.Sub(now) < wait {
+				wait = nextCheck.Sub(now)
+			}
 			select {
 			case <-ctx.Done():
 				return ctx.Err()
 			case <-o.Clock.After(wait):
 			}
+			continue
 		}
 		if err := d.Renew(ctx); err != nil {
 			if ctx.Err() != nil {

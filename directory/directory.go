@@ -35,6 +35,8 @@ type Directory struct {
 	changes *changeLog
 	// gate, if set, refuses every Verify while it fails (SetGate).
 	gate atomic.Pointer[func() error]
+	// issuers are the trusted issuing CAs (issuers.go).
+	issuers trustedIssuers
 }
 
 // New returns an empty directory: it vouches for no certificate.

@@ -44,6 +44,8 @@ func Reason(err error) fleet.Reason {
 		return fleet.ReasonIdentityDiffer
 	case errors.Is(err, ErrStale):
 		return fleet.ReasonDirectoryStale
+	case errors.Is(err, ErrIssuerNotTrusted):
+		return fleet.ReasonUnknownCA
 	}
 	return fleet.ReasonNoIdentity
 }
@@ -88,6 +90,8 @@ func (d *Directory) verify(leaf *x509.Certificate, trustDomain string, now time.
 		return id, ErrIdentityDiffer
 	case !now.Before(leaf.NotAfter):
 		return id, ErrExpired
+	case !d.TrustedIssuer(leaf):
+		return id, ErrIssuerNotTrusted
 	}
 	if id.Role == identity.RoleDevice {
 		ds, ok := d.DeviceStatus(id.Name)

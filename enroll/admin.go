@@ -66,7 +66,7 @@ func (s *Server) verifiedClientCert(r *http.Request) (*x509.Certificate, error) 
 		return nil, apiErr(http.StatusUnauthorized, "client_cert_required", "a client certificate issued by this fleetgate is required", errNoClientCert)
 	}
 	opts := x509.VerifyOptions{
-		Roots:         s.clientCAs,
+		Roots:         s.cfg.CA.ClientCAs(), // the trusted issuing CAs now (they change at a rotation)
 		Intermediates: x509.NewCertPool(),
 		CurrentTime:   time.Now(),
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},

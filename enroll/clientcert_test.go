@@ -56,7 +56,7 @@ func TestClientCertificatesAreVerifiedWhereUsed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ours := &testpki.CA{Cert: g.CA.Issuing, Key: key.(*ecdsa.PrivateKey)}
+	ours := &testpki.CA{Cert: g.CA.Issuing(), Key: key.(*ecdsa.PrivateKey)}
 	foreign := testpki.NewCA(t, "another CA")
 	opURI := identity.Identity{Role: identity.RoleOperator, Name: "admin"}.URI(g.CA.TrustDomain).String()
 	devURI := identity.Identity{Role: identity.RoleDevice, Name: "dev-1"}.URI(g.CA.TrustDomain).String()

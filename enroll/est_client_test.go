@@ -159,7 +159,7 @@ func TestESTConformance(t *testing.T) {
 	if st != http.StatusOK || !strings.HasPrefix(hdr.Get("Content-Type"), "application/pkcs7-mime") {
 		t.Fatalf("cacerts: %d %q", st, hdr.Get("Content-Type"))
 	}
-	if cas := e.certs(p7); len(cas) != 2 || !cas[0].Equal(g.CA.Issuing) || !cas[1].Equal(g.CA.Root) {
+	if cas := e.certs(p7); len(cas) != 2 || !cas[0].Equal(g.CA.Issuing()) || !cas[1].Equal(g.CA.Root) {
 		t.Fatalf("cacerts: %d certificates", len(cas))
 	}
 

@@ -71,7 +71,7 @@ func TestEST(t *testing.T) {
 
 	resp, b := estDo(t, c, http.MethodGet, base+api.PathESTCACerts, nil, "", "")
 	cas := certsOnly(t, resp, b)
-	if len(cas) != 2 || !cas[0].Equal(g.CA.Issuing) || !cas[1].Equal(g.CA.Root) {
+	if len(cas) != 2 || !cas[0].Equal(g.CA.Issuing()) || !cas[1].Equal(g.CA.Root) {
 		t.Fatalf("cacerts returned %d certificates", len(cas))
 	}
 

@@ -214,7 +214,7 @@ func base64Lines(b []byte) string {
 }
 
 func (s *Server) handleESTCACerts(w http.ResponseWriter, r *http.Request) {
-	body, err := certsOnly(s.cfg.CA.Issuing, s.cfg.CA.Root)
+	body, err := certsOnly(s.cfg.CA.Issuing(), s.cfg.CA.Root)
 	if err != nil {
 		s.estError(w, r, err, "")
 		return

@@ -124,6 +124,8 @@ type Server struct {
 	// clientCAs is the root of client certificate chains: the issuing CA.
 	clientCAs *x509.CertPool
 	tpm       *tpmEnroller
+	// issuerCRLs caches the CRL of each issuing CA (issuers.go).
+	issuerCRLs issuerCRLs
 }
 
 // New returns a Server.
@@ -177,6 +179,7 @@ func New(cfg Config) (*Server, error) {
 	s.mux.HandleFunc("GET "+api.PathCACerts, s.handleCACerts)
 	s.registerTPMRoutes()
 	s.registerLifecycleRoutes()
+	s.registerIssuerRoutes()
 	return s, nil
 }
 
@@ -454,7 +457,7 @@ func certRecord(c *x509.Certificate, id identity.Identity) *fleet.Certificate {
 func (s *Server) handleCACerts(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/pem-certificate-chain")
 	io.WriteString(w, s.cfg.CA.RootPEM())
-	w.Write(ca.CertPEM(s.cfg.CA.Issuing))
+	w.Write(ca.CertPEM(s.cfg.CA.Issuing()))
 }
 
 // ---- bootstrap tokens ----

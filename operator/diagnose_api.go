@@ -34,7 +34,7 @@ func (s *Server) handleDiagnose(w http.ResponseWriter, r *http.Request, _ identi
 			return
 		}
 	}
-	env := diagnose.Env{ClientCAs: s.cfg.CA.ClientCAs(), Anchors: []*x509.Certificate{s.cfg.CA.Issuing},
+	env := diagnose.Env{ClientCAs: s.cfg.CA.ClientCAs(), Anchors: s.cfg.CA.TrustedCerts(),
 		Others: []*x509.Certificate{s.cfg.CA.Root}, TrustDomain: s.cfg.CA.TrustDomain, Directory: s.dir, Now: time.Now()}
 	var chain []*x509.Certificate
 	switch {

@@ -63,7 +63,9 @@ type Config struct {
 	// Broker is the broker of this process; nil: none (policy reload is
 	// refused, devices are never reported online).
 	Broker Broker
-	Logger *slog.Logger
+	// CAFollower makes the process follow an issuing-CA rotation (ca.go).
+	CAFollower CAFollower
+	Logger     *slog.Logger
 	// MaxTokenTTL bounds bootstrap token lifetimes (default 30 days).
 	MaxTokenTTL time.Duration
 	// ServiceCertTTL is the service certificate lifetime (default 1 year).
@@ -147,6 +149,7 @@ func (s *Server) Register(m Mux) {
 	m.HandleFunc("POST "+api.PathAdminPolicyReload, s.admin(s.handlePolicyReload))
 	m.HandleFunc("POST "+api.PathAdminDiagnose, s.admin(s.handleDiagnose))
 	s.registerAdmin(m)
+	s.registerCA(m)
 }
 
 // authenticate returns the identity of r's client certificate once it
@@ -171,7 +174,7 @@ func (s *Server) authenticate(r *http.Request) (identity.Identity, error) {
 		return identity.Identity{}, apiErr(http.StatusUnauthorized, fleet.ReasonClientCertIdentity, "client certificate identity does not match the registry", nil)
 	case errors.Is(err, directory.ErrRevoked), errors.Is(err, directory.ErrSuspended), errors.Is(err, directory.ErrUnknownDevice):
 		return id, nil // the device's state; its certificate is vouched for
-	case errors.Is(err, directory.ErrExpired):
+	case errors.Is(err, directory.ErrExpired), errors.Is(err, directory.ErrIssuerNotTrusted):
 		return identity.Identity{}, apiErr(http.StatusUnauthorized, fleet.ReasonClientCertInvalid, "client certificate does not verify against this fleetgate's CA (unknown issuer, expired or not for client authentication)", err)
 	}
 	return identity.Identity{}, apiErr(http.StatusUnauthorized, fleet.ReasonClientCertIdentity, "client certificate carries no valid identity", err)

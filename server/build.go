@@ -229,7 +229,7 @@ func (s *Server) buildEnrollment(p pki) error {
 	if err != nil {
 		return err
 	}
-	oc := operator.Config{CA: p.ca, Registry: s.reg, Enroll: es, Logger: log}
+	oc := operator.Config{CA: p.ca, Registry: s.reg, Enroll: es, Logger: log, CAFollower: s.pki}
 	if s.policy != nil {
 		oc.Broker = s.policy
 	}
@@ -247,7 +247,7 @@ func (s *Server) buildEnrollment(p pki) error {
 	}
 	s.enroll = es
 	s.addrs.API = ln.Addr().String()
-	s.api = &httpPart{ln: ln, useTLS: true, srv: &http.Server{Handler: es.Handler(), TLSConfig: es.TLSConfig(p.serverCert),
+	s.api = &httpPart{ln: ln, useTLS: true, srv: &http.Server{Handler: es.Handler(), TLSConfig: s.pki.tlsConfig(es.TLSConfig(p.serverCert)),
 		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
 		IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}}
@@ -319,16 +319,16 @@ func LoadPEMDir(dir string) (*x509.CertPool, error) {
 // operatorHTTPClient is an HTTPS client presenting the operator
 // certificate of the data directory and trusting its root CA.
 func operatorHTTPClient(l Layout) (*http.Client, error) {
-	cert, err := tls.LoadX509KeyPair(l.OperatorCert(), l.OperatorKey())
-	if err != nil {
+	oc := &operatorCert{l: l} // re-read after a rotation re-issued it (pki.go)
+	if _, err := oc.get(nil); err != nil {
 		return nil, err
 	}
 	root, err := ca.ReadCertFile(l.RootCert())
 	if err != nil {
 		return nil, err
 	}
-	return &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
-		MinVersion: tls.VersionTLS12, RootCAs: ca.NewPool(root), Certificates: []tls.Certificate{cert}}}}, nil
+	return &http.Client{Timeout: 60 * time.Second, Transport: &freshConns{t: &http.Transport{TLSClientConfig: &tls.Config{
+		MinVersion: tls.VersionTLS12, RootCAs: ca.NewPool(root), GetClientCertificate: oc.get}}}}, nil
 }
 
 // LoadPolicy loads a policy file; "" is the built-in default.

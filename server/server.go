@@ -57,6 +57,8 @@ type Server struct {
 	broker *broker.Broker
 	policy *brokerPolicy
 	enroll *enroll.Server
+	// pki follows issuing-CA rotations (pki.go).
+	pki *pkiFollower
 	// api and metrics are the HTTP servers with their bound listeners.
 	api, metrics *httpPart
 	// console is the web console (--console-addr); consoleRun samples its
@@ -103,6 +105,7 @@ func (s *Server) build() error {
 	s.prom = buildMetrics(s.reg, dir)
 	registerOwnCertMetrics(s.prom, s.layout) // servercert.go
 	s.registerOpsMetrics(dir)                // opsmetrics.go: CA expiry, revocation view age, devices
+	s.pki = newPKIFollower(s, pki, dir)
 	if cfg.Only != OnlyEnroll {
 		if err := s.buildBroker(pki, dir); err != nil {
 			return err
@@ -150,11 +153,12 @@ func (s *Server) Run(ctx context.Context) error {
 			}()
 		}
 		if s.rep != nil {
-			wg.Add(1)
+			wg.Add(2)
 			go func() {
 				defer wg.Done()
 				fail(s.rep.Run(ctx))
 			}()
+			go func() { defer wg.Done(); s.pki.followRemote(ctx, s.cfg.EnrollURL) }()
 		}
 		wg.Add(1)
 		go func() {

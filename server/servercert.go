@@ -99,7 +99,7 @@ func RenewServerCert(dataDir string, hosts []string) (*x509.Certificate, error) 
 		return nil, err
 	}
 	l := Layout{Dir: dataDir}
-	if err := replaceKeyAndCert(l.ServerKey(), l.ServerCert(), key, append(ca.CertPEM(cert), ca.CertPEM(a.Issuing)...)); err != nil {
+	if err := replaceKeyAndCert(l.ServerKey(), l.ServerCert(), key, append(ca.CertPEM(cert), ca.CertPEM(a.Issuing())...)); err != nil {
 		return nil, err
 	}
 	return cert, nil
@@ -140,7 +140,7 @@ func RenewOperatorCert(dataDir string) (*x509.Certificate, error) {
 		return nil, err
 	}
 	reg.Audit(registry.AuditRecord{Actor: "server-cert", Action: "operator_renew", Outcome: registry.OutcomeOK, Reason: "serial " + ca.SerialString(op.SerialNumber)})
-	if err := replaceKeyAndCert(filepath.Join(dataDir, ca.OperatorKeyFile), l.OperatorCert(), key, append(ca.CertPEM(op), ca.CertPEM(a.Issuing)...)); err != nil {
+	if err := replaceKeyAndCert(filepath.Join(dataDir, ca.OperatorKeyFile), l.OperatorCert(), key, append(ca.CertPEM(op), ca.CertPEM(a.Issuing())...)); err != nil {
 		return nil, err
 	}
 	return op, nil

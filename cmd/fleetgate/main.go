@@ -41,13 +41,14 @@ func root() *cobra.Command {
 		SilenceErrors: true,
 	}
 	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), certificatesCmd(), policyCmd(), auditCmd(), tpmCmd(), serverCertCmd(), consoleCmd(), diagnoseCmd())
+	r.AddCommand(caCmd()) // ca.go: issuing-CA rotation
 	addAdminCommands(r)
 	strict(r)
 	return r
 }
 
 func initCmd() *cobra.Command {
-	var dataDir, td, operator string
+	var dataDir, td, operator, externalRoot string
 	var hosts []string
 	var noDefaultHosts bool
 	c := &cobra.Command{
@@ -59,6 +60,9 @@ func initCmd() *cobra.Command {
 				return nil
 			}
 			hosts = server.WithDefaultHosts(hosts, noDefaultHosts)
+			if externalRoot != "" {
+				return initExternalRoot(cmd, dataDir, externalRoot, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator})
+			}
 			res, err := server.Init(dataDir, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator})
 			if err != nil {
 				return err
@@ -69,6 +73,7 @@ func initCmd() *cobra.Command {
 			fmt.Fprintf(out, "  issuing CA (P-256):   %s\n", ca.IssuingCertFile)
 			fmt.Fprintf(out, "  server certificate:   %s for %s\n", ca.ServerCertFile, strings.Join(server.CertHosts(res.Server), ", "))
 			fmt.Fprintf(out, "  operator certificate: %s (%s)\n", ca.OperatorCertFile, operator)
+			fmt.Fprintf(out, "The root key %s should now be moved off this machine (docs/pki.md, \"Offline root\"): rotation then asks the offline root to sign.\n", ca.RootKeyFile)
 			return nil
 		},
 	}
@@ -77,6 +82,7 @@ func initCmd() *cobra.Command {
 	c.Flags().StringSliceVar(&hosts, "host", nil, "host name or IP of the server certificate, besides localhost, 127.0.0.1 and ::1 (repeat; later: fleetgate server-cert renew --host)")
 	c.Flags().BoolVar(&noDefaultHosts, "no-default-hosts", false, "leave localhost, 127.0.0.1 and ::1 out of the server certificate")
 	c.Flags().StringVar(&operator, "operator", "admin", "name of the first operator")
+	c.Flags().StringVar(&externalRoot, "external-root", "", "root CA certificate kept elsewhere: write an issuing-CA CSR for it to sign (then `fleetgate ca import-issuing`)")
 	return c
 }
 

@@ -26,6 +26,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fleetgate/fleetgate/fleet"
@@ -57,14 +59,22 @@ const (
 	backdate = 5 * time.Minute
 )
 
-// Authority signs certificates with the issuing CA.
+// Authority signs certificates with the current issuing CA and knows the
+// set of issuing CAs the fleet trusts (issuers.go): the set changes at a
+// rotation while the process runs, so it is read through methods.
 type Authority struct {
 	TrustDomain string
 	Root        *x509.Certificate
-	Issuing     *x509.Certificate
-	key         crypto.Signer
 	rand        io.Reader
 	now         func() time.Time
+	// dir is the data directory (empty: in memory only).
+	dir  string
+	opts Options
+	// mu serialises changes of the issuer set; set is read without it.
+	mu  sync.Mutex
+	set atomic.Pointer[issuerSet]
+	// ocsp are the OCSP responder URLs put in the AIA of issued leaves.
+	ocsp []string
 }
 
 // Options inject randomness and time; zero values mean crypto/rand and
@@ -72,6 +82,23 @@ type Authority struct {
 type Options struct {
 	Rand io.Reader
 	Now  func() time.Time
+	// OpenKey opens the private key of an issuing CA by its reference in
+	// the data directory's issuer list; NewKey creates the key of a new
+	// issuing CA (rotation) and returns its reference. nil: key files in
+	// the data directory (FileKeys). A hardware key store plugs in here.
+	OpenKey func(dir, ref string) (crypto.Signer, error)
+	NewKey  func(dir, name string) (crypto.Signer, string, error)
+	// NoKeys loads the issuing CAs' certificates only (a process that
+	// signs nothing, such as a broker apart): no key is opened, and
+	// signing fails.
+	NoKeys bool
+	// Key is the issuing CA's key from a key store (enroll/ca/keystore):
+	// Init certifies it instead of generating one (no ca/issuing.key is
+	// written), Load uses it instead of reading ca/issuing.key and checks
+	// that it matches the certificate.
+	Key crypto.Signer
+	// OCSPServer URLs go into the AIA extension of issued leaves.
+	OCSPServer []string
 }
 
 func (o Options) withDefaults() Options {
@@ -147,9 +174,11 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("root CA: %w", err)
 	}
-	issKey, err := ecdsa.GenerateKey(elliptic.P256(), o.Rand)
-	if err != nil {
-		return nil, fmt.Errorf("generate issuing key: %w", err)
+	var issKey crypto.Signer = o.Key
+	if issKey == nil {
+		if issKey, err = ecdsa.GenerateKey(elliptic.P256(), o.Rand); err != nil {
+			return nil, fmt.Errorf("generate issuing key: %w", err)
+		}
 	}
 	issTmpl := &x509.Certificate{
 		Subject:               pkix.Name{Organization: []string{"fleetgate"}, CommonName: "fleetgate issuing CA " + o.TrustDomain},
@@ -165,7 +194,8 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("issuing CA: %w", err)
 	}
-	a := &Authority{TrustDomain: o.TrustDomain, Root: root, Issuing: issuing, key: issKey, rand: o.Rand, now: o.Now}
+	a := newAuthority(dir, o.TrustDomain, root, o.Options, &Issuer{ID: IssuerID(issuing), Cert: issuing, State: IssuerCurrent,
+		Added: issuing.NotBefore, CertFile: IssuingCertFile, KeyRef: IssuingKeyFile, signer: issKey})
 
 	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), o.Rand)
 	if err != nil {
@@ -184,6 +214,10 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 		return nil, fmt.Errorf("operator certificate: %w", err)
 	}
 
+	var issKeyPEM []byte
+	if o.Key == nil {
+		issKeyPEM = mustKeyPEM(issKey)
+	}
 	// Keys are written with O_EXCL: a concurrent init cannot clobber a CA.
 	writes := []struct {
 		name string
@@ -192,7 +226,7 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 	}{
 		{RootKeyFile, mustKeyPEM(rootKey), true},
 		{RootCertFile, CertPEM(root), false},
-		{IssuingKeyFile, mustKeyPEM(issKey), true},
+		{IssuingKeyFile, issKeyPEM, true},
 		{IssuingCertFile, CertPEM(issuing), false},
 		{TrustDomainFile, []byte(o.TrustDomain + "\n"), false},
 		{ServerKeyFile, mustKeyPEM(srvKey), true},
@@ -201,6 +235,9 @@ func Init(dir string, o InitOptions) (*InitResult, error) {
 		{OperatorCertFile, append(CertPEM(operator), CertPEM(issuing)...), false},
 	}
 	for _, w := range writes {
+		if w.name == IssuingKeyFile && o.Key != nil {
+			continue // the key lives in its store
+		}
 		mode := fs.FileMode(0o644)
 		if w.key {
 			mode = 0o600
@@ -226,22 +263,16 @@ func Load(dir string, o Options) (*Authority, error) {
 	if err != nil {
 		return nil, err
 	}
-	issuing, err := ReadCertFile(filepath.Join(dir, IssuingCertFile))
+	issuers, err := loadIssuers(dir, root, o)
 	if err != nil {
 		return nil, err
 	}
-	key, err := ReadKeyFile(filepath.Join(dir, IssuingKeyFile))
-	if err != nil {
-		return nil, err
-	}
-	if !publicKeysEqual(key.Public(), issuing.PublicKey) {
-		return nil, fmt.Errorf("ca: %s does not match %s", IssuingKeyFile, IssuingCertFile)
-	}
-	if err := issuing.CheckSignatureFrom(root); err != nil {
-		return nil, fmt.Errorf("ca: issuing CA not signed by root: %w", err)
-	}
-	return &Authority{TrustDomain: strings.TrimSpace(string(td)), Root: root, Issuing: issuing, key: key, rand: o.Rand, now: o.Now}, nil
+	return newAuthority(dir, strings.TrimSpace(string(td)), root, o, issuers...), nil
 }
+
+// Signer is the current issuing CA's key (e.g. to certify a delegated
+// OCSP signer); Trusted gives every trusted CA's (Issuer.Signer).
+func (a *Authority) Signer() crypto.Signer { return a.Current().signer }
 
 // Now is the authority's clock.
 func (a *Authority) Now() time.Time { return a.now() }
@@ -253,17 +284,18 @@ func (a *Authority) Roots() *x509.CertPool {
 	return p
 }
 
-// ClientCAs returns the pool used to verify client certificates: the issuing
-// CA only, so that nothing the root might sign elsewhere is accepted.
-func (a *Authority) ClientCAs() *x509.CertPool {
-	p := x509.NewCertPool()
-	p.AddCert(a.Issuing)
-	return p
-}
+// ClientCAs returns the pool used to verify client certificates: the
+// trusted issuing CAs only (not the root), so that nothing the root might
+// sign elsewhere is accepted. It changes at a rotation or retirement.
+func (a *Authority) ClientCAs() *x509.CertPool { return a.set.Load().pool }
 
-// ChainPEM returns leaf + issuing CA as PEM.
+// ChainPEM returns leaf + the issuing CA that signed it as PEM.
 func (a *Authority) ChainPEM(leaf *x509.Certificate) string {
-	return string(CertPEM(leaf)) + string(CertPEM(a.Issuing))
+	iss := a.IssuerOf(leaf)
+	if iss == nil {
+		iss = a.Current()
+	}
+	return string(CertPEM(leaf)) + string(CertPEM(iss.Cert))
 }
 
 // RootPEM returns the root CA as PEM.
@@ -279,10 +311,11 @@ func (a *Authority) Issue(id identity.Identity, pub crypto.PublicKey, ttl time.D
 	if ttl <= 0 {
 		ttl = DefaultDeviceLifetime
 	}
+	iss := a.Current()
 	now := a.now()
 	notAfter := now.Add(ttl)
-	if notAfter.After(a.Issuing.NotAfter) {
-		notAfter = a.Issuing.NotAfter
+	if notAfter.After(iss.Cert.NotAfter) {
+		notAfter = iss.Cert.NotAfter
 	}
 	// Backdated for clock skew, but by little for short lifetimes, so that
 	// renewal at 2/3 of NotBefore..NotAfter stays 2/3 of the real lifetime.
@@ -294,8 +327,9 @@ func (a *Authority) Issue(id identity.Identity, pub crypto.PublicKey, ttl time.D
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 		URIs:        []*url.URL{id.URI(a.TrustDomain)},
+		OCSPServer:  a.ocsp,
 	}
-	return sign(a.rand, tmpl, a.Issuing, pub, a.key)
+	return sign(a.rand, tmpl, iss.Cert, pub, iss.signer)
 }
 
 // IssueServer signs a TLS server certificate for hosts (DNS names or IPs).
@@ -303,6 +337,7 @@ func (a *Authority) IssueServer(hosts []string, pub crypto.PublicKey, ttl time.D
 	if len(hosts) == 0 {
 		return nil, errors.New("ca: server certificate needs at least one host name or IP")
 	}
+	iss := a.Current()
 	now := a.now()
 	tmpl := &x509.Certificate{
 		Subject:     pkix.Name{CommonName: hosts[0], Organization: []string{"fleetgate"}},
@@ -310,6 +345,7 @@ func (a *Authority) IssueServer(hosts []string, pub crypto.PublicKey, ttl time.D
 		NotAfter:    now.Add(ttl),
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		OCSPServer:  a.ocsp,
 	}
 	for _, h := range hosts {
 		if ip := net.ParseIP(h); ip != nil {
@@ -318,7 +354,7 @@ func (a *Authority) IssueServer(hosts []string, pub crypto.PublicKey, ttl time.D
 			tmpl.DNSNames = append(tmpl.DNSNames, h)
 		}
 	}
-	return sign(a.rand, tmpl, a.Issuing, pub, a.key)
+	return sign(a.rand, tmpl, iss.Cert, pub, iss.signer)
 }
 
 // CheckCSR parses a DER PKCS#10 request, checks its self-signature and that

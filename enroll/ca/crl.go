@@ -15,8 +15,13 @@ type Revoked struct {
 	ReasonCode int
 }
 
-// CRL signs an RFC 5280 CRL (DER) with the issuing CA, valid for validity.
+// CRL signs an RFC 5280 CRL (DER) with the current issuing CA, valid for
+// validity.
 func (a *Authority) CRL(number uint64, entries []Revoked, validity time.Duration) ([]byte, error) {
+	return a.crl(a.Current(), number, entries, validity)
+}
+
+func (a *Authority) crl(iss *Issuer, number uint64, entries []Revoked, validity time.Duration) ([]byte, error) {
 	now := a.now()
 	tmpl := &x509.RevocationList{
 		Number:     new(big.Int).SetUint64(number),
@@ -28,7 +33,7 @@ func (a *Authority) CRL(number uint64, entries []Revoked, validity time.Duration
 			SerialNumber: e.Serial, RevocationTime: e.RevokedAt.UTC(), ReasonCode: e.ReasonCode,
 		})
 	}
-	der, err := x509.CreateRevocationList(a.rand, tmpl, a.Issuing, a.key)
+	der, err := x509.CreateRevocationList(a.rand, tmpl, iss.Cert, iss.signer)
 	if err != nil {
 		return nil, fmt.Errorf("x509.CreateRevocationList: %w", err)
 	}

@@ -10,22 +10,30 @@
 
   function say(text) { if (status) { status.textContent = text; } }
 
-  // Fetch this page again and swap in its #live part.
-  var pending = false;
+  // Fetch this page again and swap in its #live part: at most once a
+  // second on pages about the whole fleet (a busy fleet sends many events),
+  // at once on a device's page.
+  var watch = main ? main.getAttribute('data-live') : null;
+  var delay = watch === '*' ? 1000 : 150;
+  var pending = false, again = false;
   function refresh() {
-    if (pending) { return; }
+    if (pending) { again = true; return; }
     pending = true;
     setTimeout(function () {
+      // Events until now are in this answer; later ones fetch again.
+      again = false;
       fetch(location.href, { credentials: 'same-origin' }).then(function (r) {
         return r.text();
       }).then(function (html) {
-        pending = false;
         var doc = new DOMParser().parseFromString(html, 'text/html');
         var fresh = doc.getElementById('live');
         var live = document.getElementById('live');
         if (fresh && live) { live.replaceWith(document.adoptNode(fresh)); }
-      }).catch(function () { pending = false; });
-    }, 150);
+      }).catch(function () {}).then(function () {
+        pending = false;
+        if (again) { refresh(); }
+      });
+    }, delay);
   }
 
   // Confirmation dialogs: a button opens its dialog; the dialog's form is
@@ -59,7 +67,6 @@
   });
 
   // Live updates.
-  var watch = main ? main.getAttribute('data-live') : null;
   if (!watch || !window.EventSource) { return; }
   var es = new EventSource('/events');
   es.onopen = function () { say('Live updates on.'); };
