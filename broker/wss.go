@@ -8,10 +8,13 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
 	"github.com/mochi-mqtt/server/v2/listeners"
+
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // MQTT over WebSocket over mTLS (wss). A wss connection is admitted exactly
@@ -94,9 +97,34 @@ func (w *wsUpgrader) serve(c *conn) {
 	select {
 	case w.conns <- hc:
 		<-hc.closed
+		if !hc.upgraded.Load() {
+			w.refused(hc)
+		}
 	case <-w.done:
 		c.Close()
 	}
+}
+
+// refused logs a connection whose upgrade was refused (by gorilla: its
+// reason; by net/http, or never asked for: no_upgrade), bounded per
+// source by the listener's refusal limiter.
+func (w *wsUpgrader) refused(hc *wsHTTPConn) {
+	if w.l.closed.Load() {
+		return
+	}
+	ip := hostOf(hc.conn.RemoteAddr())
+	if !w.l.refusals.AllowCode(ip, "wss_upgrade") {
+		return
+	}
+	attrs := []any{"reason", "no_upgrade"}
+	if e, ok := hc.refusal.Load().(string); ok {
+		attrs = []any{"reason", "upgrade_refused", "err", logguard.Clip(e, 0)}
+	}
+	if st := hc.conn.ConnectionState(); w.l.identOf != nil && len(st.PeerCertificates) > 0 {
+		attrs = append(attrs, "identity", w.l.identOf(st.PeerCertificates[0]).String())
+	}
+	attrs = append(attrs, "remote", hc.conn.RemoteAddr().String())
+	w.l.log.Warn("wss upgrade refused", attrs...)
 }
 
 func (w *wsUpgrader) close() {
@@ -134,8 +162,10 @@ func (w *wsUpgrader) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	}
 	ws, err := w.up.Upgrade(rw, r, nil) // answers 400/403/426 itself
 	if err != nil {
+		hc.refusal.Store(err.Error())
 		return
 	}
+	hc.upgraded.Store(true)
 	defer hc.Close()
 	ws.SetReadLimit(w.readLimit)
 	// net/http cleared the read deadline after the header: the
@@ -150,8 +180,10 @@ func (w *wsUpgrader) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 // tells serve that the HTTP server is done with it.
 type wsHTTPConn struct {
 	*conn
-	closed chan struct{}
-	once   sync.Once
+	closed   chan struct{}
+	once     sync.Once
+	upgraded atomic.Bool  // the upgrade succeeded
+	refusal  atomic.Value // string: why gorilla refused the upgrade
 }
 
 func (h *wsHTTPConn) Close() error {

@@ -12,8 +12,6 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/time/rate"
-
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/identity"
@@ -62,13 +60,10 @@ type auth struct {
 	baseURL  string
 	links    map[string]*link    // by link id
 	sessions map[string]*session // by SHA-256 of the cookie value, base64
-	// signIns limits attempts to redeem links (all sources together).
-	signIns *rate.Limiter
 }
 
 func newAuth(o Options, reg *registry.Registry, baseURL string) *auth {
-	return &auth{opt: o, reg: reg, baseURL: baseURL, links: map[string]*link{}, sessions: map[string]*session{},
-		signIns: rate.NewLimiter(10, 20)}
+	return &auth{opt: o, reg: reg, baseURL: baseURL, links: map[string]*link{}, sessions: map[string]*session{}}
 }
 
 func (a *auth) setBaseURL(u string) {
@@ -107,27 +102,39 @@ func (a *auth) mint(op identity.Identity, serial string) (api.ConsoleLoginRespon
 	return api.ConsoleLoginResponse{URL: a.baseURL + "/login?t=" + id + "." + secret, ExpiresAt: l.expires.UTC(), Operator: op.String()}, nil
 }
 
+// refusal is a refused sign-in: Reason for the log, the same message
+// for the browser whatever the reason.
+type refusal struct{ Reason string }
+
+func (e *refusal) Error() string {
+	return "this sign-in link is not valid: it was used already, it expired, or it was mistyped; run `fleetgate console login` again"
+}
+
 // redeem spends a link and opens a session: it returns the cookie value.
+// Its errors are *refusal. An attempt is never refused for others'
+// attempts: a flood of made-up links (whose IDs name no link: 72 random
+// bits, and 256 for the secret) costs a map lookup each and does not keep
+// an operator holding a real link out; the refusals are logged, bounded
+// per source (Console.refused).
 func (a *auth) redeem(token string) (string, *session, error) {
-	bad := errors.New("this sign-in link is not valid: it was used already, it expired, or it was mistyped; run `fleetgate console login` again")
-	if !a.signIns.Allow() {
-		return "", nil, errors.New("too many sign-in attempts; wait a few seconds")
-	}
 	id, secret, ok := strings.Cut(token, ".")
 	if !ok || len(token) > 128 {
-		return "", nil, bad
+		return "", nil, &refusal{Reason: "link_malformed"}
 	}
 	now := a.opt.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	l, ok := a.links[id]
 	if !ok {
-		return "", nil, bad
+		return "", nil, &refusal{Reason: "link_unknown"}
 	}
 	delete(a.links, id) // single use, whatever the outcome
 	h := sha256.Sum256([]byte(secret))
-	if subtle.ConstantTimeCompare(h[:], l.hash[:]) != 1 || !now.Before(l.expires) {
-		return "", nil, bad
+	if subtle.ConstantTimeCompare(h[:], l.hash[:]) != 1 {
+		return "", nil, &refusal{Reason: "link_bad_secret"}
+	}
+	if !now.Before(l.expires) {
+		return "", nil, &refusal{Reason: "link_expired"}
 	}
 	value := randomText(32)
 	s := &session{op: l.op, serial: l.serial, csrf: randomText(32), expires: now.Add(a.opt.SessionTTL), done: make(chan struct{})}

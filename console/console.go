@@ -38,6 +38,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // Role is what an operator may do in the console.
@@ -142,6 +143,9 @@ type Console struct {
 	stats *stats
 	pages *pages
 	mux   *http.ServeMux
+	// refusals bounds the log lines of refused requests per source
+	// (refusal.go).
+	refusals *logguard.Limiter
 
 	// live sessions seen by the broker's watch: device ID -> since, remote.
 	liveMu sync.Mutex
@@ -164,6 +168,7 @@ func New(cfg Config) (*Console, error) {
 	cfg.Options.defaults()
 	c := &Console{cfg: cfg, opt: cfg.Options, log: cfg.Logger, live: map[string]liveSession{}}
 	c.auth = newAuth(cfg.Options, cfg.Registry, cfg.BaseURL)
+	c.refusals = newRefusalLimiter(c.log)
 	c.hub = newHub(cfg.Options)
 	c.stats = newStats(cfg.Gatherer, cfg.Options.Now)
 	var err error

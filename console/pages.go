@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"html/template"
 	"io/fs"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"sort"
@@ -141,11 +142,13 @@ func (c *Console) signedIn(h func(http.ResponseWriter, *http.Request, req)) http
 	return func(w http.ResponseWriter, r *http.Request) {
 		key, sess, err := c.auth.session(r)
 		if err != nil {
+			c.refused(r, slog.LevelInfo, "console request refused", "no_session")
 			c.signInPage(w, http.StatusUnauthorized, "")
 			return
 		}
 		role, err := c.opt.Role(sess.op)
 		if err != nil {
+			c.refused(r, slog.LevelWarn, "console request refused", "operator_role", "operator", sess.op.String(), "err", err)
 			c.auth.end(key)
 			c.signInPage(w, http.StatusUnauthorized, "Your operator account is no longer valid: "+err.Error())
 			return
@@ -153,6 +156,7 @@ func (c *Console) signedIn(h func(http.ResponseWriter, *http.Request, req)) http
 		if r.Method == http.MethodPost {
 			r.Body = http.MaxBytesReader(w, r.Body, 16<<10)
 			if err := c.auth.checkCSRF(r, sess); err != nil {
+				c.refused(r, slog.LevelWarn, "console request refused", "csrf", "operator", sess.op.String(), "err", err)
 				c.audit(sess.op, "console."+r.URL.Path, "", registry.OutcomeDenied, err.Error(), r.RemoteAddr)
 				http.Error(w, err.Error(), http.StatusForbidden)
 				return
@@ -187,6 +191,11 @@ func (c *Console) newPage(q req, title, nav string, data any) page {
 func (c *Console) handleLogin(w http.ResponseWriter, r *http.Request) {
 	value, sess, err := c.auth.redeem(r.URL.Query().Get("t"))
 	if err != nil {
+		reason := "refused"
+		if re, ok := err.(*refusal); ok {
+			reason = re.Reason
+		}
+		c.refused(r, slog.LevelWarn, "console sign-in refused", reason)
 		c.signInPage(w, http.StatusUnauthorized, err.Error())
 		return
 	}

@@ -119,7 +119,10 @@ func (c *Console) run(ctx context.Context) {
 
 // Run samples the metrics for the overview and the live refusals until
 // ctx ends.
-func (c *Console) Run(ctx context.Context) { c.run(ctx) }
+func (c *Console) Run(ctx context.Context) {
+	go c.refusals.Run(ctx)
+	c.run(ctx)
+}
 
 // reasonCount is a refusal reason with its totals.
 type reasonCount struct {

@@ -318,14 +318,20 @@ type TPMRedemption struct {
 // Re-enrollment policy: a device that already holds certificates may enroll
 // again (e.g. after a factory reset of its TLS key) when the attested EK is
 // the one registered for it and the device is neither revoked nor suspended.
-// Its earlier certificates are not revoked: they stay valid until they
-// expire unless an operator revokes them.
+// Its earlier TPM certificates are not revoked: they stay valid until they
+// expire unless an operator revokes them. But the first TPM enrollment of a
+// device that held certificates of another method (a bootstrap token: a
+// software key) revokes those, in the same transaction: the attestation
+// method is the device's, and a policy rule that requires attestation tpm
+// must not apply to a key that never was in the TPM (supersedeNonTPM).
 func (r *Registry) RedeemTPM(red TPMRedemption, sign func(fleet.Device) (*fleet.Certificate, error)) (*fleet.Certificate, error) {
 	var rec EKRecord
 	var dev fleet.Device
+	var superseded []string
 	autoNew := false
-	return r.issue(issuance{
+	c, err := r.issue(issuance{
 		audited: red.Audit != nil,
+		revoked: func() []string { return superseded },
 		check: func(txn *badger.Txn, now time.Time) error {
 			rec, dev, autoNew = EKRecord{}, fleet.Device{}, false
 			switch err := get(txn, pfxEK+red.EKFingerprint, &rec); {
@@ -372,6 +378,13 @@ func (r *Registry) RedeemTPM(red TPMRedemption, sign func(fleet.Device) (*fleet.
 					return nil, err
 				}
 			}
+			superseded = nil
+			if dev.AttestationMethod != fleet.MethodTPM {
+				var err error
+				if superseded, err = supersedeNonTPM(txn, dev.ID, now); err != nil {
+					return nil, err
+				}
+			}
 			dev.State = fleet.StateActive
 			dev.AttestationMethod = fleet.MethodTPM
 			dev.EKFingerprint = red.EKFingerprint
@@ -381,4 +394,39 @@ func (r *Registry) RedeemTPM(red TPMRedemption, sign func(fleet.Device) (*fleet.
 			return &dev, r.putIssuedAudit(txn, red.Audit, c.Serial)
 		},
 	})
+	if err == nil && len(superseded) > 0 {
+		r.Audit(AuditRecord{Actor: "enroll", Action: "certificate.revoke", DeviceID: red.DeviceID, Outcome: OutcomeOK,
+			Reason: reasonSupersededByTPM, Serial: strings.Join(superseded, ",")})
+	}
+	return c, err
+}
+
+// reasonSupersededByTPM is the revocation reason of a device's
+// certificates of another method at its first TPM enrollment.
+const reasonSupersededByTPM = "superseded: the device enrolled by TPM attestation"
+
+// supersedeNonTPM marks revoked, in txn, the unexpired, unrevoked
+// certificates of device id: called at its first TPM enrollment, when all
+// of them are of another method (token).
+func supersedeNonTPM(txn *badger.Txn, id string, now time.Time) ([]string, error) {
+	serials, err := deviceSerials(txn, id)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, s := range serials {
+		var c fleet.Certificate
+		if err := get(txn, pfxCert+s, &c); err != nil {
+			return nil, err
+		}
+		if c.Revoked || !now.Before(c.NotAfter) {
+			continue
+		}
+		c.Revoked, c.RevokedAt, c.RevokeReason = true, now, reasonSupersededByTPM
+		if err := put(txn, pfxCert+s, &c); err != nil {
+			return nil, err
+		}
+		out = append(out, s)
+	}
+	return out, nil
 }

@@ -27,6 +27,10 @@ type issuance struct {
 	commit func(txn *badger.Txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error)
 	// audited: commit appends an audit record (updateAudited).
 	audited bool
+	// revoked, if not nil, returns the serials commit revoked (of the
+	// returned device): the directory learns of them before of the new
+	// certificate.
+	revoked func() []string
 }
 
 // issue runs is in three steps so that a slow signer (a CA key in an HSM or
@@ -67,6 +71,11 @@ func (r *Registry) issue(is issuance) (*fleet.Certificate, error) {
 	})
 	if err != nil {
 		return nil, err
+	}
+	if is.revoked != nil && dev != nil {
+		if serials := is.revoked(); len(serials) > 0 {
+			r.dir.Revoked(dev.ID, serials...)
+		}
 	}
 	r.dir.Issued(c, dev)
 	return c, nil
