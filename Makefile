@@ -15,7 +15,7 @@ deps:
 	@scripts/install-deps.sh
 
 build:
-	$(GO) build -o $(BIN)/ ./cmd/fleetgate ./cmd/fleetsim
+	$(GO) build -o $(BIN)/ ./cmd/fleetgate ./cmd/fleetsim ./cmd/fleetgate-device
 
 ## demo: gateway + a small simulated fleet, then stops everything it started
 demo: deps build
@@ -53,8 +53,9 @@ fuzz:
 clean:
 	rm -rf $(BIN)
 
-## bench: fleetgate and mosquitto side by side (docs/performance.md); results under results/
+## bench: fleetgate, mosquitto and NATS's MQTT listener side by side (docs/performance.md); results under results/
 .PHONY: bench
 bench: deps build
 	$(GO) build -o $(BIN)/ ./cmd/fleetbench
-	$(BIN)/fleetbench --fleetgate $(BIN)/fleetgate --mosquitto $$(command -v mosquitto || echo /usr/sbin/mosquitto) --out results
+	$(GO) build -o $(BIN)/nats-server github.com/nats-io/nats-server/v2
+	$(BIN)/fleetbench --fleetgate $(BIN)/fleetgate --mosquitto $$(command -v mosquitto || echo /usr/sbin/mosquitto) --nats-server $(BIN)/nats-server --out results

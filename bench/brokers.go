@@ -26,7 +26,7 @@ var mosquittoACLTmpl string
 // Broker is one running broker process, started by the harness and stopped
 // by its PID.
 type Broker struct {
-	Name    string // "fleetgate" or "mosquitto"
+	Name    string // "fleetgate", "mosquitto", "mosquitto-q100000" or "nats"
 	MQTT    string // host:port
 	API     string // fleetgate: enrollment/admin API host:port
 	Metrics string
@@ -150,8 +150,8 @@ func freePort() (int, error) {
 }
 
 // writeMosquittoConfig writes the mosquitto configuration for port.
-func (e *Env) writeMosquittoConfig(port int) (string, error) {
-	dir := filepath.Join(e.Work, "mosquitto")
+func (e *Env) writeMosquittoConfig(name string, port, maxQueued int) (string, error) {
+	dir := filepath.Join(e.Work, name)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", err
 	}
@@ -172,7 +172,7 @@ func (e *Env) writeMosquittoConfig(port int) (string, error) {
 	data := map[string]any{
 		"Port": port, "CAFile": caFile,
 		"CertFile": filepath.Join(e.DataDir(), "tls", "server.crt"), "KeyFile": filepath.Join(e.DataDir(), "tls", "server.key"),
-		"ACLFile": filepath.Join(dir, "acl"), "Backend": BackendName, "Root": os.Getuid() == 0,
+		"ACLFile": filepath.Join(dir, "acl"), "Backend": BackendName, "Root": os.Getuid() == 0, "MaxQueued": maxQueued,
 	}
 	for name, src := range map[string]string{"mosquitto.conf": mosquittoConfTmpl, "acl": mosquittoACLTmpl} {
 		var buf bytes.Buffer
@@ -186,29 +186,44 @@ func (e *Env) writeMosquittoConfig(port int) (string, error) {
 	return filepath.Join(dir, "mosquitto.conf"), nil
 }
 
+// MosquittoDefaultQueue is mosquitto's default max_queued_messages;
+// MosquittoRaisedQueue the value of the "mosquitto-q100000" run.
+const (
+	MosquittoDefaultQueue = 1000
+	MosquittoRaisedQueue  = 100000
+)
+
 // StartMosquitto runs mosquitto in the foreground with the harness's
-// configuration and waits until it accepts connections.
-func (e *Env) StartMosquitto(ctx context.Context) (*Broker, error) {
+// configuration, as broker name with max_queued_messages maxQueued, and
+// waits until it accepts connections.
+func (e *Env) StartMosquitto(ctx context.Context, name string, maxQueued int) (*Broker, error) {
 	port, err := freePort()
 	if err != nil {
 		return nil, err
 	}
-	conf, err := e.writeMosquittoConfig(port)
+	conf, err := e.writeMosquittoConfig(name, port, maxQueued)
 	if err != nil {
 		return nil, err
 	}
-	lf, err := os.Create(filepath.Join(e.Work, "mosquitto.log"))
+	return e.spawnPeer(ctx, name, MosquittoBin, []string{"-c", conf}, port)
+}
+
+// spawnPeer starts a peer broker's process (never outliving the harness)
+// and waits until its MQTT port accepts connections.
+func (e *Env) spawnPeer(ctx context.Context, name, bin string, args []string, port int) (*Broker, error) {
+	logPath := filepath.Join(e.Work, name+".log")
+	lf, err := os.Create(logPath)
 	if err != nil {
 		return nil, err
 	}
 	defer lf.Close()
-	p, err := fleetproc.Spawn(MosquittoBin, []string{"-c", conf}, lf, true) // never outlive the harness
+	p, err := fleetproc.Spawn(bin, args, lf, true)
 	if err != nil {
 		return nil, err
 	}
-	b := procs.track("mosquitto", p)
+	b := procs.track(name, p)
 	b.MQTT = fmt.Sprintf("127.0.0.1:%d", port)
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	for {
 		c, err := net.DialTimeout("tcp", b.MQTT, time.Second)
 		if err == nil {
@@ -216,11 +231,11 @@ func (e *Env) StartMosquitto(ctx context.Context) (*Broker, error) {
 			return b, nil
 		}
 		if b.Exited() {
-			return nil, fmt.Errorf("mosquitto exited at start; see %s", filepath.Join(e.Work, "mosquitto.log"))
+			return nil, fmt.Errorf("%s exited at start; see %s", name, logPath)
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			b.Stop()
-			return nil, errors.New("mosquitto did not listen in 20 s")
+			return nil, fmt.Errorf("%s did not listen in 60 s; see %s", name, logPath)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

@@ -124,40 +124,115 @@ func fmtStat(v []float64) string {
 	return fmt.Sprintf("%s [%s–%s]", fmtNum(s.Median), fmtNum(s.Min), fmtNum(s.Max))
 }
 
-// Ratio is fleetgate's median over mosquitto's, when both exist.
-func (m *Metric) Ratio() (float64, bool) {
-	f, ok1 := stat(m.Values["fleetgate"])
-	q, ok2 := stat(m.Values["mosquitto"])
-	if !ok1 || !ok2 || q.Median == 0 {
-		return 0, false
+// Peers are the brokers of a metric other than fleetgate, in a stable order.
+func (m *Metric) Peers() []string {
+	var ps []string
+	for name := range m.Values {
+		if name != "fleetgate" {
+			ps = append(ps, name)
+		}
 	}
-	return f.Median / q.Median, true
+	slices.Sort(ps)
+	return ps
 }
 
-// Table writes the terminal table (tab-aligned) or, with md, Markdown.
-func (r *Results) Table(w io.Writer, md bool) {
-	if md {
-		fmt.Fprintln(w, "| scenario | metric | fleetgate median [min–max] | mosquitto median [min–max] | fleetgate/mosquitto |")
-		fmt.Fprintln(w, "|---|---|---|---|---|")
+// BestPeer is the peer with the best median of a metric that has a
+// direction (highest where higher is better, lowest where lower is), or,
+// for an informative metric, mosquitto's when it has one.
+func (m *Metric) BestPeer() (string, bool) {
+	best, bestV := "", 0.0
+	for _, p := range m.Peers() {
+		s, ok := stat(m.Values[p])
+		if !ok {
+			continue
+		}
+		switch {
+		case best == "",
+			m.Better == "higher" && s.Median > bestV,
+			m.Better == "lower" && s.Median < bestV:
+			best, bestV = p, s.Median
+		}
 	}
+	if m.Better == "" {
+		if _, ok := stat(m.Values["mosquitto"]); ok {
+			return "mosquitto", true
+		}
+	}
+	return best, best != ""
+}
+
+// Ratio is fleetgate's median over the best peer's, when both exist, and
+// which peer that is.
+func (m *Metric) Ratio() (float64, string, bool) {
+	f, ok1 := stat(m.Values["fleetgate"])
+	p, ok := m.BestPeer()
+	if !ok || !ok1 {
+		return 0, "", false
+	}
+	q, _ := stat(m.Values[p])
+	if q.Median == 0 {
+		return 0, p, false
+	}
+	return f.Median / q.Median, p, true
+}
+
+// Brokers are all brokers of the run, fleetgate first, then the peers in
+// name order.
+func (r *Results) Brokers() []string {
+	seen := map[string]bool{}
+	for _, m := range r.Metrics {
+		for name := range m.Values {
+			seen[name] = true
+		}
+	}
+	out := []string{"fleetgate"}
+	delete(seen, "fleetgate")
+	var peers []string
+	for name := range seen {
+		peers = append(peers, name)
+	}
+	slices.Sort(peers)
+	return append(out, peers...)
+}
+
+// Table writes the terminal table (tab-aligned) or, with md, Markdown: one
+// column per broker and fleetgate's ratio to the best peer of each metric.
+func (r *Results) Table(w io.Writer, md bool) {
+	brokers := r.Brokers()
+	head := []string{"scenario", "metric"}
+	for _, b := range brokers {
+		head = append(head, b+" median [min–max]")
+	}
+	head = append(head, "fleetgate / best peer")
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
-	if !md {
-		fmt.Fprintln(tw, "scenario\tmetric\tfleetgate median [min–max]\tmosquitto median [min–max]\tfleetgate/mosquitto\t")
+	row := func(cells []string) {
+		if md {
+			fmt.Fprintf(w, "| %s |\n", strings.Join(cells, " | "))
+		} else {
+			fmt.Fprintf(tw, "%s\t\n", strings.Join(cells, "\t"))
+		}
+	}
+	row(head)
+	if md {
+		row(slices.Repeat([]string{"---"}, len(head)))
 	}
 	for _, m := range r.Metrics {
+		cells := []string{m.Scenario, m.Name}
+		for _, b := range brokers {
+			if len(m.Values[b]) == 0 {
+				cells = append(cells, "")
+				continue
+			}
+			cells = append(cells, fmtStat(m.Values[b]))
+		}
 		ratio := ""
-		if x, ok := m.Ratio(); ok {
-			ratio = fmt.Sprintf("%.2f", x)
+		if x, peer, ok := m.Ratio(); ok {
+			ratio = fmt.Sprintf("%.2f vs %s", x, peer)
 			if m.Better != "" {
 				ratio += " (" + m.Better + " is better)"
 			}
 		}
-		name := m.Name
-		if md {
-			fmt.Fprintf(w, "| %s | %s | %s | %s | %s |\n", m.Scenario, name, fmtStat(m.Values["fleetgate"]), fmtStat(m.Values["mosquitto"]), ratio)
-		} else {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t\n", m.Scenario, name, fmtStat(m.Values["fleetgate"]), fmtStat(m.Values["mosquitto"]), ratio)
-		}
+		row(append(cells, ratio))
 	}
 	tw.Flush()
 }
@@ -171,17 +246,17 @@ func (r *Results) WriteJSON(path string) error {
 	return os.WriteFile(path, append(b, '\n'), 0o644)
 }
 
-// WriteSVG draws the ratios fleetgate/mosquitto of the headline metrics
+// WriteSVG draws the ratios fleetgate / best peer of the headline metrics
 // (those with a direction) as horizontal bars on a log scale around 1.
 func (r *Results) WriteSVG(path string) error {
 	var ms []*Metric
 	for _, m := range r.Metrics {
-		if _, ok := m.Ratio(); ok && m.Better != "" && !strings.HasPrefix(m.Name, "lost") {
+		if _, _, ok := m.Ratio(); ok && m.Better != "" && !strings.HasPrefix(m.Name, "lost") {
 			ms = append(ms, m)
 		}
 	}
 	const (
-		left, barW, rowH, top = 330, 420, 22, 50
+		left, barW, rowH, top = 460, 420, 22, 50
 	)
 	width := left + barW + 90
 	height := top + rowH*len(ms) + 60
@@ -193,14 +268,14 @@ func (r *Results) WriteSVG(path string) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">`+"\n", width, height)
 	fmt.Fprintf(&b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
-	fmt.Fprintf(&b, `<text x="10" y="20" font-size="14" font-weight="bold">fleetgate / mosquitto (medians), %s</text>`+"\n", html.EscapeString(r.Started.Format("2006-01-02 15:04")))
+	fmt.Fprintf(&b, `<text x="10" y="20" font-size="14" font-weight="bold">fleetgate / best peer (medians), %s</text>`+"\n", html.EscapeString(r.Started.Format("2006-01-02 15:04")))
 	fmt.Fprintf(&b, `<text x="10" y="38" fill="#555">green: fleetgate better; red: worse (log scale; "lower is better" metrics are better below 1)</text>`+"\n")
 	for _, t := range []float64{0.125, 0.25, 0.5, 1, 2, 4, 8} {
 		fmt.Fprintf(&b, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s"/>`+"\n", x(t), top-4, x(t), top+rowH*len(ms), map[bool]string{true: "#000", false: "#ddd"}[t == 1])
 		fmt.Fprintf(&b, `<text x="%.1f" y="%d" text-anchor="middle" fill="#555">%g×</text>`+"\n", x(t), top+rowH*len(ms)+16, t)
 	}
 	for i, m := range ms {
-		ratio, _ := m.Ratio()
+		ratio, peer, _ := m.Ratio()
 		y := top + i*rowH
 		good := (m.Better == "higher" && ratio >= 1) || (m.Better == "lower" && ratio <= 1)
 		color := "#c0392b"
@@ -211,7 +286,7 @@ func (r *Results) WriteSVG(path string) error {
 		if x1 < x0 {
 			x0, x1 = x1, x0
 		}
-		fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="end">%s — %s (%s better)</text>`+"\n", left-8, y+15, html.EscapeString(m.Scenario), html.EscapeString(m.Name), m.Better)
+		fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="end">%s — %s (%s better) vs %s</text>`+"\n", left-8, y+15, html.EscapeString(m.Scenario), html.EscapeString(m.Name), m.Better, html.EscapeString(peer))
 		fmt.Fprintf(&b, `<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="%s"/>`+"\n", x0, y+4, math.Max(1, x1-x0), rowH-8, color)
 		fmt.Fprintf(&b, `<text x="%d" y="%d">%.2f×</text>`+"\n", left+barW+8, y+15, ratio)
 	}

@@ -30,13 +30,17 @@ type Config struct {
 	TPMDevices     int           `json:"tpm_devices"`
 	TPMRounds      int           `json:"tpm_rounds"`
 	Scenarios      string        `json:"scenarios"` // e.g. "1234567"
+	// Peers are the brokers run beside fleetgate: "mosquitto", "nats"
+	// (NATS's MQTT listener); the QoS 1 scenario adds "mosquitto-q100000"
+	// when mosquitto is a peer.
+	Peers []string `json:"peers"`
 }
 
 // DefaultConfig fits `make bench` into about ten minutes on two cores.
 func DefaultConfig() Config {
 	return Config{Reps: 3, ConnectWorkers: 96, ConnectFor: 5 * time.Second, Publishers: 200, FanInFor: 5 * time.Second,
 		QoS1Window: 16, IdleConns: 10000, IdleWorkers: 64, RevokePerRep: 100, Enrollments: 300, EnrollWorkers: 16,
-		TPMDevices: 4, TPMRounds: 50, Scenarios: "1234567"}
+		TPMDevices: 4, TPMRounds: 50, Scenarios: "1234567", Peers: []string{"mosquitto", "nats"}}
 }
 
 // Scenario names, as in the table.
@@ -51,9 +55,9 @@ const (
 	S7T = "7 enrollment (TPM)"
 )
 
-// Run runs every scenario of cfg against both brokers, alternating which
-// broker goes first in each repetition, and returns the results. Every
-// process it starts is stopped before it returns.
+// Run runs every scenario of cfg against fleetgate and each peer, rotating
+// which broker goes first in each repetition, and returns the results.
+// Every process it starts is stopped before it returns.
 func Run(ctx context.Context, e *Env, cfg Config) (*Results, error) {
 	procs = &Procs{}
 	defer procs.StopAll()
@@ -85,45 +89,59 @@ func Run(ctx context.Context, e *Env, cfg Config) (*Results, error) {
 	if err := e.Enroll(ctx, fg, nDev); err != nil {
 		return res, err
 	}
-	mq, err := e.StartMosquitto(ctx)
-	if err != nil {
-		return res, err
-	}
-	brokers := map[string]*Broker{"fleetgate": fg, "mosquitto": mq}
-	restart := func(name string) error {
-		brokers[name].Stop()
-		var b *Broker
-		var err error
-		if name == "fleetgate" {
-			b, err = e.StartFleetgate(ctx)
-		} else {
-			b, err = e.StartMosquitto(ctx)
+	start := func(name string) (*Broker, error) {
+		switch name {
+		case "fleetgate":
+			return e.StartFleetgate(ctx)
+		case "mosquitto":
+			return e.StartMosquitto(ctx, name, MosquittoDefaultQueue)
+		case "mosquitto-q100000":
+			return e.StartMosquitto(ctx, name, MosquittoRaisedQueue)
+		case "nats":
+			return e.StartNATS(ctx)
 		}
+		return nil, fmt.Errorf("unknown peer %q (mosquitto, nats)", name)
+	}
+	brokers := map[string]*Broker{"fleetgate": fg}
+	names := []string{"fleetgate"}
+	for _, p := range cfg.Peers {
+		b, err := start(p)
+		if err != nil {
+			return res, err
+		}
+		brokers[p] = b
+		names = append(names, p)
+	}
+	restart := func(name string) error {
+		if b := brokers[name]; b != nil {
+			b.Stop()
+		}
+		b, err := start(name)
 		if err != nil {
 			return err
 		}
 		brokers[name] = b
 		return nil
 	}
-	order := func(rep int) []string {
-		if rep%2 == 0 {
-			return []string{"fleetgate", "mosquitto"}
-		}
-		return []string{"mosquitto", "fleetgate"}
+	// order rotates the brokers by repetition, so none always goes first
+	// (or last, on a machine warming up or filling its page cache).
+	order := func(rep int, names []string) []string {
+		k := rep % len(names)
+		return append(append([]string{}, names[k:]...), names[:k]...)
 	}
 	fail := func(scn, broker string, rep int, err error) {
 		msg := fmt.Sprintf("%s, %s, repetition %d: %v", scn, broker, rep+1, err)
 		e.Logf("  ERROR %s", msg)
 		res.Errors = append(res.Errors, msg)
 	}
-	each := func(scn string, f func(b *Broker, rep int) (Values, error)) {
+	eachOf := func(names []string, scn string, f func(b *Broker, rep int) (Values, error)) {
 		for rep := range cfg.Reps {
-			for _, name := range order(rep) {
+			for _, name := range order(rep, names) {
 				if ctx.Err() != nil {
 					return
 				}
 				b := brokers[name]
-				if b.Exited() {
+				if b == nil || b.Exited() {
 					fail(scn, name, rep, fmt.Errorf("broker exited (see its log in %s); restarting it", e.Work))
 					if err := restart(name); err != nil {
 						fail(scn, name, rep, err)
@@ -142,6 +160,7 @@ func Run(ctx context.Context, e *Env, cfg Config) (*Results, error) {
 			}
 		}
 	}
+	each := func(scn string, f func(b *Broker, rep int) (Values, error)) { eachOf(names, scn, f) }
 
 	if has('1') {
 		e.Logf("%s: %d workers, %s per run", S1, cfg.ConnectWorkers, cfg.ConnectFor)
@@ -161,9 +180,23 @@ func Run(ctx context.Context, e *Env, cfg Config) (*Results, error) {
 	}
 	if has('4') {
 		e.Logf("%s: %d publishers (window %d), 1 subscriber, %s per run", S4, cfg.Publishers, cfg.QoS1Window, cfg.FanInFor)
-		each(S4, func(b *Broker, _ int) (Values, error) {
+		// mosquitto's default queue (1000) drops QoS 1 messages for a busy
+		// subscriber; a user who cannot lose them raises it: both are shown.
+		s4 := names
+		if brokers["mosquitto"] != nil {
+			if err := restart("mosquitto-q100000"); err != nil {
+				fail(S4, "mosquitto-q100000", 0, err)
+			} else {
+				s4 = append(slices.Clone(names), "mosquitto-q100000")
+			}
+		}
+		eachOf(s4, S4, func(b *Broker, _ int) (Values, error) {
 			return e.FanIn(ctx, b, cfg.Publishers, 1, cfg.FanInFor, cfg.QoS1Window)
 		})
+		if b := brokers["mosquitto-q100000"]; b != nil {
+			b.Stop()
+			delete(brokers, "mosquitto-q100000")
+		}
 	}
 	if has('5') || has('6') {
 		e.Logf("%s: %d connections (each broker restarted before each run: fresh RSS baseline)", S5, cfg.IdleConns)

@@ -15,6 +15,11 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 # console and deploy/: promtool checks the alert rules, Chromium runs the console's browser test
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# the executable docs (internal/doctest): jq in devices.md, a network namespace per document
+command -v jq >/dev/null 2>&1 || need+=(jq)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+command -v git >/dev/null 2>&1 || need+=(git)
 command -v go >/dev/null 2>&1 || { echo "Go is required (https://go.dev/dl/); go.mod names the version" >&2; exit 1; }
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 SUDO=""

@@ -95,6 +95,7 @@ func (s *Server) build() error {
 		return err
 	}
 	s.prom = buildMetrics(s.reg, dir)
+	registerOwnCertMetrics(s.prom, s.layout) // servercert.go
 	if cfg.Only != OnlyEnroll {
 		if err := s.buildBroker(pki, dir); err != nil {
 			return err
@@ -181,6 +182,7 @@ func (s *Server) Run(ctx context.Context) error {
 			s.log.Warn("write addr file", "err", err)
 		}
 	}
+	s.watchOwnCerts(ctx, &wg) // servercert.go
 	wg.Add(1)
 	go func() {
 		defer wg.Done()

@@ -1,6 +1,6 @@
 // Command fleetbench is fleetgate's load generator and benchmark harness:
-// it runs the scenarios of docs/performance.md against fleetgate and
-// Mosquitto side by side and writes a table, a JSON file and an SVG chart
+// it runs the scenarios of docs/performance.md against fleetgate, Mosquitto
+// and NATS's MQTT listener side by side and writes a table, a JSON file and an SVG chart
 // of the ratios under --out.
 //
 //	fleetbench --fleetgate bin/fleetgate --out results
@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -23,6 +24,8 @@ func main() {
 	cfg := bench.DefaultConfig()
 	fgBin := flag.String("fleetgate", "bin/fleetgate", "fleetgate binary")
 	mqBin := flag.String("mosquitto", bench.MosquittoBin, "mosquitto binary")
+	natsBin := flag.String("nats-server", bench.NATSBin, "nats-server binary (make bench builds it from the module go.mod pins)")
+	peers := flag.String("peers", strings.Join(cfg.Peers, ","), "brokers run beside fleetgate: mosquitto, nats (comma-separated)")
 	out := flag.String("out", "results", "results folder")
 	work := flag.String("work", "", "working directory (PKI, device certificates, broker logs); default: a new one under --out, removed at the end unless --keep; an existing one is reused (no re-enrollment)")
 	keep := flag.Bool("keep", false, "keep the working directory")
@@ -42,6 +45,13 @@ func main() {
 	flag.StringVar(&cfg.Scenarios, "scenarios", cfg.Scenarios, "scenarios to run, e.g. 1234567")
 	flag.Parse()
 	bench.MosquittoBin = *mqBin
+	bench.NATSBin = *natsBin
+	cfg.Peers = nil
+	for _, p := range strings.Split(*peers, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			cfg.Peers = append(cfg.Peers, p)
+		}
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -44,13 +45,14 @@ func root() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), certificatesCmd(), policyCmd(), auditCmd(), tpmCmd())
+	r.AddCommand(initCmd(), serveCmd(), tokensCmd(), servicesCmd(), devicesCmd(), certificatesCmd(), policyCmd(), auditCmd(), tpmCmd(), serverCertCmd())
 	return r
 }
 
 func initCmd() *cobra.Command {
 	var dataDir, td, operator string
 	var hosts []string
+	var noDefaultHosts bool
 	c := &cobra.Command{
 		Use:   "init",
 		Short: "Create the PKI (root CA, issuing CA, server and operator certificates) in a data directory",
@@ -59,21 +61,24 @@ func initCmd() *cobra.Command {
 				fmt.Fprintf(cmd.OutOrStdout(), "%s already holds a CA; nothing was changed (fleetgate init never overwrites a CA).\n", dataDir)
 				return nil
 			}
-			if _, err := server.Init(dataDir, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator}); err != nil {
+			hosts = server.WithDefaultHosts(hosts, noDefaultHosts)
+			res, err := server.Init(dataDir, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator})
+			if err != nil {
 				return err
 			}
 			out := cmd.OutOrStdout()
 			fmt.Fprintf(out, "Initialised %s (trust domain %s)\n", dataDir, td)
 			fmt.Fprintf(out, "  root CA (P-384):      %s  key %s (0600: move it offline)\n", ca.RootCertFile, ca.RootKeyFile)
 			fmt.Fprintf(out, "  issuing CA (P-256):   %s\n", ca.IssuingCertFile)
-			fmt.Fprintf(out, "  server certificate:   %s for %v\n", ca.ServerCertFile, hosts)
+			fmt.Fprintf(out, "  server certificate:   %s for %s\n", ca.ServerCertFile, strings.Join(server.CertHosts(res.Server), ", "))
 			fmt.Fprintf(out, "  operator certificate: %s (%s)\n", ca.OperatorCertFile, operator)
 			return nil
 		},
 	}
 	c.Flags().StringVar(&dataDir, "data-dir", envOr("FLEETGATE_DATA_DIR", server.DefaultDataDir), "data directory (env FLEETGATE_DATA_DIR)")
 	c.Flags().StringVar(&td, "trust-domain", envOr("FLEETGATE_TRUST_DOMAIN", "fleetgate.local"), "trust domain of the SPIFFE identities")
-	c.Flags().StringSliceVar(&hosts, "host", []string{"localhost", "127.0.0.1", "::1"}, "host names and IPs of the server certificate")
+	c.Flags().StringSliceVar(&hosts, "host", nil, "host name or IP of the server certificate, besides localhost, 127.0.0.1 and ::1 (repeat; later: fleetgate server-cert renew --host)")
+	c.Flags().BoolVar(&noDefaultHosts, "no-default-hosts", false, "leave localhost, 127.0.0.1 and ::1 out of the server certificate")
 	c.Flags().StringVar(&operator, "operator", "admin", "name of the first operator")
 	return c
 }
