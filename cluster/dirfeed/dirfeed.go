@@ -70,10 +70,10 @@ type Feed struct {
 	cfg Config
 	log *slog.Logger
 
-	applyMu sync.Mutex        // one apply at a time
-	seenMu  sync.Mutex        // guards seen
-	seen    map[string]string // key → the value last applied from or written to the bucket
-	applied atomic.Uint64     // revision the watch applied last
+	applyMu sync.Mutex           // one apply at a time
+	seenMu  sync.Mutex           // guards seen
+	seen    map[string]seenValue // key → the value last applied from or written to the bucket
+	applied atomic.Uint64        // revision the watch applied last
 
 	hbMu    sync.Mutex
 	hbs     []heartbeat  // acknowledged, not yet applied
@@ -84,6 +84,13 @@ type Feed struct {
 	retry   map[string]bool // keys whose publication failed
 	synced  chan struct{}
 	once    sync.Once
+}
+
+// seenValue is a record's value in the bucket and, when known, its
+// revision (the live path does not know it).
+type seenValue struct {
+	val string
+	rev uint64
 }
 
 type heartbeat struct {
@@ -106,7 +113,7 @@ func New(cfg Config) *Feed {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Feed{cfg: cfg, log: cfg.Logger, seen: map[string]string{}, restart: make(chan struct{}, 1),
+	return &Feed{cfg: cfg, log: cfg.Logger, seen: map[string]seenValue{}, restart: make(chan struct{}, 1),
 		retry: map[string]bool{}, synced: make(chan struct{})}
 }
 
@@ -239,7 +246,7 @@ func (f *Feed) applyEntry(e jetstream.KeyValueEntry) {
 		return // delivered again after a resume
 	}
 	if e.Operation() == jetstream.KeyValuePut {
-		if err := f.apply(e.Key(), e.Value(), false); err != nil {
+		if err := f.apply(e.Key(), e.Value(), rev, false); err != nil {
 			f.log.Error("directory record refused", "key", e.Key(), "revision", rev, "err", err)
 		}
 	}
@@ -263,14 +270,14 @@ func (f *Feed) live(m *nats.Msg) {
 		return
 	}
 	key := strings.TrimPrefix(m.Subject, "$KV."+Bucket+".")
-	if err := f.apply(key, m.Data, true); err != nil {
+	if err := f.apply(key, m.Data, 0, true); err != nil {
 		f.log.Warn("live directory record refused", "key", key, "err", err)
 	}
 }
 
-// apply applies one record (restrictOnly: only revocations and
-// suspensions).
-func (f *Feed) apply(key string, val []byte, restrictOnly bool) error {
+// apply applies one record at rev (0: unknown; restrictOnly: only
+// revocations and suspensions).
+func (f *Feed) apply(key string, val []byte, rev uint64, restrictOnly bool) error {
 	kind, _, ok := strings.Cut(key, ".")
 	if !ok {
 		return nil
@@ -300,7 +307,7 @@ func (f *Feed) apply(key string, val []byte, restrictOnly bool) error {
 	}
 	f.applyMu.Lock()
 	defer f.applyMu.Unlock()
-	f.markSeen(key, val)
+	f.markSeen(key, val, rev)
 	// ApplyFeed tells the watchers, publishEvent among them, on this
 	// goroutine: it finds the value seen and writes nothing back.
 	return f.cfg.Dir.ApplyFeed(feed)
@@ -392,40 +399,55 @@ func (f *Feed) publish(key string) error {
 		return nil
 	}
 	f.seenMu.Lock()
-	same := f.seen[key] == string(val)
+	seen := f.seen[key]
 	f.seenMu.Unlock()
-	if same {
+	if seen.val == string(val) {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
+	if seen.rev > 0 {
+		// One round trip when the bucket is where this node saw it last.
+		merged, err := merge(key, []byte(seen.val), val)
+		if err != nil {
+			return err
+		}
+		if string(merged) == seen.val {
+			return nil
+		}
+		rev, err := f.cfg.KV.Update(ctx, key, merged, seen.rev)
+		if err == nil {
+			f.markSeen(key, merged, rev)
+			return nil
+		}
+		if !isWrongRev(err) {
+			return err
+		}
+	}
 	for range 10 {
 		e, err := f.cfg.KV.Get(ctx, key)
-		var rev uint64
 		switch {
 		case err == nil:
-			rev = e.Revision()
 			merged, err := merge(key, e.Value(), val)
 			if err != nil {
 				return err
 			}
 			if string(merged) == string(e.Value()) {
-				f.markSeen(key, merged)
+				f.markSeen(key, merged, e.Revision())
 				return nil
 			}
-			val = merged
-			_, err = f.cfg.KV.Update(ctx, key, val, rev)
+			rev, err := f.cfg.KV.Update(ctx, key, merged, e.Revision())
 			if err == nil {
-				f.markSeen(key, val)
+				f.markSeen(key, merged, rev)
 				return nil
 			}
 			if !isWrongRev(err) {
 				return err
 			}
 		case errors.Is(err, jetstream.ErrKeyNotFound):
-			_, err = f.cfg.KV.Create(ctx, key, val)
+			rev, err := f.cfg.KV.Create(ctx, key, val)
 			if err == nil {
-				f.markSeen(key, val)
+				f.markSeen(key, val, rev)
 				return nil
 			}
 			if !errors.Is(err, jetstream.ErrKeyExists) && !isWrongRev(err) {
@@ -443,9 +465,11 @@ func isWrongRev(err error) bool {
 	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == 10164)
 }
 
-func (f *Feed) markSeen(key string, val []byte) {
+func (f *Feed) markSeen(key string, val []byte, rev uint64) {
 	f.seenMu.Lock()
-	f.seen[key] = string(val)
+	if prev := f.seen[key]; rev == 0 || rev >= prev.rev {
+		f.seen[key] = seenValue{string(val), rev}
+	}
 	f.seenMu.Unlock()
 }
 

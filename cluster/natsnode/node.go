@@ -188,8 +188,14 @@ func Bucket(ctx context.Context, js jetstream.JetStream, name string) (jetstream
 	var kv jetstream.KeyValue
 	var err error
 	for {
-		kv, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: name, History: 1, Replicas: Replicas,
-			Storage: jetstream.FileStorage})
+		// Open it if it exists: creating or updating with the KV
+		// configuration would drop the atomic-batch setting another node
+		// added.
+		kv, err = js.KeyValue(ctx, name)
+		if errors.Is(err, jetstream.ErrBucketNotFound) {
+			kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: name, History: 1, Replicas: Replicas,
+				Storage: jetstream.FileStorage})
+		}
 		if err == nil || ctx.Err() != nil {
 			break
 		}

@@ -22,10 +22,68 @@ import (
 type Cluster struct {
 	t     testing.TB
 	Nodes []*natsnode.Node
+	*Mesh
+}
+
+// Mesh is the routes of n nodes, each through a relay of its own: node
+// i reaches node j through Route(i, j). Cut and Heal act on every route
+// of a node.
+type Mesh struct {
 	// relays[i][j] carries node i's route to node j.
 	relays [][]*Relay
 	mu     sync.Mutex
-	addrs  []string // each node's bound route listener
+	addrs  []string // each node's route listener, once known
+}
+
+// NewMesh starts the relays of n nodes; SetTarget tells where node j
+// listens for routes (before that its relays refuse).
+func NewMesh(t testing.TB, n int) *Mesh {
+	t.Helper()
+	m := &Mesh{relays: make([][]*Relay, n), addrs: make([]string, n)}
+	for i := range n {
+		m.relays[i] = make([]*Relay, n)
+		for j := range n {
+			if i == j {
+				continue
+			}
+			r, err := NewRelay(Host(i), func() string { m.mu.Lock(); defer m.mu.Unlock(); return m.addrs[j] })
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(r.Close)
+			m.relays[i][j] = r
+		}
+	}
+	return m
+}
+
+// SetTarget sets node j's route listener.
+func (m *Mesh) SetTarget(j int, addr string) {
+	m.mu.Lock()
+	m.addrs[j] = addr
+	m.mu.Unlock()
+}
+
+// Routes are the addresses node i dials to reach the others.
+func (m *Mesh) Routes(i int) []string {
+	var routes []string
+	for j, r := range m.relays[i] {
+		if j != i {
+			routes = append(routes, r.Addr())
+		}
+	}
+	return routes
+}
+
+// FreeAddr returns host:port with a port free at the time of the call.
+func FreeAddr(t testing.TB, host string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", host+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
 }
 
 // Host returns the loopback address of node i.
@@ -35,22 +93,7 @@ func Host(i int) string { return fmt.Sprintf("127.0.0.%d", i+1) }
 // meta leader.
 func Start(t testing.TB, n int) *Cluster {
 	t.Helper()
-	c := &Cluster{t: t, Nodes: make([]*natsnode.Node, n), relays: make([][]*Relay, n), addrs: make([]string, n)}
-	for i := range n {
-		c.relays[i] = make([]*Relay, n)
-		for j := range n {
-			if i == j {
-				continue
-			}
-			j := j
-			r, err := NewRelay(Host(i), func() string { c.mu.Lock(); defer c.mu.Unlock(); return c.addrs[j] })
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(r.Close)
-			c.relays[i][j] = r
-		}
-	}
+	c := &Cluster{t: t, Nodes: make([]*natsnode.Node, n), Mesh: NewMesh(t, n)}
 	dir := t.TempDir()
 	for i := range n {
 		c.StartNode(i, fmt.Sprintf("%s/n%d", dir, i))
@@ -62,24 +105,16 @@ func Start(t testing.TB, n int) *Cluster {
 // StartNode starts (or restarts, with the same store) node i.
 func (c *Cluster) StartNode(i int, storeDir string) {
 	c.t.Helper()
-	var routes []string
-	for j, r := range c.relays[i] {
-		if j != i {
-			routes = append(routes, r.Addr())
-		}
-	}
+	routes := c.Routes(i)
 	node, err := natsnode.Start(natsnode.Config{Name: fmt.Sprintf("n%d", i), ClusterName: "fgtest",
 		ClientAddr: Host(i) + ":0", ClusterAddr: Host(i) + ":0",
-		// The others reach this node only through their relays: what it
-		// would advertise for implicit routes is a closed port.
-		Advertise: Host(i) + ":1",
+		Advertise: Advertise(i),
 		Routes:    routes, StoreDir: storeDir})
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	c.mu.Lock()
-	c.Nodes[i], c.addrs[i] = node, node.ClusterAddr()
-	c.mu.Unlock()
+	c.Nodes[i] = node
+	c.SetTarget(i, node.ClusterAddr())
 	c.t.Cleanup(node.Shutdown)
 }
 
@@ -97,6 +132,11 @@ func (c *Cluster) WaitMeta(d time.Duration) {
 	}
 }
 
+// Advertise is what node i tells the others as its route address: the
+// others reach it only through their relays, so for the implicit routes
+// nats-server would otherwise open around them it names a closed port.
+func Advertise(i int) string { return Host(i) + ":1" }
+
 // Connect opens a client on node i (in process), closed at the end.
 func (c *Cluster) Connect(i int) *nats.Conn {
 	c.t.Helper()
@@ -109,22 +149,22 @@ func (c *Cluster) Connect(i int) *nats.Conn {
 }
 
 // Cut cuts every route of node i (both directions) until Heal.
-func (c *Cluster) Cut(i int) {
-	for j := range c.Nodes {
+func (m *Mesh) Cut(i int) {
+	for j := range m.relays {
 		if j != i {
-			c.relays[i][j].Cut()
-			c.relays[j][i].Cut()
+			m.relays[i][j].Cut()
+			m.relays[j][i].Cut()
 		}
 	}
 }
 
 // Heal lets node i's routes through again (the nodes redial within about
 // a second).
-func (c *Cluster) Heal(i int) {
-	for j := range c.Nodes {
+func (m *Mesh) Heal(i int) {
+	for j := range m.relays {
 		if j != i {
-			c.relays[i][j].Heal()
-			c.relays[j][i].Heal()
+			m.relays[i][j].Heal()
+			m.relays[j][i].Heal()
 		}
 	}
 }

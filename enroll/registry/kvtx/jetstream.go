@@ -33,7 +33,11 @@ func NewJetStream(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, kv
 	if err != nil {
 		return nil, fmt.Errorf("kvtx: bucket %s: %w", kv.Bucket(), err)
 	}
-	if !st.CachedInfo().Config.AllowAtomicPublish {
+	info, err := st.Info(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("kvtx: bucket %s: %w", kv.Bucket(), err)
+	}
+	if !info.Config.AllowAtomicPublish {
 		return nil, fmt.Errorf("kvtx: bucket %s does not allow atomic batches (open it with natsnode.Bucket)", kv.Bucket())
 	}
 	return &JetStream{nc: nc, stream: st, kv: kv, bucket: kv.Bucket()}, nil
