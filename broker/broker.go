@@ -84,6 +84,10 @@ type Config struct {
 	SweepInterval time.Duration
 	// Queues are the outbound queue policies by role (zero: DefaultQueues).
 	Queues Queues
+	// Hooks run after the auth hook and before the fan-out (a cluster
+	// node's router, broker/cluster: its OnPublish sees every authorised
+	// publish first and can withhold the PUBACK).
+	Hooks []mqtt.Hook
 }
 
 // checkSettings reports the settings that are not set: their defaults are
@@ -256,6 +260,11 @@ func New(cfg Config) (*Broker, error) {
 	}
 	if err := b.addHook(b.hook, nil); err != nil {
 		return nil, fmt.Errorf("broker: add auth hook: %w", err)
+	}
+	for _, h := range cfg.Hooks {
+		if err := b.addHook(h, nil); err != nil {
+			return nil, fmt.Errorf("broker: add hook %s: %w", h.ID(), err)
+		}
 	}
 	fh := &fanoutFirstHook{b: b}
 	fh.inline = b.server.NewClient(nil, "local", fanoutClientID, true)

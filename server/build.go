@@ -138,10 +138,14 @@ func (s *Server) buildBroker(p pki, dir *directory.Directory) error {
 	bc := BrokerConfig(s.cfg)
 	bc.TrustDomain, bc.ClientCAs, bc.ServerCert, bc.Directory = p.ca.TrustDomain, p.ca.ClientCAs(), p.serverCert, dir
 	bc.Policy, bc.Logger, bc.Metrics = policy, s.log, s.prom
+	if err := s.clusterRouter(&bc); err != nil {
+		return err
+	}
 	b, err := broker.New(bc)
 	if err != nil {
 		return err
 	}
+	s.bindClusterRouter(b)
 	if err := b.Start(); err != nil {
 		return err
 	}
