@@ -152,7 +152,7 @@ func (r *Router) ID() string { return "fleetgate-cluster" }
 
 // Provides implements mqtt.Hook.
 func (r *Router) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnPublish, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnSessionEstablish,
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPublish, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnSessionEstablish,
 		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnClientExpired}, []byte{b})
 }
 
@@ -458,6 +458,7 @@ func (r *Router) Subscriptions() int {
 func (r *Router) OnSubscribed(cl *mqtt.Client, _ packets.Packet, _ []byte) {
 	if !cl.Net.Inline {
 		r.setSubjects(cl.ID, subjectsOf(cl))
+		r.sess.subscribed(cl)
 	}
 }
 
@@ -467,7 +468,14 @@ func (r *Router) OnSubscribed(cl *mqtt.Client, _ packets.Packet, _ []byte) {
 func (r *Router) OnUnsubscribed(cl *mqtt.Client, _ packets.Packet) {
 	if !cl.Net.Inline && !cl.IsTakenOver() {
 		r.setSubjects(cl.ID, subjectsOf(cl))
+		r.sess.subscribed(cl)
 	}
+}
+
+// OnConnect implements mqtt.Hook: the session record is claimed for this
+// node (sessions.go); without it the CONNECT is refused.
+func (r *Router) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	return r.sess.connect(cl, pk)
 }
 
 // OnSessionEstablished implements mqtt.Hook: the connection now holds the
