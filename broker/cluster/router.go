@@ -108,6 +108,9 @@ type Router struct {
 	once    sync.Once
 
 	sess *sessions
+	// pause is held for reading by each delivery of a routed message, and
+	// for writing while a replay puts a resumed session's messages in order.
+	pause sync.RWMutex
 
 	// Routed counts messages sent to and received from other nodes.
 	Routed, Received atomic.Int64
@@ -335,9 +338,24 @@ func (r *Router) work(ch chan *nats.Msg) {
 // it against the local subscriptions and delivers it to each subscriber
 // that passes its ACL and state check.
 func (r *Router) deliver(m *nats.Msg) {
+	pk, ok := r.packet(m)
+	if !ok {
+		return
+	}
+	r.Received.Add(1)
+	r.pause.RLock()
+	defer r.pause.RUnlock()
+	if err := r.srv.InjectPacket(r.route, pk); err != nil {
+		r.log.Warn("routed message not delivered", "topic", pk.TopicName, "err", err)
+	}
+}
+
+// packet is the MQTT publish a routed message carries; ok is false for a
+// subject the codec could not have written, or an expired message.
+func (r *Router) packet(m *nats.Msg) (packets.Packet, bool) {
 	rest, ok := strings.CutPrefix(m.Subject, SubjectPrefix+".")
 	if !ok || len(rest) < 3 {
-		return
+		return packets.Packet{}, false
 	}
 	qos := byte(0)
 	if rest[0] == '1' {
@@ -349,7 +367,7 @@ func (r *Router) deliver(m *nats.Msg) {
 	topic, ok := DecodeTopic(rest[2:])
 	if !ok {
 		r.log.Warn("routed message with an undecodable subject dropped", "subject", m.Subject)
-		return
+		return packets.Packet{}, false
 	}
 	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos}, TopicName: topic,
 		Payload: m.Data, Origin: m.Header.Get(hOrigin)}
@@ -360,9 +378,10 @@ func (r *Router) deliver(m *nats.Msg) {
 		exp, _ := strconv.ParseInt(e, 10, 64)
 		left := exp - time.Now().Unix()
 		if left <= 0 {
-			return
+			return packets.Packet{}, false
 		}
 		pk.Properties.MessageExpiryInterval = uint32(left)
+		pk.Expiry = exp
 	}
 	if p := m.Header.Get(hProps); p != "" {
 		var pr props
@@ -374,10 +393,7 @@ func (r *Router) deliver(m *nats.Msg) {
 			}
 		}
 	}
-	r.Received.Add(1)
-	if err := r.srv.InjectPacket(r.route, pk); err != nil {
-		r.log.Warn("routed message not delivered", "topic", topic, "err", err)
-	}
+	return pk, true
 }
 
 // Reference-counted subscriptions.

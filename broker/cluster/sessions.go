@@ -58,6 +58,11 @@ type record struct {
 	Expiry     uint32    `json:"expiry,omitempty"` // MQTT 5 session expiry interval, seconds
 	Subs       []sub     `json:"subs,omitempty"`
 	Since      time.Time `json:"since"` // last change of Online
+	// ReplayFrom: when the session went offline, the creation time of
+	// its oldest unacknowledged QoS 1/2 message, else the disconnect
+	// time. A node resuming the session replays the stream from there
+	// (less replayMargin).
+	ReplayFrom time.Time `json:"replay_from,omitzero"`
 }
 
 type sub struct {
@@ -280,18 +285,30 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 		}
 	}
 	if !pk.Connect.Clean && prev.Persistent && len(prev.Subs) > 0 {
-		s.resume(cl, prev)
+		if old := s.resume(cl, prev); old != nil {
+			// Live first: what is published from now on is queued for the
+			// session here; the replay then reads the stream up to now.
+			s.r.setSubjects(cl.ID, subjectsOf(old))
+			from := prev.ReplayFrom
+			if prev.Online || from.IsZero() {
+				// Taken over while online: what the old node had not yet
+				// had acknowledged is recent.
+				from = time.Now().Add(-onlineReplay)
+			}
+			s.replay(old, prev.Subs, from.Add(-replayMargin))
+		}
 	}
 	return nil
 }
 
 // resume puts the session of another node in place as an offline client
 // holding its subscriptions: mochi's takeover then finds it and answers
-// session present.
-func (s *sessions) resume(cl *mqtt.Client, prev *record) {
+// session present. It returns that client (nil if the session is here
+// already).
+func (s *sessions) resume(cl *mqtt.Client, prev *record) *mqtt.Client {
 	srv := s.r.srv
 	if _, ok := srv.Clients.Get(cl.ID); ok {
-		return
+		return nil
 	}
 	old := srv.NewClient(nil, "cluster", cl.ID, false)
 	old.Properties.ProtocolVersion = prev.Version
@@ -305,6 +322,7 @@ func (s *sessions) resume(cl *mqtt.Client, prev *record) {
 		old.State.Subscriptions.Add(sb.Filter, ps)
 	}
 	srv.Clients.Add(old)
+	return old
 }
 
 // update rewrites cl's record with fn if cl's connection still owns it.
@@ -355,6 +373,12 @@ func (s *sessions) established(cl *mqtt.Client, _ packets.Packet) {
 func (s *sessions) disconnected(cl *mqtt.Client, _ error, expire bool) {
 	s.update(cl, func(r *record) bool {
 		r.Online, r.Since, r.Subs = false, time.Now().UTC(), subsOf(cl)
+		r.ReplayFrom = r.Since
+		for _, pk := range cl.State.Inflight.GetAll(false) {
+			if c := time.Unix(pk.Created, 0); pk.FixedHeader.Type == packets.Publish && pk.Created > 0 && c.Before(r.ReplayFrom) {
+				r.ReplayFrom = c.UTC()
+			}
+		}
 		return expire
 	})
 	if expire {
