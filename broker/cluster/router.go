@@ -108,6 +108,10 @@ type Router struct {
 	once    sync.Once
 
 	sess *sessions
+
+	retainedKV  jetstream.KeyValue
+	retainedSub *nats.Subscription
+	retainedMu  sync.Mutex
 	// pause is held for reading by each delivery of a routed message, and
 	// for writing while a replay puts a resumed session's messages in order.
 	pause sync.RWMutex
@@ -155,7 +159,7 @@ func (r *Router) ID() string { return "fleetgate-cluster" }
 
 // Provides implements mqtt.Hook.
 func (r *Router) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPublish, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnSessionEstablish,
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPublish, mqtt.OnWillSent, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnSessionEstablish,
 		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnClientExpired}, []byte{b})
 }
 
@@ -211,12 +215,18 @@ func (r *Router) open(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := r.openRetained(octx); err != nil {
+		return err
+	}
 	return r.sess.open(octx)
 }
 
 func (r *Router) close() {
 	r.once.Do(func() {
 		close(r.stop)
+		if r.retainedSub != nil {
+			_ = r.retainedSub.Unsubscribe()
+		}
 		r.mu.Lock()
 		for s, e := range r.subjects {
 			_ = e.sub.Unsubscribe()
@@ -280,6 +290,18 @@ func (r *Router) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, 
 	if origin == "" {
 		origin = cl.ID
 	}
+	if pk.FixedHeader.Retain {
+		// The retained store of every node: written before the PUBACK.
+		ctx, cancel := context.WithTimeout(context.Background(), r.cfg.AckTimeout)
+		err := r.retain(ctx, pk, origin)
+		cancel()
+		if err != nil {
+			r.log.Warn("retained message not stored in the cluster", "client", cl.ID, "topic", pk.TopicName, "err", err)
+			if pk.FixedHeader.Qos > 0 {
+				return pk, packets.ErrRejectPacket
+			}
+		}
+	}
 	m := r.message(pk, origin)
 	if pk.FixedHeader.Qos == 0 {
 		if err := r.cfg.NC.PublishMsg(m); err != nil {
@@ -301,6 +323,17 @@ func (r *Router) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, 
 	}
 	r.Routed.Add(1)
 	return pk, nil
+}
+
+// OnWillSent implements mqtt.Hook: a will this node published (its
+// client's connection ended) goes to the other nodes as well.
+func (r *Router) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
+	if cl.Net.Inline {
+		return
+	}
+	if _, err := r.OnPublish(cl, pk); err != nil {
+		r.log.Warn("will not routed to the other nodes", "client", cl.ID, "topic", pk.TopicName, "err", err)
+	}
 }
 
 // read takes every routed message (all subscriptions share one channel,
