@@ -237,3 +237,123 @@ func TestClusterExternalNATS(t *testing.T) {
 		t.Fatal("revocation through the first node did not close the session on the second")
 	}
 }
+
+// A NATS server dies under a node (external NATS): its client reconnects
+// to another server, the directory watch resumes from its last applied
+// revision, and revocations through another node still close sessions on
+// it (the time from the call is logged; a watch alone would be silent
+// until nats.go's idle heartbeats noticed, about 10 s).
+func TestClusterExternalNATSServerKilled(t *testing.T) {
+	nats := natstest.Start(t, 3)
+	src := testenv.Init(t)
+	urls := []string{nats.Nodes[0].ClientURL(), nats.Nodes[1].ClientURL() + "," + nats.Nodes[2].ClientURL()}
+	nodes := make([]*testenv.Gateway, 2)
+	for i := range nodes {
+		dir := filepath.Join(t.TempDir(), fmt.Sprint("ext", i))
+		if err := testenv.CopyDataDir(dir, src); err != nil {
+			t.Fatal(err)
+		}
+		cfg := testenv.Config(t, testenv.Options{DataDir: dir})
+		cfg.Cluster = fgserver.ClusterConfig{NATSURL: urls[i], NodeName: fmt.Sprintf("ext%d", i), StaleAfter: time.Second}
+		nodes[i] = testenv.StartConfig(t, cfg)
+	}
+	for _, g := range nodes {
+		testenv.Eventually(t, 30*time.Second, func() error {
+			if code := g.Ready(); code != http.StatusOK {
+				return fmt.Errorf("/readyz %d", code)
+			}
+			return nil
+		})
+	}
+	const n = 3
+	lost := make([]chan time.Time, n)
+	for i := range n {
+		id := fmt.Sprint("nk-", i)
+		cert := deviceCert(t, nodes[0].EnrollDevice(t, id, "fleet"))
+		lost[i] = make(chan time.Time, 1)
+		testenv.Eventually(t, 10*time.Second, func() error {
+			_, err := nodes[1].MQTT(t, id, cert, func(o *paho.ClientOptions) {
+				o.SetConnectionLostHandler(func(paho.Client, error) { lost[i] <- time.Now() })
+			})
+			return err
+		})
+	}
+	// Node 2's client is on NATS server 2 (URLs are tried in order).
+	nats.Nodes[1].Shutdown()
+	for i := range n {
+		t0 := time.Now()
+		testenv.Eventually(t, 20*time.Second, func() error {
+			_, err := nodes[0].Admin.DeviceAction(context.Background(), fmt.Sprint("nk-", i), "revoke", "e2e")
+			return err
+		})
+		select {
+		case at := <-lost[i]:
+			t.Logf("NATS server under node 2 killed; revocation %d through node 1 closed the session on node 2 %s after the call", i, at.Sub(t0).Round(time.Millisecond))
+		case <-time.After(20 * time.Second):
+			t.Fatalf("revocation %d did not close the session on node 2 after its NATS server died", i)
+		}
+	}
+}
+
+// A device enrolled through node 1 is revoked, suspended and resumed
+// through node 2: the session on node 3 follows, and node 1's own records
+// (which hold the device) follow too.
+func TestClusterDeviceOfAnotherNodeManagedThroughAnyNode(t *testing.T) {
+	c := testenv.StartCluster(t, 3, nil)
+	n1, n2, n3 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
+	ctx := context.Background()
+	state := func(g *testenv.Gateway, id, want string) {
+		t.Helper()
+		testenv.Eventually(t, 10*time.Second, func() error {
+			d, err := g.Admin.Device(ctx, id)
+			if err != nil {
+				return err
+			}
+			if d.State != want {
+				return fmt.Errorf("%s is %s on the node that enrolled it, want %s", id, d.State, want)
+			}
+			return nil
+		})
+	}
+	sus := deviceCert(t, n1.EnrollDevice(t, "other-sus", "fleet"))
+	testenv.Eventually(t, 10*time.Second, func() error { _, err := n3.MQTT(t, "other-sus", sus); return err })
+	if _, err := n2.Admin.DeviceAction(ctx, "other-sus", "suspend", "e2e"); err != nil {
+		t.Fatal(err)
+	}
+	state(n1, "other-sus", "suspended")
+	if _, err := n3.MQTT(t, "other-sus", sus); err == nil {
+		t.Fatal("a device suspended through node 2 connected to node 3")
+	}
+	if _, err := n2.Admin.DeviceAction(ctx, "other-sus", "resume", "e2e"); err != nil {
+		t.Fatal(err)
+	}
+	state(n1, "other-sus", "active")
+	testenv.Eventually(t, 10*time.Second, func() error { _, err := n3.MQTT(t, "other-sus", sus); return err })
+
+	rev := deviceCert(t, n1.EnrollDevice(t, "other-rev", "fleet"))
+	lost := make(chan struct{}, 1)
+	testenv.Eventually(t, 10*time.Second, func() error {
+		_, err := n3.MQTT(t, "other-rev", rev, func(o *paho.ClientOptions) {
+			o.SetConnectionLostHandler(func(paho.Client, error) { lost <- struct{}{} })
+		})
+		return err
+	})
+	res, err := n2.Admin.DeviceAction(ctx, "other-rev", "revoke", "e2e")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.RevokedSerials) != 1 {
+		t.Errorf("revoked serials %v, want the device's one certificate", res.RevokedSerials)
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("revocation through node 2 of a device of node 1 did not close its session on node 3")
+	}
+	state(n1, "other-rev", "revoked")
+	for k, g := range c.Nodes {
+		if _, err := g.MQTT(t, "other-rev", rev); err == nil {
+			t.Fatalf("revoked device reconnected to node %d", k+1)
+		}
+	}
+}

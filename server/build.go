@@ -230,6 +230,9 @@ func (s *Server) buildEnrollment(p pki) error {
 		return err
 	}
 	op.Register(es)
+	if err := s.buildConsole(p, es, op); err != nil {
+		return err
+	}
 	ln, err := net.Listen("tcp", s.cfg.APIAddr)
 	if err != nil {
 		return fmt.Errorf("enrollment API listen %s: %w", s.cfg.APIAddr, err)

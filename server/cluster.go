@@ -31,6 +31,7 @@ import (
 	"github.com/fleetgate/fleetgate/directory"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/enroll/registry/kvtx"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
@@ -154,6 +155,7 @@ type clusterPart struct {
 	nc     *nats.Conn
 	dir    *directory.Directory
 	shared *lazyStore
+	reg    *registry.Registry // nil with --only broker
 
 	mu   sync.Mutex
 	feed *dirfeed.Feed // once the buckets are open
@@ -176,6 +178,7 @@ func (s *Server) buildClusterDirectory() (*directory.Directory, error) {
 		return nil, err
 	}
 	s.reg = reg
+	s.clu.reg = reg
 	return dir, nil
 }
 
@@ -247,8 +250,22 @@ func (p *clusterPart) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	dirStore, err := kvtx.NewJetStream(ctx, p.nc, js, dirKV)
+	if err != nil {
+		return err
+	}
 	p.shared.set(store)
-	f := dirfeed.New(dirfeed.Config{NC: p.nc, KV: dirKV, Dir: p.dir, Node: p.cfg.NodeName, StaleAfter: p.cfg.StaleAfter, Logger: p.log})
+	fc := dirfeed.Config{NC: p.nc, KV: dirKV, Store: dirStore, Dir: p.dir, Node: p.cfg.NodeName, StaleAfter: p.cfg.StaleAfter, Logger: p.log}
+	if p.reg != nil {
+		// A device this node enrolled, revoked or suspended through
+		// another node: its records here follow.
+		fc.OnDevice = func(id string, st fleet.DeviceState) {
+			if err := p.reg.ApplyClusterState(id, st); err != nil {
+				p.log.Error("device state from the cluster not recorded", "device", id, "state", st, "err", err)
+			}
+		}
+	}
+	f := dirfeed.New(fc)
 	p.mu.Lock()
 	p.feed = f
 	p.mu.Unlock()

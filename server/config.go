@@ -23,6 +23,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/fleetgate/fleetgate/broker"
+	"github.com/fleetgate/fleetgate/console"
 )
 
 // Config is the configuration of one server process (`fleetgate serve`).
@@ -70,6 +71,10 @@ type Config struct {
 	// Cluster: a node of a cluster on NATS JetStream (server/cluster.go);
 	// zero is the single box.
 	Cluster ClusterConfig `yaml:",inline"`
+	// console: the web console's TLS listener (empty: off) and the URL its
+	// sign-in links start with (default https://localhost:<port>).
+	ConsoleAddr string `yaml:"console_addr"`
+	ConsoleURL  string `yaml:"console_url"`
 
 	// Set by the program, not by flags, env or YAML.
 
@@ -90,6 +95,8 @@ type Config struct {
 	// Queues are the broker's outbound queue policies (zero: the broker's
 	// DefaultQueues); a zero MaxOffline takes MaxQueuedDevice/Service.
 	Queues broker.Queues `yaml:"-"`
+	// Console tunes the web console (zero: its defaults).
+	Console console.Options `yaml:"-"`
 }
 
 // DefaultDataDir is used when nothing else names one.
@@ -151,6 +158,9 @@ func Flags(fs *pflag.FlagSet, d Config) {
 	fs.Float64("sub-rate", d.SubRate, "per-device rate of topic filters in SUBSCRIBE/UNSUBSCRIBE (filters/s); over it (plus --sub-burst): disconnect, MQTT 5 reason 0x96")
 	fs.Int("sub-burst", d.SubBurst, "per-device burst of topic filters above --sub-rate")
 	clusterFlags(fs, d)
+	// console
+	fs.String("console-addr", d.ConsoleAddr, "web console HTTPS listen address (empty: off); sign in with `fleetgate console login`")
+	fs.String("console-url", d.ConsoleURL, "URL the console's sign-in links start with (default https://localhost:<console port>)")
 }
 
 // keys are the layered settings, by flag name.
@@ -160,7 +170,8 @@ var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only",
 	"max-queued-device", "max-queued-service",
 	"tpm-deny-list", // TPM deny-list
 	// admission
-	"hello-timeout", "sub-rate", "sub-burst"}
+	"hello-timeout", "sub-rate", "sub-burst",
+	"console-addr", "console-url"} // console
 
 // Load layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
@@ -289,6 +300,11 @@ func assign(c *Config, k string, f *pflag.Flag) error {
 		c.SubRate, err = fs.GetFloat64(k)
 	case "sub-burst":
 		c.SubBurst, err = fs.GetInt(k)
+	// console
+	case "console-addr":
+		c.ConsoleAddr, err = fs.GetString(k)
+	case "console-url":
+		c.ConsoleURL, err = fs.GetString(k)
 	default:
 		err = assignCluster(c, k, fs)
 	}
@@ -312,6 +328,10 @@ func (c Config) Validate() []error {
 	checkAddr("mqtt_addr", c.MQTTAddr, false)
 	checkAddr("api_addr", c.APIAddr, false)
 	checkAddr("metrics_addr", c.MetricsAddr, true)
+	checkAddr("console_addr", c.ConsoleAddr, true)
+	if c.ConsoleAddr != "" && c.Only == "broker" {
+		errs = append(errs, errors.New("console_addr: the console runs where the registry is, not with --only broker"))
+	}
 	switch c.Only {
 	case "", "broker", "enroll":
 	default:

@@ -40,6 +40,7 @@ type Addrs struct {
 	MQTT    string `json:"mqtt,omitempty"`
 	API     string `json:"api,omitempty"`
 	Metrics string `json:"metrics,omitempty"`
+	Console string `json:"console,omitempty"`
 }
 
 // Server is one server process: its parts built and their listeners bound.
@@ -59,6 +60,10 @@ type Server struct {
 	enroll *enroll.Server
 	// api and metrics are the HTTP servers with their bound listeners.
 	api, metrics *httpPart
+	// console is the web console (--console-addr); consoleRun samples its
+	// metrics.
+	console    *httpPart
+	consoleRun func(context.Context)
 	// ready are the readiness checks of /readyz.
 	ready []func() bool
 }
@@ -170,11 +175,12 @@ func (s *Server) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() { defer wg.Done(); s.enroll.Run(ctx) }() // refusal summaries
 	}
-	for _, p := range []*httpPart{s.api, s.metrics} {
+	for _, p := range []*httpPart{s.api, s.metrics, s.console} {
 		if p != nil {
 			p.serve(ctx, &wg, fail)
 		}
 	}
+	s.runConsole(ctx, &wg)
 	if s.cfg.AddrFile != "" {
 		b, _ := json.Marshal(s.addrs)
 		tmp := s.cfg.AddrFile + ".tmp"
@@ -204,7 +210,7 @@ func (s *Server) Run(ctx context.Context) error {
 // close releases what New built when it fails: the listeners, the broker
 // and the stores.
 func (s *Server) close() {
-	for _, p := range []*httpPart{s.api, s.metrics} {
+	for _, p := range []*httpPart{s.api, s.metrics, s.console} {
 		if p != nil {
 			p.ln.Close()
 		}

@@ -43,6 +43,7 @@ import (
 
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/directory"
+	"github.com/fleetgate/fleetgate/enroll/registry/kvtx"
 	"github.com/fleetgate/fleetgate/fleet"
 )
 
@@ -51,9 +52,12 @@ const Bucket = "fleetgate_dir"
 
 // Config of a Feed.
 type Config struct {
-	NC  *nats.Conn
-	KV  jetstream.KeyValue // the bucket (natsnode.Bucket(Bucket))
-	Dir *directory.Directory
+	NC *nats.Conn
+	KV jetstream.KeyValue // the bucket (natsnode.Bucket(Bucket))
+	// Store is the same bucket as a kvtx store: publication reads from the
+	// stream's leader and writes by compare-and-swap.
+	Store kvtx.Store
+	Dir   *directory.Directory
 	// Node names this node (a KV key token: [a-z0-9-]).
 	Node string
 	// StaleAfter bounds how old the proven view may be (default 1 s).
@@ -63,6 +67,11 @@ type Config struct {
 	Logger    *slog.Logger
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// OnDevice, if set, is told of each device record the watch applied,
+	// on a goroutine of its own, the latest state per device (the node
+	// that holds a device's records brings them to what another node
+	// decided: registry.ApplyClusterState).
+	OnDevice func(id string, state fleet.DeviceState)
 }
 
 // Feed is one node's follower of the bucket and publisher into it.
@@ -84,6 +93,10 @@ type Feed struct {
 	retry   map[string]bool // keys whose publication failed
 	synced  chan struct{}
 	once    sync.Once
+
+	devMu   sync.Mutex
+	devs    map[string]fleet.DeviceState // for OnDevice, latest per device
+	devKick chan struct{}
 }
 
 // seenValue is a record's value in the bucket and, when known, its
@@ -114,7 +127,7 @@ func New(cfg Config) *Feed {
 		cfg.Now = time.Now
 	}
 	return &Feed{cfg: cfg, log: cfg.Logger, seen: map[string]seenValue{}, restart: make(chan struct{}, 1),
-		retry: map[string]bool{}, synced: make(chan struct{})}
+		retry: map[string]bool{}, synced: make(chan struct{}), devs: map[string]fleet.DeviceState{}, devKick: make(chan struct{}, 1)}
 }
 
 // ErrStale: the view is not proven fresh within the bound.
@@ -165,7 +178,8 @@ func (f *Feed) Run(ctx context.Context) error {
 	}
 	defer sub.Unsubscribe()
 	var wg sync.WaitGroup
-	wg.Add(3)
+	wg.Add(4)
+	go func() { defer wg.Done(); f.deviceLoop(ctx) }()
 	go func() { defer wg.Done(); f.watchLoop(ctx) }()
 	go func() { defer wg.Done(); f.heartbeatLoop(ctx) }()
 	go func() { defer wg.Done(); f.retryLoop(ctx) }()
@@ -248,6 +262,17 @@ func (f *Feed) applyEntry(e jetstream.KeyValueEntry) {
 	if e.Operation() == jetstream.KeyValuePut {
 		if err := f.apply(e.Key(), e.Value(), rev, false); err != nil {
 			f.log.Error("directory record refused", "key", e.Key(), "revision", rev, "err", err)
+		} else if f.cfg.OnDevice != nil && strings.HasPrefix(e.Key(), "d.") {
+			var d api.FeedDevice
+			if json.Unmarshal(e.Value(), &d) == nil {
+				f.devMu.Lock()
+				f.devs[d.ID] = fleet.DeviceState(d.State)
+				f.devMu.Unlock()
+				select {
+				case f.devKick <- struct{}{}:
+				default:
+				}
+			}
 		}
 	}
 	f.applied.Store(rev)
@@ -261,6 +286,24 @@ func (f *Feed) applyEntry(e jetstream.KeyValueEntry) {
 	f.hbMu.Unlock()
 	if f.freshAt.Load() != 0 {
 		f.once.Do(func() { close(f.synced) })
+	}
+}
+
+// deviceLoop tells OnDevice of the device records applied.
+func (f *Feed) deviceLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-f.devKick:
+		}
+		f.devMu.Lock()
+		devs := f.devs
+		f.devs = map[string]fleet.DeviceState{}
+		f.devMu.Unlock()
+		for id, st := range devs {
+			f.cfg.OnDevice(id, st)
+		}
 	}
 }
 
@@ -406,63 +449,37 @@ func (f *Feed) publish(key string) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	if seen.rev > 0 {
-		// One round trip when the bucket is where this node saw it last.
-		merged, err := merge(key, []byte(seen.val), val)
-		if err != nil {
-			return err
-		}
-		if string(merged) == seen.val {
-			return nil
-		}
-		rev, err := f.cfg.KV.Update(ctx, key, merged, seen.rev)
-		if err == nil {
-			f.markSeen(key, merged, rev)
-			return nil
-		}
-		if !isWrongRev(err) {
-			return err
-		}
-	}
+	cur, rev := []byte(seen.val), seen.rev // one round trip when the bucket is where this node saw it last
 	for range 10 {
-		e, err := f.cfg.KV.Get(ctx, key)
-		switch {
-		case err == nil:
-			merged, err := merge(key, e.Value(), val)
-			if err != nil {
+		if rev == 0 {
+			e, err := f.cfg.Store.Get(ctx, key)
+			if err != nil && !errors.Is(err, kvtx.ErrNotFound) {
 				return err
 			}
-			if string(merged) == string(e.Value()) {
-				f.markSeen(key, merged, e.Revision())
-				return nil
-			}
-			rev, err := f.cfg.KV.Update(ctx, key, merged, e.Revision())
-			if err == nil {
-				f.markSeen(key, merged, rev)
-				return nil
-			}
-			if !isWrongRev(err) {
+			cur, rev = e.Value, e.Rev
+		}
+		next := val
+		if cur != nil {
+			var err error
+			if next, err = merge(key, cur, val); err != nil {
 				return err
 			}
-		case errors.Is(err, jetstream.ErrKeyNotFound):
-			rev, err := f.cfg.KV.Create(ctx, key, val)
-			if err == nil {
-				f.markSeen(key, val, rev)
+			if string(next) == string(cur) {
+				f.markSeen(key, next, rev)
 				return nil
 			}
-			if !errors.Is(err, jetstream.ErrKeyExists) && !isWrongRev(err) {
-				return err
-			}
-		default:
+		}
+		revs, err := f.cfg.Store.Commit(ctx, kvtx.Op{Key: key, Value: next, Expect: rev})
+		if err == nil {
+			f.markSeen(key, next, revs[0])
+			return nil
+		}
+		if !errors.Is(err, kvtx.ErrRevision) {
 			return err
 		}
+		rev = 0 // another node wrote it: read it again
 	}
 	return fmt.Errorf("dirfeed: %s: too many concurrent writers", key)
-}
-
-func isWrongRev(err error) bool {
-	var apiErr *jetstream.APIError
-	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == 10164)
 }
 
 func (f *Feed) markSeen(key string, val []byte, rev uint64) {
@@ -537,26 +554,51 @@ func (f *Feed) retryLoop(ctx context.Context) {
 	}
 }
 
-// reconcile publishes every local record that differs from what the watch
-// delivered.
+// reconcile publishes what the bucket lacks: local records it does not
+// hold, and local revocations it does not have. Any other difference is
+// the bucket's later decision (another node's suspension or resumption),
+// which this node follows (OnDevice), not overwrites.
 func (f *Feed) reconcile() {
 	_, _, certs, devices := f.cfg.Dir.Snapshot()
-	n := 0
+	keys := make([]string, 0, len(certs)+len(devices))
 	for s := range certs {
-		if f.publish("c."+s) == nil {
-			n++
-		} else {
-			f.retryMu.Lock()
-			f.retry["c."+s] = true
-			f.retryMu.Unlock()
-		}
+		keys = append(keys, "c."+s)
 	}
 	for id := range devices {
-		if f.publish("d."+id) != nil {
+		keys = append(keys, "d."+id)
+	}
+	n := 0
+	for _, k := range keys {
+		local, ok := f.record(k)
+		if !ok {
+			continue
+		}
+		f.seenMu.Lock()
+		seen, had := f.seen[k]
+		f.seenMu.Unlock()
+		if had && !revokes(k, []byte(seen.val), local) {
+			continue
+		}
+		n++
+		if err := f.publish(k); err != nil {
 			f.retryMu.Lock()
-			f.retry["d."+id] = true
+			f.retry[k] = true
 			f.retryMu.Unlock()
 		}
 	}
-	f.log.Debug("directory reconciled with the bucket", "certs", len(certs), "devices", len(devices))
+	f.log.Debug("directory reconciled with the bucket", "certs", len(certs), "devices", len(devices), "published", n)
+}
+
+// revokes: local records a revocation that the bucket's value lacks.
+func revokes(key string, bucket, local []byte) bool {
+	switch key[0] {
+	case 'c':
+		var b, l api.FeedCert
+		return json.Unmarshal(bucket, &b) == nil && json.Unmarshal(local, &l) == nil && l.Revoked && !b.Revoked
+	case 'd':
+		var b, l api.FeedDevice
+		return json.Unmarshal(bucket, &b) == nil && json.Unmarshal(local, &l) == nil &&
+			l.State == string(fleet.StateRevoked) && b.State != string(fleet.StateRevoked)
+	}
+	return false
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/fleetgate/fleetgate/cluster/natsnode"
 	"github.com/fleetgate/fleetgate/cluster/natstest"
 	"github.com/fleetgate/fleetgate/directory"
+	"github.com/fleetgate/fleetgate/enroll/registry/kvtx"
 	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
@@ -48,8 +49,12 @@ func start(t *testing.T, c *natstest.Cluster) []node {
 		if err != nil {
 			t.Fatal(err)
 		}
+		store, err := kvtx.NewJetStream(ctx, nc, js, kv)
+		if err != nil {
+			t.Fatal(err)
+		}
 		d := directory.New()
-		f := dirfeed.New(dirfeed.Config{NC: nc, KV: kv, Dir: d, Node: fmt.Sprintf("n%d", i)})
+		f := dirfeed.New(dirfeed.Config{NC: nc, KV: kv, Store: store, Dir: d, Node: fmt.Sprintf("n%d", i)})
 		wg.Add(1)
 		go func() { defer wg.Done(); f.Run(ctx) }()
 		nodes[i] = node{d, f}
@@ -202,7 +207,11 @@ func TestRevocationInTheBucketIsTerminal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := dirfeed.New(dirfeed.Config{NC: nc, KV: kv, Dir: fresh, Node: "late"})
+	store, err := kvtx.NewJetStream(context.Background(), nc, js, kv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := dirfeed.New(dirfeed.Config{NC: nc, KV: kv, Store: store, Dir: fresh, Node: "late"})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); f.Run(ctx) }()

@@ -162,12 +162,12 @@ func clientOptions(name string, log *slog.Logger) []nats.Option {
 }
 
 // Dial connects to a NATS cluster the user runs (urls: comma-separated
-// nats:// URLs), with extra options (e.g. a reconnect handler) appended.
+// nats:// URLs, tried in the order given), with extra options appended.
 // The cluster's replication is checked when the buckets are opened
 // (Bucket); its fsync setting cannot be read by a client without the
 // system account, so Dial logs loudly what the user must configure.
 func Dial(urls, name string, log *slog.Logger, extra ...nats.Option) (*nats.Conn, error) {
-	nc, err := nats.Connect(urls, append(clientOptions(name, log), extra...)...)
+	nc, err := nats.Connect(urls, append(append(clientOptions(name, log), nats.DontRandomize()), extra...)...)
 	if err != nil {
 		return nil, fmt.Errorf("natsnode: connect %s: %w", urls, err)
 	}

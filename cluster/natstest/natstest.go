@@ -23,6 +23,7 @@ type Cluster struct {
 	t     testing.TB
 	Nodes []*natsnode.Node
 	*Mesh
+	tune func(i int, cfg *natsnode.Config)
 }
 
 // Mesh is the routes of n nodes, each through a relay of its own: node
@@ -91,9 +92,12 @@ func Host(i int) string { return fmt.Sprintf("127.0.0.%d", i+1) }
 
 // Start starts n nodes (n ≥ 3 for R3) and waits until JetStream has a
 // meta leader.
-func Start(t testing.TB, n int) *Cluster {
+func Start(t testing.TB, n int) *Cluster { t.Helper(); return StartWith(t, n, nil) }
+
+// StartWith is Start with each node's configuration adjusted by tune.
+func StartWith(t testing.TB, n int, tune func(i int, cfg *natsnode.Config)) *Cluster {
 	t.Helper()
-	c := &Cluster{t: t, Nodes: make([]*natsnode.Node, n), Mesh: NewMesh(t, n)}
+	c := &Cluster{t: t, Nodes: make([]*natsnode.Node, n), Mesh: NewMesh(t, n), tune: tune}
 	dir := t.TempDir()
 	for i := range n {
 		c.StartNode(i, fmt.Sprintf("%s/n%d", dir, i))
@@ -105,11 +109,13 @@ func Start(t testing.TB, n int) *Cluster {
 // StartNode starts (or restarts, with the same store) node i.
 func (c *Cluster) StartNode(i int, storeDir string) {
 	c.t.Helper()
-	routes := c.Routes(i)
-	node, err := natsnode.Start(natsnode.Config{Name: fmt.Sprintf("n%d", i), ClusterName: "fgtest",
+	cfg := natsnode.Config{Name: fmt.Sprintf("n%d", i), ClusterName: "fgtest",
 		ClientAddr: Host(i) + ":0", ClusterAddr: Host(i) + ":0",
-		Advertise: Advertise(i),
-		Routes:    routes, StoreDir: storeDir})
+		Advertise: Advertise(i), Routes: c.Routes(i), StoreDir: storeDir}
+	if c.tune != nil {
+		c.tune(i, &cfg)
+	}
+	node, err := natsnode.Start(cfg)
 	if err != nil {
 		c.t.Fatal(err)
 	}

@@ -24,6 +24,9 @@ var ErrInvalidTransition = errors.New("registry: invalid state transition")
 // certificates. Its certificates are then marked (for the CRL) in
 // transactions of bounded size. Revoking a revoked device is not an error.
 func (r *Registry) RevokeDevice(id, reason, actor string) ([]string, error) {
+	if r.remoteDevice(id) { // enrolled through another cluster node
+		return r.revokeRemote(id, reason, actor), nil
+	}
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	now := r.now()
@@ -144,6 +147,9 @@ func deviceOf(c *fleet.Certificate) string {
 // SetSuspended suspends (true) or resumes (false) a device. Suspension is
 // reversible; a revoked device stays revoked.
 func (r *Registry) SetSuspended(id string, suspend bool, reason, actor string) error {
+	if r.remoteDevice(id) { // enrolled through another cluster node
+		return r.setSuspendedRemote(id, suspend, reason, actor)
+	}
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	var d fleet.Device

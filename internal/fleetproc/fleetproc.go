@@ -30,6 +30,7 @@ type Addrs struct {
 	MQTT    string `json:"mqtt,omitempty"`
 	API     string `json:"api,omitempty"`
 	Metrics string `json:"metrics,omitempty"`
+	Console string `json:"console,omitempty"`
 }
 
 // ReadAddrs reads an address file. The gateway writes it whole (a rename),

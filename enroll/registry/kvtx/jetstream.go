@@ -48,30 +48,63 @@ func (j *JetStream) KV() jetstream.KeyValue { return j.kv }
 
 func (j *JetStream) subject(key string) string { return "$KV." + j.bucket + "." + key }
 
-func deleted(h nats.Header) bool {
-	switch h.Get("KV-Operation") {
-	case "DEL", "PURGE":
-		return true
-	}
-	return false
+// msgGetResponse is JetStream's answer to STREAM.MSG.GET.
+type msgGetResponse struct {
+	Message *struct {
+		Seq  uint64 `json:"seq"`
+		Hdrs []byte `json:"hdrs"`
+		Data []byte `json:"data"`
+	} `json:"message"`
+	Error *struct {
+		Code        int    `json:"code"`
+		ErrCode     int    `json:"err_code"`
+		Description string `json:"description"`
+	} `json:"error"`
 }
 
-// Get implements Store.
+// Get implements Store. It asks the stream's leader (STREAM.MSG.GET), not
+// a replica: KV buckets allow direct gets, which any replica answers, and
+// a replica may not have applied the caller's own last write yet.
 func (j *JetStream) Get(ctx context.Context, key string) (Entry, error) {
 	if err := CheckKey(key); err != nil {
 		return Entry{}, err
 	}
-	m, err := j.stream.GetLastMsgForSubject(ctx, j.subject(key))
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return Entry{Key: key}, ErrNotFound
-	}
+	req, _ := json.Marshal(map[string]string{"last_by_subj": j.subject(key)})
+	m, err := j.nc.RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET.KV_"+j.bucket, req)
 	if err != nil {
 		return Entry{}, fmt.Errorf("kvtx: get %s: %w", key, err)
 	}
-	if deleted(m.Header) {
-		return Entry{Key: key, Rev: m.Sequence}, ErrNotFound
+	var r msgGetResponse
+	if err := json.Unmarshal(m.Data, &r); err != nil {
+		return Entry{}, fmt.Errorf("kvtx: get %s: answer %q: %w", key, m.Data, err)
 	}
-	return Entry{Key: key, Value: m.Data, Rev: m.Sequence}, nil
+	if e := r.Error; e != nil {
+		if e.Code == 404 {
+			return Entry{Key: key}, ErrNotFound
+		}
+		return Entry{}, fmt.Errorf("kvtx: get %s: %s (%d)", key, e.Description, e.ErrCode)
+	}
+	if r.Message == nil {
+		return Entry{}, fmt.Errorf("kvtx: get %s: empty answer", key)
+	}
+	if deletedHeader(r.Message.Hdrs) {
+		return Entry{Key: key, Rev: r.Message.Seq}, ErrNotFound
+	}
+	return Entry{Key: key, Value: r.Message.Data, Rev: r.Message.Seq}, nil
+}
+
+// deletedHeader: a NATS header block with KV-Operation DEL or PURGE.
+func deletedHeader(h []byte) bool {
+	for _, line := range strings.Split(string(h), "\r\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if ok && strings.EqualFold(strings.TrimSpace(k), "KV-Operation") {
+			switch strings.TrimSpace(v) {
+			case "DEL", "PURGE":
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // pubAck is JetStream's answer to a batch's commit.

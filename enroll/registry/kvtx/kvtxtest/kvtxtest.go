@@ -151,6 +151,21 @@ func Run(t *testing.T, open func(i int) kvtx.Store) {
 			t.Fatalf("a prefix not ending in a dot: %v", err)
 		}
 	})
+	// A write is read back at once through any handle (JetStream: not
+	// from a replica that has not applied it yet).
+	t.Run("read_your_writes", func(t *testing.T) {
+		c, p := ctx(t), ns(t)
+		for i := range 60 {
+			key := fmt.Sprintf("%sk%d", p, i)
+			revs, err := open(i%3).Commit(c, kvtx.Op{Key: key, Value: []byte("v")})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if e, err := open((i+1)%3).Get(c, key); err != nil || e.Rev != revs[0] {
+				t.Fatalf("write %d read back through another handle: %+v %v, want revision %d", i, e, err, revs[0])
+			}
+		}
+	})
 	t.Run("keys", func(t *testing.T) {
 		s, c := open(0), ctx(t)
 		for _, k := range []string{"", "a..b", "a b", "a.*", "a.>", ".a", "a."} {
