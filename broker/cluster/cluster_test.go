@@ -132,12 +132,14 @@ func TestQoS1CrossNodeAndNoPubackWithoutQuorum(t *testing.T) {
 
 	const n = 200
 	topic := "devices/dev-1/telemetry/t"
+	start := time.Now()
 	for i := range n {
 		tok := pub.Publish(topic, 1, false, strconv.Itoa(i))
 		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 			t.Fatalf("message %d: no PUBACK (%v)", i, tok.Error())
 		}
 	}
+	acked := time.Since(start)
 	testenv.Eventually(t, 10*time.Second, func() error {
 		for i := range n {
 			if !got.has(topic, strconv.Itoa(i)) {
@@ -146,6 +148,8 @@ func TestQoS1CrossNodeAndNoPubackWithoutQuorum(t *testing.T) {
 		}
 		return nil
 	})
+	t.Logf("%d QoS 1 messages, one at a time, node 1 → JetStream R3 → node 3: PUBACK after %v each on average; all received %v after the first publish",
+		n, acked/n, time.Since(start))
 	// Order per topic: the first copy of each message in publication order.
 	first := map[string]int{}
 	for k, p := range got.topic(topic) {
