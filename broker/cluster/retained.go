@@ -16,10 +16,11 @@ import (
 // Retained messages across nodes live in the KV bucket fg_retained, one
 // key per topic. A node that accepts a retained publish writes (or, for an
 // empty payload, deletes) the key before the publish is acknowledged;
-// every node follows the bucket's subjects and sets or clears its local
-// retained store (mochi's, which serves new subscribers through the
-// broker's usual check of the publisher's state), and loads the bucket
-// when it starts.
+// every node sets or clears its local retained store (mochi's, which
+// serves new subscribers through the broker's usual check of the
+// publisher's state) from two paths: a core subscription on the bucket's
+// subjects (fast) and an ordered watch from the bucket's start (its
+// content at start, every change in order, resumed after a reconnect).
 
 // RetainedBucket is the KV bucket of retained messages.
 const RetainedBucket = "fg_retained"
@@ -51,43 +52,54 @@ func retainedTopic(key string) (string, bool) {
 // openRetained opens the bucket, follows its subjects, and loads what it
 // holds.
 func (r *Router) openRetained(ctx context.Context) error {
+	if r.retainedSub != nil {
+		return nil // opened by an earlier attempt of open
+	}
 	kv, err := natsnode.Bucket(ctx, r.js, RetainedBucket)
 	if err != nil {
 		return err
 	}
 	r.retainedKV = kv
-	live := map[string]bool{}
 	sub, err := r.cfg.NC.Subscribe("$KV."+RetainedBucket+".>", func(m *nats.Msg) {
 		key := strings.TrimPrefix(m.Subject, "$KV."+RetainedBucket+".")
-		r.retainedMu.Lock()
-		live[key] = true
-		r.retainedMu.Unlock()
 		op := m.Header.Get("KV-Operation")
 		r.applyRetained(key, m.Data, op == "DEL" || op == "PURGE")
 	})
 	if err != nil {
 		return err
 	}
-	r.retainedSub = sub
-	keys, err := kv.ListKeys(ctx)
+	// The ordered watch: everything in order, from the start (the
+	// bucket's content), resumed by nats.go after a reconnect; the core
+	// subscription above is the fast path.
+	wctx, cancel := context.WithCancel(context.Background())
+	w, err := kv.WatchAll(wctx)
 	if err != nil {
+		cancel()
+		_ = sub.Unsubscribe()
 		return err
 	}
-	for key := range keys.Keys() {
-		e, err := kv.Get(ctx, key)
-		if err != nil {
-			if errors.Is(err, jetstream.ErrKeyNotFound) {
-				continue
+	r.retainedSub = sub
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		defer cancel()
+		for {
+			select {
+			case <-r.stop:
+				_ = w.Stop()
+				return
+			case e, ok := <-w.Updates():
+				if !ok {
+					return
+				}
+				if e == nil {
+					continue // the bucket's content is applied
+				}
+				op := e.Operation()
+				r.applyRetained(e.Key(), e.Value(), op == jetstream.KeyValueDelete || op == jetstream.KeyValuePurge)
 			}
-			return err
 		}
-		r.retainedMu.Lock()
-		seen := live[key]
-		r.retainedMu.Unlock()
-		if !seen {
-			r.applyRetained(key, e.Value(), false)
-		}
-	}
+	}()
 	return nil
 }
 
@@ -118,6 +130,7 @@ func (r *Router) applyRetained(key string, data []byte, del bool) {
 	if len(pk.Payload) == 0 {
 		pk.Payload = nil
 	}
+	r.log.Debug("retained message from the cluster", "topic", topic, "delete", len(pk.Payload) == 0)
 	r.srv.Topics.RetainMessage(pk)
 }
 

@@ -2,6 +2,7 @@ package cluster_test
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -46,6 +47,17 @@ func TestRetainedSetAndDeleteAcrossNodes(t *testing.T) {
 	if tok := pub.Publish(topic, 1, true, "on"); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		t.Fatalf("retained publish: no PUBACK (%v)", tok.Error())
 	}
+	defer func() {
+		if t.Failed() {
+			for i, n := range c.Nodes {
+				for _, l := range strings.Split(n.Logs.String(), "\n") {
+					if strings.Contains(l, "retain") || strings.Contains(l, "broker-cluster") {
+						t.Logf("node %d: %s", i+1, l)
+					}
+				}
+			}
+		}
+	}()
 	testenv.Eventually(t, 10*time.Second, func() error {
 		if p, ok := retainedOn(t, svc, topic); !ok || p != "on" {
 			return fmt.Errorf("node 3 serves retained %q (%v), want \"on\"", p, ok)

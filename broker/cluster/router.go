@@ -111,7 +111,6 @@ type Router struct {
 
 	retainedKV  jetstream.KeyValue
 	retainedSub *nats.Subscription
-	retainedMu  sync.Mutex
 	// pause is held for reading by each delivery of a routed message, and
 	// for writing while a replay puts a resumed session's messages in order.
 	pause sync.RWMutex

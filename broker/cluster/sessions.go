@@ -63,6 +63,8 @@ type record struct {
 	// time. A node resuming the session replays the stream from there
 	// (less replayMargin).
 	ReplayFrom time.Time `json:"replay_from,omitzero"`
+	// Will is the connection's Last Will while it is online (wills.go).
+	Will *will `json:"will,omitempty"`
 }
 
 type sub struct {
@@ -81,8 +83,9 @@ type local struct {
 }
 
 type sessions struct {
-	r  *Router
-	kv jetstream.KeyValue
+	r     *Router
+	kv    jetstream.KeyValue
+	nodes jetstream.KeyValue // liveness keys (wills.go)
 
 	mu    sync.Mutex
 	local map[string]*local // client ID → the connection that owns it here
@@ -96,7 +99,7 @@ func (s *sessions) open(ctx context.Context) error {
 		return err
 	}
 	s.kv = kv
-	return nil
+	return s.openLive(ctx)
 }
 
 // sessionKey is the record's key: the client ID when it is a plain token,
@@ -154,6 +157,7 @@ func (s *sessions) run(ctx context.Context) error {
 		return err
 	}
 	defer ws.Unsubscribe()
+	s.live(ctx)
 	<-ctx.Done()
 	return nil
 }
@@ -253,7 +257,8 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 			return packets.ErrServerUnavailable
 		}
 		rec := record{Node: s.r.cfg.Node, Conn: conn, Online: true, Persistent: persistent(cl),
-			Version: cl.Properties.ProtocolVersion, Expiry: cl.Properties.Props.SessionExpiryInterval, Since: time.Now().UTC()}
+			Version: cl.Properties.ProtocolVersion, Expiry: cl.Properties.Props.SessionExpiryInterval, Since: time.Now().UTC(),
+			Will: willOf(cl)}
 		if !pk.Connect.Clean && prev != nil && prev.Persistent {
 			rec.Subs = prev.Subs
 		}
@@ -282,6 +287,11 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 		b, _ := json.Marshal(kick{ID: cl.ID, Conn: conn})
 		if _, err := s.r.cfg.NC.Request("fg.sess.kick."+prev.Node, b, kickTimeout); err != nil {
 			s.r.log.Warn("the session's previous node did not confirm closing it (down?)", "client", cl.ID, "node", prev.Node, "err", err)
+			if prev.Will != nil {
+				// The old connection's node is gone; this claim replaced
+				// its record (and the will in it): send the will, once.
+				s.sendWill(ctx, cl.ID, prev.Will)
+			}
 		}
 	}
 	if !pk.Connect.Clean && prev.Persistent && len(prev.Subs) > 0 {
@@ -372,7 +382,8 @@ func (s *sessions) established(cl *mqtt.Client, _ packets.Packet) {
 // disconnected marks the record offline (persistent) or deletes it.
 func (s *sessions) disconnected(cl *mqtt.Client, _ error, expire bool) {
 	s.update(cl, func(r *record) bool {
-		r.Online, r.Since, r.Subs = false, time.Now().UTC(), subsOf(cl)
+		// The broker sent the will (or dropped it, at a normal DISCONNECT).
+		r.Online, r.Since, r.Subs, r.Will = false, time.Now().UTC(), subsOf(cl), nil
 		r.ReplayFrom = r.Since
 		for _, pk := range cl.State.Inflight.GetAll(false) {
 			if c := time.Unix(pk.Created, 0); pk.FixedHeader.Type == packets.Publish && pk.Created > 0 && c.Before(r.ReplayFrom) {
