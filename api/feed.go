@@ -31,4 +31,6 @@ type FeedDevice struct {
 	Group string            `json:"group"`
 	State string            `json:"state"`
 	Tags  map[string]string `json:"tags,omitempty"`
+	// Method is the device's attestation method (token, tpm).
+	Method string `json:"attestation_method,omitempty"`
 }

@@ -20,6 +20,11 @@ const (
 // StateChangeRequest carries the reason of a revoke, suspend or resume.
 type StateChangeRequest struct {
 	Reason string `json:"reason"`
+	// ReasonCode is the CRL reason of a revocation (RFC 5280 names:
+	// keyCompromise, cessationOfOperation, superseded, affiliationChanged,
+	// privilegeWithdrawn, unspecified). Empty: inferred from Reason
+	// ("stolen" is keyCompromise).
+	ReasonCode string `json:"reason_code,omitempty"`
 }
 
 // StateChangeResponse reports the device's state after the change and the
@@ -31,6 +36,8 @@ type StateChangeResponse struct {
 	// SessionsClosed is true when the broker in this process closed the
 	// device's live sessions before this response was written.
 	SessionsClosed bool `json:"sessions_closed"`
+	// WasOnline: the device had a live session when the request arrived.
+	WasOnline bool `json:"was_online"`
 }
 
 // RenewRequest renews the certificate presented over mTLS.

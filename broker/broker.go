@@ -84,9 +84,15 @@ type Config struct {
 	SweepInterval time.Duration
 	// Queues are the outbound queue policies by role (zero: DefaultQueues).
 	Queues Queues
-	// Hooks run after the auth hook and before the fan-out (a cluster
-	// node's router, broker/cluster: its OnPublish sees every authorised
-	// publish first and can withhold the PUBACK).
+	// MinTLS is the lowest TLS version accepted (0: TLS 1.3); with TLS 1.2
+	// only TLS12CipherSuites are offered (tlsversion.go).
+	MinTLS uint16
+	// WSSAddr is the listen address of MQTT over WebSocket over mTLS
+	// (empty: none); the same admission, checks and policy (wss.go).
+	WSSAddr string
+	// Hooks run after the auth and admin hooks and before the fan-out (a
+	// cluster node's router, broker/cluster: its OnPublish sees every
+	// authorised publish first and can withhold the PUBACK).
 	Hooks []mqtt.Hook
 }
 
@@ -126,7 +132,9 @@ type Broker struct {
 	server *mqtt.Server
 	hook   *auth.Hook
 	events *eventsHook
+	admin  *adminHook // admin.go
 	ln     *listener
+	wss    *listener // MQTT over WebSocket (nil: none)
 	policy atomic.Pointer[acl.Policy]
 	m      metrics
 	stop   chan struct{}
@@ -261,6 +269,9 @@ func New(cfg Config) (*Broker, error) {
 	if err := b.addHook(b.hook, nil); err != nil {
 		return nil, fmt.Errorf("broker: add auth hook: %w", err)
 	}
+	if err := b.addAdminHook(); err != nil {
+		return nil, fmt.Errorf("broker: add admin hook: %w", err)
+	}
 	for _, h := range cfg.Hooks {
 		if err := b.addHook(h, nil); err != nil {
 			return nil, fmt.Errorf("broker: add hook %s: %w", h.ID(), err)
@@ -284,13 +295,7 @@ func New(cfg Config) (*Broker, error) {
 		}
 	}
 
-	tcfg := &tls.Config{
-		MinVersion:       tls.VersionTLS13,
-		Certificates:     []tls.Certificate{cfg.ServerCert},
-		ClientAuth:       tls.RequireAndVerifyClientCert,
-		ClientCAs:        cfg.ClientCAs,
-		VerifyConnection: b.hook.VerifyConnection,
-	}
+	tcfg := b.serverTLS()
 	b.ln = &listener{id: "mtls", addr: cfg.Addr, tls: tcfg, timeout: cfg.HandshakeTimeout,
 		identOf: func(c *x509.Certificate) identity.Identity {
 			id, _ := identity.FromCertificate(c, cfg.TrustDomain)
@@ -305,6 +310,11 @@ func New(cfg Config) (*Broker, error) {
 		}}
 	if err := b.server.AddListener(b.ln); err != nil {
 		return nil, fmt.Errorf("broker: listen %s: %w", cfg.Addr, err)
+	}
+	if cfg.WSSAddr != "" {
+		if err := b.addWSS(); err != nil {
+			return nil, fmt.Errorf("broker: listen %s (wss): %w", cfg.WSSAddr, err)
+		}
 	}
 	cfg.Directory.Watch(b.onRegistryEvent)
 	return b, nil
@@ -366,11 +376,11 @@ func (b *Broker) queuePolicy(cl *mqtt.Client) mqtt.QueuePolicy {
 // else of its name in the registry (client ID = identity name, one
 // namespace for all roles).
 func (b *Broker) clientRole(cl *mqtt.Client) identity.Role {
-	if c, ok := cl.Net.Conn.(*conn); ok && c.role != "" {
-		return c.role
+	if c, ok := cl.Net.Conn.(interface{ Role() identity.Role }); ok && c.Role() != "" {
+		return c.Role()
 	}
 	if cl.Net.Conn == nil && b.cfg.Directory != nil {
-		if r, ok := b.cfg.Directory.PrincipalRole(cl.ID); ok {
+		if r, ok := b.cfg.Directory.PrincipalRole(clientName(cl.ID)); ok {
 			return r
 		}
 	}
@@ -456,6 +466,9 @@ func (b *Broker) Start() error {
 		return fmt.Errorf("broker: serve: %w", err)
 	}
 	b.log.Info("broker listening", "addr", b.Addr())
+	if b.wss != nil {
+		b.log.Info("broker listening for MQTT over WebSocket (wss)", "addr", b.WSSAddr())
+	}
 	// Retained messages of devices revoked while the broker was down (the
 	// store was read by Serve). A broker apart from the registry knows no
 	// device yet; it withholds them at delivery instead (serveRetained).
@@ -521,6 +534,9 @@ func (b *Broker) Close() error {
 	b.once.Do(func() { close(b.stop) })
 	err := b.server.Close()
 	b.ln.wg.Wait()
+	if b.wss != nil {
+		b.wss.wg.Wait()
+	}
 	b.wg.Wait()
 	return err
 }

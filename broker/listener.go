@@ -42,6 +42,9 @@ type listener struct {
 	// address (a flood must not become a log flood).
 	refusals   *logguard.Limiter
 	stopLogger context.CancelFunc
+	// ws, if set, makes this a WebSocket listener: after the TLS handshake
+	// the connection's HTTP upgrade is served before MQTT (wss.go).
+	ws *wsUpgrader
 
 	ln     net.Listener
 	closed atomic.Bool
@@ -52,12 +55,16 @@ type listener struct {
 // was processed.
 type conn struct {
 	*tls.Conn
-	release func()
-	role    identity.Role // of the verified client certificate
+	release  func()
+	role     identity.Role // of the verified client certificate
+	deadline time.Time     // of TLS handshake + CONNECT
 }
 
 // Release frees the connection's slot among unauthenticated connections.
 func (c *conn) Release() { c.release() }
+
+// Role is the role of the connection's verified client certificate.
+func (c *conn) Role() identity.Role { return c.role }
 
 // admittedConn is the raw connection under the TLS server: the handshake's
 // GetConfigForClient finds its admission entry through it.
@@ -67,8 +74,13 @@ type admittedConn struct {
 	deadline time.Time // of TLS handshake + CONNECT
 }
 
-func (l *listener) ID() string       { return l.id }
-func (l *listener) Protocol() string { return "tcp+mtls" }
+func (l *listener) ID() string { return l.id }
+func (l *listener) Protocol() string {
+	if l.ws != nil {
+		return "wss+mtls"
+	}
+	return "tcp+mtls"
+}
 func (l *listener) Address() string {
 	if l.ln != nil {
 		return l.ln.Addr().String()
@@ -104,6 +116,9 @@ func (l *listener) Init(*slog.Logger) error {
 }
 
 func (l *listener) Serve(establish listeners.EstablishFn) {
+	if l.ws != nil {
+		l.ws.start(establish)
+	}
 	for {
 		raw, err := l.ln.Accept()
 		if err != nil {
@@ -199,15 +214,19 @@ func (l *listener) handshake(raw net.Conn, p *pending, release func(), establish
 		if !l.refusals.Allow(ip) {
 			return
 		}
-		ident := ""
+		// Which device, and which CA: the presented certificate's names
+		// (a refused handshake has no identity of its own to log).
+		attrs := []any{"reason", reason}
 		var re *auth.RefusedError
-		if errors.As(err, &re) {
-			ident = re.Identity.String()
+		if errors.As(err, &re) && re.Identity.Name != "" {
+			attrs = append(attrs, "identity", re.Identity.String())
 		}
-		l.log.Warn("tls handshake refused", "reason", reason, "identity", ident, "remote", raw.RemoteAddr().String(), "err", logguard.Clip(err.Error(), 0))
+		attrs = append(attrs, certAttrs(presentedCert(err))...)
+		attrs = append(attrs, "remote", raw.RemoteAddr().String(), "err", logguard.Clip(err.Error(), 0))
+		l.log.Warn("tls handshake refused", attrs...)
 		return
 	}
-	c := &conn{Conn: tc, release: release, role: id.Role}
+	c := &conn{Conn: tc, release: release, role: id.Role, deadline: deadline}
 	go l.serve(c, establish)
 }
 
@@ -217,6 +236,10 @@ func (l *listener) handshake(raw net.Conn, p *pending, release func(), establish
 func (l *listener) serve(c *conn, establish listeners.EstablishFn) {
 	defer l.wg.Done()
 	defer c.release()
+	if l.ws != nil {
+		l.ws.serve(c)
+		return
+	}
 	l.ended(c, establish(l.id, c))
 }
 
@@ -292,6 +315,9 @@ func (l *listener) Close(closeClients listeners.CloseFn) {
 		closeClients(l.id)
 		if l.ln != nil {
 			l.ln.Close()
+		}
+		if l.ws != nil {
+			l.ws.close()
 		}
 	}
 }

@@ -32,7 +32,7 @@ func feedCert(serial string, c fleet.CertStatus) api.FeedCert {
 }
 
 func feedDevice(id string, d fleet.DeviceStatus) api.FeedDevice {
-	return api.FeedDevice{ID: id, Group: d.Group, State: string(d.State), Tags: d.Tags}
+	return api.FeedDevice{ID: id, Group: d.Group, State: string(d.State), Tags: d.Tags, Method: d.Method}
 }
 
 func (d *Directory) snapshotFeed() api.Feed {
@@ -114,7 +114,7 @@ func (d *Directory) ApplyFeed(f api.Feed) error {
 	}
 	for _, fd := range f.Devices {
 		prev, had := d.devices[fd.ID]
-		st := fleet.DeviceStatus{Group: fd.Group, State: fleet.DeviceState(fd.State), Tags: fd.Tags}
+		st := fleet.DeviceStatus{Group: fd.Group, State: fleet.DeviceState(fd.State), Tags: fd.Tags, Method: fd.Method}
 		if had && prev.State == fleet.StateRevoked {
 			st.State = fleet.StateRevoked // terminal, whatever a stale answer says
 		}

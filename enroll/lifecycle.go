@@ -138,7 +138,7 @@ func (s *Server) currentCRL(force bool) ([]byte, error) {
 		if !ok {
 			continue
 		}
-		entries = append(entries, ca.Revoked{Serial: n, RevokedAt: c.RevokedAt})
+		entries = append(entries, ca.Revoked{Serial: n, RevokedAt: c.RevokedAt, ReasonCode: ca.ReasonCodeOf(c.RevokeReason)})
 	}
 	num, err := s.cfg.Registry.NextCRLNumber()
 	if err != nil {

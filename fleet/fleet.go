@@ -52,7 +52,7 @@ type Device struct {
 
 // Status is the in-memory view of d.
 func (d *Device) Status() DeviceStatus {
-	return DeviceStatus{Group: d.Group, State: d.State, Tags: d.Tags}
+	return DeviceStatus{Group: d.Group, State: d.State, Tags: d.Tags, Method: d.AttestationMethod}
 }
 
 // Certificate is the record of an issued certificate.
@@ -93,6 +93,9 @@ type DeviceStatus struct {
 	State DeviceState
 	// Tags are shared, never mutated: an update replaces the map.
 	Tags map[string]string
+	// Method is how the device proved itself at enrollment (MethodToken,
+	// MethodTPM; "" if unknown): policy rules may require it.
+	Method string
 }
 
 // EventKind says what changed.

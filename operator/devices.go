@@ -20,7 +20,26 @@ func (s *Server) toAPIDevice(d fleet.Device) api.Device {
 		Serial: d.CurrentSerial, NotAfter: d.NotAfter, CreatedAt: d.CreatedAt, Online: online, Tags: d.Tags}
 }
 
+// handleDeviceList lists devices sorted by ID, filtered by ?group=,
+// ?state= and ?online=, a page at a time (?limit=, ?after=).
 func (s *Server) handleDeviceList(w http.ResponseWriter, r *http.Request, _ identity.Identity) {
+	p, err := readPage(r)
+	if err != nil {
+		s.fail(w, r, err, "", "")
+		return
+	}
+	q := r.URL.Query()
+	group, state, online := q.Get("group"), q.Get("state"), q.Get("online")
+	switch fleet.DeviceState(state) {
+	case "", fleet.StateRegistered, fleet.StateActive, fleet.StateSuspended, fleet.StateRevoked:
+	default:
+		s.badRequest(w, r, "invalid_state", "state must be registered, active, suspended or revoked", nil)
+		return
+	}
+	if online != "" && online != "true" && online != "false" {
+		s.badRequest(w, r, "invalid_online", "online must be true or false", nil)
+		return
+	}
 	ds, err := s.cfg.Registry.Devices()
 	if err != nil {
 		s.enroll.WriteError(w, r, asAPIError(err), "")
@@ -28,7 +47,16 @@ func (s *Server) handleDeviceList(w http.ResponseWriter, r *http.Request, _ iden
 	}
 	out := make([]api.Device, 0, len(ds))
 	for _, d := range ds {
-		out = append(out, s.toAPIDevice(d))
+		if (group != "" && d.Group != group) || (state != "" && string(d.State) != state) || (p.after != "" && d.ID <= p.after) {
+			continue
+		}
+		ad := s.toAPIDevice(d)
+		if online != "" && ad.Online != (online == "true") {
+			continue
+		}
+		if out = append(out, ad); len(out) == p.limit {
+			break
+		}
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -41,7 +69,7 @@ func (s *Server) handleDeviceShow(w http.ResponseWriter, r *http.Request, _ iden
 	}
 	d, err := s.cfg.Registry.Device(id)
 	if err != nil {
-		s.enroll.WriteError(w, r, asAPIError(registryError(err)), id)
+		s.fail(w, r, err, "device", id)
 		return
 	}
 	writeJSON(w, http.StatusOK, s.toAPIDevice(*d))
@@ -111,7 +139,7 @@ func (s *Server) handleDeviceUpdate(w http.ResponseWriter, r *http.Request, op i
 	}
 	d, err := s.cfg.Registry.UpdateAttributes(id, req.Group, req.Tags, op.String())
 	if err != nil {
-		s.enroll.WriteError(w, r, asAPIError(registryError(err)), id)
+		s.fail(w, r, err, "device", id)
 		return
 	}
 	writeJSON(w, http.StatusOK, s.toAPIDevice(*d))

@@ -1,7 +1,10 @@
-// Package operator is the operator API: bootstrap tokens, service
-// certificates, devices (list, show, attributes, revoke, suspend, resume),
-// certificate revocation, manufacturing registration of TPM endorsement
-// keys, policy reload and the audit log. Only operator certificates may
+// Package operator is the operator API: bootstrap tokens (create, list,
+// revoke), services and operators (certificates by name; operator roles
+// admin and read-only, roles.go), devices and groups (list, show,
+// attributes, revoke, suspend, resume), certificate revocation with CRL
+// reason codes, manufacturing registration of TPM endorsement keys, the
+// broker's sessions and retained messages, the policy (show, reload) and
+// the audit log. Only operator certificates may
 // call it (mTLS, checked against the registry). It is mounted on the
 // enrollment service's listener under /v1/admin/ (the registry change feed
 // there belongs to the directory) and talks to the broker through Broker.
@@ -33,6 +36,21 @@ type Broker interface {
 	// ReloadPolicy reloads the policy file and reports which file and how
 	// many rules are in force; a bad file is refused, the old policy stays.
 	ReloadPolicy() (api.PolicyReloadResponse, error)
+	// Online returns the number of live connections of a name: client ID
+	// <name> and <name>:<suffix> (a service's replicas).
+	Online(name string) int
+	// Clients returns every session, online or persistent offline, sorted
+	// by client ID.
+	Clients() []api.Client
+	// Disconnect closes the live connection of a client ID (its persistent
+	// session stays). found: the broker knows the client ID.
+	Disconnect(clientID string) (wasOnline, found bool)
+	// Retained returns the retained messages matching filter, by topic.
+	Retained(filter string) []api.Retained
+	// DeleteRetained deletes the retained message of topic (exact).
+	DeleteRetained(topic string) int
+	// Policy returns the policy in force and its file's text.
+	Policy() api.PolicyShowResponse
 }
 
 // Config configures a Server.
@@ -127,6 +145,8 @@ func (s *Server) Register(m Mux) {
 	m.HandleFunc("POST "+api.PathAdminCertificates+"{serial}/revoke", s.admin(s.handleCertRevoke))
 	m.HandleFunc("PATCH "+api.PathAdminDevices+"/{id}", s.admin(s.handleDeviceUpdate))
 	m.HandleFunc("POST "+api.PathAdminPolicyReload, s.admin(s.handlePolicyReload))
+	m.HandleFunc("POST "+api.PathAdminDiagnose, s.admin(s.handleDiagnose))
+	s.registerAdmin(m)
 }
 
 // authenticate returns the identity of r's client certificate once it
@@ -171,9 +191,13 @@ func (s *Server) admin(h func(http.ResponseWriter, *http.Request, identity.Ident
 		if err == nil && id.Role != identity.RoleOperator {
 			err = apiErr(http.StatusForbidden, fleet.ReasonOperatorRequired, "the admin API is for operator certificates only", errNotOperator)
 		}
+		if err == nil && !readsOnly(r) {
+			err = s.mayChange(r, id)
+		}
 		if err != nil {
 			e := asAPIError(err)
-			if s.enroll.Refusal(r, e) {
+			// A read-only operator's refusal is audited in full (mayChange).
+			if s.enroll.Refusal(r, e) && e.Code != codeReadOnly {
 				s.cfg.Registry.AuditBatched(registry.AuditRecord{Actor: id.String(), Action: logguard.Bound("admin "+r.Method+" "+r.URL.Path, maxLoggedField), Outcome: registry.OutcomeDenied, Reason: e.Code, Remote: r.RemoteAddr})
 			}
 			s.enroll.WriteError(w, r, e, "")

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -115,7 +116,14 @@ func BrokerConfig(cfg Config) broker.Config {
 		Limits: broker.Limits{MsgRate: cfg.MsgRate, MsgBurst: cfg.MsgBurst, ByteRate: cfg.ByteRate, ByteBurst: byteBurst,
 			MaxSubscriptions: cfg.MaxSubscriptions, SubRate: cfg.SubRate, SubBurst: cfg.SubBurst},
 		Queues: q,
+		// devices in the field (Validate checked MinTLS)
+		MinTLS: minTLS(cfg.MinTLS), WSSAddr: cfg.WSSListen,
 	}
+}
+
+func minTLS(s string) uint16 {
+	v, _ := broker.ParseMinTLS(s)
+	return v
 }
 
 // offlineQuota maps max_queued_* (0: no quota) to a queue policy's
@@ -151,7 +159,9 @@ func (s *Server) buildBroker(p pki, dir *directory.Directory) error {
 	}
 	s.broker = b
 	s.addrs.MQTT = b.Addr()
+	s.addrs.WSS = b.WSSAddr()
 	s.policy = &brokerPolicy{b: b, layout: s.layout, file: s.cfg.PolicyFile, log: s.log}
+	s.policy.inForce(policyPath, fileRules, len(policy.Rules()))
 	if s.rep != nil {
 		s.ready = append(s.ready, s.rep.Fresh)
 	} else {
@@ -166,6 +176,7 @@ type brokerPolicy struct {
 	layout Layout
 	file   string
 	log    *slog.Logger
+	shown  atomic.Pointer[api.PolicyShowResponse] // brokeradmin.go
 }
 
 func (p *brokerPolicy) Connected(name string) bool { return p.b.Connected(name) }
@@ -183,6 +194,7 @@ func (p *brokerPolicy) ReloadPolicy() (api.PolicyReloadResponse, error) {
 			p.b.SetPolicy(pol)
 			res := api.PolicyReloadResponse{File: path, FileRules: n, Rules: len(pol.Rules())}
 			p.log.Info("policy reloaded", "file", path, "file_rules", n, "rules", res.Rules)
+			p.inForce(path, n, res.Rules)
 			return res, nil
 		}
 	}

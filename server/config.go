@@ -71,6 +71,9 @@ type Config struct {
 	// Cluster: a node of a cluster on NATS JetStream (server/cluster.go);
 	// zero is the single box.
 	Cluster ClusterConfig `yaml:",inline"`
+	// devices in the field: TLS 1.2 and MQTT over WebSocket (broker-field)
+	MinTLS    string `yaml:"min_tls"`
+	WSSListen string `yaml:"wss_listen"`
 	// console: the web console's TLS listener (empty: off) and the URL its
 	// sign-in links start with (default https://localhost:<port>).
 	ConsoleAddr string `yaml:"console_addr"`
@@ -120,6 +123,7 @@ func Defaults() Config {
 		HelloTimeout: 3 * time.Second, SubRate: broker.DefaultLimits.SubRate, SubBurst: broker.DefaultLimits.SubBurst,
 		SweepInterval: 10 * time.Second,
 		Cluster:       ClusterConfig{StaleAfter: time.Second},
+		MinTLS:        "1.3",
 	}
 }
 
@@ -158,6 +162,9 @@ func Flags(fs *pflag.FlagSet, d Config) {
 	fs.Float64("sub-rate", d.SubRate, "per-device rate of topic filters in SUBSCRIBE/UNSUBSCRIBE (filters/s); over it (plus --sub-burst): disconnect, MQTT 5 reason 0x96")
 	fs.Int("sub-burst", d.SubBurst, "per-device burst of topic filters above --sub-rate")
 	clusterFlags(fs, d)
+	// devices in the field
+	fs.String("min-tls", d.MinTLS, "lowest TLS version of MQTT and wss clients: 1.3, or 1.2 (ECDHE-ECDSA with AES-GCM or ChaCha20-Poly1305 only)")
+	fs.String("wss-listen", d.WSSListen, "MQTT over WebSocket (wss, mTLS) listen address (empty: off)")
 	// console
 	fs.String("console-addr", d.ConsoleAddr, "web console HTTPS listen address (empty: off); sign in with `fleetgate console login`")
 	fs.String("console-url", d.ConsoleURL, "URL the console's sign-in links start with (default https://localhost:<console port>)")
@@ -171,7 +178,8 @@ var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only",
 	"tpm-deny-list", // TPM deny-list
 	// admission
 	"hello-timeout", "sub-rate", "sub-burst",
-	"console-addr", "console-url"} // console
+	"console-addr", "console-url", // console
+	"min-tls", "wss-listen"} // devices in the field
 
 // Load layers YAML file (if --config or FLEETGATE_CONFIG names one),
 // environment and flags over the defaults, and validates the result.
@@ -300,6 +308,10 @@ func assign(c *Config, k string, f *pflag.Flag) error {
 		c.SubRate, err = fs.GetFloat64(k)
 	case "sub-burst":
 		c.SubBurst, err = fs.GetInt(k)
+	case "min-tls": // devices in the field
+		c.MinTLS, err = fs.GetString(k)
+	case "wss-listen":
+		c.WSSListen, err = fs.GetString(k)
 	// console
 	case "console-addr":
 		c.ConsoleAddr, err = fs.GetString(k)
@@ -390,5 +402,10 @@ func (c Config) Validate() []error {
 		errs = append(errs, errors.New("sub_rate and sub_burst must be positive"))
 	}
 	errs = append(errs, c.Cluster.validate()...)
+	// devices in the field
+	if _, err := broker.ParseMinTLS(c.MinTLS); err != nil {
+		errs = append(errs, fmt.Errorf("min_tls: %q (want 1.2 or 1.3)", c.MinTLS))
+	}
+	checkAddr("wss_listen", c.WSSListen, true)
 	return errs
 }

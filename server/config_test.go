@@ -58,6 +58,7 @@ func TestDefaultsUnchanged(t *testing.T) {
 		HelloTimeout: 3 * time.Second, SubRate: 10, SubBurst: 100,
 		SweepInterval: 10 * time.Second,
 		Cluster:       ClusterConfig{StaleAfter: time.Second}, // no cluster: the single box
+		MinTLS:        "1.3",
 	}
 	if !reflect.DeepEqual(d, want) {
 		t.Errorf("Defaults() = %+v\nwant %+v", d, want)

@@ -12,6 +12,8 @@ import (
 
 	"github.com/fleetgate/fleetgate/console"
 	"github.com/fleetgate/fleetgate/enroll"
+	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/operator"
 )
 
@@ -25,6 +27,19 @@ func (s *Server) buildConsole(p pki, es *enroll.Server, op *operator.Server) err
 	}
 	cc := console.Config{Options: s.cfg.Console, Registry: s.reg, Operations: op, Gatherer: s.prom,
 		Logger: s.log.With("component", "console")}
+	// The operator's role, read from the registry on every request, as the
+	// admin API does: a read-only operator's console shows and changes
+	// nothing it may not.
+	cc.Options.Role = func(id identity.Identity) (console.Role, error) {
+		role, err := s.reg.OperatorRole(id.Name)
+		if err != nil {
+			return "", err
+		}
+		if role == registry.OperatorAdmin {
+			return console.RoleAdmin, nil
+		}
+		return console.RoleReadOnly, nil
+	}
 	if s.broker != nil {
 		cc.Broker = s.broker
 	}

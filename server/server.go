@@ -40,6 +40,7 @@ type Addrs struct {
 	MQTT    string `json:"mqtt,omitempty"`
 	API     string `json:"api,omitempty"`
 	Metrics string `json:"metrics,omitempty"`
+	WSS     string `json:"wss,omitempty"`
 	Console string `json:"console,omitempty"`
 }
 
@@ -103,6 +104,7 @@ func (s *Server) build() error {
 	}
 	s.prom = buildMetrics(s.reg, dir)
 	registerOwnCertMetrics(s.prom, s.layout) // servercert.go
+	s.registerOpsMetrics(dir)                // opsmetrics.go: CA expiry, revocation view age, devices
 	if cfg.Only != OnlyEnroll {
 		if err := s.buildBroker(pki, dir); err != nil {
 			return err

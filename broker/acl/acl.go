@@ -53,6 +53,14 @@ type Rule struct {
 	Roles []identity.Role
 	// Groups the rule applies to (devices); empty: every group.
 	Groups []string
+	// Attestation methods the rule applies to (devices enrolled with one
+	// of them: "tpm", "token"); empty: every subject. A rule that names
+	// methods never applies to a subject without one (services,
+	// operators, a device whose method is unknown).
+	Attestation []string
+	// Names the rule applies to (identity names, e.g. one service's);
+	// empty: every name (names.go).
+	Names  []string
 	Effect Effect
 	Access Access
 	// Filter is an MQTT filter with optional placeholder levels {id} and
@@ -67,6 +75,9 @@ type Subject struct {
 	Group string
 	// Tags are the device's tags from the registry ({tag:NAME}).
 	Tags map[string]string
+	// Attestation is how the device enrolled (fleet.MethodTPM,
+	// fleet.MethodToken; "" for services and operators).
+	Attestation string
 }
 
 // Decision is the outcome of a check and the rule that decided it (-1: the
@@ -199,15 +210,25 @@ func (c *compiled) applies(s *Subject) bool {
 	if c.roles != 0 && c.roles&roleBit(s.Role) == 0 {
 		return false
 	}
-	if len(c.Groups) > 0 {
-		for _, g := range c.Groups {
-			if g == s.Group {
-				return true
-			}
-		}
+	if !c.appliesToName(s.ID) {
 		return false
 	}
+	if len(c.Attestation) > 0 && !contains(c.Attestation, s.Attestation) {
+		return false
+	}
+	if len(c.Groups) > 0 {
+		return contains(c.Groups, s.Group)
+	}
 	return true
+}
+
+func contains(list []string, v string) bool {
+	for _, x := range list {
+		if x == v {
+			return true
+		}
+	}
+	return false
 }
 
 // CheckPublish decides whether s may publish to topic (with retain if set).
@@ -416,5 +437,5 @@ func (p *Policy) Explain(d Decision) string {
 	if r.Effect == Deny {
 		kind = "deny"
 	}
-	return fmt.Sprintf("%s by rule %q (%s %s)", verdict, r.Name, kind, r.Filter)
+	return fmt.Sprintf("%s by rule %q (%s %s%s)", verdict, r.Name, kind, r.Filter, r.condition())
 }

@@ -19,6 +19,7 @@ import (
 //	  - name: device-telemetry
 //	    roles: [device]          # device, service, operator; empty: all
 //	    groups: [lab]            # device groups; empty: all
+//	    attestation: [tpm]       # devices enrolled so (tpm, token); empty: all
 //	    allow: [publish]         # or deny: [...]; publish, subscribe, retain
 //	    topics: ["devices/{id}/telemetry/#"]
 //
@@ -33,10 +34,14 @@ type FileRule struct {
 	Name   string   `yaml:"name"`
 	Roles  []string `yaml:"roles"`
 	Groups []string `yaml:"groups"`
-	Allow  []string `yaml:"allow"`
-	Deny   []string `yaml:"deny"`
-	Topics []string `yaml:"topics"`
-	line   int
+	// Attestation: the rule applies only to devices enrolled with one of
+	// these methods (tpm, token).
+	Attestation []string `yaml:"attestation"`
+	Names       []string `yaml:"names"` // identity names (a service's), names.go
+	Allow       []string `yaml:"allow"`
+	Deny        []string `yaml:"deny"`
+	Topics      []string `yaml:"topics"`
+	line        int
 }
 
 // ParseFile parses and compiles a policy file. Every error is reported,
@@ -184,6 +189,12 @@ func (fr FileRule) rules() ([]Rule, error) {
 			errs = append(errs, fmt.Errorf("group %q: %w", g, err))
 		}
 	}
+	for _, m := range fr.Attestation {
+		if m != MethodTPM && m != MethodToken {
+			errs = append(errs, fmt.Errorf("unknown attestation method %q (%s, %s)", m, MethodTPM, MethodToken))
+		}
+	}
+	errs = append(errs, checkNames(fr.Names)...)
 	if len(fr.Topics) == 0 {
 		errs = append(errs, errors.New("no topics"))
 	}
@@ -192,7 +203,7 @@ func (fr FileRule) rules() ([]Rule, error) {
 	}
 	out := make([]Rule, 0, len(fr.Topics))
 	for _, t := range fr.Topics {
-		out = append(out, Rule{Name: fr.Name, Roles: roles, Groups: fr.Groups, Effect: eff, Access: acc, Filter: t})
+		out = append(out, Rule{Name: fr.Name, Roles: roles, Groups: fr.Groups, Attestation: fr.Attestation, Names: fr.Names, Effect: eff, Access: acc, Filter: t})
 	}
 	return out, nil
 }

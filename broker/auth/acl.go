@@ -30,6 +30,7 @@ func (h *Hook) subject(s *Session) (acl.Subject, bool) {
 		}
 		sub.Group = ds.Group
 		sub.Tags = ds.Tags
+		sub.Attestation = ds.Method
 	}
 	return sub, true
 }
@@ -62,7 +63,8 @@ func (h *Hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 			dir = "publish"
 		}
 		if h.logRefusal(s.Identity.String()) {
-			h.o.Logger.Info("acl denied", "identity", s.Identity.String(), "direction", dir, "topic", logguard.Clip(topic, 0), "remote", cl.Net.Remote)
+			h.o.Logger.Info("acl denied", "identity", s.Identity.String(), "direction", dir, "topic", logguard.Clip(topic, 0),
+				"rule", p.Explain(d), "remote", cl.Net.Remote)
 		}
 		if h.o.Metrics.ACLDenied != nil {
 			h.o.Metrics.ACLDenied(dir)
@@ -78,16 +80,23 @@ func (h *Hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		return pk, nil
 	}
 	s, ok := h.Session(cl)
+	rule := "session not active"
 	if ok {
-		if sub, ok := h.subject(s); ok && h.o.Policy().CheckPublish(sub, pk.TopicName, true).Allowed {
-			return pk, nil
+		if sub, ok := h.subject(s); ok {
+			p := h.o.Policy()
+			d := p.CheckPublish(sub, pk.TopicName, true)
+			if d.Allowed {
+				return pk, nil
+			}
+			rule = p.Explain(d)
 		}
 	}
 	if h.o.Metrics.ACLDenied != nil {
 		h.o.Metrics.ACLDenied("retain")
 	}
 	if h.logRefusal(sessionName(s)) {
-		h.o.Logger.Info("acl denied", "identity", sessionName(s), "direction", "retain", "topic", logguard.Clip(pk.TopicName, 0), "remote", cl.Net.Remote)
+		h.o.Logger.Info("acl denied", "identity", sessionName(s), "direction", "retain", "topic", logguard.Clip(pk.TopicName, 0),
+			"rule", rule, "remote", cl.Net.Remote)
 	}
 	if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
 		return pk, packets.ErrNotAuthorized

@@ -10,6 +10,7 @@ import (
 	"github.com/fleetgate/fleetgate/directory"
 	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
+	"github.com/fleetgate/fleetgate/internal/logguard"
 )
 
 // Check verifies a certificate that crypto/tls already verified against the
@@ -27,7 +28,9 @@ func (h *Hook) Check(leaf *x509.Certificate) (identity.Identity, error) {
 type RefusedError struct {
 	Reason   fleet.Reason
 	Identity identity.Identity
-	Err      error
+	// Leaf is the refused certificate (for the log line).
+	Leaf *x509.Certificate
+	Err  error
 }
 
 func (e *RefusedError) Error() string { return e.Err.Error() }
@@ -42,7 +45,7 @@ func (h *Hook) VerifyConnection(cs tls.ConnectionState) error {
 	}
 	id, err := h.Check(leaf)
 	if err != nil {
-		return &RefusedError{Reason: directory.Reason(err), Identity: id, Err: err}
+		return &RefusedError{Reason: directory.Reason(err), Identity: id, Leaf: leaf, Err: err}
 	}
 	return nil
 }
@@ -61,7 +64,7 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	}
 	cs, ok := cl.Net.Conn.(ConnState)
 	if !ok {
-		h.refuse("connect", identity.Identity{}, cl.Net.Remote, directory.ErrNoCert)
+		h.refuse(cl, identity.Identity{}, directory.ErrNoCert)
 		return false
 	}
 	state := cs.ConnectionState()
@@ -71,11 +74,13 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	}
 	id, err := h.Check(leaf)
 	if err != nil {
-		h.refuse("connect", id, cl.Net.Remote, err)
+		h.refuse(cl, id, err)
 		return false
 	}
-	if cl.ID != id.Name { // clients may not pick their own ID
-		h.o.Logger.Warn("connection refused", "reason", fleet.ReasonClientIDDiffer, "identity", id.String(), "client_id", cl.ID, "remote", cl.Net.Remote)
+	if !ClientIDMatches(cl.ID, id) { // clients may not pick their own ID (clientid.go)
+		cl.RefuseConnect(ConnackReason(fleet.ReasonClientIDDiffer))
+		h.o.Logger.Warn("connection refused", "reason", fleet.ReasonClientIDDiffer, "identity", id.String(),
+			"client_id", logguard.Clip(cl.ID, 0), "want_client_id", id.Name, "remote", cl.Net.Remote)
 		if h.o.Metrics.AuthFailure != nil {
 			h.o.Metrics.AuthFailure(fleet.ReasonClientIDDiffer)
 		}
@@ -88,7 +93,8 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	// a revocation, suspension or policy change during the delay drops it.
 	if pk.Connect.WillFlag {
 		if sub, ok := h.subject(&Session{Identity: id}); !ok || !h.o.Policy().CheckPublish(sub, pk.Connect.WillTopic, pk.Connect.WillRetain).Allowed {
-			h.o.Logger.Warn("connection refused", "reason", fleet.ReasonWillDenied, "identity", id.String(), "will_topic", pk.Connect.WillTopic, "remote", cl.Net.Remote)
+			cl.RefuseConnect(ConnackReason(fleet.ReasonWillDenied))
+			h.o.Logger.Warn("connection refused", "reason", fleet.ReasonWillDenied, "identity", id.String(), "will_topic", logguard.Clip(pk.Connect.WillTopic, 0), "remote", cl.Net.Remote)
 			if h.o.Metrics.AuthFailure != nil {
 				h.o.Metrics.AuthFailure(fleet.ReasonWillDenied)
 			}
@@ -115,10 +121,40 @@ func (h *Hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	return true
 }
 
-func (h *Hook) refuse(stage string, id identity.Identity, remote string, err error) {
+func (h *Hook) refuse(cl *mqtt.Client, id identity.Identity, err error) {
 	reason := directory.Reason(err)
-	h.o.Logger.Warn("connection refused", "stage", stage, "reason", reason, "identity", id.String(), "remote", remote, "err", err)
+	cl.RefuseConnect(ConnackReason(reason))
+	h.o.Logger.Warn("connection refused", "stage", "connect", "reason", reason, "identity", identityAttr(id), "remote", cl.Net.Remote, "err", err)
 	if h.o.Metrics.AuthFailure != nil {
 		h.o.Metrics.AuthFailure(reason)
 	}
+}
+
+// ConnackReason is the CONNACK reason code with which a CONNECT refused for
+// reason is answered, so that the device learns why: a client ID that is
+// not the certificate's identity is 0x85 (client identifier not valid); a
+// revoked device or certificate 0x8A (banned); a suspended device and a
+// Last Will the policy refuses 0x87 (not authorized); a certificate the
+// registry does not know, or that expired, 0x86 (bad user name or
+// password: the credential is not valid). MQTT 3.1.1 clients get the 3.1.1
+// codes (0x02 identifier rejected, 0x05 not authorized).
+func ConnackReason(reason fleet.Reason) packets.Code {
+	switch reason {
+	case fleet.ReasonClientIDDiffer:
+		return packets.ErrClientIdentifierNotValid
+	case fleet.ReasonRevoked:
+		return packets.ErrBanned
+	case fleet.ReasonSuspended, fleet.ReasonWillDenied:
+		return packets.ErrNotAuthorized
+	}
+	return packets.ErrBadUsernameOrPassword
+}
+
+// identityAttr is an identity for a log line: "" when there is none (not
+// the "/" of the zero identity).
+func identityAttr(id identity.Identity) string {
+	if id.Name == "" && id.Role == "" {
+		return ""
+	}
+	return id.String()
 }

@@ -88,8 +88,9 @@ func (h *Hook) restored(cl *mqtt.Client) (*Session, bool) {
 	}
 	id := identity.Identity{Role: identity.RoleDevice, Name: cl.ID}
 	if _, ok := h.o.Directory.DeviceStatus(cl.ID); !ok {
-		role, ok := h.o.Directory.PrincipalRole(cl.ID)
-		if !ok {
+		id.Name = nameOfClientID(cl.ID) // a service's further connections
+		role, ok := h.o.Directory.PrincipalRole(id.Name)
+		if !ok || (id.Name != cl.ID && role != identity.RoleService) {
 			return nil, false
 		}
 		id.Role = role

@@ -217,7 +217,8 @@ func (s *sessions) identityOK(cl *mqtt.Client) bool {
 		leaf = st.VerifiedChains[0][0]
 	}
 	id, err := s.r.b.Auth().Check(leaf)
-	return err == nil && id.Name == cl.ID
+	name, _, _ := strings.Cut(cl.ID, ":") // a service's further connections: <name>:<suffix>
+	return err == nil && id.Name == name
 }
 
 // ErrNoSessionRecord is why a CONNECT is refused when its session record

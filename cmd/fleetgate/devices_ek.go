@@ -46,6 +46,7 @@ Example:
 // devices command.
 func addEKCommands(devices *cobra.Command, af *adminFlags) {
 	var ekFile, device, group string
+	var regJSON, impJSON *bool
 	register := &cobra.Command{
 		Use:   "register --ek-cert FILE --device ID [--group G]",
 		Short: "Register a device's TPM endorsement key (manufacturing)",
@@ -54,9 +55,11 @@ func addEKCommands(devices *cobra.Command, af *adminFlags) {
 			"certificate must chain to one of them.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := identity.ValidateName(device); err != nil {
+			d, err := nameOf(identity.RoleDevice, device)
+			if err != nil {
 				return fmt.Errorf("--device: %w", err)
 			}
+			device = d
 			der, err := readEKCert(ekFile)
 			if err != nil {
 				return err
@@ -65,6 +68,9 @@ func addEKCommands(devices *cobra.Command, af *adminFlags) {
 				r, err := cl.RegisterEK(ctx, api.EKRegisterRequest{EKCert: der, DeviceID: device, Group: group})
 				if err != nil {
 					return err
+				}
+				if *regJSON {
+					return printJSON(cmd.OutOrStdout(), r)
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "registered device %s (group %s), EK %s\n", r.DeviceID, r.Group, r.EKFingerprint)
 				return nil
@@ -76,12 +82,13 @@ func addEKCommands(devices *cobra.Command, af *adminFlags) {
 	register.Flags().StringVar(&group, "group", "default", "device group")
 	_ = register.MarkFlagRequired("ek-cert")
 	_ = register.MarkFlagRequired("device")
+	regJSON = jsonFlag(register)
 
 	imp := &cobra.Command{
 		Use:   "import FILE",
 		Short: "Register many TPM endorsement keys from a CSV file, all or nothing",
 		Long:  importHelp,
-		Args:  cobra.ExactArgs(1),
+		Args:  exactArgs("FILE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f, err := os.Open(args[0])
 			if err != nil {
@@ -104,6 +111,8 @@ func addEKCommands(devices *cobra.Command, af *adminFlags) {
 						problems = append(problems, ie.Problems...)
 					case err != nil:
 						return err
+					case len(problems) == 0 && *impJSON:
+						return printJSON(cmd.OutOrStdout(), resp)
 					case len(problems) == 0:
 						fmt.Fprintf(cmd.OutOrStdout(), "registered %d devices from %s\n", len(resp.Registered), args[0])
 						return nil
@@ -118,6 +127,7 @@ func addEKCommands(devices *cobra.Command, af *adminFlags) {
 			})
 		},
 	}
+	impJSON = jsonFlag(imp)
 	devices.AddCommand(register, imp)
 }
 

@@ -11,6 +11,8 @@ import (
 type Revoked struct {
 	Serial    *big.Int
 	RevokedAt time.Time
+	// ReasonCode is the CRL entry's reason (RFC 5280 5.3.1); 0: none.
+	ReasonCode int
 }
 
 // CRL signs an RFC 5280 CRL (DER) with the issuing CA, valid for validity.
@@ -23,7 +25,7 @@ func (a *Authority) CRL(number uint64, entries []Revoked, validity time.Duration
 	}
 	for _, e := range entries {
 		tmpl.RevokedCertificateEntries = append(tmpl.RevokedCertificateEntries, x509.RevocationListEntry{
-			SerialNumber: e.Serial, RevocationTime: e.RevokedAt.UTC(),
+			SerialNumber: e.Serial, RevocationTime: e.RevokedAt.UTC(), ReasonCode: e.ReasonCode,
 		})
 	}
 	der, err := x509.CreateRevocationList(a.rand, tmpl, a.Issuing, a.key)

@@ -55,6 +55,9 @@ type Registry struct {
 	// redeeming holds the IDs of the tokens being redeemed (signing), so
 	// that a token is signed for once at a time (RedeemTokenAudited).
 	redeeming sync.Map
+	// removeMu makes RemoveOperator's last-admin check and removal one
+	// step (admin.go).
+	removeMu sync.Mutex
 
 	// dir is the in-memory view the registry feeds, after each commit and
 	// in commit order (under writeMu); its watchers are told of every

@@ -12,6 +12,8 @@ type Token struct {
 	CreatedAt time.Time `json:"created_at"`
 	ExpiresAt time.Time `json:"expires_at"`
 	UsedAt    time.Time `json:"used_at,omitzero"`
+	// RevokedAt is set by RevokeToken (which also ends ExpiresAt).
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
 }
 
 // AuditRecord is one append-only audit entry.

@@ -30,6 +30,7 @@ type Addrs struct {
 	MQTT    string `json:"mqtt,omitempty"`
 	API     string `json:"api,omitempty"`
 	Metrics string `json:"metrics,omitempty"`
+	WSS     string `json:"wss,omitempty"`
 	Console string `json:"console,omitempty"`
 }
 

@@ -161,6 +161,7 @@ type ClientState struct {
 	writing         atomic.Bool          // fleetgate: a kickWriter goroutine is running
 	handover        sync.RWMutex         // fleetgate: held by deliveries (read) and by a takeover of this client (write)
 	movedTo         *Client              // fleetgate: the client that inherited this session (under handover)
+	connectRefusal  packets.Code         // fleetgate: the CONNACK reason of a refused CONNECT (RefuseConnect)
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
 }
@@ -833,4 +834,13 @@ func (cl *Client) flushOutbuf() (err error) {
 		cl.Net.outbuf = nil
 	}
 	return
+}
+
+// RefuseConnect names the CONNACK reason code with which the server answers
+// the client's CONNECT when an OnConnectAuthenticate hook refuses it
+// (fleetgate patch 17); the hook calls it before it returns false. Without
+// it, the refusal is ErrBadUsernameOrPassword, as upstream. For an MQTT
+// 3.1.1 client the code is mapped by packets.V5CodesToV3.
+func (cl *Client) RefuseConnect(code packets.Code) {
+	cl.State.connectRefusal = code
 }

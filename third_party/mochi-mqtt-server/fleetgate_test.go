@@ -5,6 +5,7 @@ package mqtt
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -1006,4 +1007,64 @@ func TestSessionHandoverConcurrentDeliveries(t *testing.T) {
 		}
 	}
 	require.Empty(t, missing, "messages lost in a takeover")
+}
+
+// refuseHook refuses every CONNECT with its code (patch 17).
+type refuseHook struct {
+	HookBase
+	code packets.Code
+}
+
+func (h *refuseHook) ID() string           { return "refuse" }
+func (h *refuseHook) Provides(b byte) bool { return b == OnConnectAuthenticate }
+func (h *refuseHook) OnConnectAuthenticate(cl *Client, _ packets.Packet) bool {
+	cl.RefuseConnect(h.code)
+	return false
+}
+
+// A hook that refuses a CONNECT names the CONNACK reason: as is for MQTT
+// 5, mapped to a 3.1.1 return code for 3.1.1; without a name the refusal
+// stays upstream's "bad username or password".
+func TestHookNamesConnectRefusal(t *testing.T) {
+	for _, c := range []struct {
+		code    packets.Code
+		version byte
+		want    byte
+	}{
+		{packets.ErrClientIdentifierNotValid, 5, 0x85},
+		{packets.ErrNotAuthorized, 5, 0x87},
+		{packets.ErrBanned, 5, 0x8A},
+		{packets.Code{}, 5, 0x86},
+		{packets.ErrClientIdentifierNotValid, 4, 0x02},
+		{packets.ErrNotAuthorized, 4, 0x05},
+		{packets.ErrBanned, 4, 0x05},
+		{packets.ErrBadUsernameOrPassword, 4, 0x05},
+	} {
+		s := New(&Options{Logger: logger})
+		require.NoError(t, s.AddHook(&refuseHook{code: c.code}, nil))
+		r, w := net.Pipe()
+		o := make(chan error, 1)
+		go func() { o <- s.EstablishConnection("tcp", r) }()
+		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: c.version,
+			Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "c"}}
+		var buf bytes.Buffer
+		require.NoError(t, pk.ConnectEncode(&buf))
+		go func() { _, _ = w.Write(buf.Bytes()) }()
+		rd := bufio.NewReader(w)
+		hb, err := rd.ReadByte()
+		require.NoError(t, err)
+		ack := packets.Packet{ProtocolVersion: c.version}
+		require.NoError(t, ack.FixedHeader.Decode(hb))
+		n, err := rd.ReadByte() // remaining length < 128 here
+		require.NoError(t, err)
+		body := make([]byte, n)
+		_, err = io.ReadFull(rd, body)
+		require.NoError(t, err)
+		require.NoError(t, ack.ConnackDecode(body))
+		require.Equal(t, c.want, ack.ReasonCode, "code %v, MQTT version %d", c.code, c.version)
+		_ = w.Close()
+		require.Error(t, <-o)
+		_ = r.Close()
+		s.Close()
+	}
 }

@@ -6,6 +6,7 @@
 package mqtt
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math"
@@ -543,12 +544,17 @@ func (s *Server) connectClient(cl *Client, listener string) (connected bool, err
 
 	cl.refreshDeadline(cl.State.Keepalive)
 	if !s.hooks.OnConnectAuthenticate(cl, pk) { // [MQTT-3.1.4-2]
-		err := s.SendConnack(cl, packets.ErrBadUsernameOrPassword, false, nil)
+		// fleetgate: the refusing hook may name the reason (RefuseConnect).
+		refusal := packets.ErrBadUsernameOrPassword
+		if c := cl.State.connectRefusal; c.Code >= packets.ErrUnspecifiedError.Code {
+			refusal = c
+		}
+		err := s.SendConnack(cl, refusal, false, nil)
 		if err != nil {
 			return connected, fmt.Errorf("invalid connection send ack: %w", err)
 		}
 
-		return connected, packets.ErrBadUsernameOrPassword
+		return connected, refusal
 	}
 
 	atomic.AddInt64(&s.Info.ClientsConnected, 1)
@@ -610,7 +616,15 @@ func (s *Server) receivePacket(cl *Client, pk packets.Packet) error {
 			_ = s.DisconnectClient(cl, code)
 		}
 
-		s.Log.Warn("error processing packet", "error", err, "client", cl.ID, "listener", cl.Net.Listener, "pk", pk)
+		// fleetgate: the packet is named, not dumped (every field, the
+		// payload too, in the operator's log); a publish the ACL hook
+		// refused (and logged, with the rule) is logged again only at debug.
+		level := slog.LevelWarn
+		if errors.Is(err, packets.ErrNotAuthorized) {
+			level = slog.LevelDebug
+		}
+		s.Log.Log(context.Background(), level, "error processing packet", "error", err, "client", cl.ID, "listener", cl.Net.Listener,
+			"packet", packets.PacketNames[pk.FixedHeader.Type], "packet_id", pk.PacketID)
 
 		return err
 	}

@@ -145,5 +145,8 @@ var (
 		ErrMalformedUsername:          ErrMalformedUsernameOrPassword,
 		ErrMalformedPassword:          ErrMalformedUsernameOrPassword,
 		ErrBadUsernameOrPassword:      Err3NotAuthorized,
+		// fleetgate patch 17: the refusals a hook may name (RefuseConnect).
+		ErrNotAuthorized: Err3NotAuthorized,
+		ErrBanned:        Err3NotAuthorized,
 	}
 )
