@@ -94,6 +94,10 @@ type Config struct {
 	// WSSAddr is the listen address of MQTT over WebSocket over mTLS
 	// (empty: none); the same admission, checks and policy (wss.go).
 	WSSAddr string
+	// Hooks run after the auth and admin hooks and before the fan-out (a
+	// cluster node's router, broker/cluster: its OnPublish sees every
+	// authorised publish first and can withhold the PUBACK).
+	Hooks []mqtt.Hook
 }
 
 // checkSettings reports the settings that are not set: their defaults are
@@ -271,6 +275,11 @@ func New(cfg Config) (*Broker, error) {
 	}
 	if err := b.addAdminHook(); err != nil {
 		return nil, fmt.Errorf("broker: add admin hook: %w", err)
+	}
+	for _, h := range cfg.Hooks {
+		if err := b.addHook(h, nil); err != nil {
+			return nil, fmt.Errorf("broker: add hook %s: %w", h.ID(), err)
+		}
 	}
 	fh := &fanoutFirstHook{b: b}
 	fh.inline = b.server.NewClient(nil, "local", fanoutClientID, true)

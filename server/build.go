@@ -161,10 +161,14 @@ func (s *Server) buildBroker(p pki, dir *directory.Directory) error {
 	if s.pki.stapler != nil {
 		bc.ServerCertFunc = s.pki.stapler.get // with an OCSP staple
 	}
+	if err := s.clusterRouter(&bc); err != nil {
+		return err
+	}
 	b, err := broker.New(bc)
 	if err != nil {
 		return err
 	}
+	s.bindClusterRouter(b)
 	if err := b.Start(); err != nil {
 		return err
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/fleetgate/fleetgate/broker"
+	bcluster "github.com/fleetgate/fleetgate/broker/cluster"
 	"github.com/fleetgate/fleetgate/broker/replica"
 	"github.com/fleetgate/fleetgate/enroll"
 	"github.com/fleetgate/fleetgate/enroll/registry"
@@ -54,6 +55,7 @@ type Server struct {
 	reg    *registry.Registry // nil with --only broker
 	rep    *replica.Replica   // only with --only broker
 	clu    *clusterPart       // only on a cluster node (cluster.go)
+	router *bcluster.Router   // the broker across nodes (brokercluster.go)
 	prom   *prometheus.Registry
 	broker *broker.Broker
 	policy *brokerPolicy
@@ -182,6 +184,8 @@ func (s *Server) Run(ctx context.Context) error {
 	if s.clu != nil {
 		wg.Add(1)
 		go func() { defer wg.Done(); fail(s.clu.run(ctx)) }()
+		wg.Add(1)
+		go func() { defer wg.Done(); fail(s.runClusterRouter(ctx)) }()
 	}
 	if s.enroll != nil {
 		wg.Add(1)

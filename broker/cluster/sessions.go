@@ -1,0 +1,403 @@
+package cluster
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"strings"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nuid"
+
+	"github.com/fleetgate/fleetgate/broker/auth"
+	"github.com/fleetgate/fleetgate/cluster/natsnode"
+)
+
+// Sessions across nodes. Each client ID has a record in the KV bucket
+// fg_sessions: the node that owns the session, the connection (a fresh ID
+// per CONNECT), whether it is online, whether it persists, and its
+// subscriptions. A CONNECT claims the record by compare-and-swap on the
+// key's revision before the broker authenticates the session further; a
+// node that cannot write it (no quorum) refuses the CONNECT.
+//
+// When the record was another node's and online, the new owner asks that
+// node (core NATS request, fg.sess.kick.<node>) to close the connection,
+// and waits for the answer (bounded: a dead node does not answer), so the
+// client ID is not live on two nodes; the old owner closes it with MQTT 5
+// reason 0x8E (session taken over) and forgets the session. Every node
+// also follows the bucket's subjects: a record claimed elsewhere closes
+// and forgets a local session of that client ID even if the request was
+// lost. A persistent session resumed on another node gets its
+// subscriptions from the record (session present).
+//
+// A record is changed only by the connection it names (Conn), again by
+// compare-and-swap, so a late disconnect of a taken-over connection never
+// overwrites the new owner's record.
+
+// SessionsBucket is the KV bucket of session records.
+const SessionsBucket = "fg_sessions"
+
+// kickTimeout bounds the wait for the old owner to close a taken-over
+// connection.
+const kickTimeout = 2 * time.Second
+
+// record is a session record.
+type record struct {
+	Node       string    `json:"node"`
+	Conn       string    `json:"conn"`
+	Online     bool      `json:"online"`
+	Persistent bool      `json:"persistent"`
+	Version    byte      `json:"version"`
+	Expiry     uint32    `json:"expiry,omitempty"` // MQTT 5 session expiry interval, seconds
+	Subs       []sub     `json:"subs,omitempty"`
+	Since      time.Time `json:"since"` // last change of Online
+	// ReplayFrom: when the session went offline, the creation time of
+	// its oldest unacknowledged QoS 1/2 message, else the disconnect
+	// time. A node resuming the session replays the stream from there
+	// (less replayMargin).
+	ReplayFrom time.Time `json:"replay_from,omitzero"`
+	// Will is the connection's Last Will while it is online (wills.go).
+	Will *will `json:"will,omitempty"`
+}
+
+type sub struct {
+	Filter   string `json:"f"`
+	Qos      byte   `json:"q"`
+	NoLocal  bool   `json:"nl,omitempty"`
+	RAP      bool   `json:"rap,omitempty"`
+	Handling byte   `json:"rh,omitempty"`
+	ID       int    `json:"id,omitempty"`
+}
+
+// local is what this node knows of a session it owns.
+type local struct {
+	conn string
+	cl   *mqtt.Client
+}
+
+type sessions struct {
+	r     *Router
+	kv    jetstream.KeyValue
+	nodes jetstream.KeyValue // liveness keys (wills.go)
+
+	mu    sync.Mutex
+	local map[string]*local // client ID → the connection that owns it here
+}
+
+func newSessions(r *Router) *sessions { return &sessions{r: r, local: map[string]*local{}} }
+
+func (s *sessions) open(ctx context.Context) error {
+	kv, err := natsnode.Bucket(ctx, s.r.js, SessionsBucket)
+	if err != nil {
+		return err
+	}
+	s.kv = kv
+	return s.openLive(ctx)
+}
+
+// sessionKey is the record's key: the client ID when it is a plain token,
+// else its base64url (KV keys allow [-/_=.a-zA-Z0-9]).
+func sessionKey(id string) string {
+	for i := 0; i < len(id); i++ {
+		if !safe(id[i]) {
+			return "b." + base64.RawURLEncoding.EncodeToString([]byte(id))
+		}
+	}
+	return "s." + id
+}
+
+func keyID(key string) (string, bool) {
+	if id, ok := strings.CutPrefix(key, "s."); ok {
+		return id, true
+	}
+	if enc, ok := strings.CutPrefix(key, "b."); ok {
+		b, err := base64.RawURLEncoding.DecodeString(enc)
+		return string(b), err == nil
+	}
+	return "", false
+}
+
+type kick struct {
+	ID   string `json:"id"`
+	Conn string `json:"conn"`
+}
+
+// run serves takeover requests and follows the bucket until ctx ends.
+func (s *sessions) run(ctx context.Context) error {
+	nc := s.r.cfg.NC
+	ks, err := nc.Subscribe("fg.sess.kick."+s.r.cfg.Node, func(m *nats.Msg) {
+		var k kick
+		if json.Unmarshal(m.Data, &k) == nil {
+			s.evict(k.ID, k.Conn)
+		}
+		_ = m.Respond([]byte("ok"))
+	})
+	if err != nil {
+		return err
+	}
+	defer ks.Unsubscribe()
+	ws, err := nc.Subscribe("$KV."+SessionsBucket+".>", func(m *nats.Msg) {
+		id, ok := keyID(strings.TrimPrefix(m.Subject, "$KV."+SessionsBucket+"."))
+		if !ok {
+			return
+		}
+		var rec record
+		if json.Unmarshal(m.Data, &rec) == nil && rec.Node != s.r.cfg.Node && rec.Conn != "" {
+			s.evict(id, rec.Conn)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	defer ws.Unsubscribe()
+	s.live(ctx)
+	<-ctx.Done()
+	return nil
+}
+
+// evict closes and forgets the local session of id unless it is the
+// connection conn: another node owns it now.
+func (s *sessions) evict(id, conn string) {
+	s.mu.Lock()
+	l := s.local[id]
+	if l == nil || l.conn == conn {
+		s.mu.Unlock()
+		return
+	}
+	delete(s.local, id)
+	s.mu.Unlock()
+	srv := s.r.srv
+	cl, ok := srv.Clients.Get(id)
+	if !ok || cl != l.cl {
+		return
+	}
+	s.r.log.Info("session taken over by another node: closing it here", "client", id)
+	_ = srv.DisconnectClient(cl, packets.ErrSessionTakenOver) // 0x8E
+	srv.UnsubscribeClient(cl)
+	cl.ClearInflights()
+	srv.Clients.Delete(id)
+	s.r.setSubjects(id, nil)
+	s.r.b.Auth().OnClientExpired(cl)
+}
+
+func persistent(cl *mqtt.Client) bool {
+	if cl.Properties.ProtocolVersion == 5 {
+		return cl.Properties.Props.SessionExpiryInterval > 0
+	}
+	return !cl.Properties.Clean
+}
+
+func subsOf(cl *mqtt.Client) []sub {
+	var out []sub
+	for _, sb := range cl.State.Subscriptions.GetAll() {
+		out = append(out, sub{Filter: sb.Filter, Qos: sb.Qos, NoLocal: sb.NoLocal, RAP: sb.RetainAsPublished,
+			Handling: sb.RetainHandling, ID: sb.Identifier})
+	}
+	return out
+}
+
+// identityOK reports whether cl's verified certificate names cl's client
+// ID: only then may its CONNECT claim the session (the auth hook refuses
+// the others later).
+func (s *sessions) identityOK(cl *mqtt.Client) bool {
+	cs, ok := cl.Net.Conn.(auth.ConnState)
+	if !ok {
+		return false
+	}
+	st := cs.ConnectionState()
+	var leaf *x509.Certificate
+	if len(st.VerifiedChains) > 0 && len(st.VerifiedChains[0]) > 0 {
+		leaf = st.VerifiedChains[0][0]
+	}
+	id, err := s.r.b.Auth().Check(leaf)
+	name, _, _ := strings.Cut(cl.ID, ":") // a service's further connections: <name>:<suffix>
+	return err == nil && id.Name == name
+}
+
+// ErrNoSessionRecord is why a CONNECT is refused when its session record
+// cannot be written (no JetStream quorum).
+var ErrNoSessionRecord = errors.New("broker/cluster: session record not written")
+
+// connect claims the session record of cl's client ID for this node (see
+// the type comment). It runs before mochi takes the session over locally,
+// so a session resumed from another node is in place (as an offline
+// client with its subscriptions) when mochi looks for it.
+func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
+	if cl.Net.Inline || !s.identityOK(cl) {
+		return nil
+	}
+	if !s.r.ready.Load() {
+		return packets.ErrServerUnavailable
+	}
+	key := sessionKey(cl.ID)
+	conn := nuid.Next()
+	ctx, cancel := context.WithTimeout(context.Background(), s.r.cfg.AckTimeout)
+	defer cancel()
+	var prev *record
+	for attempt := 0; ; attempt++ {
+		prev = nil
+		var rev uint64
+		e, err := s.kv.Get(ctx, key)
+		switch {
+		case err == nil:
+			var r record
+			if json.Unmarshal(e.Value(), &r) == nil {
+				prev = &r
+			}
+			rev = e.Revision()
+		case errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted):
+		default:
+			s.r.log.Warn("session record not read: CONNECT refused", "client", cl.ID, "err", err)
+			return packets.ErrServerUnavailable
+		}
+		rec := record{Node: s.r.cfg.Node, Conn: conn, Online: true, Persistent: persistent(cl),
+			Version: cl.Properties.ProtocolVersion, Expiry: cl.Properties.Props.SessionExpiryInterval, Since: time.Now().UTC(),
+			Will: willOf(cl)}
+		if !pk.Connect.Clean && prev != nil && prev.Persistent {
+			rec.Subs = prev.Subs
+		}
+		b, _ := json.Marshal(rec)
+		if rev == 0 {
+			_, err = s.kv.Create(ctx, key, b)
+		} else {
+			_, err = s.kv.Update(ctx, key, b, rev)
+		}
+		if err == nil {
+			break
+		}
+		if attempt < 5 && (errors.Is(err, jetstream.ErrKeyExists) || strings.Contains(err.Error(), "wrong last sequence")) {
+			continue // claimed concurrently: read again
+		}
+		s.r.log.Warn("session record not written (no quorum?): CONNECT refused", "client", cl.ID, "err", err)
+		return packets.ErrServerUnavailable
+	}
+	s.mu.Lock()
+	s.local[cl.ID] = &local{conn: conn, cl: cl}
+	s.mu.Unlock()
+	if prev == nil || prev.Node == s.r.cfg.Node {
+		return nil // mochi takes a local session over itself
+	}
+	if prev.Online {
+		b, _ := json.Marshal(kick{ID: cl.ID, Conn: conn})
+		if _, err := s.r.cfg.NC.Request("fg.sess.kick."+prev.Node, b, kickTimeout); err != nil {
+			s.r.log.Warn("the session's previous node did not confirm closing it (down?)", "client", cl.ID, "node", prev.Node, "err", err)
+			if prev.Will != nil {
+				// The old connection's node is gone; this claim replaced
+				// its record (and the will in it): send the will, once.
+				s.sendWill(ctx, cl.ID, prev.Will)
+			}
+		}
+	}
+	if !pk.Connect.Clean && prev.Persistent && len(prev.Subs) > 0 {
+		if old := s.resume(cl, prev); old != nil {
+			// Live first: what is published from now on is queued for the
+			// session here; the replay then reads the stream up to now.
+			s.r.setSubjects(cl.ID, subjectsOf(old))
+			from := prev.ReplayFrom
+			if prev.Online || from.IsZero() {
+				// Taken over while online: what the old node had not yet
+				// had acknowledged is recent.
+				from = time.Now().Add(-onlineReplay)
+			}
+			s.replay(old, prev.Subs, from.Add(-replayMargin))
+		}
+	}
+	return nil
+}
+
+// resume puts the session of another node in place as an offline client
+// holding its subscriptions: mochi's takeover then finds it and answers
+// session present. It returns that client (nil if the session is here
+// already).
+func (s *sessions) resume(cl *mqtt.Client, prev *record) *mqtt.Client {
+	srv := s.r.srv
+	if _, ok := srv.Clients.Get(cl.ID); ok {
+		return nil
+	}
+	old := srv.NewClient(nil, "cluster", cl.ID, false)
+	old.Properties.ProtocolVersion = prev.Version
+	old.Properties.Props.SessionExpiryInterval = prev.Expiry
+	old.Properties.Props.SessionExpiryIntervalFlag = prev.Expiry > 0
+	old.Stop(packets.ErrSessionTakenOver)
+	for _, sb := range prev.Subs {
+		ps := packets.Subscription{Filter: sb.Filter, Qos: sb.Qos, NoLocal: sb.NoLocal, RetainAsPublished: sb.RAP,
+			RetainHandling: sb.Handling, Identifier: sb.ID}
+		srv.Topics.Subscribe(cl.ID, ps)
+		old.State.Subscriptions.Add(sb.Filter, ps)
+	}
+	srv.Clients.Add(old)
+	return old
+}
+
+// update rewrites cl's record with fn if cl's connection still owns it.
+func (s *sessions) update(cl *mqtt.Client, fn func(*record) (del bool)) {
+	s.mu.Lock()
+	l := s.local[cl.ID]
+	s.mu.Unlock()
+	if l == nil || l.cl != cl || s.kv == nil {
+		return
+	}
+	key := sessionKey(cl.ID)
+	ctx, cancel := context.WithTimeout(context.Background(), s.r.cfg.AckTimeout)
+	defer cancel()
+	for range 5 {
+		e, err := s.kv.Get(ctx, key)
+		if err != nil {
+			return
+		}
+		var rec record
+		if json.Unmarshal(e.Value(), &rec) != nil || rec.Conn != l.conn {
+			return // another connection owns it now
+		}
+		if fn(&rec) {
+			err = s.kv.Delete(ctx, key, jetstream.LastRevision(e.Revision()))
+		} else {
+			b, _ := json.Marshal(rec)
+			_, err = s.kv.Update(ctx, key, b, e.Revision())
+		}
+		if err == nil || !strings.Contains(err.Error(), "wrong last sequence") {
+			if err != nil {
+				s.r.log.Warn("session record not updated", "client", cl.ID, "err", err)
+			}
+			return
+		}
+	}
+}
+
+// subscribed records cl's subscriptions (before its SUBACK/UNSUBACK).
+func (s *sessions) subscribed(cl *mqtt.Client) {
+	s.update(cl, func(r *record) bool { r.Subs = subsOf(cl); return false })
+}
+
+func (s *sessions) established(cl *mqtt.Client, _ packets.Packet) {
+	s.update(cl, func(r *record) bool { r.Subs = subsOf(cl); return false })
+}
+
+// disconnected marks the record offline (persistent) or deletes it.
+func (s *sessions) disconnected(cl *mqtt.Client, _ error, expire bool) {
+	s.update(cl, func(r *record) bool {
+		// The broker sent the will (or dropped it, at a normal DISCONNECT).
+		r.Online, r.Since, r.Subs, r.Will = false, time.Now().UTC(), subsOf(cl), nil
+		r.ReplayFrom = r.Since
+		for _, pk := range cl.State.Inflight.GetAll(false) {
+			if c := time.Unix(pk.Created, 0); pk.FixedHeader.Type == packets.Publish && pk.Created > 0 && c.Before(r.ReplayFrom) {
+				r.ReplayFrom = c.UTC()
+			}
+		}
+		return expire
+	})
+	if expire {
+		s.mu.Lock()
+		if l := s.local[cl.ID]; l != nil && l.cl == cl {
+			delete(s.local, cl.ID)
+		}
+		s.mu.Unlock()
+	}
+}
