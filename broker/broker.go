@@ -42,6 +42,10 @@ type Config struct {
 	// CA only.
 	ClientCAs  *x509.CertPool
 	ServerCert tls.Certificate
+	// ServerCertFunc, if set, gives the certificate of each handshake in
+	// place of ServerCert (which stays required): the server certificate
+	// with a current OCSP staple (server/ocsp.go).
+	ServerCertFunc func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 	// Directory is the in-memory view of devices and certificates: the
 	// registry's (in-process) or one fed by a replica (a broker running
 	// apart: broker/replica).

@@ -49,5 +49,8 @@ func (b *Broker) serverTLS() *tls.Config {
 		// the post-quantum hybrid (X25519MLKEM768) from TLS 1.3 clients.
 		c.CipherSuites = TLS12CipherSuites
 	}
+	if b.cfg.ServerCertFunc != nil { // a stapled server certificate
+		c.Certificates, c.GetCertificate = nil, b.cfg.ServerCertFunc
+	}
 	return c
 }

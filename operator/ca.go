@@ -80,7 +80,11 @@ func (s *Server) issuerUse() (devices, principals map[string]int, err error) {
 		}
 		if c.Role == identity.RoleDevice {
 			devices[iss.ID]++
-		} else if o, ok := others[c.Name]; !ok || c.NotBefore.After(o.notBefore) {
+		} else if o, ok := others[c.Name]; !ok || c.NotBefore.After(o.notBefore) ||
+			(c.NotBefore.Equal(o.notBefore) && iss.ID == s.cfg.CA.Current().ID) {
+			// Certificates made in the same second (a rotation right
+			// after init re-issues the operator's) tie on NotBefore: the
+			// current CA's is the newer one.
 			others[c.Name] = newest{c.NotBefore, iss.ID}
 		}
 		return nil

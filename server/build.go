@@ -24,6 +24,7 @@ import (
 	"github.com/fleetgate/fleetgate/enroll"
 	"github.com/fleetgate/fleetgate/enroll/attest"
 	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/enroll/ca/keystore"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/operator"
 )
@@ -36,18 +37,29 @@ import (
 type pki struct {
 	ca         *ca.Authority
 	serverCert tls.Certificate
+	key        keystore.Key // the issuing CA's, from ca_key (cakey.go)
 }
 
-func loadPKI(l Layout) (pki, error) {
-	authority, err := ca.Load(l.Dir, ca.Options{})
-	if err != nil {
-		return pki{}, err
+func loadPKI(l Layout, cfg Config, ocspAddr string) (pki, error) {
+	if !ca.Initialized(l.Dir) {
+		return pki{}, fmt.Errorf("%w: %s", ca.ErrNotInitialized, l.Dir)
 	}
 	serverCert, err := tls.LoadX509KeyPair(l.ServerCert(), l.ServerKey())
 	if err != nil {
 		return pki{}, fmt.Errorf("server TLS certificate: %w", err)
 	}
-	return pki{ca: authority, serverCert: serverCert}, nil
+	key, err := openCAKey(cfg, l)
+	if err != nil {
+		return pki{}, err
+	}
+	// A broker apart signs nothing: it loads the issuing CAs'
+	// certificates only (their keys may be in another host's HSM or TPM).
+	authority, err := ca.Load(l.Dir, ca.Options{Key: key, OCSPServer: ocspURLs(cfg, ocspAddr, serverCert.Leaf), NoKeys: cfg.Only == OnlyBroker})
+	if err != nil {
+		key.Close()
+		return pki{}, fmt.Errorf("%w (ca_key %s)", err, key.Ref())
+	}
+	return pki{ca: authority, serverCert: serverCert, key: key}, nil
 }
 
 // buildDirectory opens the registry, or with --only broker a replica of
@@ -146,6 +158,9 @@ func (s *Server) buildBroker(p pki, dir *directory.Directory) error {
 	bc := BrokerConfig(s.cfg)
 	bc.TrustDomain, bc.ClientCAs, bc.ServerCert, bc.Directory = p.ca.TrustDomain, p.ca.ClientCAs(), p.serverCert, dir
 	bc.Policy, bc.Logger, bc.Metrics = policy, s.log, s.prom
+	if s.pki.stapler != nil {
+		bc.ServerCertFunc = s.pki.stapler.get // with an OCSP staple
+	}
 	b, err := broker.New(bc)
 	if err != nil {
 		return err
@@ -229,7 +244,7 @@ func (s *Server) buildEnrollment(p pki) error {
 	if err != nil {
 		return err
 	}
-	oc := operator.Config{CA: p.ca, Registry: s.reg, Enroll: es, Logger: log, CAFollower: s.pki}
+	oc := operator.Config{CA: p.ca, Registry: s.reg, Enroll: es, Logger: log, CAFollower: s.caFollow}
 	if s.policy != nil {
 		oc.Broker = s.policy
 	}
@@ -247,7 +262,7 @@ func (s *Server) buildEnrollment(p pki) error {
 	}
 	s.enroll = es
 	s.addrs.API = ln.Addr().String()
-	s.api = &httpPart{ln: ln, useTLS: true, srv: &http.Server{Handler: es.Handler(), TLSConfig: s.pki.tlsConfig(es.TLSConfig(p.serverCert)),
+	s.api = &httpPart{ln: ln, useTLS: true, srv: &http.Server{Handler: s.withOCSP(es.Handler()), TLSConfig: s.withStaple(s.caFollow.tlsConfig(es.TLSConfig(p.serverCert))),
 		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
 		IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}}

@@ -61,6 +61,12 @@ type Config struct {
 	// version) refused at TPM enrollment and EK registration; read at start,
 	// a bad file stops the server (enroll/attest.DenyList).
 	TPMDenyList string `yaml:"tpm_deny_list"`
+	// PKI: the issuing CA key's reference (enroll/ca/keystore: file:,
+	// pkcs11:, tpm:; empty: <data-dir>/ca/issuing.key), the plain-HTTP
+	// OCSP listener and the OCSP URL put into issued certificates.
+	CAKey    string `yaml:"ca_key"`
+	OCSPAddr string `yaml:"ocsp_addr"`
+	OCSPURL  string `yaml:"ocsp_url"`
 
 	// admission: the broker's admission of connections under floods, and
 	// per-client rates of SUBSCRIBE/UNSUBSCRIBE (docs/operations.md).
@@ -157,6 +163,10 @@ func Flags(fs *pflag.FlagSet, d Config) {
 	fs.String("tpm-policy", d.TPMPolicy, "allowlist (only EKs registered at manufacturing) or manufacturer (any EK chaining to --tpm-roots)")
 	// TPM deny-list
 	fs.String("tpm-deny-list", d.TPMDenyList, "YAML file of TPM manufacturers, models and firmware versions refused at enrollment (read at start)")
+	// PKI
+	fs.String("ca-key", d.CAKey, "issuing CA key: file:PATH, pkcs11:RFC-7512-URI or tpm:handle=0x81...;device=PATH (default <data-dir>/ca/issuing.key)")
+	fs.String("ocsp-addr", d.OCSPAddr, "plain-HTTP OCSP responder listen address (empty: only /ocsp on the API listener)")
+	fs.String("ocsp-url", d.OCSPURL, "OCSP URL written into issued certificates (default http://<server name>:<ocsp-addr port>/ocsp when --ocsp-addr is set)")
 	// admission
 	fs.Duration("hello-timeout", d.HelloTimeout, "deadline for a connection's first complete TLS ClientHello (then --handshake-timeout applies)")
 	fs.Float64("sub-rate", d.SubRate, "per-device rate of topic filters in SUBSCRIBE/UNSUBSCRIBE (filters/s); over it (plus --sub-burst): disconnect, MQTT 5 reason 0x96")
@@ -176,6 +186,8 @@ var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only",
 	"msg-rate", "msg-burst", "byte-rate", "max-subscriptions", "max-pending-per-ip", "max-qos", "receive-maximum",
 	"max-queued-device", "max-queued-service",
 	"tpm-deny-list", // TPM deny-list
+	// PKI
+	"ca-key", "ocsp-addr", "ocsp-url",
 	// admission
 	"hello-timeout", "sub-rate", "sub-burst",
 	"console-addr", "console-url", // console
@@ -281,6 +293,12 @@ func assign(c *Config, k string, f *pflag.Flag) error {
 		c.EnrollURL, err = fs.GetString(k)
 	case "policy":
 		c.PolicyFile, err = fs.GetString(k)
+	case "ca-key":
+		c.CAKey, err = fs.GetString(k)
+	case "ocsp-addr":
+		c.OCSPAddr, err = fs.GetString(k)
+	case "ocsp-url":
+		c.OCSPURL, err = fs.GetString(k)
 	case "msg-rate":
 		c.MsgRate, err = fs.GetFloat64(k)
 	case "msg-burst":

@@ -41,6 +41,7 @@ type Addrs struct {
 	Metrics string `json:"metrics,omitempty"`
 	WSS     string `json:"wss,omitempty"`
 	Console string `json:"console,omitempty"`
+	OCSP    string `json:"ocsp,omitempty"`
 }
 
 // Server is one server process: its parts built and their listeners bound.
@@ -57,8 +58,8 @@ type Server struct {
 	broker *broker.Broker
 	policy *brokerPolicy
 	enroll *enroll.Server
-	// pki follows issuing-CA rotations (pki.go).
-	pki *pkiFollower
+	// caFollow follows issuing-CA rotations (pki.go).
+	caFollow *pkiFollower
 	// api and metrics are the HTTP servers with their bound listeners.
 	api, metrics *httpPart
 	// console is the web console (--console-addr); consoleRun samples its
@@ -67,6 +68,8 @@ type Server struct {
 	consoleRun func(context.Context)
 	// ready are the readiness checks of /readyz.
 	ready []func() bool
+	// pki: the CA key's store, OCSP responder and staple (ocsp.go).
+	pki pkiParts
 }
 
 // httpPart is an HTTP server and its bound listener.
@@ -94,10 +97,14 @@ func New(cfg Config) (*Server, error) {
 // build builds the parts, one builder each (build.go).
 func (s *Server) build() error {
 	cfg := s.cfg
-	pki, err := loadPKI(s.layout)
+	if err := s.listenOCSP(); err != nil {
+		return err
+	}
+	pki, err := loadPKI(s.layout, cfg, s.addrs.OCSP)
 	if err != nil {
 		return err
 	}
+	s.pki.key = pki.key
 	dir, err := s.buildDirectory()
 	if err != nil {
 		return err
@@ -105,7 +112,10 @@ func (s *Server) build() error {
 	s.prom = buildMetrics(s.reg, dir)
 	registerOwnCertMetrics(s.prom, s.layout) // servercert.go
 	s.registerOpsMetrics(dir)                // opsmetrics.go: CA expiry, revocation view age, devices
-	s.pki = newPKIFollower(s, pki, dir)
+	s.caFollow = newPKIFollower(s, pki, dir)
+	if err := s.buildOCSP(pki, dir); err != nil {
+		return err
+	}
 	if cfg.Only != OnlyEnroll {
 		if err := s.buildBroker(pki, dir); err != nil {
 			return err
@@ -158,7 +168,7 @@ func (s *Server) Run(ctx context.Context) error {
 				defer wg.Done()
 				fail(s.rep.Run(ctx))
 			}()
-			go func() { defer wg.Done(); s.pki.followRemote(ctx, s.cfg.EnrollURL) }()
+			go func() { defer wg.Done(); s.caFollow.followRemote(ctx, s.cfg.EnrollURL) }()
 		}
 		wg.Add(1)
 		go func() {
@@ -177,7 +187,7 @@ func (s *Server) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() { defer wg.Done(); s.enroll.Run(ctx) }() // refusal summaries
 	}
-	for _, p := range []*httpPart{s.api, s.metrics, s.console} {
+	for _, p := range []*httpPart{s.api, s.metrics, s.console, s.pki.http} {
 		if p != nil {
 			p.serve(ctx, &wg, fail)
 		}
@@ -212,7 +222,7 @@ func (s *Server) Run(ctx context.Context) error {
 // close releases what New built when it fails: the listeners, the broker
 // and the stores.
 func (s *Server) close() {
-	for _, p := range []*httpPart{s.api, s.metrics, s.console} {
+	for _, p := range []*httpPart{s.api, s.metrics, s.console, s.pki.http} {
 		if p != nil {
 			p.ln.Close()
 		}
@@ -232,6 +242,7 @@ func (s *Server) closeStores() {
 	if s.clu != nil {
 		s.clu.close()
 	}
+	s.pki.close()
 }
 
 // serve serves p until ctx is done, then shuts it down (5s grace).

@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -48,7 +49,7 @@ func root() *cobra.Command {
 }
 
 func initCmd() *cobra.Command {
-	var dataDir, td, operator, externalRoot string
+	var dataDir, td, operator, externalRoot, caKey string
 	var hosts []string
 	var noDefaultHosts bool
 	c := &cobra.Command{
@@ -61,9 +62,12 @@ func initCmd() *cobra.Command {
 			}
 			hosts = server.WithDefaultHosts(hosts, noDefaultHosts)
 			if externalRoot != "" {
+				if caKey != "" {
+					return usageError{errors.New("--external-root with --ca-key: the issuing key under an external root is a file for now (docs/pki.md)")}
+				}
 				return initExternalRoot(cmd, dataDir, externalRoot, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator})
 			}
-			res, err := server.Init(dataDir, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator})
+			res, err := initWithCAKey(dataDir, caKey, ca.InitOptions{TrustDomain: td, Hosts: hosts, Operator: operator}, cmd.OutOrStdout())
 			if err != nil {
 				return err
 			}
@@ -83,6 +87,7 @@ func initCmd() *cobra.Command {
 	c.Flags().BoolVar(&noDefaultHosts, "no-default-hosts", false, "leave localhost, 127.0.0.1 and ::1 out of the server certificate")
 	c.Flags().StringVar(&operator, "operator", "admin", "name of the first operator")
 	c.Flags().StringVar(&externalRoot, "external-root", "", "root CA certificate kept elsewhere: write an issuing-CA CSR for it to sign (then `fleetgate ca import-issuing`)")
+	c.Flags().StringVar(&caKey, "ca-key", "", "create the issuing CA key in this store: pkcs11:RFC-7512-URI or tpm:handle=0x81...;device=PATH (default: "+ca.IssuingKeyFile+")")
 	return c
 }
 

@@ -32,6 +32,7 @@ type Addrs struct {
 	Metrics string `json:"metrics,omitempty"`
 	WSS     string `json:"wss,omitempty"`
 	Console string `json:"console,omitempty"`
+	OCSP    string `json:"ocsp,omitempty"`
 }
 
 // ReadAddrs reads an address file. The gateway writes it whole (a rename),

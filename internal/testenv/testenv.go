@@ -23,6 +23,7 @@ import (
 	"github.com/fleetgate/fleetgate/broker"
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/enroll/ca"
+	"github.com/fleetgate/fleetgate/enroll/ca/keystore"
 	"github.com/fleetgate/fleetgate/internal/fleetproc"
 	"github.com/fleetgate/fleetgate/operator/client"
 	"github.com/fleetgate/fleetgate/server"
@@ -162,7 +163,16 @@ func StartConfig(t testing.TB, cfg server.Config) *Gateway {
 		t.Fatalf("gateway did not start: %v\n%s", err, g.Logs.String())
 	}
 	g.Addrs = server.Addrs(a)
-	if g.CA, err = ca.Load(cfg.DataDir, ca.Options{}); err != nil {
+	caOpts := ca.Options{}
+	if cfg.CAKey != "" { // the issuing key in a key store
+		k, err := keystore.Open(cfg.CAKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { k.Close() })
+		caOpts.Key = k
+	}
+	if g.CA, err = ca.Load(cfg.DataDir, caOpts); err != nil {
 		t.Fatal(err)
 	}
 	if g.Admin, err = client.New("https://"+g.Addrs.API, client.FromDataDir(cfg.DataDir)); err != nil {
