@@ -99,11 +99,16 @@ type Feed struct {
 	devKick chan struct{}
 }
 
-// seenValue is a record's value in the bucket and, when known, its
-// revision (the live path does not know it).
+// seenValue is a record's value in the bucket at revision rev, as the
+// watch applied it or a publication's commit (or read) confirmed it.
+// live marks a value the live path saw published: a publication is not a
+// commit (a write refused by JetStream or never acknowledged by a
+// majority, a node's own among them, is delivered to subscribers all the
+// same), so such a value is not known to be in the bucket.
 type seenValue struct {
-	val string
-	rev uint64
+	val  string
+	rev  uint64
+	live bool
 }
 
 type heartbeat struct {
@@ -350,9 +355,14 @@ func (f *Feed) apply(key string, val []byte, rev uint64, restrictOnly bool) erro
 	}
 	f.applyMu.Lock()
 	defer f.applyMu.Unlock()
-	f.markSeen(key, val, rev)
+	if rev != 0 {
+		f.markSeen(key, val, rev)
+	} else {
+		f.markLive(key, val)
+	}
 	// ApplyFeed tells the watchers, publishEvent among them, on this
-	// goroutine: it finds the value seen and writes nothing back.
+	// goroutine: it finds the value seen and writes nothing back, or,
+	// for a value only seen live, leaves its confirmation to retryLoop.
 	return f.cfg.Dir.ApplyFeed(feed)
 }
 
@@ -402,6 +412,16 @@ func (f *Feed) publishEvent(ev fleet.Event) {
 		keys = append(keys, "d."+ev.DeviceID)
 	}
 	for _, k := range keys {
+		if f.seenLive(k) {
+			// Applied from the live path (on this goroutine, in apply):
+			// the publication it saw may not have been committed, so
+			// retryLoop confirms it, or commits it, without holding
+			// up the feed.
+			f.retryMu.Lock()
+			f.retry[k] = true
+			f.retryMu.Unlock()
+			continue
+		}
 		if err := f.publish(k); err != nil {
 			f.log.Error("directory change not replicated yet; retrying", "key", k, "err", err)
 			f.retryMu.Lock()
@@ -444,7 +464,10 @@ func (f *Feed) publish(key string) error {
 	f.seenMu.Lock()
 	seen := f.seen[key]
 	f.seenMu.Unlock()
-	if seen.val == string(val) {
+	if seen.live {
+		seen = seenValue{} // not known to be in the bucket: read it
+	}
+	if seen.rev != 0 && seen.val == string(val) {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -482,12 +505,37 @@ func (f *Feed) publish(key string) error {
 	return fmt.Errorf("dirfeed: %s: too many concurrent writers", key)
 }
 
+// markSeen records val as key's value in the bucket at rev (> 0).
 func (f *Feed) markSeen(key string, val []byte, rev uint64) {
 	f.seenMu.Lock()
-	if prev := f.seen[key]; rev == 0 || rev >= prev.rev {
-		f.seen[key] = seenValue{string(val), rev}
+	if prev := f.seen[key]; prev.live || rev >= prev.rev {
+		f.seen[key] = seenValue{val: string(val), rev: rev}
 	}
 	f.seenMu.Unlock()
+}
+
+// markLive records val as published for key but not known to be
+// committed: until the watch or a publication confirms a value, publish
+// reads the bucket rather than trusting it.
+func (f *Feed) markLive(key string, val []byte) {
+	f.seenMu.Lock()
+	if prev := f.seen[key]; prev.val != string(val) {
+		f.seen[key] = seenValue{val: string(val), live: true}
+	}
+	f.seenMu.Unlock()
+}
+
+// seenLive: key's last seen value came from the live path only, and the
+// local record is that value (it was applied from there).
+func (f *Feed) seenLive(key string) bool {
+	f.seenMu.Lock()
+	seen := f.seen[key]
+	f.seenMu.Unlock()
+	if !seen.live {
+		return false
+	}
+	val, ok := f.record(key)
+	return ok && string(val) == seen.val
 }
 
 // merge is the bucket's rule: a revocation is terminal.
@@ -576,7 +624,7 @@ func (f *Feed) reconcile() {
 		f.seenMu.Lock()
 		seen, had := f.seen[k]
 		f.seenMu.Unlock()
-		if had && !revokes(k, []byte(seen.val), local) {
+		if had && !seen.live && !revokes(k, []byte(seen.val), local) {
 			continue
 		}
 		n++

@@ -6,6 +6,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math/big"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/cluster/dirfeed"
 	"github.com/fleetgate/fleetgate/cluster/natsnode"
 	"github.com/fleetgate/fleetgate/cluster/natstest"
@@ -169,9 +171,16 @@ func TestPartitionedNodeFailsClosedAndCatchesUp(t *testing.T) {
 	for i := range n {
 		nodes[0].dir.Revoked(fmt.Sprintf("p%d", i), fleet.SerialString(big.NewInt(int64(500+i))))
 	}
-	waitFor(t, "revocations on node 1", 20*time.Second, func() bool {
-		st, _ := nodes[1].dir.CertStatus(fleet.SerialString(big.NewInt(500 + n - 1)))
-		return st.Revoked
+	// Committed: in the bucket (a majority stored them), not only seen
+	// published.
+	kv := bucket(t, c, 1)
+	waitFor(t, "revocations in the bucket", 20*time.Second, func() bool {
+		for i := range n {
+			if !bucketRevoked(kv, fleet.SerialString(big.NewInt(int64(500+i)))) {
+				return false
+			}
+		}
+		return true
 	})
 	before := nodes[2].feed.Applied()
 	c.Heal(2)
@@ -220,4 +229,56 @@ func TestRevocationInTheBucketIsTerminal(t *testing.T) {
 	if st, ok := fresh.CertStatus(s); !ok || !st.Revoked {
 		t.Fatalf("a node joining later sees %+v %v, want revoked", st, ok)
 	}
+}
+
+func bucket(t *testing.T, c *natstest.Cluster, i int) jetstream.KeyValue {
+	t.Helper()
+	js, err := jetstream.New(c.Connect(i))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	kv, err := natsnode.Bucket(ctx, js, dirfeed.Bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kv
+}
+
+// bucketRevoked: the bucket holds the certificate revoked.
+func bucketRevoked(kv jetstream.KeyValue, serial string) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	e, err := kv.Get(ctx, "c."+serial)
+	if err != nil {
+		return false
+	}
+	var c api.FeedCert
+	return json.Unmarshal(e.Value(), &c) == nil && c.Revoked
+}
+
+// A revocation whose publication was never committed (its node cut off
+// from the majority) is not taken as replicated because the node saw its
+// own publication on the bucket's subject: it is committed once the node
+// is back, and reaches the other nodes.
+func TestUncommittedRevocationIsRepublished(t *testing.T) {
+	c := natstest.Start(t, 3)
+	nodes := start(t, c)
+	issue(nodes[0], 700, "u0")
+	s := fleet.SerialString(big.NewInt(700))
+	kv := bucket(t, c, 1)
+	waitFor(t, "certificate on node 1", 10*time.Second, func() bool { _, ok := nodes[1].dir.CertStatus(s); return ok })
+	c.Cut(0)
+	waitFor(t, "node 0 stale", 5*time.Second, func() bool { return !nodes[0].feed.Fresh() })
+	// The publication times out (no majority); node 0's own subscription
+	// sees it all the same. Give the retry a few rounds while cut.
+	nodes[0].dir.Revoked("u0", s)
+	time.Sleep(4 * time.Second)
+	if bucketRevoked(kv, s) {
+		t.Fatal("a revocation committed without a majority")
+	}
+	c.Heal(0)
+	waitFor(t, "revocation in the bucket after the heal", 30*time.Second, func() bool { return bucketRevoked(kv, s) })
+	waitFor(t, "revocation on node 1", 10*time.Second, func() bool { st, _ := nodes[1].dir.CertStatus(s); return st.Revoked })
 }
