@@ -208,8 +208,11 @@ func TestClusterExternalNATS(t *testing.T) {
 		cfg.Cluster = fgserver.ClusterConfig{NATSURL: nats.Nodes[i].ClientURL(), NodeName: fmt.Sprintf("ext%d", i), StaleAfter: time.Second}
 		nodes[i] = testenv.StartConfig(t, cfg)
 	}
+	// Ready means the NATS cluster placed the directory bucket and the
+	// broker's stream and buckets: on a freshly started cluster of a
+	// loaded machine that took over 30 s once (as StartCluster, 60 s).
 	for _, g := range nodes {
-		testenv.Eventually(t, 30*time.Second, func() error {
+		testenv.Eventually(t, 60*time.Second, func() error {
 			if code := g.Ready(); code != http.StatusOK {
 				return fmt.Errorf("/readyz %d", code)
 			}
@@ -257,8 +260,11 @@ func TestClusterExternalNATSServerKilled(t *testing.T) {
 		cfg.Cluster = fgserver.ClusterConfig{NATSURL: urls[i], NodeName: fmt.Sprintf("ext%d", i), StaleAfter: time.Second}
 		nodes[i] = testenv.StartConfig(t, cfg)
 	}
+	// Ready means the NATS cluster placed the directory bucket and the
+	// broker's stream and buckets: on a freshly started cluster of a
+	// loaded machine that took over 30 s once (as StartCluster, 60 s).
 	for _, g := range nodes {
-		testenv.Eventually(t, 30*time.Second, func() error {
+		testenv.Eventually(t, 60*time.Second, func() error {
 			if code := g.Ready(); code != http.StatusOK {
 				return fmt.Errorf("/readyz %d", code)
 			}
