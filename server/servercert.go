@@ -157,39 +157,15 @@ func replaceKeyAndCert(keyPath, certPath string, key *ecdsa.PrivateKey, certPEM 
 	// the old pair is kept beside, for a server that still runs on it
 	for _, p := range []string{keyPath, certPath} {
 		if b, err := os.ReadFile(p); err == nil {
-			if err := writeAtomic(p+".old", b, 0o600); err != nil {
+			if err := ca.WriteFileAtomic(p+".old", b, 0o600); err != nil {
 				return err
 			}
 		}
 	}
-	if err := writeAtomic(keyPath, kp, 0o600); err != nil {
+	if err := ca.WriteFileAtomic(keyPath, kp, 0o600); err != nil {
 		return err
 	}
-	return writeAtomic(certPath, certPEM, 0o644)
-}
-
-func writeAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(mode); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return ca.WriteFileAtomic(certPath, certPEM, 0o644)
 }
 
 // ownCerts are the certificates of the gateway itself, by metric label.
