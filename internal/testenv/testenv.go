@@ -13,6 +13,8 @@ import (
 	"errors"
 	"log/slog"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -153,6 +155,11 @@ func StartConfig(t testing.TB, cfg server.Config) *Gateway {
 		})
 	}
 	t.Cleanup(g.stop)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("log of gateway %s (last lines at INFO and above):\n%s", cfg.DataDir, tailLog(g.Logs.String(), 150))
+		}
+	})
 	a, err := fleetproc.WaitAddrs(ctx, addrFile, 20*time.Second, exited)
 	if errors.Is(err, fleetproc.ErrExited) {
 		err = <-done
@@ -292,4 +299,18 @@ func Eventually(t testing.TB, d time.Duration, fn func() error) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// tailLog is the last n lines of a text log that are not DEBUG lines: what
+// a failed test prints of a gateway's log (CI shows only the output).
+func tailLog(log string, n int) string {
+	lines := strings.Split(strings.TrimRight(log, "\n"), "\n")
+	var keep []string
+	for i := len(lines) - 1; i >= 0 && len(keep) < n; i-- {
+		if !strings.Contains(lines[i], "level=DEBUG") {
+			keep = append(keep, lines[i])
+		}
+	}
+	slices.Reverse(keep)
+	return strings.Join(keep, "\n")
 }
