@@ -249,6 +249,9 @@ func (s *Server) toAPIOperator(name string, cs []fleet.Certificate, withCerts bo
 	if err != nil {
 		return api.Operator{}, err
 	}
+	if role == registry.OperatorNone {
+		role = api.OperatorNoRole
+	}
 	st, na := principalState(cs, s.cfg.CA.Now())
 	o := api.Operator{Name: name, Role: role, State: st, NotAfter: na}
 	if withCerts {

@@ -181,6 +181,9 @@ func CompleteExternalRoot(dataDir string, certPEM []byte) (*ca.InitResult, error
 	if err := reg.RecordCertificate(enroll.CertRecord(op, id)); err != nil {
 		return nil, err
 	}
+	if err := grantInitOperator(reg, id.Name, "init", "the first operator"); err != nil {
+		return nil, err
+	}
 	reg.Audit(registry.AuditRecord{Actor: "init", Action: "init", Outcome: registry.OutcomeOK,
 		Reason: "trust domain " + res.Authority.TrustDomain + " under an external root; issuing CA " + res.Authority.Current().ID})
 	return res, nil
