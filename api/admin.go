@@ -75,6 +75,9 @@ type ServiceRenewRequest struct {
 const (
 	OperatorAdmin    = "admin"
 	OperatorReadOnly = "read-only"
+	// OperatorNoRole is shown for an operator without a role (removed):
+	// it may do nothing.
+	OperatorNoRole = "none"
 )
 
 // Operator is an operator name, its role and its certificates.

@@ -351,7 +351,7 @@ func TestMetricsAndReferences(t *testing.T) {
 		for _, s := range []string{`fleetgate_broker_auth_failures_total{reason="unknown_ca"}`, `fleetgate_broker_acl_denied_total{direction="subscribe"}`,
 			`fleetgate_broker_limit_hits_total{limit="subscriptions"}`, `fleetgate_broker_session_quota_dropped_total{role="device"}`,
 			`fleetgate_broker_sessions_closed_total{reason="revoked"}`, `fleetgate_enrollments_total{method="token",outcome="ok"}`,
-			`fleetgate_ca_certificate_expiry_timestamp_seconds{ca="issuing"}`, `fleetgate_ca_certificate_expiry_timestamp_seconds{ca="root"}`,
+			`fleetgate_pki_certificate_expiry_timestamp_seconds{kind="issuing"`, `fleetgate_pki_certificate_expiry_timestamp_seconds{kind="root"`,
 			`fleetgate_own_certificate_expiry_timestamp_seconds{cert="server"}`, "fleetgate_revocation_view_age_seconds 0",
 			`fleetgate_devices{attestation="token",state="active"}`, `fleetgate_devices{attestation="token",state="revoked"}`} {
 			if !strings.Contains(text, s) {

@@ -32,6 +32,7 @@ import (
 
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/identity"
+	"github.com/fleetgate/fleetgate/internal/atomicfile"
 )
 
 // Files in a device's state directory.
@@ -209,10 +210,10 @@ func (d *Device) Store(resp *api.EnrollResponse) error {
 	if err := d.install([]byte(resp.CertificateChainPEM), []byte(resp.CACertificatesPEM)); err != nil {
 		return err
 	}
-	if err := writeFileAtomic(filepath.Join(d.cfg.StateDir, CAFile), []byte(resp.CACertificatesPEM), 0o644); err != nil {
+	if err := atomicfile.Write(filepath.Join(d.cfg.StateDir, CAFile), []byte(resp.CACertificatesPEM), 0o644); err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(d.cfg.StateDir, ChainFile), []byte(resp.CertificateChainPEM), 0o644)
+	return atomicfile.Write(filepath.Join(d.cfg.StateDir, ChainFile), []byte(resp.CertificateChainPEM), 0o644)
 }
 
 // httpClient returns the client for the enrollment server, presenting the
@@ -359,34 +360,10 @@ func NewSoftwareKey(dir string) (crypto.Signer, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := writeFileAtomic(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+	if err := atomicfile.Write(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
 		return nil, err
 	}
 	return k, nil
-}
-
-func writeFileAtomic(path string, data []byte, mode fs.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
-	if err != nil {
-		return fmt.Errorf("devicesdk: write %s: %w", path, err)
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(mode); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }
 
 // Renew asks the enrollment server, over mTLS with the current certificate,

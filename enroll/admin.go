@@ -89,6 +89,11 @@ func (s *Server) admin(h func(http.ResponseWriter, *http.Request, identity.Ident
 		if err == nil && id.Role != identity.RoleOperator {
 			err = apiErr(http.StatusForbidden, "operator_required", "the admin API is for operator certificates only", errNotOperator)
 		}
+		if err == nil {
+			if role, rerr := s.cfg.Registry.OperatorRole(id.Name); rerr != nil || role == registry.OperatorNone {
+				err = apiErr(http.StatusForbidden, "operator_no_role", "operator "+id.Name+" has no role and may do nothing", rerr)
+			}
+		}
 		if err != nil {
 			e := asAPIError(err)
 			if s.refusal(r, e) {

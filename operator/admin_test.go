@@ -8,7 +8,6 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -26,31 +25,6 @@ import (
 	"github.com/fleetgate/fleetgate/internal/testenv"
 	"github.com/fleetgate/fleetgate/operator/client"
 )
-
-// call sends a raw request with the operator certificate of the data
-// directory and returns the status and the error body.
-func call(t *testing.T, g *testenv.Gateway, cert tls.Certificate, method, path, body string) (int, api.Error) {
-	t.Helper()
-	req, _ := http.NewRequest(method, g.URL()+path, strings.NewReader(body))
-	if body != "" {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
-		RootCAs: g.Roots(), Certificates: []tls.Certificate{cert}}}}
-	resp, err := hc.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	var e api.Error
-	if resp.StatusCode/100 != 2 {
-		if err := json.Unmarshal(b, &e); err != nil {
-			t.Fatalf("%s %s: error body is not JSON: %q", method, path, b)
-		}
-	}
-	return resp.StatusCode, e
-}
 
 func adminCert(t *testing.T, g *testenv.Gateway) tls.Certificate {
 	t.Helper()
@@ -132,7 +106,7 @@ func TestAdminAPIBadInput(t *testing.T) {
 		{"POST", "/v1/admin/operators", `{"name":"x","unknown_field":1}`, 400, "", ""},
 		{"POST", "/v1/admin/services/nope/renew", `{"ttl":"soon"}`, 400, "", ""},
 	} {
-		status, e := call(t, g, admin, tc.method, tc.path, tc.body)
+		status, e := g.Call(t, admin, tc.method, tc.path, tc.body)
 		if status != tc.status || (tc.code != "" && e.Code != tc.code) || !strings.Contains(e.Message, tc.msg) {
 			t.Errorf("%s %s %s: %d %s %q, want %d %s %q", tc.method, tc.path, tc.body, status, e.Code, e.Message, tc.status, tc.code, tc.msg)
 		}
@@ -210,7 +184,7 @@ func TestOperatorRoles(t *testing.T) {
 		{"DELETE", "/v1/admin/retained?topic=a", ""},
 		{"POST", api.PathAdminPolicyReload, "{}"},
 	} {
-		status, e := call(t, g, viewerCert, c.method, c.path, c.body)
+		status, e := g.Call(t, viewerCert, c.method, c.path, c.body)
 		if status != http.StatusForbidden || e.Code != "operator_read_only" {
 			t.Errorf("read-only %s %s: %d %s", c.method, c.path, status, e.Code)
 		}
@@ -218,7 +192,7 @@ func TestOperatorRoles(t *testing.T) {
 	// Diagnose is a POST that changes nothing: a read-only operator may
 	// ask why a certificate is refused (an empty body is malformed, not
 	// forbidden).
-	if status, e := call(t, g, viewerCert, "POST", api.PathAdminDiagnose, `{}`); status == http.StatusForbidden {
+	if status, e := g.Call(t, viewerCert, "POST", api.PathAdminDiagnose, `{}`); status == http.StatusForbidden {
 		t.Errorf("read-only diagnose: %d %s", status, e.Code)
 	}
 	recs, err := g.Admin.Audit(ctx, "", 0)
@@ -258,7 +232,7 @@ func TestOperatorRoles(t *testing.T) {
 	for _, o := range ops {
 		got[o.Name] = o.Role + "/" + o.State
 	}
-	if got["admin"] != "admin/revoked" || got["admin2"] != "admin/active" || got["viewer"] != "read-only/active" {
+	if got["admin"] != "none/revoked" || got["admin2"] != "admin/active" || got["viewer"] != "read-only/active" {
 		t.Fatalf("operators: %v", got)
 	}
 }

@@ -1,7 +1,6 @@
 package operator
 
 import (
-	"fmt"
 	"net/http"
 
 	"github.com/fleetgate/fleetgate/api"
@@ -45,39 +44,15 @@ func (s *Server) RegisterConsole(m Mux, links ConsoleLinks) {
 	}))
 }
 
-// DeviceAction revokes, suspends or resumes a device for operator op, as
-// POST /v1/admin/devices/{id}/{action} does: the same registry calls, the
-// CRL refreshed after a revocation, audited with the operator's name. Its
-// errors are *enroll.Error (Status, Code, Msg).
+// DeviceAction revokes, suspends or resumes a device for operator op: the
+// device action of POST /v1/admin/devices/{id}/{action} (deviceAction),
+// with the reason code inferred from the reason, the CRL refreshed after a
+// revocation, audited with the operator's name. Its errors are
+// *enroll.Error (Status, Code, Msg).
 func (s *Server) DeviceAction(op identity.Identity, id, action, reason string) (api.StateChangeResponse, error) {
-	resp := api.StateChangeResponse{DeviceID: id}
-	if err := identity.ValidateName(id); err != nil {
-		return resp, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err)
-	}
-	var err error
-	switch action {
-	case "revoke":
-		if reason == "" {
-			return resp, apiErr(http.StatusBadRequest, "reason_required", "revocation needs a reason", nil)
-		}
-		resp.RevokedSerials, err = s.cfg.Registry.RevokeDevice(id, reason, op.String())
-		if err == nil {
-			s.enroll.RefreshCRL()
-		}
-	case "suspend":
-		err = s.cfg.Registry.SetSuspended(id, true, reason, op.String())
-	case "resume":
-		err = s.cfg.Registry.SetSuspended(id, false, reason, op.String())
-	default:
-		return resp, apiErr(http.StatusNotFound, "unknown_action", fmt.Sprintf("action %q: want revoke, suspend or resume", action), nil)
-	}
+	resp, err := s.deviceAction(id, action, api.StateChangeRequest{Reason: reason}, op)
 	if err != nil {
-		return resp, asAPIError(registryError(err))
+		return resp, toAPIError(err, "device", id)
 	}
-	if st, ok := s.cfg.Registry.DeviceStatus(id); ok {
-		resp.State = string(st.State)
-	}
-	resp.SessionsClosed = s.cfg.Broker != nil && !s.cfg.Broker.Connected(id)
-	s.log.Info("device "+action, logKeyDevice, id, "reason", logguard.Bound(reason, maxLoggedCause), logKeyActor, op.String(), "via", "console")
 	return resp, nil
 }

@@ -1,8 +1,6 @@
 package operator
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"fmt"
 	"net/http"
@@ -10,7 +8,6 @@ import (
 
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/enroll"
-	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
@@ -82,47 +79,5 @@ func (s *Server) handleServiceIssue(w http.ResponseWriter, r *http.Request, op i
 		s.enroll.WriteError(w, r, apiErr(http.StatusConflict, fleet.ReasonNameTaken, fmt.Sprintf("%q is an %s's name", id.Name, role), nil), "")
 		return
 	}
-	resp := api.ServiceIssueResponse{Identity: id.URI(s.cfg.CA.TrustDomain).String(), CACertificatesPEM: s.cfg.CA.RootPEM()}
-	var pub any
-	if len(req.CSR) > 0 {
-		csr, err := ca.CheckCSR(req.CSR)
-		if err != nil {
-			s.enroll.WriteError(w, r, asAPIError(csrError(err)), "")
-			return
-		}
-		pub = csr.PublicKey
-	} else {
-		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			s.enroll.WriteError(w, r, asAPIError(err), "")
-			return
-		}
-		kp, err := ca.KeyPEM(k)
-		if err != nil {
-			s.enroll.WriteError(w, r, asAPIError(err), "")
-			return
-		}
-		pub = k.Public()
-		resp.PrivateKeyPEM = string(kp)
-	}
-	ttl := req.TTL
-	if ttl <= 0 || ttl > s.cfg.ServiceCertTTL {
-		ttl = s.cfg.ServiceCertTTL
-	}
-	cert, err := s.cfg.CA.Issue(id, pub, ttl)
-	if err != nil {
-		s.enroll.WriteError(w, r, asAPIError(csrError(err)), "")
-		return
-	}
-	rec := certRecord(cert, id)
-	if err := s.cfg.Registry.RecordCertificate(rec); err != nil {
-		s.enroll.WriteError(w, r, asAPIError(err), "")
-		return
-	}
-	s.cfg.Registry.Audit(registry.AuditRecord{Actor: op.String(), Action: "service.issue", Outcome: registry.OutcomeOK, Reason: id.String(), Serial: rec.Serial, Remote: r.RemoteAddr})
-	s.log.Info("service certificate issued", "service", id.Name, "serial", rec.Serial, logKeyActor, op.String())
-	resp.CertificateChainPEM = s.cfg.CA.ChainPEM(cert)
-	resp.Serial = rec.Serial
-	resp.NotAfter = cert.NotAfter
-	writeJSON(w, http.StatusCreated, resp)
+	s.issuePrincipal(w, r, op, id, req.CSR, req.TTL, "service.issue")
 }

@@ -45,6 +45,9 @@ func revocationReason(req api.StateChangeRequest) (string, error) {
 // deviceAction revokes, suspends or resumes device id and reports whether
 // a live session was there and was closed.
 func (s *Server) deviceAction(id, action string, req api.StateChangeRequest, op identity.Identity) (api.StateChangeResponse, error) {
+	if err := identity.ValidateName(id); err != nil {
+		return api.StateChangeResponse{DeviceID: id}, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err)
+	}
 	resp := api.StateChangeResponse{DeviceID: id, WasOnline: s.online(id)}
 	var err error
 	switch action {
@@ -83,10 +86,6 @@ func (s *Server) deviceAction(id, action string, req api.StateChangeRequest, op 
 
 func (s *Server) handleDeviceAction(w http.ResponseWriter, r *http.Request, op identity.Identity) {
 	id, action := r.PathValue("id"), r.PathValue("action")
-	if err := identity.ValidateName(id); err != nil {
-		s.enroll.WriteError(w, r, apiErr(http.StatusBadRequest, "invalid_device_id", err.Error(), err), "")
-		return
-	}
 	var req api.StateChangeRequest
 	if r.ContentLength != 0 {
 		if err := decodeJSON(r, &req); err != nil {

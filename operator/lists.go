@@ -55,18 +55,24 @@ func notFound(kind, name string, cause error) error {
 
 // fail writes err; a registry's ErrNotFound names kind and name.
 func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error, kind, name string) {
-	if errors.Is(err, registry.ErrNotFound) && kind != "" {
-		err = notFound(kind, name, err)
-	}
 	dev := ""
 	if kind == "device" {
 		dev = name
+	}
+	s.enroll.WriteError(w, r, toAPIError(err, kind, name), dev)
+}
+
+// toAPIError makes err an API error: a registry's "not found" names what
+// is missing (kind name), other registry errors are mapped.
+func toAPIError(err error, kind, name string) *enroll.Error {
+	if errors.Is(err, registry.ErrNotFound) && kind != "" {
+		err = notFound(kind, name, err)
 	}
 	var e *enroll.Error
 	if !errors.As(err, &e) {
 		err = registryError(err)
 	}
-	s.enroll.WriteError(w, r, asAPIError(err), dev)
+	return asAPIError(err)
 }
 
 // badRequest writes a 400 with code and message.

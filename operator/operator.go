@@ -199,13 +199,13 @@ func (s *Server) admin(h func(http.ResponseWriter, *http.Request, identity.Ident
 		if err == nil && id.Role != identity.RoleOperator {
 			err = apiErr(http.StatusForbidden, fleet.ReasonOperatorRequired, "the admin API is for operator certificates only", errNotOperator)
 		}
-		if err == nil && !readsOnly(r) {
-			err = s.mayChange(r, id)
+		if err == nil {
+			err = s.mayDo(r, id) // roles.go
 		}
 		if err != nil {
 			e := asAPIError(err)
-			// A read-only operator's refusal is audited in full (mayChange).
-			if s.enroll.Refusal(r, e) && e.Code != codeReadOnly {
+			// A role refusal is audited in full (mayDo).
+			if s.enroll.Refusal(r, e) && e.Code != codeReadOnly && e.Code != codeNoRole {
 				s.cfg.Registry.AuditBatched(registry.AuditRecord{Actor: id.String(), Action: logguard.Bound("admin "+r.Method+" "+r.URL.Path, maxLoggedField), Outcome: registry.OutcomeDenied, Reason: e.Code, Remote: r.RemoteAddr})
 			}
 			s.enroll.WriteError(w, r, e, "")

@@ -77,25 +77,57 @@ func (s *Server) pathName(w http.ResponseWriter, r *http.Request, key string) (s
 }
 
 func (s *Server) handleServiceList(w http.ResponseWriter, r *http.Request, _ identity.Identity) {
+	listPrincipals(s, w, r, identity.RoleService,
+		func(name string, cs []fleet.Certificate) (api.Service, error) {
+			return s.toAPIService(name, cs, false), nil
+		},
+		func(v api.Service) (string, string) { return v.Name, v.State })
+}
+
+// listPrincipals writes a page of the principals of role (services,
+// operators) as conv makes them, sorted by name and filtered by ?state=
+// (nameState gives both of an item).
+func listPrincipals[T any](s *Server, w http.ResponseWriter, r *http.Request, role identity.Role,
+	conv func(string, []fleet.Certificate) (T, error), nameState func(T) (string, string)) {
 	p, err := readPage(r)
 	if err != nil {
 		s.fail(w, r, err, "", "")
 		return
 	}
 	state := r.URL.Query().Get("state")
-	all, err := s.cfg.Registry.Principals(identity.RoleService)
+	all, err := s.cfg.Registry.Principals(role)
 	if err != nil {
 		s.fail(w, r, err, "", "")
 		return
 	}
-	out := []api.Service{}
+	out := []T{}
 	for name, cs := range all {
-		if svc := s.toAPIService(name, cs, false); state == "" || svc.State == state {
-			out = append(out, svc)
+		v, err := conv(name, cs)
+		if err != nil {
+			s.fail(w, r, err, "", "")
+			return
+		}
+		if _, st := nameState(v); state == "" || st == state {
+			out = append(out, v)
 		}
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	writeJSON(w, http.StatusOK, cut(p, out, func(v api.Service) string { return v.Name }))
+	nameOf := func(v T) string { n, _ := nameState(v); return n }
+	sort.Slice(out, func(i, j int) bool { return nameOf(out[i]) < nameOf(out[j]) })
+	writeJSON(w, http.StatusOK, cut(p, out, nameOf))
+}
+
+// serviceCerts returns the certificates of service name, or writes 404
+// (none) or the error.
+func (s *Server) serviceCerts(w http.ResponseWriter, r *http.Request, name string) ([]fleet.Certificate, bool) {
+	cs, err := s.cfg.Registry.PrincipalCertificates(identity.RoleService, name)
+	if err == nil && len(cs) == 0 {
+		err = registry.ErrNotFound
+	}
+	if err != nil {
+		s.fail(w, r, err, "service", name)
+		return nil, false
+	}
+	return cs, true
 }
 
 func (s *Server) handleServiceShow(w http.ResponseWriter, r *http.Request, _ identity.Identity) {
@@ -103,15 +135,9 @@ func (s *Server) handleServiceShow(w http.ResponseWriter, r *http.Request, _ ide
 	if !ok {
 		return
 	}
-	cs, err := s.cfg.Registry.PrincipalCertificates(identity.RoleService, name)
-	if err == nil && len(cs) == 0 {
-		err = registry.ErrNotFound
+	if cs, ok := s.serviceCerts(w, r, name); ok {
+		writeJSON(w, http.StatusOK, s.toAPIService(name, cs, true))
 	}
-	if err != nil {
-		s.fail(w, r, err, "service", name)
-		return
-	}
-	writeJSON(w, http.StatusOK, s.toAPIService(name, cs, true))
 }
 
 func (s *Server) handleServiceRenew(w http.ResponseWriter, r *http.Request, op identity.Identity) {
@@ -126,12 +152,7 @@ func (s *Server) handleServiceRenew(w http.ResponseWriter, r *http.Request, op i
 			return
 		}
 	}
-	cs, err := s.cfg.Registry.PrincipalCertificates(identity.RoleService, name)
-	if err == nil && len(cs) == 0 {
-		err = registry.ErrNotFound
-	}
-	if err != nil {
-		s.fail(w, r, err, "service", name)
+	if _, ok := s.serviceCerts(w, r, name); !ok {
 		return
 	}
 	s.issuePrincipal(w, r, op, identity.Identity{Role: identity.RoleService, Name: name}, req.CSR, req.TTL, "service.renew")
@@ -249,6 +270,9 @@ func (s *Server) toAPIOperator(name string, cs []fleet.Certificate, withCerts bo
 	if err != nil {
 		return api.Operator{}, err
 	}
+	if role == registry.OperatorNone {
+		role = api.OperatorNoRole
+	}
 	st, na := principalState(cs, s.cfg.CA.Now())
 	o := api.Operator{Name: name, Role: role, State: st, NotAfter: na}
 	if withCerts {
@@ -258,30 +282,11 @@ func (s *Server) toAPIOperator(name string, cs []fleet.Certificate, withCerts bo
 }
 
 func (s *Server) handleOperatorList(w http.ResponseWriter, r *http.Request, _ identity.Identity) {
-	p, err := readPage(r)
-	if err != nil {
-		s.fail(w, r, err, "", "")
-		return
-	}
-	state := r.URL.Query().Get("state")
-	all, err := s.cfg.Registry.Principals(identity.RoleOperator)
-	if err != nil {
-		s.fail(w, r, err, "", "")
-		return
-	}
-	out := []api.Operator{}
-	for name, cs := range all {
-		o, err := s.toAPIOperator(name, cs, false)
-		if err != nil {
-			s.fail(w, r, err, "", "")
-			return
-		}
-		if state == "" || o.State == state {
-			out = append(out, o)
-		}
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	writeJSON(w, http.StatusOK, cut(p, out, func(v api.Operator) string { return v.Name }))
+	listPrincipals(s, w, r, identity.RoleOperator,
+		func(name string, cs []fleet.Certificate) (api.Operator, error) {
+			return s.toAPIOperator(name, cs, false)
+		},
+		func(v api.Operator) (string, string) { return v.Name, v.State })
 }
 
 func (s *Server) handleWhoAmI(w http.ResponseWriter, r *http.Request, op identity.Identity) {

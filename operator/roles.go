@@ -6,6 +6,7 @@ import (
 
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/enroll/registry"
+	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 	"github.com/fleetgate/fleetgate/internal/logguard"
 )
@@ -50,17 +51,30 @@ func readsOnly(r *http.Request) bool {
 	return r.Method == http.MethodPost && (r.URL.Path == api.PathAdminDiagnose || r.URL.Path == api.PathAdminConsoleLogin)
 }
 
-// mayChange refuses a change by a read-only operator (403
-// operator_read_only) and audits the refusal with the operator's name.
-func (s *Server) mayChange(r *http.Request, op identity.Identity) error {
+// codeNoRole refuses everything to an operator without a role record.
+const codeNoRole = "operator_no_role"
+
+// mayDo refuses an operator without a role everything (403
+// operator_no_role) and a read-only operator every change (403
+// operator_read_only), and audits the refusal with the operator's name.
+func (s *Server) mayDo(r *http.Request, op identity.Identity) error {
 	role, err := s.cfg.Registry.OperatorRole(op.Name)
 	if err != nil {
 		return err
 	}
-	if role == registry.OperatorAdmin {
+	var code fleet.Reason
+	var msg string
+	switch {
+	case role == registry.OperatorAdmin:
 		return nil
+	case role == registry.OperatorReadOnly && readsOnly(r):
+		return nil
+	case role == registry.OperatorReadOnly:
+		code, msg = codeReadOnly, fmt.Sprintf("operator %s is read-only; only admin operators change anything", op.Name)
+	default:
+		code, msg = codeNoRole, fmt.Sprintf("operator %s has no role and may do nothing", op.Name)
 	}
 	action := logguard.Bound("admin "+r.Method+" "+r.URL.Path, maxLoggedField)
-	s.cfg.Registry.Audit(registry.AuditRecord{Actor: op.String(), Action: action, Outcome: registry.OutcomeDenied, Reason: codeReadOnly, Remote: r.RemoteAddr})
-	return apiErr(http.StatusForbidden, codeReadOnly, fmt.Sprintf("operator %s is read-only; only admin operators change anything", op.Name), nil)
+	s.cfg.Registry.Audit(registry.AuditRecord{Actor: op.String(), Action: action, Outcome: registry.OutcomeDenied, Reason: string(code), Remote: r.RemoteAddr})
+	return apiErr(http.StatusForbidden, code, msg, nil)
 }

@@ -54,12 +54,15 @@ func loadPKI(l Layout, cfg Config, ocspAddr string) (pki, error) {
 	}
 	// A broker apart signs nothing: it loads the issuing CAs'
 	// certificates only (their keys may be in another host's HSM or TPM).
-	authority, err := ca.Load(l.Dir, ca.Options{Key: key, OCSPServer: ocspURLs(cfg, ocspAddr, serverCert.Leaf), NoKeys: cfg.Only == OnlyBroker})
+	opts := ca.Options{Key: key, OCSPServer: ocspURLs(cfg, ocspAddr, serverCert.Leaf), NoKeys: cfg.Only == OnlyBroker}
+	rot := rotationKeys(cfg, &opts) // cakey.go
+	authority, err := ca.Load(l.Dir, opts)
 	if err != nil {
 		key.Close()
+		rot.Close()
 		return pki{}, fmt.Errorf("%w (ca_key %s)", err, key.Ref())
 	}
-	return pki{ca: authority, serverCert: serverCert, key: key}, nil
+	return pki{ca: authority, serverCert: serverCert, key: closeBoth{key, rot}}, nil
 }
 
 // buildDirectory opens the registry, or with --only broker a replica of

@@ -8,7 +8,10 @@ import (
 	"io"
 	"net"
 	"net/url"
+	"os"
 	"path/filepath"
+
+	"gopkg.in/yaml.v3"
 
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/ca/keystore"
@@ -79,3 +82,69 @@ func (v verifyOnly) Sign(io.Reader, []byte, crypto.SignerOpts) ([]byte, error) {
 func (v verifyOnly) Ref() string   { return "none (broker-only)" }
 func (v verifyOnly) Store() string { return "none" }
 func (v verifyOnly) Close() error  { return nil }
+
+// rotationKeys makes a rotation create the next issuing key in the store
+// of ca_key (a PKCS#11 token, the TPM), and open the keys earlier
+// rotations made there; with a file key, keys are files in the data
+// directory (ca's default). Close the result to release the keys.
+func rotationKeys(cfg Config, o *ca.Options) *keystore.Rotation {
+	rot := keystore.NewRotation(cfg.CAKey)
+	if cfg.Only != OnlyBroker && !keystore.IsFile(cfg.CAKey) {
+		o.NewKey, o.OpenKey = rot.NewKey, rot.OpenKey
+	}
+	return rot
+}
+
+// closeBoth is the CA key that also closes the rotation keys.
+type closeBoth struct {
+	keystore.Key
+	rot *keystore.Rotation
+}
+
+func (c closeBoth) Close() error { return errors.Join(c.Key.Close(), c.rot.Close()) }
+
+// loadSigningCA loads the CA of dataDir with its keys from the store
+// caKey names, as serve does (cfg ca_key; "": the data directory's key
+// file), for a local command that signs. closeKeys releases the store.
+func loadSigningCA(dataDir, caKey string) (a *ca.Authority, closeKeys func(), err error) {
+	cfg := Config{DataDir: dataDir, CAKey: caKey}
+	key, err := openCAKey(cfg, Layout{Dir: dataDir})
+	if err != nil {
+		return nil, nil, err
+	}
+	opts := ca.Options{Key: key}
+	rot := rotationKeys(cfg, &opts)
+	both := closeBoth{key, rot}
+	if a, err = ca.Load(dataDir, opts); err != nil {
+		both.Close()
+		return nil, nil, fmt.Errorf("%w (ca_key %s)", err, key.Ref())
+	}
+	return a, func() { both.Close() }, nil
+}
+
+// ConfiguredCAKey returns ca_key as `fleetgate serve` would read it
+// without flags: the environment's FLEETGATE_CA_KEY, else the ca_key of
+// the YAML file configPath names (else FLEETGATE_CONFIG's), else "" (the
+// data directory's key file). Local commands that sign use it.
+func ConfiguredCAKey(configPath string, getenv func(string) string) (string, error) {
+	if v := getenv(envName("ca-key")); v != "" {
+		return v, nil
+	}
+	if configPath == "" {
+		configPath = getenv(EnvPrefix + "CONFIG")
+	}
+	if configPath == "" {
+		return "", nil
+	}
+	b, err := os.ReadFile(configPath)
+	if err != nil {
+		return "", fmt.Errorf("config file: %w", err)
+	}
+	var c struct {
+		CAKey string `yaml:"ca_key"`
+	}
+	if err := yaml.Unmarshal(b, &c); err != nil {
+		return "", fmt.Errorf("%s: %w", configPath, err)
+	}
+	return c.CAKey, nil
+}

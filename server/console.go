@@ -36,10 +36,13 @@ func (s *Server) buildConsole(p pki, es *enroll.Server, op *operator.Server) err
 			if err != nil {
 				return "", err
 			}
-			if role == registry.OperatorAdmin {
+			switch role {
+			case registry.OperatorAdmin:
 				return console.RoleAdmin, nil
+			case registry.OperatorReadOnly:
+				return console.RoleReadOnly, nil
 			}
-			return console.RoleReadOnly, nil
+			return "", fmt.Errorf("operator %s has no role", id.Name)
 		}
 	}
 	if s.broker != nil {

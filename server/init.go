@@ -25,6 +25,9 @@ func Init(dataDir string, o ca.InitOptions) (*ca.InitResult, error) {
 		Role: identity.RoleOperator, Name: op.Subject.CommonName, NotBefore: op.NotBefore, NotAfter: op.NotAfter, DER: op.Raw}); err != nil {
 		return nil, err
 	}
+	if err := grantInitOperator(reg, op.Subject.CommonName, "init", "the first operator"); err != nil {
+		return nil, err
+	}
 	reg.Audit(registry.AuditRecord{Actor: "init", Action: "init", Outcome: registry.OutcomeOK, Reason: "trust domain " + o.TrustDomain})
 	return res, nil
 }

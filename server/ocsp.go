@@ -279,14 +279,14 @@ func (c *pkiCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descCertExpiry, prometheus.GaugeValue, float64(cert.NotAfter.Unix()), kind, cert.Subject.CommonName)
 	}
 	expiry("root", c.p.ca.Root)
-	if c.s.pki.ocsp != nil {
-		seen := map[string]bool{}
-		for _, iss := range c.p.ca.Trusted() { // one series per subject
-			if !seen[iss.Cert.Subject.CommonName] {
-				seen[iss.Cert.Subject.CommonName] = true
-				expiry("issuing", iss.Cert)
-			}
+	seen := map[string]bool{}
+	for _, cert := range c.s.caFollow.trusted() { // every trusted issuing CA, one series per subject
+		if !seen[cert.Subject.CommonName] {
+			seen[cert.Subject.CommonName] = true
+			expiry("issuing", cert)
 		}
+	}
+	if c.s.pki.ocsp != nil {
 		// Signers renews a signer that is due: the metric never shows
 		// one that is about to lapse only for want of a request.
 		if certs, err := c.s.pki.ocsp.Signers(); err == nil {
@@ -294,8 +294,6 @@ func (c *pkiCollector) Collect(ch chan<- prometheus.Metric) {
 				expiry("ocsp_signer", sc)
 			}
 		}
-	} else {
-		expiry("issuing", c.p.ca.Issuing())
 	}
 	if self := c.self(); self != nil {
 		expiry("server", self)

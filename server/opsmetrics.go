@@ -1,25 +1,21 @@
 package server
 
 // Metrics for operations (deploy/: the Grafana dashboard and the alert
-// rules watch them): when the CA certificates expire, how old the broker's
-// revocation view is, and the devices by state and attestation method.
+// rules watch them): how old the broker's revocation view is, and the
+// devices by state and attestation method. When the CA certificates
+// expire is fleetgate_pki_certificate_expiry_timestamp_seconds (ocsp.go),
+// for every trusted issuing CA.
 
 import (
-	"path/filepath"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/fleetgate/fleetgate/directory"
-	"github.com/fleetgate/fleetgate/enroll/ca"
 )
 
 // registerOpsMetrics registers, on s.prom:
 //
-//   - fleetgate_ca_certificate_expiry_timestamp_seconds{ca}: the NotAfter of
-//     the root and the issuing CA certificates of the data directory (ca =
-//     root, issuing), read at each scrape (the server and operator
-//     certificates are fleetgate_own_certificate_*, servercert.go);
 //   - fleetgate_revocation_view_age_seconds: how long ago the directory
 //     this process checks certificates against last heard from its source.
 //     0 where the registry is in the process (it is the source); with
@@ -28,20 +24,6 @@ import (
 //   - fleetgate_devices{state, attestation}: devices by state and
 //     attestation method, from the directory.
 func (s *Server) registerOpsMetrics(dir *directory.Directory) {
-	for label, file := range map[string]string{"root": ca.RootCertFile, "issuing": ca.IssuingCertFile} {
-		path := filepath.Join(s.layout.Dir, file)
-		s.prom.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name:        "fleetgate_ca_certificate_expiry_timestamp_seconds",
-			Help:        "NotAfter (unix seconds) of the CA certificates of the data directory, by ca (root, issuing); 0 if unreadable.",
-			ConstLabels: prometheus.Labels{"ca": label},
-		}, func() float64 {
-			c, err := ca.ReadCertFile(path)
-			if err != nil {
-				return 0
-			}
-			return float64(c.NotAfter.Unix())
-		}))
-	}
 	started := time.Now()
 	age := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "fleetgate_revocation_view_age_seconds",

@@ -1,8 +1,10 @@
 package server_test
 
 import (
+	"context"
+	"crypto/x509"
+	"errors"
 	"fmt"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"testing"
@@ -28,7 +30,8 @@ func gauge(t *testing.T, g *testenv.Gateway, series string) (float64, bool) {
 // The revocation view's age: 0 where the registry is; in a broker-only
 // process, small while it follows the feed and growing once the
 // enrollment service is gone (what FleetgateRevocationViewStale watches).
-// The CA certificate expiry gauges are the files' NotAfter.
+// The CA expiry gauges are the NotAfter of the root and of every trusted
+// issuing CA, the old one too after a rotation.
 func TestOpsMetrics(t *testing.T) {
 	ecfg := testenv.Config(t, testenv.Options{})
 	ecfg.Only = "enroll"
@@ -46,16 +49,37 @@ func TestOpsMetrics(t *testing.T) {
 		}
 		return nil
 	})
-	for file, label := range map[string]string{ca.RootCertFile: "root", ca.IssuingCertFile: "issuing"} {
-		c, err := ca.ReadCertFile(filepath.Join(ecfg.DataDir, file))
-		if err != nil {
-			t.Fatal(err)
+	expiry := func(g *testenv.Gateway, kind string, c *x509.Certificate) error {
+		series := `fleetgate_pki_certificate_expiry_timestamp_seconds{kind="` + kind + `",subject="` + c.Subject.CommonName + `"}`
+		if v, _ := gauge(t, g, series); int64(v) != c.NotAfter.Unix() {
+			return fmt.Errorf("%s: %v, want %d", series, v, c.NotAfter.Unix())
 		}
-		for _, g := range []*testenv.Gateway{enr, brk} {
-			if v, _ := gauge(t, g, `fleetgate_ca_certificate_expiry_timestamp_seconds{ca="`+label+`"}`); int64(v) != c.NotAfter.Unix() {
-				t.Errorf("%s: %v, want %d", label, v, c.NotAfter.Unix())
+		return nil
+	}
+	first, err := ca.Load(ecfg.DataDir, ca.Options{NoKeys: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range []*testenv.Gateway{enr, brk} {
+		for kind, c := range map[string]*x509.Certificate{"root": first.Root, "issuing": first.Issuing()} {
+			if err := expiry(g, kind, c); err != nil {
+				t.Error(err)
 			}
 		}
+	}
+	// After a rotation both issuing CAs are trusted: both are watched, in
+	// the enrollment process and in the broker apart that follows it.
+	if _, err := enr.Admin.CARotate(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	rotated, err := ca.Load(ecfg.DataDir, ca.Options{NoKeys: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range []*testenv.Gateway{enr, brk} {
+		testenv.Eventually(t, 20*time.Second, func() error {
+			return errors.Join(expiry(g, "issuing", first.Issuing()), expiry(g, "issuing", rotated.Issuing()))
+		})
 	}
 
 	enr.Stop()

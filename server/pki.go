@@ -40,6 +40,17 @@ type pkiFollower struct {
 	mu  sync.Mutex
 	// cert is the server certificate in force.
 	cert atomic.Pointer[tls.Certificate]
+	// remote: in a broker apart, the trusted issuing CAs last read from
+	// the enrollment service (its own ca does not change).
+	remote atomic.Pointer[[]*x509.Certificate]
+}
+
+// trusted returns the trusted issuing CAs in force in this process.
+func (f *pkiFollower) trusted() []*x509.Certificate {
+	if r := f.remote.Load(); r != nil {
+		return *r
+	}
+	return f.ca.TrustedCerts()
 }
 
 func newPKIFollower(s *Server, p pki, dir *directory.Directory) *pkiFollower {
@@ -181,6 +192,9 @@ func CompleteExternalRoot(dataDir string, certPEM []byte) (*ca.InitResult, error
 	if err := reg.RecordCertificate(enroll.CertRecord(op, id)); err != nil {
 		return nil, err
 	}
+	if err := grantInitOperator(reg, id.Name, "init", "the first operator"); err != nil {
+		return nil, err
+	}
 	reg.Audit(registry.AuditRecord{Actor: "init", Action: "init", Outcome: registry.OutcomeOK,
 		Reason: "trust domain " + res.Authority.TrustDomain + " under an external root; issuing CA " + res.Authority.Current().ID})
 	return res, nil
@@ -263,6 +277,7 @@ func (f *pkiFollower) pollRemote(ctx context.Context, hc *http.Client, baseURL, 
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.dir.SetTrustedIssuers(certs)
+	f.remote.Store(&certs)
 	b := f.s.broker
 	b.SetClientCAs(ca.NewPool(certs...))
 	if pair, err := tls.LoadX509KeyPair(f.s.layout.ServerCert(), f.s.layout.ServerKey()); err == nil {

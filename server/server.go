@@ -111,6 +111,9 @@ func (s *Server) build() error {
 	if err != nil {
 		return err
 	}
+	if err := s.migrateOperatorRole(); err != nil { // operatorrole.go
+		return err
+	}
 	s.prom = buildMetrics(s.reg, dir)
 	registerOwnCertMetrics(s.prom, s.layout) // servercert.go
 	s.registerOpsMetrics(dir)                // opsmetrics.go: CA expiry, revocation view age, devices

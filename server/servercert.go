@@ -80,16 +80,18 @@ func ServerCertificate(dataDir string) (*x509.Certificate, error) {
 // RenewServerCert issues a new server certificate (and key) for hosts with
 // the issuing CA of dataDir, for another ca.ServerLifetime, and replaces
 // tls/server.{crt,key} atomically. The running server reads them at start:
-// restart it to serve the new one.
-func RenewServerCert(dataDir string, hosts []string) (*x509.Certificate, error) {
+// restart it to serve the new one. caKey is the issuing CA's key as
+// ca_key names it ("": the data directory's file).
+func RenewServerCert(dataDir, caKey string, hosts []string) (*x509.Certificate, error) {
 	hosts = uniqueHosts(hosts)
 	if len(hosts) == 0 {
 		return nil, fmt.Errorf("server certificate: no host name left")
 	}
-	a, err := ca.Load(dataDir, ca.Options{})
+	a, closeKeys, err := loadSigningCA(dataDir, caKey)
 	if err != nil {
 		return nil, err
 	}
+	defer closeKeys()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err
@@ -108,12 +110,14 @@ func RenewServerCert(dataDir string, hosts []string) (*x509.Certificate, error) 
 // RenewOperatorCert issues the data directory's operator a new certificate
 // (new key, same name) for another ca.OperatorLifetime and records it in
 // the registry, which must not be open elsewhere (stop the server first).
-func RenewOperatorCert(dataDir string) (*x509.Certificate, error) {
+// caKey is as for RenewServerCert.
+func RenewOperatorCert(dataDir, caKey string) (*x509.Certificate, error) {
 	l := Layout{Dir: dataDir}
-	a, err := ca.Load(dataDir, ca.Options{})
+	a, closeKeys, err := loadSigningCA(dataDir, caKey)
 	if err != nil {
 		return nil, err
 	}
+	defer closeKeys()
 	old, err := ca.ReadCertFile(l.OperatorCert())
 	if err != nil {
 		return nil, err

@@ -41,6 +41,7 @@ import (
 	"github.com/fleetgate/fleetgate/api"
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/devicesdk/tpmkey"
+	"github.com/fleetgate/fleetgate/internal/atomicfile"
 )
 
 // DefaultDir is the agent's directory when --dir is not given.
@@ -235,31 +236,7 @@ func writeState(dir string, st state) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(dir, StateFile), append(b, '\n'), 0o644)
-}
-
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(mode); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return atomicfile.Write(filepath.Join(dir, StateFile), append(b, '\n'), 0o644)
 }
 
 // open loads an enrolled device from dir: agent.json, its key (software

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"time"
 
@@ -44,12 +45,16 @@ func serverCertCmd() *cobra.Command {
 
 	var add, remove []string
 	var serverOnly bool
+	var caKey, configPath string
 	renew := &cobra.Command{
 		Use:   "renew",
 		Short: "Issue a new server certificate (a year, names kept, --host added, --remove-host removed) and, unless --server-only, a new operator certificate",
 		Long: `renew issues the server certificate again with the issuing CA of the data
 directory: the names it holds, plus each --host, minus each --remove-host.
-Restart the server to serve it. Unless --server-only, the operator
+Restart the server to serve it. It signs with the issuing CA's key where
+serve finds it: --ca-key, else FLEETGATE_CA_KEY, else ca_key in the
+--config file (or FLEETGATE_CONFIG's), else <data-dir>/ca/issuing.key; a
+key in an HSM or TPM works as for serve. Unless --server-only, the operator
 certificate is renewed too (new key, same name); that needs the registry,
 so stop the server first.`,
 		Args: cobra.NoArgs,
@@ -75,15 +80,20 @@ so stop the server first.`,
 					return fmt.Errorf("--remove-host %s: the server certificate does not hold it (it holds %s)", r, strings.Join(hosts, ", "))
 				}
 			}
+			if caKey == "" {
+				if caKey, err = server.ConfiguredCAKey(configPath, os.Getenv); err != nil {
+					return err
+				}
+			}
 			if !serverOnly {
 				// the registry first: a server still running fails here, before anything changes
-				op, err := server.RenewOperatorCert(dataDir)
+				op, err := server.RenewOperatorCert(dataDir, caKey)
 				if err != nil {
 					return fmt.Errorf("operator certificate: %w (--server-only renews the server certificate alone)", err)
 				}
 				printCert(cmd.OutOrStdout(), "renewed operator certificate", op)
 			}
-			srv, err := server.RenewServerCert(dataDir, kept)
+			srv, err := server.RenewServerCert(dataDir, caKey, kept)
 			if err != nil {
 				return err
 			}
@@ -97,6 +107,8 @@ so stop the server first.`,
 	renew.Flags().StringSliceVar(&add, "host", nil, "host name or IP to add (repeat)")
 	renew.Flags().StringSliceVar(&remove, "remove-host", nil, "host name or IP to remove (repeat)")
 	renew.Flags().BoolVar(&serverOnly, "server-only", false, "renew the server certificate only (works while the server runs)")
+	renew.Flags().StringVar(&caKey, "ca-key", "", "issuing CA key, as serve's --ca-key (default: env FLEETGATE_CA_KEY, else ca_key of --config, else <data-dir>/ca/issuing.key)")
+	renew.Flags().StringVar(&configPath, "config", "", "serve's YAML config file, for its ca_key (env FLEETGATE_CONFIG)")
 	c.AddCommand(show, renew)
 	return c
 }

@@ -19,6 +19,8 @@ import (
 	"path/filepath"
 	"slices"
 	"time"
+
+	"github.com/fleetgate/fleetgate/internal/atomicfile"
 )
 
 // The issuing CAs of a data directory. The first one is ca/issuing.crt
@@ -335,7 +337,7 @@ func (a *Authority) store(issuers []*Issuer) error {
 		if err != nil {
 			return err
 		}
-		if err := writeAtomic(filepath.Join(a.dir, IssuersFile), append(b, '\n'), 0o644); err != nil {
+		if err := atomicfile.Write(filepath.Join(a.dir, IssuersFile), append(b, '\n'), 0o644); err != nil {
 			return err
 		}
 	}
@@ -344,27 +346,6 @@ func (a *Authority) store(issuers []*Issuer) error {
 }
 
 func pendingCSRFile(id string) string { return "ca/issuing-" + id + ".csr" }
-
-// writeAtomic replaces path with data (a temporary file renamed over it).
-func writeAtomic(path string, data []byte, mode fs.FileMode) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
-}
 
 // withIssuers runs fn on a copy of the issuers (Issuer values copied, so
 // that the snapshot readers hold never changes) and stores the result.
@@ -468,7 +449,7 @@ func (a *Authority) writeCert(rel string, c *x509.Certificate) error {
 	if a.dir == "" {
 		return nil
 	}
-	return writeAtomic(filepath.Join(a.dir, rel), CertPEM(c), 0o644)
+	return atomicfile.Write(filepath.Join(a.dir, rel), CertPEM(c), 0o644)
 }
 
 // PrepareIssuing creates the key of a new issuing CA and returns it as a
@@ -489,7 +470,7 @@ func (a *Authority) PrepareIssuing() (*Issuer, error) {
 			return nil, err
 		}
 		if a.dir != "" {
-			if err := writeAtomic(filepath.Join(a.dir, pendingCSRFile(id)), csr, 0o644); err != nil {
+			if err := atomicfile.Write(filepath.Join(a.dir, pendingCSRFile(id)), csr, 0o644); err != nil {
 				return nil, err
 			}
 		}
@@ -620,5 +601,5 @@ func (a *Authority) Retire(id string) (*Issuer, error) {
 // WriteFileAtomic replaces path with data: a temporary file, synced, then
 // renamed over it (re-issued server and operator certificates).
 func WriteFileAtomic(path string, data []byte, mode fs.FileMode) error {
-	return writeAtomic(path, data, mode)
+	return atomicfile.Write(path, data, mode)
 }

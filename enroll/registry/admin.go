@@ -17,7 +17,7 @@ import (
 // services and operators by name, and operator roles.
 //
 //	oprole/<name>   an operator's role (JSON OperatorRecord); an operator
-//	                without one (the first, from init) is an admin
+//	                without one has no role and may do nothing
 
 const pfxOpRole = "oprole/"
 
@@ -25,6 +25,8 @@ const pfxOpRole = "oprole/"
 const (
 	OperatorAdmin    = "admin"
 	OperatorReadOnly = "read-only"
+	// OperatorNone: no role record; such an operator is refused everything.
+	OperatorNone = ""
 )
 
 // ErrLastAdmin: the change would leave no operator with the admin role.
@@ -145,14 +147,16 @@ type OperatorRecord struct {
 	CreatedAt time.Time `json:"created_at,omitzero"`
 }
 
-// OperatorRole returns the role of operator name: its record's, else admin
-// (the operator init made has no record).
+// OperatorRole returns the role of operator name: its record's, else
+// OperatorNone (no role: the operator may do nothing). Data directories
+// made before init recorded its operator's role are migrated at start
+// (server/operatorrole.go).
 func (r *Registry) OperatorRole(name string) (string, error) {
 	var rec OperatorRecord
 	err := r.db.View(func(txn *badger.Txn) error { return get(txn, pfxOpRole+name, &rec) })
 	switch {
 	case errors.Is(err, ErrNotFound):
-		return OperatorAdmin, nil
+		return OperatorNone, nil
 	case err != nil:
 		return "", err
 	}

@@ -178,6 +178,9 @@ func StartConfig(t testing.TB, cfg server.Config) *Gateway {
 		}
 		t.Cleanup(func() { k.Close() })
 		caOpts.Key = k
+		rot := keystore.NewRotation(cfg.CAKey) // the keys of rotated issuing CAs, in the same store
+		t.Cleanup(func() { rot.Close() })
+		caOpts.OpenKey, caOpts.NewKey = rot.OpenKey, rot.NewKey
 	}
 	if g.CA, err = ca.Load(cfg.DataDir, caOpts); err != nil {
 		t.Fatal(err)

@@ -5,14 +5,14 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/fleetgate/fleetgate/enroll/ca"
 )
 
 // fileKey is a PEM key held in memory.
@@ -51,7 +51,7 @@ func openFile(ref string) (Key, error) {
 	if err != nil {
 		return nil, storeErr("file", path, ErrStore, "%v", err)
 	}
-	s, err := parseKeyPEM(b)
+	s, err := ca.ParseKeyPEM(b)
 	if err != nil {
 		return nil, storeErr("file", path, ErrNoKey, "%v", err)
 	}
@@ -67,7 +67,7 @@ func generateFile(ref string) (Key, error) {
 	if err != nil {
 		return nil, err
 	}
-	der, err := x509.MarshalPKCS8PrivateKey(k)
+	keyPEM, err := ca.KeyPEM(k)
 	if err != nil {
 		return nil, err
 	}
@@ -81,7 +81,7 @@ func generateFile(ref string) (Key, error) {
 	if err != nil {
 		return nil, storeErr("file", path, ErrStore, "%v", err)
 	}
-	_, err = f.Write(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}))
+	_, err = f.Write(keyPEM)
 	if err == nil {
 		err = f.Sync()
 	}
@@ -92,24 +92,4 @@ func generateFile(ref string) (Key, error) {
 		return nil, storeErr("file", path, ErrStore, "%v", err)
 	}
 	return &fileKey{Signer: k, path: path}, nil
-}
-
-func parseKeyPEM(b []byte) (crypto.Signer, error) {
-	blk, _ := pem.Decode(b)
-	if blk == nil {
-		return nil, errors.New("no PEM block")
-	}
-	if k, err := x509.ParsePKCS8PrivateKey(blk.Bytes); err == nil {
-		if s, ok := k.(crypto.Signer); ok {
-			return s, nil
-		}
-		return nil, fmt.Errorf("key type %T is not a signer", k)
-	}
-	if k, err := x509.ParseECPrivateKey(blk.Bytes); err == nil {
-		return k, nil
-	}
-	if k, err := x509.ParsePKCS1PrivateKey(blk.Bytes); err == nil {
-		return k, nil
-	}
-	return nil, errors.New("unsupported private key encoding")
 }
