@@ -2,6 +2,7 @@ package broker
 
 import (
 	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/fleetgate/fleetgate/broker/auth"
 )
@@ -19,3 +20,25 @@ func (b *Broker) MQTT() *mqtt.Server { return b.server }
 
 // Auth is the authentication/ACL hook (sessions by client ID).
 func (b *Broker) Auth() *auth.Hook { return b.hook }
+
+// CloseSessions closes every live session with the MQTT 5 DISCONNECT
+// reason code (MQTT 3.1.1 clients: the connection is closed) and returns
+// how many it closed; reason labels fleetgate_broker_sessions_closed_total.
+// Persistent sessions stay (offline); wills go through the hooks as at any
+// abnormal end (a cluster node's router decides whether one is sent).
+func (b *Broker) CloseSessions(reason string, code packets.Code) int {
+	n := 0
+	b.hook.Sessions(func(s *auth.Session) bool {
+		if !s.Online() || s.Client == nil || !s.MarkClosing() {
+			return true
+		}
+		b.log.Debug("closing session", "identity", s.Identity.String(), "reason", reason, "remote", s.Client.Net.Remote)
+		b.m.closed.WithLabelValues(reason).Inc()
+		_ = b.server.DisconnectClient(s.Client, code)
+		s.Client.Stop(code)
+		b.hook.MarkOffline(s)
+		n++
+		return true
+	})
+	return n
+}

@@ -16,7 +16,8 @@ func (s *Server) clusterRouter(bc *broker.Config) error {
 	if s.clu == nil {
 		return nil
 	}
-	r, err := bcluster.New(bcluster.Config{NC: s.clu.nc, Node: s.cfg.Cluster.NodeName, Logger: s.log})
+	r, err := bcluster.New(bcluster.Config{NC: s.clu.nc, Node: s.cfg.Cluster.NodeName, Logger: s.log,
+		Stale: s.clu.staleFor, StaleCloseAfter: s.cfg.Cluster.closeAfter()})
 	if err != nil {
 		return err
 	}

@@ -57,6 +57,23 @@ type ClusterConfig struct {
 	// StaleAfter bounds how old a node's proven view of revocations may
 	// be before it refuses every certificate and reports not ready.
 	StaleAfter time.Duration `yaml:"cluster_stale_after"`
+	// StaleCloseAfter is the second bound: past it the node also closes
+	// its live sessions (broker/cluster, stale.go). Above StaleAfter; the
+	// other nodes send the wills of a silent node's sessions 2 s after it
+	// (at least 5 s). 0: the default (closeAfter).
+	StaleCloseAfter time.Duration `yaml:"cluster_stale_close_after"`
+}
+
+// DefaultStaleCloseAfter is cluster_stale_close_after's default.
+const DefaultStaleCloseAfter = 5 * time.Second
+
+// closeAfter is the second bound in force: StaleCloseAfter, or for 0 the
+// default (at least twice StaleAfter).
+func (c ClusterConfig) closeAfter() time.Duration {
+	if c.StaleCloseAfter > 0 {
+		return c.StaleCloseAfter
+	}
+	return max(DefaultStaleCloseAfter, 2*c.StaleAfter)
 }
 
 // Enabled: this process is a cluster node.
@@ -64,7 +81,7 @@ func (c ClusterConfig) Enabled() bool { return c.ClusterName != "" || c.NATSURL 
 
 // clusterKeys are the cluster settings, by flag name (layered by Load
 // like every other setting).
-var clusterKeys = []string{"cluster-name", "node-name", "nats-listen", "nats-advertise", "nats-routes", "nats-client-addr", "nats-url", "cluster-stale-after"}
+var clusterKeys = []string{"cluster-name", "node-name", "nats-listen", "nats-advertise", "nats-routes", "nats-client-addr", "nats-url", "cluster-stale-after", "cluster-stale-close-after"}
 
 func init() { keys = append(keys, clusterKeys...) }
 
@@ -79,6 +96,7 @@ func clusterFlags(fs *pflag.FlagSet, d Config) {
 	fs.String("nats-client-addr", c.NATSClientAddr, "with --cluster-name: the embedded NATS node's client listener (default a free loopback port)")
 	fs.String("nats-url", c.NATSURL, "run a cluster node on an existing NATS cluster (comma-separated nats:// URLs; at least 3 JetStream servers, sync_interval always)")
 	fs.Duration("cluster-stale-after", c.StaleAfter, "a cluster node whose proven view of revocations is older than this refuses every certificate and reports not ready")
+	fs.Duration("cluster-stale-close-after", c.StaleCloseAfter, "a cluster node whose proven view of revocations is older than this closes its live sessions (MQTT 5: 0x8B); above --cluster-stale-after")
 }
 
 func assignCluster(c *Config, k string, fs *pflag.FlagSet) error {
@@ -100,6 +118,8 @@ func assignCluster(c *Config, k string, fs *pflag.FlagSet) error {
 		c.Cluster.NATSURL, err = fs.GetString(k)
 	case "cluster-stale-after":
 		c.Cluster.StaleAfter, err = fs.GetDuration(k)
+	case "cluster-stale-close-after":
+		c.Cluster.StaleCloseAfter, err = fs.GetDuration(k)
 	}
 	return err
 }
@@ -109,6 +129,9 @@ func (c ClusterConfig) validate() []error {
 	var errs []error
 	if c.StaleAfter < 100*time.Millisecond {
 		errs = append(errs, fmt.Errorf("cluster_stale_after: %s is below 100ms", c.StaleAfter))
+	}
+	if c.StaleCloseAfter != 0 && c.StaleCloseAfter <= c.StaleAfter {
+		errs = append(errs, fmt.Errorf("cluster_stale_close_after: %s must be above cluster_stale_after (%s)", c.StaleCloseAfter, c.StaleAfter))
 	}
 	if !c.Enabled() {
 		if c.NodeName != "" || c.NATSListen != "" || len(c.NATSRoutes) > 0 {
@@ -221,6 +244,24 @@ func (p *clusterPart) check() error {
 		return fmt.Errorf("%w: cluster buckets not open yet", dirfeed.ErrStale)
 	}
 	return f.Check()
+}
+
+// staleFor is how old the node's proven view of revocations is; 0 until
+// the feed first proved it (no session can exist before: the gate refuses
+// every certificate).
+func (p *clusterPart) staleFor() time.Duration {
+	p.mu.Lock()
+	f := p.feed
+	p.mu.Unlock()
+	if f == nil {
+		return 0
+	}
+	select {
+	case <-f.Synced():
+		return f.Age()
+	default:
+		return 0
+	}
 }
 
 // run opens the buckets (retrying until the cluster has formed) and runs

@@ -128,7 +128,7 @@ func Defaults() Config {
 		// admission
 		HelloTimeout: 3 * time.Second, SubRate: broker.DefaultLimits.SubRate, SubBurst: broker.DefaultLimits.SubBurst,
 		SweepInterval: 10 * time.Second,
-		Cluster:       ClusterConfig{StaleAfter: time.Second},
+		Cluster:       ClusterConfig{StaleAfter: time.Second, StaleCloseAfter: DefaultStaleCloseAfter},
 		MinTLS:        "1.3",
 	}
 }

@@ -7,7 +7,6 @@ import (
 	"strings"
 
 	"github.com/mochi-mqtt/server/v2/packets"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/fleetgate/fleetgate/cluster/natsnode"
@@ -18,9 +17,21 @@ import (
 // empty payload, deletes) the key before the publish is acknowledged;
 // every node sets or clears its local retained store (mochi's, which
 // serves new subscribers through the broker's usual check of the
-// publisher's state) from two paths: a core subscription on the bucket's
-// subjects (fast) and an ordered watch from the bucket's start (its
-// content at start, every change in order, resumed after a reconnect).
+// publisher's state) from an ordered watch of the bucket from its start
+// (its content at start, then every change in revision order, resumed
+// after a reconnect).
+//
+// Only the watch applies: what it delivers is committed (stored by a
+// majority) and in order. A core subscription on the bucket's subjects,
+// as this had before, also sees writes JetStream refused (a lost
+// compare-and-swap, no quorum) and applies them with no revision to order
+// them by: a late copy could bring back a message the watch had already
+// deleted, and a refused write was served though no bucket held it
+// (TestUncommittedRetainedIsNotServed). After a NATS server dies the
+// watch may be late by seconds (nats.go's idle heartbeats); a retained
+// message then arrives late, never out of order. Revoked devices' retained
+// messages do not wait for it: each node deletes them itself on the
+// revocation (broker.onRegistryEvent).
 
 // RetainedBucket is the KV bucket of retained messages.
 const RetainedBucket = "fg_retained"
@@ -49,36 +60,23 @@ func retainedTopic(key string) (string, bool) {
 	return DecodeTopic(strings.ReplaceAll(k, "=", "~"))
 }
 
-// openRetained opens the bucket, follows its subjects, and loads what it
-// holds.
+// openRetained opens the bucket and starts the watch that loads and
+// follows it.
 func (r *Router) openRetained(ctx context.Context) error {
-	if r.retainedSub != nil {
+	if r.retainedKV != nil {
 		return nil // opened by an earlier attempt of open
 	}
 	kv, err := natsnode.Bucket(ctx, r.js, RetainedBucket)
 	if err != nil {
 		return err
 	}
-	r.retainedKV = kv
-	sub, err := r.cfg.NC.Subscribe("$KV."+RetainedBucket+".>", func(m *nats.Msg) {
-		key := strings.TrimPrefix(m.Subject, "$KV."+RetainedBucket+".")
-		op := m.Header.Get("KV-Operation")
-		r.applyRetained(key, m.Data, op == "DEL" || op == "PURGE")
-	})
-	if err != nil {
-		return err
-	}
-	// The ordered watch: everything in order, from the start (the
-	// bucket's content), resumed by nats.go after a reconnect; the core
-	// subscription above is the fast path.
 	wctx, cancel := context.WithCancel(context.Background())
 	w, err := kv.WatchAll(wctx)
 	if err != nil {
 		cancel()
-		_ = sub.Unsubscribe()
 		return err
 	}
-	r.retainedSub = sub
+	r.retainedKV = kv
 	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()

@@ -81,6 +81,12 @@ type Config struct {
 	// Workers deliver routed messages in parallel, each topic always by
 	// the same worker (order per topic kept); default 4.
 	Workers int
+	// Stale, if set, is how old this node's proven view of revocations is
+	// (0 before the view was first proven: nothing is connected then).
+	// While it is older than StaleCloseAfter the node closes its sessions
+	// (stale.go).
+	Stale           func() time.Duration
+	StaleCloseAfter time.Duration
 }
 
 // Router is one node's share of the broker across nodes; see the package
@@ -109,14 +115,15 @@ type Router struct {
 
 	sess *sessions
 
-	retainedKV  jetstream.KeyValue
-	retainedSub *nats.Subscription
+	retainedKV jetstream.KeyValue
 	// pause is held for reading by each delivery of a routed message, and
 	// for writing while a replay puts a resumed session's messages in order.
 	pause sync.RWMutex
 
 	// Routed counts messages sent to and received from other nodes.
 	Routed, Received atomic.Int64
+	// StaleClosed counts sessions closed past the second staleness bound.
+	StaleClosed atomic.Int64
 }
 
 type natsSub struct {
@@ -158,7 +165,7 @@ func (r *Router) ID() string { return "fleetgate-cluster" }
 
 // Provides implements mqtt.Hook.
 func (r *Router) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPublish, mqtt.OnWillSent, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnSessionEstablish,
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPublish, mqtt.OnWill, mqtt.OnWillSent, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnSessionEstablish,
 		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnClientExpired}, []byte{b})
 }
 
@@ -186,6 +193,8 @@ func (r *Router) Ready() bool { return r.ready.Load() }
 // then serves session takeovers until ctx ends.
 func (r *Router) Run(ctx context.Context) error {
 	defer r.close()
+	r.wg.Add(1)
+	go func() { defer r.wg.Done(); r.staleLoop(ctx) }()
 	for {
 		err := r.open(ctx)
 		if err == nil {
@@ -223,9 +232,6 @@ func (r *Router) open(ctx context.Context) error {
 func (r *Router) close() {
 	r.once.Do(func() {
 		close(r.stop)
-		if r.retainedSub != nil {
-			_ = r.retainedSub.Unsubscribe()
-		}
 		r.mu.Lock()
 		for s, e := range r.subjects {
 			_ = e.sub.Unsubscribe()
@@ -322,6 +328,12 @@ func (r *Router) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, 
 	}
 	r.Routed.Add(1)
 	return pk, nil
+}
+
+// OnWill implements mqtt.Hook: the will goes out only if this node claims
+// it in the session record (wills.go); otherwise it is dropped.
+func (r *Router) OnWill(cl *mqtt.Client, w mqtt.Will) (mqtt.Will, error) {
+	return r.sess.onWill(cl, w), nil
 }
 
 // OnWillSent implements mqtt.Hook: a will this node published (its
@@ -540,7 +552,11 @@ func (r *Router) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 // subscriptions while it is offline on this node: routed QoS 1/2 messages
 // are queued for it as for a local publish.
 func (r *Router) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
-	if cl.Net.Inline || cl.IsTakenOver() {
+	if cl.Net.Inline {
+		return
+	}
+	if cl.IsTakenOver() {
+		r.sess.forget(cl) // its will went through OnWill (mochi cancels a delayed one)
 		return
 	}
 	if expire {
@@ -551,6 +567,7 @@ func (r *Router) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 
 // OnClientExpired implements mqtt.Hook.
 func (r *Router) OnClientExpired(cl *mqtt.Client) {
+	r.sess.forget(cl)
 	if cur, ok := r.srv.Clients.Get(cl.ID); !ok || cur == cl {
 		r.setSubjects(cl.ID, nil)
 	}

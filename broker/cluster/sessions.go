@@ -8,6 +8,7 @@ import (
 	"errors"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -63,8 +64,20 @@ type record struct {
 	// time. A node resuming the session replays the stream from there
 	// (less replayMargin).
 	ReplayFrom time.Time `json:"replay_from,omitzero"`
-	// Will is the connection's Last Will while it is online (wills.go).
+	// Will is the connection's Last Will while it may still be sent: while
+	// the connection is online, and while a delayed will waits (wills.go).
+	// Whoever sends it first takes it out by compare-and-swap (claimWill).
 	Will *will `json:"will,omitempty"`
+	// Prev is the will of the connection this record's claim took the
+	// session from while it was online, until its old node (at the close)
+	// or the new one (if the old did not confirm) claims it.
+	Prev *prevWill `json:"prev,omitempty"`
+}
+
+// prevWill is a taken-over connection's will, not yet sent.
+type prevWill struct {
+	Conn string `json:"conn"`
+	Will *will  `json:"will"`
 }
 
 type sub struct {
@@ -89,9 +102,22 @@ type sessions struct {
 
 	mu    sync.Mutex
 	local map[string]*local // client ID → the connection that owns it here
+	// conns: each client connected here → its connection's ID in the
+	// record, kept (also after an eviction) while its will may still be
+	// sent (OnWill).
+	conns map[*mqtt.Client]string
 }
 
-func newSessions(r *Router) *sessions { return &sessions{r: r, local: map[string]*local{}} }
+func newSessions(r *Router) *sessions {
+	return &sessions{r: r, local: map[string]*local{}, conns: map[*mqtt.Client]string{}}
+}
+
+// forget drops cl's entry in conns.
+func (s *sessions) forget(cl *mqtt.Client) {
+	s.mu.Lock()
+	delete(s.conns, cl)
+	s.mu.Unlock()
+}
 
 func (s *sessions) open(ctx context.Context) error {
 	kv, err := natsnode.Bucket(ctx, s.r.js, SessionsBucket)
@@ -178,6 +204,9 @@ func (s *sessions) evict(id, conn string) {
 	if !ok || cl != l.cl {
 		return
 	}
+	if cl.Closed() {
+		s.forget(cl) // its delayed will, if any, is cancelled (sendDelayedWill)
+	}
 	s.r.log.Info("session taken over by another node: closing it here", "client", id)
 	_ = srv.DisconnectClient(cl, packets.ErrSessionTakenOver) // 0x8E
 	srv.UnsubscribeClient(cl)
@@ -263,6 +292,7 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 		if !pk.Connect.Clean && prev != nil && prev.Persistent {
 			rec.Subs = prev.Subs
 		}
+		rec.Prev = pendingWill(prev, pk.Connect.Clean)
 		b, _ := json.Marshal(rec)
 		if rev == 0 {
 			_, err = s.kv.Create(ctx, key, b)
@@ -280,19 +310,41 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 	}
 	s.mu.Lock()
 	s.local[cl.ID] = &local{conn: conn, cl: cl}
+	s.conns[cl] = conn
 	s.mu.Unlock()
-	if prev == nil || prev.Node == s.r.cfg.Node {
-		return nil // mochi takes a local session over itself
+	if prev == nil {
+		return nil
+	}
+	if prev.Node == s.r.cfg.Node {
+		if old, ok := s.r.srv.Clients.Get(cl.ID); ok && old.Closed() {
+			s.forget(old) // mochi cancels its delayed will, if any
+		}
+		// mochi takes a local session over itself, and sends (or, for a
+		// delayed will, cancels) the old connection's will through OnWill.
+		return nil
 	}
 	if prev.Online {
 		b, _ := json.Marshal(kick{ID: cl.ID, Conn: conn})
 		if _, err := s.r.cfg.NC.Request("fg.sess.kick."+prev.Node, b, kickTimeout); err != nil {
 			s.r.log.Warn("the session's previous node did not confirm closing it (down?)", "client", cl.ID, "node", prev.Node, "err", err)
-			if prev.Will != nil {
-				// The old connection's node is gone; this claim replaced
-				// its record (and the will in it): send the will, once.
-				s.sendWill(ctx, cl.ID, prev.Will)
+			if rec := pendingWill(prev, pk.Connect.Clean); rec != nil {
+				// The old node may be gone, or alive and slow: it claims
+				// the will when it closes the connection, this node now;
+				// the compare-and-swap lets one of them send it.
+				if w, ok := s.claimWill(ctx, cl.ID, prev.Conn); ok {
+					s.sendWill(ctx, cl.ID, w)
+				}
 			}
+		} else if pendingWill(prev, pk.Connect.Clean) != nil {
+			// The old node closed the connection and claims its will; if
+			// it cannot (it died meanwhile), this node does, later.
+			go s.claimLater(cl.ID, prev.Conn)
+		}
+	} else if pendingWill(prev, pk.Connect.Clean) != nil {
+		// An offline session's delayed will ends with the session (clean
+		// start): send it now, once.
+		if w, ok := s.claimWill(ctx, cl.ID, prev.Conn); ok {
+			s.sendWill(ctx, cl.ID, w)
 		}
 	}
 	if !pk.Connect.Clean && prev.Persistent && len(prev.Subs) > 0 {
@@ -380,11 +432,24 @@ func (s *sessions) established(cl *mqtt.Client, _ packets.Packet) {
 	s.update(cl, func(r *record) bool { r.Subs = subsOf(cl); return false })
 }
 
+// willPending: cl's delayed will waits to be sent.
+func willPending(cl *mqtt.Client) bool {
+	return atomic.LoadUint32(&cl.Properties.Will.Flag) == 1 && cl.Properties.Will.WillDelayInterval > 0
+}
+
 // disconnected marks the record offline (persistent) or deletes it.
 func (s *sessions) disconnected(cl *mqtt.Client, _ error, expire bool) {
+	if !willPending(cl) {
+		defer s.forget(cl)
+	}
 	s.update(cl, func(r *record) bool {
-		// The broker sent the will (or dropped it, at a normal DISCONNECT).
-		r.Online, r.Since, r.Subs, r.Will = false, time.Now().UTC(), subsOf(cl), nil
+		// The broker sent the will (claimed through OnWill, which took it
+		// out of the record), or dropped it at a normal DISCONNECT; a
+		// delayed will waits, in the record too (wills.go).
+		r.Online, r.Since, r.Subs = false, time.Now().UTC(), subsOf(cl)
+		if !willPending(cl) {
+			r.Will = nil
+		}
 		r.ReplayFrom = r.Since
 		for _, pk := range cl.State.Inflight.GetAll(false) {
 			if c := time.Unix(pk.Created, 0); pk.FixedHeader.Type == packets.Publish && pk.Created > 0 && c.Before(r.ReplayFrom) {

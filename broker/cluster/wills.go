@@ -3,29 +3,58 @@ package cluster
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"strings"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/fleetgate/fleetgate/cluster/natsnode"
 )
 
-// Wills of a node that dies. The session record holds the connection's
-// will. Every node writes its liveness key in the KV bucket fg_nodes every
-// second (acknowledged by a majority only, so a node cut off from the
-// quorum stops writing it). A node that could write its own key and sees
-// another's older than deadAfter sweeps that node's records: each online
-// one is marked offline by compare-and-swap, and the node whose swap
-// succeeded publishes the will — one node, once. A session resumed later
-// on any node is replayed from the dead node's last proof of life.
+// Wills across nodes: each is sent once, by one node, decided by
+// compare-and-swap on the session record, which holds the connection's
+// will while it may still be sent. Whoever sends a will first takes it out
+// of the record (claimWill); whoever finds it gone sends nothing:
+//   - the connection's own node, when the connection ends abnormally:
+//     mochi runs the OnWill hooks just before it publishes a will (a
+//     delayed one when it is due), and the router's claims it there; a
+//     node that cannot reach the quorum cannot claim, so it sends nothing;
+//   - the node that took the session over while the connection was online
+//     (the record's Prev): at once if the old node did not confirm closing
+//     the connection within kickTimeout (dead, cut off, or alive and slow:
+//     then its own claim, at the close, finds the will gone); else after
+//     claimGrace, if the old node has not claimed it by then;
+//   - a surviving node that sweeps a dead node's records (below).
+//
+// Dead nodes: every node writes its liveness key in the KV bucket fg_nodes
+// every second (acknowledged by a majority only, so a node cut off from
+// the quorum stops writing it). A node that could write its own key and
+// sees another's older than its dead bound (Router.deadAfter: 2 s past the
+// second staleness bound, so that a node cut off from the quorum has
+// closed its own connections before the others send their wills) sweeps
+// that node's records: each
+// online one is marked offline by compare-and-swap, and the node whose
+// swap succeeded publishes the will — one node, once. A will with an MQTT
+// 5 Will Delay Interval stays in the record instead and is claimed when
+// the delay has passed (from the sweep, or from the disconnect the record
+// shows); a reconnect within the delay, on any node, rewrites the record
+// without it, so the claim finds nothing: the will is cancelled
+// [MQTT-3.1.2-8]. A clean start ends the session, and with it the delay:
+// the new node sends the will at once. A session resumed later on any node
+// is replayed from the dead node's last proof of life.
 
 // NodesBucket is the KV bucket of node liveness keys.
 const NodesBucket = "fg_nodes"
 
 const (
 	liveEvery = time.Second
-	deadAfter = 5 * time.Second
+	deadAfter = 5 * time.Second // at least; see Router.deadAfter
+	// claimGrace: after the old node confirmed closing a taken-over
+	// connection, how long the new node leaves it to claim the will.
+	claimGrace = 5 * time.Second
 )
 
 // openLive opens the liveness bucket and writes this node's key once: a
@@ -49,6 +78,8 @@ type will struct {
 	Qos     byte                   `json:"qos"`
 	Retain  bool                   `json:"retain,omitempty"`
 	User    []packets.UserProperty `json:"user,omitempty"`
+	// Delay is the MQTT 5 Will Delay Interval, seconds.
+	Delay uint32 `json:"delay,omitempty"`
 }
 
 func willOf(cl *mqtt.Client) *will {
@@ -56,7 +87,131 @@ func willOf(cl *mqtt.Client) *will {
 	if w.Flag == 0 || w.TopicName == "" {
 		return nil
 	}
-	return &will{Topic: w.TopicName, Payload: w.Payload, Qos: w.Qos, Retain: w.Retain, User: w.User}
+	return &will{Topic: w.TopicName, Payload: w.Payload, Qos: w.Qos, Retain: w.Retain, User: w.User, Delay: w.WillDelayInterval}
+}
+
+// pendingWill is the will of prev's connection that a new connection's
+// record keeps (as Prev) to be claimed, or nil: none, or a delayed will
+// cancelled because the new connection resumes the session.
+func pendingWill(prev *record, clean bool) *prevWill {
+	if prev == nil || prev.Will == nil || (prev.Will.Delay > 0 && !clean) {
+		return nil
+	}
+	return &prevWill{Conn: prev.Conn, Will: prev.Will}
+}
+
+// claimWill takes the will of connection conn of client id out of its
+// record by compare-and-swap; ok means the caller must send it (and is
+// the only one). Not ok: sent or cancelled already, or the record cannot
+// be read or written (no quorum: a surviving node decides).
+func (s *sessions) claimWill(ctx context.Context, id, conn string) (*will, bool) {
+	if s.kv == nil {
+		return nil, false
+	}
+	key := sessionKey(id)
+	for range 5 {
+		e, err := s.kv.Get(ctx, key)
+		if err != nil {
+			if !errors.Is(err, jetstream.ErrKeyNotFound) && !errors.Is(err, jetstream.ErrKeyDeleted) {
+				s.r.log.Warn("will not claimed: session record not read (no quorum?); not sent from here", "client", id, "err", err)
+			}
+			return nil, false
+		}
+		var rec record
+		if json.Unmarshal(e.Value(), &rec) != nil {
+			return nil, false
+		}
+		var w *will
+		switch {
+		case rec.Conn == conn && rec.Will != nil:
+			w, rec.Will = rec.Will, nil
+		case rec.Prev != nil && rec.Prev.Conn == conn && rec.Prev.Will != nil:
+			w, rec.Prev = rec.Prev.Will, nil
+		default:
+			return nil, false // sent by another node, or cancelled
+		}
+		b, _ := json.Marshal(rec)
+		_, err = s.kv.Update(ctx, key, b, e.Revision())
+		if err == nil {
+			return w, true
+		}
+		if !strings.Contains(err.Error(), "wrong last sequence") {
+			s.r.log.Warn("will not claimed: session record not written (no quorum?); not sent from here", "client", id, "err", err)
+			return nil, false
+		}
+	}
+	return nil, false
+}
+
+// claimLater claims the will of a taken-over connection after claimGrace
+// (its old node did not) and sends it.
+func (s *sessions) claimLater(id, conn string) {
+	select {
+	case <-s.r.stop:
+		return
+	case <-time.After(claimGrace):
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.r.cfg.AckTimeout)
+	defer cancel()
+	if w, ok := s.claimWill(ctx, id, conn); ok {
+		s.r.log.Info("will of a taken-over connection not claimed by its old node: sending it", "client", id)
+		s.sendWill(ctx, id, w)
+	}
+}
+
+// claimAt claims and sends a delayed will of connection conn when it is
+// due (at), unless the router stops first. A reconnect meanwhile rewrote
+// the record without it: the claim finds nothing.
+func (s *sessions) claimAt(id, conn string, at time.Time) {
+	s.r.wg.Add(1)
+	go func() {
+		defer s.r.wg.Done()
+		t := time.NewTimer(time.Until(at))
+		defer t.Stop()
+		select {
+		case <-s.r.stop:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), s.r.cfg.AckTimeout)
+		defer cancel()
+		if w, ok := s.claimWill(ctx, id, conn); ok {
+			s.sendWill(ctx, id, w)
+		} else {
+			s.r.log.Info("delayed will of a dead node's session not sent: the client reconnected, or another node sent it", "client", id)
+		}
+	}()
+}
+
+// onWill decides, when mochi is about to publish cl's will, whether this
+// node sends it: only if it claims it (claimWill). A will of a client
+// without a session record here (refused at CONNECT) goes as before.
+func (s *sessions) onWill(cl *mqtt.Client, w mqtt.Will) mqtt.Will {
+	if cl.Net.Inline || w.TopicName == "" {
+		return w
+	}
+	s.mu.Lock()
+	conn, ok := s.conns[cl]
+	delete(s.conns, cl)
+	s.mu.Unlock()
+	if !ok {
+		return w
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.r.cfg.AckTimeout)
+	defer cancel()
+	if _, ok := s.claimWill(ctx, cl.ID, conn); !ok {
+		s.r.log.Info("will not sent from this node: sent by another, cancelled, or not claimable (no quorum)", "client", cl.ID)
+		return mqtt.Will{}
+	}
+	return w
+}
+
+// deadAfter is how old another node's liveness key must be before this
+// node sweeps its sessions: 2 s past the second staleness bound (a node
+// cut off from the quorum goes stale, then closes its sessions, from
+// about when it last wrote its key), at least deadAfter.
+func (r *Router) deadAfter() time.Duration {
+	return max(deadAfter, r.cfg.StaleCloseAfter+2*time.Second)
 }
 
 // live writes this node's liveness key and sweeps dead nodes until ctx
@@ -89,23 +244,30 @@ func (s *sessions) live(ctx context.Context) {
 				continue
 			}
 			e, gerr := kv.Get(lctx, node)
-			if gerr != nil || time.Since(e.Created()) < deadAfter || swept[node] == e.Revision() {
+			if gerr != nil || time.Since(e.Created()) < s.r.deadAfter() || swept[node] == e.Revision() {
 				continue
 			}
-			swept[node] = e.Revision()
 			s.r.log.Warn("cluster node silent: sending the wills of its sessions", "dead", node, "last_seen", e.Created())
-			s.sweep(lctx, node, e.Created())
+			// A sweep of its own time: one cut short (timeouts under load,
+			// a leader election) is done again at the next tick; what it
+			// did already is not done twice (compare-and-swap).
+			sctx, scancel := context.WithTimeout(ctx, 30*time.Second)
+			if s.sweep(sctx, node, e.Created()) {
+				swept[node] = e.Revision()
+			}
+			scancel()
 		}
 		cancel()
 	}
 }
 
 // sweep takes over the online records of a dead node.
-func (s *sessions) sweep(ctx context.Context, dead string, lastSeen time.Time) {
+func (s *sessions) sweep(ctx context.Context, dead string, lastSeen time.Time) (complete bool) {
 	lister, err := s.kv.ListKeys(ctx)
 	if err != nil {
-		return
+		return false
 	}
+	complete = true
 	for key := range lister.Keys() {
 		id, ok := keyID(key)
 		if !ok {
@@ -113,22 +275,46 @@ func (s *sessions) sweep(ctx context.Context, dead string, lastSeen time.Time) {
 		}
 		e, err := s.kv.Get(ctx, key)
 		if err != nil {
+			if !errors.Is(err, jetstream.ErrKeyNotFound) && !errors.Is(err, jetstream.ErrKeyDeleted) {
+				complete = false
+			}
 			continue
 		}
 		var rec record
-		if json.Unmarshal(e.Value(), &rec) != nil || rec.Node != dead || !rec.Online {
+		if json.Unmarshal(e.Value(), &rec) != nil || rec.Node != dead {
+			continue
+		}
+		if !rec.Online {
+			// A delayed will the dead node was waiting to send.
+			if w := rec.Will; w != nil && w.Delay > 0 {
+				s.claimAt(id, rec.Conn, rec.Since.Add(time.Duration(w.Delay)*time.Second))
+			}
 			continue
 		}
 		w := rec.Will
-		rec.Online, rec.Will, rec.Since, rec.ReplayFrom = false, nil, time.Now().UTC(), lastSeen.UTC()
+		rec.Online, rec.Since, rec.ReplayFrom = false, time.Now().UTC(), lastSeen.UTC()
+		if w == nil || w.Delay == 0 {
+			rec.Will = nil // claimed here by the swap below
+		}
 		b, _ := json.Marshal(rec)
 		if _, err := s.kv.Update(ctx, key, b, e.Revision()); err != nil {
+			if !strings.Contains(err.Error(), "wrong last sequence") {
+				complete = false
+			}
 			continue // another node swept it, or the client came back
 		}
-		if w != nil {
+		switch {
+		case w == nil:
+		case w.Delay > 0:
+			// The delay runs from now (the connection ended at the
+			// latest now): claimed then, unless the client reconnects.
+			s.r.log.Info("delayed will of a dead node's session waits its delay", "client", id, "delay_s", w.Delay)
+			s.claimAt(id, rec.Conn, rec.Since.Add(time.Duration(w.Delay)*time.Second))
+		default:
 			s.sendWill(ctx, id, w)
 		}
 	}
+	return complete && ctx.Err() == nil
 }
 
 // sendWill publishes a dead connection's will: to the other nodes, into the
