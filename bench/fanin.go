@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -67,6 +68,9 @@ func (e *Env) FanIn(ctx context.Context, b *Broker, pubs int, qos byte, d time.D
 
 	// subscriber
 	received := make([]bitset, pubs)
+	// publish → delivery latency of every message: the publisher puts the
+	// time it wrote the message in the payload (same clock, one process)
+	var lat []time.Duration
 	var recv, dups, bad atomic.Int64
 	var lastRecv atomic.Int64
 	subDone := make(chan error, 1)
@@ -98,7 +102,11 @@ func (e *Env) FanIn(ctx context.Context, b *Broker, pubs int, qos byte, d time.D
 			} else {
 				recv.Add(1)
 			}
-			lastRecv.Store(time.Now().UnixNano())
+			now := time.Now().UnixNano()
+			lastRecv.Store(now)
+			if len(payload) >= 16 {
+				lat = append(lat, time.Duration(now-int64(binary.BigEndian.Uint64(payload[8:]))))
+			}
 			if (h>>1)&3 > 0 {
 				out = appendPuback(out, id)
 			}
@@ -198,6 +206,9 @@ func (e *Env) FanIn(ctx context.Context, b *Broker, pubs int, qos byte, d time.D
 		"publisher errors":    float64(pubErrs.Load()),
 		"broker CPU % (of 1)": 100 * cpu.Seconds() / last.Sub(start).Seconds(),
 	}
+	slices.Sort(lat)
+	v["delivery p50 ms"] = ms(pct(lat, 0.50))
+	v["delivery p99 ms"] = ms(pct(lat, 0.99))
 	if qos > 0 {
 		v["acked by broker"] = float64(total)
 		v["acked msgs/s"] = float64(total) / pubEnd.Sub(start).Seconds()
@@ -211,17 +222,20 @@ func (e *Env) FanIn(ctx context.Context, b *Broker, pubs int, qos byte, d time.D
 	return v, nil
 }
 
+// telemetry fills buf with (publisher, sequence, time written in Unix
+// nanoseconds); the rest is padding.
 func telemetry(buf []byte, pub, seq uint32) []byte {
 	buf = buf[:payloadSize]
 	binary.BigEndian.PutUint32(buf, pub)
 	binary.BigEndian.PutUint32(buf[4:], seq)
+	binary.BigEndian.PutUint64(buf[8:], uint64(time.Now().UnixNano()))
 	return buf
 }
 
-// newPayload is a telemetry buffer: (publisher, sequence), then padding.
+// newPayload is a telemetry buffer: (publisher, sequence, time), then padding.
 func newPayload() []byte {
 	payload := make([]byte, payloadSize)
-	for i := 8; i < payloadSize; i++ {
+	for i := 16; i < payloadSize; i++ {
 		payload[i] = 'x'
 	}
 	return payload

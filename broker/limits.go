@@ -246,10 +246,11 @@ func (h *limitsHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.P
 		return pk, nil
 	}
 	code := packets.CodeSuccess
+	now := time.Now() // one clock read for both limiters
 	switch {
-	case !c.msgs.Allow():
+	case !c.msgs.AllowN(now, 1):
 		code = packets.ErrMessageRateTooHigh
-	case !c.bytes.AllowN(time.Now(), n):
+	case !c.bytes.AllowN(now, n):
 		code = packets.ErrQuotaExceeded
 	default:
 		return pk, nil

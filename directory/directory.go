@@ -37,7 +37,16 @@ type Directory struct {
 	gate atomic.Pointer[func() error]
 	// issuers are the trusted issuing CAs (issuers.go).
 	issuers trustedIssuers
+	// gen counts the writes to certs, devices and principals (made under
+	// mu): an answer derived from the view stays valid while it is
+	// unchanged (the broker caches ACL decisions on it).
+	gen atomic.Uint64
 }
+
+// Generation returns the number of writes to the view so far. Read it
+// before the reads a cached answer derives from: the answer is current
+// while Generation still returns the same number.
+func (d *Directory) Generation() uint64 { return d.gen.Load() }
 
 // New returns an empty directory: it vouches for no certificate.
 func New() *Directory {
@@ -96,6 +105,7 @@ func (d *Directory) CountExpiring(now time.Time, dur time.Duration) int {
 func (d *Directory) Load(c *fleet.Certificate) {
 	d.mu.Lock()
 	d.putCert(c)
+	d.gen.Add(1)
 	d.mu.Unlock()
 }
 
@@ -103,6 +113,7 @@ func (d *Directory) Load(c *fleet.Certificate) {
 func (d *Directory) LoadDevice(dev *fleet.Device) {
 	d.mu.Lock()
 	d.devices[dev.ID] = dev.Status()
+	d.gen.Add(1)
 	d.mu.Unlock()
 }
 
@@ -121,6 +132,7 @@ func (d *Directory) Issued(c *fleet.Certificate, dev *fleet.Device) {
 	if dev != nil {
 		d.devices[dev.ID] = dev.Status()
 	}
+	d.gen.Add(1)
 	d.mu.Unlock()
 	evs := []fleet.Event{{Kind: fleet.EventCertIssued, Serial: c.Serial}}
 	if dev != nil {
@@ -134,6 +146,7 @@ func (d *Directory) Issued(c *fleet.Certificate, dev *fleet.Device) {
 func (d *Directory) DeviceChanged(dev *fleet.Device) {
 	d.mu.Lock()
 	d.devices[dev.ID] = dev.Status()
+	d.gen.Add(1)
 	d.mu.Unlock()
 	d.emit(fleet.Event{Kind: fleet.EventDeviceChanged, DeviceID: dev.ID, State: dev.State})
 }
@@ -147,6 +160,7 @@ func (d *Directory) Revoked(deviceID string, serials ...string) {
 		st.Revoked = true
 		d.certs[s] = st
 	}
+	d.gen.Add(1)
 	d.mu.Unlock()
 	evs := make([]fleet.Event, 0, len(serials))
 	for _, s := range serials {

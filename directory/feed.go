@@ -123,6 +123,7 @@ func (d *Directory) ApplyFeed(f api.Feed) error {
 			evs = append(evs, fleet.Event{Kind: fleet.EventDeviceChanged, DeviceID: fd.ID, State: st.State})
 		}
 	}
+	d.gen.Add(1)
 	d.mu.Unlock()
 	d.emit(evs...)
 	return nil

@@ -46,11 +46,18 @@ func (h *Hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	if !ok || (write && s.Client != cl) {
 		return false
 	}
+	// A decision allowed under the same directory generation and policy
+	// holds while the certificate has not expired (aclcache.go). The
+	// generation is read before subject reads the directory.
+	gen, p := h.o.Directory.Generation(), h.o.Policy()
+	slot := s.acl.slot(write, topic, s.Identity.Role)
+	if slot.Load().hit(topic, gen, p) && (s.Serial == "" || h.o.Now().Before(s.NotAfter)) {
+		return true
+	}
 	sub, ok := h.subject(s)
 	if !ok {
 		return false
 	}
-	p := h.o.Policy()
 	var d acl.Decision
 	if write {
 		d = p.CheckPublish(sub, topic, false)
@@ -69,8 +76,10 @@ func (h *Hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 		if h.o.Metrics.ACLDenied != nil {
 			h.o.Metrics.ACLDenied(dir)
 		}
+		return false
 	}
-	return d.Allowed
+	slot.Store(&aclEntry{gen: gen, policy: p, topic: topic})
+	return true
 }
 
 // OnPublish implements mqtt.Hook: the retain flag needs a rule granting

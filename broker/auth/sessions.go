@@ -17,6 +17,7 @@ type Session struct {
 	Client   *mqtt.Client
 	online   atomic.Bool
 	closing  atomic.Bool
+	acl      aclCache // recent allowed ACL decisions (aclcache.go)
 }
 
 // Online reports whether the session has a live connection.

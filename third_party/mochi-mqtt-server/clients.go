@@ -18,6 +18,7 @@ import (
 
 	"github.com/rs/xid"
 
+	"github.com/mochi-mqtt/server/v2/mempool"
 	"github.com/mochi-mqtt/server/v2/packets"
 )
 
@@ -146,27 +147,29 @@ type Will struct {
 
 // ClientState tracks the state of the client.
 type ClientState struct {
-	TopicAliases    TopicAliases         // a map of topic aliases
-	stopCause       atomic.Value         // reason for stopping
-	Inflight        *Inflight            // a map of in-flight qos messages
-	Subscriptions   *Subscriptions       // a map of the subscription filters a client maintains
-	disconnected    int64                // the time the client disconnected in unix time, for calculating expiry
-	outbound        chan *packets.Packet // queue for pending outbound packets
-	endOnce         sync.Once            // only end once
-	isTakenOver     atomic.Bool          // used to identify orphaned clients
-	packetID        uint32               // the current highest packetID
-	open            context.Context      // indicate that the client is open for packet exchange
-	cancelOpen      context.CancelFunc   // cancel function for open context
-	outboundQty     int32                // number of messages currently in the outbound queue
-	queue           QueuePolicy          // fleetgate: outbound queue policy (Options.ClientQueue)
-	progress        atomic.Int64         // fleetgate: when the queue was last sized or took a packet (unix ns)
-	lazyWriter      bool                 // fleetgate: queued packets are written by kickWriter's goroutine, not WriteLoop
-	writing         atomic.Bool          // fleetgate: a kickWriter goroutine is running
-	handover        sync.RWMutex         // fleetgate: held by deliveries (read) and by a takeover of this client (write)
-	movedTo         *Client              // fleetgate: the client that inherited this session (under handover)
-	connectRefusal  packets.Code         // fleetgate: the CONNACK reason of a refused CONNECT (RefuseConnect)
-	Keepalive       uint16               // the number of seconds the connection can wait
-	ServerKeepalive bool                 // keepalive was set by the server
+	TopicAliases      TopicAliases         // a map of topic aliases
+	stopCause         atomic.Value         // reason for stopping
+	Inflight          *Inflight            // a map of in-flight qos messages
+	Subscriptions     *Subscriptions       // a map of the subscription filters a client maintains
+	disconnected      int64                // the time the client disconnected in unix time, for calculating expiry
+	outbound          chan *packets.Packet // queue for pending outbound packets
+	endOnce           sync.Once            // only end once
+	isTakenOver       atomic.Bool          // used to identify orphaned clients
+	packetID          uint32               // the current highest packetID
+	open              context.Context      // indicate that the client is open for packet exchange
+	cancelOpen        context.CancelFunc   // cancel function for open context
+	outboundQty       int32                // number of messages currently in the outbound queue
+	queue             QueuePolicy          // fleetgate: outbound queue policy (Options.ClientQueue)
+	progress          atomic.Int64         // fleetgate: when the queue was last sized or took a packet (unix ns)
+	lazyWriter        bool                 // fleetgate: queued packets are written by kickWriter's goroutine, not WriteLoop
+	writing           atomic.Bool          // fleetgate: a kickWriter goroutine is running
+	handover          sync.RWMutex         // fleetgate: held by deliveries (read) and by a takeover of this client (write)
+	movedTo           *Client              // fleetgate: the client that inherited this session (under handover)
+	connectRefusal    packets.Code         // fleetgate: the CONNACK reason of a refused CONNECT (RefuseConnect)
+	Keepalive         uint16               // the number of seconds the connection can wait
+	deadlineKeepalive uint16               // fleetgate: the keepalive of the read loop's last deadline (refreshDeadlineCoarse)
+	deadlineMoved     int64                // fleetgate: when the read loop last moved the deadline (unix ns)
+	ServerKeepalive   bool                 // keepalive was set by the server
 }
 
 // newClient returns a new instance of Client. This is almost exclusively used by Server
@@ -274,8 +277,21 @@ func (cl *Client) writeQueued(pk *packets.Packet) {
 		// TODO : Figure out what to do with error
 		cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
 	}
+	putQueuedPacket(pk) // fleetgate patch 26
 	atomic.AddInt32(&cl.State.outboundQty, -1)
 	cl.State.progress.Store(time.Now().UnixNano())
+}
+
+// queuedPackets holds the packets of outbound queues (fleetgate patch 26):
+// a delivery takes one, the writer puts it back once written. Nothing else
+// keeps a pointer taken from a queue.
+var queuedPackets = sync.Pool{New: func() any { return new(packets.Packet) }}
+
+func getQueuedPacket() *packets.Packet { return queuedPackets.Get().(*packets.Packet) }
+
+func putQueuedPacket(pk *packets.Packet) {
+	*pk = packets.Packet{} // drop its references (payload, properties)
+	queuedPackets.Put(pk)
 }
 
 // queued accounts for a packet just put in the outbound queue and makes
@@ -347,6 +363,32 @@ func (cl *Client) refreshDeadline(keepalive uint16) {
 	if cl.Net.Conn != nil {
 		_ = cl.Net.Conn.SetDeadline(expiry) // [MQTT-3.1.2-22]
 	}
+}
+
+// deadlineSlack is how long the read loop may leave a connection's deadline
+// unmoved (fleetgate patch 21).
+const deadlineSlack = time.Second
+
+// refreshDeadlineCoarse is refreshDeadline for the read loop (fleetgate
+// patch 21): upstream moved the deadline before every packet, a clock read
+// and a change of the runtime's timers (SetDeadline) per message. Here it
+// moves at most once per deadlineSlack, and is set deadlineSlack later than
+// refreshDeadline would, so a connection is still closed no earlier than
+// 1.5 × keepalive after its last packet, and at most deadlineSlack later.
+func (cl *Client) refreshDeadlineCoarse(keepalive uint16) {
+	if cl.Net.Conn == nil {
+		return
+	}
+	now := time.Now()
+	if at := cl.State.deadlineMoved; at != 0 && keepalive == cl.State.deadlineKeepalive && now.UnixNano()-at < int64(deadlineSlack) {
+		return
+	}
+	cl.State.deadlineMoved, cl.State.deadlineKeepalive = now.UnixNano(), keepalive
+	var expiry time.Time // none if keepalive = 0
+	if keepalive > 0 {
+		expiry = now.Add(time.Duration(keepalive+(keepalive/2))*time.Second + deadlineSlack) // [MQTT-3.1.2-22]
+	}
+	_ = cl.Net.Conn.SetDeadline(expiry)
 }
 
 // NextPacketID returns the next available (unused) packet id for the client.
@@ -458,22 +500,25 @@ func (cl *Client) maximumExpiry() int64 {
 // ClearExpiredInflights deletes any inflight messages which have expired.
 func (cl *Client) ClearExpiredInflights(now, maximumExpiry int64) []uint16 {
 	deleted := []uint16{}
-	for _, tk := range cl.State.Inflight.GetAll(false) {
+	// fleetgate patch 25: only the expired entries are copied out (and
+	// sorted); upstream copied and sorted every message in flight, once a
+	// second for every client.
+	expired := cl.State.Inflight.getAllWhere(func(tk packets.Packet) bool {
 		expired := messageExpired(tk, maximumExpiry, now) // [MQTT-3.3.2-5] (fleetgate: also fanned-out and restored messages)
 
 		// If the maximum message expiry interval is set (greater than 0), and the message
 		// retention period exceeds the maximum expiry, the message will be forcibly removed.
 		enforced := maximumExpiry > 0 && now-tk.Created > maximumExpiry
-
-		if expired || enforced {
-			if ok := cl.State.Inflight.Delete(tk.PacketID); ok {
-				if tk.FixedHeader.Type == packets.Publish && tk.Expiry >= 0 {
-					cl.State.Inflight.IncreaseSendQuota() // fleetgate: its PUBACK will not return it
-				}
-				cl.ops.hooks.OnQosDropped(cl, tk)
-				atomic.AddInt64(&cl.ops.info.Inflight, -1)
-				deleted = append(deleted, tk.PacketID)
+		return expired || enforced
+	})
+	for _, tk := range expired {
+		if ok := cl.State.Inflight.Delete(tk.PacketID); ok {
+			if tk.FixedHeader.Type == packets.Publish && tk.Expiry >= 0 {
+				cl.State.Inflight.IncreaseSendQuota() // fleetgate: its PUBACK will not return it
 			}
+			cl.ops.hooks.OnQosDropped(cl, tk)
+			atomic.AddInt64(&cl.ops.info.Inflight, -1)
+			deleted = append(deleted, tk.PacketID)
 		}
 	}
 
@@ -490,7 +535,7 @@ func (cl *Client) Read(packetHandler ReadFn) error {
 			return nil
 		}
 
-		cl.refreshDeadline(cl.State.Keepalive)
+		cl.refreshDeadlineCoarse(cl.State.Keepalive)
 		// fleetgate: unless a whole packet is buffered, the next read may
 		// wait: write what was deferred first (see writePacket).
 		if cl.Net.bconn != nil && !cl.packetBuffered() {
@@ -611,9 +656,10 @@ func (cl *Client) ReadPacket(fh *packets.FixedHeader) (pk packets.Packet, err er
 
 	atomic.AddInt64(&cl.ops.info.BytesReceived, int64(n))
 
-	// Decode the remaining packet values using a fresh copy of the bytes,
-	// otherwise the next packet will change the data of this one.
-	px := append([]byte{}, p[:]...)
+	// fleetgate patch 21: p is this packet's own buffer, so it is decoded
+	// in place; upstream decoded a second copy of it ("otherwise the next
+	// packet will change the data of this one", which holds of neither).
+	px := p
 	switch pk.FixedHeader.Type {
 	case packets.Connect:
 		err = pk.ConnectDecode(px)
@@ -711,7 +757,8 @@ func (cl *Client) writePacket(pk packets.Packet, mayDefer bool) error {
 	pk = cl.ops.hooks.OnPacketEncode(cl, pk)
 
 	var err error
-	buf := new(bytes.Buffer)
+	buf := mempool.GetBuffer() // fleetgate patch 22: upstream allocated and grew a buffer per packet
+	defer putWriteBuffer(buf)
 	switch pk.FixedHeader.Type {
 	case packets.Connect:
 		err = pk.ConnectEncode(buf)
@@ -773,7 +820,7 @@ func (cl *Client) writePacket(pk packets.Packet, mayDefer bool) error {
 			if buf.Len() >= cl.ops.options.ClientNetWriteBufferSize {
 				return buf.WriteTo(cl.Net.Conn)
 			}
-			cl.Net.outbuf = new(bytes.Buffer)
+			cl.Net.outbuf = mempool.GetBuffer() // fleetgate patch 22
 		}
 
 		n, _ := cl.Net.outbuf.Write(buf.Bytes()) // will always be successful
@@ -834,9 +881,24 @@ func (cl *Client) flushOutbuf() (err error) {
 
 	_, err = cl.Net.outbuf.WriteTo(cl.Net.Conn)
 	if err == nil {
+		putWriteBuffer(cl.Net.outbuf) // fleetgate patch 22
 		cl.Net.outbuf = nil
 	}
 	return
+}
+
+// maxPooledWriteBuffer bounds the buffers writePacket returns to the pool
+// (fleetgate patch 22), so that one large packet does not pin its buffer.
+const maxPooledWriteBuffer = 64 << 10
+
+// putWriteBuffer returns a write buffer to the pool unless it grew large
+// (fleetgate patch 22: upstream allocated a buffer for every packet written
+// and for every batch of queued packets, and grew each from nothing).
+// OnPacketSent hooks get the packet's bytes only for the call.
+func putWriteBuffer(b *bytes.Buffer) {
+	if b.Cap() <= maxPooledWriteBuffer {
+		mempool.PutBuffer(b)
+	}
 }
 
 // RefuseConnect names the CONNACK reason code with which the server answers

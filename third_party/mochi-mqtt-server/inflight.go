@@ -20,6 +20,7 @@ type Inflight struct {
 	sendQuota           int32                     // remaining outbound qos quota for flow control
 	maximumReceiveQuota int32                     // maximum allowed receive quota
 	maximumSendQuota    int32                     // maximum allowed send quota
+	immediate           int                       // fleetgate patch 24: entries with Expiry < 0 (waiting for send quota)
 }
 
 // NewInflights returns a new instance of an Inflight packets map.
@@ -34,9 +35,19 @@ func (i *Inflight) Set(m packets.Packet) bool {
 	i.Lock()
 	defer i.Unlock()
 
-	_, ok := i.internal[m.PacketID]
+	old, ok := i.internal[m.PacketID]
 	i.internal[m.PacketID] = m
+	i.countImmediate(old, ok, -1)
+	i.countImmediate(m, true, 1)
 	return !ok
+}
+
+// countImmediate adds d to the count of entries waiting for send quota if
+// pk (present: ok) is one (fleetgate patch 24). Under the write lock.
+func (i *Inflight) countImmediate(pk packets.Packet, ok bool, d int) {
+	if ok && pk.Expiry < 0 {
+		i.immediate += d
+	}
 }
 
 // Get returns an inflight packet by packet id.
@@ -67,17 +78,24 @@ func (i *Inflight) Clone() *Inflight {
 	for k, v := range i.internal {
 		c.internal[k] = v
 	}
+	c.immediate = i.immediate // fleetgate patch 24
 	return c
 }
 
 // GetAll returns all the inflight messages.
 func (i *Inflight) GetAll(immediate bool) []packets.Packet {
+	return i.getAllWhere(func(v packets.Packet) bool { return !immediate || (immediate && v.Expiry < 0) })
+}
+
+// getAllWhere returns the in-flight messages for which keep is true, in
+// GetAll's order (fleetgate patch 25: GetAll's filter, given by the caller).
+func (i *Inflight) getAllWhere(keep func(packets.Packet) bool) []packets.Packet {
 	i.RLock()
 	defer i.RUnlock()
 
 	m := []packets.Packet{}
 	for _, v := range i.internal {
-		if !immediate || (immediate && v.Expiry < 0) {
+		if keep(v) {
 			m = append(m, v)
 		}
 	}
@@ -104,12 +122,25 @@ func (i *Inflight) NextImmediate() (packets.Packet, bool) {
 	i.RLock()
 	defer i.RUnlock()
 
-	m := i.GetAll(true)
-	if len(m) > 0 {
-		return m[0], true
+	// fleetgate patch 24: upstream copied and sorted every in-flight
+	// message (GetAll) to find this one, after every packet of a client
+	// with messages in flight and send quota left: O(n log n) per PUBACK of
+	// a subscriber with n messages in flight, almost always to find none.
+	// Now a count says whether there is one, and one pass finds the first
+	// in GetAll's order (by creation, then packet ID). (It also took the
+	// read lock twice, which deadlocks with a writer waiting between.)
+	var next packets.Packet
+	if i.immediate == 0 {
+		return next, false
+	}
+	found := false
+	for _, v := range i.internal {
+		if v.Expiry < 0 && (!found || v.Created < next.Created || (v.Created == next.Created && v.PacketID < next.PacketID)) {
+			next, found = v, true
+		}
 	}
 
-	return packets.Packet{}, false
+	return next, found
 }
 
 // Delete removes an in-flight message from the map. Returns true if the message existed.
@@ -117,8 +148,9 @@ func (i *Inflight) Delete(id uint16) bool {
 	i.Lock()
 	defer i.Unlock()
 
-	_, ok := i.internal[id]
+	old, ok := i.internal[id]
 	delete(i.internal, id)
+	i.countImmediate(old, ok, -1)
 
 	return ok
 }

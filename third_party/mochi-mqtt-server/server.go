@@ -1223,11 +1223,23 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 
 	// fleetgate patch: an expired message (a retained one, say, before the
 	// expiry sweep) is not delivered [MQTT-3.3.2-5].
-	if messageExpired(pk, s.Options.Capabilities.MaximumMessageExpiryInterval, time.Now().Unix()) {
+	// (fleetgate patch 27: the clock is read only for a message that can
+	// expire.)
+	if mayExpire(pk, s.Options.Capabilities.MaximumMessageExpiryInterval) &&
+		messageExpired(pk, s.Options.Capabilities.MaximumMessageExpiryInterval, time.Now().Unix()) {
 		return pk, ErrMessageExpired
 	}
 
+	// fleetgate patch 23: every delivery of a message shares its payload,
+	// which nothing writes to once read (upstream copied it for each
+	// subscriber, a per-message allocation and copy).
+	payload := pk.Payload
+	pk.Payload = nil
 	out := pk.Copy(false)
+	pk.Payload = payload
+	if len(payload) > 0 {
+		out.Payload = payload
+	}
 	if !s.hooks.OnACLCheck(cl, pk.TopicName, false) {
 		return out, packets.ErrNotAuthorized
 	}
@@ -1310,13 +1322,19 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		return out, packets.CodeDisconnect
 	}
 
+	// fleetgate patch 26: the queued copy comes from a pool and goes back
+	// once written (writeQueued); upstream allocated one (800 bytes) per
+	// delivery.
+	po := getQueuedPacket()
+	*po = out
 	select {
-	case cl.State.outbound <- &out:
+	case cl.State.outbound <- po:
 		cl.queued()
 	default:
 		if wait := cl.State.queue.wait(out.FixedHeader.Qos); wait > 0 {
-			return out, s.waitForRoom(cl, &out, pk, wait)
+			return out, s.waitForRoom(cl, po, pk, wait)
 		}
+		putQueuedPacket(po)
 		atomic.AddInt64(&s.Info.MessagesDropped, 1)
 		cl.ops.hooks.OnPublishDropped(cl, pk)
 		if out.FixedHeader.Qos > 0 {
@@ -2077,6 +2095,12 @@ func explicitExpiry(pk packets.Packet, maximum int64) int64 {
 		return 0
 	}
 	return pk.Created + minimum(maximum, int64(pk.Properties.MessageExpiryInterval))
+}
+
+// mayExpire reports whether messageExpired can be true for pk at any time
+// (fleetgate patch 27), without reading the clock.
+func mayExpire(pk packets.Packet, maximum int64) bool {
+	return explicitExpiry(pk, maximum) > 0 || (pk.ProtocolVersion == 5 && pk.Expiry > 0)
 }
 
 // messageExpired (fleetgate patch) reports whether pk must no longer be
