@@ -17,14 +17,36 @@ import (
 	"github.com/fleetgate/fleetgate/internal/fleetproc"
 )
 
-func (r *run) connectOpts() devicesdk.ConnectOptions {
-	// Persistent sessions with auto-reconnect: what a real device runs.
-	return devicesdk.ConnectOptions{BrokerAddr: r.cfg.BrokerAddr, ServerName: r.cfg.ServerName, AutoReconnect: true, MaxReconnectInterval: time.Second, KeepAlive: 30 * time.Second}
+// connectOpts are device i's: persistent sessions with auto-reconnect,
+// what a real device runs. In a cluster, device i's first broker is node
+// i mod N; the other nodes follow, in an order that differs from device
+// to device, so that the devices of a dead node spread over the others
+// (as a load balancer would spread them).
+func (r *run) connectOpts(i int) devicesdk.ConnectOptions {
+	o := devicesdk.ConnectOptions{BrokerAddr: r.cfg.BrokerAddr, ServerName: r.cfg.ServerName, AutoReconnect: true, MaxReconnectInterval: time.Second, KeepAlive: 30 * time.Second}
+	if n := len(r.mqttAddrs); n > 0 {
+		o.BrokerAddr = r.mqttAddrs[i%n]
+		for k := range n - 1 {
+			o.OtherBrokers = append(o.OtherBrokers, r.mqttAddrs[(i+1+(k+i/n)%(n-1))%n])
+		}
+	}
+	return o
+}
+
+// deviceOpts are d's connect options, with its connection times recorded.
+func (r *run) deviceOpts(d *device) devicesdk.ConnectOptions {
+	o := r.connectOpts(d.idx)
+	o.OnConnect = d.onConnect
+	return o
 }
 
 func (r *run) setup(ctx context.Context) error {
 	cfg := &r.cfg
-	if cfg.Spawn {
+	if cfg.Cluster > 0 {
+		if err := r.setupCluster(ctx); err != nil {
+			return err
+		}
+	} else if cfg.Spawn {
 		bin := cfg.FleetgateBin
 		if bin == "" {
 			var err error
@@ -67,7 +89,11 @@ func (r *run) setup(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	r.backend = paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + cfg.BrokerAddr).SetClientID(svcName).
+	bopts := paho.NewClientOptions().AddBroker("tls://" + cfg.BrokerAddr)
+	for _, a := range r.mqttAddrs[min(1, len(r.mqttAddrs)):] {
+		bopts.AddBroker("tls://" + a) // node 1 first, then the others
+	}
+	r.backend = paho.NewClient(bopts.SetClientID(svcName).
 		SetTLSConfig(&tls.Config{RootCAs: cfg.roots, ServerName: cfg.ServerName, Certificates: []tls.Certificate{svcCert}, MinVersion: tls.VersionTLS13}).
 		SetCleanSession(false).SetAutoReconnect(true).SetMaxReconnectInterval(time.Second).SetOrderMatters(false).
 		SetDefaultPublishHandler(r.recv.handle))
@@ -77,7 +103,7 @@ func (r *run) setup(ctx context.Context) error {
 	if t := r.backend.Subscribe("devices/+/telemetry/#", 1, nil); !t.WaitTimeout(10*time.Second) || t.Error() != nil {
 		return fmt.Errorf("backend subscribe: %v", t.Error())
 	}
-	r.progress("backend service %s connected, subscribed to devices/+/telemetry/#", svcName)
+	r.progress("backend service %s connected to %s, subscribed to devices/+/telemetry/#", svcName, cfg.BrokerAddr)
 
 	var tdevs []*tpmDevice
 	if cfg.TPM == TPMSwtpm {
@@ -93,6 +119,10 @@ func (r *run) setup(ctx context.Context) error {
 	if r.gw != nil {
 		runtimeGC()
 		r.rep.GatewayRSSBeforeKB = rssKB(r.gw.pid())
+	}
+	if r.cl != nil {
+		runtimeGC()
+		r.rep.Nodes = r.nodeStats()
 	}
 	var errs []error
 	for i := range r.devs {
@@ -115,11 +145,11 @@ func (r *run) setup(ctx context.Context) error {
 		}
 		enrollLat = append(enrollLat, time.Since(t0))
 		r.rep.Enrolled++
-		dv := &device{id: id, dev: d}
+		dv := &device{idx: i, id: id, dev: d}
 		dv.seq.Store(-1)
 		r.answerCommands(dv)
 		t1 := time.Now()
-		c, err := d.Connect(ctx, r.connectOpts())
+		c, err := d.Connect(ctx, r.deviceOpts(dv))
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: connect: %w", id, err))
 			continue
@@ -132,12 +162,15 @@ func (r *run) setup(ctx context.Context) error {
 		dv.c = c
 		r.devs[i] = dv
 		if cfg.Devices <= 20 || (i+1)%50 == 0 {
-			r.progress("device %s enrolled (%s) and connected as %s [%d/%d]", id, method, d.Leaf().URIs[0], i+1, cfg.Devices)
+			r.progress("device %s enrolled (%s) and connected to %s as %s [%d/%d]", id, method, c.Broker(), d.Leaf().URIs[0], i+1, cfg.Devices)
 		}
 	}
 	if r.gw != nil && r.rep.Connected > 0 {
 		r.rep.GatewayRSSAfterKB = rssKB(r.gw.pid())
 		r.rep.RSSPerConnectionKB = float64(r.rep.GatewayRSSAfterKB-r.rep.GatewayRSSBeforeKB) / float64(r.rep.Connected)
+	}
+	if r.cl != nil && r.rep.Connected > 0 {
+		r.nodeMemory()
 	}
 	var connTotal time.Duration
 	for _, l := range connLat {

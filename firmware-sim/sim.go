@@ -24,16 +24,19 @@ import (
 // run is one simulation: its configuration, report, the gateway and
 // fleet it started, the backend and the devices.
 type run struct {
-	cfg      Config
-	rep      *Report
-	admin    *adminclient.Client
-	fleet    *fleet
-	gw       *gatewayProc
-	recv     *receiver
-	backend  paho.Client
-	devs     []*device
-	payload  []byte
-	progress func(string, ...any)
+	cfg   Config
+	rep   *Report
+	admin *adminclient.Client
+	fleet *fleet
+	gw    *gatewayProc
+	cl    *clusterProcs
+	// mqttAddrs are the cluster nodes' MQTT addresses, node 1 first.
+	mqttAddrs []string
+	recv      *receiver
+	backend   paho.Client
+	devs      []*device
+	payload   []byte
+	progress  func(string, ...any)
 }
 
 // Run runs the simulation until done or ctx ends. Every swtpm and gateway
@@ -77,6 +80,8 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		err = r.renewScenario(ctx)
 	case ScenarioStorm:
 		err = r.storm(ctx)
+	case ScenarioFailover:
+		err = r.failover(ctx)
 	}
 	if err != nil {
 		return nil, err
@@ -109,6 +114,9 @@ func (r *run) close() {
 	}
 	if r.gw != nil {
 		r.gw.stop()
+	}
+	if r.cl != nil {
+		r.cl.Close()
 	}
 }
 
