@@ -52,10 +52,22 @@ func (r *run) onNodeStart(pids []int) {
 	}
 }
 
-// adminOf is an operator client of node i's API.
+// adminOf is an operator client of node i's API (made once).
 func (r *run) adminOf(i int) (*adminclient.Client, error) {
+	r.adminMu.Lock()
+	defer r.adminMu.Unlock()
+	if r.admins == nil {
+		r.admins = map[int]*adminclient.Client{}
+	}
+	if c := r.admins[i]; c != nil {
+		return c, nil
+	}
 	nd := r.cl.nodes[i]
-	return adminclient.New("https://"+nd.addrs.API, adminclient.FromDataDir(nd.dataDir))
+	c, err := adminclient.New("https://"+nd.addrs.API, adminclient.FromDataDir(nd.dataDir))
+	if err == nil {
+		r.admins[i] = c
+	}
+	return c, err
 }
 
 // nodeIndex is the index of the node whose MQTT address is addr (-1).

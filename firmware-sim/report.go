@@ -41,10 +41,16 @@ type Report struct {
 	GatewayRSSAfterKB  int64   `json:"gateway_rss_after_kb,omitempty"`
 	RSSPerConnectionKB float64 `json:"rss_per_connection_kb,omitempty"`
 	ConnectsPerSec     float64 `json:"connects_per_second"`
+	// Revoke scenario: the revoke call (returns once the session is
+	// closed and the revocation published), one at a time.
+	RevokeP50     time.Duration `json:"revoke_p50_ns,omitempty"`
+	RevokeP99     time.Duration `json:"revoke_p99_ns,omitempty"`
+	RevokesPerSec float64       `json:"revokes_per_second,omitempty"`
 	// With --cluster: each node, and what the failover or chaos scenario
 	// measured.
 	Nodes    []NodeStat    `json:"nodes,omitempty"`
 	Failover *FailoverStat `json:"failover,omitempty"`
+	Chaos    *ChaosStat    `json:"chaos,omitempty"`
 }
 
 // NodeStat is one cluster node: where it listened, its process, and its
@@ -107,8 +113,14 @@ func (r *Report) WriteTable(w io.Writer) {
 	}
 	fmt.Fprintf(w, "  telemetry (QoS 1)  %d acknowledged, %d delivered, %d lost; %.0f msg/s\n", r.Sent, r.Delivered, r.Lost, r.MsgsPerSec)
 	fmt.Fprintf(w, "  first delivery     %s after start\n", r.FirstDelivery.Round(time.Millisecond))
+	if r.RevokesPerSec > 0 {
+		fmt.Fprintf(w, "  revoke call        p50 %s  p99 %s  (%.0f/s one at a time)\n", r.RevokeP50.Round(time.Microsecond), r.RevokeP99.Round(time.Microsecond), r.RevokesPerSec)
+	}
 	if r.Failover != nil {
 		r.Failover.write(w)
+	}
+	if r.Chaos != nil {
+		r.Chaos.write(w)
 	}
 	fmt.Fprintln(w, "  checks:")
 	for _, c := range r.Checks {

@@ -60,6 +60,14 @@ func (r *run) revoke(ctx context.Context) error {
 	miss := r.missing(skip)
 	r.rep.check("no acknowledged QoS 1 message of the others was lost", len(miss) == 0, "%d missing %v", len(miss), head(miss))
 	p50, p99 := percentiles(lat)
-	r.progress("revocation: %d devices, revoke call p50 %s p99 %s", k, p50, p99)
+	r.rep.RevokeP50, r.rep.RevokeP99 = p50, p99
+	var total time.Duration
+	for _, l := range lat {
+		total += l
+	}
+	if total > 0 {
+		r.rep.RevokesPerSec = float64(len(lat)) / total.Seconds()
+	}
+	r.progress("revocation: %d devices, revoke call p50 %s p99 %s (%.0f/s one at a time)", k, p50, p99, r.rep.RevokesPerSec)
 	return nil
 }

@@ -14,6 +14,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"sync"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -24,12 +25,14 @@ import (
 // run is one simulation: its configuration, report, the gateway and
 // fleet it started, the backend and the devices.
 type run struct {
-	cfg   Config
-	rep   *Report
-	admin *adminclient.Client
-	fleet *fleet
-	gw    *gatewayProc
-	cl    *clusterProcs
+	cfg     Config
+	rep     *Report
+	admin   *adminclient.Client
+	fleet   *fleet
+	gw      *gatewayProc
+	cl      *clusterProcs
+	adminMu sync.Mutex
+	admins  map[int]*adminclient.Client // by node index
 	// mqttAddrs are the cluster nodes' MQTT addresses, node 1 first.
 	mqttAddrs []string
 	recv      *receiver
@@ -82,6 +85,8 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		err = r.storm(ctx)
 	case ScenarioFailover:
 		err = r.failover(ctx)
+	case ScenarioChaos:
+		err = r.chaos(ctx)
 	}
 	if err != nil {
 		return nil, err

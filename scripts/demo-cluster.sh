@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICES=${DEVICES:-30}
 TPM=${TPM:-none}        # swtpm: one software TPM per device (slower to manufacture)
-LIMIT=${LIMIT:-170}     # seconds; then fleetsim is interrupted and stops its nodes
+LIMIT=${LIMIT:-110}     # seconds; then fleetsim is interrupted and stops its nodes
 BIN=./bin
 WORK=$(mktemp -d -t fleetgate-demo-cluster-XXXXXX)
 keep=0
