@@ -20,7 +20,7 @@ type device struct {
 	mu    sync.Mutex
 	c     *devicesdk.Client
 	seq   atomic.Int64 // last sequence number handed to Publish
-	acked sync.Map     // seq -> struct{}: the broker acknowledged it
+	acked sync.Map     // seq -> time.Time: when the broker acknowledged it
 	nack  atomic.Int64
 	renew atomic.Int64
 	// connects counts the device's successful connections; connectedAt is
@@ -97,7 +97,7 @@ func (r *run) publish(ctx context.Context, d *device) {
 	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if err := c.PublishTelemetry(pctx, "temp", 1, b); err == nil {
-		d.acked.Store(seq, struct{}{})
+		d.acked.Store(seq, time.Now())
 	} else {
 		d.nack.Add(1)
 	}

@@ -104,6 +104,12 @@ type ChaosStat struct {
 	// Back: devices (not revoked) connected at the end, of Expected.
 	Back     int `json:"devices_back"`
 	Expected int `json:"devices_expected"`
+	// Log: what happened when, relative to the start of the schedule: the
+	// faults as executed and the backend service's connections; Lost: the
+	// acknowledged messages missing, "device/seq acked at t+…" (the first
+	// 1000), to lay beside the log.
+	Log  []string `json:"log"`
+	Lost []string `json:"lost,omitempty"`
 }
 
 func (st *ChaosStat) write(w io.Writer) {
@@ -111,6 +117,13 @@ func (st *ChaosStat) write(w io.Writer) {
 	fmt.Fprintf(w, "                     QoS 1: %d acknowledged, %d lost; revoked: %d messages after the revoke delivered, %d back in\n", st.Acked, st.AckedLost, st.RevokedLeaks, st.RevokedBack)
 	fmt.Fprintf(w, "                     live on two nodes: %d client IDs over %d samples (%d single-sample overlaps); %d/%d devices back at the end\n",
 		len(st.DoubleLive), st.Samples, st.DoubleOnce, st.Back, st.Expected)
+	if len(st.Lost) > 0 {
+		fmt.Fprintf(w, "                     lost (first of %d): %s\n", st.AckedLost, strings.Join(st.Lost[:min(5, len(st.Lost))], "; "))
+		fmt.Fprintln(w, "                     what happened:")
+		for _, l := range st.Log {
+			fmt.Fprintf(w, "                       %s\n", l)
+		}
+	}
 	fmt.Fprintf(w, "                     replay: fleetsim run --cluster %d --scenario chaos --seed %d --duration %s\n", st.Nodes, st.Seed, st.Duration)
 }
 
@@ -137,6 +150,15 @@ func (r *run) chaos(ctx context.Context) error {
 	seqAtReturn := map[string]int64{}
 	var holds sync.WaitGroup
 	start := time.Now()
+	logf := func(f string, a ...any) {
+		line := fmt.Sprintf("t+%6.2fs ", time.Since(start).Seconds()) + fmt.Sprintf(f, a...)
+		sampler.mu.Lock()
+		st.Log = append(st.Log, line)
+		sampler.mu.Unlock()
+	}
+	onBackend := func(ev string) { logf("backend %s", ev) }
+	r.onBackend.Store(&onBackend)
+	defer r.onBackend.Store(nil)
 	for _, e := range sched {
 		if !sleepUntil(ctx, start.Add(e.At)) {
 			break
@@ -155,21 +177,25 @@ func (r *run) chaos(ctx context.Context) error {
 					return err
 				}
 				st.Kills++
+				logf("node%d killed (pid %d)", e.Node+1, pid)
 				r.progress("%s (pid %d): killed", e, pid)
 				time.Sleep(e.Hold)
 				if err := r.cl.start(ctx, nd); err != nil {
 					return fmt.Errorf("restart %s: %w", nd.name, err)
 				}
+				logf("node%d restarted (pid %d)", e.Node+1, nd.pid())
 				r.progress("  node%d restarted (pid %d)", e.Node+1, nd.pid())
 			} else {
 				if err := nd.pause(true); err != nil {
 					return err
 				}
 				st.Pauses++
+				logf("node%d stopped (SIGSTOP)", e.Node+1)
 				time.Sleep(e.Hold)
 				if err := nd.pause(false); err != nil {
 					return err
 				}
+				logf("node%d continued (SIGCONT)", e.Node+1)
 				r.progress("%s (pid %d): stopped and continued", e, nd.pid())
 			}
 		case chaosRevoke:
@@ -188,6 +214,7 @@ func (r *run) chaos(ctx context.Context) error {
 				revoked[d.id] = true
 				seqAtReturn[d.id] = d.seq.Load()
 				sampler.mu.Unlock()
+				logf("%s revoked", d.id)
 				r.progress("%s: %s revoked", e, d.id)
 			}()
 		}
@@ -243,6 +270,18 @@ func (r *run) chaos(ctx context.Context) error {
 		}
 	}
 	st.AckedLost = len(miss)
+	sort.Strings(miss)
+	for _, m := range miss[:min(len(miss), 1000)] {
+		id, seqs, _ := strings.Cut(m, "/")
+		var seq int64
+		fmt.Sscan(seqs, &seq)
+		if d := r.byID(id); d != nil {
+			if at, ok := d.acked.Load(seq); ok {
+				m += fmt.Sprintf(" acked at t+%.2fs", at.(time.Time).Sub(start).Seconds())
+			}
+		}
+		st.Lost = append(st.Lost, m)
+	}
 	r.rep.check("every acknowledged QoS 1 message reached the service", len(miss) == 0, "%d acknowledged, %d missing %v", st.Acked, len(miss), head(miss))
 	var leaks []string
 	for id := range revoked {

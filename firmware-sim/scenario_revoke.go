@@ -17,7 +17,11 @@ func (r *run) revoke(ctx context.Context) error {
 		k = len(live) - 1
 	}
 	victims, rest := live[len(live)-k:], live[:len(live)-k]
-	stop := r.publishLoop(ctx, live, 20*time.Millisecond)
+	every := 20 * time.Millisecond
+	if r.cfg.Interval > 0 {
+		every = r.cfg.Interval
+	}
+	stop := r.publishLoop(ctx, live, every)
 	time.Sleep(200 * time.Millisecond) // traffic flows before the revocation
 	revokedAt := time.Now()
 	seqAtReturn := map[string]int64{}

@@ -4,7 +4,9 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"net/url"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -89,6 +91,7 @@ func (r *run) setup(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	var backendAddr atomic.Value
 	bopts := paho.NewClientOptions().AddBroker("tls://" + cfg.BrokerAddr)
 	for _, a := range r.mqttAddrs[min(1, len(r.mqttAddrs)):] {
 		bopts.AddBroker("tls://" + a) // node 1 first, then the others
@@ -96,7 +99,22 @@ func (r *run) setup(ctx context.Context) error {
 	r.backend = paho.NewClient(bopts.SetClientID(svcName).
 		SetTLSConfig(&tls.Config{RootCAs: cfg.roots, ServerName: cfg.ServerName, Certificates: []tls.Certificate{svcCert}, MinVersion: tls.VersionTLS13}).
 		SetCleanSession(false).SetAutoReconnect(true).SetMaxReconnectInterval(time.Second).SetOrderMatters(false).
-		SetDefaultPublishHandler(r.recv.handle))
+		SetDefaultPublishHandler(r.recv.handle).
+		SetConnectionAttemptHandler(func(u *url.URL, c *tls.Config) *tls.Config {
+			backendAddr.Store(u.Host)
+			return c
+		}).
+		SetOnConnectHandler(func(paho.Client) {
+			if f := r.onBackend.Load(); f != nil {
+				a, _ := backendAddr.Load().(string)
+				(*f)("connected to " + a)
+			}
+		}).
+		SetConnectionLostHandler(func(_ paho.Client, err error) {
+			if f := r.onBackend.Load(); f != nil {
+				(*f)(fmt.Sprintf("connection lost: %v", err))
+			}
+		}))
 	if t := r.backend.Connect(); !t.WaitTimeout(15*time.Second) || t.Error() != nil {
 		return fmt.Errorf("backend connect: %v", t.Error())
 	}

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -33,6 +34,8 @@ type run struct {
 	cl      *clusterProcs
 	adminMu sync.Mutex
 	admins  map[int]*adminclient.Client // by node index
+	// onBackend, if set, hears the backend service's connection events.
+	onBackend atomic.Pointer[func(string)]
 	// mqttAddrs are the cluster nodes' MQTT addresses, node 1 first.
 	mqttAddrs []string
 	recv      *receiver

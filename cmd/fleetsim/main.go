@@ -69,7 +69,7 @@ func root() *cobra.Command {
 	f.StringVar(&cfg.Prefix, "prefix", "", "device ID prefix (default: sim-XXXX, new each run)")
 	f.StringVar(&cfg.Group, "group", "sim", "device group")
 	f.IntVar(&cfg.Messages, "messages", 5, "telemetry messages per device")
-	f.DurationVar(&cfg.Interval, "interval", 0, "pause between a device's messages")
+	f.DurationVar(&cfg.Interval, "interval", 0, "pause between a device's messages (revoke scenario: between its messages while revoking, default 20ms)")
 	f.IntVar(&cfg.Payload, "payload", 64, "telemetry payload size in bytes")
 	f.StringVar(&jsonOut, "json", "", "write the report as JSON to this file")
 	f.BoolVar(&register, "register", true, "register the devices' EKs as a factory would (false: enrollment must be refused)")

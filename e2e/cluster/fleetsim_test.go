@@ -56,7 +56,7 @@ func TestFleetsimClusterFailover(t *testing.T) {
 		t.Skip("starts three fleetgate processes and a 30-device fleet (about 30 s)")
 	}
 	devices := 30
-	if s := os.Getenv("FLEETGATE_CLUSTER_DEVICES"); s != "" {
+	if s := os.Getenv("FLEETGATE_FAILOVER_DEVICES"); s != "" {
 		devices, _ = strconv.Atoi(s)
 	}
 	var pids []int
