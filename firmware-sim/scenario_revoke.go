@@ -36,7 +36,7 @@ func (r *run) revoke(ctx context.Context) error {
 		lat = append(lat, time.Since(t0))
 		r.progress("revoked %s (call took %s)", v.id, time.Since(t0).Round(time.Microsecond))
 	}
-	time.Sleep(time.Second) // the rest keep publishing; victims try to
+	time.Sleep(max(time.Second, 2*every)) // the rest keep publishing; victims try to
 	stop()
 	r.waitDelivered(ctx, 10*time.Second)
 	skip := map[string]bool{}
