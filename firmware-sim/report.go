@@ -51,6 +51,10 @@ type Report struct {
 	Nodes    []NodeStat    `json:"nodes,omitempty"`
 	Failover *FailoverStat `json:"failover,omitempty"`
 	Chaos    *ChaosStat    `json:"chaos,omitempty"`
+	// Manufacture is the time to make every swtpm (0 without TPMs);
+	// EnrollConnect the time until every device enrolled and connected.
+	Manufacture   time.Duration `json:"manufacture_ns,omitempty"`
+	EnrollConnect time.Duration `json:"enroll_connect_ns"`
 }
 
 // NodeStat is one cluster node: where it listened, its process, and its
@@ -101,7 +105,11 @@ func (r *Report) WriteTable(w io.Writer) {
 	fmt.Fprintf(w, "\nfleetsim report: scenario %s (%s)\n", r.Scenario, r.Elapsed.Round(time.Millisecond))
 	fmt.Fprintf(w, "  devices            %d enrolled, %d connected of %d (keys: %s)\n", r.Enrolled, r.Connected, r.Devices, r.TPM)
 	fmt.Fprintf(w, "  enrollment         p50 %s  p99 %s\n", r.EnrollP50.Round(time.Microsecond), r.EnrollP99.Round(time.Microsecond))
-	fmt.Fprintf(w, "  connect (mTLS)     p50 %s  p99 %s  (%.0f/s one at a time)\n", r.ConnectP50.Round(time.Microsecond), r.ConnectP99.Round(time.Microsecond), r.ConnectsPerSec)
+	fmt.Fprintf(w, "  connect (mTLS)     p50 %s  p99 %s\n", r.ConnectP50.Round(time.Microsecond), r.ConnectP99.Round(time.Microsecond))
+	if r.Manufacture > 0 {
+		fmt.Fprintf(w, "  manufacture        %d swtpm in %s (%.0f/s)\n", r.Devices, r.Manufacture.Round(time.Millisecond), float64(r.Devices)/r.Manufacture.Seconds())
+	}
+	fmt.Fprintf(w, "  enroll + connect   %d devices in %s (%.0f/s, %d at a time)\n", r.Connected, r.EnrollConnect.Round(time.Millisecond), r.ConnectsPerSec, setupParallel)
 	if r.GatewayRSSAfterKB > 0 {
 		fmt.Fprintf(w, "  gateway memory     %d KB -> %d KB with %d connections: %.1f KB per connection\n", r.GatewayRSSBeforeKB, r.GatewayRSSAfterKB, r.Connected, r.RSSPerConnectionKB)
 	}
