@@ -124,11 +124,9 @@ func TestHAProxyInFrontOfThreeNodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := hp.Stop(5 * time.Second); err != nil {
-			t.Logf("haproxy (pid %d): %v", hp.PID, err)
-		}
+		err := hp.Stop(5 * time.Second) // SIGTERM: haproxy exits with that signal
 		if t.Failed() {
-			t.Logf("haproxy log:\n%s", hp.Log())
+			t.Logf("haproxy (pid %d): %v; its log:\n%s", hp.PID, err, hp.Log())
 		}
 	})
 	ctx := context.Background()
