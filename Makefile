@@ -7,7 +7,7 @@ MOCHI    := third_party/mochi-mqtt-server
 MOCHI_PATCH_TESTS := Cached|QueuePolicy|LazyWriter|DeferredAcks|SubscribeID|ResumeResends|ClientQos1|AliasResolved|LimitsAnnounced|DelayedWill|OfflineQuota|InlineOrigin|ClearRetained|MsgExpiry|SessionHandover|HookNamesConnectRefusal|GetByListener|HookDispatch|DeadlineCoarse|WriteBufferPool|SharePayload|NextImmediateCounted|ExpiredSweepOnlyExpired|QueuedPacketsRecycled|MayExpireCovers
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: all build demo test test-short vet fmt-check deps fuzz clean
+.PHONY: all build demo demo-cluster test test-short vet fmt-check deps fuzz clean
 
 all: build
 
@@ -20,6 +20,10 @@ build:
 ## demo: gateway + a small simulated fleet, then stops everything it started
 demo: deps build
 	@DATA_DIR=$(DATA_DIR) scripts/demo.sh
+
+## demo-cluster: 3 nodes on 127.0.0.1-3, a fleet across them, one node killed; nothing lost (docs/cluster.md)
+demo-cluster: deps build
+	@scripts/demo-cluster.sh
 
 ## test: everything, with the race detector; real swtpm, TLS, badger, mosquitto clients
 test: deps vet fmt-check

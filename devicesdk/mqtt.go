@@ -2,10 +2,13 @@ package devicesdk
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -15,6 +18,10 @@ import (
 type ConnectOptions struct {
 	// BrokerAddr is host:port of the broker's mTLS listener.
 	BrokerAddr string
+	// OtherBrokers are further host:port addresses (the other nodes of a
+	// cluster), tried in order when BrokerAddr cannot be reached, on the
+	// first connection and on every reconnection.
+	OtherBrokers []string
 	// ServerName overrides the TLS server name (default: host of BrokerAddr).
 	ServerName string
 	// CleanSession false keeps subscriptions and queued QoS 1 messages
@@ -31,9 +38,10 @@ type ConnectOptions struct {
 
 // Client is a connected device.
 type Client struct {
-	id string
-	c  paho.Client
-	d  *Device
+	id     string
+	c      paho.Client
+	d      *Device
+	broker *atomic.Value // host:port of the latest connection attempt
 }
 
 // Connect opens an MQTT session to the broker with the device certificate.
@@ -72,6 +80,14 @@ func (d *Device) Connect(ctx context.Context, o ConnectOptions) (*Client, error)
 	// queued messages right after CONNACK, before this client subscribed
 	// again, and paho acknowledges (and drops) a message nobody handles.
 	opts.SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { d.dispatch(m) })
+	for _, a := range o.OtherBrokers {
+		opts.AddBroker("tls://" + a)
+	}
+	broker := &atomic.Value{}
+	opts.SetConnectionAttemptHandler(func(u *url.URL, c *tls.Config) *tls.Config {
+		broker.Store(u.Host)
+		return c
+	})
 	if o.OnConnect != nil {
 		opts.SetOnConnectHandler(func(paho.Client) { o.OnConnect() })
 	}
@@ -82,7 +98,14 @@ func (d *Device) Connect(ctx context.Context, o ConnectOptions) (*Client, error)
 	if err := wait(ctx, c.Connect()); err != nil {
 		return nil, fmt.Errorf("devicesdk: connect %s: %w", o.BrokerAddr, err)
 	}
-	return &Client{id: d.cfg.DeviceID, c: c, d: d}, nil
+	return &Client{id: d.cfg.DeviceID, c: c, d: d, broker: broker}, nil
+}
+
+// Broker is the host:port of the connection's latest attempt: while
+// IsConnected, the broker the client is connected to.
+func (c *Client) Broker() string {
+	s, _ := c.broker.Load().(string)
+	return s
 }
 
 type route struct {

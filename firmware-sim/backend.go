@@ -19,12 +19,15 @@ type receiver struct {
 	first  time.Time
 	pongs  chan string
 	events atomic.Int64
+	// pongFrom: each device's answers, by command name.
+	pongFrom map[string]map[string]bool
 }
 
 type telemetry struct {
 	Device string `json:"device"`
 	Seq    int64  `json:"seq"`
 	Kind   string `json:"kind"`
+	Cmd    string `json:"cmd,omitempty"` // of a pong: the command's name
 	Pad    []byte `json:"pad,omitempty"`
 }
 
@@ -34,6 +37,15 @@ func (rc *receiver) handle(_ paho.Client, m paho.Message) {
 		return
 	}
 	if tm.Kind == "pong" {
+		rc.mu.Lock()
+		if rc.pongFrom == nil {
+			rc.pongFrom = map[string]map[string]bool{}
+		}
+		if rc.pongFrom[tm.Device] == nil {
+			rc.pongFrom[tm.Device] = map[string]bool{}
+		}
+		rc.pongFrom[tm.Device][tm.Cmd] = true
+		rc.mu.Unlock()
 		select {
 		case rc.pongs <- tm.Device:
 		default:
@@ -79,4 +91,11 @@ func (rc *receiver) maxSeq(id string) int64 {
 		m = max(m, s)
 	}
 	return m
+}
+
+// answered reports whether device id answered the command named cmd.
+func (rc *receiver) answered(id, cmd string) bool {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	return rc.pongFrom[id][cmd]
 }

@@ -16,6 +16,11 @@ const (
 	ScenarioRestart = "restart"
 	ScenarioRenew   = "renew"
 	ScenarioStorm   = "storm"
+	// ScenarioFailover kills a node of a --cluster run mid-run.
+	ScenarioFailover = "failover"
+	// ScenarioChaos runs a reproducible random schedule of faults on a
+	// --cluster run.
+	ScenarioChaos = "chaos"
 )
 
 // Config of a simulation run.
@@ -33,6 +38,17 @@ type Config struct {
 	// scenarios. FleetgateBin is its binary (default: next to fleetsim).
 	Spawn        bool
 	FleetgateBin string
+	// Cluster > 0 runs that many `fleetgate serve` nodes with embedded
+	// NATS on 127.0.0.1..Cluster (implies Spawn) and spreads the devices
+	// over them; failover and chaos need at least 3.
+	Cluster int
+	// Duration of the chaos scenario, and its Seed (0: one is chosen and
+	// reported).
+	Duration time.Duration
+	Seed     int64
+	// OnCluster, if set, is called with the PIDs of the node processes
+	// started so far, whenever one starts (tests check none is left).
+	OnCluster func(pids []int)
 	// WorkDir keeps device state (default: a temp dir, removed).
 	WorkDir  string
 	Devices  int
@@ -106,14 +122,30 @@ func (c *Config) defaults() error {
 	if c.Scenario == "" {
 		c.Scenario = ScenarioSteady
 	}
+	if c.Cluster < 0 || c.Cluster > 9 {
+		return fmt.Errorf("cluster %d: want 1 to 9 nodes", c.Cluster)
+	}
 	switch c.Scenario {
 	case ScenarioSteady, ScenarioRevoke, ScenarioStorm:
 	case ScenarioRestart, ScenarioRenew:
+		if c.Cluster > 0 {
+			return fmt.Errorf("scenario %s runs on a single gateway: with --cluster, use failover or chaos", c.Scenario)
+		}
 		if !c.Spawn {
 			return fmt.Errorf("scenario %s restarts or reconfigures the gateway: run it with --spawn", c.Scenario)
 		}
+	case ScenarioFailover, ScenarioChaos:
+		if c.Cluster < 3 {
+			return fmt.Errorf("scenario %s kills nodes of a cluster: run it with --cluster 3", c.Scenario)
+		}
 	default:
-		return fmt.Errorf("scenario %q: want steady, revoke, restart, renew or storm", c.Scenario)
+		return fmt.Errorf("scenario %q: want steady, revoke, restart, renew, storm, failover or chaos", c.Scenario)
+	}
+	if c.Duration <= 0 {
+		c.Duration = time.Minute
+	}
+	if c.Seed == 0 {
+		c.Seed = time.Now().UnixNano() % 1_000_000
 	}
 	if c.RevokeFraction <= 0 || c.RevokeFraction > 1 {
 		c.RevokeFraction = 0.2

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"path"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -13,14 +14,41 @@ import (
 
 // device is one simulated device at run time.
 type device struct {
+	idx   int // its place in the fleet: node idx mod N is its first broker
 	id    string
 	dev   *devicesdk.Device
 	mu    sync.Mutex
 	c     *devicesdk.Client
 	seq   atomic.Int64 // last sequence number handed to Publish
-	acked sync.Map     // seq -> struct{}: the broker acknowledged it
+	acked sync.Map     // seq -> time.Time: when the broker acknowledged it
 	nack  atomic.Int64
 	renew atomic.Int64
+	// connects counts the device's successful connections; connectedAt is
+	// the latest one (unix ns).
+	connects    atomic.Int64
+	connectedAt atomic.Int64
+	// cmds: the commands the device received, by name (the topic's last
+	// level), as the device saw them.
+	cmds sync.Map
+}
+
+// got reports whether the device received the command named cmd.
+func (d *device) got(cmd string) bool {
+	_, ok := d.cmds.Load(cmd)
+	return ok
+}
+
+func (d *device) onConnect() {
+	d.connectedAt.Store(time.Now().UnixNano())
+	d.connects.Add(1)
+}
+
+// broker is where the device is (or was last) connected; "" if unknown.
+func (d *device) broker() string {
+	if c := d.client(); c != nil {
+		return c.Broker()
+	}
+	return ""
 }
 
 func (d *device) client() *devicesdk.Client {
@@ -30,8 +58,9 @@ func (d *device) client() *devicesdk.Client {
 }
 
 func (r *run) commandHandler(d *device) func(devicesdk.Message) {
-	return func(devicesdk.Message) {
-		b, _ := json.Marshal(telemetry{Device: d.id, Kind: "pong"})
+	return func(m devicesdk.Message) {
+		d.cmds.Store(path.Base(m.Topic), time.Now())
+		b, _ := json.Marshal(telemetry{Device: d.id, Kind: "pong", Cmd: path.Base(m.Topic)})
 		go func() {
 			if c := d.client(); c != nil {
 				_ = c.PublishTelemetry(context.Background(), "pong", 1, b)
@@ -68,7 +97,7 @@ func (r *run) publish(ctx context.Context, d *device) {
 	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if err := c.PublishTelemetry(pctx, "temp", 1, b); err == nil {
-		d.acked.Store(seq, struct{}{})
+		d.acked.Store(seq, time.Now())
 	} else {
 		d.nack.Add(1)
 	}

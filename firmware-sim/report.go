@@ -41,10 +41,32 @@ type Report struct {
 	GatewayRSSAfterKB  int64   `json:"gateway_rss_after_kb,omitempty"`
 	RSSPerConnectionKB float64 `json:"rss_per_connection_kb,omitempty"`
 	ConnectsPerSec     float64 `json:"connects_per_second"`
+	// Revoke scenario: the revoke call (returns once the session is
+	// closed and the revocation published), one at a time.
+	RevokeP50     time.Duration `json:"revoke_p50_ns,omitempty"`
+	RevokeP99     time.Duration `json:"revoke_p99_ns,omitempty"`
+	RevokesPerSec float64       `json:"revokes_per_second,omitempty"`
+	// With --cluster: each node, and what the failover or chaos scenario
+	// measured.
+	Nodes    []NodeStat    `json:"nodes,omitempty"`
+	Failover *FailoverStat `json:"failover,omitempty"`
+	Chaos    *ChaosStat    `json:"chaos,omitempty"`
 	// Manufacture is the time to make every swtpm (0 without TPMs);
 	// EnrollConnect the time until every device enrolled and connected.
 	Manufacture   time.Duration `json:"manufacture_ns,omitempty"`
 	EnrollConnect time.Duration `json:"enroll_connect_ns"`
+}
+
+// NodeStat is one cluster node: where it listened, its process, and its
+// resident memory before the devices connected and with them connected.
+type NodeStat struct {
+	Name        string `json:"name"`
+	PID         int    `json:"pid"`
+	MQTT        string `json:"mqtt"`
+	API         string `json:"api"`
+	Devices     int    `json:"devices"`
+	RSSBeforeKB int64  `json:"rss_before_kb"`
+	RSSAfterKB  int64  `json:"rss_after_kb"`
 }
 
 // OK reports whether every check passed.
@@ -91,8 +113,23 @@ func (r *Report) WriteTable(w io.Writer) {
 	if r.GatewayRSSAfterKB > 0 {
 		fmt.Fprintf(w, "  gateway memory     %d KB -> %d KB with %d connections: %.1f KB per connection\n", r.GatewayRSSBeforeKB, r.GatewayRSSAfterKB, r.Connected, r.RSSPerConnectionKB)
 	}
+	for _, n := range r.Nodes {
+		fmt.Fprintf(w, "  %-18s pid %d, MQTT %s, %d devices, memory %d KB -> %d KB\n", n.Name, n.PID, n.MQTT, n.Devices, n.RSSBeforeKB, n.RSSAfterKB)
+	}
+	if len(r.Nodes) > 0 && r.RSSPerConnectionKB != 0 {
+		fmt.Fprintf(w, "  cluster memory     %.1f KB per connection (growth summed over the nodes / devices)\n", r.RSSPerConnectionKB)
+	}
 	fmt.Fprintf(w, "  telemetry (QoS 1)  %d acknowledged, %d delivered, %d lost; %.0f msg/s\n", r.Sent, r.Delivered, r.Lost, r.MsgsPerSec)
 	fmt.Fprintf(w, "  first delivery     %s after start\n", r.FirstDelivery.Round(time.Millisecond))
+	if r.RevokesPerSec > 0 {
+		fmt.Fprintf(w, "  revoke call        p50 %s  p99 %s  (%.0f/s one at a time)\n", r.RevokeP50.Round(time.Microsecond), r.RevokeP99.Round(time.Microsecond), r.RevokesPerSec)
+	}
+	if r.Failover != nil {
+		r.Failover.write(w)
+	}
+	if r.Chaos != nil {
+		r.Chaos.write(w)
+	}
 	fmt.Fprintln(w, "  checks:")
 	for _, c := range r.Checks {
 		mark := "PASS"

@@ -22,7 +22,7 @@ func (r *run) renewScenario(ctx context.Context) error {
 			_ = d.dev.AutoRenew(rctx, devicesdk.RenewOptions{OnRenewed: func() {
 				d.renew.Add(1)
 				// Move the session onto the new certificate.
-				nc, err := d.dev.Connect(rctx, r.connectOpts())
+				nc, err := d.dev.Connect(rctx, r.deviceOpts(d))
 				if err != nil {
 					return
 				}

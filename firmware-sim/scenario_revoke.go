@@ -17,7 +17,11 @@ func (r *run) revoke(ctx context.Context) error {
 		k = len(live) - 1
 	}
 	victims, rest := live[len(live)-k:], live[:len(live)-k]
-	stop := r.publishLoop(ctx, live, 20*time.Millisecond)
+	every := 20 * time.Millisecond
+	if r.cfg.Interval > 0 {
+		every = r.cfg.Interval
+	}
+	stop := r.publishLoop(ctx, live, every)
 	time.Sleep(200 * time.Millisecond) // traffic flows before the revocation
 	revokedAt := time.Now()
 	seqAtReturn := map[string]int64{}
@@ -32,7 +36,7 @@ func (r *run) revoke(ctx context.Context) error {
 		lat = append(lat, time.Since(t0))
 		r.progress("revoked %s (call took %s)", v.id, time.Since(t0).Round(time.Microsecond))
 	}
-	time.Sleep(time.Second) // the rest keep publishing; victims try to
+	time.Sleep(max(time.Second, 2*every)) // the rest keep publishing; victims try to
 	stop()
 	r.waitDelivered(ctx, 10*time.Second)
 	skip := map[string]bool{}
@@ -60,6 +64,14 @@ func (r *run) revoke(ctx context.Context) error {
 	miss := r.missing(skip)
 	r.rep.check("no acknowledged QoS 1 message of the others was lost", len(miss) == 0, "%d missing %v", len(miss), head(miss))
 	p50, p99 := percentiles(lat)
-	r.progress("revocation: %d devices, revoke call p50 %s p99 %s", k, p50, p99)
+	r.rep.RevokeP50, r.rep.RevokeP99 = p50, p99
+	var total time.Duration
+	for _, l := range lat {
+		total += l
+	}
+	if total > 0 {
+		r.rep.RevokesPerSec = float64(len(lat)) / total.Seconds()
+	}
+	r.progress("revocation: %d devices, revoke call p50 %s p99 %s (%.0f/s one at a time)", k, p50, p99, r.rep.RevokesPerSec)
 	return nil
 }

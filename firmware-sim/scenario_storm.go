@@ -21,7 +21,7 @@ func (r *run) storm(ctx context.Context) error {
 		go func() {
 			defer wg.Done()
 			t0 := time.Now()
-			c, err := d.dev.Connect(ctx, r.connectOpts())
+			c, err := d.dev.Connect(ctx, r.deviceOpts(d))
 			if err != nil {
 				errs[i] = err
 				return

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"net/url"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -19,14 +20,36 @@ import (
 	"github.com/fleetgate/fleetgate/internal/fleetproc"
 )
 
-func (r *run) connectOpts() devicesdk.ConnectOptions {
-	// Persistent sessions with auto-reconnect: what a real device runs.
-	return devicesdk.ConnectOptions{BrokerAddr: r.cfg.BrokerAddr, ServerName: r.cfg.ServerName, AutoReconnect: true, MaxReconnectInterval: time.Second, KeepAlive: 30 * time.Second}
+// connectOpts are device i's: persistent sessions with auto-reconnect,
+// what a real device runs. In a cluster, device i's first broker is node
+// i mod N; the other nodes follow, in an order that differs from device
+// to device, so that the devices of a dead node spread over the others
+// (as a load balancer would spread them).
+func (r *run) connectOpts(i int) devicesdk.ConnectOptions {
+	o := devicesdk.ConnectOptions{BrokerAddr: r.cfg.BrokerAddr, ServerName: r.cfg.ServerName, AutoReconnect: true, MaxReconnectInterval: time.Second, KeepAlive: 30 * time.Second}
+	if n := len(r.mqttAddrs); n > 0 {
+		o.BrokerAddr = r.mqttAddrs[i%n]
+		for k := range n - 1 {
+			o.OtherBrokers = append(o.OtherBrokers, r.mqttAddrs[(i+1+(k+i/n)%(n-1))%n])
+		}
+	}
+	return o
+}
+
+// deviceOpts are d's connect options, with its connection times recorded.
+func (r *run) deviceOpts(d *device) devicesdk.ConnectOptions {
+	o := r.connectOpts(d.idx)
+	o.OnConnect = d.onConnect
+	return o
 }
 
 func (r *run) setup(ctx context.Context) error {
 	cfg := &r.cfg
-	if cfg.Spawn {
+	if cfg.Cluster > 0 {
+		if err := r.setupCluster(ctx); err != nil {
+			return err
+		}
+	} else if cfg.Spawn {
 		bin := cfg.FleetgateBin
 		if bin == "" {
 			var err error
@@ -69,17 +92,37 @@ func (r *run) setup(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	r.backend = paho.NewClient(paho.NewClientOptions().AddBroker("tls://" + cfg.BrokerAddr).SetClientID(svcName).
+	var backendAddr atomic.Value
+	bopts := paho.NewClientOptions().AddBroker("tls://" + cfg.BrokerAddr)
+	for _, a := range r.mqttAddrs[min(1, len(r.mqttAddrs)):] {
+		bopts.AddBroker("tls://" + a) // node 1 first, then the others
+	}
+	r.backend = paho.NewClient(bopts.SetClientID(svcName).
 		SetTLSConfig(&tls.Config{RootCAs: cfg.roots, ServerName: cfg.ServerName, Certificates: []tls.Certificate{svcCert}, MinVersion: tls.VersionTLS13}).
 		SetCleanSession(false).SetAutoReconnect(true).SetMaxReconnectInterval(time.Second).SetOrderMatters(false).
-		SetDefaultPublishHandler(r.recv.handle))
+		SetDefaultPublishHandler(r.recv.handle).
+		SetConnectionAttemptHandler(func(u *url.URL, c *tls.Config) *tls.Config {
+			backendAddr.Store(u.Host)
+			return c
+		}).
+		SetOnConnectHandler(func(paho.Client) {
+			if f := r.onBackend.Load(); f != nil {
+				a, _ := backendAddr.Load().(string)
+				(*f)("connected to " + a)
+			}
+		}).
+		SetConnectionLostHandler(func(_ paho.Client, err error) {
+			if f := r.onBackend.Load(); f != nil {
+				(*f)(fmt.Sprintf("connection lost: %v", err))
+			}
+		}))
 	if t := r.backend.Connect(); !t.WaitTimeout(15*time.Second) || t.Error() != nil {
 		return fmt.Errorf("backend connect: %v", t.Error())
 	}
 	if t := r.backend.Subscribe("devices/+/telemetry/#", 1, nil); !t.WaitTimeout(10*time.Second) || t.Error() != nil {
 		return fmt.Errorf("backend subscribe: %v", t.Error())
 	}
-	r.progress("backend service %s connected, subscribed to devices/+/telemetry/#", svcName)
+	r.progress("backend service %s connected to %s, subscribed to devices/+/telemetry/#", svcName, cfg.BrokerAddr)
 
 	var tdevs []*tpmDevice
 	if cfg.TPM == TPMSwtpm {
@@ -96,6 +139,10 @@ func (r *run) setup(ctx context.Context) error {
 	if r.gw != nil {
 		runtimeGC()
 		r.rep.GatewayRSSBeforeKB = rssKB(r.gw.pid())
+	}
+	if r.cl != nil {
+		runtimeGC()
+		r.rep.Nodes = r.nodeStats()
 	}
 	// Devices enroll and connect a few at a time, as a fleet powered on
 	// together does (each device is sequential: its TPM takes one command
@@ -135,7 +182,7 @@ func (r *run) setup(ctx context.Context) error {
 				mu.Unlock()
 				if n := done.Add(1); cfg.Devices <= 20 || n%50 == 0 {
 					if dv != nil {
-						r.progress("device %s enrolled (%s) and connected as %s [%d/%d]", dv.id, method, dv.dev.Leaf().URIs[0], n, cfg.Devices)
+						r.progress("device %s enrolled (%s) and connected to %s as %s [%d/%d]", dv.id, method, dv.broker(), dv.dev.Leaf().URIs[0], n, cfg.Devices)
 					}
 				}
 			}
@@ -158,6 +205,9 @@ feed:
 	if r.gw != nil && r.rep.Connected > 0 {
 		r.rep.GatewayRSSAfterKB = rssKB(r.gw.pid())
 		r.rep.RSSPerConnectionKB = float64(r.rep.GatewayRSSAfterKB-r.rep.GatewayRSSBeforeKB) / float64(r.rep.Connected)
+	}
+	if r.cl != nil && r.rep.Connected > 0 {
+		r.nodeMemory()
 	}
 	if r.rep.EnrollConnect > 0 {
 		r.rep.ConnectsPerSec = float64(r.rep.Connected) / r.rep.EnrollConnect.Seconds()
@@ -191,11 +241,11 @@ func (r *run) enrollAndConnect(ctx context.Context, i int, tdevs []*tpmDevice) (
 		return nil, 0, 0, err
 	}
 	el = time.Since(t0)
-	dv = &device{id: id, dev: d}
+	dv = &device{idx: i, id: id, dev: d}
 	dv.seq.Store(-1)
 	r.answerCommands(dv)
 	t1 := time.Now()
-	c, err := d.Connect(ctx, r.connectOpts())
+	c, err := d.Connect(ctx, r.deviceOpts(dv))
 	if err != nil {
 		return nil, el, 0, fmt.Errorf("%s: connect: %w", id, err)
 	}

@@ -14,6 +14,8 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -24,16 +26,23 @@ import (
 // run is one simulation: its configuration, report, the gateway and
 // fleet it started, the backend and the devices.
 type run struct {
-	cfg      Config
-	rep      *Report
-	admin    *adminclient.Client
-	fleet    *fleet
-	gw       *gatewayProc
-	recv     *receiver
-	backend  paho.Client
-	devs     []*device
-	payload  []byte
-	progress func(string, ...any)
+	cfg     Config
+	rep     *Report
+	admin   *adminclient.Client
+	fleet   *fleet
+	gw      *gatewayProc
+	cl      *clusterProcs
+	adminMu sync.Mutex
+	admins  map[int]*adminclient.Client // by node index
+	// onBackend, if set, hears the backend service's connection events.
+	onBackend atomic.Pointer[func(string)]
+	// mqttAddrs are the cluster nodes' MQTT addresses, node 1 first.
+	mqttAddrs []string
+	recv      *receiver
+	backend   paho.Client
+	devs      []*device
+	payload   []byte
+	progress  func(string, ...any)
 }
 
 // Run runs the simulation until done or ctx ends. Every swtpm and gateway
@@ -77,6 +86,10 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		err = r.renewScenario(ctx)
 	case ScenarioStorm:
 		err = r.storm(ctx)
+	case ScenarioFailover:
+		err = r.failover(ctx)
+	case ScenarioChaos:
+		err = r.chaos(ctx)
 	}
 	if err != nil {
 		return nil, err
@@ -109,6 +122,9 @@ func (r *run) close() {
 	}
 	if r.gw != nil {
 		r.gw.stop()
+	}
+	if r.cl != nil {
+		r.cl.Close()
 	}
 }
 

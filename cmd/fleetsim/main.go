@@ -41,7 +41,7 @@ func root() *cobra.Command {
 			cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 			rep, err := sim.Run(ctx, cfg)
 			if ctx.Err() != nil {
-				return fmt.Errorf("interrupted; every swtpm and gateway this run started was stopped")
+				return fmt.Errorf("interrupted; every swtpm, gateway and cluster node this run started was stopped")
 			}
 			if err != nil {
 				return err
@@ -69,11 +69,14 @@ func root() *cobra.Command {
 	f.StringVar(&cfg.Prefix, "prefix", "", "device ID prefix (default: sim-XXXX, new each run)")
 	f.StringVar(&cfg.Group, "group", "sim", "device group")
 	f.IntVar(&cfg.Messages, "messages", 5, "telemetry messages per device")
-	f.DurationVar(&cfg.Interval, "interval", 0, "pause between a device's messages")
+	f.DurationVar(&cfg.Interval, "interval", 0, "pause between a device's messages (revoke scenario: between its messages while revoking, default 20ms)")
 	f.IntVar(&cfg.Payload, "payload", 64, "telemetry payload size in bytes")
 	f.StringVar(&jsonOut, "json", "", "write the report as JSON to this file")
 	f.BoolVar(&register, "register", true, "register the devices' EKs as a factory would (false: enrollment must be refused)")
-	f.StringVar(&cfg.Scenario, "scenario", sim.ScenarioSteady, "steady, revoke, restart, renew or storm")
+	f.StringVar(&cfg.Scenario, "scenario", sim.ScenarioSteady, "steady, revoke, restart, renew, storm; with --cluster: failover, chaos")
+	f.IntVar(&cfg.Cluster, "cluster", 0, "start this many `fleetgate serve` nodes with embedded NATS on 127.0.0.1..N and spread the fleet over them")
+	f.DurationVar(&cfg.Duration, "duration", time.Minute, "chaos scenario: how long faults are injected")
+	f.Int64Var(&cfg.Seed, "seed", 0, "chaos scenario: seed of the fault schedule (0: chosen and printed; the same seed replays the same schedule)")
 	f.Float64Var(&cfg.RevokeFraction, "revoke-fraction", 0.2, "revoke scenario: the fraction of the fleet revoked mid-run")
 	f.BoolVar(&cfg.Spawn, "spawn", false, "start a gateway of fleetsim's own (init + serve in the work dir); restart and renew need it")
 	f.StringVar(&cfg.FleetgateBin, "fleetgate", "", "fleetgate binary for --spawn (default: next to fleetsim, or on PATH)")
