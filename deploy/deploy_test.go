@@ -49,7 +49,7 @@ func tool(t *testing.T, name string) string {
 	p, err := exec.LookPath(name)
 	if err != nil {
 		if os.Getenv("FLEETGATE_REQUIRE_TOOLS") != "" {
-			t.Fatalf("%s not installed (Debian package: prometheus for promtool, systemd for systemd-analyze)", name)
+			t.Fatalf("%s not installed (Debian package: prometheus for promtool, systemd for systemd-analyze, haproxy)", name)
 		}
 		t.Skipf("%s not installed", name)
 	}

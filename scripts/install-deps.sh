@@ -20,8 +20,9 @@ command -v jq >/dev/null 2>&1 || need+=(jq)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v git >/dev/null 2>&1 || need+=(git)
-# deploy/: systemd-analyze checks the hardened unit
+# deploy/: systemd-analyze checks the hardened unit; haproxy checks and runs deploy/haproxy.cfg
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v go >/dev/null 2>&1 || { echo "Go is required (https://go.dev/dl/); go.mod names the version" >&2; exit 1; }
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 SUDO=""
