@@ -251,7 +251,10 @@ func TestConsoleInChromium(t *testing.T) {
 	// Find the device: search by keyboard on the devices page.
 	step("devices", chromedp.Click(chromedp.CSS(`nav a[href="/devices"]`)), chromedp.WaitVisible(chromedp.ID("q")))
 	shot("devices")
+	// Enter submits the form: the filtered page replaces this one (the
+	// unfiltered page lists dev-live too, so wait for the new page's URL).
 	step("search", chromedp.Focus(chromedp.ID("q")), chromedp.KeyEvent("live"), chromedp.KeyEvent(kb.Enter),
+		chromedp.Poll[chromedp.Void](`location.search.includes('q=live') && document.readyState === 'complete'`, chromedp.WithPollingTimeout(10*time.Second)),
 		chromedp.WaitVisible(chromedp.CSS(`a[href="/devices/dev-live"]`)))
 	var rows string
 	eval(`String(document.querySelectorAll('#live tbody tr').length)`, &rows)

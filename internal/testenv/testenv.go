@@ -12,6 +12,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"log/slog"
+	"net/http"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -203,7 +204,11 @@ func (g *Gateway) Roots() *x509.CertPool { return g.CA.Roots() }
 // Token mints a bootstrap token through the admin API.
 func (g *Gateway) Token(t testing.TB, device, group string, ttl time.Duration) string {
 	t.Helper()
-	r, err := g.Admin.CreateToken(context.Background(), api.TokenCreateRequest{DeviceID: device, Group: group, TTL: ttl})
+	var r *api.TokenCreateResponse
+	err := whileStale(func() (err error) {
+		r, err = g.Admin.CreateToken(context.Background(), api.TokenCreateRequest{DeviceID: device, Group: group, TTL: ttl})
+		return err
+	})
 	if err != nil {
 		t.Fatalf("create token for %s: %v", device, err)
 	}
@@ -238,7 +243,11 @@ func (g *Gateway) EnrollDevice(t testing.TB, id, group string) *devicesdk.Device
 // Service issues a service certificate through the admin API.
 func (g *Gateway) Service(t testing.TB, name string) tls.Certificate {
 	t.Helper()
-	r, err := g.Admin.IssueService(context.Background(), api.ServiceIssueRequest{Name: name})
+	var r *api.ServiceIssueResponse
+	err := whileStale(func() (err error) {
+		r, err = g.Admin.IssueService(context.Background(), api.ServiceIssueRequest{Name: name})
+		return err
+	})
 	if err != nil {
 		t.Fatalf("issue service %s: %v", name, err)
 	}
@@ -316,4 +325,20 @@ func tailLog(log string, n int) string {
 	}
 	slices.Reverse(keep)
 	return strings.Join(keep, "\n")
+}
+
+// whileStale calls fn again, for up to 30 s, while it is refused with 503
+// directory_stale: a cluster node on a loaded machine may miss its
+// freshness bound for a moment, and then refuses operators too (the tests
+// that assert that refusal call the API directly).
+func whileStale(fn func() error) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := fn()
+		var ae *api.Error
+		if err == nil || !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable || ae.Code != "directory_stale" || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
