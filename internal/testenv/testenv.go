@@ -200,7 +200,17 @@ func (g *Gateway) Roots() *x509.CertPool { return g.CA.Roots() }
 // Token mints a bootstrap token through the admin API.
 func (g *Gateway) Token(t testing.TB, device, group string, ttl time.Duration) string {
 	t.Helper()
-	r, err := g.Admin.CreateToken(context.Background(), api.TokenCreateRequest{DeviceID: device, Group: group, TTL: ttl})
+	// A cluster node answers 503 directory_stale while its view is not
+	// proven fresh (a leader election on a loaded machine): retry that,
+	// bounded.
+	var r *api.TokenCreateResponse
+	var err error
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		r, err = g.Admin.CreateToken(context.Background(), api.TokenCreateRequest{DeviceID: device, Group: group, TTL: ttl})
+		if err == nil || !strings.Contains(err.Error(), "directory_stale") || time.Now().After(deadline) {
+			break
+		}
+	}
 	if err != nil {
 		t.Fatalf("create token for %s: %v", device, err)
 	}
