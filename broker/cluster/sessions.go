@@ -102,21 +102,60 @@ type sessions struct {
 
 	mu    sync.Mutex
 	local map[string]*local // client ID → the connection that owns it here
-	// conns: each client connected here → its connection's ID in the
-	// record, kept (also after an eviction) while its will may still be
-	// sent (OnWill).
-	conns map[*mqtt.Client]string
+	// conns: client ID → each client connected here with it → its
+	// connection's ID in the record, kept (also after an eviction) while
+	// its will may still be sent (OnWill).
+	conns map[string]map[*mqtt.Client]string
 }
 
 func newSessions(r *Router) *sessions {
-	return &sessions{r: r, local: map[string]*local{}, conns: map[*mqtt.Client]string{}}
+	return &sessions{r: r, local: map[string]*local{}, conns: map[string]map[*mqtt.Client]string{}}
 }
 
 // forget drops cl's entry in conns.
 func (s *sessions) forget(cl *mqtt.Client) {
 	s.mu.Lock()
-	delete(s.conns, cl)
+	s.forgetLocked(cl)
 	s.mu.Unlock()
+}
+
+func (s *sessions) forgetLocked(cl *mqtt.Client) {
+	if m := s.conns[cl.ID]; m != nil {
+		delete(m, cl)
+		if len(m) == 0 {
+			delete(s.conns, cl.ID)
+		}
+	}
+}
+
+// remember records cl's connection ID, and drops the entries of earlier
+// clients of the same ID that ended more than a minute ago with no delayed
+// will waiting (a CONNECT refused after its claim ends without OnWill or
+// OnDisconnect; a minute leaves a connection that is ending time to claim
+// its will).
+func (s *sessions) remember(cl *mqtt.Client, conn string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.conns[cl.ID]
+	if m == nil {
+		m = map[*mqtt.Client]string{}
+		s.conns[cl.ID] = m
+	}
+	for old := range m {
+		if old.Closed() && !willPending(old) && old.StopTime() > 0 && time.Now().Unix()-old.StopTime() > 60 {
+			delete(m, old)
+		}
+	}
+	m[cl] = conn
+}
+
+// connOf returns cl's connection ID and forgets it.
+func (s *sessions) connOf(cl *mqtt.Client) (string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	conn, ok := s.conns[cl.ID][cl]
+	s.forgetLocked(cl)
+	return conn, ok
 }
 
 func (s *sessions) open(ctx context.Context) error {
@@ -310,8 +349,8 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 	}
 	s.mu.Lock()
 	s.local[cl.ID] = &local{conn: conn, cl: cl}
-	s.conns[cl] = conn
 	s.mu.Unlock()
+	s.remember(cl, conn)
 	if prev == nil {
 		return nil
 	}

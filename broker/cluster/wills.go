@@ -190,10 +190,7 @@ func (s *sessions) onWill(cl *mqtt.Client, w mqtt.Will) mqtt.Will {
 	if cl.Net.Inline || w.TopicName == "" {
 		return w
 	}
-	s.mu.Lock()
-	conn, ok := s.conns[cl]
-	delete(s.conns, cl)
-	s.mu.Unlock()
+	conn, ok := s.connOf(cl)
 	if !ok {
 		return w
 	}
