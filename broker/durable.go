@@ -99,7 +99,15 @@ func (h *fanoutFirstHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets
 		return pk, nil
 	}
 	h.backpressure(cl, pk.TopicName)
+	// The fanned-out copy shares the payload (nothing writes to a payload
+	// once read; the fork's deliveries share it too, patch 23).
+	payload := pk.Payload
+	pk.Payload = nil
 	cp := pk.Copy(true)
+	pk.Payload = payload
+	if len(payload) > 0 {
+		cp.Payload = payload
+	}
 	if err := h.b.server.InjectPacket(h.inline, cp); err != nil {
 		// Fall back to mochi's own order rather than lose the message.
 		h.b.log.Warn("fan-out before ack failed; acknowledging first", "client", cl.ID, "topic", pk.TopicName, "err", err)
