@@ -286,14 +286,19 @@ func (t *tpmEnroller) handleComplete(w http.ResponseWriter, r *http.Request) {
 		// certification (the EK certificate's version, judged at round 1,
 		// is the firmware at manufacture). Only an AK in the endorsement
 		// hierarchy gets the true version: elsewhere the TPM obfuscates
-		// it, and it is not judged.
-		fw, inEndorsement, err := c.ak.CertifiedFirmwareVersion(req.CertifyInfo, c.ekPub)
-		if err != nil {
-			return nil, attestError(err)
-		}
-		if inEndorsement {
-			if _, err := t.s.cfg.TPMDenyList.CheckFirmware(c.tpm, fw); err != nil {
+		// it, and it is not judged. Without a deny-list there is nothing
+		// to judge it against (CheckFirmware of a nil list accepts all),
+		// so the attestation is not decoded again nor the EK's name
+		// computed.
+		if t.s.cfg.TPMDenyList != nil {
+			fw, inEndorsement, err := c.ak.CertifiedFirmwareVersion(req.CertifyInfo, c.ekPub)
+			if err != nil {
 				return nil, attestError(err)
+			}
+			if inEndorsement {
+				if _, err := t.s.cfg.TPMDenyList.CheckFirmware(c.tpm, fw); err != nil {
+					return nil, attestError(err)
+				}
 			}
 		}
 		id := identity.Identity{Role: identity.RoleDevice, Name: c.deviceID}
