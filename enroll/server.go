@@ -249,13 +249,18 @@ func (s *Server) summariseRefusals(sum logguard.Summary) {
 // enrolls again), so verifying them at every handshake was wasted work.
 // crypto/tls still checks, at the handshake, the client's CertificateVerify
 // signature with the presented certificate's key.
+//
+// No session tickets: a device enrolls once and renews every few weeks, so
+// it never resumes, and each ticket cost the server its encryption and a
+// record of its own after every handshake.
 func (s *Server) TLSConfig(serverCert tls.Certificate) *tls.Config {
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS12,
 		Certificates: []tls.Certificate{serverCert},
 		ClientAuth:   tls.RequestClientCert,
 		// The CA names sent in the CertificateRequest.
-		ClientCAs: s.clientCAs,
+		ClientCAs:              s.clientCAs,
+		SessionTicketsDisabled: true,
 	}
 }
 

@@ -52,6 +52,11 @@ type Config struct {
 	Progress io.Writer
 	// TPM is TPMSwtpm (default) or TPMNone.
 	TPM string
+	// Manufacture is how each swtpm gets its EK certificate: "ecc" (the
+	// default: a P-256 EK certified from Go, as a factory line does; tens
+	// of TPMs a second) or "swtpm_setup" (RSA 2048 and P-384 EKs by
+	// swtpm_setup and swtpm_localca; about 4 a second).
+	Manufacture string
 	// SkipRegistration leaves the EKs unregistered (a factory that forgot),
 	// to exercise the refusal path and its runbook.
 	SkipRegistration bool
@@ -90,6 +95,13 @@ func (c *Config) defaults() error {
 	}
 	if c.TPM != TPMSwtpm && c.TPM != TPMNone {
 		return fmt.Errorf("tpm %q: want swtpm or none", c.TPM)
+	}
+	switch c.Manufacture {
+	case "":
+		c.Manufacture = ManufactureECC
+	case ManufactureECC, ManufactureSwtpmSetup:
+	default:
+		return fmt.Errorf("manufacture %q: want %s or %s", c.Manufacture, ManufactureECC, ManufactureSwtpmSetup)
 	}
 	if c.Scenario == "" {
 		c.Scenario = ScenarioSteady

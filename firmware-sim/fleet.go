@@ -20,6 +20,9 @@ import (
 const (
 	TPMNone  = "none"  // software keys, bootstrap-token enrollment
 	TPMSwtpm = "swtpm" // one swtpm per device, TPM attestation
+
+	ManufactureECC        = "ecc"         // swtpm.ProvisionECC
+	ManufactureSwtpmSetup = "swtpm_setup" // swtpm.ProvisionSwtpmSetup
 )
 
 // fleet holds the simulated hardware: one swtpm per device in TPM mode. It
@@ -72,7 +75,7 @@ type tpmDevice struct {
 	keys *tpmkey.Keys
 }
 
-// manufacture starts n swtpms (a few at a time: swtpm_setup is CPU-bound)
+// manufacture starts n swtpms (a few at a time: manufacturing is CPU-bound)
 // and registers their EKs as a factory would, in one bulk import.
 func (f *fleet) manufacture(ctx context.Context, n int, progress func(string, ...any)) ([]*tpmDevice, error) {
 	var err error
@@ -81,7 +84,7 @@ func (f *fleet) manufacture(ctx context.Context, n int, progress func(string, ..
 	}
 	devs := make([]*tpmDevice, n)
 	errs := make([]error, n)
-	sem := make(chan struct{}, 4)
+	sem := make(chan struct{}, 8)
 	var wg sync.WaitGroup
 	for i := range devs {
 		wg.Add(1)
@@ -95,7 +98,11 @@ func (f *fleet) manufacture(ctx context.Context, n int, progress func(string, ..
 			}
 			defer func() { <-sem }()
 			d := &tpmDevice{id: f.id(i), dir: filepath.Join(f.cfg.WorkDir, f.id(i))}
-			in, err := swtpm.Start(ctx, swtpm.Options{Dir: filepath.Join(d.dir, "tpm"), Manufacturer: f.mfr})
+			prov := swtpm.ProvisionECC
+			if f.cfg.Manufacture == ManufactureSwtpmSetup {
+				prov = swtpm.ProvisionSwtpmSetup
+			}
+			in, err := swtpm.Start(ctx, swtpm.Options{Dir: filepath.Join(d.dir, "tpm"), Manufacturer: f.mfr, Provisioning: prov})
 			if err != nil {
 				errs[i] = fmt.Errorf("%s: swtpm: %w", d.id, err)
 				return

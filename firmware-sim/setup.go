@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"fmt"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -81,79 +83,128 @@ func (r *run) setup(ctx context.Context) error {
 
 	var tdevs []*tpmDevice
 	if cfg.TPM == TPMSwtpm {
+		t0 := time.Now()
 		if tdevs, err = r.fleet.manufacture(ctx, cfg.Devices, r.progress); err != nil {
 			return err
 		}
+		r.rep.Manufacture = time.Since(t0)
 		if cfg.OnFleet != nil {
 			cfg.OnFleet(r.fleet.SwtpmPIDs())
 		}
 	}
 	r.devs = make([]*device, cfg.Devices)
-	var enrollLat, connLat []time.Duration
 	if r.gw != nil {
 		runtimeGC()
 		r.rep.GatewayRSSBeforeKB = rssKB(r.gw.pid())
 	}
-	var errs []error
-	for i := range r.devs {
-		id := r.fleet.id(i)
-		t0 := time.Now()
-		var d *devicesdk.Device
-		method := "token"
-		if cfg.TPM == TPMSwtpm {
-			d, err = r.fleet.enrollTPM(ctx, tdevs[i])
-			method = "TPM attestation"
-		} else {
-			d, err = r.fleet.enrollToken(ctx, id)
-		}
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
+	// Devices enroll and connect a few at a time, as a fleet powered on
+	// together does (each device is sequential: its TPM takes one command
+	// at a time).
+	var (
+		mu                sync.Mutex
+		enrollLat, connLt []time.Duration
+		errs              []error
+		done              atomic.Int64
+		wg                sync.WaitGroup
+	)
+	method := "token"
+	if cfg.TPM == TPMSwtpm {
+		method = "TPM attestation"
+	}
+	next := make(chan int)
+	t0 := time.Now()
+	for range min(setupParallel, cfg.Devices) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				dv, el, cl, err := r.enrollAndConnect(ctx, i, tdevs)
+				mu.Lock()
+				if el > 0 {
+					enrollLat = append(enrollLat, el)
+					r.rep.Enrolled++
+				}
+				if err != nil {
+					errs = append(errs, err)
+				}
+				if dv != nil {
+					connLt = append(connLt, cl)
+					r.rep.Connected++
+					r.devs[i] = dv
+				}
+				mu.Unlock()
+				if n := done.Add(1); cfg.Devices <= 20 || n%50 == 0 {
+					if dv != nil {
+						r.progress("device %s enrolled (%s) and connected as %s [%d/%d]", dv.id, method, dv.dev.Leaf().URIs[0], n, cfg.Devices)
+					}
+				}
 			}
-			errs = append(errs, err)
-			continue
-		}
-		enrollLat = append(enrollLat, time.Since(t0))
-		r.rep.Enrolled++
-		dv := &device{id: id, dev: d}
-		dv.seq.Store(-1)
-		r.answerCommands(dv)
-		t1 := time.Now()
-		c, err := d.Connect(ctx, r.connectOpts())
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: connect: %w", id, err))
-			continue
-		}
-		if err := c.SubscribeCommands(ctx, 1, r.commandHandler(dv)); err != nil {
-			errs = append(errs, fmt.Errorf("%s: subscribe: %w", id, err))
-		}
-		connLat = append(connLat, time.Since(t1))
-		r.rep.Connected++
-		dv.c = c
-		r.devs[i] = dv
-		if cfg.Devices <= 20 || (i+1)%50 == 0 {
-			r.progress("device %s enrolled (%s) and connected as %s [%d/%d]", id, method, d.Leaf().URIs[0], i+1, cfg.Devices)
+		}()
+	}
+feed:
+	for i := range r.devs {
+		select {
+		case next <- i:
+		case <-ctx.Done():
+			break feed
 		}
 	}
+	close(next)
+	wg.Wait()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	r.rep.EnrollConnect = time.Since(t0)
 	if r.gw != nil && r.rep.Connected > 0 {
 		r.rep.GatewayRSSAfterKB = rssKB(r.gw.pid())
 		r.rep.RSSPerConnectionKB = float64(r.rep.GatewayRSSAfterKB-r.rep.GatewayRSSBeforeKB) / float64(r.rep.Connected)
 	}
-	var connTotal time.Duration
-	for _, l := range connLat {
-		connTotal += l
-	}
-	if connTotal > 0 {
-		r.rep.ConnectsPerSec = float64(len(connLat)) / connTotal.Seconds()
+	if r.rep.EnrollConnect > 0 {
+		r.rep.ConnectsPerSec = float64(r.rep.Connected) / r.rep.EnrollConnect.Seconds()
 	}
 	r.rep.EnrollP50, r.rep.EnrollP99 = percentiles(enrollLat)
-	r.rep.ConnectP50, r.rep.ConnectP99 = percentiles(connLat)
+	r.rep.ConnectP50, r.rep.ConnectP99 = percentiles(connLt)
 	for _, e := range errs {
 		r.rep.Errors = append(r.rep.Errors, e.Error())
 	}
 	r.rep.check("every device enrolled and connected", r.rep.Connected == cfg.Devices,
 		"%d/%d connected; %d errors", r.rep.Connected, cfg.Devices, len(errs))
 	return nil
+}
+
+// setupParallel is how many devices enroll and connect at once.
+const setupParallel = 8
+
+// enrollAndConnect enrolls device i and connects it with its command
+// subscription. el is the enrollment's duration (0 if it failed), cl the
+// connection's; dv is nil unless it connected.
+func (r *run) enrollAndConnect(ctx context.Context, i int, tdevs []*tpmDevice) (dv *device, el, cl time.Duration, err error) {
+	id := r.fleet.id(i)
+	t0 := time.Now()
+	var d *devicesdk.Device
+	if r.cfg.TPM == TPMSwtpm {
+		d, err = r.fleet.enrollTPM(ctx, tdevs[i])
+	} else {
+		d, err = r.fleet.enrollToken(ctx, id)
+	}
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	el = time.Since(t0)
+	dv = &device{id: id, dev: d}
+	dv.seq.Store(-1)
+	r.answerCommands(dv)
+	t1 := time.Now()
+	c, err := d.Connect(ctx, r.connectOpts())
+	if err != nil {
+		return nil, el, 0, fmt.Errorf("%s: connect: %w", id, err)
+	}
+	if err := c.SubscribeCommands(ctx, 1, r.commandHandler(dv)); err != nil {
+		c.Close()
+		return nil, el, 0, fmt.Errorf("%s: subscribe: %w", id, err)
+	}
+	dv.c = c
+	return dv, el, time.Since(t1), nil
 }
 
 // rssKB is a process's resident set size in KB (0 if unknown).

@@ -166,6 +166,11 @@ func (s *Server) authenticate(r *http.Request) (identity.Identity, error) {
 	switch {
 	case err == nil:
 		return id, nil
+	case errors.Is(err, directory.ErrStale):
+		// A cluster node cut off from the others (or loaded past its
+		// bound) vouches for no certificate, an operator's included: the
+		// call may be retried here or through another node.
+		return identity.Identity{}, apiErr(http.StatusServiceUnavailable, fleet.ReasonDirectoryStale, "this node's view of revocations is stale (cut off from the cluster?): try again, or through another node", err)
 	case errors.Is(err, directory.ErrUnknownSerial):
 		return identity.Identity{}, apiErr(http.StatusUnauthorized, fleet.ReasonClientCertUnknown, "client certificate was not issued by this registry", nil)
 	case errors.Is(err, directory.ErrRevoked) && s.certRevoked(leaf):

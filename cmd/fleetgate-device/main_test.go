@@ -96,10 +96,13 @@ func clientScript(t *testing.T, dir, mqttAddr, id, logFile string) string {
 	t.Helper()
 	host, port, _ := strings.Cut(mqttAddr, ":")
 	serial := fmt.Sprintf("$(openssl x509 -in %s/cert.pem -noout -serial)", dir)
+	// The trap comes first: a renewal may signal the client before its
+	// first publish is done (on a loaded machine it was, and SIGHUP's
+	// default action ended the shell).
 	s := fmt.Sprintf(`#!/bin/sh
+trap 'echo "hup $$ %[1]s" >> %[2]s' HUP
 echo "start $$ %[1]s" >> %[2]s
 mosquitto_pub -h %[3]s -p %[4]s --cafile %[5]s/ca.pem --cert %[5]s/cert.pem --key %[5]s/device.key -i %[6]s -q 1 -t devices/%[6]s/telemetry/t -m hi && echo "pub ok $$" >> %[2]s
-trap 'echo "hup $$ %[1]s" >> %[2]s' HUP
 while :; do sleep 0.1; done
 `, serial, logFile, host, port, dir, id)
 	p := filepath.Join(t.TempDir(), "client.sh")

@@ -79,6 +79,7 @@ func root() *cobra.Command {
 	f.StringVar(&cfg.FleetgateBin, "fleetgate", "", "fleetgate binary for --spawn (default: next to fleetsim, or on PATH)")
 	f.DurationVar(&cfg.CertTTL, "cert-ttl", 20*time.Second, "renew scenario: device certificate lifetime of the spawned gateway")
 	f.StringVar(&cfg.TPM, "tpm", sim.TPMSwtpm, "swtpm: one software TPM per device, TPM attestation; none: software keys and bootstrap tokens")
+	f.StringVar(&cfg.Manufacture, "manufacture", sim.ManufactureECC, "how each swtpm gets its EK certificate: ecc (a P-256 EK certified from Go, as a factory line does; fast) or swtpm_setup (RSA and P-384 EKs by swtpm_setup; about 4 a second)")
 	r.AddCommand(run)
 	return r
 }

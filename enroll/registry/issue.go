@@ -55,28 +55,10 @@ func (r *Registry) issue(is issuance) (*fleet.Certificate, error) {
 	if err != nil {
 		return nil, err
 	}
-	r.writeMu.Lock()
-	defer r.writeMu.Unlock()
-	var dev *fleet.Device
-	// A conflict (a concurrent change, on any node in a cluster) runs
-	// the check and commit again, never the signature.
-	err = r.updateAudited(is.audited, func(txn txn) error {
-		now := r.now()
-		if err := is.check(txn, now); err != nil {
-			return err
-		}
-		var err error
-		dev, err = is.commit(txn, c, now)
-		return err
-	})
-	if err != nil {
+	// Under writeMu, with the issuances committing at the same time
+	// (groupcommit.go).
+	if err := r.commitIssue(is, c); err != nil {
 		return nil, err
 	}
-	if is.revoked != nil && dev != nil {
-		if serials := is.revoked(); len(serials) > 0 {
-			r.dir.Revoked(dev.ID, serials...)
-		}
-	}
-	r.dir.Issued(c, dev)
 	return c, nil
 }

@@ -53,6 +53,8 @@ type Registry struct {
 	// it, so the directory applies changes in commit order (a renewal that
 	// committed before a revocation cannot overwrite it in the directory).
 	writeMu sync.Mutex
+	// issues groups concurrent issuances into one transaction (groupcommit.go).
+	issues issueGroup
 	// redeeming holds the IDs of the tokens being redeemed (signing), so
 	// that a token is signed for once at a time (RedeemTokenAudited).
 	redeeming sync.Map

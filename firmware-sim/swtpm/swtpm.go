@@ -79,6 +79,9 @@ type Options struct {
 	// ReadyTimeout bounds how long Start waits for the socket to answer,
 	// in addition to ctx. Zero means DefaultReadyTimeout.
 	ReadyTimeout time.Duration
+	// Provisioning is how a new TPM is manufactured (its EK
+	// certificate). The zero value runs swtpm_setup.
+	Provisioning Provisioning
 }
 
 // Instance is a running swtpm process. Its methods are safe for concurrent
@@ -147,10 +150,27 @@ func Start(ctx context.Context, opts Options) (*Instance, error) {
 		if opts.Manufacturer == nil {
 			return nil, fmt.Errorf("swtpm: start: %s holds no TPM and Manufacturer is nil: %w", dir, ErrInvalidOptions)
 		}
-		if err := manufacture(ctx, dir, stateDir, opts.Manufacturer); err != nil {
+		// What a crash left half made is made again.
+		if err := os.RemoveAll(stateDir); err != nil {
+			return nil, fmt.Errorf("swtpm: remove half-made state: %w", err)
+		}
+		switch opts.Provisioning {
+		case ProvisionSwtpmSetup:
+			err = manufacture(ctx, dir, stateDir, opts.Manufacturer)
+		case ProvisionECC:
+			// The TPM that was provisioned goes on running.
+			inst, err := provisionECC(ctx, dir, stateDir, opts, log)
+			if err == nil {
+				log.Info("swtpm manufactured", logKeyDir, dir, "provisioning", opts.Provisioning)
+			}
+			return inst, err
+		default:
+			err = fmt.Errorf("swtpm: start: provisioning %d: %w", opts.Provisioning, ErrInvalidOptions)
+		}
+		if err != nil {
 			return nil, err
 		}
-		log.Info("swtpm manufactured", logKeyDir, dir)
+		log.Info("swtpm manufactured", logKeyDir, dir, "provisioning", opts.Provisioning)
 	}
 
 	// swtpm_setup runs its own swtpm on the state and does not wait for it
@@ -159,7 +179,13 @@ func Start(ctx context.Context, opts Options) (*Instance, error) {
 	if err := waitStateUnlocked(ctx, stateDir, opts.ReadyTimeout); err != nil {
 		return nil, err
 	}
+	return launch(ctx, dir, stateDir, opts, log)
+}
 
+// launch starts `swtpm socket` on stateDir (sockets in dir, or in a short
+// temporary directory) and waits until the TPM answers.
+func launch(ctx context.Context, dir, stateDir string, opts Options, log *slog.Logger) (*Instance, error) {
+	var err error
 	inst := &Instance{
 		dir:   dir,
 		log:   log,
@@ -222,10 +248,16 @@ func Start(ctx context.Context, opts Options) (*Instance, error) {
 	return inst, nil
 }
 
-// isManufactured reports whether stateDir holds a TPM 2 state file.
+// isManufactured reports whether stateDir holds a TPM 2 state file and
+// is not being provisioned (provisionECC's marker).
 func isManufactured(stateDir string) (bool, error) {
 	_, err := os.Stat(filepath.Join(stateDir, "tpm2-00.permall"))
 	if err == nil {
+		if _, err := os.Stat(provisioningMarker(stateDir)); err == nil {
+			return false, nil
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return false, fmt.Errorf("swtpm: stat marker: %w", err)
+		}
 		return true, nil
 	}
 	if errors.Is(err, os.ErrNotExist) {
