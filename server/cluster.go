@@ -2,14 +2,15 @@ package server
 
 // A cluster node (docs/cluster.md): with --cluster-name (an embedded NATS
 // JetStream node, routes to the others) or --nats-url (a NATS cluster the
-// user runs), the node shares its directory and bootstrap tokens with the
-// other nodes through JetStream R3 buckets. Without either flag nothing
+// user runs), the node shares its directory and its registry (devices,
+// certificates, EKs, tokens, operator roles, audit) with the other nodes
+// through JetStream R3 buckets. Without either flag nothing
 // here runs: the single box stays badger only, no NATS.
 //
 // New does not wait for the NATS cluster to form (the nodes start one by
 // one): until the buckets are open and the directory proven fresh, the
 // directory refuses every certificate (fail closed), /readyz answers 503,
-// and token operations wait for the shared store (bounded) and fail.
+// and registry operations wait for the shared store (bounded) and fail.
 
 import (
 	"context"
@@ -195,8 +196,11 @@ func (s *Server) buildClusterDirectory() (*directory.Directory, error) {
 	if s.cfg.Only == OnlyBroker {
 		return dir, nil
 	}
+	// Every record of the registry is in the cluster's bucket; the
+	// directory is fed by the cluster (dirfeed), and the node's own badger
+	// records are copied into the bucket once it is open (SeedShared).
 	reg, err := registry.Open(s.layout.RegistryDir(), registry.Options{Logger: s.log.With("component", "registry"),
-		Directory: dir, Shared: s.clu.shared})
+		Directory: dir, Shared: s.clu.shared, DirectoryFed: true})
 	if err != nil {
 		return nil, err
 	}
@@ -296,6 +300,9 @@ func (p *clusterPart) run(ctx context.Context) error {
 		return err
 	}
 	p.shared.set(store)
+	if p.reg != nil {
+		go p.seed(ctx)
+	}
 	fc := dirfeed.Config{NC: p.nc, KV: dirKV, Store: dirStore, Dir: p.dir, Node: p.cfg.NodeName, StaleAfter: p.cfg.StaleAfter, Logger: p.log}
 	if p.reg != nil {
 		// A device this node enrolled, revoked or suspended through
@@ -319,6 +326,25 @@ func (p *clusterPart) run(ctx context.Context) error {
 		}
 	}()
 	return f.Run(ctx)
+}
+
+// seed copies the node's own registry records into the shared bucket
+// (registry.SeedShared), retrying while the bucket does not answer.
+func (p *clusterPart) seed(ctx context.Context) {
+	for {
+		sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		_, err := p.reg.SeedShared(sctx)
+		cancel()
+		if err == nil || ctx.Err() != nil {
+			return
+		}
+		p.log.Warn("the node's registry records not copied into the cluster yet; retrying", "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(5 * time.Second):
+		}
+	}
 }
 
 func (p *clusterPart) close() {
@@ -371,4 +397,30 @@ func (l *lazyStore) List(ctx context.Context, prefix string) ([]kvtx.Entry, erro
 		return nil, err
 	}
 	return s.List(ctx, prefix)
+}
+
+// Scan implements kvtx.Log (the registry's audit log).
+func (l *lazyStore) Scan(ctx context.Context, prefix string, from, to uint64, fn func(kvtx.Entry) error) error {
+	s, err := l.wait(ctx)
+	if err != nil {
+		return err
+	}
+	lg, ok := s.(kvtx.Log)
+	if !ok {
+		return errors.New("cluster store has no log")
+	}
+	return lg.Scan(ctx, prefix, from, to, fn)
+}
+
+// LastRev implements kvtx.Log.
+func (l *lazyStore) LastRev(ctx context.Context) (uint64, error) {
+	s, err := l.wait(ctx)
+	if err != nil {
+		return 0, err
+	}
+	lg, ok := s.(kvtx.Log)
+	if !ok {
+		return 0, errors.New("cluster store has no log")
+	}
+	return lg.LastRev(ctx)
 }

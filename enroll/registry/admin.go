@@ -7,8 +7,6 @@ import (
 	"strings"
 	"time"
 
-	badger "github.com/dgraph-io/badger/v4"
-
 	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
@@ -56,7 +54,7 @@ func TokenState(t Token, now time.Time) string {
 // Tokens returns every stored token, sorted by ID (secrets are hashes).
 func (r *Registry) Tokens() ([]Token, error) {
 	var out []Token
-	err := r.db.View(func(txn *badger.Txn) error {
+	err := r.view(func(txn txn) error {
 		return iterate(txn, pfxToken, func(t *Token) error { t.Hash = nil; out = append(out, *t); return nil })
 	})
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
@@ -68,7 +66,7 @@ func (r *Registry) Tokens() ([]Token, error) {
 // ErrInvalidTransition; an unknown one ErrNotFound.
 func (r *Registry) RevokeToken(id, actor string) (Token, error) {
 	var t Token
-	err := r.updateRetry(func(txn *badger.Txn) error {
+	err := r.updateRetry(func(txn txn) error {
 		if err := get(txn, pfxToken+id, &t); err != nil {
 			return err
 		}
@@ -101,7 +99,7 @@ func (r *Registry) PrincipalCertificates(role identity.Role, name string) ([]fle
 // operator), by name, oldest first, without their DER.
 func (r *Registry) Principals(role identity.Role) (map[string][]fleet.Certificate, error) {
 	out := map[string][]fleet.Certificate{}
-	err := r.db.View(func(txn *badger.Txn) error {
+	err := r.view(func(txn txn) error {
 		return iterate(txn, pfxCert, func(c *fleet.Certificate) error {
 			if c.Role == role {
 				c.DER = nil
@@ -153,7 +151,7 @@ type OperatorRecord struct {
 // (server/operatorrole.go).
 func (r *Registry) OperatorRole(name string) (string, error) {
 	var rec OperatorRecord
-	err := r.db.View(func(txn *badger.Txn) error { return get(txn, pfxOpRole+name, &rec) })
+	err := r.view(func(txn txn) error { return get(txn, pfxOpRole+name, &rec) })
 	switch {
 	case errors.Is(err, ErrNotFound):
 		return OperatorNone, nil
@@ -173,7 +171,7 @@ func (r *Registry) SetOperatorRole(rec OperatorRecord) error {
 	if rec.CreatedAt.IsZero() {
 		rec.CreatedAt = r.now()
 	}
-	return r.update(func(txn *badger.Txn) error { return put(txn, pfxOpRole+rec.Name, &rec) })
+	return r.update(func(txn txn) error { return put(txn, pfxOpRole+rec.Name, &rec) })
 }
 
 // liveAdmins returns the admin operators that hold an unrevoked,
@@ -223,7 +221,7 @@ func (r *Registry) RemoveOperator(name, reason, actor string) ([]string, error) 
 	}
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
-	err = r.update(func(txn *badger.Txn) error { return txn.Delete([]byte(pfxOpRole + name)) })
+	err = r.update(func(txn txn) error { return txn.del(pfxOpRole + name) })
 	r.Audit(AuditRecord{Actor: actor, Action: "operator.remove", Outcome: outcome(err), Reason: joinReason("operator/"+name+": "+reason, err), Serial: strings.Join(serials, ",")})
 	return serials, err
 }

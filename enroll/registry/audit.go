@@ -64,9 +64,11 @@ type auditState struct {
 // returns. It never fails the caller: an audit write error is logged at
 // error level (and the record with it).
 func (r *Registry) Audit(a AuditRecord) {
-	r.auditMu.Lock()
-	defer r.auditMu.Unlock()
-	err := r.update(func(txn *badger.Txn) error { return r.putAudit(txn, &a) })
+	if r.kv == nil {
+		r.auditMu.Lock()
+		defer r.auditMu.Unlock()
+	}
+	err := r.update(func(txn txn) error { return r.putAudit(txn, &a) })
 	if err != nil {
 		r.log.Error("audit write failed", "err", err, "action", a.Action, "device", a.DeviceID, "outcome", a.Outcome, "reason", logguard.Clip(a.Reason, maxAuditField))
 	}
@@ -150,8 +152,11 @@ func (r *Registry) flushAudit() {
 	}
 	for len(q) > 0 {
 		n := 0
-		err := r.update(func(txn *badger.Txn) error {
+		err := r.update(func(txn txn) error {
 			for n = 0; n < len(q); n++ {
+				if r.kv != nil && n == auditKVBatch {
+					return nil // commit these, the rest in the next
+				}
 				if err := r.putAudit(txn, &q[n]); err != nil {
 					if errors.Is(err, badger.ErrTxnTooBig) && n > 0 {
 						return nil // commit these, the rest in the next
@@ -175,8 +180,10 @@ func (r *Registry) flushAudit() {
 // auditMu from before the transaction until after it ends: sequence order
 // is commit order. A transaction that fails after putAudit leaves a gap in
 // the sequence, never a reused number. Fields are bounded (maxAudit*).
-func (r *Registry) putAudit(txn *badger.Txn, a *AuditRecord) error {
-	a.Seq = r.auditNext
+func (r *Registry) putAudit(txn txn, a *AuditRecord) error {
+	if r.kv == nil {
+		a.Seq = r.auditNext
+	}
 	if a.Time.IsZero() {
 		a.Time = r.now()
 	}
@@ -195,17 +202,20 @@ func (r *Registry) putAudit(txn *badger.Txn, a *AuditRecord) error {
 	if err != nil {
 		return fmt.Errorf("registry: encode: %w", err)
 	}
-	if err := txn.Set(auditKey(a.Seq), b); err != nil {
+	if r.kv != nil {
+		return txn.set(kvAuditKey(a.DeviceID), b)
+	}
+	if err := txn.set(string(auditKey(a.Seq)), b); err != nil {
 		return err
 	}
 	if a.DeviceID != "" {
-		if err := txn.Set(auditDevKey(a.DeviceID, a.Seq), nil); err != nil {
+		if err := txn.set(string(auditDevKey(a.DeviceID, a.Seq)), nil); err != nil {
 			return err
 		}
 	}
 	next := make([]byte, 8)
 	binary.BigEndian.PutUint64(next, a.Seq+1)
-	if err := txn.Set([]byte(seqAudit), next); err != nil {
+	if err := txn.set(seqAudit, next); err != nil {
 		return err
 	}
 	r.auditNext++
@@ -240,7 +250,7 @@ func (r *Registry) indexAuditByDevice() error {
 	wb := r.db.NewWriteBatch()
 	defer wb.Cancel()
 	if err := r.db.View(func(txn *badger.Txn) error {
-		return iterate(txn, pfxAudit, func(a *AuditRecord) error {
+		return iterate(badgerTxn{txn}, pfxAudit, func(a *AuditRecord) error {
 			if a.DeviceID == "" || identity.ValidateName(a.DeviceID) != nil {
 				return nil
 			}
@@ -292,6 +302,9 @@ func (r *Registry) AuditPage(q AuditQuery) ([]AuditRecord, string, error) {
 		return nil, "", nil // no such device can have records
 	}
 	r.flushAudit()
+	if r.kv != nil {
+		return r.auditPageKV(q.DeviceID, limit, before)
+	}
 	var out []AuditRecord
 	more := false
 	err := r.db.View(func(txn *badger.Txn) error {
@@ -365,19 +378,22 @@ func (r *Registry) AuditLog(deviceID string, limit int) ([]AuditRecord, error) {
 // updateAudited is update for a transaction that may append an audit
 // record (putAudit, putIssuedAudit): with audited, auditMu is held around
 // it. Lock order: writeMu, then auditMu.
-func (r *Registry) updateAudited(audited bool, fn func(*badger.Txn) error) error {
-	if !audited {
-		return r.update(fn)
+//
+// A conflict is retried (updateRetry). On a kvtx store the audit record
+// needs no lock: its order is its revision (kvaudit.go).
+func (r *Registry) updateAudited(audited bool, fn func(txn) error) error {
+	if !audited || r.kv != nil {
+		return r.updateRetry(fn)
 	}
 	r.auditMu.Lock()
 	defer r.auditMu.Unlock()
-	return r.update(fn)
+	return r.updateRetry(fn)
 }
 
 // putIssuedAudit appends a copy of a as the audit record of the successful
 // issuance of serial, in the issuing transaction txn (nil a: none). The
 // caller runs that transaction with updateAudited.
-func (r *Registry) putIssuedAudit(txn *badger.Txn, a *AuditRecord, serial string) error {
+func (r *Registry) putIssuedAudit(txn txn, a *AuditRecord, serial string) error {
 	if a == nil {
 		return nil
 	}

@@ -139,8 +139,9 @@ func TestAuditPageReadsOnlyItsPage(t *testing.T) {
 // TestAuditDeviceIndexBuiltForOldRecords: records written before the device
 // index existed are indexed when the registry opens.
 func TestAuditDeviceIndexBuiltForOldRecords(t *testing.T) {
+	onlyBadger(t)
 	dir := t.TempDir()
-	r, err := Open(dir, Options{})
+	r, err := open(t, dir, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -156,7 +157,7 @@ func TestAuditDeviceIndexBuiltForOldRecords(t *testing.T) {
 		t.Fatalf("index not dropped: %d", len(got))
 	}
 	r.Close()
-	r, err = Open(dir, Options{})
+	r, err = open(t, dir, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,7 +173,7 @@ func TestAuditDeviceIndexBuiltForOldRecords(t *testing.T) {
 // chose are bounded.
 func TestAuditBatchedIsBoundedAndWrittenInBatches(t *testing.T) {
 	dir := t.TempDir()
-	r, err := Open(dir, Options{})
+	r, err := open(t, dir, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -184,7 +185,7 @@ func TestAuditBatchedIsBoundedAndWrittenInBatches(t *testing.T) {
 	if b := r.AuditBatches(); b == 0 || b > 100 {
 		t.Fatalf("1000 records written in %d batches", b)
 	}
-	r, err = Open(dir, Options{})
+	r, err = open(t, dir, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

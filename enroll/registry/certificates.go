@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"time"
 
-	badger "github.com/dgraph-io/badger/v4"
-
 	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
@@ -22,18 +20,18 @@ func (r *Registry) RecordCertificate(c *fleet.Certificate) error {
 	if _, taken := r.DeviceStatus(c.Name); taken {
 		return fmt.Errorf("%w: %q is a device ID", ErrNameTaken, c.Name)
 	}
-	if err := r.update(func(txn *badger.Txn) error { return r.recordCert(txn, c, nil, r.now()) }); err != nil {
+	if err := r.updateRetry(func(txn txn) error { return r.recordCert(txn, c, nil, r.now()) }); err != nil {
 		return err
 	}
 	r.dir.Issued(c, nil)
 	return nil
 }
 
-func (r *Registry) recordCert(txn *badger.Txn, c *fleet.Certificate, dev *fleet.Device, now time.Time) error {
-	if _, err := txn.Get([]byte(pfxCert + c.Serial)); err == nil {
-		return fmt.Errorf("%w: %s", ErrDuplicateSerial, c.Serial)
-	} else if !errors.Is(err, badger.ErrKeyNotFound) {
+func (r *Registry) recordCert(txn txn, c *fleet.Certificate, dev *fleet.Device, now time.Time) error {
+	if dup, err := exists(txn, pfxCert+c.Serial); err != nil {
 		return err
+	} else if dup {
+		return fmt.Errorf("%w: %s", ErrDuplicateSerial, c.Serial)
 	}
 	c.IssuedAt = now
 	if err := put(txn, pfxCert+c.Serial, c); err != nil {
@@ -47,7 +45,7 @@ func (r *Registry) recordCert(txn *badger.Txn, c *fleet.Certificate, dev *fleet.
 			return err
 		}
 		// Index certificates by device for revocation.
-		if err := txn.Set([]byte("devcert/"+dev.ID+"/"+c.Serial), nil); err != nil {
+		if err := txn.set("devcert/"+dev.ID+"/"+c.Serial, nil); err != nil {
 			return err
 		}
 	}
@@ -57,7 +55,7 @@ func (r *Registry) recordCert(txn *badger.Txn, c *fleet.Certificate, dev *fleet.
 // Certificate returns the record of serial.
 func (r *Registry) Certificate(serial string) (*fleet.Certificate, error) {
 	var c fleet.Certificate
-	if err := r.db.View(func(txn *badger.Txn) error { return get(txn, pfxCert+serial, &c) }); err != nil {
+	if err := r.view(func(txn txn) error { return get(txn, pfxCert+serial, &c) }); err != nil {
 		return nil, err
 	}
 	return &c, nil

@@ -30,7 +30,8 @@ var (
 	ErrEKDeviceMismatch = errors.New("registry: EK registered for another device")
 	// ErrDuplicateInImport: an import names the same EK or device twice.
 	ErrDuplicateInImport = errors.New("registry: duplicate entry in import")
-	// ErrImportTooLarge: an import does not fit in one badger transaction;
+	// ErrImportTooLarge: an import does not fit in one transaction (badger's,
+	// or a cluster's batch of at most maxKVOps writes);
 	// it was not applied. Split the file into smaller imports.
 	ErrImportTooLarge = errors.New("registry: import too large for one transaction")
 )
@@ -100,7 +101,7 @@ func (r *Registry) RegisterEK(reg EKRegistration, actor string) error {
 		return fmt.Errorf("%w: %q is a service or operator name", ErrNameTaken, reg.DeviceID)
 	}
 	var dev fleet.Device
-	err := r.update(func(txn *badger.Txn) error {
+	err := r.updateRetry(func(txn txn) error {
 		d, err := r.registerEK(txn, reg, actor, r.now())
 		dev = d
 		return err
@@ -122,7 +123,7 @@ func reasonEK(reg EKRegistration, err error) string {
 
 // checkEK checks that reg can be applied in txn and returns the device
 // record as it will be written.
-func checkEK(txn *badger.Txn, reg EKRegistration, now time.Time) (fleet.Device, error) {
+func checkEK(txn txn, reg EKRegistration, now time.Time) (fleet.Device, error) {
 	if reg.Fingerprint == "" || reg.DeviceID == "" {
 		return fleet.Device{}, errors.New("registry: EK registration needs a fingerprint and a device ID")
 	}
@@ -156,7 +157,7 @@ func checkEK(txn *badger.Txn, reg EKRegistration, now time.Time) (fleet.Device, 
 	return dev, nil
 }
 
-func (r *Registry) registerEK(txn *badger.Txn, reg EKRegistration, actor string, now time.Time) (fleet.Device, error) {
+func (r *Registry) registerEK(txn txn, reg EKRegistration, actor string, now time.Time) (fleet.Device, error) {
 	dev, err := checkEK(txn, reg, now)
 	if err != nil {
 		return fleet.Device{}, err
@@ -175,7 +176,7 @@ func (r *Registry) registerEK(txn *badger.Txn, reg EKRegistration, actor string,
 // ImportEKs would refuse now (conflicts with the registry or within regs).
 func (r *Registry) CheckEKImport(regs []EKRegistration) ([]ImportProblem, error) {
 	var problems []ImportProblem
-	err := r.db.View(func(txn *badger.Txn) error {
+	err := r.view(func(txn txn) error {
 		var err error
 		problems, err = checkImport(txn, regs, r.now())
 		return err
@@ -183,7 +184,7 @@ func (r *Registry) CheckEKImport(regs []EKRegistration) ([]ImportProblem, error)
 	return problems, err
 }
 
-func checkImport(txn *badger.Txn, regs []EKRegistration, now time.Time) ([]ImportProblem, error) {
+func checkImport(txn txn, regs []EKRegistration, now time.Time) ([]ImportProblem, error) {
 	var problems []ImportProblem
 	byEK := map[string]int{}
 	byDevice := map[string]int{}
@@ -216,25 +217,32 @@ func (r *Registry) ImportEKs(regs []EKRegistration, actor string) error {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	devs := make([]fleet.Device, 0, len(regs))
-	err := r.update(func(txn *badger.Txn) error {
-		now := r.now()
-		problems, err := checkImport(txn, regs, now)
-		if err != nil {
-			return err
-		}
-		if len(problems) > 0 {
-			return &ImportError{Problems: problems}
-		}
-		for _, reg := range regs {
-			d, err := r.registerEK(txn, reg, actor, now)
+	var err error
+	if r.kv != nil && 2*len(regs) > maxKVOps { // an EK and a device each
+		err = fmt.Errorf("%w: %d writes", errTooBig, 2*len(regs))
+	}
+	if err == nil {
+		err = r.updateRetry(func(txn txn) error {
+			devs = devs[:0]
+			now := r.now()
+			problems, err := checkImport(txn, regs, now)
 			if err != nil {
 				return err
 			}
-			devs = append(devs, d)
-		}
-		return nil
-	})
-	if errors.Is(err, badger.ErrTxnTooBig) {
+			if len(problems) > 0 {
+				return &ImportError{Problems: problems}
+			}
+			for _, reg := range regs {
+				d, err := r.registerEK(txn, reg, actor, now)
+				if err != nil {
+					return err
+				}
+				devs = append(devs, d)
+			}
+			return nil
+		})
+	}
+	if errors.Is(err, badger.ErrTxnTooBig) || errors.Is(err, errTooBig) {
 		err = fmt.Errorf("%w (%d entries): %w", ErrImportTooLarge, len(regs), err)
 	}
 	r.Audit(AuditRecord{Actor: actor, Action: "ek.import", Outcome: outcome(err), Reason: importReason(len(regs), err)})
@@ -258,7 +266,7 @@ func importReason(n int, err error) string {
 // (ErrEKNotRegistered if none).
 func (r *Registry) EK(fingerprint string) (*EKRecord, error) {
 	var rec EKRecord
-	err := r.db.View(func(txn *badger.Txn) error { return get(txn, pfxEK+fingerprint, &rec) })
+	err := r.view(func(txn txn) error { return get(txn, pfxEK+fingerprint, &rec) })
 	if errors.Is(err, ErrNotFound) {
 		return nil, fmt.Errorf("%w: %s", ErrEKNotRegistered, fingerprint)
 	}
@@ -273,7 +281,7 @@ func (r *Registry) EK(fingerprint string) (*EKRecord, error) {
 func (r *Registry) DeviceByEK(fingerprint string) (*EKRecord, *fleet.Device, error) {
 	var rec EKRecord
 	var dev fleet.Device
-	err := r.db.View(func(txn *badger.Txn) error {
+	err := r.view(func(txn txn) error {
 		if err := get(txn, pfxEK+fingerprint, &rec); err != nil {
 			if errors.Is(err, ErrNotFound) {
 				return fmt.Errorf("%w: %s", ErrEKNotRegistered, fingerprint)
@@ -332,7 +340,7 @@ func (r *Registry) RedeemTPM(red TPMRedemption, sign func(fleet.Device) (*fleet.
 	c, err := r.issue(issuance{
 		audited: red.Audit != nil,
 		revoked: func() []string { return superseded },
-		check: func(txn *badger.Txn, now time.Time) error {
+		check: func(txn txn, now time.Time) error {
 			rec, dev, autoNew = EKRecord{}, fleet.Device{}, false
 			switch err := get(txn, pfxEK+red.EKFingerprint, &rec); {
 			case errors.Is(err, ErrNotFound):
@@ -372,7 +380,7 @@ func (r *Registry) RedeemTPM(red TPMRedemption, sign func(fleet.Device) (*fleet.
 			return nil
 		},
 		sign: func() (*fleet.Certificate, error) { return sign(dev) },
-		commit: func(txn *badger.Txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error) {
+		commit: func(txn txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error) {
 			if autoNew {
 				if err := put(txn, pfxEK+rec.Fingerprint, &rec); err != nil {
 					return nil, err
@@ -408,7 +416,7 @@ const reasonSupersededByTPM = "superseded: the device enrolled by TPM attestatio
 // supersedeNonTPM marks revoked, in txn, the unexpired, unrevoked
 // certificates of device id: called at its first TPM enrollment, when all
 // of them are of another method (token).
-func supersedeNonTPM(txn *badger.Txn, id string, now time.Time) ([]string, error) {
+func supersedeNonTPM(txn txn, id string, now time.Time) ([]string, error) {
 	serials, err := deviceSerials(txn, id)
 	if err != nil {
 		return nil, err

@@ -6,15 +6,13 @@ import (
 	"testing"
 	"time"
 
-	badger "github.com/dgraph-io/badger/v4"
-
 	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
 func openTest(t *testing.T) *Registry {
 	t.Helper()
-	r, err := Open(t.TempDir(), Options{})
+	r, err := open(t, t.TempDir(), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -28,7 +26,7 @@ func fp(i int) string { return fmt.Sprintf("%064x", i) }
 // will.
 func setState(t *testing.T, r *Registry, id string, st fleet.DeviceState) {
 	t.Helper()
-	err := r.update(func(txn *badger.Txn) error {
+	err := r.update(func(txn txn) error {
 		var d fleet.Device
 		if err := get(txn, pfxDevice+id, &d); err != nil {
 			return err

@@ -12,6 +12,8 @@ var (
 	ErrTokenExpired = errors.New("registry: token expired")
 	// ErrTokenUsed: the token was already redeemed (single use).
 	ErrTokenUsed = errors.New("registry: token already used")
+	// ErrTokenExists: a token with this ID is already stored.
+	ErrTokenExists = errors.New("registry: token ID already exists")
 	// ErrTokenDevice: the token was minted for another device.
 	ErrTokenDevice = errors.New("registry: token bound to another device")
 	// ErrDeviceRevoked: the device is revoked; nothing is issued for it.

@@ -4,8 +4,6 @@ import (
 	"errors"
 	"sync"
 
-	badger "github.com/dgraph-io/badger/v4"
-
 	"github.com/fleetgate/fleetgate/fleet"
 )
 
@@ -21,7 +19,8 @@ import (
 // each. An issuance whose check refuses it writes nothing and gets its
 // error; if a commit fails, or the batch is too big for one transaction or
 // conflicts, each issuance of the batch is committed alone, as before. In a
-// cluster (Options.Shared) each issuance is committed alone.
+// cluster (Options.Shared) a batch is one atomic batch of the store, so the
+// same holds: all of it commits, or each is committed alone.
 
 // maxIssueBatch bounds the issuances committed in one transaction.
 const maxIssueBatch = 64
@@ -68,11 +67,6 @@ func (r *Registry) commitIssue(is issuance, c *fleet.Certificate) error {
 	}
 	g.running = true
 	n := min(len(g.pending), maxIssueBatch)
-	if r.shared != nil {
-		// A cluster's token claim (claimSharedToken) cannot be undone: a
-		// batch that failed for another issuance would spend it.
-		n = 1
-	}
 	batch := g.pending[:n:n]
 	g.pending = g.pending[n:]
 	g.mu.Unlock()
@@ -117,7 +111,9 @@ func (r *Registry) commitBatchLocked(batch []*issueCommit) error {
 		audited = audited || q.is.audited
 	}
 	devs := make([]*fleet.Device, len(batch))
-	err := r.updateAudited(audited, func(txn *badger.Txn) error {
+	// A conflict (a concurrent change, on any node in a cluster) runs
+	// the checks and commits again (updateRetry), never the signatures.
+	err := r.updateAudited(audited, func(txn txn) error {
 		now := r.now()
 		for i, q := range batch {
 			q.err = nil

@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	badger "github.com/dgraph-io/badger/v4"
-
 	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
@@ -17,9 +15,9 @@ import (
 // it.
 func testIssuance(k string, refuse, fail error) (issuance, *fleet.Certificate) {
 	return issuance{
-		check: func(*badger.Txn, time.Time) error { return refuse },
-		commit: func(txn *badger.Txn, _ *fleet.Certificate, _ time.Time) (*fleet.Device, error) {
-			if err := txn.Set([]byte("test/"+k), []byte(k)); err != nil {
+		check: func(txn, time.Time) error { return refuse },
+		commit: func(txn txn, _ *fleet.Certificate, _ time.Time) (*fleet.Device, error) {
+			if err := txn.set("test/"+k, []byte(k)); err != nil {
 				return nil, err
 			}
 			return nil, fail
@@ -30,9 +28,9 @@ func testIssuance(k string, refuse, fail error) (issuance, *fleet.Certificate) {
 func testKeys(t *testing.T, r *Registry, keys ...string) map[string]bool {
 	t.Helper()
 	got := map[string]bool{}
-	if err := r.db.View(func(txn *badger.Txn) error {
+	if err := r.view(func(txn txn) error {
 		for _, k := range keys {
-			_, err := txn.Get([]byte("test/" + k))
+			_, err := txn.getRaw("test/" + k)
 			got[k] = err == nil
 		}
 		return nil

@@ -3,8 +3,6 @@ package registry
 import (
 	"time"
 
-	badger "github.com/dgraph-io/badger/v4"
-
 	"github.com/fleetgate/fleetgate/fleet"
 )
 
@@ -15,7 +13,7 @@ type issuance struct {
 	// keeps what sign and commit need. It runs twice: in a read-only
 	// transaction before signing, and again in the write transaction, where
 	// a change made meanwhile (a revocation, a used token) refuses it.
-	check func(txn *badger.Txn, now time.Time) error
+	check func(txn txn, now time.Time) error
 	// reserve, if not nil, runs after the first check and before signing;
 	// release is called once the issuance is over.
 	reserve func() (release func(), err error)
@@ -24,7 +22,7 @@ type issuance struct {
 	// commit writes the records of c in the write transaction, after the
 	// second check, and returns the device to put in the directory (nil:
 	// none).
-	commit func(txn *badger.Txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error)
+	commit func(txn txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error)
 	// audited: commit appends an audit record (updateAudited).
 	audited bool
 	// revoked, if not nil, returns the serials commit revoked (of the
@@ -43,7 +41,7 @@ type issuance struct {
 // certificate signed for a request that the second check refuses is
 // discarded, never returned.
 func (r *Registry) issue(is issuance) (*fleet.Certificate, error) {
-	if err := r.db.View(func(txn *badger.Txn) error { return is.check(txn, r.now()) }); err != nil {
+	if err := r.view(func(txn txn) error { return is.check(txn, r.now()) }); err != nil {
 		return nil, err
 	}
 	if is.reserve != nil {

@@ -1,8 +1,6 @@
 package registry
 
 import (
-	"github.com/dgraph-io/badger/v4"
-
 	"github.com/fleetgate/fleetgate/fleet"
 )
 
@@ -11,7 +9,7 @@ import (
 // issuing-CA status (which devices still hold a CA's certificates) and the
 // CRL of each issuing CA read through it.
 func (r *Registry) EachCertificate(fn func(*fleet.Certificate) error) error {
-	return r.db.View(func(txn *badger.Txn) error {
+	return r.view(func(txn txn) error {
 		return iterate(txn, pfxCert, fn)
 	})
 }

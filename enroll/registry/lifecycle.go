@@ -3,11 +3,11 @@ package registry
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
-
-	badger "github.com/dgraph-io/badger/v4"
 
 	"github.com/fleetgate/fleetgate/fleet"
 )
@@ -32,8 +32,8 @@ func (r *Registry) RevokeDevice(id, reason, actor string) ([]string, error) {
 	now := r.now()
 	var d fleet.Device
 	changed := false
-	err := r.updateRetry(func(txn *badger.Txn) error {
-		changed = false
+	err := r.updateRetry(func(txn txn) error {
+		changed, d = false, fleet.Device{}
 		if err := get(txn, pfxDevice+id, &d); err != nil {
 			return err
 		}
@@ -62,7 +62,7 @@ const revokeBatch = 256
 // watchers).
 func (r *Registry) revokeCerts(id, reason string, now time.Time) ([]string, error) {
 	var all []string
-	if err := r.db.View(func(txn *badger.Txn) error {
+	if err := r.view(func(txn txn) error {
 		var err error
 		all, err = deviceSerials(txn, id)
 		return err
@@ -73,7 +73,7 @@ func (r *Registry) revokeCerts(id, reason string, now time.Time) ([]string, erro
 	for start := 0; start < len(all); start += revokeBatch {
 		batch := all[start:min(start+revokeBatch, len(all))]
 		var done []string
-		err := r.updateRetry(func(txn *badger.Txn) error {
+		err := r.updateRetry(func(txn txn) error {
 			done = done[:0]
 			for _, s := range batch {
 				var c fleet.Certificate
@@ -101,11 +101,17 @@ func (r *Registry) revokeCerts(id, reason string, now time.Time) ([]string, erro
 }
 
 // updateRetry is update, retried a few times on a transaction conflict.
-func (r *Registry) updateRetry(fn func(*badger.Txn) error) error {
+// On a cluster's store a conflict can also be a concurrent batch still in
+// flight (JetStream refuses an expectation on a subject a pending batch
+// writes), so the retries back off, randomly, up to about a second in all.
+func (r *Registry) updateRetry(fn func(txn) error) error {
 	var err error
-	for range 10 {
+	for i := range 10 {
 		if err = r.update(fn); !errors.Is(err, ErrConflict) {
 			return err
+		}
+		if r.kv != nil {
+			time.Sleep(time.Duration(1+rand.IntN(4*(i+1))) * 5 * time.Millisecond)
 		}
 	}
 	return err
@@ -118,7 +124,8 @@ func (r *Registry) RevokeCertificate(serial, reason, actor string) error {
 	now := r.now()
 	var c fleet.Certificate
 	changed := false
-	err := r.update(func(txn *badger.Txn) error {
+	err := r.updateRetry(func(txn txn) error {
+		changed, c = false, fleet.Certificate{}
 		if err := get(txn, pfxCert+serial, &c); err != nil {
 			return err
 		}
@@ -157,7 +164,8 @@ func (r *Registry) SetSuspended(id string, suspend bool, reason, actor string) e
 	if suspend {
 		action = "device.suspend"
 	}
-	err := r.update(func(txn *badger.Txn) error {
+	err := r.updateRetry(func(txn txn) error {
+		d = fleet.Device{}
 		if err := get(txn, pfxDevice+id, &d); err != nil {
 			return err
 		}
@@ -198,7 +206,7 @@ const MaxLiveCertificates = 8
 func (r *Registry) RecordRenewal(id, oldSerial string, sign func(fleet.Device) (*fleet.Certificate, error)) (*fleet.Certificate, error) {
 	var d fleet.Device
 	return r.issue(issuance{
-		check: func(txn *badger.Txn, now time.Time) error {
+		check: func(txn txn, now time.Time) error {
 			d = fleet.Device{}
 			if err := get(txn, pfxDevice+id, &d); err != nil {
 				return err
@@ -219,6 +227,9 @@ func (r *Registry) RecordRenewal(id, oldSerial string, sign func(fleet.Device) (
 			if old.Revoked {
 				return ErrDeviceRevoked
 			}
+			// A revocation of it (on any node) before the commit refuses
+			// the renewal.
+			txn.guard(pfxCert + oldSerial)
 			// Only the current certificate renews: a leaked older sibling
 			// cannot mint new ones, and renewals form one chain.
 			if d.CurrentSerial != oldSerial {
@@ -243,7 +254,7 @@ func (r *Registry) RecordRenewal(id, oldSerial string, sign func(fleet.Device) (
 			return nil
 		},
 		sign: func() (*fleet.Certificate, error) { return sign(d) },
-		commit: func(txn *badger.Txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error) {
+		commit: func(txn txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error) {
 			return &d, r.recordCert(txn, c, &d, now)
 		},
 	})
@@ -254,7 +265,7 @@ func (r *Registry) RecordRenewal(id, oldSerial string, sign func(fleet.Device) (
 // revocation time.
 func (r *Registry) RevokedCertificates(now time.Time) ([]fleet.Certificate, error) {
 	var out []fleet.Certificate
-	err := r.db.View(func(txn *badger.Txn) error {
+	err := r.view(func(txn txn) error {
 		return iterate(txn, pfxCert, func(c *fleet.Certificate) error {
 			if c.Revoked && now.Before(c.NotAfter) {
 				c.DER = nil
@@ -267,8 +278,26 @@ func (r *Registry) RevokedCertificates(now time.Time) ([]fleet.Certificate, erro
 	return out, err
 }
 
-// NextCRLNumber returns a new, strictly increasing CRL number.
+// NextCRLNumber returns a new, strictly increasing CRL number (in a
+// cluster: one counter for every node, by compare-and-swap).
 func (r *Registry) NextCRLNumber() (uint64, error) {
+	if r.kv != nil {
+		var n uint64
+		err := r.updateRetry(func(txn txn) error {
+			n = 0
+			switch b, err := txn.getRaw(keyCRLSeq); {
+			case err == nil:
+				if n, err = strconv.ParseUint(string(b), 10, 64); err != nil {
+					return fmt.Errorf("registry: CRL number %q: %w", b, err)
+				}
+			case !errors.Is(err, ErrNotFound):
+				return err
+			}
+			n++
+			return txn.set(keyCRLSeq, []byte(strconv.FormatUint(n, 10)))
+		})
+		return n, err
+	}
 	seq, err := r.db.GetSequence([]byte("seq/crl"), 1)
 	if err != nil {
 		return 0, err
@@ -278,15 +307,16 @@ func (r *Registry) NextCRLNumber() (uint64, error) {
 	return n + 1, err
 }
 
-func deviceSerials(txn *badger.Txn, id string) ([]string, error) {
-	prefix := []byte("devcert/" + id + "/")
-	it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
-	defer it.Close()
+// keyCRLSeq is a cluster's last CRL number (decimal).
+const keyCRLSeq = "seq/crlnumber"
+
+func deviceSerials(txn txn, id string) ([]string, error) {
 	var out []string
-	for it.Rewind(); it.Valid(); it.Next() {
-		out = append(out, string(it.Item().Key()[len(prefix):]))
-	}
-	return out, nil
+	err := txn.scan("devcert/"+id+"/", func(rest string, _ []byte) error {
+		out = append(out, rest)
+		return nil
+	})
+	return out, err
 }
 
 func joinReason(reason string, err error) string {
@@ -306,7 +336,8 @@ func (r *Registry) UpdateAttributes(id, group string, tags map[string]string, ac
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	var d fleet.Device
-	err := r.update(func(txn *badger.Txn) error {
+	err := r.updateRetry(func(txn txn) error {
+		d = fleet.Device{}
 		if err := get(txn, pfxDevice+id, &d); err != nil {
 			return err
 		}

@@ -85,7 +85,7 @@ func TestRevokeDeviceRevokesEveryCertificateBeforeWatchersHear(t *testing.T) {
 
 func TestRevocationSurvivesReopen(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "reg")
-	r, err := Open(dir, Options{})
+	r, err := open(t, dir, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,7 +94,7 @@ func TestRevocationSurvivesReopen(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.Close()
-	r2, err := Open(dir, Options{})
+	r2, err := open(t, dir, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 // Package registry is fleetgate's source of truth: devices, issued
 // certificates, bootstrap tokens and the append-only audit log, stored in
-// badger. It feeds the in-memory view of certificate serials and device
+// badger on a single box and in a kvtx store (a JetStream bucket) shared
+// by a cluster's nodes (kvstore.go). It feeds the in-memory view of certificate serials and device
 // states (a directory.Directory) that the broker consults on each handshake
 // and ACL check without touching disk: it writes each committed change into
 // the directory, in commit order, before the call that made it returns.
@@ -65,8 +66,10 @@ type Registry struct {
 	// in commit order (under writeMu); its watchers are told of every
 	// committed change after the view has it.
 	dir *directory.Directory
-	// shared is Options.Shared.
-	shared kvtx.Store
+	// kv is Options.Shared: when set, every record is there (kvstore.go)
+	// and db holds only what this node had before it joined a cluster
+	// (cluster.go: SeedShared).
+	kv kvtx.Store
 }
 
 // Options configure Open.
@@ -78,10 +81,19 @@ type Options struct {
 	// Directory is the view to feed (empty; default a new one).
 	Directory *directory.Directory
 	// Shared, if set, is the store a cluster's nodes share (kvtx on
-	// JetStream): bootstrap tokens live there too, so a token created on
-	// any node is redeemed on any node, once (tokens.go). nil: the single
-	// box, badger only.
+	// JetStream): every record of the registry lives there (devices,
+	// certificates, EKs, tokens, operator roles, the audit log), so any
+	// node renews, lists, audits and registers EKs, and a token is
+	// redeemed once on any node (kvstore.go). The badger in dir keeps
+	// only what the node held before (SeedShared copies it). nil: the
+	// single box, badger only.
 	Shared kvtx.Store
+	// DirectoryFed: a cluster's feed (cluster/dirfeed) loads the
+	// directory, so Open does not read Shared (which may not be open
+	// yet); it loads the node's own badger records, which the feed
+	// republishes where the cluster lacks them. Without it, Open loads
+	// the directory from Shared.
+	DirectoryFed bool
 }
 
 // Open opens (or creates) the registry in dir and loads its records into
@@ -112,18 +124,26 @@ func Open(dir string, o Options) (*Registry, error) {
 	if o.Directory == nil {
 		o.Directory = directory.New()
 	}
-	r := &Registry{db: db, log: o.Logger, now: o.Now, dir: o.Directory, shared: o.Shared}
+	r := &Registry{db: db, log: o.Logger, now: o.Now, dir: o.Directory}
+	// The directory comes from the records (the shared ones, or with
+	// DirectoryFed the node's own badger ones).
+	if !o.DirectoryFed {
+		r.kv = o.Shared
+	}
 	if err := r.loadIndex(); err != nil {
 		db.Close()
 		return nil, err
 	}
-	if err := r.loadAuditSeq(); err != nil {
-		db.Close()
-		return nil, err
-	}
-	if err := r.indexAuditByDevice(); err != nil {
-		db.Close()
-		return nil, err
+	r.kv = o.Shared
+	if r.kv == nil {
+		if err := r.loadAuditSeq(); err != nil {
+			db.Close()
+			return nil, err
+		}
+		if err := r.indexAuditByDevice(); err != nil {
+			db.Close()
+			return nil, err
+		}
 	}
 	r.startAuditFlusher()
 	return r, nil
@@ -173,7 +193,7 @@ func (r *Registry) loadAuditSeq() error {
 }
 
 func (r *Registry) loadIndex() error {
-	return r.db.View(func(txn *badger.Txn) error {
+	return r.view(func(txn txn) error {
 		if err := iterate(txn, pfxCert, func(c *fleet.Certificate) error {
 			r.dir.Load(c)
 			return nil

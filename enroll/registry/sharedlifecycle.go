@@ -4,29 +4,28 @@ import (
 	"errors"
 	"strings"
 
-	badger "github.com/dgraph-io/badger/v4"
-
 	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
 
-// Devices of other nodes (Options.Shared). A device another node enrolled
-// is not in this node's badger, but the cluster's directory knows it. Its
-// revocation, suspension or resumption through this node is written into
-// the directory: the cluster's feed publishes it to the shared bucket
+// Devices the cluster's directory knows but the registry's records do not
+// (Options.Shared): a device a node enrolled before the registry's records
+// were shared and has not copied into the shared store yet (SeedShared).
+// Its revocation, suspension or resumption through this node is written
+// into the directory: the cluster's feed publishes it to the shared bucket
 // before the call returns (cluster/dirfeed), this node's broker closes its
 // sessions, and the node that holds the device's records applies it to
 // them when the bucket delivers it (ApplyClusterState).
 
 // remoteDevice reports whether id is a device only the cluster knows.
 func (r *Registry) remoteDevice(id string) bool {
-	if r.shared == nil {
+	if r.kv == nil {
 		return false
 	}
 	if _, ok := r.dir.DeviceStatus(id); !ok {
 		return false
 	}
-	err := r.db.View(func(txn *badger.Txn) error {
+	err := r.view(func(txn txn) error {
 		var d fleet.Device
 		return get(txn, pfxDevice+id, &d)
 	})
@@ -80,13 +79,20 @@ func (r *Registry) setSuspendedRemote(id string, suspend bool, reason, actor str
 	return err
 }
 
-// ApplyClusterState brings this node's record of device id to the state
-// the cluster's bucket holds (a change made through another node): a
-// revocation, a suspension or a resumption. Devices this node does not
-// hold are ignored.
+// ApplyClusterState brings the registry's record of device id to the
+// state the cluster's directory bucket holds, when the change was made in
+// the directory only (revokeRemote, setSuspendedRemote): a revocation, a
+// suspension or a resumption. Devices the records do not hold are
+// ignored. With shared records (Options.Shared) only a revocation is
+// applied: it is terminal, so applying it late is right, while the
+// records' own suspension or resumption, committed by whichever node
+// made it, is newer than a directory change delivered late.
 func (r *Registry) ApplyClusterState(id string, state fleet.DeviceState) error {
+	if r.kv != nil && state != fleet.StateRevoked {
+		return nil
+	}
 	var d fleet.Device
-	if err := r.db.View(func(txn *badger.Txn) error { return get(txn, pfxDevice+id, &d) }); err != nil {
+	if err := r.view(func(txn txn) error { return get(txn, pfxDevice+id, &d) }); err != nil {
 		if errors.Is(err, ErrNotFound) {
 			return nil
 		}
@@ -103,6 +109,22 @@ func (r *Registry) ApplyClusterState(id string, state fleet.DeviceState) error {
 		return r.SetSuspended(id, true, "suspended through another cluster node", "cluster")
 	case state == fleet.StateActive && d.State == fleet.StateSuspended:
 		return r.SetSuspended(id, false, "resumed through another cluster node", "cluster")
+	}
+	return nil
+}
+
+// clusterDeviceState refuses a device the cluster's directory knows
+// revoked or suspended, though the registry's records may not know it
+// (a change made in the directory only).
+func (r *Registry) clusterDeviceState(id string) error {
+	if r.kv == nil {
+		return nil
+	}
+	switch st, _ := r.dir.DeviceStatus(id); st.State {
+	case fleet.StateRevoked:
+		return ErrDeviceRevoked
+	case fleet.StateSuspended:
+		return ErrDeviceSuspended
 	}
 	return nil
 }

@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	badger "github.com/dgraph-io/badger/v4"
-
 	"github.com/fleetgate/fleetgate/fleet"
 	"github.com/fleetgate/fleetgate/identity"
 )
@@ -178,7 +176,7 @@ func TestTokenRedeemedOnceWhileSigning(t *testing.T) {
 func mustSerials(t *testing.T, r *Registry, id string) []string {
 	t.Helper()
 	var out []string
-	if err := r.db.View(func(txn *badger.Txn) error {
+	if err := r.view(func(txn txn) error {
 		var err error
 		out, err = deviceSerials(txn, id)
 		return err

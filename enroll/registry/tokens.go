@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"time"
 
-	badger "github.com/dgraph-io/badger/v4"
-
 	"github.com/fleetgate/fleetgate/fleet"
 )
 
@@ -18,9 +16,10 @@ func HashTokenSecret(secret []byte) []byte {
 	return h[:]
 }
 
-// CreateToken stores t. A token for a revoked device is refused.
+// CreateToken stores t. A token for a revoked device is refused, and so is
+// an ID already stored (ErrConflict).
 func (r *Registry) CreateToken(t Token, actor string) error {
-	err := r.update(func(txn *badger.Txn) error {
+	err := r.updateRetry(func(txn txn) error {
 		var d fleet.Device
 		switch err := get(txn, pfxDevice+t.DeviceID, &d); {
 		case err == nil:
@@ -35,13 +34,16 @@ func (r *Registry) CreateToken(t Token, actor string) error {
 		case !errors.Is(err, ErrNotFound):
 			return err
 		}
+		// An EK registered, or a revocation, on another node meanwhile
+		// refuses the commit.
+		txn.guard(pfxDevice + t.DeviceID)
 		if err := r.clusterDeviceState(t.DeviceID); err != nil {
 			return fmt.Errorf("%w: %s", err, t.DeviceID)
 		}
-		if r.shared != nil {
-			if err := r.putSharedToken(&t); err != nil {
-				return err
-			}
+		if taken, err := exists(txn, pfxToken+t.ID); err != nil {
+			return err
+		} else if taken {
+			return fmt.Errorf("%w: token %s exists", ErrTokenExists, t.ID)
 		}
 		return put(txn, pfxToken+t.ID, &t)
 	})
@@ -74,17 +76,11 @@ func (r *Registry) RedeemToken(tokenID string, secret []byte, deviceID string, s
 func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID string, audit *AuditRecord, sign func(TokenRedemption) (*fleet.Certificate, error)) (*fleet.Certificate, error) {
 	var t Token
 	var dev fleet.Device
-	var sharedRev uint64 // the shared record's revision the claim expects
 	return r.issue(issuance{
 		audited: audit != nil,
-		check: func(txn *badger.Txn, now time.Time) error {
+		check: func(txn txn, now time.Time) error {
 			t, dev = Token{}, fleet.Device{}
-			if r.shared != nil {
-				var err error
-				if t, sharedRev, err = r.getSharedToken(tokenID); err != nil {
-					return err
-				}
-			} else if err := get(txn, pfxToken+tokenID, &t); err != nil {
+			if err := get(txn, pfxToken+tokenID, &t); err != nil {
 				if errors.Is(err, ErrNotFound) {
 					return ErrTokenUnknown
 				}
@@ -134,16 +130,11 @@ func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID st
 			return func() { r.redeeming.Delete(tokenID) }, nil
 		},
 		sign: func() (*fleet.Certificate, error) { return sign(TokenRedemption{Device: dev, Token: t}) },
-		commit: func(txn *badger.Txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error) {
+		commit: func(txn txn, c *fleet.Certificate, now time.Time) (*fleet.Device, error) {
+			// The token's record is written at the revision the check
+			// read: of concurrent redemptions on any nodes, one commits;
+			// the others' checks, run again, find it used.
 			t.UsedAt = now
-			if r.shared != nil {
-				// Decided here, across nodes; if the local commit then
-				// fails, the token is spent without a certificate
-				// (never twice used).
-				if err := r.claimSharedToken(&t, sharedRev); err != nil {
-					return nil, err
-				}
-			}
 			if err := put(txn, pfxToken+t.ID, &t); err != nil {
 				return nil, err
 			}

@@ -2,10 +2,12 @@ package kvtx
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 
 	badger "github.com/dgraph-io/badger/v4"
@@ -160,4 +162,44 @@ func (b *Badger) List(_ context.Context, prefix string) ([]Entry, error) {
 		return nil
 	})
 	return out, err
+}
+
+// Scan implements Log. It lists the prefix (badger keeps no index by
+// revision): for tests and small stores.
+func (b *Badger) Scan(ctx context.Context, prefix string, from, to uint64, fn func(Entry) error) error {
+	all, err := b.List(ctx, prefix)
+	if err != nil {
+		return err
+	}
+	slices.SortFunc(all, func(x, y Entry) int { return cmp.Compare(x.Rev, y.Rev) })
+	for _, e := range all {
+		if e.Rev >= from && e.Rev < to {
+			if err := fn(e); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// LastRev implements Log.
+func (b *Badger) LastRev(context.Context) (uint64, error) {
+	var last uint64
+	err := b.db.View(func(txn *badger.Txn) error {
+		it, err := txn.Get(b.revKey())
+		if errors.Is(err, badger.ErrKeyNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		return it.Value(func(v []byte) error {
+			if len(v) != 8 {
+				return fmt.Errorf("kvtx: revision is %d bytes", len(v))
+			}
+			last = binary.BigEndian.Uint64(v)
+			return nil
+		})
+	})
+	return last, err
 }

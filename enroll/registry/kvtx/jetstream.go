@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -21,6 +22,7 @@ import (
 // the stream applies all of them or, when one expectation fails, none.
 type JetStream struct {
 	nc     *nats.Conn
+	js     jetstream.JetStream
 	stream jetstream.Stream
 	kv     jetstream.KeyValue
 	bucket string
@@ -40,7 +42,7 @@ func NewJetStream(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, kv
 	if !info.Config.AllowAtomicPublish {
 		return nil, fmt.Errorf("kvtx: bucket %s does not allow atomic batches (open it with natsnode.Bucket)", kv.Bucket())
 	}
-	return &JetStream{nc: nc, stream: st, kv: kv, bucket: kv.Bucket()}, nil
+	return &JetStream{nc: nc, js: js, stream: st, kv: kv, bucket: kv.Bucket()}, nil
 }
 
 // KV is the bucket (for watches).
@@ -197,4 +199,71 @@ func (j *JetStream) List(ctx context.Context, prefix string) ([]Entry, error) {
 			out = append(out, Entry{Key: e.Key(), Value: e.Value(), Rev: e.Revision()})
 		}
 	}
+}
+
+// Scan implements Log: an ephemeral consumer (R1, in memory, placed with
+// the stream) from revision from on the prefix's subjects, read until
+// revision to or until nothing is pending, then deleted.
+func (j *JetStream) Scan(ctx context.Context, prefix string, from, to uint64, fn func(Entry) error) error {
+	if err := checkPrefix(prefix); err != nil {
+		return err
+	}
+	from = max(from, 1)
+	if to <= from {
+		return nil
+	}
+	cons, err := j.js.CreateConsumer(ctx, "KV_"+j.bucket, jetstream.ConsumerConfig{
+		FilterSubject: j.subject(prefix + ">"), DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: from,
+		AckPolicy: jetstream.AckNonePolicy, InactiveThreshold: 30 * time.Second, MemoryStorage: true, Replicas: 1})
+	if err != nil {
+		return fmt.Errorf("kvtx: scan %s: %w", prefix, err)
+	}
+	info := cons.CachedInfo()
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = j.js.DeleteConsumer(dctx, "KV_"+j.bucket, info.Name)
+	}()
+	pending := info.NumPending
+	for pending > 0 {
+		batch, err := cons.Fetch(int(min(pending, 256)), jetstream.FetchMaxWait(5*time.Second))
+		if err != nil {
+			return fmt.Errorf("kvtx: scan %s: %w", prefix, err)
+		}
+		n := 0
+		for m := range batch.Messages() {
+			n++
+			md, err := m.Metadata()
+			if err != nil {
+				return fmt.Errorf("kvtx: scan %s: %w", prefix, err)
+			}
+			seq := md.Sequence.Stream
+			pending = md.NumPending
+			if seq >= to {
+				return nil
+			}
+			if op := m.Headers().Get("KV-Operation"); op == "DEL" || op == "PURGE" {
+				continue
+			}
+			if err := fn(Entry{Key: strings.TrimPrefix(m.Subject(), "$KV."+j.bucket+"."), Value: m.Data(), Rev: seq}); err != nil {
+				return err
+			}
+		}
+		if err := batch.Error(); err != nil {
+			return fmt.Errorf("kvtx: scan %s: %w", prefix, err)
+		}
+		if n == 0 {
+			return fmt.Errorf("kvtx: scan %s: no message delivered with %d pending", prefix, pending)
+		}
+	}
+	return nil
+}
+
+// LastRev implements Log: the stream's last sequence, from its leader.
+func (j *JetStream) LastRev(ctx context.Context) (uint64, error) {
+	info, err := j.stream.Info(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("kvtx: last revision: %w", err)
+	}
+	return info.State.LastSeq, nil
 }

@@ -99,3 +99,15 @@ func checkPrefix(prefix string) error {
 	}
 	return nil
 }
+
+// Log is what a store offers to read its writes in revision order (the
+// registry's audit log, whose records are keys written once). Both
+// implementations have it.
+type Log interface {
+	// Scan calls fn with the live entries under prefix ("" or ending in
+	// ".") whose revision is in [from, to), in revision order; an error
+	// of fn stops it.
+	Scan(ctx context.Context, prefix string, from, to uint64, fn func(Entry) error) error
+	// LastRev is the revision of the store's last write (0: none).
+	LastRev(ctx context.Context) (uint64, error)
+}
