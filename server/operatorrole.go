@@ -50,6 +50,17 @@ func migrateInitOperatorRole(reg *registry.Registry, l Layout, now time.Time) (b
 	if rec.Role != identity.RoleOperator || rec.Revoked || !now.Before(rec.NotAfter) {
 		return false, nil
 	}
+	// A removed operator (RemoveOperator revokes every certificate of the
+	// name) stays removed, even if operator.crt now holds a newer one.
+	cs, err := reg.PrincipalCertificates(identity.RoleOperator, rec.Name)
+	if err != nil {
+		return false, fmt.Errorf("operator role migration: %w", err)
+	}
+	for _, c := range cs {
+		if c.Revoked {
+			return false, nil
+		}
+	}
 	role, err := reg.OperatorRole(rec.Name)
 	if err != nil || role != registry.OperatorNone {
 		return false, err

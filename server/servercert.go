@@ -6,6 +6,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -131,6 +132,14 @@ func RenewOperatorCert(dataDir, caKey string) (*x509.Certificate, error) {
 		return nil, fmt.Errorf("registry (is the server running? stop it to renew the operator certificate): %w", err)
 	}
 	defer reg.Close()
+	// A removed operator (its certificates revoked) gets none again.
+	rec, err := reg.Certificate(ca.SerialString(old.SerialNumber))
+	if err != nil && !errors.Is(err, registry.ErrNotFound) {
+		return nil, err
+	}
+	if err == nil && rec.Revoked {
+		return nil, fmt.Errorf("operator certificate %s is revoked (operator %s removed?): not renewed", rec.Serial, id.Name)
+	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err

@@ -78,7 +78,7 @@ func (h *Hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 		}
 		return false
 	}
-	slot.Store(&aclEntry{gen: gen, policy: p, topic: topic})
+	storeAllowed(slot, gen, p, topic) // aclcache.go
 	return true
 }
 

@@ -2,6 +2,7 @@ package auth
 
 import (
 	"hash/maphash"
+	"strings"
 	"sync/atomic"
 
 	"github.com/fleetgate/fleetgate/broker/acl"
@@ -64,6 +65,22 @@ func (c *aclCache) slot(write bool, topic string, role identity.Role) *atomic.Po
 		}
 	}
 	return &(*t)[maphash.String(aclSeed, topic)%uint64(len(*t))]
+}
+
+// maxCachedTopic bounds the topics whose decision is cached (as the fork's
+// subscribers cache does, patch 2): a longer one is evaluated every time,
+// so that a session's cache holds at most its slots × this many bytes
+// however many long, distinct topics a publisher sends.
+const maxCachedTopic = 256
+
+// storeAllowed records in slot that topic is allowed under gen and p: on a
+// copy of topic, because mochi decodes a topic name in place, sharing the
+// packet's buffer (payload included), which the cache must not keep alive.
+func storeAllowed(slot *atomic.Pointer[aclEntry], gen uint64, p *acl.Policy, topic string) {
+	if len(topic) > maxCachedTopic {
+		return
+	}
+	slot.Store(&aclEntry{gen: gen, policy: p, topic: strings.Clone(topic)})
 }
 
 // hit reports whether e allows topic under generation gen and policy p.
