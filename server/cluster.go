@@ -180,6 +180,9 @@ type clusterPart struct {
 	dir    *directory.Directory
 	shared *lazyStore
 	reg    *registry.Registry // nil with --only broker
+	// seeded runs once the node's records are in the shared bucket (the
+	// operator role migration, which needs the shared store).
+	seeded func()
 
 	mu   sync.Mutex
 	feed *dirfeed.Feed // once the buckets are open
@@ -335,6 +338,9 @@ func (p *clusterPart) seed(ctx context.Context) {
 		sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 		_, err := p.reg.SeedShared(sctx)
 		cancel()
+		if err == nil && p.seeded != nil {
+			p.seeded()
+		}
 		if err == nil || ctx.Err() != nil {
 			return
 		}

@@ -77,6 +77,24 @@ func (s *Server) migrateOperatorRole() error {
 	if s.reg == nil {
 		return nil // a broker apart: the enrollment service migrates
 	}
+	if s.clu != nil {
+		// A cluster node: the registry's records are in the shared
+		// bucket, open later; the migration runs once the node's own
+		// records are copied there. A failure is logged, not fatal: the
+		// operator stays without a role (deny), and the next start
+		// retries.
+		s.clu.seeded = func() {
+			if err := s.migrateOperatorRoleNow(); err != nil {
+				s.log.Error("operator role migration not done; the init operator has no role until the next start", "err", err)
+			}
+		}
+		return nil
+	}
+	return s.migrateOperatorRoleNow()
+}
+
+// migrateOperatorRoleNow is migrateOperatorRole on an open registry.
+func (s *Server) migrateOperatorRoleNow() error {
 	granted, err := migrateInitOperatorRole(s.reg, s.layout, time.Now())
 	if granted {
 		s.log.Info("operator role migration: the init operator got its explicit admin role")

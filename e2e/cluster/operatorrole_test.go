@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"fmt"
 	"net/http"
-	"os"
 	"testing"
 	"time"
 
@@ -21,12 +20,8 @@ import (
 // refuses the operator everything (403 operator_no_role), and a demotion
 // or removal of the role through one node would not reach the others.
 //
-// Review finding (open): it fails on the current code; it runs with
-// FLEETGATE_REVIEW_FINDINGS=1 until the role records are shared (kvtx).
+// A review finding; the role records are now in the shared registry.
 func TestClusterOperatorRoleOnEveryNode(t *testing.T) {
-	if os.Getenv("FLEETGATE_REVIEW_FINDINGS") == "" {
-		t.Skip("open review finding: operator roles are node-local in a cluster (set FLEETGATE_REVIEW_FINDINGS=1 to run)")
-	}
 	c := testenv.StartCluster(t, 3, nil)
 	ctx := context.Background()
 	r, err := c.Nodes[0].Admin.AddOperator(ctx, api.OperatorAddRequest{Name: "carol", Role: api.OperatorReadOnly})
