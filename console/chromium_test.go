@@ -253,9 +253,21 @@ func TestConsoleInChromium(t *testing.T) {
 	shot("devices")
 	// Enter submits the form: the filtered page replaces this one (the
 	// unfiltered page lists dev-live too, so wait for the new page's URL).
-	step("search", chromedp.Focus(chromedp.ID("q")), chromedp.KeyEvent("live"), chromedp.KeyEvent(kb.Enter),
-		chromedp.Poll[chromedp.Void](`location.search.includes('q=live') && document.readyState === 'complete'`, chromedp.WithPollingTimeout(10*time.Second)),
-		chromedp.WaitVisible(chromedp.CSS(`a[href="/devices/dev-live"]`)))
+	step("search", chromedp.Focus(chromedp.ID("q")), chromedp.KeyEvent("live"), chromedp.KeyEvent(kb.Enter))
+	// Evaluating during the navigation can fail (its context is gone):
+	// ask again until the new page answers.
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		sctx, c := context.WithTimeout(ctx, 2*time.Second)
+		at, err := chromedp.Run(sctx, chromedp.Evaluate[string](`location.search + '|' + document.readyState`))
+		c()
+		if err == nil && strings.Contains(at, "q=live") && strings.HasSuffix(at, "|complete") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the filtered devices page did not load: %q, %v", at, err)
+		}
+	}
+	step("search result", chromedp.WaitVisible(chromedp.CSS(`a[href="/devices/dev-live"]`)))
 	var rows string
 	eval(`String(document.querySelectorAll('#live tbody tr').length)`, &rows)
 	if rows != "1" {
