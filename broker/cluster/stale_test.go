@@ -1,9 +1,9 @@
 package cluster_test
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
-	"errors"
 	"strings"
 	"testing"
 	"time"
