@@ -16,7 +16,9 @@ import (
 func TestConnectAndDisconnectEventsReachServicesOnly(t *testing.T) {
 	g := testenv.Start(t, testenv.Options{})
 	svcCert := g.Service(t, "watcher")
-	svc, err := g.MQTT(t, "watcher", &svcCert)
+	// In order: paho otherwise runs each message's handler in a goroutine
+	// of its own, and the two events could reach the channel swapped.
+	svc, err := g.MQTT(t, "watcher", &svcCert, func(o *paho.ClientOptions) { o.SetOrderMatters(true) })
 	if err != nil {
 		t.Fatal(err)
 	}

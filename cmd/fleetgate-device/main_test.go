@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -314,3 +315,9 @@ func TestAgentTPMEnrollAndRenew(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A test binary started with SIGHUP ignored (under nohup, say) would pass
+// that to the agent and on to the client shell, whose HUP trap a
+// non-interactive sh then silently refuses: handled here, SIGHUP is back
+// to its default in every process the test starts.
+func init() { signal.Notify(make(chan os.Signal, 1), syscall.SIGHUP) }
