@@ -86,7 +86,7 @@ func TestClusterRevokeThroughNode1ClosesOnNode2(t *testing.T) {
 		testenv.Eventually(t, 30*time.Second, func() error {
 			t0 = time.Now()
 			_, err := n1.Admin.DeviceAction(ctx, cc.id, "revoke", "e2e")
-			if err != nil && !isStale(err) {
+			if err != nil && !testenv.IsStale(err) {
 				t.Fatal(err)
 			}
 			return err
@@ -174,7 +174,7 @@ func TestClusterPartitionedNodeFailsClosedAndCatchesUp(t *testing.T) {
 	}
 	// Its operator API refuses too, and says why (an operator can go to
 	// another node).
-	if _, err := n3.Admin.DeviceAction(context.Background(), "part-0", "suspend", "e2e"); !isStale(err) {
+	if _, err := n3.Admin.DeviceAction(context.Background(), "part-0", "suspend", "e2e"); !testenv.IsStale(err) {
 		t.Fatalf("operator call on the cut-off node: %v, want 503 directory_stale", err)
 	}
 	// The majority revokes the odd devices (a new JetStream leader may
@@ -398,11 +398,4 @@ func TestClusterDeviceOfAnotherNodeManagedThroughAnyNode(t *testing.T) {
 			t.Fatalf("revoked device reconnected to node %d", k+1)
 		}
 	}
-}
-
-// isStale: the answer of a node that vouches for no certificate while its
-// view of revocations is stale.
-func isStale(err error) bool {
-	var ae *api.Error
-	return errors.As(err, &ae) && ae.Status == http.StatusServiceUnavailable && ae.Code == "directory_stale"
 }

@@ -335,10 +335,17 @@ func whileStale(fn func() error) error {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		err := fn()
-		var ae *api.Error
-		if err == nil || !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable || ae.Code != "directory_stale" || time.Now().After(deadline) {
+		if !IsStale(err) || time.Now().After(deadline) {
 			return err
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// IsStale reports whether err is the answer of a node that vouches for no
+// certificate while its view of revocations is stale: 503
+// directory_stale.
+func IsStale(err error) bool {
+	var ae *api.Error
+	return errors.As(err, &ae) && ae.Status == http.StatusServiceUnavailable && ae.Code == "directory_stale"
 }
