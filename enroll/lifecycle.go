@@ -175,6 +175,7 @@ func (s *Server) estError(w http.ResponseWriter, r *http.Request, err error, dev
 	if e.Status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Basic realm="fleetgate EST"`)
 	}
+	setRetryAfter(w, e)
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(e.Status)
 	fmt.Fprintf(w, "%s: %s\n", e.Code, e.Msg)

@@ -545,6 +545,7 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, e *Error, de
 	if s.refusal(r, e) {
 		s.log.Log(r.Context(), lvl, "request refused", "path", logguard.Bound(r.URL.Path, maxLoggedField), logKeyCode, e.Code, logKeyDevice, auditDeviceID(deviceID), logKeyRemote, r.RemoteAddr, logKeyErr, causeText(e))
 	}
+	setRetryAfter(w, e)
 	writeJSON(w, e.Status, api.Error{Code: e.Code, Message: e.Msg})
 }
 

@@ -84,6 +84,9 @@ const (
 	ReasonDuplicateEntry      Reason = "duplicate_entry"
 	ReasonDeviceIDMismatch    Reason = "device_id_mismatch"
 	ReasonInternal            Reason = "internal"
+	// ReasonStoreUnavailable: the registry's store did not answer (a
+	// cluster without quorum); 503 with Retry-After, nothing written.
+	ReasonStoreUnavailable Reason = "store_unavailable"
 )
 
 // Refusals of a connection by the broker's listener, before the directory

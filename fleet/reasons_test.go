@@ -13,6 +13,7 @@ func TestReasonStringsAreStable(t *testing.T) {
 		ReasonClientCertUnknown: "client_cert_unknown", ReasonOperatorRequired: "operator_required",
 		ReasonTokenUnknown: "token_unknown", ReasonTokenDevice: "token_device_mismatch", ReasonInvalidState: "invalid_state",
 		ReasonEKRegistrationMoved: "ek_registration_changed", ReasonInternal: "internal",
+		ReasonStoreUnavailable: "store_unavailable",
 	} {
 		if string(r) != want {
 			t.Errorf("%q, want %q", r, want)

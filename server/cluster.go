@@ -317,6 +317,15 @@ func (p *clusterPart) run(ctx context.Context) error {
 		}
 	}
 	f := dirfeed.New(fc)
+	var outbox sync.WaitGroup
+	if p.reg != nil {
+		// Commits publish their directory records through the feed; the
+		// outbox of a node that stopped in between is drained here.
+		p.reg.SetPublisher(f.PublishRecord)
+		outbox.Add(1)
+		go func() { defer outbox.Done(); p.reg.RunOutbox(ctx, outboxPeriod, outboxMinAge) }()
+		defer outbox.Wait()
+	}
 	p.mu.Lock()
 	p.feed = f
 	p.mu.Unlock()
@@ -330,6 +339,13 @@ func (p *clusterPart) run(ctx context.Context) error {
 	}()
 	return f.Run(ctx)
 }
+
+// The registry's outbox (registry.RunOutbox): drained every outboxPeriod
+// of the records older than outboxMinAge, which their node did not publish.
+const (
+	outboxPeriod = 2 * time.Second
+	outboxMinAge = 5 * time.Second
+)
 
 // seed copies the node's own registry records into the shared bucket
 // (registry.SeedShared), retrying while the bucket does not answer.

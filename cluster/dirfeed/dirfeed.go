@@ -461,6 +461,25 @@ func (f *Feed) publish(key string) error {
 	if !ok {
 		return nil
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	return f.publishValue(ctx, key, val)
+}
+
+// PublishRecord writes val, a record as a registry committed it (key
+// d.<device>: api.FeedDevice, c.<serial>: api.FeedCert), into the bucket,
+// merged with the bucket's as publish does (a revocation there stays).
+// The registry's outbox calls it after each commit, and for the commits
+// of nodes that stopped before publishing (registry.Publisher).
+func (f *Feed) PublishRecord(ctx context.Context, key string, val []byte) error {
+	if kind, _, _ := strings.Cut(key, "."); kind != "c" && kind != "d" {
+		return fmt.Errorf("dirfeed: %q is not a directory record", key)
+	}
+	return f.publishValue(ctx, key, val)
+}
+
+// publishValue writes val under key, merged with the bucket's value.
+func (f *Feed) publishValue(ctx context.Context, key string, val []byte) error {
 	f.seenMu.Lock()
 	seen := f.seen[key]
 	f.seenMu.Unlock()
@@ -470,8 +489,6 @@ func (f *Feed) publish(key string) error {
 	if seen.rev != 0 && seen.val == string(val) {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
 	cur, rev := []byte(seen.val), seen.rev // one round trip when the bucket is where this node saw it last
 	for range 10 {
 		if rev == 0 {

@@ -171,57 +171,96 @@ func (r *Registry) SetOperatorRole(rec OperatorRecord) error {
 	if rec.CreatedAt.IsZero() {
 		rec.CreatedAt = r.now()
 	}
-	return r.update(func(txn txn) error { return put(txn, pfxOpRole+rec.Name, &rec) })
+	return r.updateRetry(func(txn txn) error {
+		if err := touchRoles(txn, r.now()); err != nil {
+			return err
+		}
+		return put(txn, pfxOpRole+rec.Name, &rec)
+	})
+}
+
+// keyRoles is changed by every transaction that changes an operator's
+// role, at the revision it read: two such transactions conflict, on one
+// node or on any two, so the last-admin check of one sees the other's
+// change (RemoveOperator).
+const keyRoles = "oproles"
+
+// touchRoles reads keyRoles (before any role: on a cluster's store a
+// transaction's reads are not one snapshot) and writes it.
+func touchRoles(txn txn, now time.Time) error {
+	if _, err := txn.getRaw(keyRoles); err != nil && !errors.Is(err, ErrNotFound) {
+		return err
+	}
+	return txn.set(keyRoles, []byte(now.UTC().Format(time.RFC3339Nano)))
 }
 
 // liveAdmins returns the admin operators that hold an unrevoked,
-// unexpired certificate.
-func (r *Registry) liveAdmins(now time.Time) (map[string]bool, error) {
-	ops, err := r.Principals(identity.RoleOperator)
-	if err != nil {
-		return nil, err
+// unexpired certificate, and whether name holds any certificate.
+func liveAdmins(txn txn, name string, now time.Time) (map[string]bool, bool, error) {
+	certs := map[string][]fleet.Certificate{}
+	if err := iterate(txn, pfxCert, func(c *fleet.Certificate) error {
+		if c.Role == identity.RoleOperator {
+			certs[c.Name] = append(certs[c.Name], *c)
+		}
+		return nil
+	}); err != nil {
+		return nil, false, err
 	}
 	out := map[string]bool{}
-	for name, cs := range ops {
-		role, err := r.OperatorRole(name)
-		if err != nil {
-			return nil, err
+	for op, cs := range certs {
+		var rec OperatorRecord
+		switch err := get(txn, pfxOpRole+op, &rec); {
+		case errors.Is(err, ErrNotFound):
+			continue
+		case err != nil:
+			return nil, false, err
 		}
-		if role != OperatorAdmin {
+		if rec.Role != OperatorAdmin {
 			continue
 		}
 		for _, c := range cs {
 			if !c.Revoked && now.Before(c.NotAfter) {
-				out[name] = true
+				out[op] = true
 			}
 		}
 	}
-	return out, nil
+	return out, len(certs[name]) > 0, nil
 }
 
-// RemoveOperator revokes every certificate of operator name and forgets
-// its role. The last admin with a valid certificate is not removed
-// (ErrLastAdmin). removeMu makes check and removal one step for
-// concurrent removals.
+// RemoveOperator forgets the role of operator name and then revokes
+// every certificate it holds. The last admin with a valid certificate is
+// not removed (ErrLastAdmin). The check and the role's removal are one
+// transaction that changes keyRoles, so of concurrent removals on any
+// nodes that would together leave no admin, one is refused. An operator
+// without a role is refused everything, so a failure before its
+// certificates are revoked leaves it powerless.
 func (r *Registry) RemoveOperator(name, reason, actor string) ([]string, error) {
 	r.removeMu.Lock()
 	defer r.removeMu.Unlock()
-	admins, err := r.liveAdmins(r.now())
-	if err != nil {
-		return nil, err
-	}
-	if admins[name] && len(admins) == 1 {
-		err := fmt.Errorf("%w: %s", ErrLastAdmin, name)
-		r.Audit(AuditRecord{Actor: actor, Action: "operator.remove", Outcome: OutcomeDenied, Reason: joinReason(reason, err)})
-		return nil, err
-	}
-	serials, err := r.RevokePrincipal(identity.RoleOperator, name, reason, actor)
-	if err != nil {
-		return serials, err
-	}
 	r.writeMu.Lock()
-	defer r.writeMu.Unlock()
-	err = r.update(func(txn txn) error { return txn.del(pfxOpRole + name) })
+	err := r.updateRetry(func(txn txn) error {
+		// keyRoles first: a role changed after this read changes it too,
+		// so the commit conflicts; one changed before, the check sees.
+		now := r.now()
+		if err := touchRoles(txn, now); err != nil {
+			return err
+		}
+		admins, known, err := liveAdmins(txn, name, now)
+		switch {
+		case err != nil:
+			return err
+		case !known:
+			return fmt.Errorf("%w: %s %s", ErrNotFound, identity.RoleOperator, name)
+		case admins[name] && len(admins) == 1:
+			return fmt.Errorf("%w: %s", ErrLastAdmin, name)
+		}
+		return txn.del(pfxOpRole + name)
+	})
+	r.writeMu.Unlock()
+	var serials []string
+	if err == nil {
+		serials, err = r.RevokePrincipal(identity.RoleOperator, name, reason, actor)
+	}
 	r.Audit(AuditRecord{Actor: actor, Action: "operator.remove", Outcome: outcome(err), Reason: joinReason("operator/"+name+": "+reason, err), Serial: strings.Join(serials, ",")})
 	return serials, err
 }

@@ -20,7 +20,12 @@ func (r *Registry) RecordCertificate(c *fleet.Certificate) error {
 	if _, taken := r.DeviceStatus(c.Name); taken {
 		return fmt.Errorf("%w: %q is a device ID", ErrNameTaken, c.Name)
 	}
-	if err := r.updateRetry(func(txn txn) error { return r.recordCert(txn, c, nil, r.now()) }); err != nil {
+	if err := r.updateRetry(func(txn txn) error {
+		if err := claimPrincipalName(txn, c.Name, c.Role); err != nil {
+			return err
+		}
+		return r.recordCert(txn, c, nil, r.now())
+	}); err != nil {
 		return err
 	}
 	r.dir.Issued(c, nil)

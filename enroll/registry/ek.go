@@ -136,6 +136,9 @@ func checkEK(txn txn, reg EKRegistration, now time.Time) (fleet.Device, error) {
 	case !errors.Is(err, ErrNotFound):
 		return fleet.Device{}, err
 	}
+	if err := deviceNameFree(txn, reg.DeviceID); err != nil {
+		return fleet.Device{}, err
+	}
 	var dev fleet.Device
 	switch err := get(txn, pfxDevice+reg.DeviceID, &dev); {
 	case errors.Is(err, ErrNotFound):
@@ -218,8 +221,8 @@ func (r *Registry) ImportEKs(regs []EKRegistration, actor string) error {
 	defer r.writeMu.Unlock()
 	devs := make([]fleet.Device, 0, len(regs))
 	var err error
-	if r.kv != nil && 2*len(regs) > maxKVOps { // an EK and a device each
-		err = fmt.Errorf("%w: %d writes", errTooBig, 2*len(regs))
+	if r.kv != nil && 3*len(regs) > maxKVOps { // an EK, a device and its outbox record each
+		err = fmt.Errorf("%w: %d writes", errTooBig, 3*len(regs))
 	}
 	if err == nil {
 		err = r.updateRetry(func(txn txn) error {

@@ -2,6 +2,7 @@ package registry
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -28,9 +29,11 @@ const kvTimeout = 10 * time.Second
 // batches hold at most 1000 messages (nats-server's default).
 const maxKVOps = 900
 
-// ErrUnavailable: the cluster's store did not answer (no quorum, no
-// leader): nothing was written.
-var ErrUnavailable = errors.New("registry: cluster store unavailable")
+// ErrUnavailable: the record store did not answer (a cluster's store
+// without quorum or leader, or a timeout; a closed badger): nothing is
+// half written (a commit that timed out may still apply, whole, later).
+// The APIs answer 503 store_unavailable with Retry-After.
+var ErrUnavailable = errors.New("registry: store unavailable")
 
 // ErrSharedToken is ErrUnavailable (its earlier name, for tokens).
 var ErrSharedToken = ErrUnavailable
@@ -55,6 +58,8 @@ type kvRead struct {
 type kvTxn struct {
 	ctx    context.Context
 	s      kvtx.Store
+	now    time.Time
+	outbox []outboxEntry     // written by the commit, with their revisions
 	reads  map[string]kvRead // by store key
 	writes map[string]kvWrite
 	order  []string // keys of writes, in first-write order
@@ -179,9 +184,12 @@ func (t *kvTxn) scan(prefix string, fn func(string, []byte) error) error {
 // ops are the commit's writes: each expects the revision it was read at
 // (a key never read is written unconditionally: an index key, an audit
 // record under a unique key), and each guarded key not written is
-// written again with its value, at its revision.
+// written again with its value, at its revision. Each device or
+// certificate record written adds its outbox record (outbox.go), written
+// unconditionally; t.outbox lists them.
 func (t *kvTxn) ops() []kvtx.Op {
 	var ops []kvtx.Op
+	t.outbox = t.outbox[:0]
 	for _, k := range t.order {
 		w := t.writes[k]
 		op := kvtx.Op{Key: k, Value: w.val, Delete: w.del}
@@ -191,6 +199,17 @@ func (t *kvTxn) ops() []kvtx.Op {
 			op.Any = true
 		}
 		ops = append(ops, op)
+	}
+	for _, k := range t.order {
+		if w := t.writes[k]; !w.del {
+			if obk, rec, found := outboxOf(k, w.val, t.now); found {
+				if _, twice := t.writes[obk]; !twice {
+					t.outbox = append(t.outbox, outboxEntry{key: obk, rec: rec})
+					b, _ := json.Marshal(rec)
+					ops = append(ops, kvtx.Op{Key: obk, Value: b, Any: true})
+				}
+			}
+		}
 	}
 	guards := make([]string, 0, len(t.guards))
 	for k := range t.guards {
@@ -218,11 +237,19 @@ func (t *kvTxn) commit() error {
 	if len(ops) > maxKVOps {
 		return fmt.Errorf("%w: %d writes", errTooBig, len(ops))
 	}
-	if _, err := t.s.Commit(t.ctx, ops...); err != nil {
+	revs, err := t.s.Commit(t.ctx, ops...)
+	if err != nil {
 		if errors.Is(err, kvtx.ErrRevision) {
 			return fmt.Errorf("%w: %v", ErrConflict, err)
 		}
 		return unavailable(err)
+	}
+	pos := map[string]int{}
+	for i, op := range ops {
+		pos[op.Key] = i
+	}
+	for i := range t.outbox {
+		t.outbox[i].rev = revs[pos[t.outbox[i].key]]
 	}
 	return nil
 }
@@ -237,8 +264,18 @@ func (r *Registry) kvUpdate(fn func(txn) error) error {
 	ctx, cancel := context.WithTimeout(context.Background(), kvTimeout)
 	defer cancel()
 	t := newKVTxn(ctx, r.kv)
+	t.now = r.now()
 	if err := fn(t); err != nil {
 		return err
 	}
-	return t.commit()
+	if err := t.commit(); err != nil {
+		return err
+	}
+	if hook := testHookAfterCommit.Load(); hook != nil {
+		if err := (*hook)(); err != nil {
+			return err
+		}
+	}
+	r.publishOutbox(ctx, t.outbox)
+	return nil
 }

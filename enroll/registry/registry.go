@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	badger "github.com/dgraph-io/badger/v4"
@@ -70,6 +71,9 @@ type Registry struct {
 	// and db holds only what this node had before it joined a cluster
 	// (cluster.go: SeedShared).
 	kv kvtx.Store
+	// publisher publishes the outbox of kv's commits into the cluster's
+	// directory bucket (outbox.go).
+	publisher atomic.Pointer[Publisher]
 }
 
 // Options configure Open.

@@ -27,7 +27,7 @@ import (
 const metaSeeded = "meta/seeded"
 
 // seedPrefixes are the record kinds copied, in this order.
-var seedPrefixes = []string{pfxCert, "devcert/", pfxDevice, pfxEK, pfxToken, pfxOpRole}
+var seedPrefixes = []string{pfxCert, "devcert/", pfxDevice, pfxEK, pfxToken, pfxOpRole, pfxPrincipal}
 
 // seedBatch bounds one commit of SeedShared.
 const seedBatch = 256

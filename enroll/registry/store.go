@@ -76,7 +76,17 @@ func (r *Registry) view(fn func(txn) error) error {
 	if r.kv != nil {
 		return r.kvView(fn)
 	}
-	return r.db.View(func(t *badger.Txn) error { return fn(badgerTxn{t}) })
+	return badgerClosed(r.db.View(func(t *badger.Txn) error { return fn(badgerTxn{t}) }))
+}
+
+// badgerClosed makes a closed badger (a registry being shut down) the
+// same ErrUnavailable as a cluster store without quorum: the APIs answer
+// 503 with Retry-After, not 500.
+func badgerClosed(err error) error {
+	if errors.Is(err, badger.ErrDBClosed) {
+		return unavailable(err)
+	}
+	return err
 }
 
 // update runs fn in a read-write transaction of the record store and
@@ -89,7 +99,7 @@ func (r *Registry) update(fn func(txn) error) error {
 	if errors.Is(err, badger.ErrConflict) {
 		return ErrConflict
 	}
-	return err
+	return badgerClosed(err)
 }
 
 func get(txn txn, key string, v any) error {

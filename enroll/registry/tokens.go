@@ -143,6 +143,9 @@ func (r *Registry) RedeemTokenAudited(tokenID string, secret []byte, deviceID st
 			}
 			dev.State = fleet.StateActive
 			dev.AttestationMethod = fleet.MethodToken
+			if err := deviceNameFree(txn, dev.ID); err != nil {
+				return nil, err
+			}
 			if err := r.recordCert(txn, c, &dev, now); err != nil {
 				return nil, err
 			}
