@@ -72,6 +72,21 @@ func decodePublic(what string, b []byte) (*publicArea, error) {
 	if pa, ok := publics.get(b); ok {
 		return pa, nil
 	}
+	pub, inner, ok := decodeECCPublic(b) // attestfast.go
+	if !ok {
+		var err error
+		if pub, inner, err = decodePublicReflect(what, b); err != nil {
+			return nil, err
+		}
+	}
+	pa := &publicArea{pub: pub, name: nameOfBytes(pub.NameAlg, inner)}
+	publics.put(b, pa)
+	return pa, nil
+}
+
+// decodePublicReflect is decodePublic through go-tpm's decoder, for every
+// public area decodeECCPublic does not take (and its errors).
+func decodePublicReflect(what string, b []byte) (*tpm2.TPMTPublic, []byte, error) {
 	var pub *tpm2.TPMTPublic
 	var inner []byte
 	err := safely(what, func() error {
@@ -100,13 +115,11 @@ func decodePublic(what string, b []byte) (*publicArea, error) {
 	})
 	if err != nil {
 		if errors.Is(err, ErrMalformed) {
-			return nil, err
+			return nil, nil, err
 		}
-		return nil, fmt.Errorf("attest: decode %s: %w: %w", what, ErrMalformed, err)
+		return nil, nil, fmt.Errorf("attest: decode %s: %w: %w", what, ErrMalformed, err)
 	}
-	pa := &publicArea{pub: pub, name: nameOfBytes(pub.NameAlg, inner)}
-	publics.put(b, pa)
-	return pa, nil
+	return pub, inner, nil
 }
 
 // nameOfBytes is the TPM name nameAlg || H_nameAlg(tpmtPublic) of the

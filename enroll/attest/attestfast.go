@@ -124,3 +124,54 @@ func decodeECDSASignature(b []byte) (*tpm2.TPMSSignatureECC, bool) {
 	}
 	return sig, true
 }
+
+// objectBits are the TPMA_OBJECT bits go-tpm names; the others are
+// reserved (a structure with one set is left to go-tpm).
+const objectBits = 1<<1 | 1<<2 | 1<<4 | 1<<5 | 1<<6 | 1<<7 | 1<<8 | 1<<10 | 1<<11 | 1<<16 | 1<<17 | 1<<18 | 1<<19
+
+// decodeECCPublic decodes a TPM2B_PUBLIC holding an ECC public area (no
+// symmetric algorithm, no KDF, signing scheme NULL or one with a hash:
+// the AK's and the TLS key's shape), in its canonical encoding only. It
+// returns the structure and its TPMT_PUBLIC bytes (the name's input).
+func decodeECCPublic(b []byte) (*tpm2.TPMTPublic, []byte, bool) {
+	r := reader{b: b}
+	inner := r.take(int(r.u16()))
+	if r.bad || len(inner) == 0 || len(r.b) != 0 {
+		return nil, nil, false
+	}
+	r = reader{b: inner}
+	pub := &tpm2.TPMTPublic{Type: tpm2.TPMIAlgPublic(r.u16()), NameAlg: tpm2.TPMIAlgHash(r.u16())}
+	attrs := r.u32()
+	if r.bad || pub.Type != tpm2.TPMAlgECC || attrs&^objectBits != 0 {
+		return nil, nil, false
+	}
+	bit := func(n int) bool { return attrs&(1<<n) != 0 }
+	pub.ObjectAttributes = tpm2.TPMAObject{FixedTPM: bit(1), STClear: bit(2), FixedParent: bit(4), SensitiveDataOrigin: bit(5),
+		UserWithAuth: bit(6), AdminWithPolicy: bit(7), FirmwareLimited: bit(8), NoDA: bit(10), EncryptedDuplication: bit(11),
+		Restricted: bit(16), Decrypt: bit(17), SignEncrypt: bit(18), X509Sign: bit(19)}
+	pub.AuthPolicy.Buffer = r.sized()
+	var parms tpm2.TPMSECCParms
+	if parms.Symmetric.Algorithm = tpm2.TPMIAlgSymObject(r.u16()); parms.Symmetric.Algorithm != tpm2.TPMAlgNull {
+		return nil, nil, false
+	}
+	switch parms.Scheme.Scheme = tpm2.TPMIAlgECCScheme(r.u16()); parms.Scheme.Scheme {
+	case tpm2.TPMAlgNull:
+	case tpm2.TPMAlgECDSA:
+		parms.Scheme.Details = tpm2.NewTPMUAsymScheme(tpm2.TPMAlgECDSA, &tpm2.TPMSSigSchemeECDSA{HashAlg: tpm2.TPMIAlgHash(r.u16())})
+	default:
+		return nil, nil, false
+	}
+	parms.CurveID = tpm2.TPMIECCCurve(r.u16())
+	if parms.KDF.Scheme = tpm2.TPMIAlgKDF(r.u16()); parms.KDF.Scheme != tpm2.TPMAlgNull {
+		return nil, nil, false
+	}
+	var point tpm2.TPMSECCPoint
+	point.X.Buffer = r.sized()
+	point.Y.Buffer = r.sized()
+	if r.bad || len(r.b) != 0 {
+		return nil, nil, false
+	}
+	pub.Parameters = tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &parms)
+	pub.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &point)
+	return pub, inner, true
+}

@@ -2,10 +2,15 @@ package attest
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"reflect"
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
+
+	"github.com/fleetgate/fleetgate/devicesdk/tpmkey"
 )
 
 // mutations returns b, each single-byte change of it (several values at
@@ -128,6 +133,78 @@ func TestFastDecodersAgreeWithGoTPM(t *testing.T) {
 		t.Fatalf("fast decoder accepted %d of %d signatures", fast, len(sigs))
 	}
 	t.Logf("signatures: %d inputs, fast decoder accepted %d, go-tpm %d", len(sigs), fast, slow)
+}
+
+// eccPublic2B is tmpl with a P-256 key as a TPM2B_PUBLIC.
+func eccPublic2B(t testing.TB, tmpl tpm2.TPMTPublic) []byte {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
+		X: tpm2.TPM2BECCParameter{Buffer: k.X.FillBytes(make([]byte, 32))},
+		Y: tpm2.TPM2BECCParameter{Buffer: k.Y.FillBytes(make([]byte, 32))},
+	})
+	return tpm2.Marshal(tpm2.New2B(tmpl))
+}
+
+// The same for public areas (decodeECCPublic): the AK's and the TLS key's
+// templates with a key, and every single-byte change, truncation and
+// extension of them; an RSA public area (the EK's template) is left to
+// go-tpm.
+func TestFastPublicDecoderAgreesWithGoTPM(t *testing.T) {
+	ak, tlsKey := eccPublic2B(t, tpmkey.AKTemplate()), eccPublic2B(t, tpmkey.TLSKeyTemplate())
+	inputs := append(mutations(ak), mutations(tlsKey)...)
+	inputs = append(inputs, tpm2.Marshal(tpm2.New2B(tpm2.RSAEKTemplate)), nil)
+	fast, slow := 0, 0
+	for _, in := range inputs {
+		f, fInner, ok := decodeECCPublic(in)
+		s, sInner, err := decodePublicReflect("test", in)
+		if ok {
+			fast++
+			if err != nil {
+				t.Fatalf("fast decoder accepted a public area go-tpm refuses (%v): %x", err, in)
+			}
+			if !reflect.DeepEqual(f, s) || !bytes.Equal(fInner, sInner) {
+				t.Fatalf("decodings differ for %x:\nfast %#v\n  go-tpm %#v", in, f, s)
+			}
+		}
+		if err == nil {
+			slow++
+		}
+	}
+	for _, in := range [][]byte{ak, tlsKey} {
+		if _, _, ok := decodeECCPublic(in); !ok {
+			t.Fatalf("fast decoder declines a template's public area: %x", in)
+		}
+	}
+	if _, _, ok := decodeECCPublic(inputs[len(inputs)-2]); ok {
+		t.Fatal("fast decoder took an RSA public area")
+	}
+	if fast < 1000 || fast > slow {
+		t.Fatalf("fast decoder accepted %d of %d public areas, go-tpm %d", fast, len(inputs), slow)
+	}
+	t.Logf("public areas: %d inputs, fast decoder accepted %d, go-tpm %d", len(inputs), fast, slow)
+}
+
+// BenchmarkDecodePublic: a TLS key's public area (uncached), decoded by
+// attestfast.go and by go-tpm with the canonical-encoding check.
+func BenchmarkDecodePublic(b *testing.B) {
+	in := eccPublic2B(b, tpmkey.TLSKeyTemplate())
+	b.Run("fast", func(b *testing.B) {
+		for b.Loop() {
+			if _, _, ok := decodeECCPublic(in); !ok {
+				b.Fatal("declined")
+			}
+		}
+	})
+	b.Run("go-tpm", func(b *testing.B) {
+		for b.Loop() {
+			if _, _, err := decodePublicReflect("bench", in); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
 
 // BenchmarkDecodeCertify: the certification and its signature, decoded by
