@@ -72,6 +72,21 @@ func decodePublic(what string, b []byte) (*publicArea, error) {
 	if pa, ok := publics.get(b); ok {
 		return pa, nil
 	}
+	pub, inner, ok := decodeECCPublic(b) // attestfast.go
+	if !ok {
+		var err error
+		if pub, inner, err = decodePublicReflect(what, b); err != nil {
+			return nil, err
+		}
+	}
+	pa := &publicArea{pub: pub, name: nameOfBytes(pub.NameAlg, inner)}
+	publics.put(b, pa)
+	return pa, nil
+}
+
+// decodePublicReflect is decodePublic through go-tpm's decoder, for every
+// public area decodeECCPublic does not take (and its errors).
+func decodePublicReflect(what string, b []byte) (*tpm2.TPMTPublic, []byte, error) {
 	var pub *tpm2.TPMTPublic
 	var inner []byte
 	err := safely(what, func() error {
@@ -100,13 +115,11 @@ func decodePublic(what string, b []byte) (*publicArea, error) {
 	})
 	if err != nil {
 		if errors.Is(err, ErrMalformed) {
-			return nil, err
+			return nil, nil, err
 		}
-		return nil, fmt.Errorf("attest: decode %s: %w: %w", what, ErrMalformed, err)
+		return nil, nil, fmt.Errorf("attest: decode %s: %w: %w", what, ErrMalformed, err)
 	}
-	pa := &publicArea{pub: pub, name: nameOfBytes(pub.NameAlg, inner)}
-	publics.put(b, pa)
-	return pa, nil
+	return pub, inner, nil
 }
 
 // nameOfBytes is the TPM name nameAlg || H_nameAlg(tpmtPublic) of the
@@ -614,6 +627,15 @@ type decodedAttest struct {
 }
 
 func decodeAttest(b []byte) (*decodedAttest, error) {
+	if d, ok := decodeCertifyAttest(b); ok { // attestfast.go
+		return d, nil
+	}
+	return decodeAttestReflect(b)
+}
+
+// decodeAttestReflect is decodeAttest through go-tpm's decoder, for
+// every structure decodeCertifyAttest does not take (and its errors).
+func decodeAttestReflect(b []byte) (*decodedAttest, error) {
 	var d decodedAttest
 	err := safely("TPM2B_ATTEST", func() error {
 		a2b, err := tpm2.Unmarshal[tpm2.TPM2BAttest](b)
@@ -648,27 +670,41 @@ func decodeAttest(b []byte) (*decodedAttest, error) {
 	return &d, nil
 }
 
+// decodeECDSASignatureReflect decodes an ECDSA TPMT_SIGNATURE through
+// go-tpm, for every signature decodeECDSASignature does not take (and its
+// errors). The caller recovers go-tpm's panics (safely).
+func decodeECDSASignatureReflect(b []byte) (*tpm2.TPMSSignatureECC, error) {
+	sig, err := tpm2.Unmarshal[tpm2.TPMTSignature](b)
+	if err != nil {
+		return nil, err
+	}
+	if sig == nil {
+		return nil, errors.New("nil TPMT_SIGNATURE")
+	}
+	if !bytes.Equal(tpm2.Marshal(*sig), b) {
+		return nil, errNotCanonical
+	}
+	if sig.SigAlg != tpm2.TPMAlgECDSA {
+		return nil, fmt.Errorf("signature algorithm %#x, want ECDSA: %w", uint16(sig.SigAlg), ErrCertifySignature)
+	}
+	ecc, err := sig.Signature.ECDSA()
+	if err != nil || ecc == nil {
+		return nil, errors.New("no ECDSA signature")
+	}
+	return ecc, nil
+}
+
 // verifyECDSA checks a TPMT_SIGNATURE by key over msg hashed with hashAlg
 // (the AK's scheme hash; a signature naming another hash is refused).
 func verifyECDSA(key *ecdsa.PublicKey, hashAlg tpm2.TPMIAlgHash, msg, sigBytes []byte) error {
 	var r, s *big.Int
 	err := safely("TPMT_SIGNATURE", func() error {
-		sig, err := tpm2.Unmarshal[tpm2.TPMTSignature](sigBytes)
-		if err != nil {
-			return err
-		}
-		if sig == nil {
-			return errors.New("nil TPMT_SIGNATURE")
-		}
-		if !bytes.Equal(tpm2.Marshal(*sig), sigBytes) {
-			return errNotCanonical
-		}
-		if sig.SigAlg != tpm2.TPMAlgECDSA {
-			return fmt.Errorf("signature algorithm %#x, want ECDSA: %w", uint16(sig.SigAlg), ErrCertifySignature)
-		}
-		ecc, err := sig.Signature.ECDSA()
-		if err != nil || ecc == nil {
-			return errors.New("no ECDSA signature")
+		ecc, ok := decodeECDSASignature(sigBytes) // attestfast.go
+		if !ok {
+			var err error
+			if ecc, err = decodeECDSASignatureReflect(sigBytes); err != nil {
+				return err
+			}
 		}
 		if ecc.Hash != hashAlg {
 			return fmt.Errorf("signature hash %#x, want the AK's %#x: %w", uint16(ecc.Hash), uint16(hashAlg), ErrCertifySignature)

@@ -417,7 +417,7 @@ func sign(r io.Reader, tmpl, parent *x509.Certificate, pub crypto.PublicKey, key
 		sum := sha256.Sum256(spki)
 		tmpl.SubjectKeyId = sum[:20]
 	}
-	der, err := x509.CreateCertificate(r, tmpl, parent, pub, key)
+	der, err := createCertificate(r, tmpl, parent, pub, key) // signtbs.go
 	if err != nil {
 		return nil, fmt.Errorf("x509.CreateCertificate: %w", err)
 	}

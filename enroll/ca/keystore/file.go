@@ -93,3 +93,7 @@ func generateFile(ref string) (Key, error) {
 	}
 	return &fileKey{Signer: k, path: path}, nil
 }
+
+// InMemory returns the key (ca.InMemory: certificates it signs are not
+// verified again after signing).
+func (k *fileKey) InMemory() crypto.Signer { return k.Signer }
