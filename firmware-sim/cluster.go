@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/fleetgate/fleetgate/cluster/netcut"
 	"github.com/fleetgate/fleetgate/internal/fleetproc"
 )
 
@@ -47,6 +48,9 @@ type clusterProcs struct {
 	extra     []string // further serve flags of every node
 	onStart   func(pids []int)
 	nodes     []*clusterNode
+	// mesh relays every node's NATS routes (cluster/netcut), so that the
+	// chaos scenario can cut a node off (partition) and heal it.
+	mesh *netcut.Mesh
 	// PIDs of every process started, in order (tests check none is left).
 	mu      sync.Mutex
 	started []int
@@ -88,12 +92,18 @@ func startCluster(ctx context.Context, bin, workDir string, n int, extra []strin
 		nd.addrs = fleetproc.Addrs{MQTT: nd.host + ":0", API: nd.host + ":0", Metrics: nd.host + ":0"}
 		c.nodes = append(c.nodes, nd)
 	}
+	// Each node dials the others through its own relays, and advertises a
+	// closed port, so that nats-server opens no route around the relays.
+	mesh, err := netcut.NewMesh(n, func(i int) string { return c.nodes[i].host })
+	if err != nil {
+		return nil, err
+	}
+	c.mesh = mesh
 	for i, nd := range c.nodes {
-		for j, o := range c.nodes {
-			if j != i {
-				nd.routes = append(nd.routes, o.listen)
-			}
-		}
+		mesh.SetTarget(i, nd.listen)
+	}
+	for i, nd := range c.nodes {
+		nd.routes = mesh.Routes(i)
 	}
 	for _, nd := range c.nodes {
 		if err := c.start(ctx, nd); err != nil {
@@ -113,7 +123,7 @@ func (c *clusterProcs) start(ctx context.Context, nd *clusterNode) error {
 	defer logf.Close()
 	args := append([]string{"--metrics-addr", nd.addrs.Metrics, "--log-level", "info",
 		"--cluster-name", c.name, "--node-name", nd.name,
-		"--nats-listen", nd.listen, "--nats-routes", strings.Join(nd.routes, ",")}, c.extra...)
+		"--nats-listen", nd.listen, "--nats-advertise", nd.host + ":1", "--nats-routes", strings.Join(nd.routes, ",")}, c.extra...)
 	p, err := fleetproc.Start(ctx, fleetproc.Options{Bin: c.bin, DataDir: nd.dataDir, MQTTAddr: nd.addrs.MQTT, APIAddr: nd.addrs.API,
 		Args: args, AddrFile: filepath.Join(nd.dataDir, "addrs.json"), Log: logf, DieWithParent: true, Timeout: 60 * time.Second})
 	if err != nil {
@@ -248,6 +258,9 @@ func (c *clusterProcs) Close() {
 		}()
 	}
 	wg.Wait()
+	if c.mesh != nil {
+		c.mesh.Close()
+	}
 }
 
 // copyDataDir copies a data directory (keys stay private: each file keeps

@@ -22,10 +22,17 @@ import (
 
 // Chaos actions.
 const (
-	chaosKill   = "kill"   // SIGKILL a node, restart it after Hold
-	chaosPause  = "pause"  // SIGSTOP a node, SIGCONT after Hold
-	chaosRevoke = "revoke" // revoke a device through a node's API
+	chaosKill      = "kill"      // SIGKILL a node, restart it after Hold
+	chaosPause     = "pause"     // SIGSTOP a node, SIGCONT after Hold
+	chaosPartition = "partition" // cut a node's NATS routes, heal after Hold
+	chaosAllDown   = "all-down"  // SIGKILL every node at once, restart after Hold
+	chaosRevoke    = "revoke"    // revoke a device through a node's API
+	chaosSuspend   = "suspend"   // suspend a device through a node, resume through the next after Hold
+	chaosToken     = "token"     // a new device's token redeemed at once through Node and the next node
 )
+
+// allDownEvery: at most one all-down event per this much of the schedule.
+const allDownEvery = 2 * time.Minute
 
 // ChaosEvent is one step of a schedule.
 type ChaosEvent struct {
@@ -33,13 +40,19 @@ type ChaosEvent struct {
 	Action string        `json:"action"`
 	Node   int           `json:"node"`             // index (revoke: the API used)
 	Hold   time.Duration `json:"hold_ns"`          // kill: down for; pause: stopped for
-	Device int           `json:"device,omitempty"` // revoke: index in the fleet
+	Device int           `json:"device,omitempty"` // revoke, suspend: index in the fleet; token: its number
 }
 
 func (e ChaosEvent) String() string {
 	switch e.Action {
 	case chaosRevoke:
 		return fmt.Sprintf("t+%5.1fs revoke device #%d through node%d", e.At.Seconds(), e.Device+1, e.Node+1)
+	case chaosSuspend:
+		return fmt.Sprintf("t+%5.1fs suspend device #%d through node%d for %.1fs", e.At.Seconds(), e.Device+1, e.Node+1, e.Hold.Seconds())
+	case chaosToken:
+		return fmt.Sprintf("t+%5.1fs token #%d redeemed through node%d and the next", e.At.Seconds(), e.Device+1, e.Node+1)
+	case chaosAllDown:
+		return fmt.Sprintf("t+%5.1fs all-down every node for %.1fs", e.At.Seconds(), e.Hold.Seconds())
 	default:
 		return fmt.Sprintf("t+%5.1fs %-6s node%d for %.1fs", e.At.Seconds(), e.Action, e.Node+1, e.Hold.Seconds())
 	}
@@ -47,30 +60,49 @@ func (e ChaosEvent) String() string {
 
 // chaosSchedule is the schedule of seed for a cluster of nodes and a fleet
 // of devices over d. One node is faulty at a time (the others keep a
-// JetStream quorum); revocations (at most a tenth of the fleet) come in
-// between, through any node.
+// JetStream quorum), except all-down (every node at once, at most once per
+// allDownEvery); revocations and suspensions (each at most a tenth of the
+// fleet, different devices) and token redemptions come in between,
+// through any node.
 func chaosSchedule(seed int64, d time.Duration, nodes, devices int) []ChaosEvent {
 	rng := rand.New(rand.NewPCG(uint64(seed), 0x5eed))
 	span := func(lo, hi float64) time.Duration {
 		return time.Duration((lo + rng.Float64()*(hi-lo)) * float64(time.Second))
 	}
 	var out []ChaosEvent
-	revocable := rng.Perm(devices)[:devices/10]
+	perm := rng.Perm(devices)
+	revocable := perm[:devices/10]
+	suspendable := perm[devices/10 : 2*(devices/10)]
+	tokens := 0
 	var busyUntil time.Duration
+	lastAllDown := -allDownEvery
 	for t := span(1, 3); t < d; t += span(1.5, 4) {
-		switch k := rng.IntN(10); {
-		case k < 7 && t >= busyUntil:
+		switch k := rng.IntN(20); {
+		case k == 0 && t >= busyUntil && t-lastAllDown >= allDownEvery:
+			e := ChaosEvent{At: t, Action: chaosAllDown, Hold: span(1, 5)}
+			busyUntil, lastAllDown = t+e.Hold+time.Second, t
+			out = append(out, e)
+		case k < 13 && t >= busyUntil:
 			e := ChaosEvent{At: t, Node: rng.IntN(nodes)}
-			if k < 4 {
+			switch {
+			case k < 6:
 				e.Action, e.Hold = chaosKill, span(1, 6)
-			} else {
+			case k < 10:
 				e.Action, e.Hold = chaosPause, span(0.3, 3)
+			default:
+				e.Action, e.Hold = chaosPartition, span(2, 12)
 			}
 			busyUntil = t + e.Hold + time.Second
 			out = append(out, e)
-		case len(revocable) > 0:
+		case k < 16 && len(revocable) > 0:
 			out = append(out, ChaosEvent{At: t, Action: chaosRevoke, Node: rng.IntN(nodes), Device: revocable[0]})
 			revocable = revocable[1:]
+		case k < 18 && len(suspendable) > 0:
+			out = append(out, ChaosEvent{At: t, Action: chaosSuspend, Node: rng.IntN(nodes), Device: suspendable[0], Hold: span(2, 6)})
+			suspendable = suspendable[1:]
+		case k >= 18:
+			out = append(out, ChaosEvent{At: t, Action: chaosToken, Node: rng.IntN(nodes), Device: tokens})
+			tokens++
 		}
 	}
 	return out
@@ -78,13 +110,29 @@ func chaosSchedule(seed int64, d time.Duration, nodes, devices int) []ChaosEvent
 
 // ChaosStat is what the chaos scenario did and found.
 type ChaosStat struct {
-	Seed     int64         `json:"seed"`
-	Nodes    int           `json:"nodes"`
-	Duration time.Duration `json:"duration_ns"`
-	Schedule []ChaosEvent  `json:"schedule"`
-	Kills    int           `json:"kills"`
-	Pauses   int           `json:"pauses"`
-	Revoked  int           `json:"revoked"`
+	Seed       int64         `json:"seed"`
+	Nodes      int           `json:"nodes"`
+	Duration   time.Duration `json:"duration_ns"`
+	Schedule   []ChaosEvent  `json:"schedule"`
+	Kills      int           `json:"kills"`
+	Pauses     int           `json:"pauses"`
+	Partitions int           `json:"partitions"`
+	AllDowns   int           `json:"all_downs"`
+	Revoked    int           `json:"revoked"`
+	// Suspended: devices suspended and resumed; SuspendedIn: fresh
+	// connections a node accepted while the device was suspended;
+	// ResumeFailed: suspensions not resumed (the device stays out).
+	Suspended    int `json:"suspended"`
+	SuspendedIn  int `json:"suspended_accepted"`
+	ResumeFailed int `json:"resume_failed"`
+	// Tokens redeemed through two nodes at once; TwoCerts: tokens that
+	// produced more than one certificate (from the answers, or a registry
+	// serial that is not the one answer's).
+	Tokens   []*TokenStat `json:"tokens,omitempty"`
+	TwoCerts []string     `json:"tokens_two_certificates,omitempty"`
+	// LostBeforeAllDown: acknowledged messages lost that were acknowledged
+	// before the last all-down (every node killed at once).
+	LostBeforeAllDown int `json:"lost_acked_before_all_down"`
 	// Acked QoS 1 messages of the devices not revoked, and how many the
 	// service never received.
 	Acked     int64 `json:"qos1_acknowledged"`
@@ -113,7 +161,14 @@ type ChaosStat struct {
 }
 
 func (st *ChaosStat) write(w io.Writer) {
-	fmt.Fprintf(w, "  chaos              seed %d, %s: %d kills, %d pauses, %d revocations\n", st.Seed, st.Duration, st.Kills, st.Pauses, st.Revoked)
+	certs := 0
+	for _, ts := range st.Tokens {
+		certs += ts.Certs
+	}
+	fmt.Fprintf(w, "  chaos              seed %d, %s: %d kills, %d pauses, %d partitions, %d all-down, %d revocations, %d suspensions, %d tokens\n",
+		st.Seed, st.Duration, st.Kills, st.Pauses, st.Partitions, st.AllDowns, st.Revoked, st.Suspended, len(st.Tokens))
+	fmt.Fprintf(w, "                     tokens: %d certificates from %d tokens redeemed twice at once, %d with two; suspended: %d accepted while suspended, %d not resumed; lost of those acked before an all-down: %d\n",
+		certs, len(st.Tokens), len(st.TwoCerts), st.SuspendedIn, st.ResumeFailed, st.LostBeforeAllDown)
 	fmt.Fprintf(w, "                     QoS 1: %d acknowledged, %d lost; revoked: %d messages after the revoke delivered, %d back in\n", st.Acked, st.AckedLost, st.RevokedLeaks, st.RevokedBack)
 	fmt.Fprintf(w, "                     live on two nodes: %d client IDs over %d samples (%d single-sample overlaps); %d/%d devices back at the end\n",
 		len(st.DoubleLive), st.Samples, st.DoubleOnce, st.Back, st.Expected)
@@ -149,6 +204,7 @@ func (r *run) chaos(ctx context.Context) error {
 	revoked := map[string]bool{}
 	seqAtReturn := map[string]int64{}
 	var holds sync.WaitGroup
+	var allDownAt time.Time // the last all-down
 	start := time.Now()
 	logf := func(f string, a ...any) {
 		line := fmt.Sprintf("t+%6.2fs ", time.Since(start).Seconds()) + fmt.Sprintf(f, a...)
@@ -165,6 +221,62 @@ func (r *run) chaos(ctx context.Context) error {
 		}
 		nd := r.cl.nodes[e.Node]
 		switch e.Action {
+		case chaosAllDown:
+			if err := r.cl.waitReady(ctx, 60*time.Second); err != nil {
+				r.progress("%s: skipped, the cluster is not ready: %v", e, err)
+				continue
+			}
+			allDownAt = time.Now()
+			st.AllDowns++
+			r.progress("%s: every node killed", e)
+			if err := r.allDown(ctx, e.Hold, logf); err != nil {
+				return err
+			}
+		case chaosPartition:
+			if err := r.cl.waitReady(ctx, 60*time.Second); err != nil {
+				r.progress("%s: skipped, the cluster is not ready: %v", e, err)
+				continue
+			}
+			r.cl.mesh.Cut(e.Node)
+			st.Partitions++
+			logf("node%d cut off (its NATS routes)", e.Node+1)
+			time.Sleep(e.Hold)
+			r.cl.mesh.Heal(e.Node)
+			logf("node%d healed", e.Node+1)
+			r.progress("%s: cut off and healed", e)
+		case chaosSuspend:
+			d := r.devs[e.Device]
+			if d == nil {
+				continue
+			}
+			holds.Add(1)
+			go func() {
+				defer holds.Done()
+				accepted, err := r.suspendAndResume(ctx, e.Node, d, e.Hold, logf)
+				sampler.mu.Lock()
+				st.Suspended++
+				if accepted {
+					st.SuspendedIn++
+				}
+				if err != nil {
+					st.ResumeFailed++
+				}
+				sampler.mu.Unlock()
+				if err != nil {
+					r.progress("%s: %v", e, err)
+				}
+			}()
+		case chaosToken:
+			holds.Add(1)
+			go func() {
+				defer holds.Done()
+				ts := r.redeemTwice(ctx, e.Node, e.Device)
+				sampler.mu.Lock()
+				st.Tokens = append(st.Tokens, ts)
+				sampler.mu.Unlock()
+				logf("token of %s: %d certificates, %d refused, %d errors", ts.Device, ts.Certs, ts.Refused, len(ts.Errors))
+				r.progress("%s: %s: %d certificates, %d refused %v", e, ts.Device, ts.Certs, ts.Refused, ts.Errors)
+			}()
 		case chaosKill, chaosPause:
 			// One node out at a time: the one before must be back.
 			if err := r.cl.waitReady(ctx, 60*time.Second); err != nil {
@@ -206,7 +318,7 @@ func (r *run) chaos(ctx context.Context) error {
 			holds.Add(1)
 			go func() { // operators do not wait for the faults
 				defer holds.Done()
-				if err := r.revokeThroughAny(ctx, e.Node, d); err != nil {
+				if _, err := r.actionThroughAny(ctx, e.Node, d.id, "revoke"); err != nil {
 					r.progress("%s: %v", e, err)
 					return
 				}
@@ -283,6 +395,43 @@ func (r *run) chaos(ctx context.Context) error {
 		st.Lost = append(st.Lost, m)
 	}
 	r.rep.check("every acknowledged QoS 1 message reached the service", len(miss) == 0, "%d acknowledged, %d missing %v", st.Acked, len(miss), head(miss))
+	if !allDownAt.IsZero() {
+		for _, m := range miss {
+			id, seqs, _ := strings.Cut(m, "/")
+			var seq int64
+			fmt.Sscan(seqs, &seq)
+			if d := r.byID(id); d != nil {
+				if at, ok := d.acked.Load(seq); ok && at.(time.Time).Before(allDownAt) {
+					st.LostBeforeAllDown++
+				}
+			}
+		}
+		r.rep.check("nothing acknowledged before every node was killed at once was lost", st.LostBeforeAllDown == 0,
+			"%d all-down events; %d messages acknowledged before the last one missing", st.AllDowns, st.LostBeforeAllDown)
+	}
+	if st.Suspended > 0 {
+		r.rep.check("suspended devices refused while suspended, and back after the resume", st.SuspendedIn == 0 && st.ResumeFailed == 0,
+			"%d suspensions: %d fresh connections accepted while suspended, %d not resumed", st.Suspended, st.SuspendedIn, st.ResumeFailed)
+	}
+	if len(st.Tokens) > 0 {
+		certs, none := 0, 0
+		for _, ts := range st.Tokens {
+			certs += ts.Certs
+			if ts.Certs > 0 {
+				ts.Registry = r.registrySerial(ctx, ts.Device)
+			}
+			switch {
+			case ts.Certs > 1:
+				st.TwoCerts = append(st.TwoCerts, fmt.Sprintf("%s: %d certificates from the answers %v", ts.Device, ts.Certs, ts.Serial))
+			case ts.Certs == 1 && ts.Registry != ts.Serial[0]:
+				st.TwoCerts = append(st.TwoCerts, fmt.Sprintf("%s: answered %s, the registry lists %q", ts.Device, ts.Serial[0], ts.Registry))
+			case ts.Certs == 0:
+				none++
+			}
+		}
+		r.rep.check("no token produced two certificates (two redemptions at once through two nodes)", len(st.TwoCerts) == 0,
+			"%d tokens, %d certificates, %d tokens without one (faults), %v", len(st.Tokens), certs, none, head(st.TwoCerts))
+	}
 	var leaks []string
 	for id := range revoked {
 		d := r.byID(id)
@@ -320,31 +469,6 @@ func (r *run) byID(id string) *device {
 		}
 	}
 	return nil
-}
-
-// revokeThroughAny revokes d through node i's API, or the next node's if
-// that one does not answer (it may be down: operators retry elsewhere).
-func (r *run) revokeThroughAny(ctx context.Context, i int, d *device) error {
-	var errs []string
-	deadline := time.Now().Add(60 * time.Second)
-	for k := 0; time.Now().Before(deadline) && ctx.Err() == nil; k++ {
-		j := (i + k) % len(r.cl.nodes)
-		if r.cl.nodes[j].running() == nil || r.cl.nodes[j].isPaused() {
-			continue
-		}
-		admin, err := r.adminOf(j)
-		if err == nil {
-			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			_, err = admin.DeviceAction(cctx, d.id, "revoke", "fleetsim chaos scenario")
-			cancel()
-			if err == nil {
-				return nil
-			}
-		}
-		errs = append(errs, fmt.Sprintf("node%d: %v", j+1, err))
-		time.Sleep(200 * time.Millisecond)
-	}
-	return fmt.Errorf("revoke %s: %s", d.id, strings.Join(head(errs), "; "))
 }
 
 // acceptedAnywhere tries a fresh connection of d to each node and returns

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"time"
 
 	"github.com/fleetgate/fleetgate/broker"
 	bcluster "github.com/fleetgate/fleetgate/broker/cluster"
@@ -43,4 +44,36 @@ func (s *Server) runClusterRouter(ctx context.Context) error {
 		return nil
 	}
 	return s.router.Run(ctx)
+}
+
+// boundClusterStop gives the router's cluster writes during the stop (the
+// session records and wills of the connections the broker closes) one
+// deadline as a whole, cluster_shutdown_timeout; call it before the broker
+// closes, and the function it returns after: that logs what was not
+// written. A node that lost its quorum would otherwise wait out each
+// write's acknowledgement timeout, connection after connection; what it
+// did not write, the other nodes' sweep of a silent node does (its
+// sessions marked offline, their wills sent once).
+func (s *Server) boundClusterStop() func() {
+	if s.router == nil {
+		return func() {}
+	}
+	d := s.cfg.Cluster.ShutdownTimeout
+	if d <= 0 {
+		d = bcluster.DefaultShutdownTimeout
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	s.router.Shutdown(ctx)
+	t0 := time.Now()
+	return func() {
+		cancel()
+		took := time.Since(t0).Round(time.Millisecond)
+		nw := s.router.NotWritten()
+		if len(nw) == 0 {
+			s.log.Info("cluster node stopping: the session records and wills of its connections written", "took", took)
+			return
+		}
+		s.log.Warn("cluster node stopping: writes not done within the shutdown deadline; the other nodes sweep these sessions (marked offline, wills sent once)",
+			"deadline", d, "took", took, "not_written", len(nw), "first", nw[:min(len(nw), 10)])
+	}
 }

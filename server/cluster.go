@@ -63,6 +63,10 @@ type ClusterConfig struct {
 	// other nodes send the wills of a silent node's sessions 2 s after it
 	// (at least 5 s). 0: the default (closeAfter).
 	StaleCloseAfter time.Duration `yaml:"cluster_stale_close_after"`
+	// ShutdownTimeout bounds the cluster writes of a graceful stop as a
+	// whole (the session records and wills of the connections it closes;
+	// brokercluster.go). 0: 5 s.
+	ShutdownTimeout time.Duration `yaml:"cluster_shutdown_timeout"`
 }
 
 // DefaultStaleCloseAfter is cluster_stale_close_after's default.
@@ -82,7 +86,7 @@ func (c ClusterConfig) Enabled() bool { return c.ClusterName != "" || c.NATSURL 
 
 // clusterKeys are the cluster settings, by flag name (layered by Load
 // like every other setting).
-var clusterKeys = []string{"cluster-name", "node-name", "nats-listen", "nats-advertise", "nats-routes", "nats-client-addr", "nats-url", "cluster-stale-after", "cluster-stale-close-after"}
+var clusterKeys = []string{"cluster-name", "node-name", "nats-listen", "nats-advertise", "nats-routes", "nats-client-addr", "nats-url", "cluster-stale-after", "cluster-stale-close-after", "cluster-shutdown-timeout"}
 
 func init() { keys = append(keys, clusterKeys...) }
 
@@ -98,6 +102,7 @@ func clusterFlags(fs *pflag.FlagSet, d Config) {
 	fs.String("nats-url", c.NATSURL, "run a cluster node on an existing NATS cluster (comma-separated nats:// URLs; at least 3 JetStream servers, sync_interval always)")
 	fs.Duration("cluster-stale-after", c.StaleAfter, "a cluster node whose proven view of revocations is older than this refuses every certificate and reports not ready")
 	fs.Duration("cluster-stale-close-after", c.StaleCloseAfter, "a cluster node whose proven view of revocations is older than this closes its live sessions (MQTT 5: 0x8B); above --cluster-stale-after")
+	fs.Duration("cluster-shutdown-timeout", c.ShutdownTimeout, "a cluster node's graceful stop gives up its last cluster writes (session records, wills) after this, as a whole; the other nodes then sweep its sessions (0: 5s)")
 }
 
 func assignCluster(c *Config, k string, fs *pflag.FlagSet) error {
@@ -121,6 +126,8 @@ func assignCluster(c *Config, k string, fs *pflag.FlagSet) error {
 		c.Cluster.StaleAfter, err = fs.GetDuration(k)
 	case "cluster-stale-close-after":
 		c.Cluster.StaleCloseAfter, err = fs.GetDuration(k)
+	case "cluster-shutdown-timeout":
+		c.Cluster.ShutdownTimeout, err = fs.GetDuration(k)
 	}
 	return err
 }
@@ -133,6 +140,9 @@ func (c ClusterConfig) validate() []error {
 	}
 	if c.StaleCloseAfter != 0 && c.StaleCloseAfter <= c.StaleAfter {
 		errs = append(errs, fmt.Errorf("cluster_stale_close_after: %s must be above cluster_stale_after (%s)", c.StaleCloseAfter, c.StaleAfter))
+	}
+	if c.ShutdownTimeout < 0 {
+		errs = append(errs, fmt.Errorf("cluster_shutdown_timeout: %s is negative", c.ShutdownTimeout))
 	}
 	if !c.Enabled() {
 		if c.NodeName != "" || c.NATSListen != "" || len(c.NATSRoutes) > 0 {

@@ -24,13 +24,13 @@ func TestClusterSettings(t *testing.T) {
 		t.Fatalf("defaults: cluster %+v, %v; want the single box", cfg.Cluster, err)
 	}
 	cfg, err = load([]string{"--cluster-name", "fg", "--node-name", "n1", "--nats-listen", "127.0.0.1:6222",
-		"--nats-routes", "127.0.0.2:6222,127.0.0.3:6222", "--cluster-stale-after", "2s", "--cluster-stale-close-after", "4s"}, nil)
+		"--nats-routes", "127.0.0.2:6222,127.0.0.3:6222", "--cluster-stale-after", "2s", "--cluster-stale-close-after", "4s", "--cluster-shutdown-timeout", "2s"}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := cfg.Cluster
 	if !c.Enabled() || c.NodeName != "n1" || len(c.NATSRoutes) != 2 || c.NATSRoutes[1] != "127.0.0.3:6222" || c.StaleAfter != 2*time.Second ||
-		c.StaleCloseAfter != 4*time.Second || c.closeAfter() != 4*time.Second {
+		c.StaleCloseAfter != 4*time.Second || c.closeAfter() != 4*time.Second || c.ShutdownTimeout != 2*time.Second {
 		t.Fatalf("flags: %+v", c)
 	}
 	if d := (ClusterConfig{StaleAfter: 3 * time.Second}).closeAfter(); d != 6*time.Second {
@@ -52,6 +52,7 @@ func TestClusterSettings(t *testing.T) {
 		{[]string{"--nats-url", "nats://x:4222", "--node-name", "n1", "--cluster-stale-after", "10ms"}, "below 100ms"},
 		{[]string{"--nats-url", "nats://x:4222", "--node-name", "n1", "--cluster-stale-close-after", "1s"}, "must be above cluster_stale_after"},
 		{[]string{"--nats-url", "nats://x:4222", "--node-name", "n1", "--cluster-stale-after", "5s"}, "must be above cluster_stale_after"},
+		{[]string{"--nats-url", "nats://x:4222", "--node-name", "n1", "--cluster-shutdown-timeout", "-1s"}, "cluster_shutdown_timeout"},
 	} {
 		if _, err := load(tc.args, nil); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%v: %v, want an error about %q", tc.args, err, tc.want)

@@ -179,9 +179,11 @@ func (s *Server) Run(ctx context.Context) error {
 		go func() {
 			defer wg.Done()
 			<-ctx.Done()
+			stopped := s.boundClusterStop() // brokercluster.go
 			if err := s.broker.Close(); err != nil {
 				s.log.Warn("broker close", "err", err)
 			}
+			stopped()
 		}()
 	}
 	if s.clu != nil {

@@ -114,6 +114,7 @@ type Router struct {
 	once    sync.Once
 
 	sess *sessions
+	down shutdownState // shutdown.go
 
 	retainedKV jetstream.KeyValue
 	// pause is held for reading by each delivery of a routed message, and
@@ -297,7 +298,7 @@ func (r *Router) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, 
 	}
 	if pk.FixedHeader.Retain {
 		// The retained store of every node: written before the PUBACK.
-		ctx, cancel := context.WithTimeout(context.Background(), r.cfg.AckTimeout)
+		ctx, cancel := r.opCtx()
 		err := r.retain(ctx, pk, origin)
 		cancel()
 		if err != nil {
@@ -319,7 +320,7 @@ func (r *Router) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, 
 		r.log.Warn("QoS 1/2 message not acknowledged: the cluster's stream is not open", "client", cl.ID, "topic", pk.TopicName)
 		return pk, packets.ErrRejectPacket
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.AckTimeout)
+	ctx, cancel := r.opCtx()
 	defer cancel()
 	if _, err := r.js.PublishMsg(ctx, m); err != nil {
 		r.log.Warn("QoS 1/2 message not acknowledged by JetStream (no quorum?): no PUBACK", "client", cl.ID,

@@ -306,7 +306,7 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 	}
 	key := sessionKey(cl.ID)
 	conn := nuid.Next()
-	ctx, cancel := context.WithTimeout(context.Background(), s.r.cfg.AckTimeout)
+	ctx, cancel := s.r.opCtx()
 	defer cancel()
 	var prev *record
 	for attempt := 0; ; attempt++ {
@@ -436,11 +436,12 @@ func (s *sessions) update(cl *mqtt.Client, fn func(*record) (del bool)) {
 		return
 	}
 	key := sessionKey(cl.ID)
-	ctx, cancel := context.WithTimeout(context.Background(), s.r.cfg.AckTimeout)
+	ctx, cancel := s.r.opCtx()
 	defer cancel()
 	for range 5 {
 		e, err := s.kv.Get(ctx, key)
 		if err != nil {
+			s.r.unwritten(cl.ID, "session record (not read)", err)
 			return
 		}
 		var rec record
@@ -454,7 +455,7 @@ func (s *sessions) update(cl *mqtt.Client, fn func(*record) (del bool)) {
 			_, err = s.kv.Update(ctx, key, b, e.Revision())
 		}
 		if err == nil || !strings.Contains(err.Error(), "wrong last sequence") {
-			if err != nil {
+			if err != nil && !s.r.unwritten(cl.ID, "session record", err) {
 				s.r.log.Warn("session record not updated", "client", cl.ID, "err", err)
 			}
 			return

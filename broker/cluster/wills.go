@@ -112,7 +112,7 @@ func (s *sessions) claimWill(ctx context.Context, id, conn string) (*will, bool)
 	for range 5 {
 		e, err := s.kv.Get(ctx, key)
 		if err != nil {
-			if !errors.Is(err, jetstream.ErrKeyNotFound) && !errors.Is(err, jetstream.ErrKeyDeleted) {
+			if !errors.Is(err, jetstream.ErrKeyNotFound) && !errors.Is(err, jetstream.ErrKeyDeleted) && !s.r.unwritten(id, "will (record not read)", err) {
 				s.r.log.Warn("will not claimed: session record not read (no quorum?); not sent from here", "client", id, "err", err)
 			}
 			return nil, false
@@ -136,6 +136,9 @@ func (s *sessions) claimWill(ctx context.Context, id, conn string) (*will, bool)
 			return w, true
 		}
 		if !strings.Contains(err.Error(), "wrong last sequence") {
+			if s.r.unwritten(id, "will (record not written)", err) {
+				return nil, false
+			}
 			s.r.log.Warn("will not claimed: session record not written (no quorum?); not sent from here", "client", id, "err", err)
 			return nil, false
 		}
@@ -151,7 +154,7 @@ func (s *sessions) claimLater(id, conn string) {
 		return
 	case <-time.After(claimGrace):
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), s.r.cfg.AckTimeout)
+	ctx, cancel := s.r.opCtx()
 	defer cancel()
 	if w, ok := s.claimWill(ctx, id, conn); ok {
 		s.r.log.Info("will of a taken-over connection not claimed by its old node: sending it", "client", id)
@@ -173,7 +176,7 @@ func (s *sessions) claimAt(id, conn string, at time.Time) {
 			return
 		case <-t.C:
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), s.r.cfg.AckTimeout)
+		ctx, cancel := s.r.opCtx()
 		defer cancel()
 		if w, ok := s.claimWill(ctx, id, conn); ok {
 			s.sendWill(ctx, id, w)
@@ -194,7 +197,7 @@ func (s *sessions) onWill(cl *mqtt.Client, w mqtt.Will) mqtt.Will {
 	if !ok {
 		return w
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), s.r.cfg.AckTimeout)
+	ctx, cancel := s.r.opCtx()
 	defer cancel()
 	if _, ok := s.claimWill(ctx, cl.ID, conn); !ok {
 		s.r.log.Info("will not sent from this node: sent by another, cancelled, or not claimable (no quorum)", "client", cl.ID)

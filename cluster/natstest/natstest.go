@@ -7,15 +7,14 @@ package natstest
 
 import (
 	"fmt"
-	"io"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
 	"github.com/fleetgate/fleetgate/cluster/natsnode"
+	"github.com/fleetgate/fleetgate/cluster/netcut"
 )
 
 // Cluster is a running test cluster.
@@ -26,54 +25,29 @@ type Cluster struct {
 	tune func(i int, cfg *natsnode.Config)
 }
 
-// Mesh is the routes of n nodes, each through a relay of its own: node
-// i reaches node j through Route(i, j). Cut and Heal act on every route
-// of a node.
-type Mesh struct {
-	// relays[i][j] carries node i's route to node j.
-	relays [][]*Relay
-	mu     sync.Mutex
-	addrs  []string // each node's route listener, once known
+// Mesh is the routes of n nodes through relays (cluster/netcut): node i
+// reaches node j through Route(i, j); Cut and Heal act on every route of a
+// node.
+type Mesh = netcut.Mesh
+
+// Relay forwards TCP connections; Cut closes them until Heal.
+type Relay = netcut.Relay
+
+// NewRelay listens on host (a free port) and forwards to target().
+func NewRelay(host string, target func() string) (*Relay, error) {
+	return netcut.NewRelay(host, target)
 }
 
-// NewMesh starts the relays of n nodes; SetTarget tells where node j
-// listens for routes (before that its relays refuse).
+// NewMesh starts the relays of n nodes (node i's on Host(i)), stopped when
+// the test ends; SetTarget tells where node j listens for routes.
 func NewMesh(t testing.TB, n int) *Mesh {
 	t.Helper()
-	m := &Mesh{relays: make([][]*Relay, n), addrs: make([]string, n)}
-	for i := range n {
-		m.relays[i] = make([]*Relay, n)
-		for j := range n {
-			if i == j {
-				continue
-			}
-			r, err := NewRelay(Host(i), func() string { m.mu.Lock(); defer m.mu.Unlock(); return m.addrs[j] })
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(r.Close)
-			m.relays[i][j] = r
-		}
+	m, err := netcut.NewMesh(n, Host)
+	if err != nil {
+		t.Fatal(err)
 	}
+	t.Cleanup(m.Close)
 	return m
-}
-
-// SetTarget sets node j's route listener.
-func (m *Mesh) SetTarget(j int, addr string) {
-	m.mu.Lock()
-	m.addrs[j] = addr
-	m.mu.Unlock()
-}
-
-// Routes are the addresses node i dials to reach the others.
-func (m *Mesh) Routes(i int) []string {
-	var routes []string
-	for j, r := range m.relays[i] {
-		if j != i {
-			routes = append(routes, r.Addr())
-		}
-	}
-	return routes
 }
 
 // FreeAddr returns host:port with a port free at the time of the call.
@@ -152,130 +126,4 @@ func (c *Cluster) Connect(i int) *nats.Conn {
 	}
 	c.t.Cleanup(nc.Close)
 	return nc
-}
-
-// Cut cuts every route of node i (both directions) until Heal.
-func (m *Mesh) Cut(i int) {
-	for j := range m.relays {
-		if j != i {
-			m.relays[i][j].Cut()
-			m.relays[j][i].Cut()
-		}
-	}
-}
-
-// Heal lets node i's routes through again (the nodes redial within about
-// a second).
-func (m *Mesh) Heal(i int) {
-	for j := range m.relays {
-		if j != i {
-			m.relays[i][j].Heal()
-			m.relays[j][i].Heal()
-		}
-	}
-}
-
-// Relay forwards TCP connections to a target; Cut closes them and refuses
-// new ones until Heal.
-type Relay struct {
-	ln     net.Listener
-	target func() string
-	mu     sync.Mutex
-	cut    bool
-	conns  map[net.Conn]struct{}
-	wg     sync.WaitGroup
-}
-
-// NewRelay listens on host (a free port) and forwards to target().
-func NewRelay(host string, target func() string) (*Relay, error) {
-	ln, err := net.Listen("tcp", host+":0")
-	if err != nil {
-		return nil, err
-	}
-	r := &Relay{ln: ln, target: target, conns: map[net.Conn]struct{}{}}
-	r.wg.Add(1)
-	go r.serve()
-	return r, nil
-}
-
-// Addr is the relay's listen address.
-func (r *Relay) Addr() string { return r.ln.Addr().String() }
-
-func (r *Relay) serve() {
-	defer r.wg.Done()
-	for {
-		in, err := r.ln.Accept()
-		if err != nil {
-			return
-		}
-		r.mu.Lock()
-		cut := r.cut
-		r.mu.Unlock()
-		t := r.target()
-		if cut || t == "" {
-			in.Close()
-			continue
-		}
-		out, err := net.DialTimeout("tcp", t, 2*time.Second)
-		if err != nil {
-			in.Close()
-			continue
-		}
-		if !r.track(in, out) {
-			continue
-		}
-		r.wg.Add(2)
-		go r.pipe(in, out)
-		go r.pipe(out, in)
-	}
-}
-
-func (r *Relay) track(a, b net.Conn) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.cut || r.conns == nil {
-		a.Close()
-		b.Close()
-		return false
-	}
-	r.conns[a], r.conns[b] = struct{}{}, struct{}{}
-	return true
-}
-
-func (r *Relay) pipe(dst, src net.Conn) {
-	defer r.wg.Done()
-	_, _ = io.Copy(dst, src)
-	dst.Close()
-	src.Close()
-	r.mu.Lock()
-	delete(r.conns, dst)
-	delete(r.conns, src)
-	r.mu.Unlock()
-}
-
-// Cut closes the relayed connections and refuses new ones.
-func (r *Relay) Cut() {
-	r.mu.Lock()
-	r.cut = true
-	for c := range r.conns {
-		c.Close()
-	}
-	r.mu.Unlock()
-}
-
-// Heal accepts connections again.
-func (r *Relay) Heal() {
-	r.mu.Lock()
-	r.cut = false
-	r.mu.Unlock()
-}
-
-// Close stops the relay and waits for its goroutines.
-func (r *Relay) Close() {
-	r.ln.Close()
-	r.Cut()
-	r.mu.Lock()
-	r.conns = nil
-	r.mu.Unlock()
-	r.wg.Wait()
 }

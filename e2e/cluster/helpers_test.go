@@ -19,6 +19,8 @@ var (
 	buildOnce sync.Once
 	binDir    string
 	buildErr  error
+	// extraBinDirs are further binaries built for the tests (nats-server).
+	extraBinDirs []string
 )
 
 // bin builds fleetgate once per test binary run and returns its path.
@@ -60,8 +62,10 @@ func kill(t testing.TB, s *server) {
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binDir != "" {
-		os.RemoveAll(binDir)
+	for _, d := range append(extraBinDirs, binDir) {
+		if d != "" {
+			os.RemoveAll(d)
+		}
 	}
 	os.Exit(code)
 }

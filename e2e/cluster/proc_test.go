@@ -32,51 +32,72 @@ func gatewayOf(t *testing.T, dataDir string, p *server) *testenv.Gateway {
 	return g
 }
 
+// procCluster is n `fleetgate serve --cluster-name` processes (embedded
+// NATS) on one PKI, node i on 127.0.0.(i+1), each stopped by PID when the
+// test ends.
+type procCluster struct {
+	t      *testing.T
+	listen []string
+	dirs   []string
+	extra  []string // further serve flags of every node
+	procs  []*server
+	gws    []*testenv.Gateway
+}
+
+// startProcCluster starts n nodes one by one and waits until each is ready.
+func startProcCluster(t *testing.T, n int, extra ...string) *procCluster {
+	src := testenv.Init(t)
+	c := &procCluster{t: t, listen: make([]string, n), dirs: make([]string, n), extra: extra,
+		procs: make([]*server, n), gws: make([]*testenv.Gateway, n)}
+	for i := range n {
+		c.listen[i] = natstest.FreeAddr(t, natstest.Host(i))
+		c.dirs[i] = filepath.Join(t.TempDir(), fmt.Sprint("node", i+1))
+		if err := testenv.CopyDataDir(c.dirs[i], src); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range n {
+		c.start(i)
+	}
+	for i := range n {
+		c.ready(i)
+	}
+	return c
+}
+
+// start (re)starts node i on its data directory and route address.
+func (c *procCluster) start(i int) {
+	c.t.Helper()
+	var routes []string
+	for j := range c.listen {
+		if j != i {
+			routes = append(routes, c.listen[j])
+		}
+	}
+	c.procs[i] = serve(c.t, c.dirs[i], append([]string{"--cluster-name", "proc", "--node-name", fmt.Sprint("node", i+1),
+		"--nats-listen", c.listen[i], "--nats-routes", strings.Join(routes, ",")}, c.extra...)...)
+	c.gws[i] = gatewayOf(c.t, c.dirs[i], c.procs[i])
+}
+
+// ready waits until node i answers /readyz 200.
+func (c *procCluster) ready(i int) {
+	c.t.Helper()
+	testenv.Eventually(c.t, 60*time.Second, func() error {
+		if code := c.gws[i].Ready(); code != http.StatusOK {
+			return fmt.Errorf("node %d: /readyz %d", i+1, code)
+		}
+		return nil
+	})
+}
+
 // Three `fleetgate serve --cluster-name` processes (embedded NATS, nothing
 // else installed): SIGKILL node 3, and the two others still close a
 // revoked device's session (revoked through node 1, connected to node 2);
 // node 3, restarted on its data directory, catches up: it refuses the
 // revoked device and accepts the other.
 func TestClusterProcessesNodeKilled(t *testing.T) {
-	src := testenv.Init(t)
-	const n = 3
-	listen := make([]string, n)
-	dirs := make([]string, n)
-	for i := range n {
-		listen[i] = natstest.FreeAddr(t, natstest.Host(i))
-		dirs[i] = filepath.Join(t.TempDir(), fmt.Sprint("node", i+1))
-		if err := testenv.CopyDataDir(dirs[i], src); err != nil {
-			t.Fatal(err)
-		}
-	}
-	start := func(i int) *server {
-		var routes []string
-		for j := range n {
-			if j != i {
-				routes = append(routes, listen[j])
-			}
-		}
-		return serve(t, dirs[i], "--cluster-name", "proc", "--node-name", fmt.Sprint("node", i+1),
-			"--nats-listen", listen[i], "--nats-routes", strings.Join(routes, ","))
-	}
-	procs := make([]*server, n)
-	gws := make([]*testenv.Gateway, n)
-	for i := range n {
-		procs[i] = start(i)
-		gws[i] = gatewayOf(t, dirs[i], procs[i])
-	}
-	ready := func(i int) {
-		t.Helper()
-		testenv.Eventually(t, 60*time.Second, func() error {
-			if code := gws[i].Ready(); code != http.StatusOK {
-				return fmt.Errorf("node %d: /readyz %d", i+1, code)
-			}
-			return nil
-		})
-	}
-	for i := range n {
-		ready(i)
-	}
+	c := startProcCluster(t, 3)
+	procs, gws, ready := c.procs, c.gws, c.ready
 	revoked := deviceCert(t, gws[0].EnrollDevice(t, "proc-revoked", "fleet"))
 	kept := deviceCert(t, gws[0].EnrollDevice(t, "proc-kept", "fleet"))
 	lost := make(chan time.Time, 1)
@@ -104,8 +125,7 @@ func TestClusterProcessesNodeKilled(t *testing.T) {
 		t.Fatal("with node 3 killed, a revocation through node 1 did not close the session on node 2")
 	}
 
-	procs[2] = start(2)
-	gws[2] = gatewayOf(t, dirs[2], procs[2])
+	c.start(2)
 	ready(2)
 	if _, err := gws[2].MQTT(t, "proc-revoked", revoked); err == nil {
 		t.Fatal("node 3, restarted, accepted a device revoked while it was down")

@@ -1,0 +1,311 @@
+package cluster
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/fleetgate/fleetgate/cluster/natstest"
+	"github.com/fleetgate/fleetgate/internal/fleetproc"
+	"github.com/fleetgate/fleetgate/internal/testenv"
+)
+
+var (
+	natsOnce sync.Once
+	natsBin  string
+	natsErr  error
+)
+
+// natsServerBin builds nats-server from the Go module (a go.mod tool, as
+// `make bench` builds bin/nats-server) once per test binary run.
+func natsServerBin(t testing.TB) string {
+	t.Helper()
+	natsOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "fleetgate-nats-bin-")
+		if err != nil {
+			natsErr = err
+			return
+		}
+		extraBinDirs = append(extraBinDirs, dir)
+		natsBin = filepath.Join(dir, "nats-server")
+		if out, err := exec.Command("go", "build", "-o", natsBin, "github.com/nats-io/nats-server/v2").CombinedOutput(); err != nil {
+			natsErr = fmt.Errorf("go build nats-server: %v\n%s", err, out)
+		}
+	})
+	if natsErr != nil {
+		t.Fatal(natsErr)
+	}
+	return natsBin
+}
+
+// natsProcs are n nats-server processes with JetStream (sync before every
+// acknowledgement) in one cluster, server i on 127.0.0.(i+1); each is
+// stopped by PID when the test ends.
+type natsProcs struct {
+	procs []*fleetproc.Proc
+	urls  []string // client URL of each
+}
+
+func startNATSProcs(t *testing.T, n int) *natsProcs {
+	t.Helper()
+	bin := natsServerBin(t)
+	c := &natsProcs{procs: make([]*fleetproc.Proc, n), urls: make([]string, n)}
+	routes := make([]string, n)
+	client := make([]string, n)
+	for i := range n {
+		client[i] = natstest.FreeAddr(t, natstest.Host(i))
+		routes[i] = natstest.FreeAddr(t, natstest.Host(i))
+		c.urls[i] = "nats://" + client[i]
+	}
+	for i := range n {
+		dir := filepath.Join(t.TempDir(), fmt.Sprint("nats", i+1))
+		var others []string
+		for j := range n {
+			if j != i {
+				others = append(others, fmt.Sprintf("%q", "nats-route://"+routes[j]))
+			}
+		}
+		conf := fmt.Sprintf("server_name: nats%d\nlisten: %q\njetstream {\n  store_dir: %q\n  sync_interval: always\n}\n"+
+			"cluster {\n  name: fgext\n  listen: %q\n  routes: [%s]\n}\n", i+1, client[i], filepath.Join(dir, "js"), routes[i], strings.Join(others, ", "))
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(dir, "nats.conf")
+		if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		p, err := fleetproc.Spawn(bin, []string{"-c", path}, nil, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.procs[i] = p
+		t.Cleanup(func() {
+			if err := p.Stop(10 * time.Second); err != nil && !strings.Contains(err.Error(), "signal: killed") {
+				t.Logf("nats%d (pid %d): %v", i+1, p.PID, err)
+			}
+		})
+	}
+	return c
+}
+
+// Issue test 5: SIGKILL a NATS server under QoS 1 load. Three nats-server
+// processes (JetStream, sync always) and three `fleetgate serve
+// --nats-url` nodes, node i on NATS server i first. Devices publish
+// numbered QoS 1 telemetry at a steady rate through nodes 1 and 2; a
+// persistent service on node 3 subscribes. NATS server 1 is SIGKILLed
+// mid-load (node 1's client reconnects to another server). Then a device
+// on node 2 is revoked through node 1's API: its session on node 2 is
+// closed and it cannot reconnect. At the end every message a device got a
+// PUBACK for reached the service (duplicates allowed).
+func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
+	nats := startNATSProcs(t, 3)
+	src := testenv.Init(t)
+	const n = 3
+	procs := make([]*server, n)
+	gws := make([]*testenv.Gateway, n)
+	for i := range n {
+		dir := filepath.Join(t.TempDir(), fmt.Sprint("node", i+1))
+		if err := testenv.CopyDataDir(dir, src); err != nil {
+			t.Fatal(err)
+		}
+		urls := []string{nats.urls[i]}
+		for j := range n {
+			if j != i {
+				urls = append(urls, nats.urls[j])
+			}
+		}
+		procs[i] = serve(t, dir, "--nats-url", strings.Join(urls, ","), "--node-name", fmt.Sprint("node", i+1))
+		gws[i] = gatewayOf(t, dir, procs[i])
+	}
+	for i := range n {
+		testenv.Eventually(t, 90*time.Second, func() error {
+			if code := gws[i].Ready(); code != 200 {
+				return fmt.Errorf("node %d: /readyz %d", i+1, code)
+			}
+			return nil
+		})
+	}
+
+	// The service: a persistent session on node 3.
+	var (
+		mu   sync.Mutex
+		recv = map[string]int{} // "device/seq" → times received
+	)
+	svcCert := gws[0].Service(t, "svc-nk")
+	testenv.Eventually(t, 20*time.Second, func() error {
+		c, err := gws[2].MQTT(t, "svc-nk", &svcCert, func(o *paho.ClientOptions) { o.SetCleanSession(false) })
+		if err != nil {
+			return err
+		}
+		tok := c.Subscribe("devices/+/telemetry", 1, func(_ paho.Client, m paho.Message) {
+			mu.Lock()
+			recv[string(m.Payload())]++
+			mu.Unlock()
+		})
+		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			c.Disconnect(0)
+			return fmt.Errorf("subscribe: %v", tok.Error())
+		}
+		return nil
+	})
+
+	// Devices: half on node 1, half on node 2.
+	const devices = 6
+	type dev struct {
+		id   string
+		node int
+		c    paho.Client
+		cert *tls.Certificate
+		lost chan struct{}
+	}
+	devs := make([]*dev, devices)
+	for i := range devices {
+		d := &dev{id: fmt.Sprint("nk5-", i), node: i % 2, lost: make(chan struct{}, 1)}
+		d.cert = deviceCert(t, gws[0].EnrollDevice(t, d.id, "fleet"))
+		testenv.Eventually(t, 20*time.Second, func() error {
+			var err error
+			d.c, err = gws[d.node].MQTT(t, d.id, d.cert, func(o *paho.ClientOptions) {
+				o.SetConnectionLostHandler(func(paho.Client, error) {
+					select {
+					case d.lost <- struct{}{}:
+					default:
+					}
+				})
+			})
+			return err
+		})
+		devs[i] = d
+	}
+
+	// The load: each device publishes every 50 ms; a message is acknowledged
+	// once its token completes without error (PUBACK), whenever that is.
+	var (
+		ackMu   sync.Mutex
+		acked   []string
+		sent    int
+		waiters sync.WaitGroup
+	)
+	stop := make(chan struct{})
+	var loops sync.WaitGroup
+	for _, d := range devs {
+		loops.Add(1)
+		go func() {
+			defer loops.Done()
+			tick := time.NewTicker(50 * time.Millisecond)
+			defer tick.Stop()
+			for seq := 1; seq <= 2000; seq++ { // bounded: 100 s at most
+				select {
+				case <-stop:
+					return
+				case <-tick.C:
+				}
+				if !d.c.IsConnected() {
+					continue
+				}
+				msg := fmt.Sprintf("%s/%d", d.id, seq)
+				tok := d.c.Publish("devices/"+d.id+"/telemetry", 1, false, msg)
+				ackMu.Lock()
+				sent++
+				ackMu.Unlock()
+				waiters.Add(1)
+				go func() {
+					defer waiters.Done()
+					if tok.WaitTimeout(60*time.Second) && tok.Error() == nil {
+						ackMu.Lock()
+						acked = append(acked, msg)
+						ackMu.Unlock()
+					}
+				}()
+			}
+		}()
+	}
+	stopLoad := sync.OnceFunc(func() { close(stop); loops.Wait() })
+	defer stopLoad()
+	ackedNow := func() int { ackMu.Lock(); defer ackMu.Unlock(); return len(acked) }
+
+	// Mid-load: SIGKILL NATS server 1 (node 1's), by PID.
+	testenv.Eventually(t, 30*time.Second, func() error {
+		if a := ackedNow(); a < 200 {
+			return fmt.Errorf("%d acknowledged so far", a)
+		}
+		return nil
+	})
+	before := ackedNow()
+	if err := nats.procs[0].Kill(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("NATS server 1 (pid %d) SIGKILLed after %d acknowledged messages", nats.procs[0].PID, before)
+	// The load goes on until another 200 are acknowledged (through node
+	// 1's reconnected client and node 2).
+	testenv.Eventually(t, 60*time.Second, func() error {
+		if a := ackedNow(); a < before+200 {
+			return fmt.Errorf("%d acknowledged since the kill", a-before)
+		}
+		return nil
+	})
+
+	// Revocations still close sessions: a device on node 2, revoked
+	// through node 1.
+	victim := devs[1]
+	var t0 time.Time
+	testenv.Eventually(t, 30*time.Second, func() error {
+		t0 = time.Now()
+		_, err := gws[0].Admin.DeviceAction(context.Background(), victim.id, "revoke", "e2e test 5")
+		return err
+	})
+	select {
+	case <-victim.lost:
+		t.Logf("revoked %s through node 1 (its NATS server killed): session on node 2 closed %s after the call", victim.id, time.Since(t0).Round(time.Millisecond))
+	case <-time.After(20 * time.Second):
+		t.Fatalf("revoking %s through node 1 did not close its session on node 2", victim.id)
+	}
+	for i := range n {
+		if _, err := gws[i].MQTT(t, victim.id, victim.cert); err == nil {
+			t.Errorf("node %d accepted revoked %s", i+1, victim.id)
+		}
+	}
+
+	stopLoad()
+	waiters.Wait() // each waits 60 s at most
+	ackMu.Lock()
+	ack := append([]string(nil), acked...)
+	total := sent
+	ackMu.Unlock()
+	var missing []string
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		missing = missing[:0]
+		mu.Lock()
+		for _, m := range ack {
+			if recv[m] == 0 {
+				missing = append(missing, m)
+			}
+		}
+		mu.Unlock()
+		if len(missing) == 0 || time.Now().After(deadline) {
+			break
+		}
+	}
+	mu.Lock()
+	dups := 0
+	for _, c := range recv {
+		dups += max(c-1, 0)
+	}
+	got := len(recv)
+	mu.Unlock()
+	sort.Strings(missing)
+	t.Logf("QoS 1 under the NATS kill: %d published, %d acknowledged (%d before the kill), %d distinct received by the service, %d duplicates, %d acknowledged lost %v",
+		total, len(ack), before, got, dups, len(missing), missing[:min(len(missing), 10)])
+	if len(missing) > 0 {
+		t.Errorf("%d acknowledged QoS 1 messages never reached the service: %v", len(missing), missing[:min(len(missing), 20)])
+	}
+}
