@@ -2,12 +2,15 @@ package server
 
 import (
 	"context"
+	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	natsserver "github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/pflag"
@@ -119,5 +122,40 @@ func TestNATSClientUsers(t *testing.T) {
 	e, err := kv.Get(ctx, "k")
 	if err != nil || string(e.Value()) != "record" {
 		t.Fatalf("record after the monitor: %v %v", e, err)
+	}
+}
+
+// With monitoring URLs, a node refuses to start on an external NATS that
+// acknowledges before it syncs, unless nats_allow_unsynced (an error in
+// the log); one that syncs is accepted.
+func TestExternalNATSSyncCheck(t *testing.T) {
+	urls := map[bool]string{}
+	for _, sync := range []bool{true, false} {
+		srv, err := natsserver.NewServer(&natsserver.Options{Host: "127.0.0.1", Port: natsserver.RANDOM_PORT, HTTPHost: "127.0.0.1",
+			HTTPPort: natsserver.RANDOM_PORT, JetStream: true, StoreDir: t.TempDir(), SyncAlways: sync, NoSigs: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv.Start()
+		t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+		if !srv.ReadyForConnections(30 * time.Second) {
+			t.Fatal("nats-server not ready")
+		}
+		urls[sync] = "http://" + srv.MonitorAddr().String()
+	}
+	var logs strings.Builder
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	if err := checkExternalSync(natsnode.ExternalAuth{}, NATSSecurity{MonitorURLs: []string{urls[true]}}, log); err != nil {
+		t.Fatalf("synced: %v", err)
+	}
+	err := checkExternalSync(natsnode.ExternalAuth{}, NATSSecurity{MonitorURLs: []string{urls[true], urls[false]}}, log)
+	if !errors.Is(err, natsnode.ErrUnsynced) || !strings.Contains(err.Error(), "nats_allow_unsynced") {
+		t.Fatalf("unsynced: %v", err)
+	}
+	if err := checkExternalSync(natsnode.ExternalAuth{}, NATSSecurity{MonitorURLs: []string{urls[false]}, AllowUnsynced: true}, log); err != nil {
+		t.Fatalf("unsynced, allowed: %v", err)
+	}
+	if !strings.Contains(logs.String(), "level=ERROR") || !strings.Contains(logs.String(), "STARTING ANYWAY") {
+		t.Fatalf("no error logged for an allowed unsynced NATS:\n%s", logs.String())
 	}
 }

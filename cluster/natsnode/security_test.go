@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -239,5 +240,35 @@ func TestCheckSync(t *testing.T) {
 	}
 	if !strings.Contains(err.Error(), "strue (") || strings.Contains(err.Error(), "sfalse (") {
 		t.Fatalf("the error names the wrong servers: %v", err)
+	}
+}
+
+// A node starts only with the cluster CA: none (the error names the
+// command that adds it) or a key others may read is refused; CreateCA
+// never overwrites one.
+func TestClusterCAFiles(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "cluster")
+	if _, err := natsnode.LoadCA(dir); err == nil || !strings.Contains(err.Error(), "fleetgate init") {
+		t.Fatalf("no CA: %v", err)
+	}
+	ca, err := natsnode.CreateCA(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(filepath.Join(dir, natsnode.CAKeyFile)); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("key file: %v %v", fi, err)
+	}
+	if _, err := natsnode.CreateCA(dir); err == nil {
+		t.Fatal("CreateCA overwrote a CA")
+	}
+	again, err := natsnode.LoadCA(dir)
+	if err != nil || !again.Cert.Equal(ca.Cert) {
+		t.Fatalf("reload: %v", err)
+	}
+	if err := os.Chmod(filepath.Join(dir, natsnode.CAKeyFile), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := natsnode.LoadCA(dir); err == nil || !strings.Contains(err.Error(), "0600") {
+		t.Fatalf("key readable by the group: %v", err)
 	}
 }
