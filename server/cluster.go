@@ -49,8 +49,9 @@ type ClusterConfig struct {
 	NATSAdvertise string `yaml:"nats_advertise"`
 	// NATSRoutes are the other nodes' NATSListen addresses.
 	NATSRoutes []string `yaml:"nats_routes"`
-	// NATSClientAddr is the embedded node's client listener (default a
-	// free loopback port; fleetgate's own client is in process).
+	// NATSClientAddr is the embedded node's client listener for tools
+	// (default none; fleetgate's own client is in process): TLS, and
+	// only the users of nats_client_users.
 	NATSClientAddr string `yaml:"nats_client_addr"`
 	// NATSURL: connect to an existing NATS cluster instead (comma-separated
 	// nats:// URLs); it must have at least three JetStream servers.
@@ -67,6 +68,8 @@ type ClusterConfig struct {
 	// whole (the session records and wills of the connections it closes;
 	// brokercluster.go). 0: 5 s.
 	ShutdownTimeout time.Duration `yaml:"cluster_shutdown_timeout"`
+	// Security: TLS and authentication of NATS (natssec.go).
+	Security NATSSecurity `yaml:",inline"`
 }
 
 // DefaultStaleCloseAfter is cluster_stale_close_after's default.
@@ -98,11 +101,12 @@ func clusterFlags(fs *pflag.FlagSet, d Config) {
 	fs.String("nats-listen", c.NATSListen, "with --cluster-name: where the embedded NATS node accepts routes from the other nodes (host:port)")
 	fs.String("nats-advertise", c.NATSAdvertise, "with --cluster-name: the route address told to the other nodes (default --nats-listen)")
 	fs.StringSlice("nats-routes", c.NATSRoutes, "with --cluster-name: the other nodes' --nats-listen addresses (comma-separated)")
-	fs.String("nats-client-addr", c.NATSClientAddr, "with --cluster-name: the embedded NATS node's client listener (default a free loopback port)")
+	fs.String("nats-client-addr", c.NATSClientAddr, "with --cluster-name: the embedded NATS node's client listener for tools (default none; TLS, users of --nats-client-users)")
 	fs.String("nats-url", c.NATSURL, "run a cluster node on an existing NATS cluster (comma-separated nats:// URLs; at least 3 JetStream servers, sync_interval always)")
 	fs.Duration("cluster-stale-after", c.StaleAfter, "a cluster node whose proven view of revocations is older than this refuses every certificate and reports not ready")
 	fs.Duration("cluster-stale-close-after", c.StaleCloseAfter, "a cluster node whose proven view of revocations is older than this closes its live sessions (MQTT 5: 0x8B); above --cluster-stale-after")
 	fs.Duration("cluster-shutdown-timeout", c.ShutdownTimeout, "a cluster node's graceful stop gives up its last cluster writes (session records, wills) after this, as a whole; the other nodes then sweep its sessions (0: 5s)")
+	natsSecFlags(fs, c.Security)
 }
 
 func assignCluster(c *Config, k string, fs *pflag.FlagSet) error {
@@ -128,6 +132,8 @@ func assignCluster(c *Config, k string, fs *pflag.FlagSet) error {
 		c.Cluster.StaleCloseAfter, err = fs.GetDuration(k)
 	case "cluster-shutdown-timeout":
 		c.Cluster.ShutdownTimeout, err = fs.GetDuration(k)
+	default:
+		err = assignNATSSec(&c.Cluster.Security, k, fs)
 	}
 	return err
 }
@@ -144,6 +150,7 @@ func (c ClusterConfig) validate() []error {
 	if c.ShutdownTimeout < 0 {
 		errs = append(errs, fmt.Errorf("cluster_shutdown_timeout: %s is negative", c.ShutdownTimeout))
 	}
+	errs = append(errs, c.validateNATSSec()...)
 	if !c.Enabled() {
 		if c.NodeName != "" || c.NATSListen != "" || len(c.NATSRoutes) > 0 {
 			errs = append(errs, errors.New("node_name, nats_listen and nats_routes need cluster_name (or nats_url)"))
@@ -230,17 +237,21 @@ func (s *Server) buildCluster(dir *directory.Directory) error {
 	p := &clusterPart{cfg: cc, log: log, dir: dir, shared: &lazyStore{ready: make(chan struct{})}}
 	var err error
 	if cc.ClusterName != "" {
-		p.node, err = natsnode.Start(natsnode.Config{Name: cc.NodeName, ClusterName: cc.ClusterName,
+		ncfg := natsnode.Config{Name: cc.NodeName, ClusterName: cc.ClusterName,
 			ClientAddr: cc.NATSClientAddr, ClusterAddr: cc.NATSListen, Advertise: cc.NATSAdvertise, Routes: cc.NATSRoutes,
-			StoreDir: filepath.Join(s.layout.Dir, "nats"), Logger: s.log})
+			StoreDir: filepath.Join(s.layout.Dir, "nats"), Logger: s.log}
+		if err := embeddedNATSSecurity(s.layout, cc, &ncfg); err != nil {
+			return err
+		}
+		p.node, err = natsnode.Start(ncfg)
 		if err != nil {
 			return err
 		}
 		p.nc, err = p.node.Connect("fleetgate-" + cc.NodeName)
 		log.Info("embedded NATS node started", "cluster", cc.ClusterName, "routes_listen", p.node.ClusterAddr(),
-			"routes", strings.Join(cc.NATSRoutes, ","), "client_url", p.node.ClientURL(), "sync", "always")
+			"routes", strings.Join(cc.NATSRoutes, ","), "client_url", p.node.ClientURL(), "sync", "always", "route_tls", !cc.Security.PlainRoutes)
 	} else {
-		p.nc, err = natsnode.Dial(cc.NATSURL, "fleetgate-"+cc.NodeName, log)
+		p.nc, err = dialExternalNATS(cc, log)
 	}
 	if err != nil {
 		p.close()

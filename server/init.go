@@ -1,6 +1,9 @@
 package server
 
 import (
+	"path/filepath"
+
+	"github.com/fleetgate/fleetgate/cluster/natsnode"
 	"github.com/fleetgate/fleetgate/enroll/ca"
 	"github.com/fleetgate/fleetgate/enroll/registry"
 	"github.com/fleetgate/fleetgate/fleet"
@@ -13,6 +16,9 @@ import (
 func Init(dataDir string, o ca.InitOptions) (*ca.InitResult, error) {
 	res, err := ca.Init(dataDir, o)
 	if err != nil {
+		return nil, err
+	}
+	if _, err := InitClusterCA(dataDir); err != nil {
 		return nil, err
 	}
 	reg, err := registry.Open(Layout{Dir: dataDir}.RegistryDir(), registry.Options{})
@@ -30,4 +36,18 @@ func Init(dataDir string, o ca.InitOptions) (*ca.InitResult, error) {
 	}
 	reg.Audit(registry.AuditRecord{Actor: "init", Action: "init", Outcome: registry.OutcomeOK, Reason: "trust domain " + o.TrustDomain})
 	return res, nil
+}
+
+// InitClusterCA creates the NATS cluster CA of dataDir (natssec.go) unless
+// it has one; it reports whether it created it. Every node of a cluster
+// needs the same one: it is copied with the data directory.
+func InitClusterCA(dataDir string) (bool, error) {
+	dir := filepath.Join(dataDir, ClusterCADir)
+	if natsnode.CAExists(dir) {
+		return false, nil
+	}
+	if _, err := natsnode.CreateCA(dir); err != nil {
+		return false, err
+	}
+	return true, nil
 }

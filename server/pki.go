@@ -179,6 +179,9 @@ func CompleteExternalRoot(dataDir string, certPEM []byte) (*ca.InitResult, error
 	if err != nil {
 		return nil, err
 	}
+	if _, err := InitClusterCA(dataDir); err != nil {
+		return nil, err
+	}
 	reg, err := registry.Open(Layout{Dir: dataDir}.RegistryDir(), registry.Options{})
 	if err != nil {
 		return nil, err

@@ -2,6 +2,8 @@ package cluster_test
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -98,13 +100,19 @@ func TestRetainedSetAndDeleteAcrossNodes(t *testing.T) {
 // core-subscription path served it).
 func TestUncommittedRetainedIsNotServed(t *testing.T) {
 	addr := natstest.FreeAddr(t, "127.0.0.1")
+	users := filepath.Join(t.TempDir(), "nats-users")
+	if err := os.WriteFile(users, []byte("forger:forger-password-0123456789:admin\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var caFile string
 	c := testenv.StartCluster(t, 3, func(i int, cfg *server.Config) {
 		if i == 2 {
-			cfg.Cluster.NATSClientAddr = addr
+			cfg.Cluster.NATSClientAddr, cfg.Cluster.Security.ClientUsers = addr, users
+			caFile = filepath.Join(cfg.DataDir, server.ClusterCADir, "ca.pem")
 		}
 	})
 	n1, n3 := c.Nodes[0], c.Nodes[2]
-	nc, err := nats.Connect("nats://" + addr)
+	nc, err := nats.Connect("tls://forger:forger-password-0123456789@"+addr, nats.RootCAs(caFile))
 	if err != nil {
 		t.Fatal(err)
 	}

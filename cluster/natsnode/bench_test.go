@@ -21,17 +21,23 @@ func cpuTime() time.Duration {
 
 // What syncing before acknowledging costs: replicated R3 KV puts, one at
 // a time (the path of a QoS 1 message's store), on three in-process nodes
-// with JetStream's SyncAlways and with its default (sync every 2 min).
+// with JetStream's SyncAlways and with its default (sync every 2 min), and
+// (what TLS routes cost) with SyncAlways over plain routes.
 // Reports latency percentiles and the CPU of all three nodes per put.
 //
 //	go test -run '^$' -bench ReplicatedKVPut -benchtime 2000x ./cluster/natsnode/
 func BenchmarkReplicatedKVPut(b *testing.B) {
 	for _, mode := range []struct {
-		name   string
-		noSync bool
-	}{{"sync-always", false}, {"default-no-sync", true}} {
+		name          string
+		noSync, plain bool
+	}{{"sync-always", false, false}, {"default-no-sync", true, false}, {"sync-always-plain-routes", false, true}} {
 		b.Run(mode.name, func(b *testing.B) {
-			c := natstest.StartWith(b, 3, func(_ int, cfg *natsnode.Config) { cfg.NoSync = mode.noSync })
+			c := natstest.StartWith(b, 3, func(_ int, cfg *natsnode.Config) {
+				cfg.NoSync = mode.noSync
+				if mode.plain {
+					cfg.TLS, cfg.PlainRoutes = nil, true
+				}
+			})
 			js, err := jetstream.New(c.Connect(0))
 			if err != nil {
 				b.Fatal(err)

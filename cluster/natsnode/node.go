@@ -7,12 +7,17 @@ package natsnode
 
 import (
 	"context"
+	"crypto/rand"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/url"
+	"regexp"
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -31,9 +36,22 @@ type Config struct {
 	Name string
 	// ClusterName is the same on every node of one cluster.
 	ClusterName string
-	// ClientAddr is where NATS clients connect (host:port; "" is
-	// 127.0.0.1 on a free port). fleetgate's own client is in-process.
+	// ClientAddr is where NATS clients connect (host:port): "" is none
+	// (a loopback port no client can log in to, see clientListener);
+	// fleetgate's own client is in process. A listener needs ClientUsers
+	// (nobody connects without a password) and, unless PlainRoutes,
+	// speaks TLS with TLS's certificate.
 	ClientAddr string
+	// ClientUsers may connect to the client listener, each with its
+	// permissions (nil: everything).
+	ClientUsers []*server.User
+	// TLS is the node's TLS (ClusterCA.NodeTLS): routes are mutual TLS
+	// verified against its roots only. Required unless PlainRoutes.
+	TLS *tls.Config
+	// PlainRoutes runs routes and the client listener without TLS: anyone
+	// who reaches them joins the cluster. Only for tests that need it;
+	// Start logs it as an error.
+	PlainRoutes bool
 	// ClusterAddr is where routes from the other nodes arrive (host:port).
 	ClusterAddr string
 	// Advertise, if set, is the route address this node tells the others
@@ -54,7 +72,18 @@ type Config struct {
 type Node struct {
 	srv *server.Server
 	cfg Config
+	// self is the in-process client's password when the server has
+	// users (a client listener).
+	self string
 }
+
+// selfUser names the node's own in-process client when the server has
+// users.
+const selfUser = "fleetgate-node"
+
+// tlsTimeout is the seconds a route or client has for its TLS handshake
+// (nats-server's default, 2 s, is short on a loaded machine).
+const tlsTimeout = 5
 
 func hostPort(addr string) (string, int, error) {
 	h, p, err := net.SplitHostPort(addr)
@@ -78,26 +107,29 @@ func Start(cfg Config) (*Node, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	if cfg.ClientAddr == "" {
-		cfg.ClientAddr = "127.0.0.1:0"
-	}
 	if cfg.Name == "" || cfg.ClusterName == "" || cfg.ClusterAddr == "" || cfg.StoreDir == "" {
 		return nil, errors.New("natsnode: name, cluster name, cluster address and store directory are required")
 	}
-	ch, cp, err := hostPort(cfg.ClientAddr)
-	if err != nil {
-		return nil, fmt.Errorf("natsnode: client address: %w", err)
+	if cfg.TLS == nil && !cfg.PlainRoutes {
+		return nil, errors.New("natsnode: routes need TLS (the cluster CA's node TLS); plain routes only with PlainRoutes")
 	}
 	rh, rp, err := hostPort(cfg.ClusterAddr)
 	if err != nil {
 		return nil, fmt.Errorf("natsnode: cluster address: %w", err)
 	}
 	opts := &server.Options{
-		ServerName: cfg.Name, Host: ch, Port: cp,
-		JetStream: true, StoreDir: cfg.StoreDir, SyncAlways: !cfg.NoSync,
+		ServerName: cfg.Name,
+		JetStream:  true, StoreDir: cfg.StoreDir, SyncAlways: !cfg.NoSync,
 		Cluster: server.ClusterOpts{Name: cfg.ClusterName, Host: rh, Port: rp, Advertise: cfg.Advertise,
 			PoolSize: -1},
 		NoSigs: true, DisableShortFirstPing: true,
+	}
+	if cfg.TLS != nil {
+		opts.Cluster.TLSConfig, opts.Cluster.TLSTimeout = cfg.TLS.Clone(), tlsTimeout
+	}
+	self, err := clientListener(opts, cfg)
+	if err != nil {
+		return nil, err
 	}
 	for _, r := range cfg.Routes {
 		u, err := routeURL(r)
@@ -110,13 +142,49 @@ func Start(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("natsnode: %w", err)
 	}
-	srv.SetLoggerV2(&logger{l: cfg.Logger.With("component", "nats", "node", cfg.Name)}, false, false, false)
+	srv.SetLoggerV2(newLogger(cfg.Logger.With("component", "nats", "node", cfg.Name)), false, false, false)
+	if cfg.PlainRoutes {
+		cfg.Logger.Error("NATS routes WITHOUT TLS: anyone who reaches the route port joins the cluster, reads every bucket "+
+			"and can forge records (PlainRoutes is for tests)", "node", cfg.Name, "routes_listen", cfg.ClusterAddr)
+	}
 	srv.Start()
 	if !srv.ReadyForConnections(30 * time.Second) {
 		srv.Shutdown()
 		return nil, fmt.Errorf("natsnode: %s not ready for connections in 30s", cfg.Name)
 	}
-	return &Node{srv: srv, cfg: cfg}, nil
+	return &Node{srv: srv, cfg: cfg, self: self}, nil
+}
+
+// clientListener sets up the client listener of opts: TLS (unless
+// PlainRoutes), and a password for every client, the node's own
+// in-process client included (its password, returned, is random and never
+// leaves the process). nats-server starts its routes only once its client
+// listener accepts (StartRouting waits for the accept loop; DontListen
+// would block them), so without ClientAddr the node listens on a free
+// loopback port whose only user is its own in-process client: nobody
+// else connects.
+func clientListener(opts *server.Options, cfg Config) (string, error) {
+	addr := cfg.ClientAddr
+	if addr == "" {
+		addr = "127.0.0.1:0"
+	} else if len(cfg.ClientUsers) == 0 {
+		return "", errors.New("natsnode: a client listener needs users (nobody connects without a password)")
+	}
+	var err error
+	if opts.Host, opts.Port, err = hostPort(addr); err != nil {
+		return "", fmt.Errorf("natsnode: client address: %w", err)
+	}
+	if cfg.TLS != nil {
+		t := cfg.TLS.Clone()
+		t.ClientAuth, t.ClientCAs = tls.NoClientCert, nil
+		opts.TLSConfig, opts.TLSTimeout = t, tlsTimeout
+	}
+	self := rand.Text()
+	opts.Users = []*server.User{{Username: selfUser, Password: self}}
+	if cfg.ClientAddr != "" {
+		opts.Users = append(opts.Users, cfg.ClientUsers...)
+	}
+	return self, nil
 }
 
 func routeURL(r string) (*url.URL, error) {
@@ -133,15 +201,25 @@ func routeURL(r string) (*url.URL, error) {
 // Server is the embedded nats-server.
 func (n *Node) Server() *server.Server { return n.srv }
 
-// ClientURL is where NATS clients reach this node.
-func (n *Node) ClientURL() string { return n.srv.ClientURL() }
+// ClientURL is where NATS clients reach this node ("" without a client
+// listener): tls:// when the listener speaks TLS.
+func (n *Node) ClientURL() string {
+	if n.cfg.ClientAddr == "" {
+		return ""
+	}
+	return n.srv.ClientURL()
+}
 
 // ClusterAddr is the bound route listener.
 func (n *Node) ClusterAddr() string { return n.srv.ClusterAddr().String() }
 
 // Connect opens fleetgate's client on this node, in process (no TCP).
 func (n *Node) Connect(name string) (*nats.Conn, error) {
-	return nats.Connect("", append(clientOptions(name, nil), nats.InProcessServer(n.srv))...)
+	o := append(clientOptions(name, nil), nats.InProcessServer(n.srv))
+	if n.self != "" {
+		o = append(o, nats.UserInfo(selfUser, n.self))
+	}
+	return nats.Connect("", o...)
 }
 
 // Shutdown stops the node and waits until it has.
@@ -162,21 +240,27 @@ func clientOptions(name string, log *slog.Logger) []nats.Option {
 }
 
 // Dial connects to a NATS cluster the user runs (urls: comma-separated
-// nats:// URLs, tried in the order given), with extra options appended.
-// The cluster's replication is checked when the buckets are opened
-// (Bucket); its fsync setting cannot be read by a client without the
-// system account, so Dial logs loudly what the user must configure.
+// nats:// or tls:// URLs, tried in the order given), with extra options
+// appended (ExternalAuth.Options). The cluster's replication is checked
+// when the buckets are opened (Bucket), its sync setting by CheckSync.
 func Dial(urls, name string, log *slog.Logger, extra ...nats.Option) (*nats.Conn, error) {
 	nc, err := nats.Connect(urls, append(append(clientOptions(name, log), nats.DontRandomize()), extra...)...)
 	if err != nil {
-		return nil, fmt.Errorf("natsnode: connect %s: %w", urls, err)
-	}
-	if log != nil {
-		log.Warn("external NATS: fleetgate cannot check that JetStream syncs before it acknowledges; "+
-			"without `jetstream { sync_interval: always }` on every server an acknowledged write can be lost to a "+
-			"coordinated power failure (docs/cluster.md)", "servers", nc.Servers())
+		return nil, fmt.Errorf("natsnode: connect %s: %w", redact(urls), explainConnect(err))
 	}
 	return nc, nil
+}
+
+// redact hides the passwords of comma-separated URLs.
+func redact(urls string) string {
+	var out []string
+	for _, s := range strings.Split(urls, ",") {
+		if u, err := url.Parse(strings.TrimSpace(s)); err == nil {
+			s = u.Redacted()
+		}
+		out = append(out, s)
+	}
+	return strings.Join(out, ",")
 }
 
 // Bucket creates (or opens) the KV bucket with Replicas replicas, history
@@ -224,12 +308,50 @@ func Bucket(ctx context.Context, js jetstream.JetStream, name string) (jetstream
 	return kv, nil
 }
 
-// logger adapts nats-server's logger to slog.
-type logger struct{ l *slog.Logger }
+// logger adapts nats-server's logger to slog. Warnings and errors (a
+// refused route or client: TLS handshake, authorization) are logged at
+// most once per logEvery for each message format, with the number left
+// out since.
+type logger struct {
+	l       *slog.Logger
+	mu      sync.Mutex
+	last    map[string]time.Time
+	dropped map[string]int
+}
+
+const logEvery = 10 * time.Second
+
+func newLogger(l *slog.Logger) *logger {
+	return &logger{l: l, last: map[string]time.Time{}, dropped: map[string]int{}}
+}
+
+// connPrefix is what nats-server puts before a connection's messages
+// ("127.0.0.1:5555 - rid:7 - "): the rate limit's key leaves it out.
+var connPrefix = regexp.MustCompile(`^\S+ - [a-z]+[^ :]*:\d+ - `)
+
+func (g *logger) limited(f string, v ...any) {
+	key := connPrefix.ReplaceAllString(f, "")
+	now := time.Now()
+	g.mu.Lock()
+	if t, ok := g.last[key]; ok && now.Sub(t) < logEvery {
+		g.dropped[key]++
+		g.mu.Unlock()
+		return
+	}
+	n := g.dropped[key]
+	g.last[key] = now
+	delete(g.dropped, key)
+	g.mu.Unlock()
+	if n > 0 {
+		g.l.Warn(fmt.Sprintf(f, v...), "suppressed", n)
+		return
+	}
+	g.l.Warn(fmt.Sprintf(f, v...))
+}
 
 func (g *logger) Noticef(f string, v ...any) { g.l.Debug(fmt.Sprintf(f, v...)) }
-func (g *logger) Warnf(f string, v ...any)   { g.l.Warn(fmt.Sprintf(f, v...)) }
+func (g *logger) Warnf(f string, v ...any)   { g.limited(f, v...) }
 func (g *logger) Fatalf(f string, v ...any)  { g.l.Error(fmt.Sprintf(f, v...)) }
-func (g *logger) Errorf(f string, v ...any)  { g.l.Warn(fmt.Sprintf(f, v...)) }
+func (g *logger) Errorf(f string, v ...any)  { g.limited(f, v...) }
 func (g *logger) Debugf(f string, v ...any)  {}
 func (g *logger) Tracef(f string, v ...any)  {}

@@ -94,16 +94,8 @@ func waitValue(t *testing.T, kv jetstream.KeyValue, key, want string) {
 
 // An external NATS (Dial) that cannot hold three replicas is refused.
 func TestBucketNeedsThreeServers(t *testing.T) {
-	srv, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: server.RANDOM_PORT, JetStream: true,
+	srv := startServer(t, &server.Options{Host: "127.0.0.1", Port: server.RANDOM_PORT, JetStream: true,
 		StoreDir: t.TempDir(), NoSigs: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv.Start()
-	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
-	if !srv.ReadyForConnections(10 * time.Second) {
-		t.Fatal("standalone nats-server not ready")
-	}
 	nc, err := natsnode.Dial(srv.ClientURL(), "t", nil)
 	if err != nil {
 		t.Fatal(err)

@@ -2,15 +2,21 @@
 // tests: node i listens on 127.0.0.(i+1), and every route between two
 // nodes passes through a TCP relay the test controls, so that it can cut a
 // node off (Cut) and heal it (Heal). Everything started is stopped by
-// handle when the test ends.
+// handle when the test ends. Routes are mutual TLS with a cluster CA of
+// the test's own (CA, CAFile); each node's client listener speaks TLS and
+// admits one user with every permission (ClientURL).
 package natstest
 
 import (
+	"crypto/rand"
 	"fmt"
 	"net"
+	"net/url"
+	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
 	"github.com/fleetgate/fleetgate/cluster/natsnode"
@@ -23,7 +29,16 @@ type Cluster struct {
 	Nodes []*natsnode.Node
 	*Mesh
 	tune func(i int, cfg *natsnode.Config)
+	// CA is the cluster CA; CAFile its certificate (PEM), for clients of
+	// the client listeners.
+	CA     *natsnode.ClusterCA
+	CAFile string
+	pass   string
 }
+
+// ClientUser is the client listeners' user; its password is in
+// ClientURL.
+const ClientUser = "test"
 
 // Mesh is the routes of n nodes through relays (cluster/netcut): node i
 // reaches node j through Route(i, j); Cut and Heal act on every route of a
@@ -71,8 +86,13 @@ func Start(t testing.TB, n int) *Cluster { t.Helper(); return StartWith(t, n, ni
 // StartWith is Start with each node's configuration adjusted by tune.
 func StartWith(t testing.TB, n int, tune func(i int, cfg *natsnode.Config)) *Cluster {
 	t.Helper()
-	c := &Cluster{t: t, Nodes: make([]*natsnode.Node, n), Mesh: NewMesh(t, n), tune: tune}
+	c := &Cluster{t: t, Nodes: make([]*natsnode.Node, n), Mesh: NewMesh(t, n), tune: tune, pass: rand.Text()}
 	dir := t.TempDir()
+	ca, err := natsnode.CreateCA(filepath.Join(dir, "ca"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.CA, c.CAFile = ca, filepath.Join(dir, "ca", natsnode.CACertFile)
 	for i := range n {
 		c.StartNode(i, fmt.Sprintf("%s/n%d", dir, i))
 	}
@@ -85,7 +105,12 @@ func (c *Cluster) StartNode(i int, storeDir string) {
 	c.t.Helper()
 	cfg := natsnode.Config{Name: fmt.Sprintf("n%d", i), ClusterName: "fgtest",
 		ClientAddr: Host(i) + ":0", ClusterAddr: Host(i) + ":0",
-		Advertise: Advertise(i), Routes: c.Routes(i), StoreDir: storeDir}
+		Advertise: Advertise(i), Routes: c.Routes(i), StoreDir: storeDir,
+		ClientUsers: []*server.User{{Username: ClientUser, Password: c.pass}}}
+	var err error
+	if cfg.TLS, err = c.CA.NodeTLS(cfg.Name, Host(i)); err != nil {
+		c.t.Fatal(err)
+	}
 	if c.tune != nil {
 		c.tune(i, &cfg)
 	}
@@ -126,4 +151,15 @@ func (c *Cluster) Connect(i int) *nats.Conn {
 	}
 	c.t.Cleanup(nc.Close)
 	return nc
+}
+
+// ClientURL is node i's client listener with the test user's password
+// (tls://; its CA is CAFile).
+func (c *Cluster) ClientURL(i int) string {
+	u, err := url.Parse(c.Nodes[i].ClientURL())
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	u.User = url.UserPassword(ClientUser, c.pass)
+	return u.String()
 }

@@ -57,8 +57,7 @@ func initCmd() *cobra.Command {
 		Short: "Create the PKI (root CA, issuing CA, server and operator certificates) in a data directory",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if ca.Initialized(dataDir) {
-				fmt.Fprintf(cmd.OutOrStdout(), "%s already holds a CA; nothing was changed (fleetgate init never overwrites a CA).\n", dataDir)
-				return nil
+				return initClusterCAOnly(cmd.OutOrStdout(), dataDir)
 			}
 			hosts = server.WithDefaultHosts(hosts, noDefaultHosts)
 			if externalRoot != "" {
@@ -77,6 +76,7 @@ func initCmd() *cobra.Command {
 			fmt.Fprintf(out, "  issuing CA (P-256):   %s\n", ca.IssuingCertFile)
 			fmt.Fprintf(out, "  server certificate:   %s for %s\n", ca.ServerCertFile, strings.Join(server.CertHosts(res.Server), ", "))
 			fmt.Fprintf(out, "  operator certificate: %s (%s)\n", ca.OperatorCertFile, operator)
+			fmt.Fprintf(out, "  NATS cluster CA:      %s/ (key 0600; a cluster's nodes share it: copy the data directory)\n", server.ClusterCADir)
 			fmt.Fprintf(out, "The root key %s should now be moved off this machine (docs/pki.md, \"Offline root\"): rotation then asks the offline root to sign.\n", ca.RootKeyFile)
 			return nil
 		},

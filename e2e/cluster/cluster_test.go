@@ -241,7 +241,8 @@ func TestClusterExternalNATS(t *testing.T) {
 			t.Fatal(err)
 		}
 		cfg := testenv.Config(t, testenv.Options{DataDir: dir})
-		cfg.Cluster = fgserver.ClusterConfig{NATSURL: nats.Nodes[i].ClientURL(), NodeName: fmt.Sprintf("ext%d", i), StaleAfter: time.Second}
+		cfg.Cluster = fgserver.ClusterConfig{NATSURL: nats.ClientURL(i), NodeName: fmt.Sprintf("ext%d", i), StaleAfter: time.Second,
+			Security: fgserver.NATSSecurity{CA: nats.CAFile}}
 		nodes[i] = testenv.StartConfig(t, cfg)
 	}
 	// Ready means the NATS cluster placed the directory bucket and the
@@ -285,7 +286,7 @@ func TestClusterExternalNATS(t *testing.T) {
 func TestClusterExternalNATSServerKilled(t *testing.T) {
 	nats := natstest.Start(t, 3)
 	src := testenv.Init(t)
-	urls := []string{nats.Nodes[0].ClientURL(), nats.Nodes[1].ClientURL() + "," + nats.Nodes[2].ClientURL()}
+	urls := []string{nats.ClientURL(0), nats.ClientURL(1) + "," + nats.ClientURL(2)}
 	nodes := make([]*testenv.Gateway, 2)
 	for i := range nodes {
 		dir := filepath.Join(t.TempDir(), fmt.Sprint("ext", i))
@@ -293,7 +294,8 @@ func TestClusterExternalNATSServerKilled(t *testing.T) {
 			t.Fatal(err)
 		}
 		cfg := testenv.Config(t, testenv.Options{DataDir: dir})
-		cfg.Cluster = fgserver.ClusterConfig{NATSURL: urls[i], NodeName: fmt.Sprintf("ext%d", i), StaleAfter: time.Second}
+		cfg.Cluster = fgserver.ClusterConfig{NATSURL: urls[i], NodeName: fmt.Sprintf("ext%d", i), StaleAfter: time.Second,
+			Security: fgserver.NATSSecurity{CA: nats.CAFile}}
 		nodes[i] = testenv.StartConfig(t, cfg)
 	}
 	// Ready means the NATS cluster placed the directory bucket and the

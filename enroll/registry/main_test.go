@@ -83,6 +83,11 @@ func startSuiteCluster() (func(), error) {
 		}
 		os.RemoveAll(dir)
 	}
+	ca, err := natsnode.CreateCA(dir + "/ca")
+	if err != nil {
+		stop()
+		return nil, err
+	}
 	for i := range 3 {
 		var routes []string
 		for j, a := range addrs {
@@ -90,8 +95,13 @@ func startSuiteCluster() (func(), error) {
 				routes = append(routes, a)
 			}
 		}
+		nodeTLS, err := ca.NodeTLS(fmt.Sprintf("r%d", i))
+		if err != nil {
+			stop()
+			return nil, err
+		}
 		n, err := natsnode.Start(natsnode.Config{Name: fmt.Sprintf("r%d", i), ClusterName: "registrytest",
-			ClientAddr: fmt.Sprintf("127.0.0.%d:0", i+1), ClusterAddr: addrs[i], Routes: routes,
+			ClusterAddr: addrs[i], Routes: routes, TLS: nodeTLS,
 			StoreDir: fmt.Sprintf("%s/n%d", dir, i), Logger: suiteLogger()})
 		if err != nil {
 			stop()
