@@ -40,6 +40,7 @@ type Broker struct {
 	// a cluster node's: SIGKILL, and start again (same addresses)
 	kill    func() error
 	restart func(context.Context) error
+	running func() bool // a node whose process another harness holds
 }
 
 // PIDs are the broker's processes: its nodes' for a cluster.
@@ -147,6 +148,9 @@ func (b *Broker) Exited() bool {
 		if n.Exited() {
 			return true
 		}
+	}
+	if b.running != nil {
+		return !b.running()
 	}
 	return b.proc != nil && b.proc.Exited()
 }

@@ -59,6 +59,7 @@ func (e *Env) StartFleetgateCluster(ctx context.Context) (*Broker, error) {
 		a := cl.Addrs(i)
 		n := &Broker{Name: fmt.Sprintf("%s/node%d", FleetgateCluster, i+1), MQTT: a.MQTT, API: a.API, Metrics: a.Metrics, PID: cl.PID(i)}
 		n.kill = func() error { return cl.Kill(i) }
+		n.running = func() bool { return cl.PID(i) != 0 }
 		n.restart = func(ctx context.Context) error {
 			if err := cl.Restart(ctx, i); err != nil {
 				return err
@@ -106,7 +107,7 @@ func (e *Env) StartNATSCluster(ctx context.Context) (*Broker, error) {
 			b.Stop()
 			return nil, err
 		}
-		nb.kill = nb.proc.Kill
+		nb.kill = func() error { return nb.proc.Kill() }
 		nb.restart = func(ctx context.Context) error {
 			// its store kept, as a restarted server has it
 			conf := filepath.Join(n.dir(e), "nats.conf")
