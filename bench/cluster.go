@@ -212,14 +212,15 @@ func (e *Env) Failover(ctx context.Context, b *Broker, n int, perDevice float64,
 				if phase > 0 {
 					return // a survivor closed it
 				}
-				// back to a survivor, bounded (60 s)
+				// back to a survivor, bounded (60 s; 5 s per attempt)
+				giveUp := time.Now().Add(60 * time.Second)
 				for k := 0; ; k++ {
 					node := survivors[(i+k)%len(survivors)]
-					c, err = (&Dialer{Addr: node.MQTT, ServerName: "localhost"}).Connect(pubCtx, e.ClientTLS(e.Devices[i], nil), e.Devices[i].Name, 60, 4096)
+					c, err = (&Dialer{Addr: node.MQTT, ServerName: "localhost", Timeout: 5 * time.Second}).Connect(pubCtx, e.ClientTLS(e.Devices[i], nil), e.Devices[i].Name, 60, 4096)
 					if err == nil {
 						break
 					}
-					if pubCtx.Err() != nil || k == 600 {
+					if pubCtx.Err() != nil || time.Now().After(giveUp) {
 						gaveUp.Add(1)
 						settle()
 						return
@@ -276,11 +277,22 @@ func (e *Env) Failover(ctx context.Context, b *Broker, n int, perDevice float64,
 		"duplicates":             float64(sub.dups.Load()),
 		"publisher errors":       float64(pubErrs.Load()),
 	}
+	if len(backs) < n {
+		delete(v, "all back after kill ms") // not all back: no such time
+	}
+	if len(backs) == 0 {
+		delete(v, "back p50 ms")
+	}
+	var errs []error
 	if gaveUp.Load() > 0 {
-		return v, fmt.Errorf("%d devices not back within 60 s", gaveUp.Load())
+		errs = append(errs, fmt.Errorf("%d devices not back within 60 s", gaveUp.Load()))
 	}
+	if total.Load() == 0 {
+		errs = append(errs, errors.New("no QoS 1 message acknowledged: no loss to count"))
+	}
+	errs = append(errs, sub.cutErr())
 	if restartErr != nil {
-		return v, fmt.Errorf("restart %s: %w", victim.Name, restartErr)
+		errs = append(errs, fmt.Errorf("restart %s: %w", victim.Name, restartErr))
 	}
-	return v, nil
+	return v, errors.Join(errs...)
 }

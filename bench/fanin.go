@@ -46,6 +46,18 @@ type telemetrySub struct {
 	lastRecv atomic.Int64 // Unix nanoseconds of the last arrival
 	done     chan error
 	stopped  sync.Once
+	stopping atomic.Bool
+	// cut is when the broker ended the subscription's connection (Unix
+	// nanoseconds; 0: it did not): what was sent after it counts as lost
+	cut atomic.Int64
+}
+
+// cutErr says whether the broker closed the subscriber's connection.
+func (s *telemetrySub) cutErr() error {
+	if t := s.cut.Load(); t != 0 {
+		return fmt.Errorf("the broker closed the subscriber's connection at %s: messages after it count as lost", time.Unix(0, t).UTC().Format("15:04:05.000"))
+	}
+	return nil
 }
 
 // subscribeTelemetry connects the backend to addr, subscribes with qos and
@@ -73,6 +85,9 @@ func (s *telemetrySub) read(pubs int) {
 		h, body, err := readPacket(r, buf)
 		buf = body
 		if err != nil {
+			if !s.stopping.Load() {
+				s.cut.Store(time.Now().UnixNano())
+			}
 			s.done <- err
 			return
 		}
@@ -127,6 +142,7 @@ func (s *telemetrySub) drain(ctx context.Context, want int64) {
 // records are read without a lock. It may be called again.
 func (s *telemetrySub) stop() {
 	s.stopped.Do(func() {
+		s.stopping.Store(true)
 		s.conn.TLS.Close()
 		<-s.done
 	})
@@ -284,7 +300,7 @@ func (e *Env) FanIn(ctx context.Context, b *Broker, pubs int, qos byte, d time.D
 	if pubErrs.Load() > 0 {
 		e.Logf("    %s: %d publishers failed, first: %v", b.Name, pubErrs.Load(), firstErr.Load())
 	}
-	return v, nil
+	return v, sub.cutErr()
 }
 
 // telemetry fills buf with (publisher, sequence, time written in Unix
