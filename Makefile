@@ -63,3 +63,10 @@ bench: deps build
 	$(GO) build -o $(BIN)/ ./cmd/fleetbench
 	$(GO) build -o $(BIN)/nats-server github.com/nats-io/nats-server/v2
 	$(BIN)/fleetbench --fleetgate $(BIN)/fleetgate --mosquitto $$(command -v mosquitto || echo /usr/sbin/mosquitto) --nats-server $(BIN)/nats-server --out results
+
+## bench-cluster: only the cluster scenarios (a-f: fleetgate's 3 nodes, NATS's 3 nodes, single-node fleetgate)
+.PHONY: bench-cluster
+bench-cluster: deps build
+	$(GO) build -o $(BIN)/ ./cmd/fleetbench
+	$(GO) build -o $(BIN)/nats-server github.com/nats-io/nats-server/v2
+	$(BIN)/fleetbench --cluster --fleetgate $(BIN)/fleetgate --nats-server $(BIN)/nats-server --out results

@@ -31,8 +31,48 @@ type Broker struct {
 	API     string // fleetgate: enrollment/admin API host:port
 	Metrics string
 	PID     int
+	// Nodes are a cluster's nodes, node i on 127.0.0.<i+1> (MQTT, API and
+	// PID above are node 1's); nil for a broker of one process.
+	Nodes []*Broker
 
-	proc *fleetproc.Proc // nil for a gateway in this process (profiles)
+	proc  *fleetproc.Proc // nil for a gateway in this process (profiles)
+	close func()          // a cluster started as a whole: stops it
+	// a cluster node's: SIGKILL, and start again (same addresses)
+	kill    func() error
+	restart func(context.Context) error
+	running func() bool // a node whose process another harness holds
+}
+
+// PIDs are the broker's processes: its nodes' for a cluster.
+func (b *Broker) PIDs() []int {
+	if b.Nodes == nil {
+		return []int{b.PID}
+	}
+	pids := make([]int, len(b.Nodes))
+	for i, n := range b.Nodes {
+		pids[i] = n.PID
+	}
+	return pids
+}
+
+// subNode is where a fan-in's subscriber connects: a cluster's last node.
+func (b *Broker) subNode() *Broker { return b.node(len(b.Nodes) - 1) }
+
+// pubNode is where fan-in publisher i connects: a cluster's nodes but the
+// last, in turn, so that every message crosses nodes.
+func (b *Broker) pubNode(i int) *Broker {
+	if len(b.Nodes) < 2 {
+		return b
+	}
+	return b.Nodes[i%(len(b.Nodes)-1)]
+}
+
+// node is node i (modulo their number) of a cluster, or b itself.
+func (b *Broker) node(i int) *Broker {
+	if len(b.Nodes) == 0 {
+		return b
+	}
+	return b.Nodes[(i%len(b.Nodes)+len(b.Nodes))%len(b.Nodes)]
 }
 
 // Procs records every process the harness started, so that an interrupted
@@ -80,17 +120,40 @@ func (p *Procs) track(name string, proc *fleetproc.Proc) *Broker {
 // Stop sends SIGTERM to the broker's PID, then SIGKILL after 10 s. The
 // error says why it did not end cleanly on SIGTERM.
 func (b *Broker) Stop() error {
-	if b == nil || b.proc == nil {
+	if b == nil {
 		return nil
 	}
 	if procs != nil {
 		defer procs.remove(b.PID)
 	}
+	switch {
+	case b.close != nil:
+		b.close()
+		return nil
+	case b.Nodes != nil:
+		var errs []error
+		for _, n := range b.Nodes {
+			errs = append(errs, n.Stop())
+		}
+		return errors.Join(errs...)
+	case b.proc == nil:
+		return nil
+	}
 	return b.proc.Stop(10 * time.Second)
 }
 
-// Exited reports whether the process has ended.
-func (b *Broker) Exited() bool { return b.proc != nil && b.proc.Exited() }
+// Exited reports whether the process (a cluster: any node) has ended.
+func (b *Broker) Exited() bool {
+	for _, n := range b.Nodes {
+		if n.Exited() {
+			return true
+		}
+	}
+	if b.running != nil {
+		return !b.running()
+	}
+	return b.proc != nil && b.proc.Exited()
+}
 
 var procs *Procs
 
@@ -140,8 +203,11 @@ func (b *Broker) setAddrs(a fleetproc.Addrs) error {
 // MosquittoBin is the broker compared against.
 var MosquittoBin = "/usr/sbin/mosquitto"
 
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+func freePort() (int, error) { return freePortOn("127.0.0.1") }
+
+// freePortOn is a port the kernel had free on host.
+func freePortOn(host string) (int, error) {
+	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		return 0, err
 	}
@@ -205,12 +271,12 @@ func (e *Env) StartMosquitto(ctx context.Context, name string, maxQueued int) (*
 	if err != nil {
 		return nil, err
 	}
-	return e.spawnPeer(ctx, name, MosquittoBin, []string{"-c", conf}, port)
+	return e.spawnPeer(ctx, name, MosquittoBin, []string{"-c", conf}, fmt.Sprintf("127.0.0.1:%d", port))
 }
 
 // spawnPeer starts a peer broker's process (never outliving the harness)
-// and waits until its MQTT port accepts connections.
-func (e *Env) spawnPeer(ctx context.Context, name, bin string, args []string, port int) (*Broker, error) {
+// and waits until its MQTT address (host:port) accepts connections.
+func (e *Env) spawnPeer(ctx context.Context, name, bin string, args []string, addr string) (*Broker, error) {
 	logPath := filepath.Join(e.Work, name+".log")
 	lf, err := os.Create(logPath)
 	if err != nil {
@@ -222,7 +288,7 @@ func (e *Env) spawnPeer(ctx context.Context, name, bin string, args []string, po
 		return nil, err
 	}
 	b := procs.track(name, p)
-	b.MQTT = fmt.Sprintf("127.0.0.1:%d", port)
+	b.MQTT = addr
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		c, err := net.DialTimeout("tcp", b.MQTT, time.Second)

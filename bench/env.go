@@ -57,7 +57,10 @@ func (e *Env) Init(ctx context.Context) error {
 	if _, err := os.Stat(filepath.Join(e.DataDir(), "ca", "root.crt")); err == nil {
 		return e.loadRoots()
 	}
-	out, err := exec.CommandContext(ctx, e.FleetgateBin, "init", "--data-dir", e.DataDir()).CombinedOutput()
+	// the cluster scenarios' nodes (a copy of this directory) listen on
+	// 127.0.0.1..3, as docs/cluster.md's `fleetgate init --host` has them
+	out, err := exec.CommandContext(ctx, e.FleetgateBin, "init", "--data-dir", e.DataDir(),
+		"--host", "127.0.0.1", "--host", "127.0.0.2", "--host", "127.0.0.3").CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("fleetgate init: %v: %s", err, out)
 	}

@@ -33,92 +33,188 @@ func (b bitset) has(i uint32) bool {
 	return w < len(b) && b[w]&(1<<(i%64)) != 0
 }
 
-// FanIn connects one backend subscriber on devices/+/telemetry/# and pubs
-// devices publishing 64-byte telemetry as fast as the broker takes it for
-// d. QoS 0: batches of 32 PUBLISH per TLS write, paced by PINGREQ. QoS 1:
-// each publisher keeps up to window PUBLISH unacknowledged; the subscriber
-// acknowledges every delivery. A message counts as lost when its publisher
-// got a PUBACK (QoS 1) or wrote it (QoS 0) and the subscriber never
-// received it.
-func (e *Env) FanIn(ctx context.Context, b *Broker, pubs int, qos byte, d time.Duration, window int) (Values, error) {
-	dialer := &Dialer{Addr: b.MQTT, ServerName: "localhost"}
-	sub, err := dialer.Connect(ctx, e.ClientTLS(e.Backend, nil), e.Backend.Name, 300, 256<<10)
+// telemetrySub is the backend's subscription to devices/+/telemetry/#:
+// it records each message's (publisher, sequence) and its publish →
+// delivery latency, and acknowledges every QoS 1 delivery.
+type telemetrySub struct {
+	conn     *Conn
+	received []bitset // per publisher: the sequences received
+	lat      []time.Duration
+	recv     atomic.Int64 // distinct messages
+	dups     atomic.Int64
+	bad      atomic.Int64
+	lastRecv atomic.Int64 // Unix nanoseconds of the last arrival
+	done     chan error
+	stopped  sync.Once
+	stopping atomic.Bool
+	// cut is when the broker ended the subscription's connection (Unix
+	// nanoseconds; 0: it did not): what was sent after it counts as lost
+	cut atomic.Int64
+}
+
+// cutErr says whether the broker closed the subscriber's connection.
+func (s *telemetrySub) cutErr() error {
+	if t := s.cut.Load(); t != 0 {
+		return fmt.Errorf("the broker closed the subscriber's connection at %s: messages after it count as lost", time.Unix(0, t).UTC().Format("15:04:05.000"))
+	}
+	return nil
+}
+
+// subscribeTelemetry connects the backend to addr, subscribes with qos and
+// reads until stop.
+func (e *Env) subscribeTelemetry(ctx context.Context, addr string, pubs int, qos byte) (*telemetrySub, error) {
+	dialer := &Dialer{Addr: addr, ServerName: "localhost"}
+	conn, err := dialer.Connect(ctx, e.ClientTLS(e.Backend, nil), e.Backend.Name, 300, 256<<10)
 	if err != nil {
 		return nil, fmt.Errorf("subscriber: %w", err)
 	}
-	defer sub.TLS.Close()
-	if err := sub.Subscribe("devices/+/telemetry/#", qos); err != nil {
+	if err := conn.Subscribe("devices/+/telemetry/#", qos); err != nil {
+		conn.TLS.Close()
 		return nil, err
 	}
-	conns := make([]*Conn, pubs)
-	defer func() {
-		for _, c := range conns {
-			if c != nil {
-				c.TLS.Close()
+	s := &telemetrySub{conn: conn, received: make([]bitset, pubs), done: make(chan error, 1)}
+	go s.read(pubs)
+	return s, nil
+}
+
+func (s *telemetrySub) read(pubs int) {
+	var buf []byte
+	out := make([]byte, 0, 64<<10)
+	r := s.conn.R
+	for {
+		h, body, err := readPacket(r, buf)
+		buf = body
+		if err != nil {
+			if !s.stopping.Load() {
+				s.cut.Store(time.Now().UnixNano())
 			}
+			s.done <- err
+			return
 		}
-	}()
-	if err := parallel(ctx, pubs, 32, func(i int) error {
+		if h>>4 != pktPublish {
+			continue
+		}
+		_, id, payload, err := publishFields(h, body)
+		if err != nil || len(payload) < 8 {
+			s.bad.Add(1)
+			continue
+		}
+		p, seq := binary.BigEndian.Uint32(payload), binary.BigEndian.Uint32(payload[4:])
+		if int(p) >= pubs {
+			s.bad.Add(1)
+			continue
+		}
+		if s.received[p].set(seq) {
+			s.dups.Add(1)
+		} else {
+			s.recv.Add(1)
+		}
+		now := time.Now().UnixNano()
+		s.lastRecv.Store(now)
+		if len(payload) >= 16 {
+			s.lat = append(s.lat, time.Duration(now-int64(binary.BigEndian.Uint64(payload[8:]))))
+		}
+		if (h>>1)&3 > 0 {
+			out = appendPuback(out, id)
+		}
+		if len(out) > 0 && (r.Buffered() == 0 || len(out) > 60<<10) {
+			if _, err := s.conn.TLS.Write(out); err != nil {
+				s.done <- err
+				return
+			}
+			out = out[:0]
+		}
+	}
+}
+
+// drain waits until want messages have arrived, or nothing arrived for
+// 3 s; at most 30 s.
+func (s *telemetrySub) drain(ctx context.Context, want int64) {
+	for i := 0; i < 300 && ctx.Err() == nil && s.recv.Load() < want; i++ {
+		time.Sleep(100 * time.Millisecond)
+		if time.Since(time.Unix(0, s.lastRecv.Load())) > 3*time.Second {
+			break
+		}
+	}
+}
+
+// stop closes the subscription and waits for its reader: from then on its
+// records are read without a lock. It may be called again.
+func (s *telemetrySub) stop() {
+	s.stopped.Do(func() {
+		s.stopping.Store(true)
+		s.conn.TLS.Close()
+		<-s.done
+	})
+}
+
+// connectDevices connects devices [0, n), device i to addr(i), 32 at a
+// time; on an error it closes those it connected.
+func (e *Env) connectDevices(ctx context.Context, n int, addr func(i int) string) ([]*Conn, error) {
+	conns := make([]*Conn, n)
+	err := parallel(ctx, n, 32, func(i int) error {
+		dialer := &Dialer{Addr: addr(i), ServerName: "localhost"}
 		c, err := dialer.Connect(ctx, e.ClientTLS(e.Devices[i], nil), e.Devices[i].Name, 300, 4096)
 		conns[i] = c
 		return err
-	}); err != nil {
-		return nil, fmt.Errorf("publishers: %w", err)
+	})
+	if err != nil {
+		closeAll(conns)
+		return nil, err
 	}
+	return conns, nil
+}
 
-	// subscriber
-	received := make([]bitset, pubs)
-	// publish → delivery latency of every message: the publisher puts the
-	// time it wrote the message in the payload (same clock, one process)
-	var lat []time.Duration
-	var recv, dups, bad atomic.Int64
-	var lastRecv atomic.Int64
-	subDone := make(chan error, 1)
-	go func() {
-		var buf []byte
-		out := make([]byte, 0, 64<<10)
-		for {
-			h, body, err := readPacket(sub.R, buf)
-			buf = body
-			if err != nil {
-				subDone <- err
-				return
-			}
-			if h>>4 != pktPublish {
-				continue
-			}
-			_, id, payload, err := publishFields(h, body)
-			if err != nil || len(payload) < 8 {
-				bad.Add(1)
-				continue
-			}
-			p, seq := binary.BigEndian.Uint32(payload), binary.BigEndian.Uint32(payload[4:])
-			if int(p) >= pubs {
-				bad.Add(1)
-				continue
-			}
-			if received[p].set(seq) {
-				dups.Add(1)
-			} else {
-				recv.Add(1)
-			}
-			now := time.Now().UnixNano()
-			lastRecv.Store(now)
-			if len(payload) >= 16 {
-				lat = append(lat, time.Duration(now-int64(binary.BigEndian.Uint64(payload[8:]))))
-			}
-			if (h>>1)&3 > 0 {
-				out = appendPuback(out, id)
-			}
-			if len(out) > 0 && (sub.R.Buffered() == 0 || len(out) > 60<<10) {
-				if _, err := sub.TLS.Write(out); err != nil {
-					subDone <- err
-					return
+func closeAll(conns []*Conn) {
+	for _, c := range conns {
+		if c != nil {
+			c.TLS.Close()
+		}
+	}
+}
+
+// lost counts the messages acknowledged to their publisher (acked, per
+// publisher) that never arrived.
+func (s *telemetrySub) lost(acked []bitset) int64 {
+	var lost int64
+	for i := range acked {
+		for w, word := range acked[i] {
+			for bit := range 64 {
+				if word&(1<<bit) != 0 && !s.received[i].has(uint32(w*64+bit)) {
+					lost++
 				}
-				out = out[:0]
 			}
 		}
-	}()
+	}
+	return lost
+}
+
+// latencies are the sorted publish → delivery latencies (after stop).
+func (s *telemetrySub) latencies() []time.Duration {
+	slices.Sort(s.lat)
+	return s.lat
+}
+
+// FanIn connects one backend subscriber on devices/+/telemetry/# and pubs
+// devices publishing 64-byte telemetry as fast as the broker takes it for
+// d, or, with rate > 0 (QoS 1), rate messages per second in all, evenly
+// paced. QoS 0: batches of 32 PUBLISH per TLS write, paced by PINGREQ.
+// QoS 1: each publisher keeps up to window PUBLISH unacknowledged; the
+// subscriber acknowledges every delivery. A message counts as lost when its
+// publisher got a PUBACK (QoS 1) or wrote it (QoS 0) and the subscriber
+// never received it. In a cluster the subscriber is on the last node and
+// the publishers spread over the others: every message crosses nodes.
+func (e *Env) FanIn(ctx context.Context, b *Broker, pubs int, qos byte, d time.Duration, window int, rate float64) (Values, error) {
+	sub, err := e.subscribeTelemetry(ctx, b.subNode().MQTT, pubs, qos)
+	if err != nil {
+		return nil, err
+	}
+	defer sub.stop()
+	conns, err := e.connectDevices(ctx, pubs, func(i int) string { return b.pubNode(i).MQTT })
+	if err != nil {
+		return nil, fmt.Errorf("publishers: %w", err)
+	}
+	defer closeAll(conns)
 
 	topics := make([]string, pubs)
 	for i := range topics {
@@ -128,8 +224,12 @@ func (e *Env) FanIn(ctx context.Context, b *Broker, pubs int, qos byte, d time.D
 	sent := make([]int64, pubs)
 	var pubErrs atomic.Int64
 	var firstErr atomic.Value
+	q1 := qos1Opts{window: window}
+	if rate > 0 {
+		q1.every = time.Duration(float64(pubs) / rate * float64(time.Second))
+	}
 
-	meter, err := startCPU(b.PID)
+	meter, err := startCPU(b.PIDs()...)
 	if err != nil {
 		return nil, err
 	}
@@ -144,7 +244,7 @@ func (e *Env) FanIn(ctx context.Context, b *Broker, pubs int, qos byte, d time.D
 			if qos == 0 {
 				sent[i], err = publishQoS0(ctx, conns[i], uint32(i), topics[i], deadline)
 			} else {
-				sent[i], err = publishQoS1(ctx, conns[i], uint32(i), topics[i], deadline, window, &acked[i])
+				sent[i], _, err = publishQoS1(ctx, conns[i], uint32(i), topics[i], deadline, q1, &acked[i])
 			}
 			if err != nil {
 				pubErrs.Add(1)
@@ -155,43 +255,24 @@ func (e *Env) FanIn(ctx context.Context, b *Broker, pubs int, qos byte, d time.D
 	wg.Wait()
 	pubEnd := time.Now()
 	// drain: until everything sent (QoS 0) or acknowledged (QoS 1) has
-	// arrived, or nothing arrived for 3 s; at most 30 s
-	var want int64
+	// arrived
+	var total int64
 	for i := range pubs {
-		want += sent[i]
+		total += sent[i]
 	}
-	for i := 0; i < 300 && ctx.Err() == nil && recv.Load() < want; i++ {
-		time.Sleep(100 * time.Millisecond)
-		if time.Since(time.Unix(0, lastRecv.Load())) > 3*time.Second {
-			break
-		}
-	}
+	sub.drain(ctx, total)
 	cpu, err := meter.since()
 	if err != nil {
 		return nil, err
 	}
-	sub.TLS.Close()
-	<-subDone
+	sub.stop()
 
-	var total int64
-	var lost int64
-	for i := range pubs {
-		total += sent[i]
-		if qos > 0 {
-			for w, word := range acked[i] {
-				for bit := range 64 {
-					if word&(1<<bit) != 0 && !received[i].has(uint32(w*64+bit)) {
-						lost++
-					}
-				}
-			}
-		}
-	}
-	got := recv.Load()
+	got := sub.recv.Load()
+	lost := sub.lost(acked)
 	if qos == 0 {
 		lost = max(0, total-got)
 	}
-	last := time.Unix(0, lastRecv.Load())
+	last := time.Unix(0, sub.lastRecv.Load())
 	if last.Before(pubEnd) {
 		last = pubEnd
 	}
@@ -206,20 +287,20 @@ func (e *Env) FanIn(ctx context.Context, b *Broker, pubs int, qos byte, d time.D
 		"publisher errors":    float64(pubErrs.Load()),
 		"broker CPU % (of 1)": 100 * cpu.Seconds() / last.Sub(start).Seconds(),
 	}
-	slices.Sort(lat)
+	lat := sub.latencies()
 	v["delivery p50 ms"] = ms(pct(lat, 0.50))
 	v["delivery p99 ms"] = ms(pct(lat, 0.99))
 	if qos > 0 {
 		v["acked by broker"] = float64(total)
 		v["acked msgs/s"] = float64(total) / pubEnd.Sub(start).Seconds()
-		v["duplicates"] = float64(dups.Load())
+		v["duplicates"] = float64(sub.dups.Load())
 	} else {
 		v["sent"] = float64(total)
 	}
 	if pubErrs.Load() > 0 {
 		e.Logf("    %s: %d publishers failed, first: %v", b.Name, pubErrs.Load(), firstErr.Load())
 	}
-	return v, nil
+	return v, sub.cutErr()
 }
 
 // telemetry fills buf with (publisher, sequence, time written in Unix
@@ -346,13 +427,22 @@ func waitTokens(tokens chan struct{}, window int, readErr chan error) error {
 	return nil
 }
 
-// publishQoS1 keeps up to window QoS 1 PUBLISH unacknowledged, writing as
-// many as there are free tokens at once, and records in acked the
-// sequence of every message the broker acknowledged.
-func publishQoS1(ctx context.Context, c *Conn, pub uint32, topic string, deadline time.Time, window int, acked *bitset) (int64, error) {
+// qos1Opts shape a QoS 1 publisher.
+type qos1Opts struct {
+	window int           // PUBLISH unacknowledged at most
+	every  time.Duration // paced: one PUBLISH per interval (0: as fast as the window allows)
+	seq    uint32        // the first sequence number
+}
+
+// publishQoS1 keeps up to o.window QoS 1 PUBLISH unacknowledged, writing as
+// many as there are free tokens at once (paced: one per o.every), and
+// records in acked the sequence of every message the broker acknowledged.
+// It returns how many were acknowledged and the next sequence number.
+func publishQoS1(ctx context.Context, c *Conn, pub uint32, topic string, deadline time.Time, o qos1Opts, acked *bitset) (int64, uint32, error) {
 	var ids [65536]uint32 // packet ID -> seq
 	var mu sync.Mutex
 	var nacked int64
+	window := max(o.window, 1)
 	p := newPacer(c, window, func(h byte, body []byte) bool {
 		if h>>4 != pktPuback || len(body) < 2 {
 			return false
@@ -365,8 +455,13 @@ func publishQoS1(ctx context.Context, c *Conn, pub uint32, topic string, deadlin
 		return true
 	})
 	payload := newPayload()
-	var seq uint32
+	seq := o.seq
+	start, k := time.Now(), 0
 	err := p.run(ctx, deadline, 10*time.Second, make([]byte, 0, window*(payloadSize+len(topic)+10)), func(out []byte) []byte {
+		if o.every > 0 {
+			k++
+			time.Sleep(time.Until(start.Add(time.Duration(k) * o.every)))
+		}
 		for n := 1; ; n++ {
 			id := uint16(seq%65535) + 1
 			mu.Lock()
@@ -374,7 +469,7 @@ func publishQoS1(ctx context.Context, c *Conn, pub uint32, topic string, deadlin
 			mu.Unlock()
 			out = appendPublish(out, topic, 1, id, telemetry(payload, pub, seq))
 			seq++
-			if n == window {
+			if n == window || o.every > 0 {
 				break
 			}
 			select {
@@ -388,5 +483,5 @@ func publishQoS1(ctx context.Context, c *Conn, pub uint32, topic string, deadlin
 	}, nil)
 	mu.Lock()
 	defer mu.Unlock()
-	return nacked, err
+	return nacked, seq, err
 }

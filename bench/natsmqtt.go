@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,15 +15,33 @@ import (
 // version compared against is pinned like every other dependency.
 var NATSBin = "bin/nats-server"
 
+// natsNode is one nats-server of the benchmark: the single server, or a
+// node of the 3-node cluster (cluster set: its route listener and the
+// other nodes' routes).
+type natsNode struct {
+	name    string // server_name and directory under the work directory
+	host    string // 127.0.0.N
+	port    int    // MQTT
+	cluster *natsRoutes
+}
+
+type natsRoutes struct {
+	listen string   // host:port of this node's routes
+	routes []string // the other nodes' route addresses
+}
+
+func (n natsNode) dir(e *Env) string { return filepath.Join(e.Work, n.name) }
+
 // writeNATSConfig writes nats-server's configuration for the job fleetgate
 // does, as a NATS user would set it up: the MQTT listener with mTLS and
 // verify_and_map (each client certificate's URI SAN is its user), one user
 // per identity with publish/subscribe permissions equal to fleetgate's
 // default policy and mosquitto's ACL, and JetStream on (NATS's MQTT needs it
 // for sessions and QoS 1). Everything not set is nats-server's default
-// (JetStream syncs to disk every 2 minutes, max_ack_pending 1024).
-func (e *Env) writeNATSConfig(port int) (string, error) {
-	dir := filepath.Join(e.Work, "nats")
+// (JetStream syncs to disk every 2 minutes, max_ack_pending 1024; in a
+// cluster its MQTT streams have 3 replicas).
+func (e *Env) writeNATSConfig(n natsNode) (string, error) {
+	dir := n.dir(e)
 	if err := os.MkdirAll(filepath.Join(dir, "js"), 0o700); err != nil {
 		return "", err
 	}
@@ -40,10 +59,17 @@ func (e *Env) writeNATSConfig(port int) (string, error) {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "# nats-server for the fleetgate benchmark; written by fleetbench\n")
-	fmt.Fprintf(&b, "server_name: fleetbench\nlisten: \"127.0.0.1:-1\"\nhttp: \"127.0.0.1:-1\"\n")
+	fmt.Fprintf(&b, "server_name: %q\nlisten: \"%s:-1\"\nhttp: \"%s:-1\"\n", n.name, n.host, n.host)
 	fmt.Fprintf(&b, "jetstream {\n  store_dir: %q\n}\n", filepath.Join(dir, "js"))
-	fmt.Fprintf(&b, "mqtt {\n  listen: \"127.0.0.1:%d\"\n  tls {\n    cert_file: %q\n    key_file: %q\n    ca_file: %q\n    verify_and_map: true\n    timeout: 5\n  }\n}\n",
-		port, filepath.Join(e.DataDir(), "tls", "server.crt"), filepath.Join(e.DataDir(), "tls", "server.key"), caFile)
+	if c := n.cluster; c != nil {
+		fmt.Fprintf(&b, "cluster {\n  name: fleetbench\n  listen: %q\n  routes: [\n", c.listen)
+		for _, r := range c.routes {
+			fmt.Fprintf(&b, "    \"nats-route://%s\"\n", r)
+		}
+		b.WriteString("  ]\n}\n")
+	}
+	fmt.Fprintf(&b, "mqtt {\n  listen: \"%s:%d\"\n  tls {\n    cert_file: %q\n    key_file: %q\n    ca_file: %q\n    verify_and_map: true\n    timeout: 5\n  }\n}\n",
+		n.host, n.port, filepath.Join(e.DataDir(), "tls", "server.crt"), filepath.Join(e.DataDir(), "tls", "server.key"), caFile)
 	b.WriteString("authorization {\n  users = [\n")
 	// $MQTT.sub.> is the delivery subject of the JetStream consumer behind
 	// each QoS 1 subscription: a user with permissions needs it.
@@ -83,21 +109,25 @@ func (e *Env) writeNATSConfig(port int) (string, error) {
 // until its MQTT listener accepts connections. Its JetStream store starts
 // empty each time, as mosquitto's memory does.
 func (e *Env) StartNATS(ctx context.Context) (*Broker, error) {
-	if _, err := os.Stat(NATSBin); err != nil {
-		return nil, fmt.Errorf("nats-server: %w (make bench builds it into bin/)", err)
-	}
-	if err := os.RemoveAll(filepath.Join(e.Work, "nats", "js")); err != nil {
-		return nil, err
-	}
 	port, err := freePort()
 	if err != nil {
 		return nil, err
 	}
-	conf, err := e.writeNATSConfig(port)
+	return e.startNATSNode(ctx, natsNode{name: "nats", host: "127.0.0.1", port: port})
+}
+
+func (e *Env) startNATSNode(ctx context.Context, n natsNode) (*Broker, error) {
+	if _, err := os.Stat(NATSBin); err != nil {
+		return nil, fmt.Errorf("nats-server: %w (make bench builds it into bin/)", err)
+	}
+	if err := os.RemoveAll(filepath.Join(n.dir(e), "js")); err != nil {
+		return nil, err
+	}
+	conf, err := e.writeNATSConfig(n)
 	if err != nil {
 		return nil, err
 	}
-	b, err := e.spawnPeer(ctx, "nats", NATSBin, []string{"-c", conf}, port)
+	b, err := e.spawnPeer(ctx, n.name, NATSBin, []string{"-c", conf}, net.JoinHostPort(n.host, fmt.Sprint(n.port)))
 	if err != nil {
 		return nil, errors.Join(err, fmt.Errorf("configuration: %s", conf))
 	}

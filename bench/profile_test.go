@@ -89,7 +89,7 @@ func BenchmarkFanInQoS1(b *testing.B) { benchFanIn(b, 1, 16) }
 func benchFanIn(b *testing.B, qos byte, window int) {
 	e, fg := inProcess(b, 200)
 	b.ResetTimer()
-	v, err := e.FanIn(context.Background(), fg, 200, qos, 5*time.Second, window)
+	v, err := e.FanIn(context.Background(), fg, 200, qos, 5*time.Second, window, 0)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -91,7 +91,7 @@ func better(name string) string {
 	case strings.Contains(name, "/s"):
 		return "higher"
 	case strings.HasPrefix(name, "broker CPU µs"), strings.HasPrefix(name, "server CPU µs"), strings.HasPrefix(name, "RSS KB"),
-		strings.Contains(name, " ms"), strings.HasPrefix(name, "connect all"), strings.HasPrefix(name, "lost"):
+		strings.Contains(name, " ms"), strings.HasPrefix(name, "connect all"), strings.HasPrefix(name, "lost"), strings.HasSuffix(name, ", lost"):
 		return "lower"
 	}
 	return ""
@@ -176,11 +176,14 @@ func (m *Metric) Ratio() (float64, string, bool) {
 	return f.Median / q.Median, p, true
 }
 
-// Brokers are all brokers of the run, fleetgate first, then the peers in
-// name order.
+// Brokers are the brokers of the run's single-node scenarios, fleetgate
+// first, then the peers in name order (ClusterTable has the clusters').
 func (r *Results) Brokers() []string {
 	seen := map[string]bool{}
 	for _, m := range r.Metrics {
+		if isCluster(m.Scenario) {
+			continue
+		}
 		for name := range m.Values {
 			seen[name] = true
 		}
@@ -195,15 +198,8 @@ func (r *Results) Brokers() []string {
 	return append(out, peers...)
 }
 
-// Table writes the terminal table (tab-aligned) or, with md, Markdown: one
-// column per broker and fleetgate's ratio to the best peer of each metric.
-func (r *Results) Table(w io.Writer, md bool) {
-	brokers := r.Brokers()
-	head := []string{"scenario", "metric"}
-	for _, b := range brokers {
-		head = append(head, b+" median [min–max]")
-	}
-	head = append(head, "fleetgate / best peer")
+// table writes rows under head, tab-aligned or, with md, in Markdown.
+func table(w io.Writer, md bool, head []string, rows [][]string) {
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
 	row := func(cells []string) {
 		if md {
@@ -216,14 +212,39 @@ func (r *Results) Table(w io.Writer, md bool) {
 	if md {
 		row(slices.Repeat([]string{"---"}, len(head)))
 	}
+	for _, r := range rows {
+		row(r)
+	}
+	tw.Flush()
+}
+
+// cells are a metric's median [min–max] per broker ("" where none).
+func (m *Metric) cells(brokers []string) []string {
+	cells := []string{m.Scenario, m.Name}
+	for _, b := range brokers {
+		if len(m.Values[b]) == 0 {
+			cells = append(cells, "")
+			continue
+		}
+		cells = append(cells, fmtStat(m.Values[b]))
+	}
+	return cells
+}
+
+// Table writes the terminal table (tab-aligned) or, with md, Markdown: one
+// column per broker and fleetgate's ratio to the best peer of each metric.
+// The cluster scenarios are ClusterTable's.
+func (r *Results) Table(w io.Writer, md bool) {
+	brokers := r.Brokers()
+	head := []string{"scenario", "metric"}
+	for _, b := range brokers {
+		head = append(head, b+" median [min–max]")
+	}
+	head = append(head, "fleetgate / best peer")
+	var rows [][]string
 	for _, m := range r.Metrics {
-		cells := []string{m.Scenario, m.Name}
-		for _, b := range brokers {
-			if len(m.Values[b]) == 0 {
-				cells = append(cells, "")
-				continue
-			}
-			cells = append(cells, fmtStat(m.Values[b]))
+		if isCluster(m.Scenario) {
+			continue
 		}
 		ratio := ""
 		if x, peer, ok := m.Ratio(); ok {
@@ -232,9 +253,11 @@ func (r *Results) Table(w io.Writer, md bool) {
 				ratio += " (" + m.Better + " is better)"
 			}
 		}
-		row(append(cells, ratio))
+		rows = append(rows, append(m.cells(brokers), ratio))
 	}
-	tw.Flush()
+	if len(rows) > 0 {
+		table(w, md, head, rows)
+	}
 }
 
 // WriteJSON writes the results with every repetition's value.
@@ -251,7 +274,7 @@ func (r *Results) WriteJSON(path string) error {
 func (r *Results) WriteSVG(path string) error {
 	var ms []*Metric
 	for _, m := range r.Metrics {
-		if _, _, ok := m.Ratio(); ok && m.Better != "" && !strings.HasPrefix(m.Name, "lost") {
+		if _, _, ok := m.Ratio(); ok && m.Better != "" && !strings.HasPrefix(m.Name, "lost") && !isCluster(m.Scenario) {
 			ms = append(ms, m)
 		}
 	}

@@ -29,7 +29,14 @@ type Config struct {
 	EnrollWorkers  int           `json:"enroll_workers"`
 	TPMDevices     int           `json:"tpm_devices"`
 	TPMRounds      int           `json:"tpm_rounds"`
-	Scenarios      string        `json:"scenarios"` // e.g. "1234567"
+	Scenarios      string        `json:"scenarios"` // e.g. "1234567abcdef"
+	// The cluster scenarios (letters a-f, cluster.go).
+	ClusterReps     int           `json:"cluster_reps"`
+	ClusterFor      time.Duration `json:"cluster_for"`      // each run of a, b, c, d
+	ClusterRate     float64       `json:"cluster_rate"`     // d: QoS 1 msgs/s in all
+	ClusterRevoke   int           `json:"cluster_revoke"`   // e: devices revoked per run
+	FailoverDevices int           `json:"failover_devices"` // f: devices on the killed node
+	FailoverRate    float64       `json:"failover_rate"`    // f: QoS 1 msgs/s per device
 	// Peers are the brokers run beside fleetgate: "mosquitto", "nats"
 	// (NATS's MQTT listener); the QoS 1 scenario adds "mosquitto-q100000"
 	// when mosquitto is a peer.
@@ -40,7 +47,8 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{Reps: 3, ConnectWorkers: 96, ConnectFor: 5 * time.Second, Publishers: 200, FanInFor: 5 * time.Second,
 		QoS1Window: 16, IdleConns: 10000, IdleWorkers: 64, RevokePerRep: 100, Enrollments: 300, EnrollWorkers: 16,
-		TPMDevices: 4, TPMRounds: 50, Scenarios: "1234567", Peers: []string{"mosquitto", "nats"}}
+		TPMDevices: 4, TPMRounds: 50, Scenarios: "1234567" + ClusterScenarios, Peers: []string{"mosquitto", "nats"},
+		ClusterReps: 2, ClusterFor: 3 * time.Second, ClusterRate: 10000, ClusterRevoke: 50, FailoverDevices: 150, FailoverRate: 5}
 }
 
 // Scenario names, as in the table.
@@ -53,7 +61,23 @@ const (
 	S6  = "6 revoke → closed"
 	S7  = "7 enrollment (token)"
 	S7T = "7 enrollment (TPM)"
+	// the cluster scenarios
+	SA = "a cluster: full handshake"
+	SB = "b cluster: QoS 0 fan-in"
+	SC = "c cluster: QoS 1 fan-in"
+	SD = "d cluster: QoS 1 paced"
+	SE = "e cluster: revoke → closed"
+	SF = "f cluster: node SIGKILLed"
 )
+
+// ClusterScenarios are the letters of the cluster scenarios (make
+// bench-cluster runs only them).
+const ClusterScenarios = "abcdef"
+
+// isCluster says whether a scenario is a cluster scenario.
+func isCluster(scenario string) bool {
+	return scenario != "" && strings.IndexByte(ClusterScenarios, scenario[0]) >= 0
+}
 
 // Run runs every scenario of cfg against fleetgate and each peer, rotating
 // which broker goes first in each repetition, and returns the results.
@@ -69,7 +93,7 @@ func Run(ctx context.Context, e *Env, cfg Config) (*Results, error) {
 	}
 	has := func(s byte) bool { return strings.IndexByte(cfg.Scenarios, s) >= 0 }
 
-	e.Logf("setup: PKI and %d device identities (token enrollment, reused for both brokers)", cfg.IdleConns+cfg.Reps*cfg.RevokePerRep)
+	e.Logf("setup: PKI and device identities (token enrollment, reused for every broker)")
 	if err := e.Init(ctx); err != nil {
 		return res, err
 	}
@@ -86,6 +110,15 @@ func Run(ctx context.Context, e *Env, cfg Config) (*Results, error) {
 	if has('5') || has('6') {
 		nDev = max(nDev, cfg.IdleConns+cfg.Reps*cfg.RevokePerRep)
 	}
+	clusterRun := strings.ContainsAny(cfg.Scenarios, ClusterScenarios)
+	var lay clusterLayout
+	if clusterRun {
+		lay = newClusterLayout(cfg, nDev)
+		nDev = lay.total
+		if fg, err = e.seedCluster(ctx, fg, lay.seed); err != nil {
+			return res, err
+		}
+	}
 	if err := e.Enroll(ctx, fg, nDev); err != nil {
 		return res, err
 	}
@@ -99,12 +132,21 @@ func Run(ctx context.Context, e *Env, cfg Config) (*Results, error) {
 			return e.StartMosquitto(ctx, name, MosquittoRaisedQueue)
 		case "nats":
 			return e.StartNATS(ctx)
+		case FleetgateCluster:
+			return e.StartFleetgateCluster(ctx)
+		case NATSCluster:
+			return e.StartNATSCluster(ctx)
 		}
 		return nil, fmt.Errorf("unknown peer %q (mosquitto, nats)", name)
 	}
 	brokers := map[string]*Broker{"fleetgate": fg}
 	names := []string{"fleetgate"}
-	for _, p := range cfg.Peers {
+	// the peers run the single-node scenarios (runCluster starts the clusters)
+	peers := cfg.Peers
+	if !strings.ContainsAny(cfg.Scenarios, "1234567") {
+		peers = nil
+	}
+	for _, p := range peers {
 		b, err := start(p)
 		if err != nil {
 			return res, err
@@ -134,8 +176,8 @@ func Run(ctx context.Context, e *Env, cfg Config) (*Results, error) {
 		e.Logf("  ERROR %s", msg)
 		res.Errors = append(res.Errors, msg)
 	}
-	eachOf := func(names []string, scn string, f func(b *Broker, rep int) (Values, error)) {
-		for rep := range cfg.Reps {
+	eachOfN := func(reps int, names []string, scn string, f func(b *Broker, rep int) (Values, error)) {
+		for rep := range reps {
 			for _, name := range order(rep, names) {
 				if ctx.Err() != nil {
 					return
@@ -160,6 +202,9 @@ func Run(ctx context.Context, e *Env, cfg Config) (*Results, error) {
 			}
 		}
 	}
+	eachOf := func(names []string, scn string, f func(b *Broker, rep int) (Values, error)) {
+		eachOfN(cfg.Reps, names, scn, f)
+	}
 	each := func(scn string, f func(b *Broker, rep int) (Values, error)) { eachOf(names, scn, f) }
 
 	if has('1') {
@@ -176,7 +221,7 @@ func Run(ctx context.Context, e *Env, cfg Config) (*Results, error) {
 	}
 	if has('3') {
 		e.Logf("%s: %d publishers, 1 subscriber, %s per run", S3, cfg.Publishers, cfg.FanInFor)
-		each(S3, func(b *Broker, _ int) (Values, error) { return e.FanIn(ctx, b, cfg.Publishers, 0, cfg.FanInFor, 0) })
+		each(S3, func(b *Broker, _ int) (Values, error) { return e.FanIn(ctx, b, cfg.Publishers, 0, cfg.FanInFor, 0, 0) })
 	}
 	if has('4') {
 		e.Logf("%s: %d publishers (window %d), 1 subscriber, %s per run", S4, cfg.Publishers, cfg.QoS1Window, cfg.FanInFor)
@@ -191,7 +236,7 @@ func Run(ctx context.Context, e *Env, cfg Config) (*Results, error) {
 			}
 		}
 		eachOf(s4, S4, func(b *Broker, _ int) (Values, error) {
-			return e.FanIn(ctx, b, cfg.Publishers, 1, cfg.FanInFor, cfg.QoS1Window)
+			return e.FanIn(ctx, b, cfg.Publishers, 1, cfg.FanInFor, cfg.QoS1Window, 0)
 		})
 		if b := brokers["mosquitto-q100000"]; b != nil {
 			b.Stop()
@@ -244,6 +289,9 @@ func Run(ctx context.Context, e *Env, cfg Config) (*Results, error) {
 				fail(S7T, "fleetgate", 0, err)
 			}
 		}
+	}
+	if clusterRun && ctx.Err() == nil {
+		e.runCluster(ctx, cfg, lay, brokers, restart, eachOfN, fail)
 	}
 	slices.SortStableFunc(res.Metrics, func(a, b *Metric) int { return strings.Compare(a.Scenario[:1], b.Scenario[:1]) })
 	res.Duration = time.Since(res.Started).Round(time.Second).String()

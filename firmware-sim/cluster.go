@@ -75,7 +75,9 @@ func startCluster(ctx context.Context, bin, workDir string, n int, extra []strin
 	for i := range n {
 		args = append(args, "--host", fmt.Sprintf("127.0.0.%d", i+1))
 	}
-	if out, err := exec.CommandContext(ctx, bin, args...).CombinedOutput(); err != nil {
+	if seeded(src) {
+		// StartCluster copied an initialised data directory there
+	} else if out, err := exec.CommandContext(ctx, bin, args...).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("fleetgate init: %v: %s", err, out)
 	}
 	for i := range n {

@@ -42,8 +42,18 @@ func main() {
 	flag.IntVar(&cfg.TPMDevices, "tpm-devices", cfg.TPMDevices, "swtpm devices enrolling in a loop (7, TPM path; 0: skip)")
 	flag.IntVar(&cfg.TPMRounds, "tpm-rounds", cfg.TPMRounds, "TPM enrollments per swtpm device per run (7)")
 	hybrid := flag.Bool("hybrid-kex", false, "offer the post-quantum hybrid key exchange X25519MLKEM768 (Mosquitto cannot negotiate it: it then gets X25519, fleetgate the hybrid)")
-	flag.StringVar(&cfg.Scenarios, "scenarios", cfg.Scenarios, "scenarios to run, e.g. 1234567")
+	flag.StringVar(&cfg.Scenarios, "scenarios", cfg.Scenarios, "scenarios to run: 1-7 single node, a-f cluster (docs/performance.md)")
+	cluster := flag.Bool("cluster", false, "run only the cluster scenarios (--scenarios "+bench.ClusterScenarios+")")
+	flag.IntVar(&cfg.ClusterReps, "cluster-reps", cfg.ClusterReps, "repetitions of each cluster scenario per broker (a-f)")
+	flag.DurationVar(&cfg.ClusterFor, "cluster-for", cfg.ClusterFor, "duration of each run of cluster scenarios a-d")
+	flag.Float64Var(&cfg.ClusterRate, "cluster-rate", cfg.ClusterRate, "QoS 1 messages per second in all, paced (d)")
+	flag.IntVar(&cfg.ClusterRevoke, "cluster-revoke", cfg.ClusterRevoke, "devices revoked per run across nodes (e)")
+	flag.IntVar(&cfg.FailoverDevices, "failover-devices", cfg.FailoverDevices, "devices on the SIGKILLed node (f)")
+	flag.Float64Var(&cfg.FailoverRate, "failover-rate", cfg.FailoverRate, "QoS 1 messages per second per device (f)")
 	flag.Parse()
+	if *cluster {
+		cfg.Scenarios = bench.ClusterScenarios
+	}
 	bench.MosquittoBin = *mqBin
 	bench.NATSBin = *natsBin
 	cfg.Peers = nil
@@ -84,6 +94,8 @@ func main() {
 	if res != nil && len(res.Metrics) > 0 {
 		fmt.Println()
 		res.Table(os.Stdout, false)
+		fmt.Println()
+		res.ClusterTable(os.Stdout, false)
 		jp := filepath.Join(*out, "bench-"+stamp+".json")
 		sp := filepath.Join(*out, "bench-"+stamp+".svg")
 		mp := filepath.Join(*out, "bench-"+stamp+".md")
@@ -95,6 +107,8 @@ func main() {
 		}
 		if f, e := os.Create(mp); e == nil {
 			res.Table(f, true)
+			fmt.Fprintln(f)
+			res.ClusterTable(f, true)
 			f.Close()
 		}
 		fmt.Printf("\nresults: %s, %s (chart), %s (Markdown table)\n", jp, sp, mp)
