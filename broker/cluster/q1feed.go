@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -40,6 +41,25 @@ type q1Feed struct {
 	// restarts counts consumers this node had to create again itself.
 	restarts atomic.Int64
 	errs     limiter
+	// lastTime is the stream time of the last applied message (unix ns);
+	// behind is set while the feed may not have applied everything the
+	// stream holds (interrupted, or its last message had more pending).
+	lastTime atomic.Int64
+	behind   atomic.Bool
+	// mu orders q1Msg: a message at or below last is a late copy from a
+	// consumer already replaced, dropped.
+	mu sync.Mutex
+}
+
+// appliedUntil is the time up to which this node has applied the stream,
+// if it may be behind it: a session leaving the node must be replayed
+// (wherever it resumes) from there, not only from its disconnect, since
+// what the feed has not applied yet was never queued for it here.
+func (f *q1Feed) appliedUntil() (time.Time, bool) {
+	if !f.behind.Load() {
+		return time.Time{}, false
+	}
+	return time.Unix(0, f.lastTime.Load()), true
 }
 
 // runQ1 consumes fg_Q1 from the sequence after start until ctx ends,
@@ -49,6 +69,7 @@ func (r *Router) runQ1(ctx context.Context, start uint64) {
 	f := &r.q1
 	if f.last.Load() == 0 {
 		f.last.Store(start)
+		f.lastTime.Store(time.Now().UnixNano())
 	}
 	for ctx.Err() == nil {
 		from := f.last.Load() + 1
@@ -58,16 +79,27 @@ func (r *Router) runQ1(ctx context.Context, start uint64) {
 			OptStartSeq: from, InactiveThreshold: 30 * time.Second})
 		cancel()
 		var cc jetstream.ConsumeContext
+		// nats.go's ordered consumer recreates itself after an error with
+		// a backoff growing to 10 s, and each attempt may wait 10 s: after
+		// a node's death that held live delivery back for tens of seconds.
+		// The router recreates it itself, every 500 ms, from last+1.
+		failed := make(chan struct{}, 1)
 		if err == nil {
 			cc, err = cons.Consume(r.q1Msg, jetstream.PullHeartbeat(q1Heartbeat), jetstream.PullExpiry(5*q1Heartbeat),
 				jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+					f.behind.Store(true)
 					if f.errs.allow() {
 						r.log.Warn("QoS 1/2 feed interrupted: resuming from the last applied stream sequence",
 							"last_seq", f.last.Load(), "err", err)
 					}
+					select {
+					case failed <- struct{}{}:
+					default:
+					}
 				}))
 		}
 		if err != nil {
+			f.behind.Store(true)
 			if f.errs.allow() {
 				r.log.Warn("QoS 1/2 feed not started (no quorum or leader election?): retrying", "from_seq", from, "err", err)
 			}
@@ -83,7 +115,11 @@ func (r *Router) runQ1(ctx context.Context, start uint64) {
 		case <-ctx.Done():
 			cc.Stop()
 			return
+		case <-failed:
+			cc.Stop()
+			f.restarts.Add(1)
 		case <-cc.Closed():
+			f.behind.Store(true)
 			f.restarts.Add(1)
 			if ctx.Err() == nil && f.errs.allow() {
 				r.log.Warn("QoS 1/2 feed stopped: creating it again from the last applied stream sequence", "last_seq", f.last.Load())
@@ -100,7 +136,16 @@ func (r *Router) q1Msg(m jetstream.Msg) {
 	if err != nil {
 		return
 	}
-	defer r.q1.last.Store(md.Sequence.Stream)
+	r.q1.mu.Lock()
+	defer r.q1.mu.Unlock()
+	if md.Sequence.Stream <= r.q1.last.Load() {
+		return // a late copy from a consumer already replaced
+	}
+	defer func() {
+		r.q1.last.Store(md.Sequence.Stream)
+		r.q1.lastTime.Store(md.Timestamp.UnixNano())
+		r.q1.behind.Store(md.NumPending > 0)
+	}()
 	h := m.Headers()
 	if h.Get(hNode) == r.cfg.Node || !r.wanted(m.Subject()) {
 		r.q1.dropped.Add(1)

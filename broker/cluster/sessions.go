@@ -283,9 +283,13 @@ func (s *sessions) evict(id, conn string) {
 	s.mu.Unlock()
 	srv := s.r.srv
 	cl, ok := srv.Clients.Get(id)
-	if !ok || cl != l.cl {
+	if !ok || (cl != l.cl && !cl.Closed()) {
 		return
 	}
+	// cl is the connection that claimed the record here, or an offline
+	// session it left behind (a session resumed for a CONNECT the auth hook
+	// refused after the claim): either way the session is the other
+	// node's now, and a later return here must resume it from the record.
 	if cl.Closed() {
 		s.forget(cl) // its delayed will, if any, is cancelled (sendDelayedWill)
 	}
@@ -447,7 +451,9 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 				return s.refuse(cl, "offline messages not replayed; the client's next attempt replays them", err)
 			}
 		}
-		s.update(cl, func(r *record) bool { r.Replay = false; return false })
+		// The record keeps Replay until the session is established
+		// (established): a CONNECT the auth hook refuses after this claim
+		// leaves the replay point for the next attempt.
 	}
 	return nil
 }
@@ -594,7 +600,7 @@ func (s *sessions) subscribed(cl *mqtt.Client) {
 }
 
 func (s *sessions) established(cl *mqtt.Client, _ packets.Packet) {
-	s.update(cl, func(r *record) bool { r.Subs = subsOf(cl); return false })
+	s.update(cl, func(r *record) bool { r.Subs, r.Replay = subsOf(cl), false; return false })
 }
 
 // willPending: cl's delayed will waits to be sent.
@@ -618,6 +624,9 @@ func (s *sessions) disconnected(cl *mqtt.Client, _ error, expire bool) {
 		if !r.Replay || r.ReplayFrom.IsZero() {
 			r.ReplayFrom = r.Since
 		} // else the replay the claim asked for was not done: keep its point
+		if t, behind := s.r.q1.appliedUntil(); behind && t.Before(r.ReplayFrom) {
+			r.ReplayFrom = t.UTC() // the node's feed had not applied what came after
+		}
 		for _, pk := range cl.State.Inflight.GetAll(false) {
 			if c := time.Unix(pk.Created, 0); pk.FixedHeader.Type == packets.Publish && pk.Created > 0 && c.Before(r.ReplayFrom) {
 				r.ReplayFrom = c.UTC()
