@@ -69,6 +69,11 @@ func (c *conn) Release() { c.release() }
 // Role is the role of the connection's verified client certificate.
 func (c *conn) Role() identity.Role { return c.role }
 
+// ConnectDeadline is when the connection must have completed its TLS
+// handshake and CONNECT (the CONNACK written): work a hook does for the
+// CONNECT fits before it.
+func (c *conn) ConnectDeadline() time.Time { return c.deadline }
+
 // admittedConn is the raw connection under the TLS server: the handshake's
 // GetConfigForClient finds its admission entry through it.
 type admittedConn struct {

@@ -2,6 +2,8 @@ package cluster
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -23,6 +25,11 @@ import (
 // order: the replayed messages in stream order, then those that arrived
 // live, in their order (nothing has been sent yet: the CONNACK is not
 // out), so the order per topic is the publisher's.
+//
+// A replay that cannot be done (no consumer while JetStream elects new
+// leaders after a node died) is retried within the CONNECT's deadline; if
+// it still fails, the CONNECT is refused (0x88) and the session record
+// keeps its replay point (record.Replay), so the next attempt replays.
 
 const (
 	// replayMargin is subtracted from a record's ReplayFrom: the stream
@@ -32,16 +39,54 @@ const (
 	// onlineReplay is how far back a session taken over while online is
 	// replayed: its unacknowledged messages on the old node are recent.
 	onlineReplay = 30 * time.Second
-	// replayTimeout bounds one replay (it holds the CONNECT).
+	// replayTimeout bounds a replay and its attempts (it holds the
+	// CONNECT, so it also ends before the connection's handshake+CONNECT
+	// deadline: connectBudget; past it the CONNECT is refused, and the
+	// record keeps its replay point); replayAttempt bounds one attempt;
+	// refuseWrite bounds the record's update at a refusal.
 	replayTimeout = 10 * time.Second
+	replayAttempt = 3 * time.Second
+	replayRetry   = 300 * time.Millisecond
+	refuseWrite   = time.Second
 	// replayMax bounds the messages of one replay (mochi's in-flight
 	// store holds at most 65,535; the offline quotas are smaller).
 	replayMax = 10_000
 )
 
-// replay fills old's in-flight store from the stream, from the time from.
-func (s *sessions) replay(old *mqtt.Client, subs []sub, from time.Time) {
-	ctx, cancel := context.WithTimeout(context.Background(), replayTimeout)
+// replayBounded replays (replay) until one attempt reads the stream to
+// its end, for at most budget in all: a consumer cannot be created while
+// JetStream elects new leaders after a node died. What a failed attempt
+// stored is taken out again before the next one.
+func (s *sessions) replayBounded(old *mqtt.Client, subs []sub, from time.Time, budget time.Duration) error {
+	if budget <= 0 {
+		return errors.New("no time left before the connection's CONNECT deadline")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), budget)
+	defer cancel()
+	for attempt := 1; ; attempt++ {
+		stored, err := s.replay(ctx, old, subs, from)
+		if err == nil {
+			s.order(old, stored)
+			s.r.log.Info("offline session replayed from the stream", "client", old.ID, "messages", len(stored), "from", from, "attempts", attempt)
+			return nil
+		}
+		for _, id := range stored {
+			old.State.Inflight.Delete(id)
+		}
+		s.r.log.Warn("offline messages not replayed yet: retrying", "client", old.ID, "attempt", attempt, "err", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%d attempts in %v: %w", attempt, budget.Round(time.Millisecond), err)
+		case <-time.After(replayRetry):
+		}
+	}
+}
+
+// replay stores in old's in-flight store the messages of the stream, from
+// the time from, that its subscriptions match; an error means it did not
+// read the stream to its end (stored holds what it stored meanwhile).
+func (s *sessions) replay(ctx context.Context, old *mqtt.Client, subs []sub, from time.Time) (stored []uint16, err error) {
+	actx, cancel := context.WithTimeout(ctx, replayAttempt)
 	defer cancel()
 	var filters []string
 	seen := map[string]bool{}
@@ -55,30 +100,32 @@ func (s *sessions) replay(old *mqtt.Client, subs []sub, from time.Time) {
 	}
 	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: filters, DeliverPolicy: jetstream.DeliverByStartTimePolicy,
 		OptStartTime: &from, InactiveThreshold: 30 * time.Second}
-	cons, err := s.r.js.OrderedConsumer(ctx, Stream, cfg)
+	cons, err := s.r.js.OrderedConsumer(actx, Stream, cfg)
 	if err != nil {
 		// Overlapping filters (a/+ and a/b) are refused by JetStream: read
 		// every subject; the session's subscriptions select below.
 		cfg.FilterSubjects = nil
-		if cons, err = s.r.js.OrderedConsumer(ctx, Stream, cfg); err != nil {
-			s.r.log.Warn("offline messages not replayed", "client", old.ID, "err", err)
-			return
+		if cons, err = s.r.js.OrderedConsumer(actx, Stream, cfg); err != nil {
+			return nil, fmt.Errorf("replay consumer not created: %w", err)
 		}
 	}
-	info, err := cons.Info(ctx)
-	if err != nil || info.NumPending == 0 {
-		return
+	info, err := cons.Info(actx)
+	if err != nil {
+		return nil, fmt.Errorf("replay consumer: %w", err)
 	}
-	var stored []uint16
-	for len(stored) < replayMax && ctx.Err() == nil {
+	if info.NumPending == 0 {
+		return nil, nil
+	}
+	for len(stored) < replayMax {
+		if actx.Err() != nil {
+			return stored, fmt.Errorf("stream not read to its end: %w", actx.Err())
+		}
 		batch, err := cons.Fetch(256, jetstream.FetchMaxWait(time.Second))
 		if err != nil {
-			break
+			return stored, fmt.Errorf("replay fetch: %w", err)
 		}
 		last := false
-		got := 0
 		for m := range batch.Messages() {
-			got++
 			if id, ok := s.store(old, m); ok {
 				stored = append(stored, id)
 			}
@@ -86,12 +133,11 @@ func (s *sessions) replay(old *mqtt.Client, subs []sub, from time.Time) {
 				last = true
 			}
 		}
-		if last || got == 0 {
-			break
+		if last {
+			return stored, nil
 		}
 	}
-	s.order(old, stored)
-	s.r.log.Info("offline session replayed from the stream", "client", old.ID, "messages", len(stored), "from", from)
+	return stored, nil
 }
 
 // order renumbers old's queued messages: the replayed ones (stored, in

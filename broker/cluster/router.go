@@ -8,9 +8,12 @@
 //     JetStream stream fg_Q1 (R3), which captures the subject; the PUBACK
 //     is sent only after JetStream acknowledged the replicated write, so a
 //     node without quorum sends no PUBACK;
-//   - each node holds one core NATS subscription per distinct subject of
-//     the filters its sessions use, reference counted (never one per
-//     client, never a JetStream consumer per subscription); what arrives is
+//   - QoS 0: each node holds one core NATS subscription per distinct
+//     subject of the filters its sessions use, reference counted (never one
+//     per client); QoS 1/2: one ordered JetStream consumer per node reads
+//     the whole stream (q1feed.go; never a consumer per subscription or per
+//     client), resuming from the last sequence it applied, so an online
+//     subscriber misses nothing the stream stored; what arrives is
 //     de-duplicated (overlapping filters) and injected into the local
 //     broker through an inline client, so mochi matches it and delivers it
 //     through the normal path: each subscriber's ACL and state check
@@ -117,6 +120,10 @@ type Router struct {
 	down shutdownState // shutdown.go
 
 	retainedKV jetstream.KeyValue
+	// q1 is the node's consumer of fg_Q1 (q1feed.go); q1Start the
+	// stream's last sequence when the node opened it.
+	q1      q1Feed
+	q1Start uint64
 	// pause is held for reading by each delivery of a routed message, and
 	// for writing while a replay puts a resumed session's messages in order.
 	pause sync.RWMutex
@@ -211,6 +218,8 @@ func (r *Router) Run(ctx context.Context) error {
 		case <-time.After(500 * time.Millisecond):
 		}
 	}
+	r.wg.Add(1)
+	go func() { defer r.wg.Done(); r.runQ1(ctx, r.q1Start) }()
 	r.ready.Store(true)
 	r.log.Info("broker across nodes ready", "stream", Stream)
 	return r.sess.run(ctx)
@@ -219,11 +228,12 @@ func (r *Router) Run(ctx context.Context) error {
 func (r *Router) open(ctx context.Context) error {
 	octx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	_, err := r.js.CreateOrUpdateStream(octx, jetstream.StreamConfig{Name: Stream, Subjects: []string{SubjectPrefix + ".1.>"},
+	st, err := r.js.CreateOrUpdateStream(octx, jetstream.StreamConfig{Name: Stream, Subjects: []string{SubjectPrefix + ".1.>"},
 		Replicas: 3, Storage: jetstream.FileStorage, MaxAge: r.cfg.MaxAge, Discard: jetstream.DiscardOld})
 	if err != nil {
 		return err
 	}
+	r.q1Start = st.CachedInfo().State.LastSeq
 	if err := r.openRetained(octx); err != nil {
 		return err
 	}
@@ -443,12 +453,13 @@ func (r *Router) packet(m *nats.Msg) (packets.Packet, bool) {
 
 // Reference-counted subscriptions.
 
-// subjectsOf returns the NATS subjects that bring cl's filters here.
+// subjectsOf returns the core NATS subjects that bring the QoS 0 messages
+// of cl's filters here (QoS 1/2 come from the node's consumer, q1feed.go).
 func subjectsOf(cl *mqtt.Client) map[string]struct{} {
 	out := map[string]struct{}{}
 	for f := range cl.State.Subscriptions.GetAll() {
 		for _, s := range EncodeFilter(f) {
-			out[SubjectPrefix+".*."+s] = struct{}{}
+			out[SubjectPrefix+".0."+s] = struct{}{}
 		}
 	}
 	return out

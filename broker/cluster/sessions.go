@@ -64,6 +64,12 @@ type record struct {
 	// time. A node resuming the session replays the stream from there
 	// (less replayMargin).
 	ReplayFrom time.Time `json:"replay_from,omitzero"`
+	// Replay: the connection that wrote the record must replay the
+	// stream from ReplayFrom and has not done it yet. It is written with
+	// the claim and taken out once the replay is done; a CONNECT whose
+	// replay fails is refused and leaves it, so the client's next attempt,
+	// on any node, replays from the same point.
+	Replay bool `json:"replay,omitempty"`
 	// Will is the connection's Last Will while it may still be sent: while
 	// the connection is online, and while a delayed will waits (wills.go).
 	// Whoever sends it first takes it out by compare-and-swap (claimWill).
@@ -93,6 +99,7 @@ type sub struct {
 type local struct {
 	conn string
 	cl   *mqtt.Client
+	rev  uint64 // the record's revision written by the claim
 }
 
 type sessions struct {
@@ -106,6 +113,8 @@ type sessions struct {
 	// connection's ID in the record, kept (also after an eviction) while
 	// its will may still be sent (OnWill).
 	conns map[string]map[*mqtt.Client]string
+
+	refusals limiter
 }
 
 func newSessions(r *Router) *sessions {
@@ -214,8 +223,11 @@ func (s *sessions) run(ctx context.Context) error {
 			return
 		}
 		var rec record
-		if json.Unmarshal(m.Data, &rec) == nil && rec.Node != s.r.cfg.Node && rec.Conn != "" {
-			s.evict(id, rec.Conn)
+		if json.Unmarshal(m.Data, &rec) == nil && rec.Node != s.r.cfg.Node && rec.Conn != "" && s.owns(id, rec.Conn) {
+			// A core subscription also sees writes JetStream refused (a
+			// dead-node sweep's compare-and-swap that lost to this node's
+			// claim): evict only for a committed claim.
+			go s.evictIfClaimed(id)
 		}
 	})
 	if err != nil {
@@ -225,6 +237,37 @@ func (s *sessions) run(ctx context.Context) error {
 	s.live(ctx)
 	<-ctx.Done()
 	return nil
+}
+
+// owns reports whether this node holds id's session with a connection
+// other than conn.
+func (s *sessions) owns(id, conn string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := s.local[id]
+	return l != nil && l.conn != conn
+}
+
+// evictIfClaimed evicts the local session of id if the committed record,
+// newer than this node's claim, names another connection.
+func (s *sessions) evictIfClaimed(id string) {
+	s.mu.Lock()
+	l := s.local[id]
+	s.mu.Unlock()
+	if l == nil {
+		return
+	}
+	ctx, cancel := s.r.opCtx()
+	defer cancel()
+	e, err := s.kv.Get(ctx, sessionKey(id))
+	if err != nil {
+		return // the takeover's kick request, if any, still evicts
+	}
+	var rec record
+	if json.Unmarshal(e.Value(), &rec) != nil || e.Revision() <= l.rev || rec.Conn == l.conn || rec.Node == s.r.cfg.Node {
+		return
+	}
+	s.evict(id, rec.Conn)
 }
 
 // evict closes and forgets the local session of id unless it is the
@@ -240,9 +283,13 @@ func (s *sessions) evict(id, conn string) {
 	s.mu.Unlock()
 	srv := s.r.srv
 	cl, ok := srv.Clients.Get(id)
-	if !ok || cl != l.cl {
+	if !ok || (cl != l.cl && !cl.Closed()) {
 		return
 	}
+	// cl is the connection that claimed the record here, or an offline
+	// session it left behind (a session resumed for a CONNECT the auth hook
+	// refused after the claim): either way the session is the other
+	// node's now, and a later return here must resume it from the record.
 	if cl.Closed() {
 		s.forget(cl) // its delayed will, if any, is cancelled (sendDelayedWill)
 	}
@@ -309,6 +356,9 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 	ctx, cancel := s.r.opCtx()
 	defer cancel()
 	var prev *record
+	var claimed uint64
+	var resumeFrom time.Time
+	resumeHere := false
 	for attempt := 0; ; attempt++ {
 		prev = nil
 		var rev uint64
@@ -322,8 +372,7 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 			rev = e.Revision()
 		case errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted):
 		default:
-			s.r.log.Warn("session record not read: CONNECT refused", "client", cl.ID, "err", err)
-			return packets.ErrServerUnavailable
+			return s.refuse(cl, "session record not read (no quorum?)", err)
 		}
 		rec := record{Node: s.r.cfg.Node, Conn: conn, Online: true, Persistent: persistent(cl),
 			Version: cl.Properties.ProtocolVersion, Expiry: cl.Properties.Props.SessionExpiryInterval, Since: time.Now().UTC(),
@@ -332,11 +381,13 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 			rec.Subs = prev.Subs
 		}
 		rec.Prev = pendingWill(prev, pk.Connect.Clean)
+		resumeHere, resumeFrom = s.replayDue(cl, pk, prev)
+		rec.Replay, rec.ReplayFrom = resumeHere, resumeFrom
 		b, _ := json.Marshal(rec)
 		if rev == 0 {
-			_, err = s.kv.Create(ctx, key, b)
+			claimed, err = s.kv.Create(ctx, key, b)
 		} else {
-			_, err = s.kv.Update(ctx, key, b, rev)
+			claimed, err = s.kv.Update(ctx, key, b, rev)
 		}
 		if err == nil {
 			break
@@ -344,17 +395,16 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 		if attempt < 5 && (errors.Is(err, jetstream.ErrKeyExists) || strings.Contains(err.Error(), "wrong last sequence")) {
 			continue // claimed concurrently: read again
 		}
-		s.r.log.Warn("session record not written (no quorum?): CONNECT refused", "client", cl.ID, "err", err)
-		return packets.ErrServerUnavailable
+		return s.refuse(cl, "session record not written (no quorum?)", err)
 	}
 	s.mu.Lock()
-	s.local[cl.ID] = &local{conn: conn, cl: cl}
+	s.local[cl.ID] = &local{conn: conn, cl: cl, rev: claimed}
 	s.mu.Unlock()
 	s.remember(cl, conn)
 	if prev == nil {
 		return nil
 	}
-	if prev.Node == s.r.cfg.Node {
+	if prev.Node == s.r.cfg.Node && !resumeHere {
 		if old, ok := s.r.srv.Clients.Get(cl.ID); ok && old.Closed() {
 			s.forget(old) // mochi cancels its delayed will, if any
 		}
@@ -362,7 +412,7 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 		// delayed will, cancels) the old connection's will through OnWill.
 		return nil
 	}
-	if prev.Online {
+	if prev.Online && prev.Node != s.r.cfg.Node {
 		b, _ := json.Marshal(kick{ID: cl.ID, Conn: conn})
 		if _, err := s.r.cfg.NC.Request("fg.sess.kick."+prev.Node, b, kickTimeout); err != nil {
 			s.r.log.Warn("the session's previous node did not confirm closing it (down?)", "client", cl.ID, "node", prev.Node, "err", err)
@@ -379,28 +429,105 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 			// it cannot (it died meanwhile), this node does, later.
 			go s.claimLater(cl.ID, prev.Conn)
 		}
-	} else if pendingWill(prev, pk.Connect.Clean) != nil {
+	} else if prev.Node != s.r.cfg.Node && pendingWill(prev, pk.Connect.Clean) != nil {
 		// An offline session's delayed will ends with the session (clean
 		// start): send it now, once.
 		if w, ok := s.claimWill(ctx, cl.ID, prev.Conn); ok {
 			s.sendWill(ctx, cl.ID, w)
 		}
 	}
-	if !pk.Connect.Clean && prev.Persistent && len(prev.Subs) > 0 {
+	if resumeHere {
 		if old := s.resume(cl, prev); old != nil {
 			// Live first: what is published from now on is queued for the
-			// session here; the replay then reads the stream up to now.
+			// session here (the node's consumer of the stream finds its
+			// subscriptions in mochi's index); the replay then reads the
+			// stream up to now.
 			s.r.setSubjects(cl.ID, subjectsOf(old))
-			from := prev.ReplayFrom
-			if prev.Online || from.IsZero() {
-				// Taken over while online: what the old node had not yet
-				// had acknowledged is recent.
-				from = time.Now().Add(-onlineReplay)
+			if h := beforeReplay.Load(); h != nil {
+				(*h)(s.r.cfg.Node)
 			}
-			s.replay(old, prev.Subs, from.Add(-replayMargin))
+			if err := s.replayBounded(old, prev.Subs, resumeFrom.Add(-replayMargin), connectBudget(cl)); err != nil {
+				s.unresume(cl, old)
+				return s.refuse(cl, "offline messages not replayed; the client's next attempt replays them", err)
+			}
 		}
+		// The record keeps Replay until the session is established
+		// (established): a CONNECT the auth hook refuses after this claim
+		// leaves the replay point for the next attempt.
 	}
 	return nil
+}
+
+// beforeReplay, set by tests only (export_test.go), runs between a
+// CONNECT's claim of a session record and its replay, with the node's
+// name: a test cuts the node off there.
+var beforeReplay atomic.Pointer[func(node string)]
+
+// replayDue reports whether cl's CONNECT resumes a persistent session this
+// node does not hold (another node's, or this node's from before a
+// restart or a refused CONNECT) and must replay the stream for it, and
+// from when (before replayMargin).
+func (s *sessions) replayDue(cl *mqtt.Client, pk packets.Packet, prev *record) (bool, time.Time) {
+	if pk.Connect.Clean || prev == nil || !prev.Persistent || len(prev.Subs) == 0 {
+		return false, time.Time{}
+	}
+	if prev.Node == s.r.cfg.Node && !prev.Replay {
+		if _, ok := s.r.srv.Clients.Get(cl.ID); ok {
+			return false, time.Time{} // mochi holds it here: nothing was missed
+		}
+	}
+	from := prev.ReplayFrom
+	if !prev.Replay && (prev.Online || from.IsZero()) {
+		// Taken over while online: what the old node had not yet had
+		// acknowledged is recent.
+		from = time.Now().Add(-onlineReplay)
+	}
+	return true, from.UTC()
+}
+
+// connectBudget is how long cl's CONNECT may still take for a replay:
+// until the connection's handshake+CONNECT deadline (broker's listener),
+// less what the refusal needs (refuseWrite and the CONNACK); at most
+// replayTimeout.
+func connectBudget(cl *mqtt.Client) time.Duration {
+	d, ok := cl.Net.Conn.(interface{ ConnectDeadline() time.Time })
+	if !ok || d.ConnectDeadline().IsZero() {
+		return replayTimeout
+	}
+	return min(replayTimeout, time.Until(d.ConnectDeadline())-refuseWrite-time.Second)
+}
+
+// refuse refuses cl's CONNECT with server unavailable (MQTT 5 0x88, 3.1.1
+// 0x03) and logs why (rate-limited).
+func (s *sessions) refuse(cl *mqtt.Client, why string, err error) error {
+	if s.refusals.allow() {
+		s.r.log.Warn("CONNECT refused: "+why, "client", cl.ID, "err", err)
+	}
+	_ = s.r.srv.SendConnack(cl, packets.ErrServerUnavailable, false, nil)
+	return packets.ErrServerUnavailable
+}
+
+// unresume undoes resume after a failed replay: the session is not held
+// here, its record keeps the replay point (Replay), so the next CONNECT
+// resumes it again, here or on another node.
+func (s *sessions) unresume(cl, old *mqtt.Client) {
+	// Best effort, briefly (the CONNACK must go out before the connection's
+	// deadline): if the record stays online, the next CONNECT still sees
+	// Replay and its point.
+	s.updateWithin(cl, refuseWrite, func(r *record) bool { r.Online, r.Since, r.Will = false, time.Now().UTC(), nil; return false })
+	srv := s.r.srv
+	if cur, ok := srv.Clients.Get(cl.ID); ok && cur == old {
+		srv.Clients.Delete(cl.ID)
+	}
+	srv.UnsubscribeClient(old)
+	old.ClearInflights()
+	s.r.setSubjects(cl.ID, nil)
+	s.mu.Lock()
+	if l := s.local[cl.ID]; l != nil && l.cl == cl {
+		delete(s.local, cl.ID)
+	}
+	s.mu.Unlock()
+	s.forget(cl)
 }
 
 // resume puts the session of another node in place as an offline client
@@ -429,6 +556,11 @@ func (s *sessions) resume(cl *mqtt.Client, prev *record) *mqtt.Client {
 
 // update rewrites cl's record with fn if cl's connection still owns it.
 func (s *sessions) update(cl *mqtt.Client, fn func(*record) (del bool)) {
+	s.updateWithin(cl, s.r.cfg.AckTimeout, fn)
+}
+
+// updateWithin is update bounded by d.
+func (s *sessions) updateWithin(cl *mqtt.Client, d time.Duration, fn func(*record) (del bool)) {
 	s.mu.Lock()
 	l := s.local[cl.ID]
 	s.mu.Unlock()
@@ -436,7 +568,7 @@ func (s *sessions) update(cl *mqtt.Client, fn func(*record) (del bool)) {
 		return
 	}
 	key := sessionKey(cl.ID)
-	ctx, cancel := s.r.opCtx()
+	ctx, cancel := s.r.opCtxWithin(d)
 	defer cancel()
 	for range 5 {
 		e, err := s.kv.Get(ctx, key)
@@ -469,7 +601,7 @@ func (s *sessions) subscribed(cl *mqtt.Client) {
 }
 
 func (s *sessions) established(cl *mqtt.Client, _ packets.Packet) {
-	s.update(cl, func(r *record) bool { r.Subs = subsOf(cl); return false })
+	s.update(cl, func(r *record) bool { r.Subs, r.Replay = subsOf(cl), false; return false })
 }
 
 // willPending: cl's delayed will waits to be sent.
@@ -490,7 +622,12 @@ func (s *sessions) disconnected(cl *mqtt.Client, _ error, expire bool) {
 		if !willPending(cl) {
 			r.Will = nil
 		}
-		r.ReplayFrom = r.Since
+		if !r.Replay || r.ReplayFrom.IsZero() {
+			r.ReplayFrom = r.Since
+		} // else the replay the claim asked for was not done: keep its point
+		if t, behind := s.r.q1.appliedUntil(); behind && t.Before(r.ReplayFrom) {
+			r.ReplayFrom = t.UTC() // the node's feed had not applied what came after
+		}
 		for _, pk := range cl.State.Inflight.GetAll(false) {
 			if c := time.Unix(pk.Created, 0); pk.FixedHeader.Type == packets.Publish && pk.Created > 0 && c.Before(r.ReplayFrom) {
 				r.ReplayFrom = c.UTC()

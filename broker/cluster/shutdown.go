@@ -48,10 +48,15 @@ func (r *Router) Shutdown(ctx context.Context) {
 // opCtx is the context of one cluster write: AckTimeout, and after
 // Shutdown no later than the stop's deadline.
 func (r *Router) opCtx() (context.Context, context.CancelFunc) {
+	return r.opCtxWithin(r.cfg.AckTimeout)
+}
+
+// opCtxWithin is opCtx bounded by d instead of the acknowledgement timeout.
+func (r *Router) opCtxWithin(d time.Duration) (context.Context, context.CancelFunc) {
 	r.down.mu.Lock()
 	base := r.down.baseLocked()
 	r.down.mu.Unlock()
-	return context.WithTimeout(base, r.cfg.AckTimeout)
+	return context.WithTimeout(base, d)
 }
 
 // unwritten records, once Shutdown ran, a write that failed; it reports

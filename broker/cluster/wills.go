@@ -292,7 +292,10 @@ func (s *sessions) sweep(ctx context.Context, dead string, lastSeen time.Time) (
 			continue
 		}
 		w := rec.Will
-		rec.Online, rec.Since, rec.ReplayFrom = false, time.Now().UTC(), lastSeen.UTC()
+		rec.Online, rec.Since = false, time.Now().UTC()
+		if !rec.Replay || lastSeen.Before(rec.ReplayFrom) {
+			rec.ReplayFrom = lastSeen.UTC()
+		}
 		if w == nil || w.Delay == 0 {
 			rec.Will = nil // claimed here by the swap below
 		}

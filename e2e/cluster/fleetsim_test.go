@@ -79,16 +79,15 @@ func TestFleetsimClusterFailover(t *testing.T) {
 	if f == nil || f.DevicesOnKilled == 0 {
 		t.Fatalf("the failover did not run on a node holding devices: %+v", f)
 	}
-	// Known defects of the broker across nodes (docs/cluster.md, "Running
-	// 3 nodes with fleetsim"), seen in 6 runs of 7 on a loaded machine
-	// (one device each, or a few messages): an acknowledged QoS 1 message of a device of the killed node
-	// not delivered to the online service, and a session taken over while
-	// JetStream elects new leaders not replayed ("offline messages not
-	// replayed"). They fail the test only with FLEETGATE_KNOWN_DEFECTS=1,
-	// so that make test does not fail at random; every other check must
-	// pass.
+	// Every check, "no acknowledged QoS 1 message was lost" included (the
+	// former known defect 1, fixed: live QoS 1/2 delivery from each node's
+	// consumer of the stream). A known defect remains (docs/cluster.md,
+	// "Running 3 nodes with fleetsim"): after the SIGKILL, a device back on
+	// another node sometimes does not receive, within the checker's 30 s, a
+	// command published after its move, or (rarely) one acknowledged while
+	// it was away. Those two checks fail the test only with
+	// FLEETGATE_KNOWN_DEFECTS=1, so that make test does not fail at random.
 	known := map[string]bool{
-		"no acknowledged QoS 1 message was lost": true,
 		"persistent sessions resumed: a command after the move reached every device without a new SUBSCRIBE": true,
 		"every command acknowledged to the service while the devices were away reached them":                 true,
 	}
@@ -105,7 +104,7 @@ func TestFleetsimClusterFailover(t *testing.T) {
 	if f.Back != f.DevicesOnKilled || f.RevokedBack != 0 || f.Acked == 0 {
 		t.Fatalf("failover: %+v", f)
 	}
-	if strict && f.AckedLost != 0 {
+	if f.AckedLost != 0 {
 		t.Fatalf("%d acknowledged QoS 1 messages lost", f.AckedLost)
 	}
 }

@@ -1,0 +1,5 @@
+package cluster
+
+// BeforeReplay lets the tests of package cluster_test act between a
+// CONNECT's claim of a session record and its replay.
+var BeforeReplay = &beforeReplay
