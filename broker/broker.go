@@ -291,6 +291,9 @@ func New(cfg Config) (*Broker, error) {
 	if err := b.addHook(lh, nil); err != nil {
 		return nil, fmt.Errorf("broker: add limits hook: %w", err)
 	}
+	if err := b.addHook(&keepaliveHook{max: cfg.Limits.MaxKeepalive}, nil); err != nil {
+		return nil, fmt.Errorf("broker: add keepalive hook: %w", err)
+	}
 	if cfg.PersistDir != "" {
 		bo := badgerdb.DefaultOptions(filepath.Clean(cfg.PersistDir)).WithLogger(nil).
 			WithMemTableSize(16 << 20).WithNumMemtables(2).WithBlockCacheSize(16 << 20).WithValueLogFileSize(64 << 20)

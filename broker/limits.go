@@ -40,13 +40,16 @@ type Limits struct {
 	// in a persistent session a store write.
 	SubRate  float64
 	SubBurst int
+	// MaxKeepalive is the longest keepalive granted, in seconds
+	// (keepalive.go); a client asking for 0 or more gets this.
+	MaxKeepalive uint16
 }
 
 // DefaultLimits suit sensors that report every few seconds and a backend
 // that reads the fleet: services and operators are exempt from the
 // per-client message limits (they are few and trusted).
 var DefaultLimits = Limits{MsgRate: 100, MsgBurst: 200, ByteRate: 1 << 20, ByteBurst: 4 << 20, MaxSubscriptions: 32,
-	SubRate: 10, SubBurst: 100}
+	SubRate: 10, SubBurst: 100, MaxKeepalive: DefaultMaxKeepalive}
 
 func (l Limits) withDefaults() Limits {
 	d := DefaultLimits
@@ -70,6 +73,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.SubBurst > 0 {
 		d.SubBurst = l.SubBurst
+	}
+	if l.MaxKeepalive > 0 {
+		d.MaxKeepalive = l.MaxKeepalive
 	}
 	return d
 }

@@ -129,7 +129,8 @@ func BrokerConfig(cfg Config) broker.Config {
 		SweepInterval: cfg.SweepInterval, MaxQoS: byte(cfg.MaxQoS), ReceiveMaximum: uint16(cfg.ReceiveMaximum),
 		TopicAliasMaximum: cfg.TopicAliasMaximum,
 		Limits: broker.Limits{MsgRate: cfg.MsgRate, MsgBurst: cfg.MsgBurst, ByteRate: cfg.ByteRate, ByteBurst: byteBurst,
-			MaxSubscriptions: cfg.MaxSubscriptions, SubRate: cfg.SubRate, SubBurst: cfg.SubBurst},
+			MaxSubscriptions: cfg.MaxSubscriptions, SubRate: cfg.SubRate, SubBurst: cfg.SubBurst,
+			MaxKeepalive: uint16(cfg.MaxKeepalive)},
 		Queues: q,
 		// devices in the field (Validate checked MinTLS)
 		MinTLS: minTLS(cfg.MinTLS), WSSAddr: cfg.WSSListen,

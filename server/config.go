@@ -73,6 +73,7 @@ type Config struct {
 	HelloTimeout time.Duration `yaml:"hello_timeout"`
 	SubRate      float64       `yaml:"sub_rate"`
 	SubBurst     int           `yaml:"sub_burst"`
+	MaxKeepalive int           `yaml:"max_keepalive"`
 
 	// Cluster: a node of a cluster on NATS JetStream (server/cluster.go);
 	// zero is the single box.
@@ -127,6 +128,7 @@ func Defaults() Config {
 		MaxQueuedDevice: broker.DefaultQueues.Device.MaxOffline, MaxQueuedService: broker.DefaultQueues.Service.MaxOffline,
 		// admission
 		HelloTimeout: 3 * time.Second, SubRate: broker.DefaultLimits.SubRate, SubBurst: broker.DefaultLimits.SubBurst,
+		MaxKeepalive:  broker.DefaultMaxKeepalive,
 		SweepInterval: 10 * time.Second,
 		Cluster:       ClusterConfig{StaleAfter: time.Second, StaleCloseAfter: DefaultStaleCloseAfter},
 		MinTLS:        "1.3",
@@ -171,6 +173,7 @@ func Flags(fs *pflag.FlagSet, d Config) {
 	fs.Duration("hello-timeout", d.HelloTimeout, "deadline for a connection's first complete TLS ClientHello (then --handshake-timeout applies)")
 	fs.Float64("sub-rate", d.SubRate, "per-device rate of topic filters in SUBSCRIBE/UNSUBSCRIBE (filters/s); over it (plus --sub-burst): disconnect, MQTT 5 reason 0x96")
 	fs.Int("sub-burst", d.SubBurst, "per-device burst of topic filters above --sub-rate")
+	fs.Int("max-keepalive", d.MaxKeepalive, "longest MQTT keepalive granted, in seconds (1-65535); a client asking for 0 or more gets this (MQTT 5: told in the CONNACK)")
 	clusterFlags(fs, d)
 	// devices in the field
 	fs.String("min-tls", d.MinTLS, "lowest TLS version of MQTT and wss clients: 1.3, or 1.2 (ECDHE-ECDSA with AES-GCM or ChaCha20-Poly1305 only)")
@@ -189,7 +192,7 @@ var keys = []string{"data-dir", "mqtt-addr", "api-addr", "metrics-addr", "only",
 	// PKI
 	"ca-key", "ocsp-addr", "ocsp-url",
 	// admission
-	"hello-timeout", "sub-rate", "sub-burst",
+	"hello-timeout", "sub-rate", "sub-burst", "max-keepalive",
 	"console-addr", "console-url", // console
 	"min-tls", "wss-listen"} // devices in the field
 
@@ -326,6 +329,8 @@ func assign(c *Config, k string, f *pflag.Flag) error {
 		c.SubRate, err = fs.GetFloat64(k)
 	case "sub-burst":
 		c.SubBurst, err = fs.GetInt(k)
+	case "max-keepalive":
+		c.MaxKeepalive, err = fs.GetInt(k)
 	case "min-tls": // devices in the field
 		c.MinTLS, err = fs.GetString(k)
 	case "wss-listen":
@@ -418,6 +423,9 @@ func (c Config) Validate() []error {
 	}
 	if c.SubRate <= 0 || c.SubBurst <= 0 {
 		errs = append(errs, errors.New("sub_rate and sub_burst must be positive"))
+	}
+	if c.MaxKeepalive < 1 || c.MaxKeepalive > 65535 {
+		errs = append(errs, fmt.Errorf("max_keepalive: %d (want 1 to 65535 seconds)", c.MaxKeepalive))
 	}
 	errs = append(errs, c.Cluster.validate()...)
 	// devices in the field
