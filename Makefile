@@ -4,7 +4,7 @@ BIN      := bin
 DATA_DIR ?= ./fleetgate-data
 # fleetgate's patched mochi-mqtt (go.mod replaces the module with it; FORK.md)
 MOCHI    := third_party/mochi-mqtt-server
-MOCHI_PATCH_TESTS := Cached|QueuePolicy|LazyWriter|DeferredAcks|SubscribeID|ResumeResends|ClientQos1|AliasResolved|LimitsAnnounced|DelayedWill|OfflineQuota|InlineOrigin|ClearRetained|MsgExpiry|SessionHandover|HookNamesConnectRefusal|GetByListener|HookDispatch|DeadlineCoarse|WriteBufferPool|SharePayload|NextImmediateCounted|ExpiredSweepOnlyExpired|QueuedPacketsRecycled|MayExpireCovers
+MOCHI_PATCH_TESTS := Cached|QueuePolicy|LazyWriter|DeferredAcks|SubscribeID|ResumeResends|ClientQos1|AliasResolved|LimitsAnnounced|DelayedWill|OfflineQuota|InlineOrigin|ClearRetained|MsgExpiry|SessionHandover|HookNamesConnectRefusal|GetByListener|HookDispatch|DeadlineCoarse|WriteBufferPool|SharePayload|NextImmediateCounted|ExpiredSweepOnlyExpired|QueuedPacketsRecycled|MayExpireCovers|IdleWait
 export PATH := /usr/local/go/bin:$(PATH)
 
 .PHONY: all build demo demo-cluster test test-short vet fmt-check deps fuzz clean

@@ -116,9 +116,13 @@ func BenchmarkIdle(b *testing.B) {
 		b.ReportMetric(perConn(after.HeapInuse, before.HeapInuse), "heap_inuse_KB/conn")
 		b.ReportMetric(perConn(after.StackInuse, before.StackInuse), "stack_KB/conn")
 		b.ReportMetric(perConn(after.Sys-after.HeapReleased, before.Sys-before.HeapReleased), "sys_KB/conn")
+		// Two collections: the runtime shrinks an idle goroutine's stack
+		// during a collection, by half each time.
+		runtime.GC()
 		runtime.GC()
 		runtime.ReadMemStats(&after)
 		b.ReportMetric(perConn(after.HeapAlloc, before.HeapAlloc), "live_heap_KB/conn")
+		b.ReportMetric(perConn(after.StackInuse, before.StackInuse), "stack_after_gc_KB/conn")
 		if p := os.Getenv("FLEETBENCH_HEAPPROFILE"); p != "" {
 			runtime.GC()
 			f, err := os.Create(p)

@@ -58,9 +58,12 @@ type listener struct {
 // was processed.
 type conn struct {
 	*tls.Conn
+	raw      *admittedConn // under the TLS connection
 	release  func()
 	role     identity.Role // of the verified client certificate
 	deadline time.Time     // of TLS handshake + CONNECT
+	one      [1]byte       // a byte Buffered read from crypto/tls (idlewait.go)
+	held     bool          // one is the next byte to read
 }
 
 // Release frees the connection's slot among unauthenticated connections.
@@ -80,6 +83,11 @@ type admittedConn struct {
 	net.Conn
 	p        *pending
 	deadline time.Time // of TLS handshake + CONNECT
+	// idlewait.go: a byte WaitReadable read from the socket, and the probe
+	// of conn.Buffered. Used by the connection's read loop only.
+	one     [1]byte
+	held    bool
+	probing bool
 }
 
 func (l *listener) ID() string { return l.id }
@@ -183,7 +191,8 @@ func (l *listener) handshake(raw net.Conn, p *pending, release func(), establish
 	// Until a complete ClientHello arrived: the short hello deadline. mochi
 	// replaces the deadline with the keepalive deadline after CONNECT.
 	_ = raw.SetDeadline(start.Add(l.helloTimeout))
-	tc := tls.Server(&admittedConn{Conn: raw, p: p, deadline: deadline}, l.tls)
+	ac := &admittedConn{Conn: raw, p: p, deadline: deadline}
+	tc := tls.Server(ac, l.tls)
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	err := tc.HandshakeContext(ctx)
 	cancel()
@@ -234,7 +243,7 @@ func (l *listener) handshake(raw net.Conn, p *pending, release func(), establish
 		l.log.Warn("tls handshake refused", attrs...)
 		return
 	}
-	c := &conn{Conn: tc, release: release, role: id.Role, deadline: deadline}
+	c := &conn{Conn: tc, raw: ac, release: release, role: id.Role, deadline: deadline}
 	go l.serve(c, establish)
 }
 

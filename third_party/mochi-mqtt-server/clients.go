@@ -542,6 +542,13 @@ func (cl *Client) Read(packetHandler ReadFn) error {
 			if err := cl.flushDeferred(); err != nil {
 				return err
 			}
+			// fleetgate patch 28: nothing buffered here: wait in a
+			// shallow frame, without the read buffer (idle.go).
+			if w, ok := cl.Net.Conn.(IdleWaiter); ok && cl.Net.bconn.Buffered() == 0 {
+				if err := cl.waitIdle(w); err != nil {
+					return err
+				}
+			}
 		}
 		fh := new(packets.FixedHeader)
 		err = cl.ReadFixedHeader(fh)
