@@ -38,8 +38,7 @@ func (n natsNode) dir(e *Env) string { return filepath.Join(e.Work, n.name) }
 // per identity with publish/subscribe permissions equal to fleetgate's
 // default policy and mosquitto's ACL, and JetStream on (NATS's MQTT needs it
 // for sessions and QoS 1). Everything not set is nats-server's default
-// (JetStream syncs to disk every 2 minutes, max_ack_pending 1024; in a
-// cluster its MQTT streams have 3 replicas).
+// (JetStream syncs to disk every 2 minutes, max_ack_pending 1024).
 func (e *Env) writeNATSConfig(n natsNode) (string, error) {
 	dir := n.dir(e)
 	if err := os.MkdirAll(filepath.Join(dir, "js"), 0o700); err != nil {
@@ -68,8 +67,15 @@ func (e *Env) writeNATSConfig(n natsNode) (string, error) {
 		}
 		b.WriteString("  ]\n}\n")
 	}
-	fmt.Fprintf(&b, "mqtt {\n  listen: \"%s:%d\"\n  tls {\n    cert_file: %q\n    key_file: %q\n    ca_file: %q\n    verify_and_map: true\n    timeout: 5\n  }\n}\n",
-		n.host, n.port, filepath.Join(e.DataDir(), "tls", "server.crt"), filepath.Join(e.DataDir(), "tls", "server.key"), caFile)
+	// in a cluster its MQTT streams are R3 as fleetgate's are (by default
+	// NATS takes the number of servers it sees when the first client
+	// connects, which may be 2 while the third's routes come up)
+	replicas := ""
+	if n.cluster != nil {
+		replicas = "  stream_replicas: 3\n"
+	}
+	fmt.Fprintf(&b, "mqtt {\n  listen: \"%s:%d\"\n%s  tls {\n    cert_file: %q\n    key_file: %q\n    ca_file: %q\n    verify_and_map: true\n    timeout: 5\n  }\n}\n",
+		n.host, n.port, replicas, filepath.Join(e.DataDir(), "tls", "server.crt"), filepath.Join(e.DataDir(), "tls", "server.key"), caFile)
 	b.WriteString("authorization {\n  users = [\n")
 	// $MQTT.sub.> is the delivery subject of the JetStream consumer behind
 	// each QoS 1 subscription: a user with permissions needs it.
