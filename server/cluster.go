@@ -362,7 +362,7 @@ func (p *clusterPart) run(ctx context.Context) error {
 }
 
 // The registry's outbox (registry.RunOutbox): drained every outboxPeriod
-// of the records older than outboxMinAge, which their node did not publish.
+// of the records it has seen unchanged for outboxMinAge, which their node did not publish.
 const (
 	outboxPeriod = 2 * time.Second
 	outboxMinAge = 5 * time.Second

@@ -195,8 +195,8 @@ func touchRoles(txn txn, now time.Time) error {
 }
 
 // liveAdmins returns the admin operators that hold an unrevoked,
-// unexpired certificate, and whether name holds any certificate.
-func liveAdmins(txn txn, name string, now time.Time) (map[string]bool, bool, error) {
+// unexpired certificate, and the certificates of name.
+func liveAdmins(txn txn, name string, now time.Time) (map[string]bool, []fleet.Certificate, error) {
 	certs := map[string][]fleet.Certificate{}
 	if err := iterate(txn, pfxCert, func(c *fleet.Certificate) error {
 		if c.Role == identity.RoleOperator {
@@ -204,7 +204,7 @@ func liveAdmins(txn txn, name string, now time.Time) (map[string]bool, bool, err
 		}
 		return nil
 	}); err != nil {
-		return nil, false, err
+		return nil, nil, err
 	}
 	out := map[string]bool{}
 	for op, cs := range certs {
@@ -213,7 +213,7 @@ func liveAdmins(txn txn, name string, now time.Time) (map[string]bool, bool, err
 		case errors.Is(err, ErrNotFound):
 			continue
 		case err != nil:
-			return nil, false, err
+			return nil, nil, err
 		}
 		if rec.Role != OperatorAdmin {
 			continue
@@ -224,42 +224,79 @@ func liveAdmins(txn txn, name string, now time.Time) (map[string]bool, bool, err
 			}
 		}
 	}
-	return out, len(certs[name]) > 0, nil
+	return out, certs[name], nil
 }
 
-// RemoveOperator forgets the role of operator name and then revokes
-// every certificate it holds. The last admin with a valid certificate is
-// not removed (ErrLastAdmin). The check and the role's removal are one
-// transaction that changes keyRoles, so of concurrent removals on any
-// nodes that would together leave no admin, one is refused. An operator
-// without a role is refused everything, so a failure before its
-// certificates are revoked leaves it powerless.
+// removeRevokeMax bounds the certificates RemoveOperator revokes in its
+// transaction (each write adds its outbox record on a cluster's store:
+// 2 of the batch's maxKVOps). An operator holds a few; beyond the bound
+// the rest are revoked after the commit (RevokePrincipal), and the
+// removal already left a revoked certificate.
+const removeRevokeMax = 256
+
+// RemoveOperator forgets the role of operator name and revokes every
+// unexpired certificate it holds, in one transaction: no interruption
+// leaves the operator without a role and with no revoked certificate,
+// the state in which the init-operator migration (server/operatorrole.go)
+// would grant it admin again. The last admin with a valid certificate is
+// not removed (ErrLastAdmin). The transaction changes keyRoles, so of
+// concurrent removals on any nodes that would together leave no admin,
+// one is refused. The directory (on a cluster's store through the
+// commit's outbox) and the audit log follow the commit.
 func (r *Registry) RemoveOperator(name, reason, actor string) ([]string, error) {
 	r.removeMu.Lock()
 	defer r.removeMu.Unlock()
 	r.writeMu.Lock()
+	var serials []string
+	more := false
 	err := r.updateRetry(func(txn txn) error {
+		serials, more = serials[:0], false
 		// keyRoles first: a role changed after this read changes it too,
 		// so the commit conflicts; one changed before, the check sees.
 		now := r.now()
 		if err := touchRoles(txn, now); err != nil {
 			return err
 		}
-		admins, known, err := liveAdmins(txn, name, now)
+		admins, certs, err := liveAdmins(txn, name, now)
 		switch {
 		case err != nil:
 			return err
-		case !known:
+		case len(certs) == 0:
 			return fmt.Errorf("%w: %s %s", ErrNotFound, identity.RoleOperator, name)
 		case admins[name] && len(admins) == 1:
 			return fmt.Errorf("%w: %s", ErrLastAdmin, name)
 		}
+		for _, c := range certs {
+			if c.Revoked || !now.Before(c.NotAfter) {
+				continue // expired certificates need no revocation
+			}
+			if len(serials) == removeRevokeMax {
+				more = true
+				break
+			}
+			c.Revoked, c.RevokedAt, c.RevokeReason = true, now, reason
+			if err := put(txn, pfxCert+c.Serial, &c); err != nil {
+				return err
+			}
+			serials = append(serials, c.Serial)
+		}
 		return txn.del(pfxOpRole + name)
 	})
+	if err == nil && len(serials) > 0 {
+		r.dir.Revoked("", serials...)
+	}
 	r.writeMu.Unlock()
-	var serials []string
 	if err == nil {
-		serials, err = r.RevokePrincipal(identity.RoleOperator, name, reason, actor)
+		for _, s := range serials {
+			r.Audit(AuditRecord{Actor: actor, Action: "certificate.revoke", Outcome: OutcomeOK, Reason: reason, Serial: s})
+		}
+		if more {
+			var rest []string
+			rest, err = r.RevokePrincipal(identity.RoleOperator, name, reason, actor)
+			serials = append(serials, rest...)
+		}
+	} else {
+		serials = nil
 	}
 	r.Audit(AuditRecord{Actor: actor, Action: "operator.remove", Outcome: outcome(err), Reason: joinReason("operator/"+name+": "+reason, err), Serial: strings.Join(serials, ",")})
 	return serials, err

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -28,8 +29,10 @@ import (
 // compare-and-swap, a revocation stays) and then deletes each outbox
 // record at the revision it wrote (a later write's record stays). A node
 // that dies in between leaves its outbox records behind: every node
-// drains those older than a few seconds, at start and periodically
-// (RunOutbox). Publishing twice is harmless: the bucket merges, and
+// drains those it has seen unchanged (at one revision) for a few seconds,
+// checking at start and periodically (RunOutbox). The age is this node's
+// own observation, on its monotonic clock: never the committing node's
+// clock (rec.At, kept for the log), which may run ahead or behind. Publishing twice is harmless: the bucket merges, and
 // revocation is terminal there and in every directory.
 
 const pfxOutbox = "outbox."
@@ -133,11 +136,45 @@ func (r *Registry) deleteOutbox(ctx context.Context, ops []kvtx.Op) {
 	}
 }
 
-// DrainOutbox publishes the outbox records older than minAge (those of a
-// node that died between its commit and the publication, or could not
-// publish) and deletes them. A device's revocation found there is also
-// completed: its certificates are revoked in the records (RevokeDevice on
-// a revoked device does only that). It returns how many it published.
+// outboxSeen records when the draining node first saw each outbox record
+// at its current revision.
+type outboxSeen struct {
+	mu   sync.Mutex
+	seen map[string]seenAt // by outbox key
+}
+
+type seenAt struct {
+	rev uint64
+	at  time.Time // time.Now: monotonic, this node's
+}
+
+// ages returns how long this node has seen entries[i] at its revision, and
+// forgets the records no longer listed.
+func (o *outboxSeen) ages(entries []kvtx.Entry, now time.Time) []time.Duration {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	next := make(map[string]seenAt, len(entries))
+	out := make([]time.Duration, len(entries))
+	for i, e := range entries {
+		s, ok := o.seen[e.Key]
+		if !ok || s.rev != e.Rev {
+			s = seenAt{rev: e.Rev, at: now}
+		}
+		next[e.Key] = s
+		out[i] = now.Sub(s.at)
+	}
+	o.seen = next
+	return out
+}
+
+// DrainOutbox publishes the outbox records this node has seen unchanged
+// for minAge or longer (those of a node that died between its commit and
+// the publication, or could not publish) and deletes them; a record is
+// aged by this node's observation, never by its writer's clock (a record
+// first seen now waits minAge from now). A device's revocation found
+// there is also completed: its certificates are revoked in the records
+// (RevokeDevice on a revoked device does only that). It returns how many
+// it published.
 func (r *Registry) DrainOutbox(ctx context.Context, minAge time.Duration) (int, error) {
 	pub := r.publish()
 	if r.kv == nil || pub == nil {
@@ -147,15 +184,16 @@ func (r *Registry) DrainOutbox(ctx context.Context, minAge time.Duration) (int, 
 	if err != nil {
 		return 0, unavailable(err)
 	}
+	ages := r.outboxSeen.ages(entries, time.Now())
 	n := 0
-	for _, e := range entries {
+	for i, e := range entries {
 		var rec outboxRecord
 		if err := json.Unmarshal(e.Value, &rec); err != nil {
 			r.log.Error("outbox record unreadable; deleting it", "key", e.Key, "err", err)
 			r.deleteOutbox(ctx, []kvtx.Op{{Key: e.Key, Delete: true, Expect: e.Rev}})
 			continue
 		}
-		if r.now().Sub(rec.At) < minAge {
+		if ages[i] < minAge {
 			continue // its node may still be publishing it
 		}
 		if err := pub(ctx, rec.Key, rec.Rec); err != nil {

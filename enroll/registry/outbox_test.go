@@ -86,6 +86,22 @@ func eventually(t *testing.T, what string, cond func() bool) {
 
 var errCrash = errors.New("test: the node stopped after its commit")
 
+// crashAfterNextCommit makes the next commit on a shared store stop
+// after it committed and before its outbox is published (errCrash), as a
+// node that died between the two steps.
+func crashAfterNextCommit(t *testing.T) {
+	var armed atomic.Bool
+	armed.Store(true)
+	hook := func() error {
+		if armed.CompareAndSwap(true, false) {
+			return errCrash
+		}
+		return nil
+	}
+	testHookAfterCommit.Store(&hook)
+	t.Cleanup(func() { testHookAfterCommit.Store(nil) })
+}
+
 // A node commits a revocation and stops before publishing it into the
 // cluster's directory bucket (testHookAfterCommit). The revocation is in
 // the shared records and in the commit's outbox record: another node
@@ -107,16 +123,7 @@ func TestClusterRevocationCommittedBeforeACrashReachesEveryNode(t *testing.T) {
 		return ok && st.State == fleet.StateActive && cok && !cs.Revoked
 	})
 
-	var armed atomic.Bool
-	armed.Store(true)
-	hook := func() error {
-		if armed.CompareAndSwap(true, false) {
-			return errCrash
-		}
-		return nil
-	}
-	testHookAfterCommit.Store(&hook)
-	t.Cleanup(func() { testHookAfterCommit.Store(nil) })
+	crashAfterNextCommit(t)
 	if _, err := a.reg.RevokeDevice("crash-1", "stolen", "op"); !errors.Is(err, errCrash) {
 		t.Fatalf("revocation on node 1: %v, want the simulated crash", err)
 	}

@@ -74,6 +74,8 @@ type Registry struct {
 	// publisher publishes the outbox of kv's commits into the cluster's
 	// directory bucket (outbox.go).
 	publisher atomic.Pointer[Publisher]
+	// outboxSeen: when this node first saw each outbox record (DrainOutbox).
+	outboxSeen outboxSeen
 }
 
 // Options configure Open.
