@@ -6,33 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"regexp"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/fleetgate/fleetgate/broker/cluster"
 	"github.com/fleetgate/fleetgate/internal/testenv"
 )
-
-// natsConn connects to nd's embedded NATS server (the client URL its log
-// names).
-func natsConn(t *testing.T, nd *node) *nats.Conn {
-	t.Helper()
-	m := regexp.MustCompile(`client_url=(\S+)`).FindStringSubmatch(nd.Logs.String())
-	if m == nil {
-		t.Fatal("the node's log names no NATS client URL")
-	}
-	nc, err := nats.Connect(m[1])
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	return nc
-}
 
 // A session taken over whose replay from the stream cannot be done (the
 // node loses its quorum between its claim of the record and the replay, as
@@ -96,14 +78,14 @@ func TestSessionWhoseReplayFailsIsRefusedAndReplayedNextTime(t *testing.T) {
 // closed the live session (0x8E) and forgot its subscriptions, so the
 // device, back on another node, missed the commands published after.
 func TestRefusedSessionWriteDoesNotEvictTheOwner(t *testing.T) {
-	c := startCluster(t)
+	c, nc := startClusterWithAdminClient(t, 0)
 	n1, n2, n3 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
 	dev := n1.EnrollDevice(t, "dev-s", "lab")
 	svcCert := n1.Service(t, "svc-s")
 	sess := dial5(t, n2, "dev-s", deviceCert(t, dev))
 	sess.subscribe(t, "devices/dev-s/commands/#")
 
-	js, err := jetstream.New(natsConn(t, n1))
+	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
 	}
