@@ -55,7 +55,7 @@ func TestDefaultsUnchanged(t *testing.T) {
 		MaxPacketSize: 256 << 10, LogLevel: "info", LogFormat: "text", TPMPolicy: "allowlist", EnrollURL: "https://localhost:8443",
 		MsgRate: 100, MsgBurst: 200, ByteRate: 1 << 20, MaxSubscriptions: 32, MaxPendingPerIP: 64, MaxQoS: 2, ReceiveMaximum: 256,
 		MaxQueuedDevice: 1000, MaxQueuedService: 10_000,
-		HelloTimeout: 3 * time.Second, SubRate: 10, SubBurst: 100,
+		HelloTimeout: 3 * time.Second, SubRate: 10, SubBurst: 100, MaxKeepalive: 1200,
 		SweepInterval: 10 * time.Second,
 		Cluster:       ClusterConfig{StaleAfter: time.Second, StaleCloseAfter: 5 * time.Second}, // no cluster: the single box
 		MinTLS:        "1.3",
