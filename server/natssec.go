@@ -149,12 +149,23 @@ func hosts(addrs ...string) []string {
 // monitorPermissions are a monitor user's: JetStream's account, stream
 // and consumer information (replicas, leaders, lag), nothing that reads
 // or writes a record. Stream information can list a bucket's keys (a
-// subjects filter); keys hold no secret (token secrets are hashes).
-var monitorPermissions = &server.Permissions{
-	Publish: &server.SubjectPermission{Allow: []string{"$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST",
-		"$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.NAMES.*", "$JS.API.CONSUMER.LIST.*", "$JS.API.CONSUMER.INFO.*.*"}},
-	Subscribe: &server.SubjectPermission{Allow: []string{"_INBOX.>"}},
+// subjects filter); keys hold no secret (token secrets are hashes). The
+// answers come to the user's own inbox prefix, _INBOX_<user> (`nats
+// --inbox-prefix _INBOX_<user>`, nats.go's nats.CustomInboxPrefix), and
+// only there: all clients share one account, so a user allowed _INBOX.>
+// would receive the replies of every other client (fleetgate's own have
+// their prefix, natsnode.InboxPrefix, which no user's covers).
+func monitorPermissions(user string) *server.Permissions {
+	return &server.Permissions{
+		Publish: &server.SubjectPermission{Allow: []string{"$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST",
+			"$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.NAMES.*", "$JS.API.CONSUMER.LIST.*", "$JS.API.CONSUMER.INFO.*.*"}},
+		Subscribe: &server.SubjectPermission{Allow: []string{MonitorInboxPrefix(user) + ".>"}},
+	}
 }
+
+// MonitorInboxPrefix is the only inbox prefix a monitor user may
+// subscribe to (a name is a-z 0-9 -: one subject token).
+func MonitorInboxPrefix(user string) string { return "_INBOX_" + user }
 
 // readNATSUsers reads the client listener's users file: 0600, one
 // `name:password:role` a line (# comments), role monitor or admin (every
@@ -197,7 +208,7 @@ func readNATSUsers(file string) ([]*server.User, error) {
 		}
 		switch parts[2] {
 		case "monitor":
-			u.Permissions = monitorPermissions
+			u.Permissions = monitorPermissions(u.Username)
 		case "admin":
 		default:
 			return nil, fmt.Errorf("nats_client_users: %s:%d: role %q is not monitor or admin", file, n, parts[2])

@@ -228,12 +228,19 @@ func (n *Node) Shutdown() {
 	n.srv.WaitForShutdown()
 }
 
-// clientOptions: reconnect forever, quickly; tell log of each change.
+// InboxPrefix is the reply subjects' prefix of fleetgate's own clients
+// (every KV read, every pulled message comes back under it): no other
+// user's inbox prefix (_INBOX_<user>, server/natssec.go) covers it, and
+// nats.go's default (_INBOX) is left to nobody.
+const InboxPrefix = "_FLEETGATE_INBOX"
+
+// clientOptions: fleetgate's inbox prefix; reconnect forever, quickly;
+// tell log of each change.
 func clientOptions(name string, log *slog.Logger) []nats.Option {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return []nats.Option{nats.Name(name), nats.MaxReconnects(-1), nats.ReconnectWait(100 * time.Millisecond),
+	return []nats.Option{nats.Name(name), nats.CustomInboxPrefix(InboxPrefix), nats.MaxReconnects(-1), nats.ReconnectWait(100 * time.Millisecond),
 		nats.ReconnectJitter(50*time.Millisecond, 50*time.Millisecond), nats.PingInterval(2 * time.Second), nats.MaxPingsOutstanding(2),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "err", err) }),
 		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("NATS reconnected", "server", c.ConnectedUrlRedacted()) })}
