@@ -170,6 +170,11 @@ func clientListener(opts *server.Options, cfg Config) (string, error) {
 	} else if len(cfg.ClientUsers) == 0 {
 		return "", errors.New("natsnode: a client listener needs users (nobody connects without a password)")
 	}
+	for _, u := range cfg.ClientUsers {
+		if u.Username == selfUser {
+			return "", fmt.Errorf("natsnode: client user %q is the node's own (choose another name)", selfUser)
+		}
+	}
 	var err error
 	if opts.Host, opts.Port, err = hostPort(addr); err != nil {
 		return "", fmt.Errorf("natsnode: client address: %w", err)
