@@ -354,6 +354,12 @@ func (r *Router) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 		return
 	}
 	if _, err := r.OnPublish(cl, pk); err != nil {
+		if pk.FixedHeader.Qos > 0 && r.ready.Load() {
+			ctx, cancel := r.opCtx()
+			r.publishWill(ctx, r.message(pk, cl.ID), cl.ID)
+			cancel()
+			return
+		}
 		r.log.Warn("will not routed to the other nodes", "client", cl.ID, "topic", pk.TopicName, "err", err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/fleetgate/fleetgate/cluster/natsnode"
@@ -333,23 +334,61 @@ func (s *sessions) sendWill(ctx context.Context, id string, w *will) {
 		}
 	}
 	m := r.message(pk, id)
-	var err error
 	if pk.FixedHeader.Qos == 0 {
-		err = r.cfg.NC.PublishMsg(m)
+		if err := r.cfg.NC.PublishMsg(m); err != nil {
+			r.log.Warn("will of a dead node's session not routed", "client", id, "err", err)
+		}
 	} else {
-		_, err = r.js.PublishMsg(ctx, m)
-	}
-	if err != nil {
-		r.log.Warn("will of a dead node's session not routed", "client", id, "err", err)
+		r.publishWill(ctx, m, id)
 	}
 	if pk.FixedHeader.Qos > 0 {
 		pk.PacketID = 1
 	}
 	r.pause.RLock()
-	err = r.srv.InjectPacket(r.route, pk)
+	err := r.srv.InjectPacket(r.route, pk)
 	r.pause.RUnlock()
 	if err != nil {
 		r.log.Warn("will of a dead node's session not delivered here", "client", id, "err", err)
 	}
 	r.log.Info("will of a dead node's session sent", "client", id, "topic", w.Topic)
+}
+
+// willRouteTimeout bounds the retries of a QoS 1/2 will's publication into
+// the stream.
+const willRouteTimeout = 30 * time.Second
+
+// publishWill puts a QoS 1/2 will into the stream, the only way it reaches
+// the other nodes' subscribers. A will is claimed once, in the session
+// record, so a publication that fails would lose it for every other node:
+// it is tried once within ctx, then again in the background, backing off,
+// until JetStream acknowledges it or willRouteTimeout (or the node's stop)
+// ends it. Right after a node is lost, JetStream answers "no response from
+// stream" while it elects the stream's leader. The message ID lets
+// JetStream drop a copy stored twice (an acknowledgement lost after the
+// write).
+func (r *Router) publishWill(ctx context.Context, m *nats.Msg, client string) {
+	msgID := jetstream.WithMsgID(m.Header.Get(hID))
+	if _, err := r.js.PublishMsg(ctx, m, msgID); err == nil {
+		return
+	}
+	go func() {
+		ctx, cancel := r.opCtxWithin(willRouteTimeout)
+		defer cancel()
+		for wait := 100 * time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
+			select {
+			case <-ctx.Done():
+				r.log.Warn("will not routed to the other nodes: JetStream did not acknowledge it", "client", client, "err", ctx.Err())
+				return
+			case <-r.stop:
+				return
+			case <-time.After(wait):
+			}
+			_, err := r.js.PublishMsg(ctx, m, msgID)
+			if err == nil {
+				r.log.Info("will routed to the other nodes after a retry", "client", client)
+				return
+			}
+			r.log.Debug("will not routed yet", "client", client, "err", err)
+		}
+	}()
 }
