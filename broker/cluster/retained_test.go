@@ -2,8 +2,6 @@ package cluster_test
 
 import (
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -12,9 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	bcluster "github.com/fleetgate/fleetgate/broker/cluster"
-	"github.com/fleetgate/fleetgate/cluster/natstest"
 	"github.com/fleetgate/fleetgate/internal/testenv"
-	"github.com/fleetgate/fleetgate/server"
 )
 
 // retainedOn subscribes c to topic and returns the retained payload it is
@@ -99,24 +95,8 @@ func TestRetainedSetAndDeleteAcrossNodes(t *testing.T) {
 // only what the bucket committed is applied, in revision order (the old
 // core-subscription path served it).
 func TestUncommittedRetainedIsNotServed(t *testing.T) {
-	addr := natstest.FreeAddr(t, "127.0.0.1")
-	users := filepath.Join(t.TempDir(), "nats-users")
-	if err := os.WriteFile(users, []byte("forger:forger-password-0123456789:admin\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	var caFile string
-	c := testenv.StartCluster(t, 3, func(i int, cfg *server.Config) {
-		if i == 2 {
-			cfg.Cluster.NATSClientAddr, cfg.Cluster.Security.ClientUsers = addr, users
-			caFile = filepath.Join(cfg.DataDir, server.ClusterCADir, "ca.pem")
-		}
-	})
+	c, nc := startClusterWithNATSClient(t, 2, "forger")
 	n1, n3 := c.Nodes[0], c.Nodes[2]
-	nc, err := nats.Connect("tls://forger:forger-password-0123456789@"+addr, nats.RootCAs(caFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
 	dev := n1.EnrollDevice(t, "dev-u", "lab")
 	svcCert := n1.Service(t, "svc-u")
 	pub := connectDevice(t, n1, dev)
