@@ -102,7 +102,7 @@ func clusterFlags(fs *pflag.FlagSet, d Config) {
 	fs.String("nats-advertise", c.NATSAdvertise, "with --cluster-name: the route address told to the other nodes (default --nats-listen)")
 	fs.StringSlice("nats-routes", c.NATSRoutes, "with --cluster-name: the other nodes' --nats-listen addresses (comma-separated)")
 	fs.String("nats-client-addr", c.NATSClientAddr, "with --cluster-name: the embedded NATS node's client listener for tools (default none; TLS, users of --nats-client-users)")
-	fs.String("nats-url", c.NATSURL, "run a cluster node on an existing NATS cluster (comma-separated nats:// URLs; at least 3 JetStream servers, sync_interval always)")
+	fs.String("nats-url", c.NATSURL, "run a cluster node on an existing NATS cluster (comma-separated tls:// URLs, nats:// only with --nats-allow-plaintext; at least 3 JetStream servers, sync_interval always)")
 	fs.Duration("cluster-stale-after", c.StaleAfter, "a cluster node whose proven view of revocations is older than this refuses every certificate and reports not ready")
 	fs.Duration("cluster-stale-close-after", c.StaleCloseAfter, "a cluster node whose proven view of revocations is older than this closes its live sessions (MQTT 5: 0x8B); above --cluster-stale-after")
 	fs.Duration("cluster-shutdown-timeout", c.ShutdownTimeout, "a cluster node's graceful stop gives up its last cluster writes (session records, wills) after this, as a whole; the other nodes then sweep its sessions (0: 5s)")

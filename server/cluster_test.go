@@ -36,8 +36,8 @@ func TestClusterSettings(t *testing.T) {
 	if d := (ClusterConfig{StaleAfter: 3 * time.Second}).closeAfter(); d != 6*time.Second {
 		t.Fatalf("second bound for 0 with a 3s first bound: %s, want 6s", d)
 	}
-	cfg, err = load(nil, map[string]string{"FLEETGATE_NATS_URL": "nats://a:4222,nats://b:4222", "FLEETGATE_NODE_NAME": "e1"})
-	if err != nil || cfg.Cluster.NATSURL != "nats://a:4222,nats://b:4222" || !cfg.Cluster.Enabled() {
+	cfg, err = load(nil, map[string]string{"FLEETGATE_NATS_URL": "tls://a:4222,tls://b:4222", "FLEETGATE_NODE_NAME": "e1"})
+	if err != nil || cfg.Cluster.NATSURL != "tls://a:4222,tls://b:4222" || !cfg.Cluster.Enabled() {
 		t.Fatalf("env: %+v %v", cfg.Cluster, err)
 	}
 	for _, tc := range []struct {

@@ -50,9 +50,12 @@ type NATSSecurity struct {
 	// AllowUnsynced starts on an external NATS that acknowledges before it
 	// syncs (logged as an error).
 	AllowUnsynced bool `yaml:"nats_allow_unsynced"`
+	// AllowPlaintext accepts nats:// URLs and http:// monitoring URLs
+	// (logged as an error): without it only tls:// and https://.
+	AllowPlaintext bool `yaml:"nats_allow_plaintext"`
 }
 
-var natsSecKeys = []string{"nats-insecure-plain-routes", "nats-client-users", "nats-ca", "nats-cert", "nats-key", "nats-creds", "nats-monitor-urls", "nats-allow-unsynced"}
+var natsSecKeys = []string{"nats-insecure-plain-routes", "nats-client-users", "nats-ca", "nats-cert", "nats-key", "nats-creds", "nats-monitor-urls", "nats-allow-unsynced", "nats-allow-plaintext"}
 
 func init() { keys = append(keys, natsSecKeys...) }
 
@@ -64,6 +67,7 @@ func natsSecFlags(fs *pflag.FlagSet, d NATSSecurity) {
 	fs.String("nats-key", d.Key, "with --nats-url: the client certificate's key (PEM, 0600)")
 	fs.String("nats-creds", d.Creds, "with --nats-url: NATS credentials file (user JWT and nkey seed, 0600)")
 	fs.StringSlice("nats-monitor-urls", d.MonitorURLs, "with --nats-url: every NATS server's HTTP monitoring URL (comma-separated): fleetgate refuses to start unless each syncs JetStream before acknowledging")
+	fs.Bool("nats-allow-plaintext", d.AllowPlaintext, "with --nats-url: accept nats:// URLs and http:// --nats-monitor-urls, WITHOUT TLS (passwords, records and the sync check readable and forgeable on the network; logged as an error)")
 	fs.Bool("nats-allow-unsynced", d.AllowUnsynced, "with --nats-monitor-urls: start even when a NATS server acknowledges JetStream writes before syncing them (logged as an error)")
 }
 
@@ -86,6 +90,8 @@ func assignNATSSec(s *NATSSecurity, k string, fs *pflag.FlagSet) error {
 		s.MonitorURLs, err = fs.GetStringSlice(k)
 	case "nats-allow-unsynced":
 		s.AllowUnsynced, err = fs.GetBool(k)
+	case "nats-allow-plaintext":
+		s.AllowPlaintext, err = fs.GetBool(k)
 	}
 	return err
 }
@@ -99,8 +105,13 @@ func (c ClusterConfig) validateNATSSec() []error {
 	if c.ClusterName == "" && (s.PlainRoutes || s.ClientUsers != "" || c.NATSClientAddr != "") {
 		errs = append(errs, errors.New("nats_insecure_plain_routes, nats_client_addr and nats_client_users need cluster_name (the embedded NATS)"))
 	}
-	if c.NATSURL == "" && (s.CA != "" || s.Cert != "" || s.Key != "" || s.Creds != "" || len(s.MonitorURLs) > 0 || s.AllowUnsynced) {
-		errs = append(errs, errors.New("nats_ca, nats_cert, nats_key, nats_creds, nats_monitor_urls and nats_allow_unsynced need nats_url (an external NATS)"))
+	if c.NATSURL == "" && (s.CA != "" || s.Cert != "" || s.Key != "" || s.Creds != "" || len(s.MonitorURLs) > 0 || s.AllowUnsynced || s.AllowPlaintext) {
+		errs = append(errs, errors.New("nats_ca, nats_cert, nats_key, nats_creds, nats_monitor_urls, nats_allow_unsynced and nats_allow_plaintext need nats_url (an external NATS)"))
+	}
+	if c.NATSURL != "" && !s.AllowPlaintext {
+		if err := natsnode.CheckTLS(c.NATSURL, s.MonitorURLs); err != nil {
+			errs = append(errs, fmt.Errorf("nats_url / nats_monitor_urls: %w (use tls:// and https://, or --nats-allow-plaintext)", err))
+		}
 	}
 	if (s.Cert == "") != (s.Key == "") {
 		errs = append(errs, errors.New("nats_cert and nats_key go together"))
@@ -149,12 +160,23 @@ func hosts(addrs ...string) []string {
 // monitorPermissions are a monitor user's: JetStream's account, stream
 // and consumer information (replicas, leaders, lag), nothing that reads
 // or writes a record. Stream information can list a bucket's keys (a
-// subjects filter); keys hold no secret (token secrets are hashes).
-var monitorPermissions = &server.Permissions{
-	Publish: &server.SubjectPermission{Allow: []string{"$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST",
-		"$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.NAMES.*", "$JS.API.CONSUMER.LIST.*", "$JS.API.CONSUMER.INFO.*.*"}},
-	Subscribe: &server.SubjectPermission{Allow: []string{"_INBOX.>"}},
+// subjects filter); keys hold no secret (token secrets are hashes). The
+// answers come to the user's own inbox prefix, _INBOX_<user> (`nats
+// --inbox-prefix _INBOX_<user>`, nats.go's nats.CustomInboxPrefix), and
+// only there: all clients share one account, so a user allowed _INBOX.>
+// would receive the replies of every other client (fleetgate's own have
+// their prefix, natsnode.InboxPrefix, which no user's covers).
+func monitorPermissions(user string) *server.Permissions {
+	return &server.Permissions{
+		Publish: &server.SubjectPermission{Allow: []string{"$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST",
+			"$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.NAMES.*", "$JS.API.CONSUMER.LIST.*", "$JS.API.CONSUMER.INFO.*.*"}},
+		Subscribe: &server.SubjectPermission{Allow: []string{MonitorInboxPrefix(user) + ".>"}},
+	}
 }
+
+// MonitorInboxPrefix is the only inbox prefix a monitor user may
+// subscribe to (a name is a-z 0-9 -: one subject token).
+func MonitorInboxPrefix(user string) string { return "_INBOX_" + user }
 
 // readNATSUsers reads the client listener's users file: 0600, one
 // `name:password:role` a line (# comments), role monitor or admin (every
@@ -197,7 +219,7 @@ func readNATSUsers(file string) ([]*server.User, error) {
 		}
 		switch parts[2] {
 		case "monitor":
-			u.Permissions = monitorPermissions
+			u.Permissions = monitorPermissions(u.Username)
 		case "admin":
 		default:
 			return nil, fmt.Errorf("nats_client_users: %s:%d: role %q is not monitor or admin", file, n, parts[2])
@@ -217,6 +239,7 @@ func readNATSUsers(file string) ([]*server.User, error) {
 // and credentials, and checks its sync setting (or warns that it cannot).
 func dialExternalNATS(cc ClusterConfig, log *slog.Logger) (*nats.Conn, error) {
 	s := cc.Security
+	logPlaintext(cc, log)
 	auth := natsnode.ExternalAuth{CAFile: s.CA, CertFile: s.Cert, KeyFile: s.Key, CredsFile: s.Creds}
 	opts, err := auth.Options()
 	if err != nil {
@@ -226,6 +249,15 @@ func dialExternalNATS(cc ClusterConfig, log *slog.Logger) (*nats.Conn, error) {
 		return nil, err
 	}
 	return natsnode.Dial(cc.NATSURL, "fleetgate-"+cc.NodeName, log, opts...)
+}
+
+// logPlaintext logs an ERROR when nats_allow_plaintext let a URL without
+// TLS through (validateNATSSec refuses them otherwise).
+func logPlaintext(cc ClusterConfig, log *slog.Logger) {
+	if err := natsnode.CheckTLS(cc.NATSURL, cc.Security.MonitorURLs); err != nil && cc.Security.AllowPlaintext {
+		log.Error("external NATS: PLAINTEXT (nats_allow_plaintext): passwords, every record, every acknowledgement and the "+
+			"sync check cross the network readable and forgeable", "urls", err)
+	}
 }
 
 func checkExternalSync(auth natsnode.ExternalAuth, s NATSSecurity, log *slog.Logger) error {

@@ -32,6 +32,10 @@ func TestNATSSecuritySettings(t *testing.T) {
 		{[]string{"--nats-url", "tls://x:4222", "--node-name", "n1", "--nats-cert", "c.pem"}, "go together"},
 		{[]string{"--nats-url", "tls://x:4222", "--node-name", "n1", "--nats-allow-unsynced"}, "nothing is checked"},
 		{[]string{"--nats-url", "tls://x:4222", "--node-name", "n1", "--nats-client-users", "u"}, "need cluster_name"},
+		{[]string{"--nats-url", "nats://u:p@x:4222", "--node-name", "n1"}, "--nats-allow-plaintext"},
+		{[]string{"--nats-url", "tls://x:4222,x:4223", "--node-name", "n1"}, "x:4223"},
+		{[]string{"--nats-url", "tls://x:4222", "--node-name", "n1", "--nats-monitor-urls", "http://x:8222"}, "--nats-allow-plaintext"},
+		{append(cluster, "--nats-allow-plaintext"), "need nats_url"},
 	} {
 		fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
 		Flags(fs, Defaults())
@@ -91,7 +95,7 @@ func TestNATSClientUsers(t *testing.T) {
 		t.Fatal(err)
 	}
 	u := strings.Replace(c.Nodes[0].ClientURL(), "tls://", "tls://ops:0123456789abcdef@", 1)
-	nc, err := nats.Connect(u, nats.RootCAs(c.CAFile), nats.MaxReconnects(0))
+	nc, err := nats.Connect(u, nats.RootCAs(c.CAFile), nats.MaxReconnects(0), nats.CustomInboxPrefix(MonitorInboxPrefix("ops")))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,5 +161,35 @@ func TestExternalNATSSyncCheck(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "level=ERROR") || !strings.Contains(logs.String(), "STARTING ANYWAY") {
 		t.Fatalf("no error logged for an allowed unsynced NATS:\n%s", logs.String())
+	}
+}
+
+// A NATS URL without TLS is refused (TestNATSSecuritySettings) unless
+// nats_allow_plaintext, which starts with an ERROR in the log naming the
+// plaintext URLs (without their passwords).
+func TestExternalNATSPlaintextAllowed(t *testing.T) {
+	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+	Flags(fs, Defaults())
+	args := []string{"--nats-url", "nats://u:secretpw@127.0.0.1:4222", "--node-name", "n1", "--nats-allow-plaintext",
+		"--nats-monitor-urls", "http://127.0.0.1:8222"}
+	if err := fs.Parse(args); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := Load(fs, func(string) string { return "" })
+	if err != nil {
+		t.Fatalf("%v: %v", args, err)
+	}
+	var logs strings.Builder
+	logPlaintext(cfg.Cluster, slog.New(slog.NewTextHandler(&logs, nil)))
+	l := logs.String()
+	if !strings.Contains(l, "level=ERROR") || !strings.Contains(l, "PLAINTEXT") || !strings.Contains(l, "http://127.0.0.1:8222") ||
+		strings.Contains(l, "secretpw") {
+		t.Fatalf("log of an allowed plaintext NATS:\n%s", l)
+	}
+	logs.Reset()
+	cfg.Cluster.NATSURL, cfg.Cluster.Security.MonitorURLs = "tls://127.0.0.1:4222", []string{"https://127.0.0.1:8222"}
+	logPlaintext(cfg.Cluster, slog.New(slog.NewTextHandler(&logs, nil)))
+	if logs.Len() != 0 {
+		t.Fatalf("TLS URLs logged as plaintext:\n%s", logs.String())
 	}
 }

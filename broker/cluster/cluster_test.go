@@ -3,15 +3,20 @@ package cluster_test
 import (
 	"crypto/tls"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/nats-io/nats.go"
 
+	"github.com/fleetgate/fleetgate/cluster/natstest"
 	"github.com/fleetgate/fleetgate/devicesdk"
 	"github.com/fleetgate/fleetgate/internal/testenv"
+	"github.com/fleetgate/fleetgate/server"
 )
 
 // node is one fleetgate node of a test cluster.
@@ -23,6 +28,32 @@ type node = testenv.Gateway
 func startCluster(t *testing.T) *testenv.Cluster {
 	t.Helper()
 	return testenv.StartCluster(t, 3, nil)
+}
+
+// startClusterWithAdminClient starts 3 nodes, node i with a NATS client
+// listener (TLS, one admin user from a 0600 users file), and connects to
+// it as that user: the tests that write into the buckets as a rogue or
+// racing writer would.
+func startClusterWithAdminClient(t *testing.T, i int) (*testenv.Cluster, *nats.Conn) {
+	t.Helper()
+	addr := natstest.FreeAddr(t, "127.0.0.1")
+	users := filepath.Join(t.TempDir(), "nats-users")
+	if err := os.WriteFile(users, []byte("forger:forger-password-0123456789:admin\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var caFile string
+	c := testenv.StartCluster(t, 3, func(j int, cfg *server.Config) {
+		if j == i {
+			cfg.Cluster.NATSClientAddr, cfg.Cluster.Security.ClientUsers = addr, users
+			caFile = filepath.Join(cfg.DataDir, server.ClusterCADir, "ca.pem")
+		}
+	})
+	nc, err := nats.Connect("tls://forger:forger-password-0123456789@"+addr, nats.RootCAs(caFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	return c, nc
 }
 
 // connectDevice connects d to nd (MQTT 3.1.1 through paho), retrying

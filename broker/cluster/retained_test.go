@@ -95,7 +95,7 @@ func TestRetainedSetAndDeleteAcrossNodes(t *testing.T) {
 // only what the bucket committed is applied, in revision order (the old
 // core-subscription path served it).
 func TestUncommittedRetainedIsNotServed(t *testing.T) {
-	c, nc := startClusterWithNATSClient(t, 2, "forger")
+	c, nc := startClusterWithAdminClient(t, 2)
 	n1, n3 := c.Nodes[0], c.Nodes[2]
 	dev := n1.EnrollDevice(t, "dev-u", "lab")
 	svcCert := n1.Service(t, "svc-u")

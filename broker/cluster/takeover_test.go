@@ -6,45 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"os"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/fleetgate/fleetgate/broker/cluster"
-	"github.com/fleetgate/fleetgate/cluster/natstest"
 	"github.com/fleetgate/fleetgate/internal/testenv"
-	"github.com/fleetgate/fleetgate/server"
 )
-
-// startClusterWithNATSClient is startCluster with a client listener
-// (TLS, one admin user, user) on node's embedded NATS server, and a
-// connection to it.
-func startClusterWithNATSClient(t *testing.T, node int, user string) (*testenv.Cluster, *nats.Conn) {
-	t.Helper()
-	addr := natstest.FreeAddr(t, "127.0.0.1")
-	users := filepath.Join(t.TempDir(), "nats-users")
-	if err := os.WriteFile(users, []byte(user+":"+user+"-password-0123456789:admin\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	var caFile string
-	c := testenv.StartCluster(t, 3, func(i int, cfg *server.Config) {
-		if i == node {
-			cfg.Cluster.NATSClientAddr, cfg.Cluster.Security.ClientUsers = addr, users
-			caFile = filepath.Join(cfg.DataDir, server.ClusterCADir, "ca.pem")
-		}
-	})
-	nc, err := nats.Connect("tls://"+user+":"+user+"-password-0123456789@"+addr, nats.RootCAs(caFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	return c, nc
-}
 
 // A session taken over whose replay from the stream cannot be done (the
 // node loses its quorum between its claim of the record and the replay, as
@@ -108,7 +78,7 @@ func TestSessionWhoseReplayFailsIsRefusedAndReplayedNextTime(t *testing.T) {
 // closed the live session (0x8E) and forgot its subscriptions, so the
 // device, back on another node, missed the commands published after.
 func TestRefusedSessionWriteDoesNotEvictTheOwner(t *testing.T) {
-	c, nc := startClusterWithNATSClient(t, 0, "tool")
+	c, nc := startClusterWithAdminClient(t, 0)
 	n1, n2, n3 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
 	dev := n1.EnrollDevice(t, "dev-s", "lab")
 	svcCert := n1.Service(t, "svc-s")

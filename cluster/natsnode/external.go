@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -31,6 +32,33 @@ type ExternalAuth struct {
 	CertFile, KeyFile string
 	// CredsFile: a NATS credentials file (user JWT and nkey seed).
 	CredsFile string
+}
+
+// ErrPlaintext: an external NATS URL or monitoring URL without TLS.
+var ErrPlaintext = errors.New("without TLS")
+
+// CheckTLS refuses (ErrPlaintext, naming them) the NATS URLs
+// (comma-separated) that are not tls:// and the monitoring URLs that are
+// not https://: over plain TCP a password in the URL, every record and
+// every acknowledgement cross the network readable and forgeable, and a
+// /varz answer (the sync check) can be spoofed.
+func CheckTLS(urls string, monitorURLs []string) error {
+	var bad []string
+	for _, s := range strings.Split(urls, ",") {
+		s = strings.TrimSpace(s)
+		if u, err := url.Parse(s); err != nil || !strings.EqualFold(u.Scheme, "tls") {
+			bad = append(bad, redact(s))
+		}
+	}
+	for _, s := range monitorURLs {
+		if u, err := url.Parse(s); err != nil || !strings.EqualFold(u.Scheme, "https") {
+			bad = append(bad, redact(s))
+		}
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("natsnode: %w: %s", ErrPlaintext, strings.Join(bad, ", "))
+	}
+	return nil
 }
 
 // Options are the nats.go options of a; the key and credentials files must

@@ -170,6 +170,11 @@ func clientListener(opts *server.Options, cfg Config) (string, error) {
 	} else if len(cfg.ClientUsers) == 0 {
 		return "", errors.New("natsnode: a client listener needs users (nobody connects without a password)")
 	}
+	for _, u := range cfg.ClientUsers {
+		if u.Username == selfUser {
+			return "", fmt.Errorf("natsnode: client user %q is the node's own (choose another name)", selfUser)
+		}
+	}
 	var err error
 	if opts.Host, opts.Port, err = hostPort(addr); err != nil {
 		return "", fmt.Errorf("natsnode: client address: %w", err)
@@ -228,12 +233,19 @@ func (n *Node) Shutdown() {
 	n.srv.WaitForShutdown()
 }
 
-// clientOptions: reconnect forever, quickly; tell log of each change.
+// InboxPrefix is the reply subjects' prefix of fleetgate's own clients
+// (every KV read, every pulled message comes back under it): no other
+// user's inbox prefix (_INBOX_<user>, server/natssec.go) covers it, and
+// nats.go's default (_INBOX) is left to nobody.
+const InboxPrefix = "_FLEETGATE_INBOX"
+
+// clientOptions: fleetgate's inbox prefix; reconnect forever, quickly;
+// tell log of each change.
 func clientOptions(name string, log *slog.Logger) []nats.Option {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return []nats.Option{nats.Name(name), nats.MaxReconnects(-1), nats.ReconnectWait(100 * time.Millisecond),
+	return []nats.Option{nats.Name(name), nats.CustomInboxPrefix(InboxPrefix), nats.MaxReconnects(-1), nats.ReconnectWait(100 * time.Millisecond),
 		nats.ReconnectJitter(50*time.Millisecond, 50*time.Millisecond), nats.PingInterval(2 * time.Second), nats.MaxPingsOutstanding(2),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "err", err) }),
 		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("NATS reconnected", "server", c.ConnectedUrlRedacted()) })}

@@ -179,7 +179,7 @@ func TestClientListenerNeedsPassword(t *testing.T) {
 
 // A node with no client address admits no client but its own in-process
 // one; one with a listener but no users, or routes without TLS, is
-// refused at start.
+// refused at start, as is a user with the in-process client's name.
 func TestNoClientUnlessAsked(t *testing.T) {
 	c := natstest.StartWith(t, 3, func(i int, cfg *natsnode.Config) {
 		if i == 2 {
@@ -211,6 +211,8 @@ func TestNoClientUnlessAsked(t *testing.T) {
 	for name, cfg := range map[string]natsnode.Config{
 		"a listener without users": {ClientAddr: "127.0.0.1:0", TLS: tlsCfg},
 		"routes without TLS":       {},
+		"a user named as the node's own": {ClientAddr: "127.0.0.1:0", TLS: tlsCfg,
+			ClientUsers: []*server.User{{Username: "fleetgate-node", Password: "0123456789abcdef"}}},
 	} {
 		cfg.Name, cfg.ClusterName, cfg.ClusterAddr, cfg.StoreDir = "x", "fgtest", "127.0.0.1:0", filepath.Join(dir, name)
 		if n, err := natsnode.Start(cfg); err == nil {

@@ -124,7 +124,7 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 				urls = append(urls, nats.urls[j])
 			}
 		}
-		procs[i] = serve(t, dir, "--nats-url", strings.Join(urls, ","), "--node-name", fmt.Sprint("node", i+1))
+		procs[i] = serve(t, dir, "--nats-url", strings.Join(urls, ","), "--nats-allow-plaintext", "--node-name", fmt.Sprint("node", i+1))
 		gws[i] = gatewayOf(t, dir, procs[i])
 	}
 	for i := range n {
