@@ -392,7 +392,7 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 		if err == nil {
 			break
 		}
-		if attempt < 5 && (errors.Is(err, jetstream.ErrKeyExists) || strings.Contains(err.Error(), "wrong last sequence")) {
+		if attempt < casRetries && casConflict(err) && casBackoff(ctx, attempt) {
 			continue // claimed concurrently: read again
 		}
 		return s.refuse(cl, "session record not written (no quorum?)", err)
@@ -570,7 +570,7 @@ func (s *sessions) updateWithin(cl *mqtt.Client, d time.Duration, fn func(*recor
 	key := sessionKey(cl.ID)
 	ctx, cancel := s.r.opCtxWithin(d)
 	defer cancel()
-	for range 5 {
+	for attempt := 0; ; attempt++ {
 		e, err := s.kv.Get(ctx, key)
 		if err != nil {
 			s.r.unwritten(cl.ID, "session record (not read)", err)
@@ -586,7 +586,7 @@ func (s *sessions) updateWithin(cl *mqtt.Client, d time.Duration, fn func(*recor
 			b, _ := json.Marshal(rec)
 			_, err = s.kv.Update(ctx, key, b, e.Revision())
 		}
-		if err == nil || !strings.Contains(err.Error(), "wrong last sequence") {
+		if err == nil || !casConflict(err) || attempt >= casRetries || !casBackoff(ctx, attempt) {
 			if err != nil && !s.r.unwritten(cl.ID, "session record", err) {
 				s.r.log.Warn("session record not updated", "client", cl.ID, "err", err)
 			}

@@ -276,7 +276,9 @@ func redact(urls string) string {
 }
 
 // Bucket creates (or opens) the KV bucket with Replicas replicas, history
-// 1, atomic batches allowed, and checks the replica count: a cluster with
+// 1, atomic batches allowed, direct gets off (reads are answered by the
+// stream's leader, so a compare-and-swap reads the committed revision),
+// and checks the replica count: a cluster with
 // fewer than three JetStream servers cannot hold it, and a bucket someone
 // created with fewer replicas is refused. It retries until ctx ends while
 // the JetStream cluster has no leader yet.
@@ -311,11 +313,23 @@ func Bucket(ctx context.Context, js jetstream.JetStream, name string) (jetstream
 	if cfg.Replicas != Replicas {
 		return nil, fmt.Errorf("natsnode: bucket %s has %d replicas, want %d", name, cfg.Replicas, Replicas)
 	}
-	if !cfg.AllowAtomicPublish {
-		cfg.AllowAtomicPublish = true
-		if _, err := js.UpdateStream(ctx, cfg); err != nil {
-			return nil, fmt.Errorf("natsnode: bucket %s: allow atomic batches: %w", name, err)
-		}
+	if cfg.AllowAtomicPublish && !cfg.AllowDirect {
+		return kv, nil
+	}
+	// nats.go creates every bucket with AllowDirect, and its KeyValue then
+	// reads with direct gets, which any replica answers, a lagging follower
+	// too (nats-server subscribes every caught-up replica to the direct-get
+	// queue group): a compare-and-swap that re-reads after a failed swap
+	// can read the same stale revision again and again. Without it, Get is
+	// STREAM.MSG.GET, answered by the stream's leader.
+	cfg.AllowAtomicPublish = true
+	cfg.AllowDirect = false
+	if _, err := js.UpdateStream(ctx, cfg); err != nil {
+		return nil, fmt.Errorf("natsnode: bucket %s: allow atomic batches, leader reads: %w", name, err)
+	}
+	// Bind again: nats.go decides on direct gets when it binds.
+	if kv, err = js.KeyValue(ctx, name); err != nil {
+		return nil, fmt.Errorf("natsnode: bucket %s: %w", name, err)
 	}
 	return kv, nil
 }
