@@ -1,7 +1,6 @@
 package cluster
 
 import (
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -11,7 +10,6 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -40,29 +38,8 @@ func rawCall(t *testing.T, g *testenv.Gateway, cert *tls.Certificate, method, pa
 	if err != nil {
 		t.Fatal(err)
 	}
-	req, _ := http.NewRequest(method, g.URL()+path, bytes.NewReader(b))
-	req.Header.Set("Content-Type", "application/json")
-	tc := &tls.Config{RootCAs: g.Roots()}
-	if cert != nil {
-		tc.Certificates = []tls.Certificate{*cert}
-	}
-	tr := &http.Transport{TLSClientConfig: tc}
-	defer tr.CloseIdleConnections()
-	resp, err := (&http.Client{Timeout: 90 * time.Second, Transport: tr}).Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	rb, _ := io.ReadAll(resp.Body)
-	a := answer{status: resp.StatusCode, retryAfter: resp.Header.Get("Retry-After")}
-	if resp.StatusCode/100 != 2 {
-		var e api.Error
-		if err := json.Unmarshal(rb, &e); err != nil {
-			t.Fatalf("%s %s: error body is not JSON: %q", method, path, rb)
-		}
-		a.code = e.Code
-	}
-	return a
+	r := g.CallWith(t, cert, 90*time.Second, method, path, string(b))
+	return answer{status: r.Status, retryAfter: r.Header.Get("Retry-After"), code: r.Err.Code}
 }
 
 // Quorum lost: the routes of two of the three nodes are cut, so no node
