@@ -35,6 +35,7 @@ func (s *Server) bindClusterRouter(b *broker.Broker) {
 	}
 	s.router.Bind(b)
 	s.router.Seed()
+	s.prom.MustRegister(s.router.Collectors()...)
 	s.ready = append(s.ready, s.router.Ready)
 }
 

@@ -72,8 +72,17 @@ type ClusterConfig struct {
 	Security NATSSecurity `yaml:",inline"`
 }
 
-// DefaultStaleCloseAfter is cluster_stale_close_after's default.
-const DefaultStaleCloseAfter = 5 * time.Second
+// DefaultStaleCloseAfter is cluster_stale_close_after's default. It is
+// above the time JetStream takes to replace a dead leader: a follower
+// campaigns 4 to 9 s (nats-server's raft election timeout, not
+// configurable) after it last heard from the leader, and only then are
+// heartbeats acknowledged again. Every node's view is unproven meanwhile,
+// so a bound inside that window made the death of the one node (or NATS
+// server) leading the directory's bucket close every session of the
+// cluster (5 s until 2026-12-07: seen in CI, and in the failover
+// benchmark's lost subscriber). New CONNECTs are still refused from the
+// first bound on.
+const DefaultStaleCloseAfter = 15 * time.Second
 
 // closeAfter is the second bound in force: StaleCloseAfter, or for 0 the
 // default (at least twice StaleAfter).

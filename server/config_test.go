@@ -57,7 +57,7 @@ func TestDefaultsUnchanged(t *testing.T) {
 		MaxQueuedDevice: 1000, MaxQueuedService: 10_000,
 		HelloTimeout: 3 * time.Second, SubRate: 10, SubBurst: 100, MaxKeepalive: 1200,
 		SweepInterval: 10 * time.Second,
-		Cluster:       ClusterConfig{StaleAfter: time.Second, StaleCloseAfter: 5 * time.Second}, // no cluster: the single box
+		Cluster:       ClusterConfig{StaleAfter: time.Second, StaleCloseAfter: 15 * time.Second}, // no cluster: the single box
 		MinTLS:        "1.3",
 	}
 	if !reflect.DeepEqual(d, want) {

@@ -2,6 +2,7 @@ package cluster_test
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -144,6 +145,33 @@ func TestLiveSubscriberGetsQoS1PublishedWhileItsNodeWasCut(t *testing.T) {
 		t.Fatalf("the subscriber was disconnected (0x%02X): the test needs it online throughout", d.ReasonCode)
 	default:
 	}
+	// The feed's metrics say the same: node 2 routed them into the
+	// stream, node 1's feed applied them and handed them to its broker.
+	if v := metricValue(t, c.Nodes[1], "fleetgate_cluster_routed_total"); v < n {
+		t.Errorf("node 2 fleetgate_cluster_routed_total = %v, want at least %d", v, n)
+	}
+	if v := metricValue(t, c.Nodes[0], "fleetgate_cluster_received_total"); v < n {
+		t.Errorf("node 1 fleetgate_cluster_received_total = %v, want at least %d", v, n)
+	}
+	if v := metricValue(t, c.Nodes[0], "fleetgate_cluster_q1_feed_applied_sequence"); v < n {
+		t.Errorf("node 1 fleetgate_cluster_q1_feed_applied_sequence = %v, want at least %d", v, n)
+	}
+}
+
+// metricValue is the value of an unlabelled metric on nd's /metrics.
+func metricValue(t *testing.T, nd *node, name string) float64 {
+	t.Helper()
+	for _, l := range strings.Split(nd.Metrics(t), "\n") {
+		if v, ok := strings.CutPrefix(l, name+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatalf("%s: %v", l, err)
+			}
+			return f
+		}
+	}
+	t.Fatalf("no %s on /metrics", name)
+	return 0
 }
 
 // The publisher's node is stopped right after its PUBACKs, its live copies

@@ -4,12 +4,15 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -54,17 +57,19 @@ func natsServerBin(t testing.TB) string {
 type natsProcs struct {
 	procs []*fleetproc.Proc
 	urls  []string // client URL of each
+	mons  []string // monitoring address of each (host:port)
 }
 
 func startNATSProcs(t *testing.T, n int) *natsProcs {
 	t.Helper()
 	bin := natsServerBin(t)
-	c := &natsProcs{procs: make([]*fleetproc.Proc, n), urls: make([]string, n)}
+	c := &natsProcs{procs: make([]*fleetproc.Proc, n), urls: make([]string, n), mons: make([]string, n)}
 	routes := make([]string, n)
 	client := make([]string, n)
 	for i := range n {
 		client[i] = natstest.FreeAddr(t, natstest.Host(i))
 		routes[i] = natstest.FreeAddr(t, natstest.Host(i))
+		c.mons[i] = natstest.FreeAddr(t, natstest.Host(i))
 		c.urls[i] = "nats://" + client[i]
 	}
 	for i := range n {
@@ -75,8 +80,8 @@ func startNATSProcs(t *testing.T, n int) *natsProcs {
 				others = append(others, fmt.Sprintf("%q", "nats-route://"+routes[j]))
 			}
 		}
-		conf := fmt.Sprintf("server_name: nats%d\nlisten: %q\njetstream {\n  store_dir: %q\n  sync_interval: always\n}\n"+
-			"cluster {\n  name: fgext\n  listen: %q\n  routes: [%s]\n}\n", i+1, client[i], filepath.Join(dir, "js"), routes[i], strings.Join(others, ", "))
+		conf := fmt.Sprintf("server_name: nats%d\nlisten: %q\nhttp: %q\njetstream {\n  store_dir: %q\n  sync_interval: always\n}\n"+
+			"cluster {\n  name: fgext\n  listen: %q\n  routes: [%s]\n}\n", i+1, client[i], c.mons[i], filepath.Join(dir, "js"), routes[i], strings.Join(others, ", "))
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -143,7 +148,14 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 	)
 	svcCert := gws[0].Service(t, "svc-nk")
 	testenv.Eventually(t, 20*time.Second, func() error {
-		c, err := gws[2].MQTT(t, "svc-nk", &svcCert, func(o *paho.ClientOptions) { o.SetCleanSession(false) })
+		// Like a real service, it reconnects (its persistent session keeps
+		// the subscription): a node whose view of revocations goes stale
+		// past the second bound while JetStream elects new leaders closes
+		// its sessions (docs/cluster.md, "Fail closed").
+		c, err := gws[2].MQTT(t, "svc-nk", &svcCert, func(o *paho.ClientOptions) {
+			o.SetCleanSession(false).SetAutoReconnect(true).SetMaxReconnectInterval(time.Second).
+				SetConnectionLostHandler(func(_ paho.Client, err error) { t.Logf("service: connection lost: %v", err) })
+		})
 		if err != nil {
 			return err
 		}
@@ -164,28 +176,41 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 	type dev struct {
 		id   string
 		node int
-		c    paho.Client
+		c    atomic.Pointer[paho.Client] // the current connection's client
 		cert *tls.Certificate
 		lost chan struct{}
 	}
 	devs := make([]*dev, devices)
+	// connect connects d to its node. No paho auto-reconnect: on a
+	// reconnect paho v3 resends the publishes it holds and completes their
+	// original tokens without error before any PUBACK (claimID), which
+	// would count unacknowledged messages as acknowledged. A lost
+	// connection here fails its pending tokens, and the load loop dials a
+	// new client, as a device's firmware would.
+	connect := func(d *dev) error {
+		c, err := gws[d.node].MQTT(t, d.id, d.cert, func(o *paho.ClientOptions) {
+			o.SetConnectionLostHandler(func(_ paho.Client, err error) {
+				t.Logf("%s: connection lost: %v", d.id, err)
+				select {
+				case d.lost <- struct{}{}:
+				default:
+				}
+			})
+		})
+		if err == nil {
+			d.c.Store(&c)
+		}
+		return err
+	}
 	for i := range devices {
 		d := &dev{id: fmt.Sprint("nk5-", i), node: i % 2, lost: make(chan struct{}, 1)}
 		d.cert = deviceCert(t, gws[0].EnrollDevice(t, d.id, "fleet"))
-		testenv.Eventually(t, 20*time.Second, func() error {
-			var err error
-			d.c, err = gws[d.node].MQTT(t, d.id, d.cert, func(o *paho.ClientOptions) {
-				o.SetConnectionLostHandler(func(paho.Client, error) {
-					select {
-					case d.lost <- struct{}{}:
-					default:
-					}
-				})
-			})
-			return err
-		})
+		testenv.Eventually(t, 20*time.Second, func() error { return connect(d) })
 		devs[i] = d
 	}
+
+	victim := devs[1] // revoked mid-load; reconnected until then
+	var revoking atomic.Bool
 
 	// The load: each device publishes every 50 ms; a message is acknowledged
 	// once its token completes without error (PUBACK), whenever that is.
@@ -209,11 +234,15 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 					return
 				case <-tick.C:
 				}
-				if !d.c.IsConnected() {
+				c := *d.c.Load()
+				if !c.IsConnected() {
+					if seq%20 == 0 && (d != victim || !revoking.Load()) { // once a second
+						_ = connect(d)
+					}
 					continue
 				}
 				msg := fmt.Sprintf("%s/%d", d.id, seq)
-				tok := d.c.Publish("devices/"+d.id+"/telemetry", 1, false, msg)
+				tok := c.Publish("devices/"+d.id+"/telemetry", 1, false, msg)
 				ackMu.Lock()
 				sent++
 				ackMu.Unlock()
@@ -256,7 +285,17 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 
 	// Revocations still close sessions: a device on node 2, revoked
 	// through node 1.
-	victim := devs[1]
+	testenv.Eventually(t, 30*time.Second, func() error {
+		if !(*victim.c.Load()).IsConnected() {
+			return fmt.Errorf("%s not connected", victim.id)
+		}
+		return nil
+	})
+	revoking.Store(true)
+	select { // a loss before the revocation is not the revocation's
+	case <-victim.lost:
+	default:
+	}
 	var t0 time.Time
 	testenv.Eventually(t, 30*time.Second, func() error {
 		t0 = time.Now()
@@ -307,5 +346,31 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 		total, len(ack), before, got, dups, len(missing), missing[:min(len(missing), 10)])
 	if len(missing) > 0 {
 		t.Errorf("%d acknowledged QoS 1 messages never reached the service: %v", len(missing), missing[:min(len(missing), 20)])
+		// What the stream holds, by server, and where each node's feed is.
+		for i, mon := range nats.mons[1:] {
+			if out, err := httpGet("http://" + mon + "/jsz?streams=true&consumers=true"); err == nil {
+				t.Logf("nats%d /jsz: %s", i+2, out)
+			}
+		}
+		for i, g := range gws {
+			var feed []string
+			for _, l := range strings.Split(g.Metrics(t), "\n") {
+				if strings.HasPrefix(l, "fleetgate_cluster_") {
+					feed = append(feed, l)
+				}
+			}
+			t.Logf("node %d: %s", i+1, strings.Join(feed, "; "))
+		}
 	}
+}
+
+// httpGet returns the body at url (a NATS server's monitoring page).
+func httpGet(url string) (string, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	return string(b), err
 }

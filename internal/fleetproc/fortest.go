@@ -3,6 +3,7 @@ package fleetproc
 import (
 	"context"
 	"path/filepath"
+	"strings"
 	"time"
 )
 
@@ -14,6 +15,8 @@ type TB interface {
 	TempDir() string
 	Errorf(format string, args ...any)
 	Fatalf(format string, args ...any)
+	Logf(format string, args ...any)
+	Failed() bool
 }
 
 // ForTest starts `fleetgate serve` as o says (the address file in a test
@@ -30,8 +33,25 @@ func ForTest(t TB, o Options) *Proc {
 	if err != nil {
 		t.Fatalf("%v", err)
 	}
-	t.Cleanup(func() { StopForTest(t, p) })
+	t.Cleanup(func() {
+		StopForTest(t, p)
+		if t.Failed() {
+			t.Logf("fleetgate serve (pid %d, %s), its last warnings and errors:\n%s", p.PID, o.DataDir, Warnings(p.Log(), 60))
+		}
+	})
 	return p
+}
+
+// Warnings returns the last n lines of log at WARN or ERROR (what a failed
+// test prints of each process it started).
+func Warnings(log string, n int) string {
+	var keep []string
+	for _, l := range strings.Split(log, "\n") {
+		if strings.Contains(l, "level=WARN") || strings.Contains(l, "level=ERROR") {
+			keep = append(keep, l)
+		}
+	}
+	return strings.Join(keep[max(0, len(keep)-n):], "\n")
 }
 
 // StopForTest stops p (SIGTERM, SIGKILL after 30 s) and fails the test if
