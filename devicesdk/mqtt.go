@@ -42,6 +42,7 @@ type Client struct {
 	c      paho.Client
 	d      *Device
 	broker *atomic.Value // host:port of the latest connection attempt
+	acks   *AckStore     // what the broker acknowledged (acks.go)
 }
 
 // Connect opens an MQTT session to the broker with the device certificate.
@@ -76,6 +77,8 @@ func (d *Device) Connect(ctx context.Context, o ConnectOptions) (*Client, error)
 		SetMaxReconnectInterval(o.MaxReconnectInterval).
 		SetConnectRetry(false).
 		SetOrderMatters(false)
+	acks := NewAckStore()
+	opts.SetStore(acks)
 	// One handler for every message: a persistent session may deliver
 	// queued messages right after CONNACK, before this client subscribed
 	// again, and paho acknowledges (and drops) a message nobody handles.
@@ -98,7 +101,7 @@ func (d *Device) Connect(ctx context.Context, o ConnectOptions) (*Client, error)
 	if err := wait(ctx, c.Connect()); err != nil {
 		return nil, fmt.Errorf("devicesdk: connect %s: %w", o.BrokerAddr, err)
 	}
-	return &Client{id: d.cfg.DeviceID, c: c, d: d, broker: broker}, nil
+	return &Client{id: d.cfg.DeviceID, c: c, d: d, broker: broker, acks: acks}, nil
 }
 
 // Broker is the host:port of the connection's latest attempt: while
@@ -208,9 +211,13 @@ func (c *Client) PublishState(ctx context.Context, payload []byte) error {
 	return c.Publish(ctx, StateTopic(c.id), 1, true, payload)
 }
 
-// Publish publishes to any topic (the broker's policy decides).
+// Publish publishes to any topic (the broker's policy decides). For QoS
+// 1/2 it returns nil only once the broker acknowledged the message, also
+// when the connection broke and paho resent it (acks.go); an error means
+// the broker may not have it (paho may still be resending it: QoS 1 is at
+// least once).
 func (c *Client) Publish(ctx context.Context, topic string, qos byte, retain bool, payload []byte) error {
-	return wait(ctx, c.c.Publish(topic, qos, retain, payload))
+	return c.acks.Wait(ctx, c.c.Publish(topic, qos, retain, payload))
 }
 
 // Message is a received message.

@@ -145,8 +145,9 @@ func (r *run) failover(ctx context.Context) error {
 	// subscription came with it), and so does every command acknowledged
 	// to the service while they were away (queued in the session).
 	for _, d := range onKilled {
-		t := r.backend.Publish("devices/"+d.id+"/commands/after-move", 1, false, "ping")
-		t.WaitTimeout(10 * time.Second)
+		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_ = r.backendAcks.Wait(wctx, r.backend.Publish("devices/"+d.id+"/commands/after-move", 1, false, "ping"))
+		cancel()
 	}
 	// What the devices received, as they saw it (their answers travel as
 	// QoS 1 telemetry and may wait for a reconnection when JetStream had no
@@ -167,7 +168,7 @@ func (r *run) failover(ctx context.Context) error {
 	// still come for the others) must all be received.
 	acked := map[string]bool{}
 	for _, d := range onKilled {
-		if t := awayCmd[d.id]; t.WaitTimeout(0) && t.Error() == nil {
+		if r.backendAcks.Acked(awayCmd[d.id]) {
 			acked[d.id] = true
 		}
 	}

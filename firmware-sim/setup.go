@@ -97,7 +97,8 @@ func (r *run) setup(ctx context.Context) error {
 	for _, a := range r.mqttAddrs[min(1, len(r.mqttAddrs)):] {
 		bopts.AddBroker("tls://" + a) // node 1 first, then the others
 	}
-	r.backend = paho.NewClient(bopts.SetClientID(svcName).
+	r.backendAcks = devicesdk.NewAckStore()
+	r.backend = paho.NewClient(bopts.SetClientID(svcName).SetStore(r.backendAcks).
 		SetTLSConfig(&tls.Config{RootCAs: cfg.roots, ServerName: cfg.ServerName, Certificates: []tls.Certificate{svcCert}, MinVersion: tls.VersionTLS13}).
 		SetCleanSession(false).SetAutoReconnect(true).SetMaxReconnectInterval(time.Second).SetOrderMatters(false).
 		SetDefaultPublishHandler(r.recv.handle).

@@ -20,6 +20,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/fleetgate/fleetgate/devicesdk"
 	adminclient "github.com/fleetgate/fleetgate/operator/client"
 )
 
@@ -40,9 +41,12 @@ type run struct {
 	mqttAddrs []string
 	recv      *receiver
 	backend   paho.Client
-	devs      []*device
-	payload   []byte
-	progress  func(string, ...any)
+	// backendAcks is the backend's paho store: it tells which of its
+	// commands the broker acknowledged (devicesdk/acks.go).
+	backendAcks *devicesdk.AckStore
+	devs        []*device
+	payload     []byte
+	progress    func(string, ...any)
 }
 
 // Run runs the simulation until done or ctx ends. Every swtpm and gateway
