@@ -42,3 +42,8 @@ func (b *Broker) CloseSessions(reason string, code packets.Code) int {
 	})
 	return n
 }
+
+// OfflineQuota is how many QoS 1/2 messages cl's persistent session holds
+// while its client is offline (its role's MaxOffline; 0: no quota): what a
+// node replaying the session from the cluster's stream queues at most.
+func (b *Broker) OfflineQuota(cl *mqtt.Client) int { return b.queuePolicy(cl).MaxOffline }

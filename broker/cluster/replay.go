@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
+	"strings"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -48,8 +51,9 @@ const (
 	replayAttempt = 3 * time.Second
 	replayRetry   = 300 * time.Millisecond
 	refuseWrite   = time.Second
-	// replayMax bounds the messages of one replay (mochi's in-flight
-	// store holds at most 65,535; the offline quotas are smaller).
+	// replayMax bounds the messages of one replay when the session's role
+	// has no offline quota (mochi's in-flight store holds at most 65,535);
+	// otherwise the quota does.
 	replayMax = 10_000
 )
 
@@ -64,10 +68,11 @@ func (s *sessions) replayBounded(old *mqtt.Client, subs []sub, from time.Time, b
 	ctx, cancel := context.WithTimeout(context.Background(), budget)
 	defer cancel()
 	for attempt := 1; ; attempt++ {
-		stored, err := s.replay(ctx, old, subs, from)
+		stored, st, err := s.replay(ctx, old, subs, from)
 		if err == nil {
 			s.order(old, stored)
-			s.r.log.Info("offline session replayed from the stream", "client", old.ID, "messages", len(stored), "from", from, "attempts", attempt)
+			s.r.log.Info("offline session replayed from the stream", "client", old.ID, "messages", len(stored), "from", from,
+				"attempts", attempt, "consumers", st.consumers, "read", st.read)
 			return nil
 		}
 		for _, id := range stored {
@@ -83,9 +88,18 @@ func (s *sessions) replayBounded(old *mqtt.Client, subs []sub, from time.Time, b
 }
 
 // replay stores in old's in-flight store the messages of the stream, from
-// the time from, that its subscriptions match; an error means it did not
-// read the stream to its end (stored holds what it stored meanwhile).
-func (s *sessions) replay(ctx context.Context, old *mqtt.Client, subs []sub, from time.Time) (stored []uint16, err error) {
+// the time from, that its subscriptions match, in stream order, at most
+// the session's offline quota (a single node queues no more for an offline
+// session); an error means it did not read the stream to its end (stored
+// holds what it stored meanwhile).
+//
+// The consumer reads only the subjects of the session's filters. JetStream
+// refuses a consumer whose filters overlap (devices/d/# with
+// devices/d/+/x): then each filter is read by its own consumer and the
+// results merged by stream sequence. (Reading the whole stream instead,
+// as before, could take longer than an attempt on a busy cluster, and the
+// session could then never be resumed on another node.)
+func (s *sessions) replay(ctx context.Context, old *mqtt.Client, subs []sub, from time.Time) (stored []uint16, st replayStats, err error) {
 	actx, cancel := context.WithTimeout(ctx, replayAttempt)
 	defer cancel()
 	var filters []string
@@ -98,46 +112,124 @@ func (s *sessions) replay(ctx context.Context, old *mqtt.Client, subs []sub, fro
 			}
 		}
 	}
-	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: filters, DeliverPolicy: jetstream.DeliverByStartTimePolicy,
-		OptStartTime: &from, InactiveThreshold: 30 * time.Second}
-	cons, err := s.r.js.OrderedConsumer(actx, Stream, cfg)
-	if err != nil {
-		// Overlapping filters (a/+ and a/b) are refused by JetStream: read
-		// every subject; the session's subscriptions select below.
-		cfg.FilterSubjects = nil
-		if cons, err = s.r.js.OrderedConsumer(actx, Stream, cfg); err != nil {
-			return nil, fmt.Errorf("replay consumer not created: %w", err)
+	limit := replayMax
+	if q := s.r.b.OfflineQuota(old); q > 0 && q < limit {
+		limit = q
+	}
+	limit = max(limit-old.State.Inflight.Len(), 0)
+	if limit == 0 || len(filters) == 0 {
+		return nil, st, nil
+	}
+	groups := [][]string{filters}
+	if overlapping(filters) {
+		groups = groups[:0]
+		for _, f := range filters {
+			groups = append(groups, []string{f})
 		}
 	}
-	info, err := cons.Info(actx)
+	bySeq := map[uint64]jetstream.Msg{}
+	capped := false // messages past the quota were left out
+	st.consumers = len(groups)
+	for _, g := range groups {
+		msgs, more, err := s.readStream(actx, g, from, limit)
+		if err != nil {
+			return nil, st, err
+		}
+		capped = capped || more
+		st.read += len(msgs)
+		for _, m := range msgs {
+			if md, err := m.Metadata(); err == nil {
+				bySeq[md.Sequence.Stream] = m
+			}
+		}
+		if len(bySeq) > limit { // only the first limit can be queued
+			capped = true
+			for _, seq := range slices.Sorted(maps.Keys(bySeq))[limit:] {
+				delete(bySeq, seq)
+			}
+		}
+	}
+	seqs := slices.Sorted(maps.Keys(bySeq))
+	for _, seq := range seqs {
+		if len(stored) == limit {
+			capped = true
+			break
+		}
+		if id, ok := s.store(old, bySeq[seq]); ok {
+			stored = append(stored, id)
+		}
+	}
+	if capped && len(stored) == limit {
+		s.r.log.Warn("replay stopped at the session's offline quota: later messages not queued for it (as on one node)",
+			"client", old.ID, "quota", limit)
+	}
+	return stored, st, nil
+}
+
+// replayStats: how many consumers a replay used and messages it read.
+type replayStats struct{ consumers, read int }
+
+// readStream reads, with one ordered consumer, the messages of the stream
+// on subjects from the time from, up to limit or the end of the stream;
+// more: it stopped at limit with more pending.
+func (s *sessions) readStream(ctx context.Context, subjects []string, from time.Time, limit int) (msgs []jetstream.Msg, more bool, err error) {
+	cons, err := s.r.js.OrderedConsumer(ctx, Stream, jetstream.OrderedConsumerConfig{FilterSubjects: subjects,
+		DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &from, InactiveThreshold: 30 * time.Second})
 	if err != nil {
-		return nil, fmt.Errorf("replay consumer: %w", err)
+		return nil, false, fmt.Errorf("replay consumer not created: %w", err)
+	}
+	info, err := cons.Info(ctx)
+	if err != nil {
+		return nil, false, fmt.Errorf("replay consumer: %w", err)
 	}
 	if info.NumPending == 0 {
-		return nil, nil
+		return nil, false, nil
 	}
-	for len(stored) < replayMax {
-		if actx.Err() != nil {
-			return stored, fmt.Errorf("stream not read to its end: %w", actx.Err())
+	for len(msgs) < limit {
+		if ctx.Err() != nil {
+			return nil, false, fmt.Errorf("stream not read to its end: %w", ctx.Err())
 		}
-		batch, err := cons.Fetch(256, jetstream.FetchMaxWait(time.Second))
+		batch, err := cons.Fetch(min(256, limit-len(msgs)), jetstream.FetchMaxWait(time.Second))
 		if err != nil {
-			return stored, fmt.Errorf("replay fetch: %w", err)
+			return nil, false, fmt.Errorf("replay fetch: %w", err)
 		}
-		last := false
 		for m := range batch.Messages() {
-			if id, ok := s.store(old, m); ok {
-				stored = append(stored, id)
-			}
+			msgs = append(msgs, m)
 			if md, err := m.Metadata(); err == nil && md.NumPending == 0 {
-				last = true
+				return msgs, false, nil
 			}
-		}
-		if last {
-			return stored, nil
 		}
 	}
-	return stored, nil
+	return msgs, true, nil
+}
+
+// overlapping reports whether two of the NATS subject filters match a
+// common subject (JetStream refuses such filters in one consumer).
+func overlapping(filters []string) bool {
+	for i := range filters {
+		for j := i + 1; j < len(filters); j++ {
+			if subjectsOverlap(filters[i], filters[j]) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// subjectsOverlap: some subject matches both filters ("*" one token, ">"
+// one or more, last).
+func subjectsOverlap(a, b string) bool {
+	ta, tb := strings.Split(a, "."), strings.Split(b, ".")
+	for i := 0; ; i++ {
+		switch {
+		case i == len(ta) || i == len(tb):
+			return len(ta) == len(tb)
+		case ta[i] == ">" || tb[i] == ">":
+			return true
+		case ta[i] != tb[i] && ta[i] != "*" && tb[i] != "*":
+			return false
+		}
+	}
 }
 
 // order renumbers old's queued messages: the replayed ones (stored, in

@@ -178,11 +178,14 @@ func TestOfflineSessionReplayedOnAnotherNode(t *testing.T) {
 }
 
 // offlineSession connects id to nd with a persistent session, subscribes
-// it to filter and disconnects it normally: the session stays, offline.
-func offlineSession(t *testing.T, nd *node, id string, cert tls.Certificate, filter string) {
+// it to the filters and disconnects it normally: the session stays,
+// offline.
+func offlineSession(t *testing.T, nd *node, id string, cert tls.Certificate, filters ...string) {
 	t.Helper()
 	first := dial5(t, nd, id, cert)
-	first.subscribe(t, filter)
+	for _, f := range filters {
+		first.subscribe(t, f)
+	}
 	if err := first.Disconnect(&paho5.Disconnect{ReasonCode: 0}); err != nil {
 		t.Fatal(err)
 	}
