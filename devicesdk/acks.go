@@ -36,11 +36,17 @@ type AckStore struct {
 	paho.Store
 	mu      sync.Mutex
 	pending map[string]chan error // outbound key → told the outcome once
+	// failed keeps the outcome of messages that were pending when the
+	// store was reset or closed, until their packet ID is used again: a
+	// later Wait or Acked must not take "nothing pending" for an
+	// acknowledgement (paho's own token of such a message may have
+	// completed without error on a resend).
+	failed map[string]error
 }
 
 // NewAckStore returns an AckStore over paho's memory store.
 func NewAckStore() *AckStore {
-	return &AckStore{Store: paho.NewMemoryStore(), pending: map[string]chan error{}}
+	return &AckStore{Store: paho.NewMemoryStore(), pending: map[string]chan error{}, failed: map[string]error{}}
 }
 
 // Put records an outbound publish as pending before storing it.
@@ -50,6 +56,7 @@ func (s *AckStore) Put(key string, m packets.ControlPacket) {
 		if _, ok := s.pending[key]; !ok {
 			s.pending[key] = make(chan error, 1)
 		}
+		delete(s.failed, key) // a new message with this packet ID
 		s.mu.Unlock()
 	}
 	s.Store.Put(key, m)
@@ -88,6 +95,9 @@ func (s *AckStore) failAll(err error) {
 	s.mu.Lock()
 	old := s.pending
 	s.pending = map[string]chan error{}
+	for key := range old {
+		s.failed[key] = err
+	}
 	s.mu.Unlock()
 	for _, ch := range old {
 		ch <- err
@@ -95,11 +105,18 @@ func (s *AckStore) failAll(err error) {
 }
 
 // acked is the channel that tells the outcome of the message with packet
-// ID id, or nil if none is pending (acknowledged already).
+// ID id, or nil if none is pending (acknowledged already). For a message
+// that failed (Reset, Close) it is a channel holding that error.
 func (s *AckStore) acked(id uint16) <-chan error {
+	key := fmt.Sprintf("o.%d", id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.pending[fmt.Sprintf("o.%d", id)]
+	if err, ok := s.failed[key]; ok {
+		ch := make(chan error, 1)
+		ch <- err
+		return ch
+	}
+	return s.pending[key]
 }
 
 // Wait waits for t, a token of a Publish on the client that uses s, and

@@ -181,15 +181,23 @@ func TestAckStoreWaitsForTheBrokersAcknowledgementAcrossReconnects(t *testing.T)
 		t.Fatal("Acked false after the PUBACK")
 	}
 
-	// A message pending when the client is closed is not acknowledged.
+	// A message pending when the client is closed is not acknowledged,
+	// also when paho completed its token on a resend (review of
+	// 2026-12-07: Close forgot it, and Acked then said true).
 	relay.drop.Store(true)
 	tok2 := c.Publish("acks/m2", 1, false, "m2")
-	eventually(t, func() bool { return received.Load() >= 4 })
+	before := received.Load()
+	eventually(t, func() bool { return received.Load() > before })
+	relay.cut()
+	eventually(t, func() bool { return connects.Load() == 4 && received.Load() > before+1 })
 	c.Disconnect(0)
 	ctx2, cancel2 := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel2()
-	if err := store.Wait(ctx2, tok2); err == nil || errors.Is(err, ErrTimeout) {
-		t.Fatalf("Wait after Disconnect with m2 unacknowledged: %v, want an error at once", err)
+	if err := store.Wait(ctx2, tok2); !errors.Is(err, ErrNotAcknowledged) {
+		t.Fatalf("Wait after Disconnect with m2 unacknowledged: %v, want ErrNotAcknowledged at once", err)
+	}
+	if store.Acked(tok2) {
+		t.Fatal("Acked true after Disconnect with m2 unacknowledged")
 	}
 }
 

@@ -6,3 +6,6 @@ var BeforeReplay = &beforeReplay
 
 // SubjectsOverlap is subjectsOverlap, for its table test.
 var SubjectsOverlap = subjectsOverlap
+
+// DisjointGroups is disjointGroups, for its test.
+var DisjointGroups = disjointGroups

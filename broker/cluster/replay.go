@@ -88,23 +88,29 @@ func (s *sessions) replayBounded(old *mqtt.Client, subs []sub, from time.Time, b
 }
 
 // replay stores in old's in-flight store the messages of the stream, from
-// the time from, that its subscriptions match, in stream order, at most
-// the session's offline quota (a single node queues no more for an offline
-// session); an error means it did not read the stream to its end (stored
-// holds what it stored meanwhile).
+// the time from, that its subscriptions would have queued, in stream
+// order, at most the session's offline quota (a single node queues no
+// more for an offline session: the first ones); an error means it did not
+// read the stream to its end (stored holds what it stored meanwhile).
 //
-// The consumer reads only the subjects of the session's filters. JetStream
-// refuses a consumer whose filters overlap (devices/d/# with
-// devices/d/+/x): then each filter is read by its own consumer and the
-// results merged by stream sequence. (Reading the whole stream instead,
-// as before, could take longer than an attempt on a busy cluster, and the
-// session could then never be resumed on another node.)
+// The consumers read only the subjects of the session's QoS 1/2
+// subscriptions (a shared subscription's messages go to a member online
+// somewhere, a QoS 0 subscription's are not queued). JetStream refuses a
+// consumer whose filters overlap (devices/d/# with devices/d/+/x): such
+// filters go to separate consumers (as few as the overlaps allow), whose
+// messages are merged by stream sequence. Each consumer is deleted after
+// use. (Before, overlapping filters made it read the whole stream, which
+// a busy cluster could make too slow to ever finish within an attempt:
+// the session could then never resume on another node.)
 func (s *sessions) replay(ctx context.Context, old *mqtt.Client, subs []sub, from time.Time) (stored []uint16, st replayStats, err error) {
 	actx, cancel := context.WithTimeout(ctx, replayAttempt)
 	defer cancel()
 	var filters []string
 	seen := map[string]bool{}
 	for _, sb := range subs {
+		if sb.Qos == 0 || strings.HasPrefix(sb.Filter, "$share/") {
+			continue
+		}
 		for _, f := range EncodeFilter(sb.Filter) {
 			if f = SubjectPrefix + ".1." + f; !seen[f] {
 				seen[f] = true
@@ -120,100 +126,126 @@ func (s *sessions) replay(ctx context.Context, old *mqtt.Client, subs []sub, fro
 	if limit == 0 || len(filters) == 0 {
 		return nil, st, nil
 	}
-	groups := [][]string{filters}
-	if overlapping(filters) {
-		groups = groups[:0]
-		for _, f := range filters {
-			groups = append(groups, []string{f})
-		}
-	}
-	bySeq := map[uint64]jetstream.Msg{}
-	capped := false // messages past the quota were left out
+	groups := disjointGroups(filters)
 	st.consumers = len(groups)
+	bySeq := map[uint64]packets.Packet{}
 	for _, g := range groups {
-		msgs, more, err := s.readStream(actx, g, from, limit)
+		kept, more, read, err := s.readStream(actx, g, from, limit, func(m jetstream.Msg) (packets.Packet, bool) { return s.queued(old, m) })
+		st.read += read
 		if err != nil {
 			return nil, st, err
 		}
-		capped = capped || more
-		st.read += len(msgs)
-		for _, m := range msgs {
-			if md, err := m.Metadata(); err == nil {
-				bySeq[md.Sequence.Stream] = m
-			}
+		st.capped = st.capped || more
+		for _, k := range kept {
+			bySeq[k.seq] = k.pk
 		}
 		if len(bySeq) > limit { // only the first limit can be queued
-			capped = true
+			st.capped = true
 			for _, seq := range slices.Sorted(maps.Keys(bySeq))[limit:] {
 				delete(bySeq, seq)
 			}
 		}
 	}
-	seqs := slices.Sorted(maps.Keys(bySeq))
-	for _, seq := range seqs {
-		if len(stored) == limit {
-			capped = true
-			break
-		}
+	for _, seq := range slices.Sorted(maps.Keys(bySeq)) {
 		if id, ok := s.store(old, bySeq[seq]); ok {
 			stored = append(stored, id)
 		}
 	}
-	if capped && len(stored) == limit {
+	if st.capped {
 		s.r.log.Warn("replay stopped at the session's offline quota: later messages not queued for it (as on one node)",
-			"client", old.ID, "quota", limit)
+			"client", old.ID, "quota", limit, "read", st.read)
 	}
 	return stored, st, nil
 }
 
-// replayStats: how many consumers a replay used and messages it read.
-type replayStats struct{ consumers, read int }
+// replayStats: how many consumers a replay used and messages they read;
+// capped: it stopped at the session's quota (or its read bound).
+type replayStats struct {
+	consumers, read int
+	capped          bool
+}
 
-// readStream reads, with one ordered consumer, the messages of the stream
-// on subjects from the time from, up to limit or the end of the stream;
-// more: it stopped at limit with more pending.
-func (s *sessions) readStream(ctx context.Context, subjects []string, from time.Time, limit int) (msgs []jetstream.Msg, more bool, err error) {
+// replayed is a message of the stream the session would have queued.
+type replayed struct {
+	seq uint64
+	pk  packets.Packet
+}
+
+// readStream reads, with one ordered consumer (deleted after), the
+// messages of the stream on subjects from the time from, until keep has
+// taken limit of them or the stream's end; more: it stopped with more
+// pending. What keep refuses is read past, up to a bound (readBound).
+func (s *sessions) readStream(ctx context.Context, subjects []string, from time.Time, limit int,
+	keep func(jetstream.Msg) (packets.Packet, bool)) (kept []replayed, more bool, read int, err error) {
 	cons, err := s.r.js.OrderedConsumer(ctx, Stream, jetstream.OrderedConsumerConfig{FilterSubjects: subjects,
 		DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &from, InactiveThreshold: 30 * time.Second})
 	if err != nil {
-		return nil, false, fmt.Errorf("replay consumer not created: %w", err)
+		return nil, false, 0, fmt.Errorf("replay consumer not created: %w", err)
 	}
+	defer func() {
+		if info := cons.CachedInfo(); info != nil {
+			dctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			_ = s.r.js.DeleteConsumer(dctx, Stream, info.Name) // else gone after InactiveThreshold
+			cancel()
+		}
+	}()
 	info, err := cons.Info(ctx)
 	if err != nil {
-		return nil, false, fmt.Errorf("replay consumer: %w", err)
+		return nil, false, 0, fmt.Errorf("replay consumer: %w", err)
 	}
 	if info.NumPending == 0 {
-		return nil, false, nil
+		return nil, false, 0, nil
 	}
-	for len(msgs) < limit {
+	bound := readBound(limit)
+	for len(kept) < limit && read < bound {
 		if ctx.Err() != nil {
-			return nil, false, fmt.Errorf("stream not read to its end: %w", ctx.Err())
+			return nil, false, read, fmt.Errorf("stream not read to its end: %w", ctx.Err())
 		}
-		batch, err := cons.Fetch(min(256, limit-len(msgs)), jetstream.FetchMaxWait(time.Second))
+		batch, err := cons.Fetch(256, jetstream.FetchMaxWait(time.Second))
 		if err != nil {
-			return nil, false, fmt.Errorf("replay fetch: %w", err)
+			return nil, false, read, fmt.Errorf("replay fetch: %w", err)
 		}
 		for m := range batch.Messages() {
-			msgs = append(msgs, m)
-			if md, err := m.Metadata(); err == nil && md.NumPending == 0 {
-				return msgs, false, nil
+			read++
+			md, err := m.Metadata()
+			if err != nil {
+				continue
+			}
+			if len(kept) == limit {
+				return kept, true, read, nil // more past the limit
+			}
+			if pk, ok := keep(m); ok {
+				kept = append(kept, replayed{md.Sequence.Stream, pk})
+			}
+			if md.NumPending == 0 {
+				return kept, false, read, nil
 			}
 		}
 	}
-	return msgs, true, nil
+	return kept, true, read, nil
 }
 
-// overlapping reports whether two of the NATS subject filters match a
-// common subject (JetStream refuses such filters in one consumer).
-func overlapping(filters []string) bool {
-	for i := range filters {
-		for j := i + 1; j < len(filters); j++ {
-			if subjectsOverlap(filters[i], filters[j]) {
-				return true
+// readBound bounds the messages one replay consumer reads: what its
+// session would not have queued (its own messages under No Local, topics
+// its ACL no longer lets it read) is read past, but not without end.
+func readBound(limit int) int { return max(4*limit, 4096) }
+
+// disjointGroups puts the NATS subject filters into as few groups as it
+// can with no two overlapping filters in a group (JetStream refuses
+// overlapping filters in one consumer), in order.
+func disjointGroups(filters []string) [][]string {
+	var groups [][]string
+next:
+	for _, f := range filters {
+		for i, g := range groups {
+			if !slices.ContainsFunc(g, func(h string) bool { return subjectsOverlap(f, h) }) {
+				groups[i] = append(g, f)
+				continue next
 			}
 		}
+		groups = append(groups, []string{f})
 	}
-	return false
+	return groups
 }
 
 // subjectsOverlap: some subject matches both filters ("*" one token, ">"
@@ -269,28 +301,35 @@ func (s *sessions) order(old *mqtt.Client, stored []uint16) {
 	}
 }
 
-// store puts one replayed message into old's in-flight store if one of
-// its subscriptions matches it and the ACL lets it read it.
-func (s *sessions) store(old *mqtt.Client, m jetstream.Msg) (uint16, bool) {
+// queued is the packet old's session would have queued for a message of
+// the stream: one of its subscriptions matches it at QoS 1/2, No Local
+// does not exclude it, and the ACL lets it read it.
+func (s *sessions) queued(old *mqtt.Client, m jetstream.Msg) (packets.Packet, bool) {
 	pk, ok := s.r.packet(&nats.Msg{Subject: m.Subject(), Data: m.Data(), Header: m.Headers()})
 	if !ok || pk.FixedHeader.Qos == 0 {
-		return 0, false
+		return packets.Packet{}, false
 	}
 	subs := s.r.srv.Topics.Subscribers(pk.TopicName)
 	sb, ok := subs.Subscriptions[old.ID]
 	if !ok || sb.Qos == 0 || (sb.NoLocal && pk.Origin == old.ID) {
-		return 0, false
+		return packets.Packet{}, false
 	}
 	if !s.r.b.Auth().OnACLCheck(old, pk.TopicName, false) {
-		return 0, false
+		return packets.Packet{}, false
 	}
+	out := pk.Copy(false)
+	out.FixedHeader.Qos = min(pk.FixedHeader.Qos, sb.Qos)
+	return out, true
+}
+
+// store puts a packet queued puts into old's in-flight store, with the
+// next packet ID of the client.
+func (s *sessions) store(old *mqtt.Client, pk packets.Packet) (uint16, bool) {
 	id, err := old.NextPacketID()
 	if err != nil {
 		return 0, false
 	}
-	out := pk.Copy(false)
-	out.PacketID = uint16(id)
-	out.FixedHeader.Qos = min(pk.FixedHeader.Qos, sb.Qos)
-	out.Created = time.Now().Unix()
-	return out.PacketID, old.State.Inflight.Set(out)
+	pk.PacketID = uint16(id)
+	pk.Created = time.Now().Unix()
+	return pk.PacketID, old.State.Inflight.Set(pk)
 }

@@ -80,14 +80,31 @@ func TestOfflineReplayOfOverlappingFiltersKeepsOrderAndQuota(t *testing.T) {
 			line = l
 		}
 	}
-	// Two consumers at least (the filters overlap), and no noise read:
-	// each filter's consumer reads at most the quota.
+	// Two consumers (the filters overlap: commands.* with commands.>;
+	// commands itself goes with commands.>), and no noise read.
 	var consumers, read int
 	if i := strings.Index(line, "consumers="); i >= 0 {
 		fmt.Sscanf(line[i:], "consumers=%d read=%d", &consumers, &read)
 	}
-	if consumers < 2 || read == 0 || read > consumers*quota {
+	if consumers != 2 || read == 0 || read > consumers*n {
 		t.Fatalf("replay: %d consumers, %d messages read (quota %d, noise %d): %q", consumers, read, quota, noise, line)
 	}
 	t.Logf("replay: %d consumers read %d messages for a quota of %d (%d of noise in the stream)", consumers, read, quota, noise)
+}
+
+func TestDisjointGroupsSplitOnlyOverlaps(t *testing.T) {
+	got := cluster.DisjointGroups([]string{"a.b", "a.b.>", "a.b.*", "c.>", "a.*.x"})
+	want := [][]string{{"a.b", "a.b.>", "c.>"}, {"a.b.*"}, {"a.*.x"}}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("groups %v, want %v", got, want)
+	}
+	for _, g := range got {
+		for i := range g {
+			for j := i + 1; j < len(g); j++ {
+				if cluster.SubjectsOverlap(g[i], g[j]) {
+					t.Errorf("%s and %s overlap in one group", g[i], g[j])
+				}
+			}
+		}
+	}
 }

@@ -43,7 +43,9 @@ func (r *Router) staleLoop(ctx context.Context) {
 	if r.cfg.Stale == nil || bound <= 0 {
 		return
 	}
-	t := time.NewTicker(max(bound/20, 50*time.Millisecond))
+	// At most 250 ms late: the survivors sweep this node's sessions 2 s
+	// after the bound (deadAfter).
+	t := time.NewTicker(min(max(bound/20, 50*time.Millisecond), 250*time.Millisecond))
 	defer t.Stop()
 	closing := false
 	for {

@@ -308,6 +308,10 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatalf("revoking %s through node 1 did not close its session on node 2", victim.id)
 	}
+	// Closed by the revocation, not by anything else (a stale node's 0x8B).
+	if m := gws[1].Metrics(t); !strings.Contains(m, `fleetgate_broker_sessions_closed_total{reason="revoked"} 1`) {
+		t.Errorf("node 2 closed no session as revoked:\n%s", grepLines(m, "fleetgate_broker_sessions_closed_total"))
+	}
 	for i := range n {
 		if _, err := gws[i].MQTT(t, victim.id, victim.cert); err == nil {
 			t.Errorf("node %d accepted revoked %s", i+1, victim.id)
@@ -332,6 +336,11 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 		mu.Unlock()
 		if len(missing) == 0 || time.Now().After(deadline) {
 			break
+		}
+	}
+	for i, g := range gws { // the second staleness bound is above the elections: none expected, not asserted
+		if l := grepLines(g.Metrics(t), `reason="cluster_stale"`); l != "" {
+			t.Logf("node %d: %s", i+1, l)
 		}
 	}
 	mu.Lock()
@@ -373,4 +382,15 @@ func httpGet(url string) (string, error) {
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	return string(b), err
+}
+
+// grepLines returns the lines of text that contain sub.
+func grepLines(text, sub string) string {
+	var out []string
+	for _, l := range strings.Split(text, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
