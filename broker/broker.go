@@ -135,13 +135,15 @@ type Broker struct {
 	log    *slog.Logger
 	server *mqtt.Server
 	hook   *auth.Hook
-	events *eventsHook
-	admin  *adminHook // admin.go
-	ln     *listener
-	wss    *listener // MQTT over WebSocket (nil: none)
-	policy atomic.Pointer[acl.Policy]
-	m      metrics
-	stop   chan struct{}
+	// storage persists sessions (nil without PersistDir).
+	storage *storageHook
+	events  *eventsHook
+	admin   *adminHook // admin.go
+	ln      *listener
+	wss     *listener // MQTT over WebSocket (nil: none)
+	policy  atomic.Pointer[acl.Policy]
+	m       metrics
+	stop    chan struct{}
 	// quotaLog rate-limits the log of offline-quota drops per session.
 	quotaLog *logguard.Limiter
 	wg       sync.WaitGroup
@@ -297,7 +299,8 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.PersistDir != "" {
 		bo := badgerdb.DefaultOptions(filepath.Clean(cfg.PersistDir)).WithLogger(nil).
 			WithMemTableSize(16 << 20).WithNumMemtables(2).WithBlockCacheSize(16 << 20).WithValueLogFileSize(64 << 20)
-		if err := b.addHook(newStorageHook(), &badgerhook.Options{Path: cfg.PersistDir, Options: &bo}); err != nil {
+		b.storage = newStorageHook()
+		if err := b.addHook(b.storage, &badgerhook.Options{Path: cfg.PersistDir, Options: &bo}); err != nil {
 			return nil, fmt.Errorf("broker: persistence in %s: %w", cfg.PersistDir, err)
 		}
 	}

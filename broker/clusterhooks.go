@@ -47,3 +47,14 @@ func (b *Broker) CloseSessions(reason string, code packets.Code) int {
 // while its client is offline (its role's MaxOffline; 0: no quota): what a
 // node replaying the session from the cluster's stream queues at most.
 func (b *Broker) OfflineQuota(cl *mqtt.Client) int { return b.queuePolicy(cl).MaxOffline }
+
+// DropSession forgets the offline session cl for good, as if it had
+// expired: the auth hook's state and the stored records (a cluster node
+// drops the leftover copy of a session another node owns now). The caller
+// has taken it out of the broker's clients and topics.
+func (b *Broker) DropSession(cl *mqtt.Client) {
+	b.hook.OnClientExpired(cl)
+	if b.storage != nil {
+		b.storage.OnClientExpired(cl)
+	}
+}

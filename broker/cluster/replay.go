@@ -126,28 +126,30 @@ func (s *sessions) replay(ctx context.Context, old *mqtt.Client, subs []sub, fro
 	if limit == 0 || len(filters) == 0 {
 		return nil, st, nil
 	}
+	// The quota counts what was published after the session went
+	// offline (countFrom), as on one node; the margin before it (clocks)
+	// may hold messages the client had already, which must not take the
+	// place of newer ones.
+	countFrom := from.Add(replayMargin)
 	groups := disjointGroups(filters)
 	st.consumers = len(groups)
-	bySeq := map[uint64]packets.Packet{}
+	bySeq := map[uint64]replayed{}
 	for _, g := range groups {
-		kept, more, read, err := s.readStream(actx, g, from, limit, func(m jetstream.Msg) (packets.Packet, bool) { return s.queued(old, m) })
+		kept, more, read, err := s.readStream(actx, g, from, countFrom, limit, func(m jetstream.Msg) (packets.Packet, bool) { return s.queued(old, m) })
 		st.read += read
 		if err != nil {
 			return nil, st, err
 		}
 		st.capped = st.capped || more
 		for _, k := range kept {
-			bySeq[k.seq] = k.pk
+			bySeq[k.seq] = k
 		}
-		if len(bySeq) > limit { // only the first limit can be queued
+		if firstCounted(bySeq, limit) { // only the first limit counted can be queued
 			st.capped = true
-			for _, seq := range slices.Sorted(maps.Keys(bySeq))[limit:] {
-				delete(bySeq, seq)
-			}
 		}
 	}
 	for _, seq := range slices.Sorted(maps.Keys(bySeq)) {
-		if id, ok := s.store(old, bySeq[seq]); ok {
+		if id, ok := s.store(old, bySeq[seq].pk); ok {
 			stored = append(stored, id)
 		}
 	}
@@ -165,17 +167,38 @@ type replayStats struct {
 	capped          bool
 }
 
-// replayed is a message of the stream the session would have queued.
+// replayed is a message of the stream the session would have queued;
+// counts: it was published after the session went offline (the quota
+// counts it).
 type replayed struct {
-	seq uint64
-	pk  packets.Packet
+	seq    uint64
+	pk     packets.Packet
+	counts bool
+}
+
+// firstCounted keeps in bySeq, by stream sequence, every message that does
+// not count and the first limit that do; it reports whether it dropped
+// any.
+func firstCounted(bySeq map[uint64]replayed, limit int) bool {
+	n, dropped := 0, false
+	for _, seq := range slices.Sorted(maps.Keys(bySeq)) {
+		if !bySeq[seq].counts {
+			continue
+		}
+		if n++; n > limit {
+			delete(bySeq, seq)
+			dropped = true
+		}
+	}
+	return dropped
 }
 
 // readStream reads, with one ordered consumer (deleted after), the
 // messages of the stream on subjects from the time from, until keep has
-// taken limit of them or the stream's end; more: it stopped with more
-// pending. What keep refuses is read past, up to a bound (readBound).
-func (s *sessions) readStream(ctx context.Context, subjects []string, from time.Time, limit int,
+// taken limit of them stamped at or after countFrom, or the stream's end;
+// more: it stopped with more pending. What keep refuses is read past, up
+// to a bound (readBound).
+func (s *sessions) readStream(ctx context.Context, subjects []string, from, countFrom time.Time, limit int,
 	keep func(jetstream.Msg) (packets.Packet, bool)) (kept []replayed, more bool, read int, err error) {
 	cons, err := s.r.js.OrderedConsumer(ctx, Stream, jetstream.OrderedConsumerConfig{FilterSubjects: subjects,
 		DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &from, InactiveThreshold: 30 * time.Second})
@@ -197,7 +220,8 @@ func (s *sessions) readStream(ctx context.Context, subjects []string, from time.
 		return nil, false, 0, nil
 	}
 	bound := readBound(limit)
-	for len(kept) < limit && read < bound {
+	counted := 0
+	for counted < limit && read < bound {
 		if ctx.Err() != nil {
 			return nil, false, read, fmt.Errorf("stream not read to its end: %w", ctx.Err())
 		}
@@ -211,11 +235,15 @@ func (s *sessions) readStream(ctx context.Context, subjects []string, from time.
 			if err != nil {
 				continue
 			}
-			if len(kept) == limit {
+			counts := !md.Timestamp.Before(countFrom)
+			if counts && counted == limit {
 				return kept, true, read, nil // more past the limit
 			}
 			if pk, ok := keep(m); ok {
-				kept = append(kept, replayed{md.Sequence.Stream, pk})
+				kept = append(kept, replayed{md.Sequence.Stream, pk, counts})
+				if counts {
+					counted++
+				}
 			}
 			if md.NumPending == 0 {
 				return kept, false, read, nil

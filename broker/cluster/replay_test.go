@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	paho5 "github.com/eclipse/paho.golang/paho"
+
 	"github.com/fleetgate/fleetgate/broker/cluster"
 	"github.com/fleetgate/fleetgate/internal/testenv"
 	"github.com/fleetgate/fleetgate/server"
@@ -105,6 +107,46 @@ func TestDisjointGroupsSplitOnlyOverlaps(t *testing.T) {
 					t.Errorf("%s and %s overlap in one group", g[i], g[j])
 				}
 			}
+		}
+	}
+}
+
+// The quota of a replayed session counts what was published after the
+// session went offline, as on one node. The replay starts 2 s before that
+// (clocks), and what the client received in those 2 s must not take the
+// place of newer messages: with the quota counting them, a device busy
+// right up to its disconnect lost what was queued for it afterwards.
+func TestReplayQuotaCountsOnlyWhatCameAfterTheDisconnect(t *testing.T) {
+	const quota = 20
+	c := testenv.StartCluster(t, 3, func(_ int, cfg *server.Config) { cfg.MaxQueuedDevice = quota })
+	n1, n2, n3 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
+	dev := n1.EnrollDevice(t, "dev-busy", "lab")
+	cert := deviceCert(t, dev)
+	svc := connectService(t, n3, "svc-busy", n1.Service(t, "svc-busy"))
+
+	on1 := dial5(t, n1, "dev-busy", cert)
+	on1.subscribe(t, "devices/dev-busy/commands/#")
+	const n = 30 // received online, right before the disconnect
+	publishCommands(t, svc, "devices/dev-busy/commands/", n)
+	expectCommands(t, on1.msgs, "devices/dev-busy/commands/", n, 20*time.Second)
+	if err := on1.Disconnect(&paho5.Disconnect{ReasonCode: 0}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // node 1 records the session offline
+	for i := range 5 {
+		publishAcked(t, svc, "devices/dev-busy/commands/late", fmt.Sprint("late-", i))
+	}
+	back := dial5(t, n2, "dev-busy", cert)
+	got := map[string]bool{}
+	deadline := time.After(20 * time.Second)
+	for len(got) < 5 {
+		select {
+		case m := <-back.msgs:
+			if strings.HasPrefix(string(m.Payload), "late-") {
+				got[string(m.Payload)] = true
+			}
+		case <-deadline:
+			t.Fatalf("on node 2: %d of the 5 messages queued while offline (%v)", len(got), got)
 		}
 	}
 }

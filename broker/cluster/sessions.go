@@ -234,9 +234,77 @@ func (s *sessions) run(ctx context.Context) error {
 		return err
 	}
 	defer ws.Unsubscribe()
+	go s.reconcileLoop(ctx)
 	s.live(ctx)
 	<-ctx.Done()
 	return nil
+}
+
+// reconcileLoop drops this node's leftover offline sessions (reconcile)
+// when it starts, and whenever its view of the cluster was unproven for
+// more than reconcileStale and is fresh again (cut off, paused, its NATS
+// connection lost): the claims it missed meanwhile would have evicted
+// them. A leftover stays subscribed and queues messages up to its quota
+// for a client that is elsewhere (resume, which drops one at a CONNECT).
+func (s *sessions) reconcileLoop(ctx context.Context) {
+	s.reconcile(ctx)
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	wasStale := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		stale := s.r.cfg.Stale != nil && s.r.cfg.Stale() > reconcileStale
+		if wasStale && !stale {
+			s.reconcile(ctx)
+		}
+		wasStale = stale
+	}
+}
+
+// reconcileStale: a view unproven for longer may have missed claims.
+const reconcileStale = 2 * time.Second
+
+// reconcile drops each offline session held here whose record names
+// another node, or that has no record any more (ended elsewhere). A
+// record it cannot read keeps the session.
+func (s *sessions) reconcile(ctx context.Context) {
+	n := 0
+	for id, cl := range s.r.srv.Clients.GetAll() {
+		if cl.Net.Inline || !cl.Closed() || ctx.Err() != nil {
+			continue
+		}
+		gctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		e, err := s.kv.Get(gctx, sessionKey(id))
+		cancel()
+		var rec record
+		switch {
+		case err == nil:
+			if json.Unmarshal(e.Value(), &rec) != nil || rec.Node == s.r.cfg.Node {
+				continue
+			}
+		case errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted):
+		default:
+			continue
+		}
+		if cur, ok := s.r.srv.Clients.Get(id); !ok || cur != cl || !cl.Closed() {
+			continue // resumed or reconnected meanwhile
+		}
+		s.mu.Lock()
+		if l := s.local[id]; l != nil && l.cl == cl {
+			delete(s.local, id)
+		}
+		s.forgetLocked(cl)
+		s.mu.Unlock()
+		s.drop(cl)
+		n++
+	}
+	if n > 0 {
+		s.r.log.Info("leftover offline sessions dropped: other nodes own them now", "sessions", n)
+	}
 }
 
 // owns reports whether this node holds id's session with a connection
@@ -295,11 +363,20 @@ func (s *sessions) evict(id, conn string) {
 	}
 	s.r.log.Info("session taken over by another node: closing it here", "client", id)
 	_ = srv.DisconnectClient(cl, packets.ErrSessionTakenOver) // 0x8E
+	s.drop(cl)
+}
+
+// drop removes the local session cl (ended or being closed) from the
+// broker: its subscriptions, queued messages and stored state.
+func (s *sessions) drop(cl *mqtt.Client) {
+	srv := s.r.srv
 	srv.UnsubscribeClient(cl)
 	cl.ClearInflights()
-	srv.Clients.Delete(id)
-	s.r.setSubjects(id, nil)
-	s.r.b.Auth().OnClientExpired(cl)
+	if cur, ok := srv.Clients.Get(cl.ID); ok && cur == cl {
+		srv.Clients.Delete(cl.ID)
+	}
+	s.r.setSubjects(cl.ID, nil)
+	s.r.b.DropSession(cl)
 }
 
 func persistent(cl *mqtt.Client) bool {
@@ -534,10 +611,25 @@ func (s *sessions) unresume(cl, old *mqtt.Client) {
 // holding its subscriptions: mochi's takeover then finds it and answers
 // session present. It returns that client (nil if the session is here
 // already).
+//
+// An offline session of the same ID already here is a leftover: this node
+// held it once, and another node has since (the record names it, or a
+// replay is due), but this node missed the claim that would have evicted
+// it (it was cut off, paused or down at the time; a restart restores it
+// from the local store). It was still subscribed, so it may hold old
+// messages up to its quota and not the newer ones: taking it over instead
+// of replaying lost every message past its quota (the chaos scenario's
+// lost backend messages, 2026-12-07). It is dropped, and the session
+// resumed from the record.
 func (s *sessions) resume(cl *mqtt.Client, prev *record) *mqtt.Client {
 	srv := s.r.srv
-	if _, ok := srv.Clients.Get(cl.ID); ok {
-		return nil
+	if cur, ok := srv.Clients.Get(cl.ID); ok {
+		if !cur.Closed() {
+			return nil // live here: mochi takes the connection over
+		}
+		s.r.log.Info("leftover offline session dropped: resuming the session from the cluster", "client", cl.ID,
+			"owner", prev.Node, "queued_here", cur.State.Inflight.Len())
+		s.drop(cur)
 	}
 	old := srv.NewClient(nil, "cluster", cl.ID, false)
 	old.Properties.ProtocolVersion = prev.Version
