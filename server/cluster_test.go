@@ -33,8 +33,11 @@ func TestClusterSettings(t *testing.T) {
 		c.StaleCloseAfter != 4*time.Second || c.closeAfter() != 4*time.Second || c.ShutdownTimeout != 2*time.Second {
 		t.Fatalf("flags: %+v", c)
 	}
-	if d := (ClusterConfig{StaleAfter: 3 * time.Second}).closeAfter(); d != 6*time.Second {
-		t.Fatalf("second bound for 0 with a 3s first bound: %s, want 6s", d)
+	if d := (ClusterConfig{StaleAfter: 3 * time.Second}).closeAfter(); d != DefaultStaleCloseAfter {
+		t.Fatalf("second bound for 0 with a 3s first bound: %s, want the default %s", d, DefaultStaleCloseAfter)
+	}
+	if d := (ClusterConfig{StaleAfter: 10 * time.Second}).closeAfter(); d != 20*time.Second {
+		t.Fatalf("second bound for 0 with a 10s first bound: %s, want 20s", d)
 	}
 	cfg, err = load(nil, map[string]string{"FLEETGATE_NATS_URL": "tls://a:4222,tls://b:4222", "FLEETGATE_NODE_NAME": "e1"})
 	if err != nil || cfg.Cluster.NATSURL != "tls://a:4222,tls://b:4222" || !cfg.Cluster.Enabled() {
@@ -51,7 +54,7 @@ func TestClusterSettings(t *testing.T) {
 		{[]string{"--node-name", "n1"}, "need cluster_name"},
 		{[]string{"--nats-url", "nats://x:4222", "--node-name", "n1", "--cluster-stale-after", "10ms"}, "below 100ms"},
 		{[]string{"--nats-url", "nats://x:4222", "--node-name", "n1", "--cluster-stale-close-after", "1s"}, "must be above cluster_stale_after"},
-		{[]string{"--nats-url", "nats://x:4222", "--node-name", "n1", "--cluster-stale-after", "5s"}, "must be above cluster_stale_after"},
+		{[]string{"--nats-url", "nats://x:4222", "--node-name", "n1", "--cluster-stale-after", "20s"}, "must be above cluster_stale_after"},
 		{[]string{"--nats-url", "nats://x:4222", "--node-name", "n1", "--cluster-shutdown-timeout", "-1s"}, "cluster_shutdown_timeout"},
 	} {
 		if _, err := load(tc.args, nil); err == nil || !strings.Contains(err.Error(), tc.want) {
