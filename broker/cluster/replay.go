@@ -176,19 +176,26 @@ type replayed struct {
 	counts bool
 }
 
-// firstCounted keeps in bySeq, by stream sequence, every message that does
-// not count and the first limit that do; it reports whether it dropped
-// any.
+// firstCounted keeps in bySeq, by stream sequence, the first limit
+// messages that count and the last limit of those that do not (the
+// margin, possibly delivered already); it reports whether it dropped any
+// that counts.
 func firstCounted(bySeq map[uint64]replayed, limit int) bool {
+	seqs := slices.Sorted(maps.Keys(bySeq))
 	n, dropped := 0, false
-	for _, seq := range slices.Sorted(maps.Keys(bySeq)) {
+	var margin []uint64
+	for _, seq := range seqs {
 		if !bySeq[seq].counts {
+			margin = append(margin, seq)
 			continue
 		}
 		if n++; n > limit {
 			delete(bySeq, seq)
 			dropped = true
 		}
+	}
+	for _, seq := range margin[:max(0, len(margin)-limit)] {
+		delete(bySeq, seq)
 	}
 	return dropped
 }
@@ -220,8 +227,9 @@ func (s *sessions) readStream(ctx context.Context, subjects []string, from, coun
 		return nil, false, 0, nil
 	}
 	bound := readBound(limit)
-	counted := 0
-	for counted < limit && read < bound {
+	var margin []replayed // the newest limit of the margin at most
+	counted, marginRead, countedRead := 0, 0, 0
+	for counted < limit && countedRead < bound {
 		if ctx.Err() != nil {
 			return nil, false, read, fmt.Errorf("stream not read to its end: %w", ctx.Err())
 		}
@@ -235,22 +243,35 @@ func (s *sessions) readStream(ctx context.Context, subjects []string, from, coun
 			if err != nil {
 				continue
 			}
-			counts := !md.Timestamp.Before(countFrom)
-			if counts && counted == limit {
-				return kept, true, read, nil // more past the limit
-			}
-			if pk, ok := keep(m); ok {
-				kept = append(kept, replayed{md.Sequence.Stream, pk, counts})
-				if counts {
+			if md.Timestamp.Before(countFrom) {
+				if marginRead++; marginRead > bound {
+					// The margin alone is too long to read within an
+					// attempt: what counts is read from countFrom.
+					rest, more, n, err := s.readStream(ctx, subjects, countFrom, countFrom, limit, keep)
+					return append(margin, rest...), more, read + n, err
+				}
+				if pk, ok := keep(m); ok {
+					if len(margin) == limit {
+						margin = margin[1:]
+					}
+					margin = append(margin, replayed{md.Sequence.Stream, pk, false})
+				}
+			} else {
+				countedRead++
+				if counted == limit {
+					return append(margin, kept...), true, read, nil // more past the limit
+				}
+				if pk, ok := keep(m); ok {
+					kept = append(kept, replayed{md.Sequence.Stream, pk, true})
 					counted++
 				}
 			}
 			if md.NumPending == 0 {
-				return kept, false, read, nil
+				return append(margin, kept...), false, read, nil
 			}
 		}
 	}
-	return kept, true, read, nil
+	return append(margin, kept...), true, read, nil
 }
 
 // readBound bounds the messages one replay consumer reads: what its

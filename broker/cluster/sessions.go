@@ -107,8 +107,12 @@ type sessions struct {
 	kv    jetstream.KeyValue
 	nodes jetstream.KeyValue // liveness keys (wills.go)
 
-	mu    sync.Mutex
-	local map[string]*local // client ID → the connection that owns it here
+	// dropMu orders the drops of local sessions (drop) with the CONNECT
+	// claims (s.local) and resumes: a session is never dropped by ID while
+	// a CONNECT of the same ID claims or resumes it. Taken before mu.
+	dropMu sync.Mutex
+	mu     sync.Mutex
+	local  map[string]*local // client ID → the connection that owns it here
 	// conns: client ID → each client connected here with it → its
 	// connection's ID in the record, kept (also after an eviction) while
 	// its will may still be sent (OnWill).
@@ -269,8 +273,13 @@ func (s *sessions) reconcileLoop(ctx context.Context) {
 const reconcileStale = 2 * time.Second
 
 // reconcile drops each offline session held here whose record names
-// another node, or that has no record any more (ended elsewhere). A
-// record it cannot read keeps the session.
+// another node. A session with no record is kept (a former single box's
+// sessions, which a CONNECT here takes over), and so is one whose record
+// it cannot read. The drop is checked again under the sessions' lock: a
+// CONNECT of the same client ID records its claim there (s.local) before
+// mochi takes anything over, so a session claimed meanwhile is left alone.
+// Its cost is one read of the bucket per offline session here (docs:
+// "What is not built yet").
 func (s *sessions) reconcile(ctx context.Context) {
 	n := 0
 	for id, cl := range s.r.srv.Clients.GetAll() {
@@ -281,25 +290,22 @@ func (s *sessions) reconcile(ctx context.Context) {
 		e, err := s.kv.Get(gctx, sessionKey(id))
 		cancel()
 		var rec record
-		switch {
-		case err == nil:
-			if json.Unmarshal(e.Value(), &rec) != nil || rec.Node == s.r.cfg.Node {
-				continue
-			}
-		case errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted):
-		default:
+		if err != nil || json.Unmarshal(e.Value(), &rec) != nil || rec.Node == s.r.cfg.Node {
 			continue
 		}
-		if cur, ok := s.r.srv.Clients.Get(id); !ok || cur != cl || !cl.Closed() {
-			continue // resumed or reconnected meanwhile
-		}
+		s.dropMu.Lock()
 		s.mu.Lock()
-		if l := s.local[id]; l != nil && l.cl == cl {
-			delete(s.local, id)
+		cur, ok := s.r.srv.Clients.Get(id)
+		if l := s.local[id]; !ok || cur != cl || !cl.Closed() || (l != nil && l.cl != cl) {
+			s.mu.Unlock()
+			s.dropMu.Unlock()
+			continue // claimed, resumed or reconnected meanwhile
 		}
+		delete(s.local, id)
 		s.forgetLocked(cl)
 		s.mu.Unlock()
 		s.drop(cl)
+		s.dropMu.Unlock()
 		n++
 	}
 	if n > 0 {
@@ -363,11 +369,19 @@ func (s *sessions) evict(id, conn string) {
 	}
 	s.r.log.Info("session taken over by another node: closing it here", "client", id)
 	_ = srv.DisconnectClient(cl, packets.ErrSessionTakenOver) // 0x8E
+	s.dropMu.Lock()
+	defer s.dropMu.Unlock()
+	if cur, ok := srv.Clients.Get(id); ok && cur != cl {
+		return // resumed here meanwhile: only cl's connection goes
+	}
 	s.drop(cl)
 }
 
 // drop removes the local session cl (ended or being closed) from the
-// broker: its subscriptions, queued messages and stored state.
+// broker: its subscriptions, queued messages and stored state. The caller
+// holds dropMu and has checked that cl is the session registered under
+// its ID (the topic index, the NATS interest and the stored records are
+// keyed by the ID).
 func (s *sessions) drop(cl *mqtt.Client) {
 	srv := s.r.srv
 	srv.UnsubscribeClient(cl)
@@ -474,9 +488,11 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 		}
 		return s.refuse(cl, "session record not written (no quorum?)", err)
 	}
+	s.dropMu.Lock()
 	s.mu.Lock()
 	s.local[cl.ID] = &local{conn: conn, cl: cl, rev: claimed}
 	s.mu.Unlock()
+	s.dropMu.Unlock()
 	s.remember(cl, conn)
 	if prev == nil {
 		return nil
@@ -622,10 +638,14 @@ func (s *sessions) unresume(cl, old *mqtt.Client) {
 // lost backend messages, 2026-12-07). It is dropped, and the session
 // resumed from the record.
 func (s *sessions) resume(cl *mqtt.Client, prev *record) *mqtt.Client {
+	s.dropMu.Lock()
+	defer s.dropMu.Unlock()
 	srv := s.r.srv
 	if cur, ok := srv.Clients.Get(cl.ID); ok {
-		if !cur.Closed() {
-			return nil // live here: mochi takes the connection over
+		if !cur.Closed() || prev.Node == s.r.cfg.Node {
+			// Live here, or this node's own (a replay due after a
+			// refused CONNECT): mochi takes it over.
+			return nil
 		}
 		s.r.log.Info("leftover offline session dropped: resuming the session from the cluster", "client", cl.ID,
 			"owner", prev.Node, "queued_here", cur.State.Inflight.Len())
