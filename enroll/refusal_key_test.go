@@ -82,7 +82,7 @@ func TestRefusalsFromManySourcesAreGloballyBounded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	full, summarised, summaries, aggregates := 0, 0, 0, 0
+	full, summarised, summaries, aggregates, overflow := 0, 0, 0, 0, 0
 	codes := map[string]int{}
 	perCode := regexp.MustCompile(`([a-z_]+) ×(\d+)`)
 	for _, a := range recs {
@@ -96,9 +96,16 @@ func TestRefusalsFromManySourcesAreGloballyBounded(t *testing.T) {
 			if _, err := fmt.Sscanf(a.Reason, "%d more refusals from %s", &k, &src); err != nil {
 				t.Fatalf("summary %q: %v", a.Reason, err)
 			}
-			if strings.Contains(a.Reason, "other sources") {
+			switch {
+			case strings.Contains(a.Reason, "beyond the tracked sources"):
+				// The overflow key's own summary (5,000 sources, 4,096
+				// tracked): within the budget or merged into the aggregate,
+				// as the map's order falls (it was counted as a second
+				// aggregate, about one run in eighty).
+				overflow++
+			case strings.Contains(a.Reason, "other sources"):
 				aggregates++
-			} else if src != a.Remote || !strings.HasPrefix(src, "10.") {
+			case src != a.Remote || !strings.HasPrefix(src, "10."):
 				t.Fatalf("summary %q names no source (remote %q)", a.Reason, a.Remote)
 			}
 			_, list, _ := strings.Cut(a.Reason, "1m0s: ")
@@ -121,8 +128,8 @@ func TestRefusalsFromManySourcesAreGloballyBounded(t *testing.T) {
 	if full+summarised != n {
 		t.Errorf("%d in full + %d summarised != %d refusals", full, summarised, n)
 	}
-	if summaries > budget*2+1 || aggregates != 1 {
-		t.Errorf("%d summaries (%d aggregates); budget %d", summaries, aggregates, budget)
+	if summaries > budget*2+1 || aggregates != 1 || overflow > 1 {
+		t.Errorf("%d summaries (%d aggregates, %d of the overflow key); budget %d", summaries, aggregates, overflow, budget)
 	}
 	if len(codes) != 2 {
 		t.Errorf("codes in the summaries: %v", codes)

@@ -103,12 +103,8 @@ func TestClusterRestartedNodeDoesNotResumeALeftoverSession(t *testing.T) {
 	}
 }
 
+// tail is the last n lines of log that contain sub.
 func tail(log, sub string, n int) string {
-	var out []string
-	for _, l := range strings.Split(log, "\n") {
-		if strings.Contains(l, sub) {
-			out = append(out, l)
-		}
-	}
-	return strings.Join(out[max(0, len(out)-n):], "\n")
+	lines := strings.Split(grepLines(log, sub), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
