@@ -309,9 +309,17 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 		t.Fatalf("revoking %s through node 1 did not close its session on node 2", victim.id)
 	}
 	// Closed by the revocation, not by anything else (a stale node's 0x8B).
-	if m := gws[1].Metrics(t); !strings.Contains(m, `fleetgate_broker_sessions_closed_total{reason="revoked"} 1`) {
-		t.Errorf("node 2 closed no session as revoked:\n%s", grepLines(m, "fleetgate_broker_sessions_closed_total"))
-	}
+	// (/metrics may answer slowly while the node's store is: retried.)
+	testenv.Eventually(t, 60*time.Second, func() error {
+		m, err := httpGet("http://" + gws[1].Addrs.Metrics + "/metrics")
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(m, `fleetgate_broker_sessions_closed_total{reason="revoked"} 1`) {
+			return fmt.Errorf("node 2 closed no session as revoked:\n%s", grepLines(m, "fleetgate_broker_sessions_closed_total"))
+		}
+		return nil
+	})
 	for i := range n {
 		if _, err := gws[i].MQTT(t, victim.id, victim.cert); err == nil {
 			t.Errorf("node %d accepted revoked %s", i+1, victim.id)
@@ -339,8 +347,10 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 		}
 	}
 	for i, g := range gws { // the second staleness bound is above the elections: none expected, not asserted
-		if l := grepLines(g.Metrics(t), `reason="cluster_stale"`); l != "" {
-			t.Logf("node %d: %s", i+1, l)
+		if m, err := httpGet("http://" + g.Addrs.Metrics + "/metrics"); err == nil {
+			if l := grepLines(m, `reason="cluster_stale"`); l != "" {
+				t.Logf("node %d: %s", i+1, l)
+			}
 		}
 	}
 	mu.Lock()
@@ -363,7 +373,8 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 		}
 		for i, g := range gws {
 			var feed []string
-			for _, l := range strings.Split(g.Metrics(t), "\n") {
+			m, _ := httpGet("http://" + g.Addrs.Metrics + "/metrics")
+			for _, l := range strings.Split(m, "\n") {
 				if strings.HasPrefix(l, "fleetgate_cluster_") {
 					feed = append(feed, l)
 				}
@@ -373,9 +384,10 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 	}
 }
 
-// httpGet returns the body at url (a NATS server's monitoring page).
+// httpGet returns the body at url (a monitoring page), waiting 10 s at
+// most.
 func httpGet(url string) (string, error) {
-	resp, err := http.Get(url)
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Get(url)
 	if err != nil {
 		return "", err
 	}
