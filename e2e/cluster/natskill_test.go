@@ -4,8 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -311,7 +309,7 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 	// Closed by the revocation, not by anything else (a stale node's 0x8B).
 	// (/metrics may answer slowly while the node's store is: retried.)
 	testenv.Eventually(t, 60*time.Second, func() error {
-		m, err := httpGet("http://" + gws[1].Addrs.Metrics + "/metrics")
+		m, err := testenv.HTTPGet("http://" + gws[1].Addrs.Metrics + "/metrics")
 		if err != nil {
 			return err
 		}
@@ -347,7 +345,7 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 		}
 	}
 	for i, g := range gws { // the second staleness bound is above the elections: none expected, not asserted
-		if m, err := httpGet("http://" + g.Addrs.Metrics + "/metrics"); err == nil {
+		if m, err := testenv.HTTPGet("http://" + g.Addrs.Metrics + "/metrics"); err == nil {
 			if l := grepLines(m, `reason="cluster_stale"`); l != "" {
 				t.Logf("node %d: %s", i+1, l)
 			}
@@ -367,13 +365,13 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 		t.Errorf("%d acknowledged QoS 1 messages never reached the service: %v", len(missing), missing[:min(len(missing), 20)])
 		// What the stream holds, by server, and where each node's feed is.
 		for i, mon := range nats.mons[1:] {
-			if out, err := httpGet("http://" + mon + "/jsz?streams=true&consumers=true"); err == nil {
+			if out, err := testenv.HTTPGet("http://" + mon + "/jsz?streams=true&consumers=true"); err == nil {
 				t.Logf("nats%d /jsz: %s", i+2, out)
 			}
 		}
 		for i, g := range gws {
 			var feed []string
-			m, _ := httpGet("http://" + g.Addrs.Metrics + "/metrics")
+			m, _ := testenv.HTTPGet("http://" + g.Addrs.Metrics + "/metrics")
 			for _, l := range strings.Split(m, "\n") {
 				if strings.HasPrefix(l, "fleetgate_cluster_") {
 					feed = append(feed, l)
@@ -382,18 +380,6 @@ func TestClusterNATSServerKilledUnderQoS1Load(t *testing.T) {
 			t.Logf("node %d: %s", i+1, strings.Join(feed, "; "))
 		}
 	}
-}
-
-// httpGet returns the body at url (a monitoring page), waiting 10 s at
-// most.
-func httpGet(url string) (string, error) {
-	resp, err := (&http.Client{Timeout: 10 * time.Second}).Get(url)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	return string(b), err
 }
 
 // grepLines returns the lines of text that contain sub.

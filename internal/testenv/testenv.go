@@ -290,7 +290,7 @@ func (g *Gateway) MQTT(t testing.TB, clientID string, cert *tls.Certificate, opt
 // Metrics returns the /metrics text.
 func (g *Gateway) Metrics(t testing.TB) string {
 	t.Helper()
-	resp, err := httpGet("http://" + g.Addrs.Metrics + "/metrics")
+	resp, err := HTTPGet("http://" + g.Addrs.Metrics + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
