@@ -154,10 +154,14 @@ type ChaosStat struct {
 	Expected int `json:"devices_expected"`
 	// Log: what happened when, relative to the start of the schedule: the
 	// faults as executed and the backend service's connections; Lost: the
-	// acknowledged messages missing, "device/seq acked at t+…" (the first
-	// 1000), to lay beside the log.
-	Log  []string `json:"log"`
-	Lost []string `json:"lost,omitempty"`
+	// acknowledged messages missing, "device/seq acked at t+…" (1000 at
+	// most, taken evenly over all of them in order of device and
+	// sequence), to lay beside the log; LostByDevice and LostBy10s count
+	// every one, by device and by when it was acknowledged (t+, 10 s bins).
+	Log          []string       `json:"log"`
+	Lost         []string       `json:"lost,omitempty"`
+	LostByDevice map[string]int `json:"lost_by_device,omitempty"`
+	LostBy10s    map[int]int    `json:"lost_by_10s,omitempty"`
 }
 
 func (st *ChaosStat) write(w io.Writer) {
@@ -173,7 +177,9 @@ func (st *ChaosStat) write(w io.Writer) {
 	fmt.Fprintf(w, "                     live on two nodes: %d client IDs over %d samples (%d single-sample overlaps); %d/%d devices back at the end\n",
 		len(st.DoubleLive), st.Samples, st.DoubleOnce, st.Back, st.Expected)
 	if len(st.Lost) > 0 {
-		fmt.Fprintf(w, "                     lost (first of %d): %s\n", st.AckedLost, strings.Join(st.Lost[:min(5, len(st.Lost))], "; "))
+		fmt.Fprintf(w, "                     lost (%d; a sample): %s\n", st.AckedLost, strings.Join(st.Lost[:min(5, len(st.Lost))], "; "))
+		fmt.Fprintf(w, "                     lost by device: %v\n", st.LostByDevice)
+		fmt.Fprintf(w, "                     lost by t+ (10 s bins, when acknowledged): %v\n", st.LostBy10s)
 		fmt.Fprintln(w, "                     what happened:")
 		for _, l := range st.Log {
 			fmt.Fprintf(w, "                       %s\n", l)
@@ -382,18 +388,7 @@ func (r *run) chaos(ctx context.Context) error {
 		}
 	}
 	st.AckedLost = len(miss)
-	sort.Strings(miss)
-	for _, m := range miss[:min(len(miss), 1000)] {
-		id, seqs, _ := strings.Cut(m, "/")
-		var seq int64
-		fmt.Sscan(seqs, &seq)
-		if d := r.byID(id); d != nil {
-			if at, ok := d.acked.Load(seq); ok {
-				m += fmt.Sprintf(" acked at t+%.2fs", at.(time.Time).Sub(start).Seconds())
-			}
-		}
-		st.Lost = append(st.Lost, m)
-	}
+	st.Lost, st.LostByDevice, st.LostBy10s = r.lostReport(miss, start)
 	r.rep.check("every acknowledged QoS 1 message reached the service", len(miss) == 0, "%d acknowledged, %d missing %v", st.Acked, len(miss), head(miss))
 	if !allDownAt.IsZero() {
 		for _, m := range miss {
@@ -562,4 +557,47 @@ func (r *run) sampleOwners(ctx context.Context, st *ChaosStat) *ownerSampler {
 		wg.Wait()
 	}
 	return s
+}
+
+// lostReport lays out the missing messages ("device/seq"): at most 1000 of
+// them with the time each was acknowledged, taken evenly over all in order
+// of device and numeric sequence (a string sort put seq 1000 before 101,
+// which drew windows of loss that were not there), and every one counted
+// by device and by 10 s of its acknowledgement.
+func (r *run) lostReport(miss []string, start time.Time) (sample []string, byDevice map[string]int, by10s map[int]int) {
+	type lost struct {
+		id  string
+		seq int64
+		at  time.Time
+	}
+	all := make([]lost, 0, len(miss))
+	byDevice, by10s = map[string]int{}, map[int]int{}
+	for _, m := range miss {
+		id, seqs, _ := strings.Cut(m, "/")
+		l := lost{id: id}
+		fmt.Sscan(seqs, &l.seq)
+		if d := r.byID(id); d != nil {
+			if at, ok := d.acked.Load(l.seq); ok {
+				l.at = at.(time.Time)
+				by10s[int(l.at.Sub(start).Seconds())/10*10]++
+			}
+		}
+		byDevice[id]++
+		all = append(all, l)
+	}
+	sort.Slice(all, func(i, j int) bool {
+		if all[i].id != all[j].id {
+			return all[i].id < all[j].id
+		}
+		return all[i].seq < all[j].seq
+	})
+	step := max(1, (len(all)+999)/1000)
+	for i := 0; i < len(all); i += step {
+		m := fmt.Sprintf("%s/%d", all[i].id, all[i].seq)
+		if !all[i].at.IsZero() {
+			m += fmt.Sprintf(" acked at t+%.2fs", all[i].at.Sub(start).Seconds())
+		}
+		sample = append(sample, m)
+	}
+	return sample, byDevice, by10s
 }

@@ -146,6 +146,9 @@ func (r *Router) q1Msg(m jetstream.Msg) {
 		r.q1.lastTime.Store(md.Timestamp.UnixNano())
 		r.q1.behind.Store(md.NumPending > 0)
 	}()
+	if isMark(m.Subject()) {
+		return // a replay's barrier (replay.go)
+	}
 	h := m.Headers()
 	if h.Get(hNode) == r.cfg.Node || !r.wanted(m.Subject()) {
 		r.q1.dropped.Add(1)

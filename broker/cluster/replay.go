@@ -13,6 +13,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nuid"
 )
 
 // Replay of an offline persistent session resumed on another node: the
@@ -61,14 +62,14 @@ const (
 // its end, for at most budget in all: a consumer cannot be created while
 // JetStream elects new leaders after a node died. What a failed attempt
 // stored is taken out again before the next one.
-func (s *sessions) replayBounded(old *mqtt.Client, subs []sub, from time.Time, budget time.Duration) error {
+func (s *sessions) replayBounded(old *mqtt.Client, subs []sub, from, countFrom time.Time, budget time.Duration) error {
 	if budget <= 0 {
 		return errors.New("no time left before the connection's CONNECT deadline")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), budget)
 	defer cancel()
 	for attempt := 1; ; attempt++ {
-		stored, st, err := s.replay(ctx, old, subs, from)
+		stored, st, err := s.replay(ctx, old, subs, from, countFrom)
 		if err == nil {
 			s.order(old, stored)
 			s.r.log.Info("offline session replayed from the stream", "client", old.ID, "messages", len(stored), "from", from,
@@ -102,7 +103,7 @@ func (s *sessions) replayBounded(old *mqtt.Client, subs []sub, from time.Time, b
 // use. (Before, overlapping filters made it read the whole stream, which
 // a busy cluster could make too slow to ever finish within an attempt:
 // the session could then never resume on another node.)
-func (s *sessions) replay(ctx context.Context, old *mqtt.Client, subs []sub, from time.Time) (stored []uint16, st replayStats, err error) {
+func (s *sessions) replay(ctx context.Context, old *mqtt.Client, subs []sub, from, countFrom time.Time) (stored []uint16, st replayStats, err error) {
 	actx, cancel := context.WithTimeout(ctx, replayAttempt)
 	defer cancel()
 	var filters []string
@@ -127,15 +128,23 @@ func (s *sessions) replay(ctx context.Context, old *mqtt.Client, subs []sub, fro
 		return nil, st, nil
 	}
 	// The quota counts what was published after the session went
-	// offline (countFrom), as on one node; the margin before it (clocks)
-	// may hold messages the client had already, which must not take the
-	// place of newer ones.
-	countFrom := from.Add(replayMargin)
+	// offline (countFrom), as on one node; the margin before it (clocks,
+	// or the 30 s before an online takeover) may hold messages the client
+	// had already, which must not take the place of newer ones.
+	if countFrom.Before(from) {
+		countFrom = from
+	}
+	// The barrier: the end of the stream as its leader has it now, after
+	// the live interest is in place (replayBarrier).
+	barrier, err := s.r.replayBarrier(actx)
+	if err != nil {
+		return nil, st, err
+	}
 	groups := disjointGroups(filters)
 	st.consumers = len(groups)
 	bySeq := map[uint64]replayed{}
 	for _, g := range groups {
-		kept, more, read, err := s.readStream(actx, g, from, countFrom, limit, func(m jetstream.Msg) (packets.Packet, bool) { return s.queued(old, m) })
+		kept, more, read, err := s.readStream(actx, g, barrier, from, countFrom, limit, func(m jetstream.Msg) (packets.Packet, bool) { return s.queued(old, m) })
 		st.read += read
 		if err != nil {
 			return nil, st, err
@@ -202,12 +211,16 @@ func firstCounted(bySeq map[uint64]replayed, limit int) bool {
 
 // readStream reads, with one ordered consumer (deleted after), the
 // messages of the stream on subjects from the time from, until keep has
-// taken limit of them stamped at or after countFrom, or the stream's end;
-// more: it stopped with more pending. What keep refuses is read past, up
-// to a bound (readBound).
-func (s *sessions) readStream(ctx context.Context, subjects []string, from, countFrom time.Time, limit int,
+// taken limit of them stamped at or after countFrom, or the barrier (the
+// stream's end when the replay began); more: it stopped with more
+// pending. What keep refuses is read past, up to a bound (readBound).
+func (s *sessions) readStream(ctx context.Context, subjects []string, b barrier, from, countFrom time.Time, limit int,
 	keep func(jetstream.Msg) (packets.Packet, bool)) (kept []replayed, more bool, read int, err error) {
-	cons, err := s.r.js.OrderedConsumer(ctx, Stream, jetstream.OrderedConsumerConfig{FilterSubjects: subjects,
+	filters := subjects
+	if !slices.ContainsFunc(subjects, func(f string) bool { return subjectsOverlap(f, b.subject) }) {
+		filters = append(slices.Clip(subjects), b.subject) // else a filter already takes it
+	}
+	cons, err := s.r.js.OrderedConsumer(ctx, Stream, jetstream.OrderedConsumerConfig{FilterSubjects: filters,
 		DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &from, InactiveThreshold: 30 * time.Second})
 	if err != nil {
 		return nil, false, 0, fmt.Errorf("replay consumer not created: %w", err)
@@ -219,13 +232,6 @@ func (s *sessions) readStream(ctx context.Context, subjects []string, from, coun
 			cancel()
 		}
 	}()
-	info, err := cons.Info(ctx)
-	if err != nil {
-		return nil, false, 0, fmt.Errorf("replay consumer: %w", err)
-	}
-	if info.NumPending == 0 {
-		return nil, false, 0, nil
-	}
 	bound := readBound(limit)
 	var margin []replayed // the newest limit of the margin at most
 	counted, marginRead, countedRead := 0, 0, 0
@@ -243,11 +249,17 @@ func (s *sessions) readStream(ctx context.Context, subjects []string, from, coun
 			if err != nil {
 				continue
 			}
+			if md.Sequence.Stream >= b.seq {
+				return append(margin, kept...), false, read, nil // the end when the replay began
+			}
+			if isMark(m.Subject()) {
+				continue // another replay's barrier
+			}
 			if md.Timestamp.Before(countFrom) {
 				if marginRead++; marginRead > bound {
 					// The margin alone is too long to read within an
 					// attempt: what counts is read from countFrom.
-					rest, more, n, err := s.readStream(ctx, subjects, countFrom, countFrom, limit, keep)
+					rest, more, n, err := s.readStream(ctx, subjects, b, countFrom, countFrom, limit, keep)
 					return append(margin, rest...), more, read + n, err
 				}
 				if pk, ok := keep(m); ok {
@@ -266,12 +278,43 @@ func (s *sessions) readStream(ctx context.Context, subjects []string, from, coun
 					counted++
 				}
 			}
-			if md.NumPending == 0 {
-				return append(margin, kept...), false, read, nil
-			}
 		}
 	}
 	return append(margin, kept...), true, read, nil
+}
+
+// barrier is a marker message in the stream: its sequence (seq) and
+// subject.
+type barrier struct {
+	seq     uint64
+	subject string
+}
+
+// markToken starts the subject of a barrier after fg.m.1: no topic
+// encodes to it (codec.go writes '$' as ~24), so no MQTT message has it.
+const markToken = "$mark"
+
+// isMark reports whether subject is a barrier's.
+func isMark(subject string) bool {
+	return strings.HasPrefix(subject, SubjectPrefix+".1."+markToken+".")
+}
+
+// replayBarrier publishes a marker into the stream and returns it. A
+// replay reads up to it, not "until nothing is pending": nats-server
+// places a replay's (R1) consumer on any replica of the stream whose
+// server has caught up with the meta group, also one that rejoined and is
+// still catching up on the stream itself, whose store lacks what was
+// stored meanwhile; "nothing pending" there ended the replay without
+// those messages (a node restarted and claimed at once: 0 of 10 replayed,
+// 2026-12-08). A replica delivers the marker only after everything the
+// leader stored before it.
+func (r *Router) replayBarrier(ctx context.Context) (barrier, error) {
+	subject := SubjectPrefix + ".1." + markToken + "." + nuid.Next()
+	ack, err := r.js.Publish(ctx, subject, nil)
+	if err != nil {
+		return barrier{}, fmt.Errorf("replay barrier not written (no quorum?): %w", err)
+	}
+	return barrier{seq: ack.Sequence, subject: subject}, nil
 }
 
 // readBound bounds the messages one replay consumer reads: what its
@@ -338,14 +381,20 @@ func (s *sessions) order(old *mqtt.Client, stored []uint16) {
 		old.State.Inflight.Delete(pk.PacketID)
 	}
 	// IDs from the client's counter (ascending, never one in use), so a
-	// message a local publisher queues meanwhile keeps its own.
-	now := time.Now().Unix()
+	// message a local publisher queues meanwhile keeps its own. mochi
+	// resends by (Created, packet ID): Created is made non-decreasing in
+	// this order, and stays at most a message's own time where the order
+	// allows (a replayed message's is its time in the stream, so that a
+	// disconnect before its PUBACK replays from there, wherever the
+	// session goes: stamped "now", it was lost to a later move).
+	var created int64
 	for _, pk := range all {
 		id, err := old.NextPacketID()
 		if err != nil {
 			break
 		}
-		pk.PacketID, pk.Created = uint16(id), now
+		created = max(created, pk.Created)
+		pk.PacketID, pk.Created = uint16(id), created
 		old.State.Inflight.Set(pk)
 	}
 }
@@ -368,17 +417,23 @@ func (s *sessions) queued(old *mqtt.Client, m jetstream.Msg) (packets.Packet, bo
 	}
 	out := pk.Copy(false)
 	out.FixedHeader.Qos = min(pk.FixedHeader.Qos, sb.Qos)
+	out.Created = time.Now().Unix()
+	if md, err := m.Metadata(); err == nil {
+		out.Created = md.Timestamp.Unix() // when the stream stored it (store, order)
+	}
 	return out, true
 }
 
 // store puts a packet queued puts into old's in-flight store, with the
-// next packet ID of the client.
+// next packet ID of the client (its Created is its time in the stream).
 func (s *sessions) store(old *mqtt.Client, pk packets.Packet) (uint16, bool) {
 	id, err := old.NextPacketID()
 	if err != nil {
 		return 0, false
 	}
 	pk.PacketID = uint16(id)
-	pk.Created = time.Now().Unix()
+	if pk.Created <= 0 {
+		pk.Created = time.Now().Unix()
+	}
 	return pk.PacketID, old.State.Inflight.Set(pk)
 }

@@ -218,6 +218,7 @@ func (r *Router) Run(ctx context.Context) error {
 		case <-time.After(500 * time.Millisecond):
 		}
 	}
+	r.sess.takeOverRestored(ctx) // restart.go
 	r.wg.Add(1)
 	go func() { defer r.wg.Done(); r.runQ1(ctx, r.q1Start) }()
 	r.ready.Store(true)

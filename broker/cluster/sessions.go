@@ -70,6 +70,10 @@ type record struct {
 	// replay fails is refused and leaves it, so the client's next attempt,
 	// on any node, replays from the same point.
 	Replay bool `json:"replay,omitempty"`
+	// CountFrom, with Replay: the session's offline quota counts only the
+	// messages stamped from then on (a session taken over while online:
+	// the claim's time); zero: from ReplayFrom.
+	CountFrom time.Time `json:"count_from,omitzero"`
 	// Will is the connection's Last Will while it may still be sent: while
 	// the connection is online, and while a delayed will waits (wills.go).
 	// Whoever sends it first takes it out by compare-and-swap (claimWill).
@@ -113,6 +117,11 @@ type sessions struct {
 	dropMu sync.Mutex
 	mu     sync.Mutex
 	local  map[string]*local // client ID → the connection that owns it here
+	// restored: the sessions restored from the local store at start
+	// (restart.go), not trusted as the session; prevSeen: this node's
+	// last proof of life before this start (its liveness key).
+	restored map[string]*mqtt.Client
+	prevSeen time.Time
 	// conns: client ID → each client connected here with it → its
 	// connection's ID in the record, kept (also after an eviction) while
 	// its will may still be sent (OnWill).
@@ -122,7 +131,7 @@ type sessions struct {
 }
 
 func newSessions(r *Router) *sessions {
-	return &sessions{r: r, local: map[string]*local{}, conns: map[string]map[*mqtt.Client]string{}}
+	return &sessions{r: r, local: map[string]*local{}, conns: map[string]map[*mqtt.Client]string{}, restored: map[string]*mqtt.Client{}}
 }
 
 // forget drops cl's entry in conns.
@@ -273,42 +282,9 @@ func (s *sessions) reconcileLoop(ctx context.Context) {
 const reconcileStale = 2 * time.Second
 
 // reconcile drops each offline session held here whose record names
-// another node. A session with no record is kept (a former single box's
-// sessions, which a CONNECT here takes over), and so is one whose record
-// it cannot read. The drop is checked again under the sessions' lock: a
-// CONNECT of the same client ID records its claim there (s.local) before
-// mochi takes anything over, so a session claimed meanwhile is left alone.
-// Its cost is one read of the bucket per offline session here (docs:
-// "What is not built yet").
+// another node (reconcileWith, restart.go).
 func (s *sessions) reconcile(ctx context.Context) {
-	n := 0
-	for id, cl := range s.r.srv.Clients.GetAll() {
-		if cl.Net.Inline || !cl.Closed() || ctx.Err() != nil {
-			continue
-		}
-		gctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		e, err := s.kv.Get(gctx, sessionKey(id))
-		cancel()
-		var rec record
-		if err != nil || json.Unmarshal(e.Value(), &rec) != nil || rec.Node == s.r.cfg.Node {
-			continue
-		}
-		s.dropMu.Lock()
-		s.mu.Lock()
-		cur, ok := s.r.srv.Clients.Get(id)
-		if l := s.local[id]; !ok || cur != cl || !cl.Closed() || (l != nil && l.cl != cl) {
-			s.mu.Unlock()
-			s.dropMu.Unlock()
-			continue // claimed, resumed or reconnected meanwhile
-		}
-		delete(s.local, id)
-		s.forgetLocked(cl)
-		s.mu.Unlock()
-		s.drop(cl)
-		s.dropMu.Unlock()
-		n++
-	}
-	if n > 0 {
+	if n := s.reconcileWith(ctx, func(*record) bool { return false }); n > 0 {
 		s.r.log.Info("leftover offline sessions dropped: other nodes own them now", "sessions", n)
 	}
 }
@@ -383,6 +359,11 @@ func (s *sessions) evict(id, conn string) {
 // its ID (the topic index, the NATS interest and the stored records are
 // keyed by the ID).
 func (s *sessions) drop(cl *mqtt.Client) {
+	s.mu.Lock()
+	if s.restored[cl.ID] == cl {
+		delete(s.restored, cl.ID)
+	}
+	s.mu.Unlock()
 	srv := s.r.srv
 	srv.UnsubscribeClient(cl)
 	cl.ClearInflights()
@@ -448,7 +429,7 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 	defer cancel()
 	var prev *record
 	var claimed uint64
-	var resumeFrom time.Time
+	var resumeFrom, countFrom time.Time
 	resumeHere := false
 	for attempt := 0; ; attempt++ {
 		prev = nil
@@ -472,8 +453,11 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 			rec.Subs = prev.Subs
 		}
 		rec.Prev = pendingWill(prev, pk.Connect.Clean)
-		resumeHere, resumeFrom = s.replayDue(cl, pk, prev)
+		resumeHere, resumeFrom, countFrom = s.replayDue(cl, pk, prev)
 		rec.Replay, rec.ReplayFrom = resumeHere, resumeFrom
+		if resumeHere && countFrom.After(resumeFrom) {
+			rec.CountFrom = countFrom
+		}
 		b, _ := json.Marshal(rec)
 		if rev == 0 {
 			claimed, err = s.kv.Create(ctx, key, b)
@@ -539,7 +523,7 @@ func (s *sessions) connect(cl *mqtt.Client, pk packets.Packet) error {
 			if h := beforeReplay.Load(); h != nil {
 				(*h)(s.r.cfg.Node)
 			}
-			if err := s.replayBounded(old, prev.Subs, resumeFrom.Add(-replayMargin), connectBudget(cl)); err != nil {
+			if err := s.replayBounded(old, prev.Subs, resumeFrom.Add(-replayMargin), countFrom, connectBudget(cl)); err != nil {
 				s.unresume(cl, old)
 				return s.refuse(cl, "offline messages not replayed; the client's next attempt replays them", err)
 			}
@@ -558,24 +542,32 @@ var beforeReplay atomic.Pointer[func(node string)]
 
 // replayDue reports whether cl's CONNECT resumes a persistent session this
 // node does not hold (another node's, or this node's from before a
-// restart or a refused CONNECT) and must replay the stream for it, and
-// from when (before replayMargin).
-func (s *sessions) replayDue(cl *mqtt.Client, pk packets.Packet, prev *record) (bool, time.Time) {
+// restart or a refused CONNECT) and must replay the stream for it, from
+// when (before replayMargin), and from when the session's offline quota
+// counts what it replays (countFrom; what came before may have reached
+// the client already, and must not take the place of newer messages).
+func (s *sessions) replayDue(cl *mqtt.Client, pk packets.Packet, prev *record) (due bool, from, countFrom time.Time) {
 	if pk.Connect.Clean || prev == nil || !prev.Persistent || len(prev.Subs) == 0 {
-		return false, time.Time{}
+		return false, time.Time{}, time.Time{}
 	}
 	if prev.Node == s.r.cfg.Node && !prev.Replay {
-		if _, ok := s.r.srv.Clients.Get(cl.ID); ok {
-			return false, time.Time{} // mochi holds it here: nothing was missed
+		if cur, ok := s.r.srv.Clients.Get(cl.ID); ok && s.trusted(cur, prev) {
+			return false, time.Time{}, time.Time{} // mochi holds it here: nothing was missed
 		}
 	}
-	from := prev.ReplayFrom
-	if !prev.Replay && (prev.Online || from.IsZero()) {
-		// Taken over while online: what the old node had not yet had
-		// acknowledged is recent.
-		from = time.Now().Add(-onlineReplay)
+	from, countFrom = prev.ReplayFrom, prev.ReplayFrom
+	switch {
+	case prev.Replay && prev.CountFrom.After(from):
+		countFrom = prev.CountFrom // a replay an earlier CONNECT claimed and did not do
+	case !prev.Replay && (prev.Online || from.IsZero()):
+		// Taken over while online (or its disconnect not yet in the
+		// record): what the old node had not yet had acknowledged is
+		// recent. Those 30 s are replayed (the newest of them up to the
+		// quota) but not counted: the client had most of them already.
+		now := time.Now()
+		from, countFrom = now.Add(-onlineReplay), now
 	}
-	return true, from.UTC()
+	return true, from.UTC(), countFrom.UTC()
 }
 
 // connectBudget is how long cl's CONNECT may still take for a replay:
@@ -642,7 +634,7 @@ func (s *sessions) resume(cl *mqtt.Client, prev *record) *mqtt.Client {
 	defer s.dropMu.Unlock()
 	srv := s.r.srv
 	if cur, ok := srv.Clients.Get(cl.ID); ok {
-		if !cur.Closed() || prev.Node == s.r.cfg.Node {
+		if !cur.Closed() || (prev.Node == s.r.cfg.Node && s.trusted(cur, prev)) {
 			// Live here, or this node's own (a replay due after a
 			// refused CONNECT): mochi takes it over.
 			return nil
@@ -713,6 +705,9 @@ func (s *sessions) subscribed(cl *mqtt.Client) {
 }
 
 func (s *sessions) established(cl *mqtt.Client, _ packets.Packet) {
+	s.mu.Lock()
+	delete(s.restored, cl.ID) // taken over (a restored session with no record)
+	s.mu.Unlock()
 	s.update(cl, func(r *record) bool { r.Subs, r.Replay = subsOf(cl), false; return false })
 }
 

@@ -65,6 +65,16 @@ func (s *sessions) openLive(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if s.prevSeen.IsZero() {
+		// This node's last proof of life before this start (restart.go).
+		e, err := kv.Get(ctx, s.r.cfg.Node)
+		switch {
+		case err == nil:
+			s.prevSeen = e.Created()
+		case !errors.Is(err, jetstream.ErrKeyNotFound) && !errors.Is(err, jetstream.ErrKeyDeleted):
+			return err
+		}
+	}
 	if _, err := kv.Put(ctx, s.r.cfg.Node, []byte(time.Now().UTC().Format(time.RFC3339Nano))); err != nil {
 		return err
 	}
@@ -253,7 +263,7 @@ func (s *sessions) live(ctx context.Context) {
 			// a leader election) is done again at the next tick; what it
 			// did already is not done twice (compare-and-swap).
 			sctx, scancel := context.WithTimeout(ctx, 30*time.Second)
-			if s.sweep(sctx, node, e.Created()) {
+			if s.sweep(sctx, node, e.Created(), nil) {
 				swept[node] = e.Revision()
 			}
 			scancel()
@@ -262,8 +272,10 @@ func (s *sessions) live(ctx context.Context) {
 	}
 }
 
-// sweep takes over the online records of a dead node.
-func (s *sessions) sweep(ctx context.Context, dead string, lastSeen time.Time) (complete bool) {
+// sweep takes over the online records of a dead node: each is replayed
+// from lastSeen, or from earliest[client ID] if that is earlier (the
+// oldest unacknowledged message a restarted node's own copy held).
+func (s *sessions) sweep(ctx context.Context, dead string, lastSeen time.Time, earliest map[string]time.Time) (complete bool) {
 	lister, err := s.kv.ListKeys(ctx)
 	if err != nil {
 		return false
@@ -294,8 +306,12 @@ func (s *sessions) sweep(ctx context.Context, dead string, lastSeen time.Time) (
 		}
 		w := rec.Will
 		rec.Online, rec.Since = false, time.Now().UTC()
-		if !rec.Replay || lastSeen.Before(rec.ReplayFrom) {
-			rec.ReplayFrom = lastSeen.UTC()
+		from := lastSeen
+		if t, ok := earliest[id]; ok && t.Before(from) {
+			from = t
+		}
+		if !rec.Replay || from.Before(rec.ReplayFrom) {
+			rec.ReplayFrom = from.UTC()
 		}
 		if w == nil || w.Delay == 0 {
 			rec.Will = nil // claimed here by the swap below
