@@ -533,11 +533,40 @@ func (r *Router) Subscriptions() int {
 	return len(r.subjects)
 }
 
-// OnSubscribed implements mqtt.Hook.
-func (r *Router) OnSubscribed(cl *mqtt.Client, _ packets.Packet, _ []byte) {
-	if !cl.Net.Inline {
-		r.setSubjects(cl.ID, subjectsOf(cl))
-		r.sess.subscribed(cl)
+// OnSubscribed implements mqtt.Hook. A persistent session's subscription
+// is granted only once its record holds it: a session resumed on another
+// node (its node dead) gets its subscriptions from the record, and one
+// granted here but missing there was lost with the node, the client told
+// "session present" and never subscribing again. So when the record
+// cannot be written (no quorum), the filters this SUBSCRIBE granted are
+// taken out again and the SUBACK says 0x80 (unspecified error) for each:
+// the client subscribes again later. (mochi writes the SUBACK with the
+// reason codes hooks see here, and skips retained messages for a filter
+// that failed.)
+func (r *Router) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
+	if cl.Net.Inline {
+		return
+	}
+	r.setSubjects(cl.ID, subjectsOf(cl))
+	err := r.sess.subscribed(cl)
+	if err == nil || !persistent(cl) {
+		return
+	}
+	n := 0
+	for i, f := range pk.Filters {
+		if i >= len(codes) || codes[i] >= packets.ErrUnspecifiedError.Code {
+			continue
+		}
+		codes[i] = packets.ErrUnspecifiedError.Code
+		if r.srv.Topics.Unsubscribe(f.Filter, cl.ID) {
+			atomic.AddInt64(&r.srv.Info.Subscriptions, -1)
+		}
+		cl.State.Subscriptions.Delete(f.Filter)
+		n++
+	}
+	r.setSubjects(cl.ID, subjectsOf(cl))
+	if n > 0 && r.sess.refusals.allow() {
+		r.log.Warn("SUBSCRIBE refused (0x80): the session record does not hold it (no quorum?)", "client", cl.ID, "filters", n, "err", err)
 	}
 }
 

@@ -659,17 +659,19 @@ func (s *sessions) resume(cl *mqtt.Client, prev *record) *mqtt.Client {
 }
 
 // update rewrites cl's record with fn if cl's connection still owns it.
-func (s *sessions) update(cl *mqtt.Client, fn func(*record) (del bool)) {
-	s.updateWithin(cl, s.r.cfg.AckTimeout, fn)
+// It returns the error of a write that failed (nil also when cl does not
+// own the record any more).
+func (s *sessions) update(cl *mqtt.Client, fn func(*record) (del bool)) error {
+	return s.updateWithin(cl, s.r.cfg.AckTimeout, fn)
 }
 
 // updateWithin is update bounded by d.
-func (s *sessions) updateWithin(cl *mqtt.Client, d time.Duration, fn func(*record) (del bool)) {
+func (s *sessions) updateWithin(cl *mqtt.Client, d time.Duration, fn func(*record) (del bool)) error {
 	s.mu.Lock()
 	l := s.local[cl.ID]
 	s.mu.Unlock()
 	if l == nil || l.cl != cl || s.kv == nil {
-		return
+		return nil
 	}
 	key := sessionKey(cl.ID)
 	ctx, cancel := s.r.opCtxWithin(d)
@@ -678,11 +680,11 @@ func (s *sessions) updateWithin(cl *mqtt.Client, d time.Duration, fn func(*recor
 		e, err := s.kv.Get(ctx, key)
 		if err != nil {
 			s.r.unwritten(cl.ID, "session record (not read)", err)
-			return
+			return err
 		}
 		var rec record
 		if json.Unmarshal(e.Value(), &rec) != nil || rec.Conn != l.conn {
-			return // another connection owns it now
+			return nil // another connection owns it now
 		}
 		if fn(&rec) {
 			err = s.kv.Delete(ctx, key, jetstream.LastRevision(e.Revision()))
@@ -694,14 +696,14 @@ func (s *sessions) updateWithin(cl *mqtt.Client, d time.Duration, fn func(*recor
 			if err != nil && !s.r.unwritten(cl.ID, "session record", err) {
 				s.r.log.Warn("session record not updated", "client", cl.ID, "err", err)
 			}
-			return
+			return err
 		}
 	}
 }
 
 // subscribed records cl's subscriptions (before its SUBACK/UNSUBACK).
-func (s *sessions) subscribed(cl *mqtt.Client) {
-	s.update(cl, func(r *record) bool { r.Subs = subsOf(cl); return false })
+func (s *sessions) subscribed(cl *mqtt.Client) error {
+	return s.update(cl, func(r *record) bool { r.Subs = subsOf(cl); return false })
 }
 
 func (s *sessions) established(cl *mqtt.Client, _ packets.Packet) {
