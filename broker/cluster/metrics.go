@@ -16,8 +16,8 @@ func (r *Router) Collectors() []prometheus.Collector {
 		counter("fleetgate_cluster_routed_total", "Messages this node sent to the other nodes (QoS 0 on core NATS, QoS 1/2 acknowledged by the stream).", r.Routed.Load),
 		counter("fleetgate_cluster_received_total", "Messages from the other nodes handed to this node's broker.", r.Received.Load),
 		gauge("fleetgate_cluster_q1_feed_applied_sequence", "Sequence of stream fg_Q1 this node's QoS 1/2 feed applied last.", func() float64 { return float64(r.q1.last.Load()) }),
-		gauge("fleetgate_cluster_q1_feed_behind", "1 while the QoS 1/2 feed may not have applied everything the stream holds (interrupted, or more pending).", func() float64 {
-			if r.q1.behind.Load() {
+		gauge("fleetgate_cluster_q1_feed_behind", "1 while the QoS 1/2 feed may not have applied everything the stream holds (interrupted, more pending, or the stream's leader holds more than the feed applied at the last check).", func() float64 {
+			if r.q1.isBehind() {
 				return 1
 			}
 			return 0

@@ -46,6 +46,11 @@ type q1Feed struct {
 	// stream holds (interrupted, or its last message had more pending).
 	lastTime atomic.Int64
 	behind   atomic.Bool
+	// leaderAhead: at the last check (watchLag), the stream's leader had
+	// stored more than the feed had applied. The feed's consumer may sit
+	// on a replica still catching up (nats-server places it on any), where
+	// nothing is pending although the leader holds more.
+	leaderAhead atomic.Bool
 	// mu orders q1Msg: a message at or below last is a late copy from a
 	// consumer already replaced, dropped.
 	mu sync.Mutex
@@ -56,10 +61,43 @@ type q1Feed struct {
 // (wherever it resumes) from there, not only from its disconnect, since
 // what the feed has not applied yet was never queued for it here.
 func (f *q1Feed) appliedUntil() (time.Time, bool) {
-	if !f.behind.Load() {
+	if !f.isBehind() {
 		return time.Time{}, false
 	}
 	return time.Unix(0, f.lastTime.Load()), true
+}
+
+// isBehind reports whether the feed may not have applied everything the
+// stream holds.
+func (f *q1Feed) isBehind() bool { return f.behind.Load() || f.leaderAhead.Load() }
+
+// q1LagCheck is how often the feed compares what it applied with the
+// stream's leader.
+const q1LagCheck = time.Second
+
+// watchLag sets leaderAhead every q1LagCheck from the stream's last
+// sequence as its leader answers it (a stream info request is answered by
+// the leader), until ctx ends.
+func (r *Router) watchLag(ctx context.Context) {
+	t := time.NewTicker(q1LagCheck)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.stop:
+			return
+		case <-t.C:
+		}
+		cctx, cancel := context.WithTimeout(ctx, q1LagCheck)
+		st, err := r.js.Stream(cctx, Stream)
+		cancel()
+		if err != nil {
+			r.q1.leaderAhead.Store(true) // unknown: taken as behind
+			continue
+		}
+		r.q1.leaderAhead.Store(st.CachedInfo().State.LastSeq > r.q1.last.Load())
+	}
 }
 
 // runQ1 consumes fg_Q1 from the sequence after start until ctx ends,

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -220,8 +221,18 @@ func (s *sessions) readStream(ctx context.Context, subjects []string, b barrier,
 	if !slices.ContainsFunc(subjects, func(f string) bool { return subjectsOverlap(f, b.subject) }) {
 		filters = append(slices.Clip(subjects), b.subject) // else a filter already takes it
 	}
+	// The first sequence at or after from, as the stream's leader has it: a
+	// consumer started by time on a replica that has just restarted
+	// (rebuilding its index) or lags started past everything it should
+	// have read, and delivered only the barrier (the chaos scenario's
+	// backend, 2026-12-08: read=1, 0 replayed, every message of the 30 s
+	// before its takeover lost).
+	start, err := s.r.seqAt(ctx, from, b)
+	if err != nil {
+		return nil, false, 0, err
+	}
 	cons, err := s.r.js.OrderedConsumer(ctx, Stream, jetstream.OrderedConsumerConfig{FilterSubjects: filters,
-		DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &from, InactiveThreshold: 30 * time.Second})
+		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: start, InactiveThreshold: 30 * time.Second})
 	if err != nil {
 		return nil, false, 0, fmt.Errorf("replay consumer not created: %w", err)
 	}
@@ -288,6 +299,43 @@ func (s *sessions) readStream(ctx context.Context, subjects []string, b barrier,
 type barrier struct {
 	seq     uint64
 	subject string
+}
+
+// seqAt returns the sequence of the first message of the stream stamped at
+// or after t, as the stream's leader answers it (the MSG.GET API, not a
+// direct get, which any replica answers); b.seq if there is none before
+// the barrier.
+func (r *Router) seqAt(ctx context.Context, t time.Time, b barrier) (uint64, error) {
+	req, _ := json.Marshal(struct {
+		StartTime time.Time `json:"start_time"`
+		NextFor   string    `json:"next_by_subj"`
+		NoHeaders bool      `json:"no_hdr"`
+	}{t.UTC(), SubjectPrefix + ".1.>", true})
+	m, err := r.cfg.NC.RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET."+Stream, req)
+	if err != nil {
+		return 0, fmt.Errorf("replay start not found (no stream leader?): %w", err)
+	}
+	var resp struct {
+		Error *struct {
+			Code        int    `json:"err_code"`
+			Description string `json:"description"`
+		} `json:"error"`
+		Message *struct {
+			Seq uint64 `json:"seq"`
+		} `json:"message"`
+	}
+	if err := json.Unmarshal(m.Data, &resp); err != nil {
+		return 0, fmt.Errorf("replay start: %w", err)
+	}
+	switch {
+	case resp.Error != nil && resp.Error.Code == 10037: // no message found
+		return b.seq, nil
+	case resp.Error != nil:
+		return 0, fmt.Errorf("replay start: %s (%d)", resp.Error.Description, resp.Error.Code)
+	case resp.Message == nil:
+		return 0, errors.New("replay start: empty answer")
+	}
+	return min(resp.Message.Seq, b.seq), nil
 }
 
 // markToken starts the subject of a barrier after fg.m.1: no topic

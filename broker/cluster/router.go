@@ -219,8 +219,9 @@ func (r *Router) Run(ctx context.Context) error {
 		}
 	}
 	r.sess.takeOverRestored(ctx) // restart.go
-	r.wg.Add(1)
+	r.wg.Add(2)
 	go func() { defer r.wg.Done(); r.runQ1(ctx, r.q1Start) }()
+	go func() { defer r.wg.Done(); r.watchLag(ctx) }()
 	r.ready.Store(true)
 	r.log.Info("broker across nodes ready", "stream", Stream)
 	return r.sess.run(ctx)

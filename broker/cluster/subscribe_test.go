@@ -44,12 +44,21 @@ func TestSubscriptionTheRecordCannotHoldIsRefused(t *testing.T) {
 		if code := n3.Ready(); code != http.StatusOK {
 			return fmt.Errorf("node 3: /readyz %d", code)
 		}
-		sa, err := subscribeB(30 * time.Second)
-		if err != nil || sa.Reasons[0] > 2 {
-			return fmt.Errorf("SUBSCRIBE after the heal: %+v (%v)", sa, err)
-		}
 		return nil
 	})
+	// Ready is not yet writable everywhere (JetStream may still elect):
+	// the SUBSCRIBE is tried again, a few seconds apart (the broker's
+	// subscribe rate disconnects a client that retries in a loop).
+	for attempt := 0; ; attempt++ {
+		sa, err := subscribeB(30 * time.Second)
+		if err == nil && sa.Reasons[0] <= 2 {
+			break
+		}
+		if attempt == 15 {
+			t.Fatalf("SUBSCRIBE after the heal: %+v (%v)", sa, err)
+		}
+		time.Sleep(3 * time.Second)
+	}
 	if err := v.Disconnect(&paho5.Disconnect{ReasonCode: 0}); err != nil {
 		t.Fatal(err)
 	}
