@@ -5,6 +5,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/fleetgate/fleetgate/broker/auth"
+	"github.com/fleetgate/fleetgate/fleet"
 )
 
 // What a cluster node's router (broker/cluster, added through
@@ -57,4 +58,20 @@ func (b *Broker) DropSession(cl *mqtt.Client) {
 	if b.storage != nil {
 		b.storage.OnClientExpired(cl)
 	}
+}
+
+// OriginRevoked reports whether origin, the client ID a routed message
+// was published with, names a device revoked in this node's directory. A
+// node that had not yet learnt of a revocation (within its staleness
+// bound) may have accepted, and stored in the cluster's stream, messages
+// the device sent after the revoke; the nodes that deliver them drop
+// them. Revocation is terminal, and a compromised device's data is not
+// trusted: what it published before the revoke and was not yet delivered
+// is dropped too.
+func (b *Broker) OriginRevoked(origin string) bool {
+	if origin == "" || b.cfg.Directory == nil {
+		return false
+	}
+	st, ok := b.cfg.Directory.DeviceStatus(origin)
+	return ok && st.State == fleet.StateRevoked
 }

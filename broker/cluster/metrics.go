@@ -23,6 +23,7 @@ func (r *Router) Collectors() []prometheus.Collector {
 			return 0
 		}),
 		counter("fleetgate_cluster_q1_feed_dropped_total", "Stream messages the feed skipped: this node's own, or no local session subscribes to the topic.", r.q1.dropped.Load),
+		counter("fleetgate_cluster_revoked_dropped_total", "Routed messages (live or replayed) not delivered because their publisher is a device revoked in this node's directory.", r.RevokedDropped.Load),
 		counter("fleetgate_cluster_q1_feed_restarts_total", "Times the feed's consumer had to be created again (after an error or a stop).", r.q1.restarts.Load),
 	}
 }

@@ -452,7 +452,7 @@ func (s *sessions) order(old *mqtt.Client, stored []uint16) {
 // does not exclude it, and the ACL lets it read it.
 func (s *sessions) queued(old *mqtt.Client, m jetstream.Msg) (packets.Packet, bool) {
 	pk, ok := s.r.packet(&nats.Msg{Subject: m.Subject(), Data: m.Data(), Header: m.Headers()})
-	if !ok || pk.FixedHeader.Qos == 0 {
+	if !ok || pk.FixedHeader.Qos == 0 || s.r.revokedOrigin(pk) {
 		return packets.Packet{}, false
 	}
 	subs := s.r.srv.Topics.Subscribers(pk.TopicName)

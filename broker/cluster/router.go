@@ -132,6 +132,10 @@ type Router struct {
 	Routed, Received atomic.Int64
 	// StaleClosed counts sessions closed past the second staleness bound.
 	StaleClosed atomic.Int64
+	// RevokedDropped counts routed messages of revoked devices dropped;
+	// revokedLog rate-limits their log line.
+	RevokedDropped atomic.Int64
+	revokedLog     limiter
 }
 
 type natsSub struct {
@@ -402,7 +406,7 @@ func (r *Router) work(ch chan *nats.Msg) {
 // that passes its ACL and state check.
 func (r *Router) deliver(m *nats.Msg) {
 	pk, ok := r.packet(m)
-	if !ok {
+	if !ok || r.revokedOrigin(pk) {
 		return
 	}
 	r.Received.Add(1)
@@ -411,6 +415,20 @@ func (r *Router) deliver(m *nats.Msg) {
 	if err := r.srv.InjectPacket(r.route, pk); err != nil {
 		r.log.Warn("routed message not delivered", "topic", pk.TopicName, "err", err)
 	}
+}
+
+// revokedOrigin reports (and counts, and logs rate-limited) a routed
+// message whose publisher is a device revoked here (broker.OriginRevoked):
+// it is not delivered, live or replayed.
+func (r *Router) revokedOrigin(pk packets.Packet) bool {
+	if !r.b.OriginRevoked(pk.Origin) {
+		return false
+	}
+	r.RevokedDropped.Add(1)
+	if r.revokedLog.allow() {
+		r.log.Warn("routed message of a revoked device dropped", "device", pk.Origin, "topic", pk.TopicName)
+	}
+	return true
 }
 
 // packet is the MQTT publish a routed message carries; ok is false for a
