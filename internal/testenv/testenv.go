@@ -349,3 +349,12 @@ func IsStale(err error) bool {
 	var ae *api.Error
 	return errors.As(err, &ae) && ae.Status == http.StatusServiceUnavailable && ae.Code == "directory_stale"
 }
+
+// IsUnavailable reports whether err is a node's answer that it cannot
+// serve the request for now and a retry may succeed: 503 directory_stale,
+// or 503 store_unavailable (the cluster's store without a quorum, or
+// electing its leaders after a heal).
+func IsUnavailable(err error) bool {
+	var ae *api.Error
+	return errors.As(err, &ae) && ae.Status == http.StatusServiceUnavailable && (ae.Code == "directory_stale" || ae.Code == "store_unavailable")
+}
