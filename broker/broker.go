@@ -610,7 +610,13 @@ func (b *Broker) retainedOfRevoked(pk packets.Packet, id string) bool {
 	if dev == "" || (id != "" && dev != id) {
 		return false
 	}
-	st, ok := b.cfg.Directory.DeviceStatus(dev)
+	return b.deviceRevoked(dev)
+}
+
+// deviceRevoked reports whether id names a device revoked in the
+// directory.
+func (b *Broker) deviceRevoked(id string) bool {
+	st, ok := b.cfg.Directory.DeviceStatus(id)
 	return ok && st.State == fleet.StateRevoked
 }
 

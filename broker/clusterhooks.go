@@ -5,7 +5,6 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/fleetgate/fleetgate/broker/auth"
-	"github.com/fleetgate/fleetgate/fleet"
 )
 
 // What a cluster node's router (broker/cluster, added through
@@ -69,9 +68,5 @@ func (b *Broker) DropSession(cl *mqtt.Client) {
 // trusted: what it published before the revoke and was not yet delivered
 // is dropped too.
 func (b *Broker) OriginRevoked(origin string) bool {
-	if origin == "" || b.cfg.Directory == nil {
-		return false
-	}
-	st, ok := b.cfg.Directory.DeviceStatus(origin)
-	return ok && st.State == fleet.StateRevoked
+	return origin != "" && b.deviceRevoked(origin)
 }

@@ -149,3 +149,19 @@ func TestSubscriptionsAreReferenceCounted(t *testing.T) {
 		t.Fatalf("every client gone: %d NATS subscriptions, want 0", got)
 	}
 }
+
+// A replay reads the stream up to its barrier (replay.go), a message whose
+// subject no MQTT topic may route to: a device publishing to a topic that
+// looks like one must not end another session's replay early, nor be
+// dropped by the nodes' feeds as a barrier.
+func TestNoTopicRoutesAsAReplayBarrier(t *testing.T) {
+	if !isMark(SubjectPrefix + ".1." + markToken + ".x") {
+		t.Fatal("a barrier's subject is not recognised")
+	}
+	for _, topic := range []string{"$mark", "$mark/x", "$mark/x/y", "$mark.x", "devices/$mark/x", "$", "~24mark/x", "$mark/+", "$mark/#"} {
+		subject := SubjectPrefix + ".1." + EncodeTopic(topic)
+		if isMark(subject) {
+			t.Errorf("topic %q routes as %q, a replay barrier", topic, subject)
+		}
+	}
+}

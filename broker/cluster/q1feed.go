@@ -79,25 +79,13 @@ const q1LagCheck = time.Second
 // sequence as its leader answers it (a stream info request is answered by
 // the leader), until ctx ends.
 func (r *Router) watchLag(ctx context.Context) {
-	t := time.NewTicker(q1LagCheck)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-r.stop:
-			return
-		case <-t.C:
-		}
+	r.every(ctx, q1LagCheck, func() {
 		cctx, cancel := context.WithTimeout(ctx, q1LagCheck)
 		st, err := r.js.Stream(cctx, Stream)
 		cancel()
-		if err != nil {
-			r.q1.leaderAhead.Store(true) // unknown: taken as behind
-			continue
-		}
-		r.q1.leaderAhead.Store(st.CachedInfo().State.LastSeq > r.q1.last.Load())
-	}
+		// An unknown answer is taken as behind.
+		r.q1.leaderAhead.Store(err != nil || st.CachedInfo().State.LastSeq > r.q1.last.Load())
+	})
 }
 
 // runQ1 consumes fg_Q1 from the sequence after start until ctx ends,

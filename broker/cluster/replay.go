@@ -141,11 +141,21 @@ func (s *sessions) replay(ctx context.Context, old *mqtt.Client, subs []sub, fro
 	if err != nil {
 		return nil, st, err
 	}
+	// The first sequence at or after from, as the stream's leader has it,
+	// once for every consumer: one started by time on a replica that had
+	// just restarted (rebuilding its index) or lagged started past
+	// everything it should have read and delivered only the barrier (the
+	// chaos scenario's backend, 2026-12-08: read=1, 0 replayed, every
+	// message of the 30 s before its takeover lost).
+	start, err := s.r.seqAt(actx, from, barrier)
+	if err != nil {
+		return nil, st, err
+	}
 	groups := disjointGroups(filters)
 	st.consumers = len(groups)
 	bySeq := map[uint64]replayed{}
 	for _, g := range groups {
-		kept, more, read, err := s.readStream(actx, g, barrier, from, countFrom, limit, func(m jetstream.Msg) (packets.Packet, bool) { return s.queued(old, m) })
+		kept, more, read, err := s.readStream(actx, g, barrier, start, countFrom, limit, func(m jetstream.Msg) (packets.Packet, bool) { return s.queued(old, m) })
 		st.read += read
 		if err != nil {
 			return nil, st, err
@@ -211,25 +221,15 @@ func firstCounted(bySeq map[uint64]replayed, limit int) bool {
 }
 
 // readStream reads, with one ordered consumer (deleted after), the
-// messages of the stream on subjects from the time from, until keep has
+// messages of the stream on subjects from the sequence start, until keep has
 // taken limit of them stamped at or after countFrom, or the barrier (the
 // stream's end when the replay began); more: it stopped with more
 // pending. What keep refuses is read past, up to a bound (readBound).
-func (s *sessions) readStream(ctx context.Context, subjects []string, b barrier, from, countFrom time.Time, limit int,
+func (s *sessions) readStream(ctx context.Context, subjects []string, b barrier, start uint64, countFrom time.Time, limit int,
 	keep func(jetstream.Msg) (packets.Packet, bool)) (kept []replayed, more bool, read int, err error) {
 	filters := subjects
 	if !slices.ContainsFunc(subjects, func(f string) bool { return subjectsOverlap(f, b.subject) }) {
 		filters = append(slices.Clip(subjects), b.subject) // else a filter already takes it
-	}
-	// The first sequence at or after from, as the stream's leader has it: a
-	// consumer started by time on a replica that has just restarted
-	// (rebuilding its index) or lags started past everything it should
-	// have read, and delivered only the barrier (the chaos scenario's
-	// backend, 2026-12-08: read=1, 0 replayed, every message of the 30 s
-	// before its takeover lost).
-	start, err := s.r.seqAt(ctx, from, b)
-	if err != nil {
-		return nil, false, 0, err
 	}
 	cons, err := s.r.js.OrderedConsumer(ctx, Stream, jetstream.OrderedConsumerConfig{FilterSubjects: filters,
 		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: start, InactiveThreshold: 30 * time.Second})
@@ -270,10 +270,15 @@ func (s *sessions) readStream(ctx context.Context, subjects []string, b barrier,
 				if marginRead++; marginRead > bound {
 					// The margin alone is too long to read within an
 					// attempt: what counts is read from countFrom.
-					rest, more, n, err := s.readStream(ctx, subjects, b, countFrom, countFrom, limit, keep)
+					next, err := s.r.seqAt(ctx, countFrom, b)
+					if err != nil {
+						return nil, false, read, err
+					}
+					rest, more, n, err := s.readStream(ctx, subjects, b, next, countFrom, limit, keep)
 					return append(margin, rest...), more, read + n, err
 				}
 				if pk, ok := keep(m); ok {
+					pk.Created = md.Timestamp.Unix() // its time in the stream (store, order)
 					if len(margin) == limit {
 						margin = margin[1:]
 					}
@@ -285,6 +290,7 @@ func (s *sessions) readStream(ctx context.Context, subjects []string, b barrier,
 					return append(margin, kept...), true, read, nil // more past the limit
 				}
 				if pk, ok := keep(m); ok {
+					pk.Created = md.Timestamp.Unix() // its time in the stream (store, order)
 					kept = append(kept, replayed{md.Sequence.Stream, pk, true})
 					counted++
 				}
@@ -303,8 +309,9 @@ type barrier struct {
 
 // seqAt returns the sequence of the first message of the stream stamped at
 // or after t, as the stream's leader answers it (the MSG.GET API, not a
-// direct get, which any replica answers); b.seq if there is none before
-// the barrier.
+// direct get, which any replica answers; nats.go's GetMsg has no start
+// time, hence the request by hand); b.seq if there is none before the
+// barrier.
 func (r *Router) seqAt(ctx context.Context, t time.Time, b barrier) (uint64, error) {
 	req, _ := json.Marshal(struct {
 		StartTime time.Time `json:"start_time"`
@@ -465,10 +472,6 @@ func (s *sessions) queued(old *mqtt.Client, m jetstream.Msg) (packets.Packet, bo
 	}
 	out := pk.Copy(false)
 	out.FixedHeader.Qos = min(pk.FixedHeader.Qos, sb.Qos)
-	out.Created = time.Now().Unix()
-	if md, err := m.Metadata(); err == nil {
-		out.Created = md.Timestamp.Unix() // when the stream stored it (store, order)
-	}
 	return out, true
 }
 

@@ -48,11 +48,10 @@ func (s *sessions) takeOverRestored(ctx context.Context) {
 		}
 		s.restored[id] = cl
 		for _, pk := range cl.State.Inflight.GetAll(false) {
-			c := time.Unix(pk.Created, 0)
 			if pk.FixedHeader.Type != packets.Publish || pk.Created <= 0 {
 				continue
 			}
-			if t, ok := earliest[id]; !ok || c.Before(t) {
+			if c := time.Unix(pk.Created, 0); earliest[id].IsZero() || c.Before(earliest[id]) {
 				earliest[id] = c
 			}
 		}
@@ -74,7 +73,7 @@ func (s *sessions) takeOverRestored(ctx context.Context) {
 	if n == 0 {
 		return
 	}
-	dropped := s.reconcileWith(ctx, func(*record) bool { return true })
+	dropped := s.reconcileWith(ctx, true)
 	s.r.log.Info("sessions restored from the local store dropped: resumed from the cluster at their next CONNECT",
 		"restored", n, "dropped", dropped)
 }
@@ -100,15 +99,15 @@ func (s *sessions) trusted(cur *mqtt.Client, prev *record) bool {
 }
 
 // reconcileWith drops each offline session held here whose record exists
-// and names another node, or for which also(record) is true; it returns
-// how many it dropped. A session with no record is kept (a former single
+// and names another node (or any node, with own); it returns how many it
+// dropped. A session with no record is kept (a former single
 // box's sessions, which a CONNECT here takes over), and so is one whose
 // record it cannot read. The drop is checked again under the sessions'
 // lock: a CONNECT of the same client ID records its claim there (s.local)
 // before mochi takes anything over, so a session claimed meanwhile is left
 // alone. Its cost is one read of the bucket per offline session here
 // (docs: "What is not built yet").
-func (s *sessions) reconcileWith(ctx context.Context, also func(*record) bool) int {
+func (s *sessions) reconcileWith(ctx context.Context, own bool) int {
 	n := 0
 	for id, cl := range s.r.srv.Clients.GetAll() {
 		if cl.Net.Inline || !cl.Closed() || ctx.Err() != nil {
@@ -118,7 +117,7 @@ func (s *sessions) reconcileWith(ctx context.Context, also func(*record) bool) i
 		e, err := s.kv.Get(gctx, sessionKey(id))
 		cancel()
 		var rec record
-		if err != nil || json.Unmarshal(e.Value(), &rec) != nil || (rec.Node == s.r.cfg.Node && !also(&rec)) {
+		if err != nil || json.Unmarshal(e.Value(), &rec) != nil || (rec.Node == s.r.cfg.Node && !own) {
 			continue
 		}
 		s.dropMu.Lock()

@@ -284,7 +284,7 @@ const reconcileStale = 2 * time.Second
 // reconcile drops each offline session held here whose record names
 // another node (reconcileWith, restart.go).
 func (s *sessions) reconcile(ctx context.Context) {
-	if n := s.reconcileWith(ctx, func(*record) bool { return false }); n > 0 {
+	if n := s.reconcileWith(ctx, false); n > 0 {
 		s.r.log.Info("leftover offline sessions dropped: other nodes own them now", "sessions", n)
 	}
 }

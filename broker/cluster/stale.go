@@ -45,24 +45,15 @@ func (r *Router) staleLoop(ctx context.Context) {
 	}
 	// At most 250 ms late: the survivors sweep this node's sessions 2 s
 	// after the bound (deadAfter).
-	t := time.NewTicker(min(max(bound/20, 50*time.Millisecond), 250*time.Millisecond))
-	defer t.Stop()
 	closing := false
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-r.stop:
-			return
-		case <-t.C:
-		}
+	r.every(ctx, min(max(bound/20, 50*time.Millisecond), 250*time.Millisecond), func() {
 		age := r.cfg.Stale()
 		if age <= bound {
 			if closing {
 				r.log.Info("view of revocations fresh again: sessions accepted", "stale_close_after", bound)
 			}
 			closing = false
-			continue
+			return
 		}
 		n := r.b.CloseSessions("cluster_stale", packets.ErrServerShuttingDown)
 		if !closing || n > 0 {
@@ -71,5 +62,21 @@ func (r *Router) staleLoop(ctx context.Context) {
 		}
 		closing = true
 		r.StaleClosed.Add(int64(n))
+	})
+}
+
+// every runs fn every d until ctx ends or the router stops.
+func (r *Router) every(ctx context.Context, d time.Duration, fn func()) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.stop:
+			return
+		case <-t.C:
+		}
+		fn()
 	}
 }
